@@ -1,0 +1,205 @@
+"""The embedded A/B: driver and device over real rings in one guest memory.
+
+One case = one strategy × one direction × one frame size, run for a fixed
+time. The device side is driven exactly as a back-end would drive it
+(batches of packets, one flush and notification decision per batch), the
+driver side as NAPI would (poll with a budget, refill below half). Both
+sides run in this process, so the figures are the sum of both sides' CPU
+per packet — the quantity the strategies differ in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from virtnet.net.constants import GOOD_COPY_LEN, NAPI_POLL_WEIGHT, PAGE_SIZE
+from virtnet.net.driver import VirtnetDriver
+from virtnet.net.features import SUPPORTED
+from virtnet.net.guest import GuestLayout, build_device, build_driver
+from virtnet.net.skb import SkBuff
+from virtnet.ports.synthetic import ACK_FRAME, FrameGen, FrameSink, frame_prefix
+from virtnet.virtio.memory import GuestMemory
+from virtnet.virtio.ring.layout import VringViews
+
+HOST_TO_GUEST = "host-to-guest"
+GUEST_TO_HOST = "guest-to-host"
+DIRECTIONS = (HOST_TO_GUEST, GUEST_TO_HOST)
+DEVICE_BATCH = 64  # packets per device-side notification, vhost-net's VHOST_NET_BATCH
+
+
+@dataclass(frozen=True)
+class Case:
+    strategy: str
+    direction: str
+    payload: int
+    seconds: float = 3.0
+    queue_size: int = 256
+    features: int = SUPPORTED
+
+    def label(self) -> str:
+        return f"{self.strategy} {self.direction} {self.payload}B"
+
+
+def make_pair(case: Case, netif_receive_skb: Callable[[SkBuff], None]):
+    layout = GuestLayout(case.queue_size, GuestLayout.pages_for(case.queue_size))
+    memory = GuestMemory.from_buffer(bytearray(layout.size))
+    drv = build_driver(memory, layout, case.features, case.strategy,
+                       netif_receive_skb=netif_receive_skb)  # fmt: skip
+    rings = tuple(VringViews.from_memory(memory, a) for a in layout.rings)
+    dev = build_device(memory, rings, case.features)
+    return drv, dev
+
+
+def skb_from_gen(drv: VirtnetDriver, gen: FrameGen) -> SkBuff | None:
+    """Build the next tx frame the way a guest stack does: prefix in the head, data in pages."""
+    data = gen.peek()[1]
+    if drv.pool.available < len(data) // PAGE_SIZE + 1:
+        return None  # the socket's send buffer is full: wait for tx completions
+    skb = drv.skbs.alloc(GOOD_COPY_LEN)
+    if skb is None:
+        return None
+    seq = gen.seq
+    skb.vnet_hdr = gen.hdr
+    skb.put(frame_prefix(seq, gen.src, gen.dst))
+    for off in range(0, len(data), PAGE_SIZE):
+        page = drv.pool.alloc_page()
+        if page is None:
+            skb.free()
+            return None
+        chunk = data[off : off + PAGE_SIZE]
+        page.view[: len(chunk)] = chunk
+        skb.add_frag(page, 0, len(chunk))
+    gen.advance()
+    return skb
+
+
+class EmbeddedRun:
+    """The state of one running case: the pair, the generators, the sinks."""
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+        self.rx_sink = FrameSink()  # what the guest received (data or ACKs)
+        self.tx_sink = FrameSink()  # what the host received from the guest
+        self.drv, self.dev = make_pair(case, self._netif_receive_skb)
+        self.gen = FrameGen(case.payload)
+        self.acks = FrameGen(ACK_FRAME)
+        self.pending: SkBuff | None = None  # a tx skb the full ring refused
+        self.sent = 0
+        self.drv.try_fill_recv()
+        self.step = self.host_to_guest if case.direction == HOST_TO_GUEST else self.guest_to_host
+
+    def _netif_receive_skb(self, skb: SkBuff) -> None:
+        self.rx_sink.receive(skb.data_views())
+        skb.free()
+
+    def napi(self) -> None:
+        while self.drv.poll(NAPI_POLL_WEIGHT)[0] == NAPI_POLL_WEIGHT:
+            pass
+
+    def host_to_guest(self) -> None:
+        dev, gen = self.dev, self.gen
+        size = gen.size
+        for _ in range(DEVICE_BATCH):
+            if not dev.has_room(size):
+                break
+            dev.receive_packet(gen.peek(), gen.hdr)
+            gen.advance()
+        dev.flush_rx()
+        self.napi()
+
+    def guest_to_host(self) -> None:
+        drv, dev = self.drv, self.dev
+        while True:
+            skb = self.pending or skb_from_gen(drv, self.gen)
+            self.pending = None
+            if skb is None:
+                break
+            if not drv.start_xmit(skb):
+                self.pending = skb
+                break
+        drv.tx_kick()
+        dev.process_tx(self._host_xmit, budget=self.case.queue_size)
+        dev.flush_tx()
+        dev.flush_rx()
+        self.napi()
+
+    def _host_xmit(self, views: list[memoryview], frame_len: int) -> bool:
+        self.tx_sink.receive(strip_hdr(views, self.dev.hdr_len))
+        self.sent += 1
+        # TCP's reverse stream: one ACK-sized frame for every two segments.
+        acks = self.acks
+        if self.sent % 2 == 0 and self.dev.has_room(acks.size):
+            self.dev.receive_packet(acks.peek(), acks.hdr)
+            acks.advance()
+        return True
+
+    def finish(self) -> None:
+        """Let the device finish what is in flight, then tear both sides down."""
+        drv, dev = self.drv, self.dev
+        if self.pending is not None:
+            self.pending.free()
+            self.pending = None
+        dev.process_tx(lambda views, n: True, budget=1 << 16)
+        dev.flush_tx()
+        dev.flush_rx()
+        drv.free_old_xmit_skbs()
+        self.napi()
+        dev.reset()
+        drv.remove()
+
+
+def run_case(case: Case, tick: Callable[[float], None] | None = None) -> dict:
+    """Run one case; ``tick(fraction_done)`` is called now and then for progress bars."""
+    run = EmbeddedRun(case)
+    step = run.step
+    start = time.perf_counter()
+    deadline = start + case.seconds
+    while True:
+        for _ in range(8):
+            step()
+        now = time.perf_counter()
+        if tick is not None:
+            tick(min(1.0, (now - start) / case.seconds))
+        if now >= deadline:
+            break
+    elapsed = now - start
+    run.finish()
+    sink = run.rx_sink if case.direction == HOST_TO_GUEST else run.tx_sink
+    return result_record(case, "embedded", elapsed, sink, run)
+
+
+def result_record(case: Case, mode: str, elapsed: float, sink: FrameSink, run) -> dict:
+    """One entry of the JSON ``results`` list (schema in DESIGN.md)."""
+    st = sink.stats
+    return {
+        "mode": mode,
+        "strategy": case.strategy,
+        "direction": case.direction,
+        "payload": case.payload,
+        "queue_size": case.queue_size,
+        "seconds": round(elapsed, 4),
+        "packets": st.packets,
+        "bytes": st.bytes,
+        "gbps": st.bytes * 8 / elapsed / 1e9,
+        "pps": st.packets / elapsed,
+        "integrity": {"corrupt": st.corrupt, "lost": st.lost, "reordered": st.reordered,
+                      "messages": st.errors},  # fmt: skip
+        "acks": run.rx_sink.stats.packets if case.direction == GUEST_TO_HOST else 0,
+        "driver_stats": run.drv.stats.as_dict(),
+        "device_stats": run.dev.stats.as_dict(),
+    }
+
+
+def strip_hdr(views: list[memoryview], hdr_len: int) -> list[memoryview]:
+    """The frame without its virtio-net header, which may span segments."""
+    out = []
+    skip = hdr_len
+    for v in views:
+        if skip >= len(v):
+            skip -= len(v)
+            continue
+        out.append(v[skip:] if skip else v)
+        skip = 0
+    return out

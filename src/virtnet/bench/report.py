@@ -1,0 +1,135 @@
+"""Bench output: the seed-shaped table, JSON, and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+# The seed's two columns: "w/o patch" is the pre-patch code, "w/i patch" the seed.
+BASELINE, PATCHED = "prealloc", "deferred"
+SEED_LABEL = {"guest-to-host": "guest to host", "host-to-guest": "host to guest"}
+
+
+def _by_key(results: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in results:
+        out.setdefault((r["direction"], r["payload"], r["strategy"]), []).append(r)
+    return out
+
+
+def _mbps(rs: list[dict]) -> str:
+    return " ~ ".join(f"{r['gbps'] * 1000:.0f}Mb/s" for r in rs)
+
+
+def _per_pkt(rs: list[dict], stat: str) -> str:
+    pk = sum(r["packets"] + r.get("acks", 0) for r in rs)
+    n = sum(r["driver_stats"].get(stat, 0) for r in rs)
+    return f"{n / pk:.2f}" if pk else "-"
+
+
+def _strategies(results: list[dict]) -> list[str]:
+    return sorted({r["strategy"] for r in results}, key=lambda s: (s != BASELINE, s))
+
+
+def _avg(rs: list[dict], key: str) -> float:
+    return sum(r[key] for r in rs) / len(rs) if rs else 0.0
+
+
+def seed_table(results: list[dict], title: str) -> Table:
+    """Rows: direction × frame size; columns: w/o patch vs w/i patch, as the seed prints."""
+    by = _by_key(results)
+    strategies = _strategies(results)
+    table = Table(title=title)
+    table.add_column("direction")
+    table.add_column("frame", justify="right")
+    for s in strategies:
+        table.add_column({BASELINE: "w/o patch", PATCHED: "w/i patch"}.get(s, s), justify="right")
+    both = BASELINE in strategies and PATCHED in strategies
+    if both:
+        table.add_column("w/i / w/o", justify="right")
+    for direction, payload in sorted({(r["direction"], r["payload"]) for r in results}):
+        row = [SEED_LABEL.get(direction, direction), f"{payload}B"]
+        row += [_mbps(by.get((direction, payload, s), [])) or "-" for s in strategies]
+        if both:
+            a = _avg(by.get((direction, payload, BASELINE), []), "gbps")
+            b = _avg(by.get((direction, payload, PATCHED), []), "gbps")
+            row.append(f"{b / a:.2f}x" if a and b else "-")
+        table.add_row(*row)
+    return table
+
+
+def per_packet_table(results: list[dict]) -> Table:
+    """pps and the seed's allocation counters per packet the guest handled."""
+    by = _by_key(results)
+    table = Table(title="per packet (guest rx + tx, ACKs included)")
+    for name in ("direction", "frame", "strategy", "pps", "skb_allocs", "page_allocs",
+                 "page_reuses"):  # fmt: skip
+        table.add_column(name, justify="left" if name in ("direction", "strategy") else "right")
+    for (direction, payload, s), rs in sorted(by.items()):
+        table.add_row(
+            SEED_LABEL.get(direction, direction), f"{payload}B", s, f"{_avg(rs, 'pps'):,.0f}",
+            _per_pkt(rs, "skb_allocs"), _per_pkt(rs, "page_allocs"), _per_pkt(rs, "page_reuses"),
+        )  # fmt: skip
+    return table
+
+
+def integrity_problems(results: list[dict]) -> list[str]:
+    out = []
+    for r in results:
+        integ = r.get("integrity", {})
+        if integ.get("corrupt") or integ.get("lost") or integ.get("reordered"):
+            out.append(
+                f"{r['strategy']} {r['direction']} {r['payload']}B: corrupt={integ['corrupt']} "
+                f"lost={integ['lost']} reordered={integ['reordered']} {integ.get('messages', [])}"
+            )
+        if r["driver_stats"].get("pages_outstanding"):
+            out.append(f"{r['strategy']} {r['direction']}: pages leaked at teardown")
+    return out
+
+
+def print_report(results: list[dict], title: str, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(seed_table(results, title))
+    console.print(per_packet_table(results))
+    for problem in integrity_problems(results):
+        console.print(f"[bold red]ERROR[/] {problem}")
+
+
+def write_json(results: list[dict], path: str | Path, meta: dict | None = None) -> None:
+    doc = {"results": results}
+    if meta:
+        doc["meta"] = meta
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def write_plot(results: list[dict], path: str | Path, title: str) -> None:
+    """Grouped bars: Mb/s per (direction, frame size), one bar per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["direction"], r["payload"]) for r in results})
+    strategies = _strategies(results)
+    by = _by_key(results)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4.5))
+    width = 0.8 / max(1, len(strategies))
+    for i, s in enumerate(strategies):
+        ys = []
+        for d, p in keys:
+            rs = by.get((d, p, s), [])
+            ys.append(sum(r["gbps"] * 1000 for r in rs) / len(rs) if rs else 0)
+        xs = [k + i * width for k in range(len(keys))]
+        ax.bar(xs, ys, width, label=s)
+    ax.set_xticks([k + width * (len(strategies) - 1) / 2 for k in range(len(keys))])
+    ax.set_xticklabels([f"{SEED_LABEL.get(d, d)}\n{p}B" for d, p in keys], fontsize=8)
+    ax.set_ylabel("Mb/s")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,55 @@
+"""Runs a list of bench cases with a progress bar and collects their records."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Iterable
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from virtnet.bench.embedded import Case, run_case
+
+
+def machine_description() -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def run_cases(
+    cases: Iterable[Case],
+    runner: Callable[..., dict] = run_case,
+    console: Console | None = None,
+) -> list[dict]:
+    cases = list(cases)
+    console = console or Console(stderr=True)
+    results = []
+    columns = (
+        TextColumn("{task.description:<40}"),
+        BarColumn(),
+        TextColumn("{task.fields[rate]:>14}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        overall = progress.add_task("all cases", total=len(cases), rate="")
+        for case in cases:
+            task = progress.add_task(case.label(), total=1.0, rate="")
+            result = runner(case, tick=lambda f, t=task: progress.update(t, completed=f))
+            rate = f"{result['gbps'] * 1000:,.0f} Mb/s"
+            progress.update(task, completed=1.0, rate=rate)
+            progress.advance(overall)
+            results.append(result)
+    return results

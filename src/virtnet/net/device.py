@@ -1,0 +1,267 @@
+"""The virtio-net device (host side), sans-I/O: fills rx buffers, consumes tx chains.
+
+Mirrors vhost-net's handle_rx / handle_tx: rx gathers as many chains as a
+packet needs (mergeable: ``num_buffers`` of them, 5.1.6.4), tx hands each
+chain's readable views (header first) to a consumer. Chains popped for rx
+but not used yet stay in a FIFO cache, so a 64 KiB read can be posted into
+enough buffers up front; ``reset`` gives them back (vhost_discard_vq_desc).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from virtnet.net.constants import MAX_GSO_FRAME
+from virtnet.net.header import MRG_HDR_LEN, NUM_BUFFERS, NUM_BUFFERS_OFFSET
+from virtnet.net.stats import Stats, device_stats
+from virtnet.virtio.errors import DescriptorError
+from virtnet.virtio.ring.split import Chain, SplitQueueDevice
+
+ZERO_HDR = bytes(MRG_HDR_LEN)
+
+
+def scatter(srcs: Sequence, dsts: Sequence[memoryview]) -> int:
+    """Copy the concatenation of ``srcs`` into consecutive ``dsts``; bytes copied."""
+    di = 0
+    doff = 0
+    total = 0
+    ndst = len(dsts)
+    for src in srcs:
+        src = memoryview(src).cast("B") if not isinstance(src, memoryview) else src
+        soff = 0
+        slen = len(src)
+        while soff < slen:
+            if di == ndst:
+                return total
+            dst = dsts[di]
+            n = min(slen - soff, len(dst) - doff)
+            dst[doff : doff + n] = src[soff : soff + n]
+            soff += n
+            doff += n
+            total += n
+            if doff == len(dst):
+                di += 1
+                doff = 0
+    return total
+
+
+class VirtnetDevice:
+    """One queue pair of a virtio-net device, device side."""
+
+    def __init__(
+        self,
+        rxq: SplitQueueDevice,
+        txq: SplitQueueDevice,
+        *,
+        mergeable: bool = True,
+        hdr_len: int = MRG_HDR_LEN,
+        stats: Stats | None = None,
+    ) -> None:
+        self.rxq = rxq
+        self.txq = txq
+        self.mergeable = mergeable
+        self.hdr_len = hdr_len
+        self.stats = stats if stats is not None else device_stats()
+        self._rx_cache: deque[Chain] = deque()
+        self._rx_cached = 0  # bytes of writable space in the cache
+
+    # -- rx: host → guest ---------------------------------------------------
+
+    def _pop_rx(self) -> Chain | None:
+        """Next usable rx chain; bad ones are counted and returned with len 0."""
+        rxq = self.rxq
+        while True:
+            try:
+                chain = rxq.pop()
+            except DescriptorError as e:
+                self._refuse(rxq, e)
+                continue
+            if chain is None or chain.in_len:
+                return chain
+            self.stats.desc_errors += 1  # an rx buffer the device cannot write
+            rxq.push_used(chain.head, 0)
+
+    def _refuse(self, q: SplitQueueDevice, e: DescriptorError) -> None:
+        self.stats.desc_errors += 1
+        if e.head is not None:
+            q.push_used(e.head, 0)
+
+    def _fill_cache(self, need: int) -> bool:
+        """Have at least ``need`` writable bytes cached (mergeable) or one chain."""
+        cache = self._rx_cache
+        if not self.mergeable:
+            if not cache:
+                chain = self._pop_rx()
+                if chain is None:
+                    return False
+                cache.append(chain)
+                self._rx_cached += chain.in_len
+            return cache[0].in_len >= need
+        while self._rx_cached < need:
+            chain = self._pop_rx()
+            if chain is None:
+                return False
+            cache.append(chain)
+            self._rx_cached += chain.in_len
+        return True
+
+    def _take(self, nbytes: int) -> list[Chain]:
+        """The fewest chains from the cache front that hold ``nbytes``."""
+        cache = self._rx_cache
+        chains = []
+        have = 0
+        while have < nbytes or not chains:
+            chain = cache.popleft()
+            chains.append(chain)
+            have += chain.in_len
+        self._rx_cached -= have
+        return chains
+
+    def _complete_rx(self, chains: list[Chain], nbytes: int) -> None:
+        """Push the chains used for a ``nbytes`` packet (header included)."""
+        push = self.rxq.push_used
+        left = nbytes
+        for chain in chains:
+            n = min(left, chain.in_len)
+            push(chain.head, n)
+            left -= n
+        stats = self.stats
+        stats.rx_packets += 1
+        stats.rx_bytes += nbytes - self.hdr_len
+        stats.rx_bufs += len(chains)
+        if len(chains) > stats.rx_num_buffers_max:
+            stats.rx_num_buffers_max = len(chains)
+
+    def has_room(self, frame_len: int) -> bool:
+        """Whether the guest has posted room for a frame of ``frame_len`` bytes."""
+        return self._fill_cache(self.hdr_len + frame_len)
+
+    def receive_packet(self, frame: Sequence, hdr: bytes = ZERO_HDR) -> bool:
+        """Deliver one frame (views/bytes) with virtio-net header ``hdr`` to the guest.
+
+        False (and rx_dropped) when the guest has not posted room for it —
+        a NIC with an empty ring drops, it does not wait.
+        """
+        frame_len = sum(len(v) for v in frame)
+        need = self.hdr_len + frame_len
+        if not self._fill_cache(need):
+            self.stats.rx_dropped += 1
+            return False
+        chains = self._take(need)
+        hdr = hdr[:NUM_BUFFERS_OFFSET] + NUM_BUFFERS.pack(len(chains))
+        dsts = [v for chain in chains for v in chain.writable]
+        scatter([hdr[: self.hdr_len], *frame], dsts)
+        self._complete_rx(chains, need)
+        return True
+
+    def receive_from(self, readv: Callable[[list[memoryview]], int]) -> int:
+        """Let ``readv`` (a TAP read) write header + frame straight into guest buffers.
+
+        Posts room for the largest frame (64 KiB GSO) first; returns the bytes
+        read (0: nothing to read, -1: no room posted by the guest).
+        """
+        need = self.hdr_len + MAX_GSO_FRAME if self.mergeable else 1
+        if not self._fill_cache(need) and not self._rx_cache:
+            return -1
+        if self.mergeable and self._rx_cached < need:
+            return -1
+        cache = self._rx_cache
+        views: list[memoryview] = []
+        room = 0
+        for chain in cache if self.mergeable else (cache[0],):
+            views += chain.writable
+            room += chain.in_len
+            if room >= need:
+                break
+        n = readv(views)
+        if n <= 0:
+            return 0
+        chains = self._take(n)
+        self._set_num_buffers(chains, len(chains))
+        self._complete_rx(chains, n)
+        return n
+
+    def _set_num_buffers(self, chains: list[Chain], num: int) -> None:
+        # The header may straddle descriptors ("any layout"), so write it as a scatter.
+        first = chains[0].writable
+        if len(first[0]) >= NUM_BUFFERS_OFFSET + 2:
+            NUM_BUFFERS.pack_into(first[0], NUM_BUFFERS_OFFSET, num)
+            return
+        flat = []
+        skip = NUM_BUFFERS_OFFSET
+        for v in first:
+            if skip >= len(v):
+                skip -= len(v)
+                continue
+            flat.append(v[skip:])
+            skip = 0
+        scatter([NUM_BUFFERS.pack(num)], flat)
+
+    def flush_rx(self) -> bool:
+        """Publish used rx entries; True if the driver wants an interrupt."""
+        rxq = self.rxq
+        if not rxq.has_unflushed():
+            return False
+        rxq.flush_used()
+        if rxq.needs_notify():
+            self.stats.rx_notifies += 1
+            return True
+        return False
+
+    # -- tx: guest → host ---------------------------------------------------
+
+    def process_tx(self, xmit: Callable[[list[memoryview], int], bool], budget: int = 256) -> int:
+        """Hand up to ``budget`` tx chains to ``xmit(views, frame_len)``.
+
+        ``views`` are the chain's readable views, virtio-net header first
+        (exactly what a TAP with IFF_VNET_HDR takes in one writev). ``xmit``
+        returns False for back-pressure: the chain is given back and tx stops.
+        """
+        txq, stats, hdr_len = self.txq, self.stats, self.hdr_len
+        n = 0
+        while n < budget:
+            try:
+                chain = txq.pop()
+            except DescriptorError as e:
+                self._refuse(txq, e)
+                continue
+            if chain is None:
+                break
+            frame_len = chain.out_len - hdr_len
+            if frame_len < 0:
+                stats.tx_errors += 1  # shorter than a virtio-net header
+                txq.push_used(chain.head, 0)
+                continue
+            if not xmit(chain.readable, frame_len):
+                txq.unpop(1)
+                break
+            txq.push_used(chain.head, 0)
+            stats.tx_packets += 1
+            stats.tx_bytes += frame_len
+            n += 1
+        return n
+
+    def flush_tx(self) -> bool:
+        txq = self.txq
+        if not txq.has_unflushed():
+            return False
+        txq.flush_used()
+        if txq.needs_notify():
+            self.stats.tx_notifies += 1
+            return True
+        return False
+
+    # -- teardown -----------------------------------------------------------
+
+    def reset(self) -> None:
+        """Give back the rx chains popped but not used (they are the newest popped)."""
+        if self._rx_cache:
+            self.rxq.unpop(len(self._rx_cache))
+            self._rx_cache.clear()
+            self._rx_cached = 0
+
+    @property
+    def last_avail_idx(self) -> tuple[int, int]:
+        """(rx, tx) as GET_VRING_BASE reports them: cached chains count as not taken."""
+        return ((self.rxq.last_avail_idx - len(self._rx_cache)) & 0xFFFF, self.txq.last_avail_idx)

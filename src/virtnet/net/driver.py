@@ -1,0 +1,227 @@
+"""The virtio-net driver (guest side), sans-I/O: virtnet_info and its paths.
+
+It speaks only the ring API (add / kick_prepare / get_buf / detach), like
+virtio_net.c; the transport that carries kicks and interrupts is the
+caller's: ``try_fill_recv`` / ``start_xmit`` return whether to kick, and the
+caller calls ``poll`` when the device signals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from virtnet.net.constants import NAPI_POLL_WEIGHT, PAGE_SIZE
+from virtnet.net.header import MRG_HDR_LEN
+from virtnet.net.rx import STRATEGIES, RxStrategy
+from virtnet.net.skb import PagePool, SkbAllocator, SkBuff
+from virtnet.net.stats import Stats
+from virtnet.virtio.errors import QueueFullError, UsedRingError
+from virtnet.virtio.ring.split import SplitQueueDriver
+
+# A tx header slot: the virtio-net header followed by up to this much linear
+# skb data, so a small packet is one descriptor (virtio_net.c's can_push).
+TX_SLOT_SIZE = 256
+
+
+class TxSlots:
+    """Guest memory for tx headers: one ``TX_SLOT_SIZE`` slot per ring entry."""
+
+    def __init__(self, pool: PagePool, num: int) -> None:
+        per_page = PAGE_SIZE // TX_SLOT_SIZE
+        self.pages = []
+        self.free: list[tuple[int, memoryview]] = []
+        for _ in range((num + per_page - 1) // per_page):
+            page = pool.alloc_page()
+            if page is None:
+                raise MemoryError("no guest pages left for tx header slots")
+            self.pages.append(page)
+            for k in range(per_page):
+                off = k * TX_SLOT_SIZE
+                self.free.append((page.gpa + off, page.view[off : off + TX_SLOT_SIZE]))
+
+    def release(self, pool: PagePool) -> None:
+        for page in self.pages:
+            pool.free_page(page)
+        self.pages = []
+        self.free = []
+
+
+class VirtnetDriver:
+    """One queue pair of a virtio-net device, driver side (struct virtnet_info)."""
+
+    def __init__(
+        self,
+        rvq: SplitQueueDriver,
+        svq: SplitQueueDriver,
+        pool: PagePool,
+        *,
+        strategy: str = "deferred",
+        hdr_len: int = MRG_HDR_LEN,
+        stats: Stats | None = None,
+        netif_receive_skb: Callable[[SkBuff], None] | None = None,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown rx strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
+        self.rvq = rvq
+        self.svq = svq
+        self.pool = pool
+        self.stats = stats if stats is not None else pool.stats
+        self.hdr_len = hdr_len
+        self.skbs = SkbAllocator(pool, self.stats)
+        self.netif_receive_skb = netif_receive_skb or (lambda skb: skb.free())
+        self.num = 0  # rx buffers posted and not yet returned (vi->num)
+        self.max = 0
+        self.rx: RxStrategy = STRATEGIES[strategy](self)
+        self.tx_slots = TxSlots(pool, svq.num)
+        self.removed = False
+
+    @property
+    def strategy(self) -> str:
+        return self.rx.name
+
+    # -- receive ------------------------------------------------------------
+
+    def try_fill_recv(self) -> bool:
+        """Post rx buffers until the ring or the memory runs out; True: kick."""
+        rvq, add = self.rvq, self.rx.add_recvbuf
+        need = self.rx.descs_per_buf()
+        added = 0
+        while rvq.num_free >= need and add():
+            added += 1
+        self.num += added
+        if self.num > self.max:
+            self.max = self.num
+        if added and rvq.kick_prepare():
+            self.stats.rx_kicks += 1
+            return True
+        return False
+
+    def deliver(self, skb: SkBuff) -> None:
+        """The end of receive_buf: count and hand the skb up the stack."""
+        self.stats.rx_packets += 1
+        self.stats.rx_bytes += skb.len
+        self.netif_receive_skb(skb)
+
+    def poll(self, budget: int = NAPI_POLL_WEIGHT) -> tuple[int, bool]:
+        """virtnet_poll: receive up to ``budget`` packets, refill, re-arm.
+
+        Returns (packets received, kick needed); when it used the whole
+        budget, callbacks stay off and the caller polls again. Callbacks are left enabled
+        only when the ring was drained and nothing arrived while re-arming —
+        the race the seed's ``again:`` label closes.
+        """
+        rvq, receive_buf, stats = self.rvq, self.rx.receive_buf, self.stats
+        rvq.disable_cb()  # skb_recv_done → napi_schedule_prep: no interrupts while polling
+        received = 0
+        kick = False
+        while True:
+            while received < budget:
+                try:
+                    got = rvq.get_buf()
+                except UsedRingError as e:
+                    self._bad_used(e)
+                    continue
+                if got is None:
+                    break
+                self.num -= 1
+                stats.rx_bufs += 1
+                receive_buf(*got)
+                received += 1
+            if self.num < self.max // 2 or self.num == 0:
+                kick |= self.try_fill_recv()
+            if received < budget and not rvq.enable_cb():
+                rvq.disable_cb()
+                continue
+            return received, kick
+
+    def _bad_used(self, e: UsedRingError) -> None:
+        """A used entry the device got wrong: count it, and recycle the buffer if known."""
+        self.stats.rx_length_errors += 1
+        token = getattr(e, "token", None)
+        if token is not None:
+            self.num -= 1
+            self.rx.free_unused_buf(token)
+
+    # -- transmit -----------------------------------------------------------
+
+    def start_xmit(self, skb: SkBuff) -> bool:
+        """Queue ``skb`` (header in ``skb.vnet_hdr``, data in head + frags).
+
+        Returns False when the tx ring is full (NETDEV_TX_BUSY: the caller
+        keeps the skb and retries after ``free_old_xmit_skbs``). The header
+        and the linear head go into a slot of guest memory; frags are sent
+        in place. The skb is freed when the device has used it.
+        """
+        self.free_old_xmit_skbs()
+        svq, slots = self.svq, self.tx_slots.free
+        nsegs = 1 + len(skb.frags)
+        if not slots or (svq.num_free < nsegs and svq.indirect is None) or not svq.num_free:
+            return False
+        head_len = skb.head_len
+        if len(skb.vnet_hdr) != self.hdr_len or self.hdr_len + head_len > TX_SLOT_SIZE:
+            self.stats.tx_dropped += 1
+            skb.free()
+            return True
+        gpa, view = slots.pop()
+        view[: self.hdr_len] = skb.vnet_hdr
+        if head_len:
+            view[self.hdr_len : self.hdr_len + head_len] = skb.linear()
+        out = [(gpa, self.hdr_len + head_len)]
+        out += [(page.gpa + off, size) for page, off, size in skb.frags]
+        try:
+            svq.add(out, (), (gpa, view, skb))
+        except QueueFullError:
+            slots.append((gpa, view))
+            return False
+        self.stats.tx_packets += 1
+        self.stats.tx_bytes += skb.len
+        return True
+
+    def tx_kick(self) -> bool:
+        if self.svq.kick_prepare():
+            self.stats.tx_kicks += 1
+            return True
+        return False
+
+    def free_old_xmit_skbs(self) -> int:
+        """Reclaim what the device has sent: free the skbs, return the slots."""
+        svq, slots = self.svq, self.tx_slots.free
+        n = 0
+        while True:
+            try:
+                got = svq.get_buf()
+            except UsedRingError as e:
+                self.stats.tx_dropped += 1
+                got = (getattr(e, "token", None), 0)
+                if got[0] is None:
+                    continue
+            if got is None:
+                return n
+            gpa, view, skb = got[0]
+            slots.append((gpa, view))
+            skb.free()
+            n += 1
+
+    # -- teardown -----------------------------------------------------------
+
+    def remove(self) -> None:
+        """virtnet_remove after the device reset: every buffer back, every page freed.
+
+        The seed dropped the ``BUG_ON(vi->num != 0)`` for the mergeable case;
+        we keep the check, on the pool: nothing may remain outstanding.
+        """
+        if self.removed:
+            return
+        self.removed = True
+        while (buf := self.rvq.detach_unused_buf()) is not None:
+            self.rx.free_unused_buf(buf)
+            self.num -= 1
+        while (tok := self.svq.detach_unused_buf()) is not None:
+            gpa, view, skb = tok
+            self.tx_slots.free.append((gpa, view))
+            skb.free()
+        self.rx.remove()
+        self.tx_slots.release(self.pool)
+        if self.num != 0:
+            raise AssertionError(f"virtnet_remove: {self.num} rx buffers unaccounted for")
+        self.stats.pages_outstanding = self.pool.outstanding

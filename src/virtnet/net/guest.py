@@ -1,0 +1,139 @@
+"""How virtnet lays out a guest's memory: rings, indirect tables, page pool.
+
+Both the in-process pair (tests, the embedded bench) and the vhost-user
+front-end (a memfd) use this one layout, so a queue pair is built the same
+way whatever carries the notifications.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from virtnet.net.constants import MAX_SKB_FRAGS, PAGE_SIZE
+from virtnet.net.device import VirtnetDevice
+from virtnet.net.driver import VirtnetDriver
+from virtnet.net.features import VirtioNetF
+from virtnet.net.header import MRG_HDR_LEN
+from virtnet.net.skb import PagePool
+from virtnet.net.stats import device_stats, driver_stats
+from virtnet.virtio.features import VirtioF, has
+from virtnet.virtio.memory import GuestMemory
+from virtnet.virtio.ring.layout import VringAddrs, VringViews
+from virtnet.virtio.ring.split import IndirectArea, SplitQueueDevice, SplitQueueDriver
+
+# Linux caps indirect tables at the queue size; virtnet's tx needs 1 + MAX_SKB_FRAGS
+# and big rx MAX_SKB_FRAGS, so 20 entries per table is enough and keeps the area small.
+INDIRECT_MAX_DESCS = 20
+RX, TX = 0, 1
+
+
+def _page_align(x: int) -> int:
+    return (x + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+@dataclass(frozen=True)
+class GuestLayout:
+    """[rx ring][tx ring][rx indirect][tx indirect][pages ...], page aligned."""
+
+    queue_size: int
+    npages: int
+    base: int = 0
+
+    @property
+    def rings(self) -> tuple[VringAddrs, VringAddrs]:
+        rx = VringAddrs.contiguous(self.base, self.queue_size)
+        tx = VringAddrs.contiguous(_page_align(rx.end), self.queue_size)
+        return rx, tx
+
+    @property
+    def indirect(self) -> tuple[int, int]:
+        size = _page_align(IndirectArea.size(self.queue_size, INDIRECT_MAX_DESCS))
+        rx = _page_align(self.rings[TX].end)
+        return rx, rx + size
+
+    @property
+    def pool_base(self) -> int:
+        ind_size = IndirectArea.size(self.queue_size, INDIRECT_MAX_DESCS)
+        return _page_align(self.indirect[TX] + ind_size)
+
+    @property
+    def size(self) -> int:
+        return self.pool_base - self.base + self.npages * PAGE_SIZE
+
+    def indirect_area(self, memory, q: int) -> IndirectArea:
+        gpa = self.indirect[q]
+        size = IndirectArea.size(self.queue_size, INDIRECT_MAX_DESCS)
+        return IndirectArea(gpa, memory.view(gpa, size), self.queue_size, INDIRECT_MAX_DESCS)
+
+    @staticmethod
+    def pages_for(queue_size: int) -> int:
+        """Enough pages for a full rx ring, a full tx ring of 64 KiB frames, and the stack."""
+        return queue_size * (MAX_SKB_FRAGS + 2) + 512
+
+
+def rx_strategy_for(features: int, wanted: str) -> str:
+    """The strategy the negotiated features allow (virtnet_probe's choice).
+
+    ``deferred`` and ``prealloc`` need MRG_RXBUF; without it Linux picks big
+    buffers when the guest takes GSO, small ones otherwise.
+    """
+    if has(features, VirtioNetF.MRG_RXBUF):
+        return wanted if wanted in ("deferred", "prealloc") else "deferred"
+    if any(has(features, f) for f in (VirtioNetF.GUEST_TSO4, VirtioNetF.GUEST_TSO6)):
+        return "big"
+    return "small"
+
+
+def build_driver(
+    memory: GuestMemory,
+    layout: GuestLayout,
+    features: int,
+    strategy: str = "deferred",
+    *,
+    page_limit: int | None = None,
+    netif_receive_skb=None,
+) -> VirtnetDriver:
+    """A driver over the rings at ``layout`` in ``memory``, for ``features``."""
+    event_idx = has(features, VirtioF.RING_EVENT_IDX)
+    indirect = has(features, VirtioF.RING_INDIRECT_DESC)
+    queues = []
+    for q, addrs in enumerate(layout.rings):
+        queues.append(
+            SplitQueueDriver(
+                VringViews.from_memory(memory, addrs),
+                event_idx=event_idx,
+                indirect=layout.indirect_area(memory, q) if indirect else None,
+                index=q,
+            )
+        )
+    stats = driver_stats()
+    pool = PagePool(memory, layout.pool_base, layout.npages, stats, limit=page_limit)
+    return VirtnetDriver(
+        queues[RX],
+        queues[TX],
+        pool,
+        strategy=rx_strategy_for(features, strategy),
+        hdr_len=MRG_HDR_LEN,
+        netif_receive_skb=netif_receive_skb,
+    )
+
+
+def build_device(
+    memory: GuestMemory,
+    rings: tuple[VringViews, VringViews],
+    features: int,
+    last_avail: tuple[int, int] = (0, 0),
+) -> VirtnetDevice:
+    """A device over already-translated ring views (vhost-user gives front-end addresses)."""
+    event_idx = has(features, VirtioF.RING_EVENT_IDX)
+    rxq, txq = (
+        SplitQueueDevice(ring, memory, event_idx=event_idx, last_avail_idx=base, index=q)
+        for q, (ring, base) in enumerate(zip(rings, last_avail, strict=True))
+    )
+    return VirtnetDevice(
+        rxq,
+        txq,
+        mergeable=has(features, VirtioNetF.MRG_RXBUF),
+        hdr_len=MRG_HDR_LEN,
+        stats=device_stats(),
+    )

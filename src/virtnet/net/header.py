@@ -1,0 +1,94 @@
+"""virtio-net header codec (VIRTIO 1.2, 5.1.6 "Device Operation").
+
+    struct virtio_net_hdr {            struct virtio_net_hdr_mrg_rxbuf {
+        u8 flags; u8 gso_type;             struct virtio_net_hdr hdr;
+        le16 hdr_len; le16 gso_size;       le16 num_buffers;
+        le16 csum_start; le16 csum_offset; };            /* 12 bytes */
+    };                                  /* 10 bytes */
+
+With VERSION_1 or MRG_RXBUF the header is always the 12-byte one.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from virtnet.net.features import VirtioNetF
+from virtnet.virtio.features import VirtioF, has
+
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_F_RSC_INFO = 4
+
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_UDP = 3
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+
+HDR = struct.Struct("<BBHHHH")
+MRG_HDR = struct.Struct("<BBHHHHH")
+HDR_LEN = HDR.size  # 10
+MRG_HDR_LEN = MRG_HDR.size  # 12
+NUM_BUFFERS = struct.Struct("<H")
+NUM_BUFFERS_OFFSET = HDR_LEN
+
+
+@dataclass(slots=True)
+class VirtioNetHdr:
+    flags: int = 0
+    gso_type: int = VIRTIO_NET_HDR_GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+    num_buffers: int = 0
+
+    def pack(self, mergeable: bool = True) -> bytes:
+        if mergeable:
+            return MRG_HDR.pack(
+                self.flags, self.gso_type, self.hdr_len, self.gso_size,
+                self.csum_start, self.csum_offset, self.num_buffers,
+            )  # fmt: skip
+        return HDR.pack(
+            self.flags, self.gso_type, self.hdr_len, self.gso_size,
+            self.csum_start, self.csum_offset,
+        )  # fmt: skip
+
+    def pack_into(self, buf, offset: int = 0, mergeable: bool = True) -> None:
+        if mergeable:
+            MRG_HDR.pack_into(
+                buf, offset, self.flags, self.gso_type, self.hdr_len, self.gso_size,
+                self.csum_start, self.csum_offset, self.num_buffers,
+            )  # fmt: skip
+        else:
+            HDR.pack_into(
+                buf, offset, self.flags, self.gso_type, self.hdr_len, self.gso_size,
+                self.csum_start, self.csum_offset,
+            )  # fmt: skip
+
+    @classmethod
+    def unpack(cls, buf, offset: int = 0, mergeable: bool = True) -> VirtioNetHdr:
+        need = MRG_HDR_LEN if mergeable else HDR_LEN
+        if len(buf) - offset < need:
+            raise ValueError(f"virtio-net header needs {need} bytes, got {len(buf) - offset}")
+        if mergeable:
+            return cls(*MRG_HDR.unpack_from(buf, offset))
+        return cls(*HDR.unpack_from(buf, offset))
+
+    @property
+    def gso(self) -> int:
+        return self.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+
+    @property
+    def ecn(self) -> bool:
+        return bool(self.gso_type & VIRTIO_NET_HDR_GSO_ECN)
+
+
+def hdr_len_for(features: int) -> int:
+    """5.1.6.1: the header is 12 bytes with VERSION_1 or MRG_RXBUF, else 10."""
+    if has(features, VirtioF.VERSION_1) or has(features, VirtioNetF.MRG_RXBUF):
+        return MRG_HDR_LEN
+    return HDR_LEN

@@ -1,0 +1,415 @@
+"""Receive strategies: how rx buffers are posted and how a packet becomes an skb.
+
+``deferred`` is the seed (RFC "defer skb allocation in virtio_net"):
+mergeable buffers are raw pages tracked by ``freed_pages`` / ``used_pages``
+page lists, and the skb is allocated only in ``receive_mergeable``.
+``prealloc`` is the code the seed replaced (its ``-`` lines): an skb and a
+page per posted buffer, further buffers' skbs merged into the first and
+freed. ``big`` and ``small`` are the non-mergeable paths, with the deferred
+allocation the seed promised as its follow-up.
+
+Every strategy posts buffers through ``add_recvbuf`` and handles one used
+buffer in ``receive_buf``; every error path converges on one place that
+gives the pages back (``_recycle`` / ``_drop``), like virtio_net.c's err_buf.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from virtnet.net.constants import (
+    ETH_HLEN,
+    GOOD_COPY_LEN,
+    MAX_PACKET_LEN,
+    MAX_SKB_FRAGS,
+    PAGE_SIZE,
+)
+from virtnet.net.header import NUM_BUFFERS
+from virtnet.net.skb import Page, PageList, SkBuff
+
+if TYPE_CHECKING:
+    from virtnet.net.driver import VirtnetDriver
+
+
+class RxStrategy:
+    """The per-strategy half of the receive path."""
+
+    name = ""
+    mergeable = True
+
+    def __init__(self, vi: VirtnetDriver) -> None:
+        self.vi = vi
+        self.stats = vi.stats
+        self.pool = vi.pool
+        self.skbs = vi.skbs
+        self.hdr_len = vi.hdr_len
+
+    def descs_per_buf(self) -> int:
+        return 1
+
+    def add_recvbuf(self) -> bool:
+        """Post one receive buffer; False when memory ran out (try_fill_recv stops)."""
+        raise NotImplementedError
+
+    def receive_buf(self, buf: Any, length: int) -> None:
+        """Turn the used buffer ``buf`` (and, mergeable, its followers) into a packet."""
+        raise NotImplementedError
+
+    def free_unused_buf(self, buf: Any) -> None:
+        """Give back a buffer the device never used (teardown)."""
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Free whatever the strategy caches (after every buffer came back)."""
+
+    def _short(self, length: int) -> bool:
+        if length < self.hdr_len + ETH_HLEN:
+            # virtio_net.c receive_buf(): "short packet"
+            self.stats.rx_length_errors += 1
+            return True
+        return False
+
+    def _copy_head(self, skb: SkBuff, view: memoryview, offset: int, length: int) -> int:
+        """Copy up to the skb's tailroom (GOOD_COPY_LEN) of the packet into its head."""
+        copy = min(length, skb.tailroom)
+        skb.put(view[offset : offset + copy])
+        return copy
+
+    def _more_bufs(self, num_buf: int):
+        """Yield (buf, len) for the packet's remaining ``num_buf - 1`` buffers.
+
+        Stops early (rx_length_errors) when the device returned fewer
+        buffers than its header promised: "rx error: %d buffers missing".
+        """
+        vi = self.vi
+        for _ in range(num_buf - 1):
+            got = vi.rvq.get_buf()
+            if got is None:
+                self.stats.rx_length_errors += 1
+                return
+            vi.num -= 1
+            self.stats.rx_bufs += 1
+            yield got
+
+
+class DeferredRx(RxStrategy):
+    """The seed: raw pages on the ring, the skb allocated when a packet arrives."""
+
+    name = "deferred"
+
+    def __init__(self, vi: VirtnetDriver) -> None:
+        super().__init__(vi)
+        # list_head freed_pages (taken at the front, added at the tail) and
+        # used_pages (only needed to find every page at remove time: an
+        # insertion-ordered dict gives list_del in O(1)).
+        self.freed_pages: list[PageList] = []
+        self._freed_head = 0
+        self.used_pages: dict[PageList, None] = {}
+
+    # -- get_a_free_page ----------------------------------------------------
+
+    def get_a_free_page(self) -> PageList | None:
+        """A page_list entry with a page, moved to used_pages; None if out of pages."""
+        if self._freed_head == len(self.freed_pages):
+            plist = PageList()
+            self.freed_pages.append(plist)
+            plist.page = self.pool.alloc_page()
+        else:
+            plist = self.freed_pages[self._freed_head]
+            if plist.page is None:
+                plist.page = self.pool.alloc_page()
+            else:
+                self.stats.page_reuses += 1
+        if plist.page is None:
+            return None
+        self._freed_head += 1
+        self.used_pages[plist] = None
+        return plist
+
+    def _to_freed(self, plist: PageList) -> None:
+        """list_move_tail(&plist->list, &vi->freed_pages)."""
+        del self.used_pages[plist]
+        freed = self.freed_pages
+        if self._freed_head > 64 and self._freed_head * 2 > len(freed):
+            del freed[: self._freed_head]  # compact the consumed front
+            self._freed_head = 0
+        freed.append(plist)
+
+    # -- the ring -----------------------------------------------------------
+
+    def add_recvbuf(self) -> bool:
+        plist = self.get_a_free_page()
+        if plist is None:
+            return False
+        self.vi.rvq.add_inbuf(plist.page.gpa, PAGE_SIZE, plist)
+        return True
+
+    def receive_buf(self, plist: PageList, length: int) -> None:
+        if self._short(length):
+            self._to_freed(plist)
+            return
+        stats = self.stats
+        skb = self.skbs.alloc(GOOD_COPY_LEN)
+        page = plist.page
+        view = page.view
+        num_buf = NUM_BUFFERS.unpack_from(view, 10)[0]
+        if skb is None:
+            # The seed drops here and recycles the page; it forgot the
+            # packet's other buffers, which would then be parsed as packets.
+            stats.rx_dropped += 1
+            self._to_freed(plist)
+            self._drain(num_buf)
+            return
+        skb.vnet_hdr = bytes(view[: self.hdr_len])
+        length -= self.hdr_len
+        copy = self._copy_head(skb, view, self.hdr_len, length)
+        length -= copy
+        if length:
+            skb.add_frag(page, self.hdr_len + copy, length)
+            plist.page = None
+        # else: the page stays on its page_list entry — the small-packet win.
+        self._to_freed(plist)
+        if num_buf == 0:
+            # 5.1.6.4: num_buffers is at least 1; 0 would make --num_buffers wrap.
+            stats.rx_length_errors += 1
+            self._drop(skb)
+            return
+        got = 1
+        for plist, length in self._more_bufs(num_buf):
+            got += 1
+            if skb.nr_frags >= MAX_SKB_FRAGS:
+                stats.rx_length_errors += 1  # "packet too long"
+                self._to_freed(plist)
+                self._drain(num_buf - got + 1)
+                self._drop(skb)
+                return
+            skb.add_frag(plist.page, 0, length)
+            plist.page = None
+            self._to_freed(plist)
+        if got < num_buf:
+            self._drop(skb)
+            return
+        self.vi.deliver(skb)
+
+    def _drain(self, num_buf: int) -> None:
+        """Recycle the rest of a dropped packet's buffers (their pages stay attached)."""
+        for plist, _ in self._more_bufs(num_buf):
+            self._to_freed(plist)
+
+    def _drop(self, skb: SkBuff) -> None:
+        self.stats.rx_dropped += 1
+        skb.free()
+
+    def free_unused_buf(self, plist: PageList) -> None:
+        self._to_freed(plist)
+
+    def remove(self) -> None:
+        """virtnet_remove: splice used_pages into freed_pages and free every page."""
+        for plist in list(self.used_pages):
+            self._to_freed(plist)
+        for plist in self.freed_pages[self._freed_head :]:
+            if plist.page is not None:
+                self.pool.free_page(plist.page)
+                plist.page = None
+        self.freed_pages = []
+        self._freed_head = 0
+
+
+class PreallocRx(RxStrategy):
+    """The pre-patch code: an skb and a page allocated per posted buffer."""
+
+    name = "prealloc"
+
+    def __init__(self, vi: VirtnetDriver) -> None:
+        super().__init__(vi)
+        self.pages: list[Page] = []  # vi->pages, chained by page->private
+        self.recv: dict[SkBuff, None] = {}  # vi->recv, the skb queue
+
+    def get_a_page(self) -> Page | None:
+        if self.pages:
+            self.stats.page_reuses += 1
+            return self.pages.pop()
+        return self.pool.alloc_page()
+
+    def give_a_page(self, page: Page) -> None:
+        self.pages.append(page)
+
+    def add_recvbuf(self) -> bool:
+        skb = self.skbs.alloc(GOOD_COPY_LEN)
+        if skb is None:
+            return False
+        page = self.get_a_page()
+        if page is None:
+            skb.free()
+            return False
+        skb.add_frag(page, 0, PAGE_SIZE)
+        skb.len = skb.data_len = 0  # the frag is a buffer, not data, until filled
+        self.recv[skb] = None  # skb_queue_head(&vi->recv, skb)
+        self.vi.rvq.add_inbuf(page.gpa, PAGE_SIZE, skb)
+        return True
+
+    def receive_buf(self, skb: SkBuff, length: int) -> None:
+        del self.recv[skb]  # __skb_unlink(skb, &vi->recv)
+        page = skb.frags[0][0]
+        if self._short(length):
+            self._recycle(skb)
+            return
+        view = page.view
+        skb.frags = []
+        skb.vnet_hdr = bytes(view[: self.hdr_len])
+        num_buf = NUM_BUFFERS.unpack_from(view, 10)[0]
+        length -= self.hdr_len
+        copy = self._copy_head(skb, view, self.hdr_len, length)
+        length -= copy
+        if length:
+            skb.add_frag(page, self.hdr_len + copy, length)
+        else:
+            self.give_a_page(page)
+        if num_buf == 0:
+            self.stats.rx_length_errors += 1
+            self._drop(skb)
+            return
+        got = 1
+        for nskb, length in self._more_bufs(num_buf):
+            got += 1
+            del self.recv[nskb]
+            if skb.nr_frags >= MAX_SKB_FRAGS:
+                self.stats.rx_length_errors += 1
+                self._recycle(nskb)
+                for rest, _ in self._more_bufs(num_buf - got + 1):
+                    del self.recv[rest]
+                    self._recycle(rest)
+                self._drop(skb)
+                return
+            # skb_shinfo(skb)->frags[i] = skb_shinfo(nskb)->frags[0]; kfree_skb(nskb)
+            skb.add_frag(nskb.frags[0][0], 0, length)
+            nskb.frags = []
+            nskb.free()
+        if got < num_buf:
+            self._drop(skb)
+            return
+        self.vi.deliver(skb)
+
+    def _recycle(self, skb: SkBuff) -> None:
+        """A buffer that carried no packet: its page back to the cache, its skb freed."""
+        for page, _, _ in skb.frags:
+            self.give_a_page(page)
+        skb.frags = []
+        skb.free()
+
+    def _drop(self, skb: SkBuff) -> None:
+        self.stats.rx_dropped += 1
+        skb.free()
+
+    def free_unused_buf(self, skb: SkBuff) -> None:
+        del self.recv[skb]
+        self._recycle(skb)
+
+    def remove(self) -> None:
+        for page in self.pages:
+            self.pool.free_page(page)
+        self.pages = []
+
+
+class SmallRx(DeferredRx):
+    """No MRG_RXBUF, no GSO: one buffer per packet, header + MAX_PACKET_LEN bytes.
+
+    Same page lists as the seed; the descriptor is shorter than the page so
+    the device can never write a frame larger than the MTU allows.
+    """
+
+    name = "small"
+    mergeable = False
+
+    def add_recvbuf(self) -> bool:
+        plist = self.get_a_free_page()
+        if plist is None:
+            return False
+        self.vi.rvq.add_inbuf(plist.page.gpa, self.hdr_len + MAX_PACKET_LEN, plist)
+        return True
+
+    def receive_buf(self, plist: PageList, length: int) -> None:
+        if self._short(length):
+            self._to_freed(plist)
+            return
+        skb = self.skbs.alloc(GOOD_COPY_LEN)
+        if skb is None:
+            self.stats.rx_dropped += 1
+            self._to_freed(plist)
+            return
+        page = plist.page
+        view = page.view
+        skb.vnet_hdr = bytes(view[: self.hdr_len])
+        length -= self.hdr_len
+        copy = self._copy_head(skb, view, self.hdr_len, length)
+        if length - copy:
+            skb.add_frag(page, self.hdr_len + copy, length - copy)
+            plist.page = None
+        self._to_freed(plist)
+        self.vi.deliver(skb)
+
+
+class BigRx(DeferredRx):
+    """No MRG_RXBUF but GUEST_TSO/UFO: each buffer is a chain of pages big enough
+    for a 64 KiB frame (add_recvbuf_big); the skb is allocated on receive and
+    the pages the frame did not reach go straight back to the page lists.
+    """
+
+    name = "big"
+    mergeable = False
+    PAGES = MAX_SKB_FRAGS
+
+    def descs_per_buf(self) -> int:
+        return 1 if self.vi.rvq.indirect is not None else self.PAGES
+
+    def add_recvbuf(self) -> bool:
+        if self.vi.rvq.num_free < self.descs_per_buf():
+            return False
+        plists = []
+        for _ in range(self.PAGES):
+            plist = self.get_a_free_page()
+            if plist is None:
+                for p in plists:
+                    self._to_freed(p)
+                return False
+            plists.append(plist)
+        self.vi.rvq.add((), [(p.page.gpa, PAGE_SIZE) for p in plists], plists)
+        return True
+
+    def receive_buf(self, plists: list[PageList], length: int) -> None:
+        if self._short(length):
+            self._release(plists)
+            return
+        skb = self.skbs.alloc(GOOD_COPY_LEN)
+        if skb is None:
+            self.stats.rx_dropped += 1
+            self._release(plists)
+            return
+        view = plists[0].page.view
+        skb.vnet_hdr = bytes(view[: self.hdr_len])
+        length -= self.hdr_len
+        offset = self.hdr_len + self._copy_head(skb, view, self.hdr_len, length)
+        length -= offset - self.hdr_len
+        for plist in plists:
+            if length <= 0:
+                break
+            size = min(length, PAGE_SIZE - offset)
+            if size:
+                skb.add_frag(plist.page, offset, size)
+                plist.page = None
+            length -= size
+            offset = 0
+        self._release(plists)
+        self.vi.deliver(skb)
+
+    def _release(self, plists: list[PageList]) -> None:
+        for plist in plists:
+            self._to_freed(plist)
+
+    def free_unused_buf(self, plists: list[PageList]) -> None:
+        self._release(plists)
+
+
+STRATEGIES: dict[str, type[RxStrategy]] = {
+    cls.name: cls for cls in (DeferredRx, PreallocRx, BigRx, SmallRx)
+}

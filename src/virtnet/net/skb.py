@@ -1,0 +1,196 @@
+"""Pages of guest memory, the seed's page lists, and socket buffers.
+
+``PagePool`` is the guest's page allocator (alloc_page / __free_pages) over a
+range of guest memory; ``PageList`` is the seed's ``struct page_list``;
+``SkBuff`` a linear head of copied bytes plus page frags. Every allocation and
+free is counted in the driver's ``Stats`` because that is what the seed's
+argument is about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from virtnet.net.constants import GOOD_COPY_LEN, NET_IP_ALIGN, PAGE_SIZE
+from virtnet.net.stats import Stats
+
+
+class PoolError(Exception):
+    """A page given back twice, or a page that is not the pool's."""
+
+
+class Page:
+    """One 4 KiB page of guest memory (struct page)."""
+
+    __slots__ = ("index", "gpa", "view")
+
+    def __init__(self, index: int, gpa: int, view: memoryview) -> None:
+        self.index = index
+        self.gpa = gpa
+        self.view = view
+
+    def __repr__(self) -> str:
+        return f"Page({self.index}, gpa={self.gpa:#x})"
+
+
+class PagePool:
+    """A free-list allocator of pages in [base, base + npages * PAGE_SIZE).
+
+    ``limit`` caps how many pages may be out at once (below ``npages``) so
+    that exhaustion — a normal condition the refill must survive — is easy
+    to reach in tests. ``fail`` is an optional fault injector: called with
+    the allocation's sequence number, True makes that allocation fail.
+    """
+
+    def __init__(
+        self,
+        memory,
+        base: int,
+        npages: int,
+        stats: Stats,
+        *,
+        limit: int | None = None,
+    ) -> None:
+        if npages <= 0:
+            raise ValueError("a page pool needs at least one page")
+        region = memory.view(base, npages * PAGE_SIZE)
+        self.pages = [
+            Page(i, base + i * PAGE_SIZE, region[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+            for i in range(npages)
+        ]
+        self.base = base
+        self.npages = npages
+        self.limit = npages if limit is None else min(limit, npages)
+        self.stats = stats
+        self.fail: Callable[[int], bool] | None = None
+        self._free = self.pages[::-1]  # a stack: recently freed pages are cache-warm
+        self._is_free = [True] * npages
+        self._nalloc = 0
+
+    @property
+    def available(self) -> int:
+        return min(len(self._free), self.limit - self.outstanding)
+
+    @property
+    def outstanding(self) -> int:
+        return self.npages - len(self._free)
+
+    def alloc_page(self) -> Page | None:
+        """A free page, or None when the pool (or its limit) is exhausted."""
+        self._nalloc += 1
+        if self.npages - len(self._free) >= self.limit or not self._free:
+            return None
+        if self.fail is not None and self.fail(self._nalloc):
+            return None
+        page = self._free.pop()
+        self._is_free[page.index] = False
+        self.stats.page_allocs += 1
+        self.stats.pages_outstanding += 1
+        return page
+
+    def free_page(self, page: Page) -> None:
+        """__free_pages(page, 0); refuses a double free loudly."""
+        index = page.index
+        if not 0 <= index < self.npages or self.pages[index] is not page:
+            raise PoolError(f"{page!r} is not a page of this pool")
+        if self._is_free[index]:
+            raise PoolError(f"{page!r} freed twice")
+        self._is_free[index] = True
+        self._free.append(page)
+        self.stats.page_frees += 1
+        self.stats.pages_outstanding -= 1
+
+
+class PageList:
+    """The seed's ``struct page_list``: a page slot that outlives its page."""
+
+    __slots__ = ("page",)
+
+    def __init__(self) -> None:
+        self.page: Page | None = None
+
+
+class SkBuff:
+    """A received or transmitted packet: linear head + page frags.
+
+    ``head`` is the skb's own memory (netdev_alloc_skb's data, with
+    NET_IP_ALIGN reserved in front); ``frags`` are (page, offset, size)
+    triples in guest memory, owned by the skb until ``free`` gives the
+    pages back (put_page). ``vnet_hdr`` is the virtio-net header bytes
+    (skb_vnet_hdr: the seed keeps it in skb->cb).
+    """
+
+    __slots__ = ("head", "head_len", "frags", "len", "data_len", "vnet_hdr", "_alloc")
+
+    def __init__(self, alloc: SkbAllocator, size: int) -> None:
+        self._alloc = alloc
+        self.head = bytearray(size + NET_IP_ALIGN)  # skb_reserve(skb, NET_IP_ALIGN)
+        self.head_len = 0
+        self.frags: list[tuple[Page, int, int]] = []
+        self.len = 0
+        self.data_len = 0
+        self.vnet_hdr = b""
+
+    @property
+    def tailroom(self) -> int:
+        return len(self.head) - NET_IP_ALIGN - self.head_len
+
+    def put(self, data) -> None:
+        """skb_put + memcpy: append ``data`` to the linear head."""
+        n = len(data)
+        start = NET_IP_ALIGN + self.head_len
+        self.head[start : start + n] = data
+        self.head_len += n
+        self.len += n
+
+    def add_frag(self, page: Page, offset: int, size: int) -> None:
+        self.frags.append((page, offset, size))
+        self.data_len += size
+        self.len += size
+
+    @property
+    def nr_frags(self) -> int:
+        return len(self.frags)
+
+    def linear(self) -> memoryview:
+        return memoryview(self.head)[NET_IP_ALIGN : NET_IP_ALIGN + self.head_len]
+
+    def data_views(self) -> list[memoryview]:
+        """The packet as views, head first: what one writev sends, no copy."""
+        views = [self.linear()] if self.head_len else []
+        views += [page.view[off : off + size] for page, off, size in self.frags]
+        return views
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self.data_views())
+
+    def free(self) -> None:
+        """kfree_skb: frag pages back to the pool, the skb counted as freed."""
+        self._alloc.free(self)
+
+
+class SkbAllocator:
+    """netdev_alloc_skb / kfree_skb, counted; ``fail`` injects failures."""
+
+    def __init__(self, pool: PagePool, stats: Stats) -> None:
+        self.pool = pool
+        self.stats = stats
+        self.fail: Callable[[int], bool] | None = None
+        self._nalloc = 0
+        self.live = 0
+
+    def alloc(self, size: int = GOOD_COPY_LEN) -> SkBuff | None:
+        self._nalloc += 1
+        if self.fail is not None and self.fail(self._nalloc):
+            return None
+        self.stats.skb_allocs += 1
+        self.live += 1
+        return SkBuff(self, size)
+
+    def free(self, skb: SkBuff) -> None:
+        free_page = self.pool.free_page
+        for page, _, _ in skb.frags:
+            free_page(page)
+        skb.frags = []
+        self.stats.skb_frees += 1
+        self.live -= 1

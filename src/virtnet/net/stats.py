@@ -1,0 +1,63 @@
+"""Counters, named once. Driver names follow Linux's netdev stats plus the
+allocation counters the seed argues about; device names follow vhost-net's
+and ``ethtool -S`` habits. Everything that reports stats (JSON, tables, live
+counters) iterates these tuples, so a name is never spelled twice.
+"""
+
+from __future__ import annotations
+
+DRIVER_STATS = (
+    "rx_packets",
+    "rx_bytes",
+    "rx_dropped",
+    "rx_length_errors",
+    "rx_bufs",  # buffers taken off the rx used ring
+    "rx_kicks",
+    "tx_packets",
+    "tx_bytes",
+    "tx_dropped",
+    "tx_kicks",
+    "skb_allocs",
+    "skb_frees",
+    "page_allocs",
+    "page_frees",
+    "page_reuses",
+    "pages_outstanding",
+)
+
+DEVICE_STATS = (
+    "rx_packets",  # delivered to the driver's rx ring (host → guest)
+    "rx_bytes",
+    "rx_dropped",  # no (or too small) rx buffers: a NIC with an empty ring
+    "rx_bufs",  # rx chains used
+    "rx_num_buffers_max",  # largest num_buffers written (mergeable)
+    "rx_notifies",
+    "tx_packets",  # consumed from the driver's tx ring (guest → host)
+    "tx_bytes",
+    "tx_errors",  # tx chains refused (too short for a header)
+    "tx_notifies",
+    "desc_errors",  # chains refused by the ring's validation
+)
+
+
+class Stats:
+    """A bag of integer counters with a fixed set of names."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self._names = names
+        for name in names:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self._names}
+
+    def __repr__(self) -> str:
+        return "Stats(" + ", ".join(f"{k}={v}" for k, v in self.as_dict().items() if v) + ")"
+
+
+def driver_stats() -> Stats:
+    return Stats(DRIVER_STATS)
+
+
+def device_stats() -> Stats:
+    return Stats(DEVICE_STATS)

@@ -1,0 +1,44 @@
+"""Typed errors of the virtio core.
+
+Every error names what was wrong (which descriptor, which address, which rule)
+so that a log line is enough to find the culprit; none leaves a ring in an
+unknown state (see the docstring of the raiser for what state it leaves).
+"""
+
+
+class VirtioError(Exception):
+    """Base of every error raised by the virtio layer."""
+
+
+class MemoryAccessError(VirtioError):
+    """A guest-physical access that leaves every memory region."""
+
+    def __init__(self, addr: int, length: int, reason: str = "outside guest memory") -> None:
+        super().__init__(f"guest access [{addr:#x}, +{length:#x}) {reason}")
+        self.addr = addr
+        self.length = length
+
+
+class DescriptorError(VirtioError):
+    """A descriptor chain the device must refuse (VIRTIO 1.2, 2.7.5).
+
+    ``head`` is the chain's head id when it is a valid index, so that the
+    caller can hand the buffer back (used length 0) instead of losing it;
+    ``None`` when the available ring itself named an impossible head.
+    """
+
+    def __init__(self, message: str, head: int | None = None) -> None:
+        super().__init__(message if head is None else f"chain at head {head}: {message}")
+        self.head = head
+
+
+class UsedRingError(VirtioError):
+    """A used-ring entry the driver must refuse (unknown id, length too large)."""
+
+
+class QueueFullError(VirtioError):
+    """No free descriptors for the buffer (the driver's -ENOSPC)."""
+
+
+class FeatureError(VirtioError):
+    """An impossible feature negotiation or device-status transition."""

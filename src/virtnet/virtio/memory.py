@@ -1,0 +1,130 @@
+"""Guest memory: guest-physical (and front-end virtual) address → memoryview.
+
+A region is any writable buffer: a bytearray in tests, an mmap of a memfd in
+production (the vhost-user back-end maps the front-end's memfds here). Every
+translation is bounds-checked — a descriptor is guest-controlled input, and an
+address or a length may be anything a u64/u32 can hold.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+from virtnet.virtio.errors import MemoryAccessError
+
+U64_MAX = (1 << 64) - 1
+
+
+@dataclass(eq=False)
+class MemoryRegion:
+    """``size`` bytes of guest memory at guest-physical ``gpa``.
+
+    ``uva`` is the address the front-end process sees the region at: vhost-user
+    ring addresses are front-end virtual addresses (vhost-user.rst, "Memory
+    access"), descriptors carry guest-physical ones.
+    """
+
+    gpa: int
+    buffer: memoryview
+    uva: int = 0
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.buffer, memoryview):
+            self.buffer = memoryview(self.buffer)
+        if self.buffer.readonly:
+            raise ValueError(f"region at {self.gpa:#x}: buffer is read-only")
+        self.buffer = self.buffer.cast("B")
+        self.size = self.buffer.nbytes
+        if self.gpa < 0 or self.gpa + self.size - 1 > U64_MAX:
+            raise ValueError(f"region at {self.gpa:#x} size {self.size:#x} leaves the u64 space")
+
+
+class GuestMemory:
+    """A set of non-overlapping regions, looked up by address.
+
+    ``view(addr, length)`` is the hot path of every descriptor: one region is
+    the common case (a memfd), so it is tried first without a bisect.
+    """
+
+    def __init__(self, regions: list[MemoryRegion] | None = None) -> None:
+        self._regions: list[MemoryRegion] = []
+        self._starts: list[int] = []
+        for region in regions or ():
+            self.add_region(region)
+
+    @classmethod
+    def from_buffer(cls, buffer, gpa: int = 0) -> GuestMemory:
+        return cls([MemoryRegion(gpa, memoryview(buffer))])
+
+    @property
+    def regions(self) -> tuple[MemoryRegion, ...]:
+        return tuple(self._regions)
+
+    def add_region(self, region: MemoryRegion) -> None:
+        for other in self._regions:
+            if region.gpa < other.gpa + other.size and other.gpa < region.gpa + region.size:
+                raise ValueError(
+                    f"region [{region.gpa:#x}, +{region.size:#x}) overlaps "
+                    f"[{other.gpa:#x}, +{other.size:#x})"
+                )
+        self._regions.append(region)
+        self._regions.sort(key=lambda r: r.gpa)
+        self._starts = [r.gpa for r in self._regions]
+
+    def remove_region(self, gpa: int) -> MemoryRegion:
+        for i, region in enumerate(self._regions):
+            if region.gpa == gpa:
+                del self._regions[i]
+                del self._starts[i]
+                return region
+        raise MemoryAccessError(gpa, 0, "names no region")
+
+    def view(self, addr: int, length: int) -> memoryview:
+        """The bytes [addr, addr+length) of one region, or MemoryAccessError.
+
+        An access may not straddle two regions even if they are adjacent:
+        they are separate mappings (separate memfds) in the back-end.
+        """
+        if length < 0 or addr < 0:
+            raise MemoryAccessError(addr, length, "is negative")
+        regions = self._regions
+        if len(regions) == 1:
+            region = regions[0]
+        else:
+            i = bisect_right(self._starts, addr) - 1
+            if i < 0:
+                raise MemoryAccessError(addr, length)
+            region = regions[i]
+        offset = addr - region.gpa
+        if offset < 0 or offset + length > region.size:
+            raise MemoryAccessError(addr, length)
+        return region.buffer[offset : offset + length]
+
+    def view_uva(self, uva: int, length: int) -> memoryview:
+        """Translate a front-end virtual address (vhost-user ring addresses)."""
+        for region in self._regions:
+            offset = uva - region.uva
+            if 0 <= offset and offset + length <= region.size and length >= 0:
+                return region.buffer[offset : offset + length]
+        raise MemoryAccessError(uva, length, "is in no region's front-end address range")
+
+    def uva_to_gpa(self, uva: int) -> int:
+        for region in self._regions:
+            if 0 <= uva - region.uva < region.size:
+                return region.gpa + uva - region.uva
+        raise MemoryAccessError(uva, 0, "is in no region's front-end address range")
+
+    def read(self, addr: int, length: int) -> bytes:
+        return bytes(self.view(addr, length))
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.view(addr, len(data))[:] = data
+
+    def release(self) -> None:
+        """Drop the regions' views so the mmaps behind them can close."""
+        for region in self._regions:
+            region.buffer.release()
+        self._regions.clear()
+        self._starts.clear()

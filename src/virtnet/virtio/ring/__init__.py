@@ -1,0 +1,1 @@
+"""Virtqueues. ``split`` is the VIRTIO 1.x split virtqueue, both sides."""

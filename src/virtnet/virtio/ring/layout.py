@@ -1,0 +1,148 @@
+"""Split virtqueue wire layout (VIRTIO 1.2, 2.7: "Split Virtqueues").
+
+    struct virtq_desc  { le64 addr; le32 len; le16 flags; le16 next; };  16 bytes
+    struct virtq_avail { le16 flags; le16 idx; le16 ring[N]; le16 used_event; };
+    struct virtq_used  { le16 flags; le16 idx; struct { le32 id; le32 len; } ring[N];
+                         le16 avail_event; };
+
+The ring objects access these through memoryview casts ('Q', 'I', 'H'), which
+are native-endian: correct only on a little-endian host, checked at import.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+
+if sys.byteorder != "little":  # pragma: no cover - x86/arm64 are little-endian
+    raise ImportError("virtnet's ring accessors need a little-endian host (virtio 1.x is LE)")
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+
+DESC_SIZE = 16
+USED_ELEM_SIZE = 8
+# 2.7: "Queue Size ... the maximum Queue Size value is 32768".
+VIRTQUEUE_MAX_SIZE = 32768
+# 2.7.5.2: "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes in total".
+MAX_CHAIN_BYTES = 1 << 32
+
+DESC_ALIGN = 16
+AVAIL_ALIGN = 2
+USED_ALIGN = 4
+
+
+def desc_table_size(num: int) -> int:
+    return DESC_SIZE * num
+
+
+def avail_ring_size(num: int) -> int:
+    return 2 + 2 + 2 * num + 2
+
+
+def used_ring_size(num: int) -> int:
+    return 2 + 2 + USED_ELEM_SIZE * num + 2
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) & ~(a - 1)
+
+
+def check_queue_size(num: int) -> None:
+    # 2.7: split queue sizes are powers of 2, at most 32768.
+    if not (1 <= num <= VIRTQUEUE_MAX_SIZE) or num & (num - 1):
+        raise ValueError(f"queue size {num} is not a power of 2 in 1..{VIRTQUEUE_MAX_SIZE}")
+
+
+@dataclass(frozen=True)
+class VringAddrs:
+    """Guest-physical addresses of the three parts of one split ring."""
+
+    num: int
+    desc: int
+    avail: int
+    used: int
+
+    @classmethod
+    def contiguous(cls, base: int, num: int) -> VringAddrs:
+        """Lay the ring out in one area starting at ``base`` (16-byte aligned)."""
+        check_queue_size(num)
+        desc = _align(base, DESC_ALIGN)
+        avail = _align(desc + desc_table_size(num), AVAIL_ALIGN)
+        used = _align(avail + avail_ring_size(num), USED_ALIGN)
+        return cls(num, desc, avail, used)
+
+    @property
+    def end(self) -> int:
+        return self.used + used_ring_size(self.num)
+
+    @staticmethod
+    def area_size(num: int) -> int:
+        return VringAddrs.contiguous(0, num).end + DESC_ALIGN
+
+
+def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
+    """2.7.7.2/2.7.10: notify iff ``event_idx`` is in [old, new) (mod 2^16).
+
+    Same expression as Linux's vring_need_event() in include/uapi/linux/virtio_ring.h.
+    """
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF)
+
+
+_barrier_lock = threading.Lock()
+
+
+def virtio_mb() -> None:
+    """A full memory barrier between a ring store and a following ring load.
+
+    x86 keeps stores ordered with stores and loads with loads (TSO), so the
+    used/avail publish order needs nothing; but a store followed by a load of
+    another location may be reordered — exactly the "publish idx, then read
+    the other side's flags/event" step where Linux uses virtio_mb(). CPython
+    has no fence primitive; an uncontended lock acquire is a locked
+    read-modify-write, which is one on x86 and arm64.
+    """
+    _barrier_lock.acquire()
+    _barrier_lock.release()
+
+
+class VringViews:
+    """Typed views of one ring's three parts, shared by driver and device code."""
+
+    __slots__ = ("num", "desc", "avail", "used", "used_elems", "avail_event_view")
+
+    def __init__(self, num: int, desc: memoryview, avail: memoryview, used: memoryview) -> None:
+        check_queue_size(num)
+        if desc.nbytes < desc_table_size(num):
+            raise ValueError(f"descriptor table of {desc.nbytes} bytes is short for {num}")
+        if avail.nbytes < avail_ring_size(num) or used.nbytes < used_ring_size(num):
+            raise ValueError(f"avail/used ring views are short for queue size {num}")
+        self.num = num
+        # desc[2*i] = addr, desc[2*i+1] = len | flags << 32 | next << 48
+        self.desc = desc[: desc_table_size(num)].cast("Q")
+        # avail[0] = flags, avail[1] = idx, avail[2+i] = ring[i], avail[2+num] = used_event
+        self.avail = avail[: avail_ring_size(num)].cast("H")
+        # used[0] = flags, used[1] = idx
+        self.used = used[:4].cast("H")
+        # used_elems[2*i] = id, used_elems[2*i+1] = len
+        self.used_elems = used[4 : 4 + USED_ELEM_SIZE * num].cast("I")
+        self.avail_event_view = used[4 + USED_ELEM_SIZE * num : used_ring_size(num)].cast("H")
+
+    @classmethod
+    def from_memory(cls, memory, addrs: VringAddrs) -> VringViews:
+        num = addrs.num
+        return cls(
+            num,
+            memory.view(addrs.desc, desc_table_size(num)),
+            memory.view(addrs.avail, avail_ring_size(num)),
+            memory.view(addrs.used, used_ring_size(num)),
+        )
+
+    def release(self) -> None:
+        for v in (self.desc, self.avail, self.used, self.used_elems, self.avail_event_view):
+            v.release()

@@ -1,0 +1,481 @@
+"""Split virtqueue, driver side and device side (VIRTIO 1.2, 2.7).
+
+``SplitQueueDriver`` mirrors Linux's drivers/virtio/virtio_ring.c (split part):
+a free list of descriptors kept in a private shadow (never read back from
+shared memory, which the device could scribble on), ``add_*`` / ``kick_prepare``
+/ ``get_buf`` / ``detach_unused_buf``, and callback suppression.
+
+``SplitQueueDevice`` mirrors drivers/vhost/vhost.c: ``pop`` validates a whole
+chain before returning it (every rule is a ``DescriptorError``), ``push_used``
+batches used entries that ``flush_used`` publishes at once, ``needs_notify``
+applies EVENT_IDX or the NO_INTERRUPT flag, ``unpop`` gives chains back
+(vhost_discard_vq_desc).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from virtnet.virtio.errors import DescriptorError, QueueFullError, UsedRingError
+from virtnet.virtio.memory import GuestMemory
+from virtnet.virtio.ring.layout import (
+    DESC_SIZE,
+    MAX_CHAIN_BYTES,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    VringViews,
+    virtio_mb,
+    vring_need_event,
+)
+
+_WRITE = VRING_DESC_F_WRITE << 32
+_NEXT = VRING_DESC_F_NEXT << 32
+_INDIRECT = VRING_DESC_F_INDIRECT << 32
+_U32 = 0xFFFFFFFF
+
+Segment = tuple[int, int]  # (guest-physical address, length)
+
+
+class IndirectArea:
+    """Guest memory for indirect tables: one slot of ``max_descs`` per head.
+
+    Linux kmallocs a table per buffer; a fixed slot per head id is the same
+    thing without an allocator, since a head owns at most one table.
+    """
+
+    def __init__(self, gpa: int, view: memoryview, num: int, max_descs: int) -> None:
+        if view.nbytes < num * max_descs * DESC_SIZE:
+            raise ValueError("indirect area is smaller than num * max_descs * 16")
+        self.gpa = gpa
+        self.max_descs = max_descs
+        self.stride = max_descs * DESC_SIZE
+        self.table = view[: num * self.stride].cast("Q")
+
+    @staticmethod
+    def size(num: int, max_descs: int) -> int:
+        return num * max_descs * DESC_SIZE
+
+
+class SplitQueueDriver:
+    """The driver's half of a split virtqueue (Linux: struct vring_virtqueue)."""
+
+    def __init__(
+        self,
+        ring: VringViews,
+        *,
+        event_idx: bool = False,
+        indirect: IndirectArea | None = None,
+        index: int = 0,
+    ) -> None:
+        num = ring.num
+        self.ring = ring
+        self.num = num
+        self.index = index
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._mask = num - 1
+        self._desc = ring.desc
+        self._avail = ring.avail
+        self._used = ring.used
+        self._used_elems = ring.used_elems
+        # Shadow state: desc_extra[].next, per-head token and writable length.
+        self._next = list(range(1, num)) + [0]
+        self._token: list[Any] = [None] * num
+        self._in_len = [0] * num
+        self._ndescs = [0] * num
+        self.free_head = 0
+        self.num_free = num
+        self.avail_idx_shadow = 0
+        self.num_added = 0
+        self.last_used_idx = 0
+        self.cb_disabled = False
+        self._avail[0] = 0
+        self._avail[1] = 0
+        self._avail[2 + num] = 0
+
+    # -- adding buffers -------------------------------------------------------
+
+    def add_inbuf(self, addr: int, length: int, token: Any) -> int:
+        """One device-writable descriptor (virtqueue_add_inbuf with one sg)."""
+        if not self.num_free:
+            raise QueueFullError(f"vq {self.index}: no free descriptor")
+        if token is None:
+            raise ValueError("token must not be None")
+        head = self.free_head
+        self.free_head = self._next[head]
+        self.num_free -= 1
+        self._desc[2 * head] = addr
+        self._desc[2 * head + 1] = (length & _U32) | _WRITE
+        self._token[head] = token
+        self._in_len[head] = length
+        self._ndescs[head] = 1
+        self._publish(head)
+        return head
+
+    def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: Any) -> int:
+        """A chain of readable ``out`` then writable ``in_`` segments (virtqueue_add)."""
+        total = len(out) + len(in_)
+        if total == 0:
+            raise ValueError("a buffer needs at least one segment")
+        if token is None:
+            raise ValueError("token must not be None")
+        ind = self.indirect
+        if ind is not None and total > 1 and total <= ind.max_descs and self.num_free:
+            return self._add_indirect(out, in_, token)
+        if self.num_free < total:
+            raise QueueFullError(
+                f"vq {self.index}: {total} descriptors wanted, {self.num_free} free"
+            )
+        desc, nxt = self._desc, self._next
+        head = i = self.free_head
+        in_len = 0
+        n = 0
+        for segs, wflag in ((out, 0), (in_, _WRITE)):
+            for addr, length in segs:
+                n += 1
+                flags = wflag if n == total else wflag | _NEXT
+                desc[2 * i] = addr
+                desc[2 * i + 1] = (length & _U32) | flags | (nxt[i] << 48)
+                if wflag:
+                    in_len += length
+                last = i
+                i = nxt[i]
+        self.free_head = nxt[last]
+        self.num_free -= total
+        self._token[head] = token
+        self._in_len[head] = in_len
+        self._ndescs[head] = total
+        self._publish(head)
+        return head
+
+    def _add_indirect(self, out: Sequence[Segment], in_: Sequence[Segment], token: Any) -> int:
+        ind = self.indirect
+        head = self.free_head
+        self.free_head = self._next[head]
+        self.num_free -= 1
+        table = ind.table
+        base = head * ind.max_descs * 2
+        total = len(out) + len(in_)
+        in_len = 0
+        j = 0
+        for segs, wflag in ((out, 0), (in_, _WRITE)):
+            for addr, length in segs:
+                flags = wflag if j + 1 == total else wflag | _NEXT | ((j + 1) << 48)
+                table[base + 2 * j] = addr
+                table[base + 2 * j + 1] = (length & _U32) | flags
+                if wflag:
+                    in_len += length
+                j += 1
+        self._desc[2 * head] = ind.gpa + head * ind.stride
+        self._desc[2 * head + 1] = (total * DESC_SIZE) | _INDIRECT
+        self._token[head] = token
+        self._in_len[head] = in_len
+        self._ndescs[head] = 1
+        self._publish(head)
+        return head
+
+    def _publish(self, head: int) -> None:
+        # 2.7.13: ring entry first, then idx; x86 keeps the two stores in order.
+        shadow = self.avail_idx_shadow
+        self._avail[2 + (shadow & self._mask)] = head
+        shadow = (shadow + 1) & 0xFFFF
+        self.avail_idx_shadow = shadow
+        self._avail[1] = shadow
+        self.num_added += 1
+
+    # -- notifying the device ------------------------------------------------
+
+    def kick_prepare(self) -> bool:
+        """Whether the device wants a notification for what was added since last time."""
+        new = self.avail_idx_shadow
+        old = (new - self.num_added) & 0xFFFF
+        self.num_added = 0
+        virtio_mb()
+        if self.event_idx:
+            return vring_need_event(self.ring.avail_event_view[0], new, old)
+        return not (self._used[0] & VRING_USED_F_NO_NOTIFY)
+
+    # -- getting used buffers --------------------------------------------------
+
+    def more_used(self) -> bool:
+        return self.last_used_idx != self._used[1]
+
+    def get_buf(self) -> tuple[Any, int] | None:
+        """The next used buffer as (token, used length), or None (virtqueue_get_buf).
+
+        A used entry naming an unknown id is skipped and raised; one whose
+        length exceeds the buffer is detached first, so the error carries the
+        token and the caller can recycle the buffer.
+        """
+        last = self.last_used_idx
+        if last == self._used[1]:
+            return None
+        slot = last & self._mask
+        elems = self._used_elems
+        head = elems[2 * slot]
+        length = elems[2 * slot + 1]
+        self.last_used_idx = last = (last + 1) & 0xFFFF
+        if self.event_idx and not self.cb_disabled:
+            self._avail[2 + self.num] = last
+        if head >= self.num or self._token[head] is None:
+            raise UsedRingError(f"vq {self.index}: used id {head} is not a buffer in flight")
+        token = self._detach_buf(head)
+        if length > self._in_len[head]:
+            err = UsedRingError(
+                f"vq {self.index}: used len {length} > buffer's writable {self._in_len[head]}"
+            )
+            err.token = token  # type: ignore[attr-defined]
+            raise err
+        return token, length
+
+    def _detach_buf(self, head: int) -> Any:
+        token = self._token[head]
+        self._token[head] = None
+        n = self._ndescs[head]
+        last = head
+        for _ in range(n - 1):
+            last = self._next[last]
+        self._next[last] = self.free_head
+        self.free_head = head
+        self.num_free += n
+        return token
+
+    def detach_unused_buf(self) -> Any | None:
+        """One buffer the device never used, for teardown after reset, or None."""
+        for head in range(self.num):
+            if self._token[head] is not None:
+                token = self._detach_buf(head)
+                # The device is reset: take the entry back out of the avail ring.
+                self.avail_idx_shadow = (self.avail_idx_shadow - 1) & 0xFFFF
+                self._avail[1] = self.avail_idx_shadow
+                return token
+        return None
+
+    # -- callbacks (used-buffer notifications) ---------------------------------
+
+    def disable_cb(self) -> None:
+        if not self.cb_disabled:
+            self.cb_disabled = True
+            if not self.event_idx:
+                self._avail[0] = VRING_AVAIL_F_NO_INTERRUPT
+
+    def enable_cb_prepare(self) -> int:
+        """Re-enable callbacks; returns the index to pass to ``poll`` (the race check)."""
+        if self.cb_disabled:
+            self.cb_disabled = False
+            if not self.event_idx:
+                self._avail[0] = 0
+        if self.event_idx:
+            self._avail[2 + self.num] = self.last_used_idx
+        return self.last_used_idx
+
+    def poll(self, last_used_idx: int) -> bool:
+        """True if buffers were used since ``enable_cb_prepare`` returned ``last_used_idx``."""
+        virtio_mb()
+        return last_used_idx != self._used[1]
+
+    def enable_cb(self) -> bool:
+        """Re-enable callbacks; False if buffers are already pending (poll again)."""
+        return not self.poll(self.enable_cb_prepare())
+
+    @property
+    def in_flight(self) -> int:
+        return self.num - self.num_free
+
+
+class Chain:
+    """One available descriptor chain, validated and translated.
+
+    ``readable`` / ``writable`` are memoryviews into guest memory in chain
+    order; ``segments`` the raw (address, length, writable) triples.
+    """
+
+    __slots__ = ("head", "readable", "writable", "segments", "in_len", "out_len")
+
+    def __init__(self, head: int) -> None:
+        self.head = head
+        self.readable: list[memoryview] = []
+        self.writable: list[memoryview] = []
+        self.segments: list[tuple[int, int, bool]] = []
+        self.in_len = 0
+        self.out_len = 0
+
+    def __repr__(self) -> str:
+        return f"Chain(head={self.head}, out={self.out_len}, in={self.in_len})"
+
+
+class SplitQueueDevice:
+    """The device's half of a split virtqueue (Linux vhost: struct vhost_virtqueue)."""
+
+    def __init__(
+        self,
+        ring: VringViews,
+        memory: GuestMemory,
+        *,
+        event_idx: bool = False,
+        last_avail_idx: int = 0,
+        index: int = 0,
+    ) -> None:
+        self.ring = ring
+        self.memory = memory
+        self.num = ring.num
+        self.index = index
+        self.event_idx = event_idx
+        self._mask = ring.num - 1
+        self._desc = ring.desc
+        self._avail = ring.avail
+        self._used = ring.used
+        self._used_elems = ring.used_elems
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        # vhost_vq_init_access: continue from what the ring already says.
+        self.used_idx = self._used[1]
+        self.signalled_used = self.used_idx
+        self.signalled_used_valid = False
+
+    # -- taking chains ---------------------------------------------------------
+
+    def avail_pending(self) -> int:
+        """How many chains the driver has made available and we have not popped."""
+        n = (self._avail[1] - self.last_avail_idx) & 0xFFFF
+        if n > self.num:
+            raise DescriptorError(
+                f"vq {self.index}: avail idx {self._avail[1]} is {n} ahead of "
+                f"last_avail_idx {self.last_avail_idx}, more than the queue size {self.num}"
+            )
+        return n
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None; DescriptorError for a bad one.
+
+        A bad chain is consumed (last_avail_idx moves past it) so one bad
+        buffer does not wedge the queue; the error carries its head for
+        ``push_used(head, 0)``.
+        """
+        last = self.last_avail_idx
+        if last == self._avail[1]:
+            return None
+        self.avail_pending()
+        head = self._avail[2 + (last & self._mask)]
+        self.last_avail_idx = (last + 1) & 0xFFFF
+        if head >= self.num:
+            raise DescriptorError(f"vq {self.index}: avail ring names head {head} >= {self.num}")
+        return self._walk(head)
+
+    def _walk(self, head: int) -> Chain:
+        chain = Chain(head)
+        view = self.memory.view
+        table = self._desc
+        size = self.num
+        ttl = size  # a chain can't be longer than its table: a loop simply runs out
+        i = head
+        indirect = False
+        total = 0
+        while True:
+            if ttl == 0:
+                raise DescriptorError(
+                    f"loop or chain longer than its {'indirect ' if indirect else ''}table "
+                    f"({size} descriptors)",
+                    head,
+                )
+            ttl -= 1
+            addr = table[2 * i]
+            word = table[2 * i + 1]
+            length = word & _U32
+            flags = (word >> 32) & 0xFFFF
+            if flags & VRING_DESC_F_INDIRECT:
+                if indirect:
+                    raise DescriptorError(
+                        f"descriptor {i}: nested indirect table (2.7.5.3.1)", head
+                    )
+                if flags & VRING_DESC_F_NEXT:
+                    raise DescriptorError(f"descriptor {i}: INDIRECT together with NEXT", head)
+                if length == 0 or length % DESC_SIZE:
+                    raise DescriptorError(
+                        f"descriptor {i}: indirect table length {length} is not a non-zero "
+                        f"multiple of 16",
+                        head,
+                    )
+                try:
+                    table = view(addr, length).cast("Q")
+                except Exception as e:
+                    raise DescriptorError(f"descriptor {i}: indirect table: {e}", head) from None
+                size = ttl = length // DESC_SIZE
+                i = 0
+                indirect = True
+                continue
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise DescriptorError("chain longer than 2^32 bytes (2.7.5.2)", head)
+            try:
+                seg = view(addr, length)
+            except Exception as e:
+                raise DescriptorError(f"descriptor {i}: {e}", head) from None
+            if flags & VRING_DESC_F_WRITE:
+                chain.writable.append(seg)
+                chain.in_len += length
+            else:
+                if chain.writable:
+                    raise DescriptorError(
+                        f"descriptor {i}: device-readable after device-writable (2.7.4.2)", head
+                    )
+                chain.readable.append(seg)
+                chain.out_len += length
+            chain.segments.append((addr, length, bool(flags & VRING_DESC_F_WRITE)))
+            if not flags & VRING_DESC_F_NEXT:
+                return chain
+            i = word >> 48
+            if i >= size:
+                raise DescriptorError(f"next index {i} >= table size {size}", head)
+
+    def unpop(self, n: int = 1) -> None:
+        """Give back the last ``n`` popped chains (vhost_discard_vq_desc)."""
+        self.last_avail_idx = (self.last_avail_idx - n) & 0xFFFF
+
+    # -- returning chains ------------------------------------------------------
+
+    def push_used(self, head: int, length: int) -> None:
+        """Queue one used entry; ``flush_used`` makes the batch visible."""
+        slot = self.used_idx & self._mask
+        self._used_elems[2 * slot] = head
+        self._used_elems[2 * slot + 1] = length
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def has_unflushed(self) -> bool:
+        """Whether ``push_used`` queued entries that ``flush_used`` has not published."""
+        return self.used_idx != self._used[1]
+
+    def flush_used(self) -> None:
+        # Entries before idx: stores stay ordered on x86 (vhost: smp_wmb()).
+        self._used[1] = self.used_idx
+
+    def needs_notify(self) -> bool:
+        """Whether the driver wants an interrupt for what was flushed (vhost_notify)."""
+        virtio_mb()
+        if not self.event_idx:
+            return not (self._avail[0] & VRING_AVAIL_F_NO_INTERRUPT)
+        old = self.signalled_used
+        new = self.signalled_used = self.used_idx
+        valid = self.signalled_used_valid
+        self.signalled_used_valid = True
+        if not valid:
+            return True
+        return vring_need_event(self._avail[2 + self.num], new, old)
+
+    # -- driver notifications (kicks) ------------------------------------------
+
+    def disable_notify(self) -> None:
+        if not self.event_idx:
+            self._used[0] = VRING_USED_F_NO_NOTIFY
+
+    def enable_notify(self) -> bool:
+        """Ask for kicks again; True if chains arrived meanwhile (vhost_enable_notify)."""
+        if self.event_idx:
+            self.ring.avail_event_view[0] = self.last_avail_idx
+        else:
+            self._used[0] = 0
+        virtio_mb()
+        return self._avail[1] != self.last_avail_idx

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install everything virtnet's tests need on a fresh Debian 12 machine, then run them all.
+# Needs root (apt, hugepages, network namespaces, TAP). Used as-is by .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# iperf3: real traffic; dpdk-dev: dpdk-testpmd (the `dpdk` package has only the libraries);
+# qemu-system-x86 + linux-image-cloud-amd64 + busybox-static: a real Linux guest;
+# iproute2: ip netns; tshark: reading --pcap output; python3-venv: the test venv.
+apt-get install -y -qq --no-install-recommends \
+    python3 python3-venv python3-pip iproute2 iperf3 dpdk-dev qemu-system-x86 \
+    linux-image-cloud-amd64 busybox-static tshark kmod cpio zstd xz-utils >/dev/null
+
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+
+.venv/bin/ruff check src tests benchmarks
+set +e
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+set -e
+# pytest's 5 means "no tests ran": that must fail CI, like any other error.
+exit $rc
