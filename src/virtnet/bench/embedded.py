@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from virtnet.net.constants import GOOD_COPY_LEN, NAPI_POLL_WEIGHT, PAGE_SIZE
-from virtnet.net.driver import VirtnetDriver
+from virtnet.net.constants import NAPI_POLL_WEIGHT
 from virtnet.net.features import SUPPORTED
 from virtnet.net.guest import GuestLayout, build_device, build_driver
 from virtnet.net.skb import SkBuff
-from virtnet.ports.synthetic import ACK_FRAME, FrameGen, FrameSink, frame_prefix
+from virtnet.ports.backends import skb_from_gen, strip_hdr
+from virtnet.ports.synthetic import ACK_FRAME, FrameGen, FrameSink
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.layout import VringViews
 
@@ -50,29 +50,6 @@ def make_pair(case: Case, netif_receive_skb: Callable[[SkBuff], None]):
     rings = tuple(VringViews.from_memory(memory, a) for a in layout.rings)
     dev = build_device(memory, rings, case.features)
     return drv, dev
-
-
-def skb_from_gen(drv: VirtnetDriver, gen: FrameGen) -> SkBuff | None:
-    """Build the next tx frame the way a guest stack does: prefix in the head, data in pages."""
-    data = gen.peek()[1]
-    if drv.pool.available < len(data) // PAGE_SIZE + 1:
-        return None  # the socket's send buffer is full: wait for tx completions
-    skb = drv.skbs.alloc(GOOD_COPY_LEN)
-    if skb is None:
-        return None
-    seq = gen.seq
-    skb.vnet_hdr = gen.hdr
-    skb.put(frame_prefix(seq, gen.src, gen.dst))
-    for off in range(0, len(data), PAGE_SIZE):
-        page = drv.pool.alloc_page()
-        if page is None:
-            skb.free()
-            return None
-        chunk = data[off : off + PAGE_SIZE]
-        page.view[: len(chunk)] = chunk
-        skb.add_frag(page, 0, len(chunk))
-    gen.advance()
-    return skb
 
 
 class EmbeddedRun:
@@ -190,16 +167,3 @@ def result_record(case: Case, mode: str, elapsed: float, sink: FrameSink, run) -
         "driver_stats": run.drv.stats.as_dict(),
         "device_stats": run.dev.stats.as_dict(),
     }
-
-
-def strip_hdr(views: list[memoryview], hdr_len: int) -> list[memoryview]:
-    """The frame without its virtio-net header, which may span segments."""
-    out = []
-    skip = hdr_len
-    for v in views:
-        if skip >= len(v):
-            skip -= len(v)
-            continue
-        out.append(v[skip:] if skip else v)
-        skip = 0
-    return out

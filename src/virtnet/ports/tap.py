@@ -1,0 +1,253 @@
+"""A TAP device with a virtio-net header: the only file that talks to /dev/net/tun.
+
+With ``IFF_VNET_HDR`` every frame read from or written to the tap is preceded by a
+``virtio_net_hdr`` (include/uapi/linux/virtio_net.h), so the kernel hands us partially
+checksummed, 64 KiB TSO frames and takes them back as they are: the tap's header *is*
+the virtqueue's header (Firecracker ``tap.rs``, QEMU ``net/tap-linux.c``).
+
+Facts a reader of this tap relies on:
+
+- with ``TUNSETVNETHDRSZ`` 12 (``virtio_net_hdr_mrg_rxbuf``) the kernel writes only the
+  10-byte ``virtio_net_hdr`` on read; bytes 10..11 (``num_buffers``) are never meaningful.
+  Older kernels (Debian 12's 6.1) leave them *unwritten* (``iov_iter_advance``: whatever
+  the buffer held stays); kernels with "tun: Pad virtio header with zero" (2025; 6.18 here)
+  zero them. Either way the device sets ``num_buffers`` itself;
+- on write the kernel skips the whole 12 bytes, ``num_buffers`` included;
+- one read returns one frame; a buffer smaller than the frame truncates it silently, so
+  a reader must post ``vnet_hdr_size + MAX_FRAME_LEN`` bytes when TSO is on.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from collections.abc import Sequence
+from types import TracebackType
+
+TUN_PATH = "/dev/net/tun"
+
+# include/uapi/linux/if_tun.h: _IOW('T', nr, int) = 0x40045400 | nr, _IOR = 0x80045400 | nr.
+TUNSETIFF = 0x400454CA  # _IOW('T', 202, int): attach this fd to (or create) a device
+TUNGETFEATURES = 0x800454CF  # _IOR('T', 207, unsigned int): IFF_* flags the kernel supports
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int): TUN_F_* the reader can accept
+TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int): fills ifreq with name and IFF_* flags
+TUNGETVNETHDRSZ = 0x800454D7  # _IOR('T', 215, int)
+TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int): 10 (virtio_net_hdr) or 12 (_mrg_rxbuf)
+
+# TUNSETIFF flags (ifr_flags).
+IFF_TUN = 0x0001
+IFF_TAP = 0x0002  # Ethernet frames, not IP packets
+IFF_NO_PI = 0x1000  # no 4-byte packet-information prefix: the vnet header comes first
+IFF_VNET_HDR = 0x4000  # each frame is preceded by a virtio_net_hdr
+
+# TUNSETOFFLOAD flags: what *we* (the reader of the tap) accept, so what the kernel may
+# hand us instead of finishing it itself.
+TUN_F_CSUM = 0x01  # partial checksums (VIRTIO_NET_HDR_F_NEEDS_CSUM)
+TUN_F_TSO4 = 0x02  # TCPv4 segmentation offload (GSO_TCPV4); needs TUN_F_CSUM
+TUN_F_TSO6 = 0x04  # TCPv6 segmentation offload (GSO_TCPV6); needs TUN_F_CSUM
+TUN_F_TSO_ECN = 0x08  # TSO frames with CWR set (GSO_ECN); needs a TSO flag
+TUN_F_UFO = 0x10  # UDP fragmentation offload (GSO_UDP); needs TUN_F_CSUM
+
+TUN_F_DEFAULT = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+
+IFNAMSIZ = 16  # include/uapi/linux/if.h, the name plus its NUL
+IFREQ = struct.Struct("16sH22x")  # struct ifreq: ifr_name, ifr_flags, rest of the union
+INT = struct.Struct("i")
+
+VNET_HDR_SIZES = (10, 12)  # virtio_net_hdr, virtio_net_hdr_mrg_rxbuf
+VIRTIO_NET_HDR_MRG_RXBUF_SIZE = 12
+
+# The largest frame a TSO tap hands over: Ethernet + VLAN tag + IPv6 header + a full
+# 64 KiB payload (an IPv4 TSO frame, 14 + 65535, is smaller). gso_max_size is 64 KiB on a
+# tap unless BIG TCP is switched on, which virtnet never does.
+MAX_FRAME_LEN = 14 + 4 + 40 + 65535
+
+# virtio-net feature bits (VIRTIO 1.2, 5.1.3) that decide the tap's offloads. Kept as plain
+# numbers so that ports/ stays below net/ (the net layer owns the named feature set).
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_GUEST_ECN = 9
+VIRTIO_NET_F_GUEST_UFO = 10
+
+
+class TapError(OSError):
+    """Opening or configuring a tap failed; the message names the step and the cause."""
+
+
+def offloads_for_guest_features(features: int) -> int:
+    """TUN_F_* flags for a negotiated virtio-net feature mask.
+
+    Frames read from the tap go to the guest's receive queue, so the tap may only
+    produce what the guest accepts: its GUEST_* bits (QEMU ``virtio_net_apply_guest_offloads``).
+    TSO/UFO without GUEST_CSUM is meaningless (a GSO frame is always partially checksummed)
+    and the kernel ignores it, so it is dropped here too.
+    """
+
+    def has(bit: int) -> bool:
+        return bool(features >> bit & 1)
+
+    if not has(VIRTIO_NET_F_GUEST_CSUM):
+        return 0
+    flags = TUN_F_CSUM
+    if has(VIRTIO_NET_F_GUEST_TSO4):
+        flags |= TUN_F_TSO4
+    if has(VIRTIO_NET_F_GUEST_TSO6):
+        flags |= TUN_F_TSO6
+    if has(VIRTIO_NET_F_GUEST_ECN) and flags & (TUN_F_TSO4 | TUN_F_TSO6):
+        flags |= TUN_F_TSO_ECN
+    if has(VIRTIO_NET_F_GUEST_UFO):
+        flags |= TUN_F_UFO
+    return flags
+
+
+class Tap:
+    """An open, configured tap: one fd, one frame per read, vnet header first."""
+
+    def __init__(self, fd: int, name: str, vnet_hdr_size: int, offloads: int) -> None:
+        self._fd = fd
+        self.name = name
+        self.vnet_hdr_size = vnet_hdr_size
+        self.offloads = offloads
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError(f"tap {self.name}: I/O on a closed tap")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def readv_into(self, buffers: Sequence[memoryview | bytearray]) -> int:
+        """Read one frame, vnet header first, into ``buffers``; return its length.
+
+        Raises BlockingIOError when no frame is queued (the fd is non-blocking).
+        """
+        return os.readv(self.fileno(), buffers)
+
+    def writev(self, buffers: Sequence[memoryview | bytes | bytearray]) -> int:
+        """Write one frame (vnet header in the first bytes) with a single syscall."""
+        return os.writev(self.fileno(), buffers)
+
+    def flags(self) -> int:
+        """The IFF_* flags the kernel holds for this tap (TUNGETIFF)."""
+        ifr = bytearray(IFREQ.size)
+        fcntl.ioctl(self.fileno(), TUNGETIFF, ifr)
+        return IFREQ.unpack(ifr)[1]
+
+    def kernel_vnet_hdr_size(self) -> int:
+        """The vnet header size the kernel uses for this tap (TUNGETVNETHDRSZ)."""
+        buf = bytearray(INT.size)
+        fcntl.ioctl(self.fileno(), TUNGETVNETHDRSZ, buf)
+        return INT.unpack(buf)[0]
+
+    def close(self) -> None:
+        # Closing the last fd of a non-persistent tap deletes the device, wherever it lives.
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> Tap:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._fd}"
+        return (
+            f"Tap({self.name!r}, {state}, vnet_hdr={self.vnet_hdr_size}, "
+            f"offloads={self.offloads:#x})"
+        )
+
+
+def open_tap(
+    name: str = "",
+    vnet_hdr_size: int = VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
+    offloads: int = TUN_F_DEFAULT,
+) -> Tap:
+    """Create (or attach to) tap ``name`` with a vnet header and ``offloads`` (TUN_F_*).
+
+    An empty name lets the kernel pick ``tapN``. The fd is non-blocking and close-on-exec.
+    """
+    encoded = _check_name(name)
+    _check_vnet_hdr_size(vnet_hdr_size)
+    fd = _open_tun()
+    try:
+        name = _set_iff(fd, encoded, name)
+        _ioctl_int(fd, TUNSETVNETHDRSZ, vnet_hdr_size, f"tap {name}: TUNSETVNETHDRSZ")
+        _ioctl_int(fd, TUNSETOFFLOAD, offloads, f"tap {name}: TUNSETOFFLOAD {offloads:#x}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return Tap(fd, name, vnet_hdr_size, offloads)
+
+
+def _check_name(name: str) -> bytes:
+    encoded = name.encode()
+    if len(encoded) >= IFNAMSIZ:
+        raise TapError(
+            errno.EINVAL, f"tap name {name!r} is too long: {len(encoded)} bytes, at most "
+            f"{IFNAMSIZ - 1} (IFNAMSIZ)",
+        )  # fmt: skip
+    if "/" in name or any(c.isspace() for c in name):
+        raise TapError(errno.EINVAL, f"tap name {name!r} may not contain '/' or whitespace")
+    return encoded
+
+
+def _check_vnet_hdr_size(size: int) -> None:
+    if size not in VNET_HDR_SIZES:
+        raise TapError(
+            errno.EINVAL, f"vnet_hdr_size {size} not supported: virtnet uses {VNET_HDR_SIZES}"
+        )
+
+
+def _open_tun() -> int:
+    try:
+        return os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TapError(
+            errno.ENOENT, f"{TUN_PATH} is missing: load the tun module (modprobe tun) "
+            "or run where the device node exists",
+        ) from None  # fmt: skip
+    except PermissionError as e:
+        raise TapError(e.errno, f"cannot open {TUN_PATH}: {e.strerror} (need root)") from None
+
+
+def _set_iff(fd: int, encoded: bytes, name: str) -> str:
+    ifr = bytearray(IFREQ.pack(encoded, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, ifr)
+    except OSError as e:
+        raise TapError(e.errno, _tunsetiff_reason(name, e)) from None
+    return IFREQ.unpack(ifr)[0].rstrip(b"\0").decode()
+
+
+def _tunsetiff_reason(name: str, e: OSError) -> str:
+    what = f"TUNSETIFF {name or '(kernel-chosen name)'}"
+    if e.errno == errno.EPERM:
+        return f"{what}: permission denied (need root or CAP_NET_ADMIN)"
+    if e.errno == errno.EBUSY:
+        return f"{what}: the device exists and is attached to another fd or is not a tap"
+    if e.errno == errno.EINVAL:
+        return f"{what}: invalid name or a non-tap device of that name exists"
+    return f"{what}: {e.strerror}"
+
+
+def _ioctl_int(fd: int, request: int, value: int, what: str) -> None:
+    try:
+        # The kernel reads an int through the pointer for TUNSETVNETHDRSZ and takes the
+        # value itself for TUNSETOFFLOAD; fcntl passes an int by value and a buffer by
+        # pointer, so pick by request.
+        arg: int | bytes = INT.pack(value) if request == TUNSETVNETHDRSZ else value
+        fcntl.ioctl(fd, request, arg)
+    except OSError as e:
+        raise TapError(e.errno, f"{what}: {e.strerror}") from None
