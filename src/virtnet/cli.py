@@ -71,14 +71,46 @@ def _add_bench(sub) -> None:
                    help="real traffic: netns + TAP + iperf3 (root) — not built yet")  # fmt: skip
 
 
+BACKEND_HELP = """\
+where the packets come from and go to:
+  sink          count what arrives; verify every byte of virtnet's own stream
+  gen:SIZE      send a verifiable stream of SIZE-byte frames (and sink what returns)
+  loopback      echo every frame back
+  tap:IFNAME    a TAP device with IFF_VNET_HDR (root); created if missing
+"""
+
+DEVICE_EPILOG = """\
+The device listens on --socket-path and serves one front-end at a time, then the next:
+  qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=256M,share=on \\
+      -M pc,memory-backend=mem -chardev socket,id=c0,path=PATH \\
+      -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0,mrg_rxbuf=on
+  dpdk-testpmd ... --vdev net_virtio_user0,path=PATH,mrg_rxbuf=1 (see docs/dpdk.md)
+"""
+
+DRIVER_EPILOG = """\
+The driver connects to a listening back-end at --socket-path, e.g. `virtnet device` or
+DPDK testpmd with --vdev net_vhost0,iface=PATH (see docs/dpdk.md).
+"""
+
+
 def _add_vhost_user(sub, name: str, role: str) -> None:
-    p = sub.add_parser(name, help=f"vhost-user {role}", description=f"vhost-user {role}.")
+    from virtnet.net.rx import STRATEGIES
+
+    p = sub.add_parser(
+        name, help=f"vhost-user {role}", description=f"vhost-user {role}.",
+        epilog=DEVICE_EPILOG if name == "device" else DRIVER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     p.add_argument("--socket-path", required=True, help="unix socket of the vhost-user channel")
-    p.add_argument("--backend", default="sink", help="sink | gen:SIZE | loopback | tap:IFNAME")
-    p.add_argument("--seconds", type=float, default=0, help="stop after N seconds (0: run)")
+    p.add_argument("--backend", default="sink", metavar="B", help=BACKEND_HELP)
+    p.add_argument("--seconds", type=float, default=0, help="stop after N seconds (0: until ^C)")
     p.add_argument("--json", metavar="FILE", help="write final stats as JSON")
+    p.add_argument("--quiet", action="store_true", help="no live counters")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step")
     if name == "driver":
-        p.add_argument("--strategy", default="deferred", help="rx strategy")
+        p.add_argument("--strategy", default="deferred", choices=tuple(STRATEGIES),
+                       help="rx strategy (without MRG_RXBUF: big or small, as Linux)")  # fmt: skip
+        p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,5 +216,72 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(args)
     if args.command == "stats":
         return cmd_stats(args)
-    print(f"virtnet {args.command}: not built yet (see the vhost-user issue)", file=sys.stderr)
-    return 2
+    return cmd_vhost_user(args)
+
+
+def _printer(args):
+    if args.quiet:
+        return None
+    last = {}
+
+    def show(stats: dict) -> None:
+        s = stats.get("driver_stats") or stats.get("device_stats") or {}
+        now = {k: s.get(k, 0) for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")}
+        d = {k: now[k] - last.get(k, 0) for k in now}
+        last.update(now)
+        print(
+            f"rx {d['rx_packets']:>9,} pps {d['rx_bytes'] * 8 / 1e6:>9,.1f} Mb/s | "
+            f"tx {d['tx_packets']:>9,} pps {d['tx_bytes'] * 8 / 1e6:>9,.1f} Mb/s | "
+            f"total rx {now['rx_packets']:,} tx {now['tx_packets']:,}",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+
+    return show
+
+
+def cmd_vhost_user(args) -> int:
+    import logging
+
+    from virtnet.ports.backends import BackendError, device_backend, driver_backend
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format=f"virtnet {args.command}: %(message)s",
+    )
+    try:
+        make = device_backend if args.command == "device" else driver_backend
+        backend = make(args.backend)
+    except (BackendError, OSError) as e:
+        print(f"virtnet {args.command}: {e}", file=sys.stderr)
+        return 2
+    if args.command == "device":
+        from virtnet.vhost_user.backend import DeviceServer
+
+        try:
+            server = DeviceServer(args.socket_path, backend, printer=_printer(args))
+        except OSError as e:
+            print(f"virtnet device: cannot listen on {args.socket_path}: {e}", file=sys.stderr)
+            return 2
+        result = server.serve(args.seconds)
+    else:
+        from virtnet.vhost_user.errors import VhostUserProtocolError
+        from virtnet.vhost_user.frontend import DriverClient, FrontendError
+
+        try:
+            client = DriverClient(args.socket_path, backend, strategy=args.strategy,
+                                  queue_size=args.queue_size, printer=_printer(args))  # fmt: skip
+        except (FrontendError, OSError, ValueError) as e:
+            print(f"virtnet driver: {e}", file=sys.stderr)
+            return 2
+        try:
+            client.setup()
+            client.run(args.seconds)
+        except (FrontendError, VhostUserProtocolError, OSError) as e:
+            print(f"virtnet driver: {e}", file=sys.stderr)
+            client.close()
+            return 1
+        result = client.close()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0

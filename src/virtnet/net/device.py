@@ -65,6 +65,9 @@ class VirtnetDevice:
         self.stats = stats if stats is not None else device_stats()
         self._rx_cache: deque[Chain] = deque()
         self._rx_cached = 0  # bytes of writable space in the cache
+        # Set when the last rx attempt found too little room: the back-end should
+        # stop reading its source and wait for the driver's next rx kick.
+        self.rx_starved = False
 
     # -- rx: host → guest ---------------------------------------------------
 
@@ -89,6 +92,11 @@ class VirtnetDevice:
 
     def _fill_cache(self, need: int) -> bool:
         """Have at least ``need`` writable bytes cached (mergeable) or one chain."""
+        ok = self._fill_cache_from_ring(need)
+        self.rx_starved = not ok
+        return ok
+
+    def _fill_cache_from_ring(self, need: int) -> bool:
         cache = self._rx_cache
         if not self.mergeable:
             if not cache:

@@ -134,15 +134,15 @@ def sanitize(features: int) -> int:
 
 
 def negotiate(offered: int, wanted: int) -> int:
-    """Driver's wanted ∩ device's offered, with the dependency rules applied.
+    """Driver's wanted ∩ device's offered, with the 5.1.3.1 dependency rules applied.
 
-    Raises FeatureError when the device offers an inconsistent set (a device
-    MUST NOT offer a feature without its requirements) or lacks VERSION_1,
-    which virtnet (a 1.x-only implementation) needs.
+    A feature whose requirement did not survive the intersection is dropped
+    (GUEST_TSO4 without GUEST_CSUM, ...). A device that *offers* an
+    inconsistent set is not refused — DPDK's vhost offers HOST_ECN with its
+    TSO off, and Linux accepts that — the offending bits are simply not
+    acked; ``missing_requirements(offered)`` names them for a log line.
+    Raises FeatureError without VERSION_1: virtnet speaks virtio 1.x only.
     """
-    problems = missing_requirements(offered)
-    if problems:
-        raise FeatureError("device offers an inconsistent feature set: " + "; ".join(problems))
     if not offered & bit(VirtioF.VERSION_1):
         raise FeatureError("device does not offer VERSION_1: legacy devices are not supported")
     return sanitize(offered & wanted)

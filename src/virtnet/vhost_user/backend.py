@@ -1,0 +1,569 @@
+"""``virtnet device``: a vhost-user back-end running the virtnet device.
+
+``BackendSession`` is one front-end connection's state (features, memory
+table, vrings); it turns requests into replies and tells when the device
+may run. ``DeviceServer`` owns the listening socket and the event loop: the
+front-end's socket, the rings' kick eventfds and the traffic back-end's fd,
+and it signals the call eventfds when the device's rings want it.
+
+Ring life cycle (vhost-user.rst "Starting and stopping rings"): a ring
+starts when its kick fd arrives, runs while enabled (rings start disabled
+when PROTOCOL_FEATURES is negotiated, until SET_VRING_ENABLE), and stops on
+GET_VRING_BASE, which reports where the device stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from virtnet.net.device import VirtnetDevice
+from virtnet.net.features import SUPPORTED, NetConfig, names, sanitize
+from virtnet.net.guest import build_device
+from virtnet.ports.backends import DeviceBackend
+from virtnet.vhost_user.channel import Channel, PeerClosed
+from virtnet.vhost_user.errors import VhostUserProtocolError
+from virtnet.vhost_user.mapping import MappedMemory, MappingError
+from virtnet.vhost_user.messages import (
+    U64,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    ConfigSpace,
+    Message,
+    ProtocolFeature,
+    VringAddr,
+    VringState,
+    ack,
+    close_fds,
+    needs_reply,
+    rejection_ack,
+    reply,
+    spec_name,
+)
+from virtnet.vhost_user.messages import (
+    FrontendRequest as Req,
+)
+from virtnet.virtio.errors import MemoryAccessError
+from virtnet.virtio.features import bit
+from virtnet.virtio.ring.layout import (
+    VringViews,
+    avail_ring_size,
+    check_queue_size,
+    desc_table_size,
+    used_ring_size,
+)
+
+log = logging.getLogger("virtnet.device")
+
+NUM_QUEUES = 2  # one pair: 0 = receiveq1 (device → driver), 1 = transmitq1
+RX_Q, TX_Q = 0, 1
+BACKEND_FEATURES = SUPPORTED | bit(VHOST_USER_F_PROTOCOL_FEATURES)
+PROTOCOL_FEATURES = (
+    bit(ProtocolFeature.MQ)
+    | bit(ProtocolFeature.REPLY_ACK)
+    | bit(ProtocolFeature.NET_MTU)
+    | bit(ProtocolFeature.CONFIG)
+    | bit(ProtocolFeature.RESET_DEVICE)
+)
+BUDGET = 64  # packets per ring per loop pass (vhost-net's VHOST_NET_WEIGHT spirit)
+
+
+class BackendError(Exception):
+    """A request this back-end refuses; the text names the request and the field."""
+
+
+@dataclass
+class Vring:
+    """What the front-end told us about one ring."""
+
+    num: int = 0
+    addr: VringAddr | None = None
+    base: int = 0
+    kick: int = -1
+    call: int = -1
+    err: int = -1
+    enabled: bool = False
+    started: bool = False
+
+    def close_fds(self) -> None:
+        close_fds(fd for fd in (self.kick, self.call, self.err) if fd >= 0)
+        self.kick = self.call = self.err = -1
+
+
+@dataclass
+class BackendSession:
+    """One front-end connection: negotiation, memory, vrings → a VirtnetDevice."""
+
+    config: NetConfig = field(default_factory=NetConfig)
+    features: int = 0
+    protocol_features: int = 0
+    memory: MappedMemory | None = None
+    vrings: list[Vring] = field(default_factory=lambda: [Vring() for _ in range(NUM_QUEUES)])
+    device: VirtnetDevice | None = None
+    owner: bool = False
+    changed: bool = True  # the fds to poll changed
+
+    # -- dispatch -------------------------------------------------------------
+
+    def handle(self, msg: Message) -> Message | None:
+        """Apply one request; the reply to send, if one is owed."""
+        handler = getattr(self, "_" + msg.request.name.lower(), None)
+        try:
+            if handler is None:
+                close_fds(msg.fds)
+                raise BackendError(f"{spec_name(msg.request)} is not supported")
+            result = handler(msg)
+        except (BackendError, MappingError, MemoryAccessError, ValueError) as e:
+            log.error("%s: %s", spec_name(msg.request), e)
+            if needs_reply(msg):
+                try:
+                    return ack(msg, ok=False)
+                except ValueError:
+                    raise VhostUserProtocolError(
+                        f"{spec_name(msg.request)} failed and its reply carries data: {e}",
+                        framing_intact=False,
+                    ) from None
+            return None
+        if isinstance(result, Message):
+            return result
+        return ack(msg) if msg.need_reply else None
+
+    # -- features -------------------------------------------------------------
+
+    def _get_features(self, msg: Message) -> Message:
+        return reply(msg, U64(BACKEND_FEATURES))
+
+    def _set_features(self, msg: Message) -> None:
+        wanted = msg.payload.value
+        extra = wanted & ~BACKEND_FEATURES
+        if extra:
+            raise BackendError(f"features {names(extra)} were never offered")
+        if sanitize(wanted) != wanted:
+            raise BackendError(f"features {names(wanted & ~sanitize(wanted))} lack requirements")
+        self.features = wanted
+        if not wanted & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            for vr in self.vrings:  # "rings are enabled immediately"
+                vr.enabled = True
+        log.info("features %#x: %s", wanted, " ".join(names(wanted)))
+        self._update_device()
+
+    def _get_protocol_features(self, msg: Message) -> Message:
+        return reply(msg, U64(PROTOCOL_FEATURES))
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        value = msg.payload.value
+        if value & ~PROTOCOL_FEATURES:
+            raise BackendError(f"protocol features {value & ~PROTOCOL_FEATURES:#x} not offered")
+        self.protocol_features = value
+
+    def _get_queue_num(self, msg: Message) -> Message:
+        return reply(msg, U64(NUM_QUEUES // 2))  # queue *pairs*, as QEMU's net reads it
+
+    def _set_owner(self, msg: Message) -> None:
+        self.owner = True
+
+    def _reset_owner(self, msg: Message) -> None:
+        self.reset()
+
+    def _reset_device(self, msg: Message) -> None:
+        self.reset()
+
+    def _net_set_mtu(self, msg: Message) -> None:
+        mtu = msg.payload.value
+        if not 68 <= mtu <= 65535:
+            raise BackendError(f"MTU {mtu} outside 68..65535")
+        self.config.mtu = mtu
+
+    def _get_config(self, msg: Message) -> Message:
+        space = self.config.pack().ljust(256, b"\0")
+        req = msg.payload
+        if req.offset + req.size > len(space):
+            raise BackendError(f"config offset {req.offset} + size {req.size} > {len(space)}")
+        data = space[req.offset : req.offset + req.size]
+        return reply(msg, ConfigSpace(req.offset, req.flags, data))
+
+    def _set_config(self, msg: Message) -> None:
+        raise BackendError("the virtio-net config space is read-only here")
+
+    def _set_log_base(self, msg: Message) -> None:
+        close_fds(msg.fds)
+        raise BackendError("dirty logging (live migration) is not supported")
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        close_fds(msg.fds)  # no back-end → front-end requests are ever sent
+
+    # -- memory ---------------------------------------------------------------
+
+    def _set_mem_table(self, msg: Message) -> None:
+        table = msg.payload
+        self._stop_device()
+        if self.memory is not None:
+            self.memory.close()
+        memory = MappedMemory()
+        try:
+            for region, fd in zip(table.regions, msg.fds, strict=True):
+                memory.add(fd, region.guest_phys_addr, region.memory_size,
+                           region.userspace_addr, region.mmap_offset)  # fmt: skip
+        except Exception:
+            memory.close()
+            self.memory = None
+            raise
+        finally:
+            close_fds(msg.fds)  # the mappings keep the memory
+        self.memory = memory
+        log.info("memory table: %s", ", ".join(
+            f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in table.regions))  # fmt: skip
+        self._update_device()
+
+    # -- vrings ---------------------------------------------------------------
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < NUM_QUEUES:
+            raise BackendError(f"vring index {index} out of range (this device has {NUM_QUEUES})")
+        return self.vrings[index]
+
+    def _set_vring_num(self, msg: Message) -> None:
+        st: VringState = msg.payload
+        vr = self._vring(st.index)
+        try:
+            check_queue_size(st.num)
+        except ValueError as e:
+            raise BackendError(f"vring {st.index}: {e}") from None
+        vr.num = st.num
+
+    def _set_vring_base(self, msg: Message) -> None:
+        st: VringState = msg.payload
+        self._vring(st.index).base = st.num & 0xFFFF
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        addr: VringAddr = msg.payload
+        self._vring(addr.index).addr = addr
+
+    def _get_vring_base(self, msg: Message) -> Message:
+        st: VringState = msg.payload
+        vr = self._vring(st.index)
+        self._stop_device()  # the device needs both rings; the other restarts with it
+        base = vr.base
+        vr.started = False
+        vr.close_fds()
+        self.changed = True
+        return reply(msg, VringState(st.index, base))
+
+    def _set_vring_fd(self, msg: Message, attr: str) -> int:
+        u64: U64 = msg.payload
+        try:
+            vr = self._vring(u64.vring_index)
+        except BackendError:
+            close_fds(msg.fds)
+            raise
+        old = getattr(vr, attr)
+        if old >= 0:
+            os.close(old)
+        fd = -1 if u64.nofd or not msg.fds else msg.fds[0]
+        setattr(vr, attr, fd)
+        self.changed = True
+        return u64.vring_index
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        index = self._set_vring_fd(msg, "kick")
+        self.vrings[index].started = True  # "a ring starts when it gets its kick fd"
+        self._update_device()
+
+    def _set_vring_call(self, msg: Message) -> None:
+        self._set_vring_fd(msg, "call")
+
+    def _set_vring_err(self, msg: Message) -> None:
+        self._set_vring_fd(msg, "err")
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        st: VringState = msg.payload
+        if not self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES) and self.features:
+            raise BackendError("SET_VRING_ENABLE without PROTOCOL_FEATURES negotiated")
+        self._vring(st.index).enabled = bool(st.num)
+        self._update_device()
+
+    # -- the device -----------------------------------------------------------
+
+    def ready(self) -> bool:
+        return self.memory is not None and all(
+            vr.started and vr.enabled and vr.num and vr.addr is not None for vr in self.vrings
+        )
+
+    def _update_device(self) -> None:
+        if self.device is not None or not self.ready():
+            return
+        mem = self.memory.memory
+        rings = []
+        for index, vr in enumerate(self.vrings):
+            a = vr.addr
+            try:
+                rings.append(VringViews(
+                    vr.num,
+                    mem.view_uva(a.desc_user_addr, desc_table_size(vr.num)),
+                    mem.view_uva(a.avail_user_addr, avail_ring_size(vr.num)),
+                    mem.view_uva(a.used_user_addr, used_ring_size(vr.num)),
+                ))  # fmt: skip
+            except MemoryAccessError as e:
+                raise BackendError(f"vring {index} addresses: {e}") from None
+        bases = (self.vrings[RX_Q].base, self.vrings[TX_Q].base)
+        self.device = build_device(mem, tuple(rings), self.features, bases)
+        self.changed = True
+        log.info("device running: queue sizes %d/%d, bases %s",
+                 self.vrings[RX_Q].num, self.vrings[TX_Q].num, bases)  # fmt: skip
+
+    def _stop_device(self) -> None:
+        if self.device is not None:
+            self.device.reset()
+            for index, base in enumerate(self.device.last_avail_idx):
+                self.vrings[index].base = base
+            self.device = None
+            self.changed = True
+
+    def reset(self) -> None:
+        self._stop_device()
+        for vr in self.vrings:
+            vr.close_fds()
+        self.vrings = [Vring() for _ in range(NUM_QUEUES)]
+        self.features = 0
+        self.changed = True
+
+    def close(self) -> None:
+        self.reset()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+
+def signal_call(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError as e:
+            log.warning("call eventfd %d: %s", fd, e)
+
+
+def drain_eventfd(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+class DeviceServer:
+    """Listen on ``socket_path`` and run the device for one front-end at a time."""
+
+    def __init__(self, socket_path: str, backend: DeviceBackend, *, printer=None) -> None:
+        self.socket_path = socket_path
+        self.backend = backend
+        self.printer = printer
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)
+        self.listener.bind(socket_path)
+        self.listener.listen(1)
+        self.channel: Channel | None = None
+        self.session: BackendSession | None = None
+        self.sessions = 0
+        self.stopping = False
+        self.totals: dict[str, int] = {}
+        self._ep = select.epoll()
+        self._ep.register(self.listener.fileno(), select.EPOLLIN)
+        self._watched: dict[int, str] = {}
+
+    # -- connections ------------------------------------------------------------
+
+    def _accept(self) -> None:
+        sock, _ = self.listener.accept()
+        if self.channel is not None:
+            log.warning("refusing a second front-end while one is connected")
+            sock.close()
+            return
+        self.channel = Channel(sock, replies=False)
+        self.session = BackendSession()
+        self.sessions += 1
+        self._ep.register(sock.fileno(), select.EPOLLIN)
+        log.info("front-end connected (session %d)", self.sessions)
+
+    def _disconnect(self, why: str) -> None:
+        log.info("front-end gone: %s", why)
+        self._accumulate()
+        self._unwatch_all()
+        if self.channel is not None:
+            self._ep.unregister(self.channel.fileno())
+            self.channel.close()
+        if self.session is not None:
+            self.session.close()
+        self.channel = None
+        self.session = None
+
+    def _accumulate(self) -> None:
+        dev = self.session.device if self.session else None
+        if dev is not None:
+            for k, v in dev.stats.as_dict().items():
+                if k.endswith("_max"):
+                    self.totals[k] = max(self.totals.get(k, 0), v)
+                else:
+                    self.totals[k] = self.totals.get(k, 0) + v
+            dev.stats = type(dev.stats)(tuple(dev.stats.as_dict()))
+
+    def _on_socket(self) -> None:
+        try:
+            messages = self.channel.receive()
+        except PeerClosed as e:
+            self._disconnect(str(e))
+            return
+        except VhostUserProtocolError as e:
+            self._protocol_error(e)
+            return
+        except OSError as e:
+            self._disconnect(f"socket error: {e}")
+            return
+        for msg in messages:
+            if not self._serve(msg):
+                return
+
+    def _serve(self, msg: Message) -> bool:
+        dev_before = self.session.device
+        if msg.request in (Req.GET_VRING_BASE, Req.SET_MEM_TABLE, Req.RESET_OWNER,
+                           Req.RESET_DEVICE):  # fmt: skip
+            self._accumulate()
+        try:
+            answer = self.session.handle(msg)
+        except VhostUserProtocolError as e:
+            self._protocol_error(e)
+            return False
+        if answer is not None:
+            self.channel.send(answer)
+        if self.session.device is not dev_before or self.session.changed:
+            self._rewatch()
+        return True
+
+    def _protocol_error(self, e: VhostUserProtocolError) -> None:
+        log.error("protocol error: %s", e)
+        nack = rejection_ack(e)
+        if nack is not None and self.channel is not None:
+            self.channel.send(nack)
+        if not e.framing_intact or nack is None and e.request is not None and needs_reply(
+            Message(e.request, e.flags or 1)
+        ):
+            self._disconnect(f"protocol error: {e}")
+
+    # -- fds to watch -----------------------------------------------------------
+
+    def _unwatch_all(self) -> None:
+        for fd in list(self._watched):
+            try:
+                self._ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        self._watched.clear()
+
+    def _rewatch(self) -> None:
+        self._unwatch_all()
+        s = self.session
+        s.changed = False
+        if s.device is None:
+            return
+        for name, vr in (("rx_kick", s.vrings[RX_Q]), ("tx_kick", s.vrings[TX_Q])):
+            if vr.kick >= 0:
+                self._watch(vr.kick, name)
+        fd = self.backend.fileno()
+        if fd is not None:
+            self._watch(fd, "backend")
+
+    def _watch(self, fd: int, name: str) -> None:
+        self._ep.register(fd, select.EPOLLIN)
+        self._watched[fd] = name
+
+    # -- the data path ----------------------------------------------------------
+
+    def _run_tx(self, dev: VirtnetDevice) -> bool:
+        """Consume tx chains; True if there may be more right away."""
+        txq = dev.txq
+        txq.disable_notify()
+        n = dev.process_tx(self.backend.xmit, BUDGET)
+        if dev.flush_tx():
+            signal_call(self.session.vrings[TX_Q].call)
+        if n == BUDGET:
+            return True
+        return txq.enable_notify()
+
+    def _run_rx(self, dev: VirtnetDevice, backend_ready: bool) -> bool:
+        if not (backend_ready or self.backend.has_rx()):
+            return False
+        rxq = dev.rxq
+        rxq.disable_notify()
+        n = self.backend.fill_rx(dev, BUDGET)
+        if dev.flush_rx():
+            signal_call(self.session.vrings[RX_Q].call)
+        if n == BUDGET:
+            return True
+        if dev.rx_starved:
+            # Wait for the driver to post buffers; recheck for a race.
+            return rxq.enable_notify()
+        return self.backend.has_rx()
+
+    def serve(self, seconds: float = 0) -> dict:
+        """Run until ``seconds`` pass (0: until SIGTERM/SIGINT)."""
+        deadline = time.monotonic() + seconds if seconds > 0 else None
+        old = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        busy = False
+        backend_ready = False
+        next_print = time.monotonic() + 1
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                if self.printer is not None and now >= next_print:
+                    self.printer(self.stats())
+                    next_print = now + 1
+                events = self._ep.poll(0 if busy else 0.2)
+                for fd, _ev in events:
+                    if fd == self.listener.fileno():
+                        self._accept()
+                    elif self.channel is not None and fd == self.channel.fileno():
+                        self._on_socket()
+                    elif self._watched.get(fd) in ("rx_kick", "tx_kick"):
+                        drain_eventfd(fd)
+                    elif self._watched.get(fd) == "backend":
+                        backend_ready = True
+                dev = self.session.device if self.session else None
+                busy = False
+                if dev is not None:
+                    busy |= self._run_tx(dev)
+                    busy |= self._run_rx(dev, backend_ready)
+                    backend_ready = busy and backend_ready
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if self.channel is not None:
+                self._disconnect("stopping")
+            self.close()
+        return self.stats()
+
+    def _stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def stats(self) -> dict:
+        totals = dict(self.totals)
+        dev = self.session.device if self.session else None
+        if dev is not None:
+            for k, v in dev.stats.as_dict().items():
+                totals[k] = max(totals.get(k, 0), v) if k.endswith("_max") else (
+                    totals.get(k, 0) + v)  # fmt: skip
+        return {"device_stats": totals, "backend": self.backend.stats(),
+                "sessions": self.sessions}  # fmt: skip
+
+    def close(self) -> None:
+        self._ep.close()
+        self.listener.close()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        self.backend.close()

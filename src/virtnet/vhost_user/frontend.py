@@ -1,0 +1,308 @@
+"""``virtnet driver``: a vhost-user front-end running the virtnet driver.
+
+Like DPDK's virtio_user: the guest memory is a memfd we create and share
+with the back-end (SET_MEM_TABLE), the rings live in it (GuestLayout), and
+kicks / interrupts are eventfds. Works against any back-end: a virtnet
+device, DPDK's net_vhost, ...
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import time
+
+from virtnet.net.driver import VirtnetDriver
+from virtnet.net.features import SUPPORTED, missing_requirements, names, negotiate
+from virtnet.net.guest import RX, TX, GuestLayout, build_driver
+from virtnet.ports.backends import DriverBackend, LoopbackDriver, TapDriver
+from virtnet.vhost_user.channel import Channel, PeerClosed
+from virtnet.vhost_user.errors import VhostUserProtocolError
+from virtnet.vhost_user.messages import (
+    U64,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_NEED_REPLY_MASK,
+    VHOST_USER_VERSION,
+    MemoryRegionDesc,
+    MemoryTable,
+    Message,
+    ProtocolFeature,
+    VringAddr,
+    VringState,
+)
+from virtnet.vhost_user.messages import (
+    FrontendRequest as Req,
+)
+from virtnet.virtio.features import bit
+from virtnet.virtio.memory import GuestMemory, MemoryRegion
+
+log = logging.getLogger("virtnet.driver")
+
+WANTED_PROTOCOL = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
+NAPI_BUDGET = 64
+TX_BUDGET = 64
+
+
+class FrontendError(Exception):
+    """The back-end refused or broke the setup; the text says at which step."""
+
+
+class GuestMemfd:
+    """The guest's memory: a memfd mapped here, shared with the back-end by fd."""
+
+    def __init__(self, size: int) -> None:
+        self.size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        self.fd = os.memfd_create("virtnet-guest", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED)
+        anchor = ctypes.c_char.from_buffer(self.map)
+        self.uva = ctypes.addressof(anchor)  # what a C front-end would put in the table
+        del anchor
+        self.memory = GuestMemory([MemoryRegion(0, memoryview(self.map), uva=self.uva)])
+
+    def close(self) -> None:
+        self.memory.release()
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # views still alive; the mapping goes with them
+        os.close(self.fd)
+
+
+class DriverClient:
+    """Connect to a back-end, negotiate, set up memory and rings, run the driver."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        backend: DriverBackend,
+        *,
+        strategy: str = "deferred",
+        queue_size: int = 256,
+        wanted: int = SUPPORTED,
+        connect_timeout: float = 10.0,
+        printer=None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.backend = backend
+        self.strategy = strategy
+        self.queue_size = queue_size
+        self.wanted = wanted
+        self.printer = printer
+        self.layout = GuestLayout(queue_size, GuestLayout.pages_for(queue_size))
+        self.channel = Channel(self._connect(connect_timeout), replies=True)
+        self.guest = GuestMemfd(self.layout.size)
+        self.kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+        self.call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+        self.features = 0
+        self.protocol_features = 0
+        self.drv: VirtnetDriver | None = None
+        self.stopping = False
+        self.peer_gone = False
+
+    def _connect(self, timeout: float) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.socket_path)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise FrontendError(
+                        f"cannot connect to {self.socket_path} within {timeout:g}s: {e}"
+                    ) from None
+                time.sleep(0.05)
+
+    # -- setup --------------------------------------------------------------------
+
+    def _send(self, request: Req, payload=b"", fds=(), ack: bool = False) -> None:
+        flags = VHOST_USER_VERSION
+        want_ack = ack and self.protocol_features & bit(ProtocolFeature.REPLY_ACK)
+        if want_ack:
+            flags |= VHOST_USER_NEED_REPLY_MASK
+        msg = Message(request, flags, payload, tuple(fds))
+        if not want_ack:
+            self.channel.send(msg)
+            return
+        answer = self.channel.request(msg)
+        if answer.payload.value != 0:
+            value = answer.payload.value
+            raise FrontendError(f"back-end refused {request.name} (REPLY_ACK {value})")
+
+    def _get(self, request: Req, payload=b"") -> Message:
+        return self.channel.request(Message(request, VHOST_USER_VERSION, payload))
+
+    def setup(self) -> None:
+        """The sequence QEMU and DPDK's virtio_user send, in their order."""
+        self._send(Req.SET_OWNER)
+        offered = self._get(Req.GET_FEATURES).payload.value
+        if offered & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            pf = self._get(Req.GET_PROTOCOL_FEATURES).payload.value
+            self.protocol_features = pf & WANTED_PROTOCOL
+            self._send(Req.SET_PROTOCOL_FEATURES, U64(self.protocol_features))
+            if self.protocol_features & bit(ProtocolFeature.MQ):
+                pairs = self._get(Req.GET_QUEUE_NUM).payload.value
+                if pairs < 1:
+                    raise FrontendError(f"back-end supports {pairs} queue pairs")
+        for problem in missing_requirements(offered & SUPPORTED):
+            log.warning("device offers %s; not acking it", problem)
+        self.features = negotiate(offered, self.wanted) | (
+            offered & bit(VHOST_USER_F_PROTOCOL_FEATURES)
+        )
+        log.info("features %#x: %s", self.features, " ".join(names(self.features)))
+        self._send(Req.SET_FEATURES, U64(self.features))
+        self._set_mem_table()
+        self.drv = build_driver(
+            self.guest.memory, self.layout, self.features, self.strategy,
+            netif_receive_skb=self.backend.netif_receive_skb,
+        )  # fmt: skip
+        if isinstance(self.backend, LoopbackDriver):
+            self.backend.drv = self.drv
+        for q, addrs in enumerate(self.layout.rings):
+            self._send(Req.SET_VRING_NUM, VringState(q, self.queue_size))
+            self._send(Req.SET_VRING_BASE, VringState(q, 0))
+            uva = self.guest.uva
+            self._send(Req.SET_VRING_ADDR, VringAddr(
+                q, 0, uva + addrs.desc, uva + addrs.used, uva + addrs.avail, 0))  # fmt: skip
+            self._send(Req.SET_VRING_KICK, U64(q), [self.kick[q]])
+            self._send(Req.SET_VRING_CALL, U64(q), [self.call[q]])
+        if self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            for q in range(2):
+                self._send(Req.SET_VRING_ENABLE, VringState(q, 1), ack=True)
+        if self.drv.try_fill_recv():
+            os.eventfd_write(self.kick[RX], 1)
+
+    def _set_mem_table(self) -> None:
+        g = self.guest
+        region = MemoryRegionDesc(0, g.size, g.uva, 0)
+        self._send(Req.SET_MEM_TABLE, MemoryTable((region,)), [g.fd], ack=True)
+
+    # -- running ------------------------------------------------------------------
+
+    def _kick(self, q: int) -> None:
+        os.eventfd_write(self.kick[q], 1)
+
+    def run(self, seconds: float = 0) -> dict:
+        drv = self.drv
+        ep = select.epoll()
+        ep.register(self.call[RX], select.EPOLLIN)
+        ep.register(self.call[TX], select.EPOLLIN)
+        ep.register(self.channel.fileno(), select.EPOLLIN)
+        bfd = self.backend.fileno()
+        if bfd is not None:
+            ep.register(bfd, select.EPOLLIN)
+        deadline = time.monotonic() + seconds if seconds > 0 else None
+        old = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        rx_pending = True
+        tx_ready = self.backend.has_tx()
+        next_print = time.monotonic() + 1
+        drv.svq.disable_cb()
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                if self.printer is not None and now >= next_print:
+                    self.printer(self.stats())
+                    next_print = now + 1
+                busy = rx_pending or tx_ready
+                for fd, _ in ep.poll(0 if busy else 0.2):
+                    if fd == self.call[RX]:
+                        _drain(fd)
+                        rx_pending = True
+                    elif fd == self.call[TX]:
+                        _drain(fd)
+                        tx_ready = True
+                    elif fd == bfd:
+                        tx_ready = True
+                    elif fd == self.channel.fileno():
+                        self._on_socket()
+                if self.peer_gone:
+                    break
+                if rx_pending:
+                    received, kick = drv.poll(NAPI_BUDGET)
+                    if kick:
+                        self._kick(RX)
+                    rx_pending = received == NAPI_BUDGET
+                if tx_ready:
+                    tx_ready = self._run_tx()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            ep.close()
+        return self.stats()
+
+    def _run_tx(self) -> bool:
+        drv = self.drv
+        drv.free_old_xmit_skbs()
+        n = self.backend.produce(drv, TX_BUDGET)
+        if n and drv.tx_kick():
+            self._kick(TX)
+        if n == TX_BUDGET:
+            return True
+        if isinstance(self.backend, TapDriver) or not self.backend.has_tx():
+            return False  # the tap's fd (or nothing) says when there is more
+        # Ring or pool full: ask for a tx interrupt, recheck the race.
+        if drv.svq.enable_cb():
+            return False
+        drv.svq.disable_cb()
+        return True
+
+    def _on_socket(self) -> None:
+        try:
+            msgs = self.channel.receive()
+        except (PeerClosed, OSError, VhostUserProtocolError) as e:
+            log.error("back-end connection lost: %s", e)
+            self.peer_gone = True
+            return
+        for msg in msgs:
+            log.warning("unexpected message from the back-end: %s", msg.request)
+
+    def _stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def stats(self) -> dict:
+        return {"driver_stats": self.drv.stats.as_dict() if self.drv else {},
+                "backend": self.backend.stats(),
+                "features": self.features}  # fmt: skip
+
+    # -- teardown -----------------------------------------------------------------
+
+    def close(self) -> dict:
+        """Stop the rings (GET_VRING_BASE), reclaim every buffer, free every page."""
+        if not self.peer_gone and self.drv is not None:
+            for q in range(2):
+                try:
+                    self._get(Req.GET_VRING_BASE, VringState(q, 0))
+                except (VhostUserProtocolError, OSError) as e:
+                    log.warning("GET_VRING_BASE %d: %s", q, e)
+                    break
+        stats = {}
+        if self.drv is not None:
+            self.drv.free_old_xmit_skbs()
+            self.drv.poll(1 << 16)  # what the device finished before stopping
+            if hasattr(self.backend, "release"):
+                self.backend.release(self.drv)
+            self.backend.close()
+            self.drv.remove()
+            stats = self.stats()
+        self.channel.close()
+        for fd in self.kick + self.call:
+            os.close(fd)
+        self.drv = None
+        self.guest.close()
+        return stats
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
