@@ -11,7 +11,8 @@ ETH_DATA_LEN = 1500
 VLAN_HLEN = 4
 # virtio_net.c: MAX_PACKET_LEN (ETH_HLEN + VLAN_HLEN + ETH_DATA_LEN), the small-buffer size.
 MAX_PACKET_LEN = ETH_HLEN + VLAN_HLEN + ETH_DATA_LEN
-# The largest GSO frame a device may hand over (IP's 64 KiB limit), plus its Ethernet header.
-MAX_GSO_FRAME = 65535 + ETH_HLEN
+# The largest GSO frame a device may hand over: Ethernet + VLAN tag + IPv6 header + a
+# full 64 KiB payload (what a TSO tap can produce; BIG TCP is never switched on).
+MAX_GSO_FRAME = ETH_HLEN + VLAN_HLEN + 40 + 65535
 # NAPI's default weight.
 NAPI_POLL_WEIGHT = 64

@@ -22,7 +22,7 @@ from virtnet.net.header import MRG_HDR_LEN
 from virtnet.net.skb import SkBuff
 from virtnet.ports.synthetic import FrameGen, FrameSink, frame_prefix
 
-BACKENDS = ("sink", "gen:SIZE", "loopback", "tap:IFNAME")
+BACKENDS = ("sink", "gen:SIZE", "loopback", "tap:IFNAME", "tapfd:FD")
 LOOPBACK_QUEUE = 1024  # frames held for echo before loopback drops (a NIC's queue)
 
 
@@ -41,6 +41,8 @@ def parse_backend(spec: str) -> tuple[str, str]:
             raise BackendError(f"--backend {spec}: gen needs a frame size: {e}") from None
         return kind, arg
     if kind == "tap" and arg:
+        return kind, arg
+    if kind == "tapfd" and arg.isdigit():
         return kind, arg
     raise BackendError(f"--backend {spec!r}: expected one of {', '.join(BACKENDS)}")
 
@@ -79,6 +81,9 @@ class DeviceBackend:
     def fill_rx(self, dev, budget: int) -> int:
         """Deliver up to ``budget`` host→guest frames; returns how many."""
         return 0
+
+    def on_features(self, features: int) -> None:
+        """The negotiated virtio features (a tap sets its offloads from them)."""
 
     def xmit(self, views: list[memoryview], frame_len: int) -> bool:
         """A guest→host frame (virtio-net header first); False = back-pressure."""
@@ -173,6 +178,12 @@ class TapDevice(DeviceBackend):
     def fileno(self) -> int | None:
         return self.tap.fileno()
 
+    def on_features(self, features: int) -> None:
+        from virtnet.ports.tap import offloads_for_guest_features
+
+        # Frames read from this tap go to the guest's rx queue: its GUEST_* offloads.
+        self.tap.set_offload(offloads_for_guest_features(features))
+
     def xmit(self, views: list[memoryview], frame_len: int) -> bool:
         try:
             self.tap.writev(views)
@@ -224,6 +235,9 @@ class DriverBackend:
 
     def has_tx(self) -> bool:
         return False
+
+    def on_features(self, features: int) -> None:
+        """The negotiated virtio features (a tap sets its offloads from them)."""
 
     def netif_receive_skb(self, skb: SkBuff) -> None:
         self.sink.receive(skb.data_views())
@@ -340,6 +354,12 @@ class TapDriver(DriverBackend):
     def fileno(self) -> int | None:
         return self.tap.fileno()
 
+    def on_features(self, features: int) -> None:
+        from virtnet.ports.tap import offloads_for_host_features
+
+        # Frames read from this tap are transmitted to the device: its HOST_* offloads.
+        self.tap.set_offload(offloads_for_host_features(features))
+
     def netif_receive_skb(self, skb: SkBuff) -> None:
         try:
             self.tap.writev([skb.vnet_hdr, *skb.data_views()])
@@ -397,7 +417,7 @@ def device_backend(spec: str, tap_factory=None) -> DeviceBackend:
         return GenDevice(int(arg))
     if kind == "loopback":
         return LoopbackDevice()
-    return TapDevice((tap_factory or _open_tap)(arg))
+    return TapDevice((tap_factory or _open_tap)(kind, arg))
 
 
 def driver_backend(spec: str, tap_factory=None) -> DriverBackend:
@@ -408,10 +428,12 @@ def driver_backend(spec: str, tap_factory=None) -> DriverBackend:
         return GenDriver(int(arg))
     if kind == "loopback":
         return LoopbackDriver()
-    return TapDriver((tap_factory or _open_tap)(arg))
+    return TapDriver((tap_factory or _open_tap)(kind, arg))
 
 
-def _open_tap(name: str):
-    from virtnet.ports.tap import open_tap
+def _open_tap(kind: str, arg: str):
+    from virtnet.ports.tap import Tap, open_tap
 
-    return open_tap(name)
+    if kind == "tapfd":
+        return Tap.from_fd(int(arg))  # inherited, like QEMU's -netdev tap,fd=N
+    return open_tap(arg)

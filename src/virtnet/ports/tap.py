@@ -66,11 +66,16 @@ MAX_FRAME_LEN = 14 + 4 + 40 + 65535
 
 # virtio-net feature bits (VIRTIO 1.2, 5.1.3) that decide the tap's offloads. Kept as plain
 # numbers so that ports/ stays below net/ (the net layer owns the named feature set).
+VIRTIO_NET_F_CSUM = 0
 VIRTIO_NET_F_GUEST_CSUM = 1
 VIRTIO_NET_F_GUEST_TSO4 = 7
 VIRTIO_NET_F_GUEST_TSO6 = 8
 VIRTIO_NET_F_GUEST_ECN = 9
 VIRTIO_NET_F_GUEST_UFO = 10
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_HOST_ECN = 13
+VIRTIO_NET_F_HOST_UFO = 14
 
 
 class TapError(OSError):
@@ -103,8 +108,53 @@ def offloads_for_guest_features(features: int) -> int:
     return flags
 
 
+def offloads_for_host_features(features: int) -> int:
+    """TUN_F_* flags for frames read from a tap that go to a device's *transmit* queue.
+
+    The driver side of virtnet reads its guest stack's frames from a tap and
+    transmits them: the device accepts what its HOST_* bits say.
+    """
+
+    def has(bit: int) -> bool:
+        return bool(features >> bit & 1)
+
+    if not has(VIRTIO_NET_F_CSUM):
+        return 0
+    flags = TUN_F_CSUM
+    if has(VIRTIO_NET_F_HOST_TSO4):
+        flags |= TUN_F_TSO4
+    if has(VIRTIO_NET_F_HOST_TSO6):
+        flags |= TUN_F_TSO6
+    if has(VIRTIO_NET_F_HOST_ECN) and flags & (TUN_F_TSO4 | TUN_F_TSO6):
+        flags |= TUN_F_TSO_ECN
+    if has(VIRTIO_NET_F_HOST_UFO):
+        flags |= TUN_F_UFO
+    return flags
+
+
 class Tap:
     """An open, configured tap: one fd, one frame per read, vnet header first."""
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Tap:
+        """Adopt an fd that is already a configured tap (like QEMU's ``-netdev tap,fd=N``)."""
+        ifr = bytearray(IFREQ.size)
+        try:
+            fcntl.ioctl(fd, TUNGETIFF, ifr)
+            hdr = bytearray(INT.size)
+            fcntl.ioctl(fd, TUNGETVNETHDRSZ, hdr)
+        except OSError as e:
+            raise TapError(e.errno, f"fd {fd} is not a tap: {e.strerror}") from None
+        name, flags = IFREQ.unpack(ifr)
+        if not flags & IFF_VNET_HDR or flags & IFF_TUN:
+            raise TapError(errno.EINVAL, f"fd {fd}: a tap without IFF_VNET_HDR ({flags:#x})")
+        os.set_blocking(fd, False)
+        return cls(fd, name.rstrip(b"\0").decode(), INT.unpack(hdr)[0], -1)
+
+    def set_offload(self, offloads: int) -> None:
+        """TUNSETOFFLOAD: what the kernel may hand us (re-set after negotiation)."""
+        _ioctl_int(self.fileno(), TUNSETOFFLOAD, offloads, f"tap {self.name}: TUNSETOFFLOAD")
+        self.offloads = offloads
 
     def __init__(self, fd: int, name: str, vnet_hdr_size: int, offloads: int) -> None:
         self._fd = fd

@@ -438,6 +438,8 @@ class DeviceServer:
             return False
         if answer is not None:
             self.channel.send(answer)
+        if msg.request is Req.SET_FEATURES and self.session.features:
+            self.backend.on_features(self.session.features)
         if self.session.device is not dev_before or self.session.changed:
             self._rewatch()
         return True

@@ -158,6 +158,7 @@ class DriverClient:
         )
         log.info("features %#x: %s", self.features, " ".join(names(self.features)))
         self._send(Req.SET_FEATURES, U64(self.features))
+        self.backend.on_features(self.features)
         self._set_mem_table()
         self.drv = build_driver(
             self.guest.memory, self.layout, self.features, self.strategy,
