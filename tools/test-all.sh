@@ -10,7 +10,7 @@ apt-get update -qq
 # qemu-system-x86 + linux-image-cloud-amd64 + busybox-static: a real Linux guest;
 # iproute2: ip netns; tshark: reading --pcap output; python3-venv: the test venv.
 apt-get install -y -qq --no-install-recommends \
-    python3 python3-venv python3-pip iproute2 iperf3 dpdk-dev qemu-system-x86 \
+    python3 python3-venv python3-pip iproute2 iputils-ping iperf3 dpdk-dev qemu-system-x86 \
     linux-image-cloud-amd64 busybox-static tshark kmod cpio zstd xz-utils >/dev/null
 
 python3 -m venv .venv

@@ -21,7 +21,7 @@ def _by_key(results: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def _mbps(rs: list[dict]) -> str:
-    return " ~ ".join(f"{r['gbps'] * 1000:.0f}Mb/s" for r in rs)
+    return " ~ ".join(f"{r['gbps'] * 1000:.0f}" for r in rs)
 
 
 def _per_pkt(rs: list[dict], stat: str) -> str:
@@ -46,7 +46,8 @@ def seed_table(results: list[dict], title: str) -> Table:
     table.add_column("direction")
     table.add_column("frame", justify="right")
     for s in strategies:
-        table.add_column({BASELINE: "w/o patch", PATCHED: "w/i patch"}.get(s, s), justify="right")
+        head = {BASELINE: "w/o patch", PATCHED: "w/i patch"}.get(s, s)
+        table.add_column(f"{head} Mb/s", justify="right")
     both = BASELINE in strategies and PATCHED in strategies
     if both:
         table.add_column("w/i / w/o", justify="right")
@@ -76,15 +77,49 @@ def per_packet_table(results: list[dict]) -> Table:
     return table
 
 
+def tap_table(results: list[dict], title: str) -> Table:
+    """The seed's table with real TCP/UDP: baselines, w/o patch, w/i patch, ratios."""
+    cols = ["veth", "relay", BASELINE, PATCHED]
+    by: dict[tuple, list[dict]] = {}
+    for r in results:
+        by.setdefault((r["direction"], r.get("protocol", "tcp"), r["strategy"]), []).append(r)
+    table = Table(title=title)
+    table.add_column("direction")
+    table.add_column("proto")
+    heads = {"veth": "veth", "relay": "py relay", BASELINE: "w/o patch", PATCHED: "w/i patch"}
+    for c in cols:
+        table.add_column(f"{heads[c]} Mb/s", justify="right")
+    table.add_column("w/i / w/o", justify="right")
+    table.add_column("w/i / relay", justify="right")
+    for direction, proto in sorted({(r["direction"], r.get("protocol", "tcp")) for r in results}):
+        row = [SEED_LABEL.get(direction, direction), proto]
+        for c in cols:
+            rs = by.get((direction, proto, c), [])
+            text = _mbps(rs) or "-"
+            if proto == "udp" and rs:
+                text += " (" + ", ".join(f"{r.get('loss_pct') or 0:.0f}%" for r in rs) + " lost)"
+            row.append(text)
+        avg = {c: _avg(by.get((direction, proto, c), []), "gbps") for c in cols}
+        for base in (BASELINE, "relay"):
+            ok = avg[base] and avg[PATCHED]
+            row.append(f"{avg[PATCHED] / avg[base]:.2f}x" if ok else "-")
+        table.add_row(*row)
+    return table
+
+
 def integrity_problems(results: list[dict]) -> list[str]:
     out = []
     for r in results:
         integ = r.get("integrity", {})
-        if integ.get("corrupt") or integ.get("lost") or integ.get("reordered"):
+        if integ and (integ.get("corrupt") or integ.get("lost") or integ.get("reordered")):
             out.append(
                 f"{r['strategy']} {r['direction']} {r['payload']}B: corrupt={integ['corrupt']} "
                 f"lost={integ['lost']} reordered={integ['reordered']} {integ.get('messages', [])}"
             )
+        if r.get("mode") == "tap" and not r["driver_stats"] and r["strategy"] not in (
+            "veth", "relay",
+        ):  # fmt: skip
+            out.append(f"{r['strategy']} {r['direction']}: the driver wrote no stats")
         if r["driver_stats"].get("pages_outstanding"):
             out.append(f"{r['strategy']} {r['direction']}: pages leaked at teardown")
     return out
@@ -112,9 +147,14 @@ def write_plot(results: list[dict], path: str | Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({(r["direction"], r["payload"]) for r in results})
+    def key(r: dict) -> tuple:
+        return (r["direction"], r.get("protocol") or f"{r['payload']}B")
+
+    keys = sorted({key(r) for r in results})
     strategies = _strategies(results)
-    by = _by_key(results)
+    by: dict[tuple, list[dict]] = {}
+    for r in results:
+        by.setdefault((*key(r), r["strategy"]), []).append(r)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4.5))
     width = 0.8 / max(1, len(strategies))
     for i, s in enumerate(strategies):
@@ -125,7 +165,7 @@ def write_plot(results: list[dict], path: str | Path, title: str) -> None:
         xs = [k + i * width for k in range(len(keys))]
         ax.bar(xs, ys, width, label=s)
     ax.set_xticks([k + width * (len(strategies) - 1) / 2 for k in range(len(keys))])
-    ax.set_xticklabels([f"{SEED_LABEL.get(d, d)}\n{p}B" for d, p in keys], fontsize=8)
+    ax.set_xticklabels([f"{SEED_LABEL.get(d, d)}\n{p}" for d, p in keys], fontsize=8)
     ax.set_ylabel("Mb/s")
     ax.set_yscale("log")
     ax.set_title(title)
