@@ -63,6 +63,9 @@ _INIT_ORDER = (
 )
 
 
+_KNOWN = sum(int(flag) for flag in DeviceStatus)  # an int: ~ of an IntFlag keeps only its bits
+
+
 class StatusMachine:
     """The device status a driver walks through (3.1.1 "Driver Requirements").
 
@@ -77,10 +80,15 @@ class StatusMachine:
         self.status = DeviceStatus(0)
 
     def set(self, new: int) -> None:
+        unknown = int(new) & ~_KNOWN
+        if unknown:
+            raise FeatureError(f"device status: unknown bits {unknown:#x} in {int(new):#x}")
         new = DeviceStatus(new)
         if new == 0:
             self.reset()
             return
+        if new & DeviceStatus.NEEDS_RESET and not self.status & DeviceStatus.NEEDS_RESET:
+            raise FeatureError("device status: NEEDS_RESET is the device's to set (2.1)")
         if self.status & DeviceStatus.FAILED and new & ~DeviceStatus.FAILED != self.status & ~(
             DeviceStatus.FAILED
         ):

@@ -192,10 +192,15 @@ class SplitQueueDriver:
     def kick_prepare(self) -> bool:
         """Whether the device wants a notification for what was added since last time."""
         new = self.avail_idx_shadow
-        old = (new - self.num_added) & 0xFFFF
+        added = self.num_added
+        old = (new - added) & 0xFFFF
         self.num_added = 0
         virtio_mb()
         if self.event_idx:
+            # 2^16 or more adds since the last kick passed every index, avail_event
+            # too, but [old, new) no longer says so (Linux kicks at 0xffff adds).
+            if added > 0xFFFF:
+                return True
             return vring_need_event(self.ring.avail_event_view[0], new, old)
         return not (self._used[0] & VRING_USED_F_NO_NOTIFY)
 
@@ -403,7 +408,9 @@ class SplitQueueDevice:
                     table = view(addr, length).cast("Q")
                 except Exception as e:
                     raise DescriptorError(f"descriptor {i}: indirect table: {e}", head) from None
-                size = ttl = length // DESC_SIZE
+                # next is a le16: entries past 65535 are unreachable, and a loop in
+                # a huge table must not cost a walk of all of it (vhost: 2^16 cap).
+                size = ttl = min(length // DESC_SIZE, 1 << 16)
                 i = 0
                 indirect = True
                 continue
@@ -443,6 +450,10 @@ class SplitQueueDevice:
         self._used_elems[2 * slot] = head
         self._used_elems[2 * slot + 1] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
+        if self.used_idx == self.signalled_used:
+            # A whole 16-bit turn since needs_notify: [old, new) would be empty
+            # (vhost_add_used_n: "used index might wrap around").
+            self.signalled_used_valid = False
 
     def has_unflushed(self) -> bool:
         """Whether ``push_used`` queued entries that ``flush_used`` has not published."""

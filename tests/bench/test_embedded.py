@@ -1,0 +1,103 @@
+"""The embedded A/B: each (strategy, direction) runs end to end, intact and leak-free.
+
+Benchmarks measure, tests assert behaviour: nothing here looks at a rate or a time.
+A case runs for 0.2 s (at least one round of steps whatever the machine's load) and
+must finish with every frame intact, nothing lost or reordered, and every page back.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from virtnet.bench.embedded import (
+    DIRECTIONS,
+    GUEST_TO_HOST,
+    HOST_TO_GUEST,
+    Case,
+    EmbeddedRun,
+    make_pair,
+    run_case,
+    strip_hdr,
+)
+from virtnet.net.features import GUEST_OFFLOADS, SUPPORTED, VirtioNetF
+from virtnet.net.stats import DEVICE_STATS, DRIVER_STATS
+from virtnet.virtio.features import bit
+
+# virtnet_probe: no MRG_RXBUF but GUEST_TSO → big buffers; neither → small ones.
+BIG = SUPPORTED & ~bit(VirtioNetF.MRG_RXBUF)
+SMALL = BIG & ~GUEST_OFFLOADS
+
+SECONDS = 0.2
+# (strategy, features): the seed's A/B plus the two non-mergeable paths.
+STRATEGIES = [("deferred", SUPPORTED), ("prealloc", SUPPORTED), ("big", BIG), ("small", SMALL)]
+RESULT_KEYS = {"mode", "strategy", "direction", "payload", "seconds", "packets", "bytes",
+               "gbps", "pps", "driver_stats", "device_stats"}  # fmt: skip
+
+
+def tiny(strategy: str, features: int, direction: str, payload: int = 1514) -> Case:
+    return Case(strategy, direction, payload, seconds=SECONDS, queue_size=64, features=features)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize(("strategy", "features"), STRATEGIES, ids=[s for s, _ in STRATEGIES])
+def test_every_case_runs_intact_and_gives_every_page_back(strategy, features, direction):
+    ticks = []
+    result = run_case(tiny(strategy, features, direction), tick=ticks.append)
+    assert RESULT_KEYS <= result.keys()  # DESIGN.md's JSON contract
+    assert (result["mode"], result["strategy"], result["direction"]) == (
+        "embedded", strategy, direction)  # fmt: skip
+    integrity = result["integrity"]
+    assert (integrity["corrupt"], integrity["lost"], integrity["reordered"]) == (0, 0, 0)
+    assert integrity["messages"] == []
+    assert result["packets"] > 0  # at least one round of steps ran
+    assert result["bytes"] == result["packets"] * 1514
+    drv = result["driver_stats"]
+    assert set(drv) == set(DRIVER_STATS) and set(result["device_stats"]) == set(DEVICE_STATS)
+    assert drv["pages_outstanding"] == 0
+    assert drv["page_allocs"] == drv["page_frees"] and drv["skb_allocs"] == drv["skb_frees"]
+    assert drv["rx_length_errors"] == drv["rx_dropped"] == 0
+    assert ticks and all(0.0 <= t <= 1.0 for t in ticks) and ticks[-1] == 1.0
+    if direction == GUEST_TO_HOST:
+        assert result["acks"] > 0 and drv["tx_packets"] >= result["packets"]
+        assert result["device_stats"]["tx_packets"] == result["packets"]
+    else:
+        assert drv["rx_packets"] == result["packets"]
+
+
+@pytest.mark.parametrize("payload", [22, 65536 + 14])
+def test_host_to_guest_extreme_payloads_stay_intact(payload):
+    result = run_case(tiny("deferred", SUPPORTED, HOST_TO_GUEST, payload))
+    assert result["integrity"]["corrupt"] == result["integrity"]["lost"] == 0
+    assert result["driver_stats"]["pages_outstanding"] == 0
+
+
+def test_the_seed_costs_one_skb_per_packet_and_the_baseline_one_per_buffer():
+    # The A/B's point, as counts: host-to-guest, no tx, no errors.
+    seed = run_case(tiny("deferred", SUPPORTED, HOST_TO_GUEST, 9000))["driver_stats"]
+    base = run_case(tiny("prealloc", SUPPORTED, HOST_TO_GUEST, 9000))["driver_stats"]
+    assert seed["skb_allocs"] == seed["rx_packets"]
+    assert base["skb_allocs"] >= base["rx_bufs"] > base["rx_packets"]
+
+
+def test_a_run_can_be_stepped_and_finished_by_hand():
+    run = EmbeddedRun(tiny("deferred", SUPPORTED, HOST_TO_GUEST, 60))
+    for _ in range(3):
+        run.step()
+    assert run.rx_sink.stats.packets > 0
+    assert run.drv.stats.page_reuses > 0  # 60-byte frames: the seed's page reuse
+    run.finish()
+    assert run.drv.pool.outstanding == 0
+
+
+def test_make_pair_builds_the_strategy_the_features_allow():
+    for strategy, features in STRATEGIES:
+        drv, dev = make_pair(tiny(strategy, features, HOST_TO_GUEST), lambda skb: skb.free())
+        assert drv.strategy == strategy
+        assert dev.mergeable == (strategy in ("deferred", "prealloc"))
+        drv.remove()
+
+
+def test_strip_hdr_removes_a_header_spanning_segments():
+    views = [memoryview(b"01234"), memoryview(b"5678901ab"), memoryview(b"cd")]
+    assert b"".join(strip_hdr(views, 12)) == b"abcd"
+    assert b"".join(strip_hdr([memoryview(b"x" * 12)], 12)) == b""

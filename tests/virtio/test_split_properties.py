@@ -1,0 +1,471 @@
+"""Properties of the split ring, driver and device together (hypothesis).
+
+* Any interleaving of driver adds / kicks / device pops / unpops / used pushes /
+  flushes / driver gets, over random buffer shapes, queue sizes 2..32768 and
+  starting indices near the 16-bit wrap, returns every token exactly once,
+  with the length the device gave and every byte the device wrote.
+* Notifications are never lost: if the driver is waiting for an interrupt and
+  the device published used entries, the device asked for one (2.7.7.2,
+  2.7.10, including the enable_cb_prepare/poll race); if the device is waiting
+  for a kick and the driver published and kicked, the driver asked for one
+  (2.7.7.3/2.7.10 "avail_event"). Both with and without EVENT_IDX.
+* Garbage in the descriptor table is either a chain inside guest memory or a
+  DescriptorError: no other exception, no endless walk, no wedged queue.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from tests.virtio.mock import DATA_SLOT, MockSplitQueue
+from virtnet.virtio.errors import DescriptorError, QueueFullError
+from virtnet.virtio.ring.layout import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
+
+ALL_SIZES = [1 << k for k in range(1, 16)]  # 2 .. 32768
+SMALL_SIZES = [2, 4, 8, 16]
+SLOTS = 32
+MAX_SEG = 256  # 8 segments * 256 bytes fit a 4 KiB data slot
+
+
+def out_bytes(token: int, n: int) -> bytes:
+    return random.Random(token).randbytes(n)
+
+
+def device_bytes(token: int, n: int) -> bytes:
+    return random.Random(~token).randbytes(n)
+
+
+@dataclass
+class Buf:
+    token: int
+    head: int
+    out: list[tuple[int, int]]
+    in_: list[tuple[int, int]]
+    slot: int
+    ndescs: int
+
+    @property
+    def in_len(self) -> int:
+        return sum(n for _, n in self.in_)
+
+
+class SplitRingMachine(RuleBasedStateMachine):
+    """A driver and a device sharing one ring, and a model of what must come back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q: MockSplitQueue | None = None
+
+    @initialize(
+        num=st.one_of(st.sampled_from(SMALL_SIZES), st.sampled_from(ALL_SIZES)),
+        start_idx=st.one_of(st.integers(0xFFF8, 0xFFFF), st.just(0), st.integers(0, 0xFFFF)),
+        event_idx=st.booleans(),
+        indirect_max=st.sampled_from([0, 2, 8]),
+    )
+    def setup(self, num: int, start_idx: int, event_idx: bool, indirect_max: int) -> None:
+        self.q = MockSplitQueue(
+            num, event_idx=event_idx, indirect_max=indirect_max, data_slots=SLOTS,
+            start_idx=start_idx,
+        )  # fmt: skip
+        self.drv = self.q.driver()
+        self.dev = self.q.device()
+        self.next_token = 1
+        self.free_slots = list(range(SLOTS))
+        self.bufs: dict[int, Buf] = {}  # token -> buffer, from add to return
+        self.by_head: dict[int, int] = {}  # head -> token, while in flight
+        self.avail_order: deque[int] = deque()  # heads published, not popped
+        self.popped: list[tuple[object, int]] = []  # (chain, token), not pushed
+        self.last_pop: int | None = None  # token of the latest pop, for unpop
+        self.pushed: list[tuple[int, int]] = []  # (token, len) pushed, not flushed
+        self.flushed: deque[tuple[int, int]] = deque()  # visible, not got
+        self.returned: set[int] = set()
+        # Notification model.
+        self.drv.disable_cb()
+        self.cb_state = "polling"  # polling | preparing | armed
+        self.opaque = 0
+        self.interrupt_pending = False
+        self.dev.disable_notify()
+        self.dev_waiting = False
+        self.kick_pending = False
+        self.adds_since_kick = 0
+
+    # -- driver ------------------------------------------------------------------------------
+
+    @precondition(lambda self: self.q is not None and self.free_slots)
+    @rule(
+        outs=st.lists(st.integers(0, MAX_SEG), max_size=3),
+        ins=st.lists(st.integers(0, MAX_SEG), max_size=3),
+        inbuf=st.booleans(),
+    )
+    def add(self, outs: list[int], ins: list[int], inbuf: bool) -> None:
+        if not outs and not ins:
+            ins = [64]
+        q, drv = self.q, self.drv
+        token = self.next_token
+        slot = self.free_slots[-1]
+        addr = q.data(slot)
+        out, in_ = [], []
+        for lengths, segs in ((outs, out), (ins, in_)):
+            for n in lengths:
+                segs.append((addr, n))
+                addr += n
+        assert addr <= q.data(slot) + DATA_SLOT
+        total = len(out) + len(in_)
+        ind = q.indirect_max
+        ndescs = 1 if ind and 1 < total <= ind and drv.num_free else total
+        if drv.num_free < ndescs:
+            avail_before = q.avail_idx
+            try:
+                drv.add(out, in_, token)
+            except QueueFullError:
+                assert q.avail_idx == avail_before
+                return
+            raise AssertionError(f"{total} segments added with {drv.num_free} free")
+        q.write(q.data(slot), out_bytes(token, sum(n for _, n in out)))
+        for a, n in in_:
+            q.write(a, b"\xee" * n)
+        if inbuf and not out and len(in_) == 1:
+            head = drv.add_inbuf(*in_[0], token)
+        else:
+            head = drv.add(out, in_, token)
+        assert head not in self.by_head
+        self.next_token += 1
+        self.free_slots.pop()
+        self.bufs[token] = Buf(token, head, out, in_, slot, ndescs)
+        self.by_head[head] = token
+        self.avail_order.append(head)
+        self.adds_since_kick += 1
+
+    @precondition(lambda self: self.q is not None)
+    @rule()
+    def kick(self) -> None:
+        if self.drv.kick_prepare():
+            self.kick_pending = True
+        self.adds_since_kick = 0
+
+    # With callbacks on too (Linux frees tx buffers that way): each get_buf then
+    # moves used_event, and once drained, only a new interrupt may wake the driver.
+    @precondition(lambda self: self.q is not None and self.cb_state != "preparing")
+    @rule(budget=st.integers(1, 8))
+    def get_bufs(self, budget: int) -> None:
+        for _ in range(budget):
+            got = self.drv.get_buf()
+            if not self.flushed:
+                assert got is None
+                break
+            token, length = self.flushed.popleft()
+            assert got == (token, length)
+            self._check_returned(token, length)
+        if self.cb_state == "armed" and not self.flushed:
+            self.interrupt_pending = False
+
+    def _check_returned(self, token: int, length: int | None) -> None:
+        assert token not in self.returned, f"token {token} returned twice"
+        buf = self.bufs.pop(token)
+        self.returned.add(token)
+        del self.by_head[buf.head]
+        self.free_slots.append(buf.slot)
+        if length is None:
+            return
+        written = b"".join(self.q.read(a, n) for a, n in buf.in_)
+        assert written[:length] == device_bytes(token, length)
+        assert written[length:] == b"\xee" * (len(written) - length)
+
+    @precondition(lambda self: self.q is not None and self.cb_state == "polling")
+    @rule()
+    def enable_cb_prepare(self) -> None:
+        self.interrupt_pending = False
+        self.opaque = self.drv.enable_cb_prepare()
+        self.cb_state = "preparing"
+
+    @precondition(lambda self: self.q is not None and self.cb_state == "preparing")
+    @rule()
+    def poll(self) -> None:
+        if self.drv.poll(self.opaque):
+            self.drv.disable_cb()
+            self.cb_state = "polling"
+        else:
+            self.cb_state = "armed"
+
+    @precondition(lambda self: self.q is not None and self.cb_state == "polling")
+    @rule()
+    def enable_cb(self) -> None:
+        self.interrupt_pending = False
+        if self.drv.enable_cb():
+            self.cb_state = "armed"
+        else:
+            self.drv.disable_cb()
+
+    @precondition(lambda self: self.q is not None and self.cb_state == "armed")
+    @rule()
+    def interrupt(self) -> None:
+        if self.interrupt_pending:
+            self.interrupt_pending = False
+            self.drv.disable_cb()
+            self.cb_state = "polling"
+
+    # -- device ------------------------------------------------------------------------------
+
+    @precondition(lambda self: self.q is not None and not self.dev_waiting)
+    @rule()
+    def pop(self) -> None:
+        chain = self.dev.pop()
+        if not self.avail_order:
+            assert chain is None
+            return
+        head = self.avail_order.popleft()
+        assert chain is not None and chain.head == head
+        token = self.by_head[head]
+        buf = self.bufs[token]
+        assert chain.segments == [(a, n, False) for a, n in buf.out] + [
+            (a, n, True) for a, n in buf.in_
+        ]
+        assert b"".join(bytes(v) for v in chain.readable) == out_bytes(
+            token, sum(n for _, n in buf.out)
+        )
+        assert chain.in_len == buf.in_len
+        self.popped.append((chain, token))
+        self.last_pop = token
+
+    # A device gives chains back before it goes to sleep (vhost: discard, then
+    # enable_notify re-checks); giving back while asleep would hide them.
+    @precondition(
+        lambda self: self.q is not None and self.last_pop is not None and not self.dev_waiting
+    )
+    @rule()
+    def unpop(self) -> None:
+        token = self.last_pop
+        self.last_pop = None
+        self.dev.unpop(1)
+        i = next(k for k, (_, t) in enumerate(self.popped) if t == token)
+        del self.popped[i]
+        self.avail_order.appendleft(self.bufs[token].head)
+
+    @precondition(lambda self: self.q is not None and self.popped)
+    @rule(pick=st.integers(0, 1 << 16), how_much=st.integers(0, 1 << 16))
+    def push_used(self, pick: int, how_much: int) -> None:
+        chain, token = self.popped.pop(pick % len(self.popped))
+        if self.last_pop == token:
+            self.last_pop = None
+        length = chain.in_len if how_much % 3 == 0 else how_much % (chain.in_len + 1)
+        data = memoryview(device_bytes(token, length))
+        for view in chain.writable:
+            n = min(len(view), len(data))
+            view[:n] = data[:n]
+            data = data[n:]
+        self.dev.push_used(chain.head, length)
+        self.pushed.append((token, length))
+
+    @precondition(lambda self: self.q is not None)
+    @rule()
+    def flush(self) -> None:
+        self.dev.flush_used()
+        self.flushed.extend(self.pushed)
+        self.pushed.clear()
+        if self.dev.needs_notify():
+            self.interrupt_pending = True
+
+    @precondition(lambda self: self.q is not None and not self.dev_waiting)
+    @rule()
+    def device_sleep(self) -> None:
+        self.kick_pending = False
+        if self.dev.enable_notify():
+            self.dev.disable_notify()  # more arrived: keep polling
+        else:
+            self.dev_waiting = True
+
+    @precondition(lambda self: self.q is not None and self.dev_waiting and self.kick_pending)
+    @rule()
+    def device_wake(self) -> None:
+        self.kick_pending = False
+        self.dev_waiting = False
+        self.dev.disable_notify()
+
+    # -- what must always hold ----------------------------------------------------------------
+
+    @invariant()
+    def no_lost_interrupt(self) -> None:
+        if self.q is None or self.cb_state != "armed":
+            return
+        if self.q.used_idx != self.drv.last_used_idx:
+            assert self.interrupt_pending, "used entries published, no interrupt requested"
+
+    @invariant()
+    def no_lost_kick(self) -> None:
+        if self.q is None or not self.dev_waiting or self.adds_since_kick:
+            return
+        if self.q.avail_idx != self.dev.last_avail_idx:
+            assert self.kick_pending, "chains published and kicked, no kick requested"
+
+    @invariant()
+    def descriptors_are_accounted_for(self) -> None:
+        if self.q is None:
+            return
+        in_use = sum(b.ndescs for b in self.bufs.values())
+        assert self.drv.num_free == self.q.num - in_use
+
+    def teardown(self) -> None:
+        if self.q is None:
+            return
+        if self.next_token % 2:
+            # Device reset: every buffer not yet returned comes back from detach.
+            detached = []
+            while (token := self.drv.detach_unused_buf()) is not None:
+                detached.append(token)
+            assert sorted(detached) == sorted(self.bufs)
+            for token in detached:
+                self._check_returned(token, None)
+        else:
+            # Orderly drain: the device finishes everything, the driver gets it all.
+            self.dev_waiting = False
+            while self.avail_order:
+                self.pop()
+            while self.popped:
+                self.push_used(0, 0)
+            self.flush()
+            self.cb_state = "polling"
+            self.get_bufs(len(self.flushed) + 1)
+            assert self.drv.get_buf() is None
+        assert not self.bufs
+        assert self.returned == set(range(1, self.next_token))
+        assert self.drv.num_free == self.q.num
+
+
+SplitRingMachine.TestCase.settings = settings(
+    max_examples=250,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+TestSplitRing = SplitRingMachine.TestCase
+
+
+# -- wrap-around of the 16-bit indices, the long way ------------------------------------------
+
+
+def test_indices_wrap_past_65536_and_every_needed_notification_is_asked_for():
+    # 70 000 buffers through a 2-entry queue: avail idx, used idx, used_event and
+    # avail_event all wrap. Each round, under EVENT_IDX: the sleeping device is
+    # kicked for the first chain and not the second; the waiting driver is
+    # interrupted for the first used entry and not the second.
+    q = MockSplitQueue(2, event_idx=True, data_slots=2)
+    drv, dev = q.driver(), q.device()
+    assert drv.enable_cb() is True
+    assert dev.enable_notify() is False
+    for n in range(0, 70_000, 2):
+        drv.add_inbuf(q.data(0), 8, n)
+        assert drv.kick_prepare() is True
+        drv.add_inbuf(q.data(1), 8, n + 1)
+        assert drv.kick_prepare() is False
+        dev.disable_notify()
+        first, second = dev.pop(), dev.pop()
+        first.writable[0][:4] = n.to_bytes(4, "little")
+        dev.push_used(first.head, 4)
+        dev.flush_used()
+        assert dev.needs_notify() is True
+        dev.push_used(second.head, 0)
+        dev.flush_used()
+        assert dev.needs_notify() is False
+        drv.disable_cb()
+        assert drv.get_buf() == (n, 4)
+        assert q.read(q.data(0), 4) == n.to_bytes(4, "little")
+        assert drv.get_buf() == (n + 1, 0)
+        assert drv.enable_cb() is True
+        assert dev.enable_notify() is False
+    assert q.avail_idx == q.used_idx == 70_000 & 0xFFFF
+    assert q.used_event == q.avail_event == 70_000 & 0xFFFF
+    assert drv.num_free == 2
+
+
+# -- garbage descriptors ---------------------------------------------------------------------
+
+
+def _desc_strategy(num: int, q_end: int):
+    addrs = st.one_of(
+        st.integers(0x10_0000, q_end),  # somewhere in (or just past) guest memory
+        st.integers(0, (1 << 64) - 1),
+        st.sampled_from([0, q_end - 16, (1 << 64) - 16]),
+    )
+    lengths = st.one_of(
+        st.integers(0, 64), st.sampled_from([16, 32, 48, 24, 0xFFFF_FFFF]), st.integers(0, 1 << 32)
+    )
+    flags = st.one_of(st.integers(0, 7), st.integers(0, 0xFFFF))
+    nexts = st.one_of(st.integers(0, num + 1), st.integers(0, 0xFFFF))
+    return st.tuples(addrs, lengths.map(lambda n: n & 0xFFFF_FFFF), flags, nexts)
+
+
+@st.composite
+def garbage_rings(draw):
+    num = draw(st.sampled_from([2, 4, 8, 16]))
+    q = MockSplitQueue(num, data_slots=4, guard=64)
+    descs = draw(st.lists(_desc_strategy(num, q.end), min_size=num, max_size=num))
+    # Indirect tables in the data area, pointed at by some descriptors.
+    tables = draw(st.lists(_desc_strategy(num, q.end), max_size=8))
+    heads = draw(st.lists(st.integers(0, num + 2), min_size=1, max_size=num))
+    return q, descs, tables, heads
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(garbage_rings(), st.data())
+def test_garbage_descriptors_give_a_chain_or_a_descriptor_error(ring, data):
+    q, descs, tables, heads = ring
+    table_gpa = q.data(0)
+    q.table(table_gpa, tables)
+    for i, (addr, length, flags, nxt) in enumerate(descs):
+        if flags & VRING_DESC_F_INDIRECT and data.draw(st.booleans()):
+            addr, length = table_gpa, 16 * len(tables)
+        q.desc(i, addr, length, flags, nxt)
+    for head in heads:
+        q.make_available(head)
+    dev = q.device()
+    for _ in heads:
+        try:
+            chain = dev.pop()
+        except DescriptorError as e:
+            assert e.head is None or 0 <= e.head < q.num
+            continue
+        assert chain is not None
+        for addr, length, _ in chain.segments:
+            assert q.gpa <= addr and addr + length <= q.end
+        assert chain.out_len + chain.in_len <= 1 << 32
+        assert len(chain.segments) <= q.num * max(1, len(tables))
+    # Every entry consumed; the queue still takes a good chain.
+    assert dev.avail_pending() == 0 and dev.pop() is None
+    q.desc(0, q.data(1), 8, 0)
+    q.make_available(0)
+    assert dev.pop().segments == [(q.data(1), 8, False)]
+    assert q.guards_intact()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    num=st.sampled_from(ALL_SIZES),
+    start_idx=st.integers(0, 0xFFFF),
+    length=st.integers(1, 16),
+)
+def test_a_chain_of_any_length_up_to_the_queue_size_round_trips(num, start_idx, length):
+    length = min(length, num)
+    q = MockSplitQueue(num, data_slots=1, start_idx=start_idx)
+    drv, dev = q.driver(), q.device()
+    segs = [(q.data(0, 16 * k), 16) for k in range(length)]
+    head = drv.add(segs[: length // 2], segs[length // 2 :], "t")
+    chain = dev.pop()
+    assert chain.head == head and len(chain.segments) == length
+    flags = [q.read_desc(i).flags for i in range(num)]
+    assert sum(1 for f in flags if f & VRING_DESC_F_NEXT) >= length - 1
+    dev.push_used(head, chain.in_len)
+    dev.flush_used()
+    assert drv.get_buf() == ("t", chain.in_len)
+    assert q.used_idx == (start_idx + 1) & 0xFFFF
