@@ -201,11 +201,6 @@ def test_reset_after_receive_from_left_chains_cached(pair_factory):
     assert p.dev.rxq.last_avail_idx == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: VirtnetDevice.reset/last_avail_idx rewind by "
-    "len(cache), but a chain refused after a cached one sits between them",
-)
 def test_reset_with_a_refused_chain_between_cached_ones_loses_nothing():
     # Invariant after reset: every posted chain is either in the used ring or still
     # available from last_avail_idx — never both, never neither.
@@ -243,11 +238,6 @@ def bounded_pops(q, limit: int = 1000) -> None:
     q.pop = pop
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: device.py _pop_rx/process_tx retry pop() after a DescriptorError that "
-    "consumed nothing (avail idx > queue size ahead): an endless loop",
-)
 @pytest.mark.parametrize("q", [RX, TX], ids=["rx", "tx"])
 def test_an_avail_index_more_than_a_ring_ahead_stops_the_queue_instead_of_spinning(q):
     # 2.7.13.3: the device can't know which entries are real; vhost logs

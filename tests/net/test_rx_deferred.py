@@ -342,11 +342,6 @@ def test_a_refused_buffer_used_with_length_zero_is_a_short_packet(mergeable):
     honest_frame_after_lie_is_intact(p)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a bad used entry met while gathering num_buffers "
-    "escapes poll as UsedRingError; the partial skb and the buffer are lost",
-)
 @pytest.mark.parametrize("strategy", ["deferred", "prealloc"])
 @pytest.mark.parametrize("lie", ["length", "id"])
 def test_a_bad_used_entry_among_a_packets_further_buffers_drops_the_packet(strategy, lie):
@@ -370,11 +365,6 @@ def test_a_bad_used_entry_among_a_packets_further_buffers_drops_the_packet(strat
     assert p.drv.pool.outstanding == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: poll's _bad_used recycles only the first buffer of a packet whose used "
-    "length is too big; its num_buffers - 1 followers are then parsed as packets",
-)
 @pytest.mark.parametrize("strategy", ["deferred", "prealloc"])
 def test_a_first_buffer_with_a_bad_length_takes_its_whole_packet_with_it(strategy):
     # virtio_net.c receive_mergeable: "rx error: len %u exceeds truesize" → err_skb, and

@@ -154,7 +154,8 @@ def lie(p: Pair, kind: str) -> bool:
     """Script one lie on the rx ring; False when the ring has too few buffers for it."""
     liar = LyingDevice(p)
     q = p.layout.queue_size
-    need = {"num_buffers_missing": 2, "too_many_frags": MAX_SKB_FRAGS + 1}.get(kind, 1)
+    need = {"num_buffers_missing": 2, "too_many_frags": MAX_SKB_FRAGS + 1,
+            "used_len_later": 2, "used_len_first_of_3": 3}.get(kind, 1)  # fmt: skip
     if kind != "unknown_id" and liar.pending() < need:
         return False
     data = LIE_MARK * 700  # 4200 bytes: more than a page, never a valid tagged frame
@@ -168,6 +169,11 @@ def lie(p: Pair, kind: str) -> bool:
         chain = liar.pop()
         liar.write(chain, hdr(1) + data[:100])
         liar.used(chain.head, chain.in_len + 1)
+    elif kind == "used_len_later":  # a bad length on a packet's second buffer
+        liar.packet(data[: 2 * PAGE_SIZE - MRG_HDR_LEN - 100], lengths=[PAGE_SIZE, PAGE_SIZE + 1])
+    elif kind == "used_len_first_of_3":  # a bad length on the first of three buffers
+        body = (LIE_MARK * 2100)[: 3 * PAGE_SIZE - MRG_HDR_LEN]
+        liar.packet(body, lengths=[PAGE_SIZE + 1, PAGE_SIZE, PAGE_SIZE])
     elif kind == "num_buffers_missing":
         liar.packet(data[: PAGE_SIZE - MRG_HDR_LEN], num_buffers=3, nchains=1)
     elif kind == "num_buffers_zero":
@@ -180,10 +186,9 @@ def lie(p: Pair, kind: str) -> bool:
     return True
 
 
-# Not yet here, pending fixes (see the xfail tests in test_rx_deferred.py): a bad used
-# entry among a packet's further buffers, and a bad length on the first of several.
 MERGEABLE_LIES = ["short", "zero_len", "unknown_id", "used_len_first", "num_buffers_missing",
-                  "num_buffers_zero", "too_many_frags"]  # fmt: skip
+                  "num_buffers_zero", "too_many_frags", "used_len_later",
+                  "used_len_first_of_3"]  # fmt: skip
 # Without MRG_RXBUF num_buffers means nothing: only the ring-level lies apply.
 NONMERGEABLE_LIES = ["short", "zero_len", "unknown_id", "used_len_first"]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from virtnet.net.constants import MAX_GSO_FRAME
 from virtnet.net.header import MRG_HDR_LEN, NUM_BUFFERS, NUM_BUFFERS_OFFSET
 from virtnet.net.stats import Stats, device_stats
-from virtnet.virtio.errors import DescriptorError
+from virtnet.virtio.errors import AvailIndexError, DescriptorError
 from virtnet.virtio.ring.split import Chain, SplitQueueDevice
 
 ZERO_HDR = bytes(MRG_HDR_LEN)
@@ -68,27 +68,54 @@ class VirtnetDevice:
         # Set when the last rx attempt found too little room: the back-end should
         # stop reading its source and wait for the driver's next rx kick.
         self.rx_starved = False
+        self.rx_broken = False
+        self.tx_broken = False
+        self.last_error = ""
 
     # -- rx: host → guest ---------------------------------------------------
 
     def _pop_rx(self) -> Chain | None:
-        """Next usable rx chain; bad ones are counted and returned with len 0."""
-        rxq = self.rxq
-        while True:
-            try:
-                chain = rxq.pop()
-            except DescriptorError as e:
-                self._refuse(rxq, e)
-                continue
-            if chain is None or chain.in_len:
-                return chain
+        """The next rx chain, or None when the driver has posted nothing more.
+
+        A chain the ring refuses (or one with nothing writable) comes back
+        "dead" (in_len 0): it keeps its place in the cache, so ``reset`` can
+        still give back exactly the chains not used, and it is returned with
+        length 0 when its turn comes.
+        """
+        if self.rx_broken:
+            return None
+        try:
+            chain = self.rxq.pop()
+        except AvailIndexError as e:
+            self._broken("rx", e)
+            return None
+        except DescriptorError as e:
+            self.stats.desc_errors += 1
+            self.last_error = str(e)
+            return Chain(e.head if e.head is not None else -1)
+        if chain is not None and not chain.in_len:
             self.stats.desc_errors += 1  # an rx buffer the device cannot write
-            rxq.push_used(chain.head, 0)
+            self.last_error = f"rx chain at head {chain.head} has no device-writable descriptor"
+        return chain
+
+    def _broken(self, which: str, e: Exception) -> None:
+        """vhost's vq_err: stop the queue; only a reset brings it back."""
+        self.stats.desc_errors += 1
+        self.last_error = f"{which} queue stopped: {e}"
+        if which == "rx":
+            self.rx_broken = True
+        else:
+            self.tx_broken = True
 
     def _refuse(self, q: SplitQueueDevice, e: DescriptorError) -> None:
         self.stats.desc_errors += 1
+        self.last_error = str(e)
         if e.head is not None:
             q.push_used(e.head, 0)
+
+    def _return_dead(self, chain: Chain) -> None:
+        if chain.head >= 0:
+            self.rxq.push_used(chain.head, 0)
 
     def _fill_cache(self, need: int) -> bool:
         """Have at least ``need`` writable bytes cached (mergeable) or one chain."""
@@ -99,13 +126,16 @@ class VirtnetDevice:
     def _fill_cache_from_ring(self, need: int) -> bool:
         cache = self._rx_cache
         if not self.mergeable:
-            if not cache:
+            while True:
+                while cache and not cache[0].in_len:
+                    self._return_dead(cache.popleft())
+                if cache:
+                    return cache[0].in_len >= need
                 chain = self._pop_rx()
                 if chain is None:
                     return False
                 cache.append(chain)
                 self._rx_cached += chain.in_len
-            return cache[0].in_len >= need
         while self._rx_cached < need:
             chain = self._pop_rx()
             if chain is None:
@@ -115,12 +145,19 @@ class VirtnetDevice:
         return True
 
     def _take(self, nbytes: int) -> list[Chain]:
-        """The fewest chains from the cache front that hold ``nbytes``."""
+        """The fewest live chains from the cache front that hold ``nbytes``.
+
+        Dead chains met on the way are returned (length 0) first, so the
+        packet's own buffers stay consecutive in the used ring.
+        """
         cache = self._rx_cache
         chains = []
         have = 0
         while have < nbytes or not chains:
             chain = cache.popleft()
+            if not chain.in_len:
+                self._return_dead(chain)
+                continue
             chains.append(chain)
             have += chain.in_len
         self._rx_cached -= have
@@ -228,9 +265,12 @@ class VirtnetDevice:
         """
         txq, stats, hdr_len = self.txq, self.stats, self.hdr_len
         n = 0
-        while n < budget:
+        while n < budget and not self.tx_broken:
             try:
                 chain = txq.pop()
+            except AvailIndexError as e:
+                self._broken("tx", e)
+                break
             except DescriptorError as e:
                 self._refuse(txq, e)
                 continue
@@ -263,7 +303,8 @@ class VirtnetDevice:
     # -- teardown -----------------------------------------------------------
 
     def reset(self) -> None:
-        """Give back the rx chains popped but not used (they are the newest popped)."""
+        """Give back the rx chains popped but not used (they are the newest popped:
+        every chain popped after the oldest cached one is in the cache, dead ones too)."""
         if self._rx_cache:
             self.rxq.unpop(len(self._rx_cache))
             self._rx_cache.clear()

@@ -119,7 +119,7 @@ class VirtnetDriver:
                 try:
                     got = rvq.get_buf()
                 except UsedRingError as e:
-                    self._bad_used(e)
+                    self.rx.bad_first_buf(e)
                     continue
                 if got is None:
                     break
@@ -133,14 +133,6 @@ class VirtnetDriver:
                 rvq.disable_cb()
                 continue
             return received, kick
-
-    def _bad_used(self, e: UsedRingError) -> None:
-        """A used entry the device got wrong: count it, and recycle the buffer if known."""
-        self.stats.rx_length_errors += 1
-        token = getattr(e, "token", None)
-        if token is not None:
-            self.num -= 1
-            self.rx.free_unused_buf(token)
 
     # -- transmit -----------------------------------------------------------
 

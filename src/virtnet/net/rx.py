@@ -26,6 +26,7 @@ from virtnet.net.constants import (
 )
 from virtnet.net.header import NUM_BUFFERS
 from virtnet.net.skb import Page, PageList, SkBuff
+from virtnet.virtio.errors import UsedRingError
 
 if TYPE_CHECKING:
     from virtnet.net.driver import VirtnetDriver
@@ -80,16 +81,48 @@ class RxStrategy:
 
         Stops early (rx_length_errors) when the device returned fewer
         buffers than its header promised: "rx error: %d buffers missing".
+        A used entry the ring refuses is consumed, counted, its buffer (if
+        known) recycled, and not yielded — the caller sees fewer buffers
+        than ``num_buf`` and drops the packet.
         """
         vi = self.vi
         for _ in range(num_buf - 1):
-            got = vi.rvq.get_buf()
+            try:
+                got = vi.rvq.get_buf()
+            except UsedRingError as e:
+                self.bad_used(e)
+                continue
             if got is None:
                 self.stats.rx_length_errors += 1
                 return
             vi.num -= 1
             self.stats.rx_bufs += 1
             yield got
+
+    def bad_used(self, e: UsedRingError) -> Any:
+        """Count a used entry the ring refused; recycle its buffer if it names one."""
+        self.stats.rx_length_errors += 1
+        token = getattr(e, "token", None)
+        if token is not None:
+            self.vi.num -= 1
+            self.free_unused_buf(token)
+        return token
+
+    def bad_first_buf(self, e: UsedRingError) -> None:
+        """A packet's first buffer came back with a bad length: drop the whole packet.
+
+        Mergeable strategies also drain the ``num_buffers - 1`` buffers that
+        belong to it, or they would be read as packets (virtio_net.c:
+        receive_mergeable → err_skb → mergeable_buf_free).
+        """
+        token = getattr(e, "token", None)
+        num_buf = self._num_buffers(token) if token is not None and self.mergeable else 1
+        self.bad_used(e)
+        for buf, _ in self._more_bufs(num_buf):
+            self.free_unused_buf(buf)
+
+    def _num_buffers(self, buf: Any) -> int:
+        return 1
 
 
 class DeferredRx(RxStrategy):
@@ -203,6 +236,9 @@ class DeferredRx(RxStrategy):
     def free_unused_buf(self, plist: PageList) -> None:
         self._to_freed(plist)
 
+    def _num_buffers(self, plist: PageList) -> int:
+        return NUM_BUFFERS.unpack_from(plist.page.view, 10)[0]
+
     def remove(self) -> None:
         """virtnet_remove: splice used_pages into freed_pages and free every page."""
         for plist in list(self.used_pages):
@@ -304,6 +340,9 @@ class PreallocRx(RxStrategy):
     def free_unused_buf(self, skb: SkBuff) -> None:
         del self.recv[skb]
         self._recycle(skb)
+
+    def _num_buffers(self, skb: SkBuff) -> int:
+        return NUM_BUFFERS.unpack_from(skb.frags[0][0].view, 10)[0]
 
     def remove(self) -> None:
         for page in self.pages:

@@ -32,6 +32,14 @@ class DescriptorError(VirtioError):
         self.head = head
 
 
+class AvailIndexError(DescriptorError):
+    """The driver moved the avail index more than a queue's worth ahead.
+
+    Nothing was consumed: the queue cannot be trusted any more (vhost's
+    "Guest moved avail index"); the device stops it until a reset.
+    """
+
+
 class UsedRingError(VirtioError):
     """A used-ring entry the driver must refuse (unknown id, length too large)."""
 

@@ -17,7 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from virtnet.virtio.errors import DescriptorError, QueueFullError, UsedRingError
+from virtnet.virtio.errors import (
+    AvailIndexError,
+    DescriptorError,
+    QueueFullError,
+    UsedRingError,
+)
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.layout import (
     DESC_SIZE,
@@ -347,7 +352,7 @@ class SplitQueueDevice:
         """How many chains the driver has made available and we have not popped."""
         n = (self._avail[1] - self.last_avail_idx) & 0xFFFF
         if n > self.num:
-            raise DescriptorError(
+            raise AvailIndexError(
                 f"vq {self.index}: avail idx {self._avail[1]} is {n} ahead of "
                 f"last_avail_idx {self.last_avail_idx}, more than the queue size {self.num}"
             )
