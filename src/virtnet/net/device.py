@@ -67,6 +67,9 @@ class VirtnetDevice:
         self._rx_cached = 0  # bytes of writable space in the cache
         # Set when the last rx attempt found too little room: the back-end should
         # stop reading its source and wait for the driver's next rx kick.
+        # Optional tap on the data path (--pcap): called with a frame's views,
+        # virtio-net header first, and its length including the header.
+        self.capture: Callable[[Sequence[memoryview], int], None] | None = None
         self.rx_starved = False
         self.rx_broken = False
         self.tx_broken = False
@@ -165,6 +168,8 @@ class VirtnetDevice:
 
     def _complete_rx(self, chains: list[Chain], nbytes: int) -> None:
         """Push the chains used for a ``nbytes`` packet (header included)."""
+        if self.capture is not None:
+            self.capture([v for chain in chains for v in chain.writable], nbytes)
         push = self.rxq.push_used
         left = nbytes
         for chain in chains:
@@ -285,6 +290,8 @@ class VirtnetDevice:
                 txq.unpop(1)
                 break
             txq.push_used(chain.head, 0)
+            if self.capture is not None:
+                self.capture(chain.readable, chain.out_len)
             stats.tx_packets += 1
             stats.tx_bytes += frame_len
             n += 1

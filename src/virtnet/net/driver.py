@@ -74,6 +74,8 @@ class VirtnetDriver:
         self.rx: RxStrategy = STRATEGIES[strategy](self)
         self.tx_slots = TxSlots(pool, svq.num)
         self.removed = False
+        # Optional tap on the data path (--pcap): a frame's views, header first.
+        self.capture: Callable[[list, int | None], None] | None = None
 
     @property
     def strategy(self) -> str:
@@ -100,6 +102,8 @@ class VirtnetDriver:
         """The end of receive_buf: count and hand the skb up the stack."""
         self.stats.rx_packets += 1
         self.stats.rx_bytes += skb.len
+        if self.capture is not None:
+            self.capture([skb.vnet_hdr, *skb.data_views()], None)
         self.netif_receive_skb(skb)
 
     def poll(self, budget: int = NAPI_POLL_WEIGHT) -> tuple[int, bool]:
@@ -167,6 +171,8 @@ class VirtnetDriver:
             return False
         self.stats.tx_packets += 1
         self.stats.tx_bytes += skb.len
+        if self.capture is not None:
+            self.capture([skb.vnet_hdr, *skb.data_views()], None)
         return True
 
     def tx_kick(self) -> bool:
