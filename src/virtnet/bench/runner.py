@@ -29,6 +29,34 @@ def machine_description() -> dict:
     }
 
 
+def run_groups(
+    groups: list[list[Case]],
+    console: Console | None = None,
+) -> list[dict]:
+    """Run each group of cases interleaved (see ``run_interleaved``), with progress."""
+    from virtnet.bench.embedded import run_interleaved
+
+    console = console or Console(stderr=True)
+    results = []
+    columns = (
+        TextColumn("{task.description:<40}"),
+        BarColumn(),
+        TextColumn("{task.fields[rate]:>24}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        for group in groups:
+            c = group[0]
+            label = f"{c.direction} {c.payload}B: " + " vs ".join(
+                dict.fromkeys(x.strategy for x in group))
+            task = progress.add_task(label, total=1.0, rate="")
+            recs = run_interleaved(group, tick=lambda f, t=task: progress.update(t, completed=f))
+            rate = " / ".join(f"{r['gbps'] * 1000:,.0f}" for r in recs) + " Mb/s"
+            progress.update(task, completed=1.0, rate=rate)
+            results += recs
+    return results
+
+
 def run_cases(
     cases: Iterable[Case],
     runner: Callable[..., dict] = run_case,

@@ -23,12 +23,15 @@ ZERO_HDR = bytes(MRG_HDR_LEN)
 
 def scatter(srcs: Sequence, dsts: Sequence[memoryview]) -> int:
     """Copy the concatenation of ``srcs`` into consecutive ``dsts``; bytes copied."""
+    if len(dsts) == 1:
+        return _copy_into(srcs, dsts[0])
     di = 0
     doff = 0
     total = 0
     ndst = len(dsts)
     for src in srcs:
-        src = memoryview(src).cast("B") if not isinstance(src, memoryview) else src
+        if not isinstance(src, memoryview):
+            src = memoryview(src).cast("B")
         soff = 0
         slen = len(src)
         while soff < slen:
@@ -44,6 +47,20 @@ def scatter(srcs: Sequence, dsts: Sequence[memoryview]) -> int:
                 di += 1
                 doff = 0
     return total
+
+
+def _copy_into(srcs: Sequence, dst: memoryview) -> int:
+    """The one-destination case (every frame that fits a page): plain appends."""
+    off = 0
+    cap = len(dst)
+    for src in srcs:
+        end = off + len(src)
+        if end > cap:
+            dst[off:cap] = memoryview(src)[: cap - off]
+            return cap
+        dst[off:end] = src
+        off = end
+    return off
 
 
 class VirtnetDevice:
