@@ -113,10 +113,29 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
     p.add_argument("--json", metavar="FILE", help="write final stats as JSON")
     p.add_argument("--quiet", action="store_true", help="no live counters")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    p.add_argument("--pcap", metavar="FILE",
+                   help="write every frame received and sent to FILE (tshark -r FILE)")  # fmt: skip
     if name == "driver":
         p.add_argument("--strategy", default="deferred", choices=tuple(STRATEGIES),
                        help="rx strategy (without MRG_RXBUF: big or small, as Linux)")  # fmt: skip
         p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256)")
+        p.add_argument("--features-off", type=_feature_bits, default=0, metavar="NAMES",
+                       help="feature bits not to ack, e.g. MRG_RXBUF (big buffers) or "
+                            "MRG_RXBUF,GUEST_TSO4,GUEST_TSO6 (small ones)")  # fmt: skip
+
+
+def _feature_bits(text: str) -> int:
+    from virtnet.net.features import VirtioNetF
+    from virtnet.virtio.features import VirtioF, bit
+
+    known = {m.name: m for e in (VirtioNetF, VirtioF) for m in e}
+    items = [x.strip().upper() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in known]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"unknown feature {', '.join(bad) or '(none given)'}: choose from {', '.join(known)}"
+        )
+    return sum(bit(known[x]) for x in set(items))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +165,7 @@ def cmd_bench(args) -> int:
 
     from virtnet.bench.embedded import Case
     from virtnet.bench.report import integrity_problems, print_report, write_json, write_plot
-    from virtnet.bench.runner import machine_description, run_cases
+    from virtnet.bench.runner import machine_description, run_groups
 
     if args.tap:
         return cmd_bench_tap(args)
@@ -156,12 +175,14 @@ def cmd_bench(args) -> int:
         print("virtnet bench: --seconds must be > 0 and --runs >= 1", file=sys.stderr)
         return 2
     try:
-        cases = [
-            Case(s, d, p, seconds=args.seconds, queue_size=args.queue_size)
+        groups = [
+            [
+                Case(s, d, p, seconds=args.seconds, queue_size=args.queue_size)
+                for _ in range(args.runs)
+                for s in args.strategies
+            ]
             for d in args.directions
             for p in args.payloads
-            for s in args.strategies
-            for _ in range(args.runs)
         ]
         from virtnet.ports.synthetic import FrameGen
 
@@ -174,7 +195,7 @@ def cmd_bench(args) -> int:
         print(f"virtnet bench: {e}", file=sys.stderr)
         return 2
     machine = machine_description()
-    results = run_cases(cases)
+    results = run_groups(groups)
     title = (
         f"virtnet bench (embedded, queue {args.queue_size}, {args.seconds:g}s/case) — "
         f"{machine['cpu']}, {machine['cores']} cores, Python {machine['python']}"
@@ -300,11 +321,18 @@ def cmd_vhost_user(args) -> int:
     except (BackendError, OSError) as e:
         print(f"virtnet {args.command}: {e}", file=sys.stderr)
         return 2
+    pcap = None
     if args.command == "device":
         from virtnet.vhost_user.backend import DeviceServer
 
         try:
             server = DeviceServer(args.socket_path, backend, printer=_printer(args))
+            if args.pcap:
+                from virtnet.net.header import MRG_HDR_LEN
+                from virtnet.ports.pcap import PcapWriter
+
+                pcap = PcapWriter(args.pcap, MRG_HDR_LEN)
+                server.capture = pcap.write_views
         except OSError as e:
             print(f"virtnet device: cannot listen on {args.socket_path}: {e}", file=sys.stderr)
             return 2
@@ -314,19 +342,30 @@ def cmd_vhost_user(args) -> int:
         from virtnet.vhost_user.frontend import DriverClient, FrontendError
 
         try:
+            from virtnet.net.features import SUPPORTED
+
             client = DriverClient(args.socket_path, backend, strategy=args.strategy,
-                                  queue_size=args.queue_size, printer=_printer(args))  # fmt: skip
+                                  queue_size=args.queue_size,
+                                  wanted=SUPPORTED & ~args.features_off,
+                                  printer=_printer(args))  # fmt: skip
         except (FrontendError, OSError, ValueError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)
             return 2
         try:
             client.setup()
+            if args.pcap:
+                from virtnet.ports.pcap import PcapWriter
+
+                pcap = PcapWriter(args.pcap, client.drv.hdr_len)
+                client.drv.capture = pcap.write_views
             client.run(args.seconds)
         except (FrontendError, VhostUserProtocolError, OSError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)
             client.close()
             return 1
         result = client.close()
+    if pcap is not None:
+        pcap.close()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

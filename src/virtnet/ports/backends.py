@@ -85,6 +85,10 @@ class DeviceBackend:
     def on_features(self, features: int) -> None:
         """The negotiated virtio features (a tap sets its offloads from them)."""
 
+    def on_connect(self) -> None:
+        """A new front-end (a new guest): its generated stream starts again at frame 0."""
+        self.sink.expected = 0
+
     def xmit(self, views: list[memoryview], frame_len: int) -> bool:
         """A guest→host frame (virtio-net header first); False = back-pressure."""
         self.sink.receive(strip_hdr(views, MRG_HDR_LEN))
@@ -109,6 +113,14 @@ class GenDevice(DeviceBackend):
     def __init__(self, size: int) -> None:
         super().__init__()
         self.gen = FrameGen(size)
+        self.sent_before = 0  # frames sent to earlier front-ends
+
+    def on_connect(self) -> None:
+        # The new guest's sink expects frame 0: restart the stream, or it counts
+        # everything the previous guest got as lost.
+        super().on_connect()
+        self.sent_before += self.gen.seq
+        self.gen.seq = 0
 
     def has_rx(self) -> bool:
         return True
@@ -123,7 +135,7 @@ class GenDevice(DeviceBackend):
         return n
 
     def stats(self) -> dict:
-        return super().stats() | {"gen_packets": self.gen.seq}
+        return super().stats() | {"gen_packets": self.sent_before + self.gen.seq}
 
 
 class LoopbackDevice(DeviceBackend):
@@ -138,6 +150,11 @@ class LoopbackDevice(DeviceBackend):
 
     def has_rx(self) -> bool:
         return bool(self.queue)
+
+    def on_connect(self) -> None:
+        super().on_connect()
+        self.dropped += len(self.queue)  # the previous guest's frames are not the new one's
+        self.queue.clear()
 
     def xmit(self, views: list[memoryview], frame_len: int) -> bool:
         if len(self.queue) >= LOOPBACK_QUEUE:
@@ -162,7 +179,9 @@ class LoopbackDevice(DeviceBackend):
         return n
 
     def stats(self) -> dict:
-        return super().stats() | {"loopback_dropped": self.dropped}
+        # Every echo is delivered, dropped (queue full) or still queued: nothing vanishes.
+        return super().stats() | {"loopback_dropped": self.dropped,
+                                  "loopback_queued": len(self.queue)}  # fmt: skip
 
 
 class TapDevice(DeviceBackend):

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from virtnet.net.device import VirtnetDevice
-from virtnet.net.features import SUPPORTED, NetConfig, names, sanitize
+from virtnet.net.features import SUPPORTED, NetConfig, missing_requirements, names, sanitize
 from virtnet.net.guest import build_device
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.channel import Channel, PeerClosed
@@ -141,9 +141,10 @@ class BackendSession:
         wanted = msg.payload.value
         extra = wanted & ~BACKEND_FEATURES
         if extra:
-            raise BackendError(f"features {names(extra)} were never offered")
-        if sanitize(wanted) != wanted:
-            raise BackendError(f"features {names(wanted & ~sanitize(wanted))} lack requirements")
+            raise BackendError(f"features {' '.join(names(extra))} were never offered")
+        if sanitize(wanted) != wanted:  # VIRTIO 1.2, 5.1.3.1 "Feature bit requirements"
+            problems = "; ".join(missing_requirements(wanted))
+            raise BackendError(f"features lack requirements: {problems}")
         self.features = wanted
         if not wanted & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             for vr in self.vrings:  # "rings are enabled immediately"
@@ -241,7 +242,10 @@ class BackendSession:
 
     def _set_vring_addr(self, msg: Message) -> None:
         addr: VringAddr = msg.payload
-        self._vring(addr.index).addr = addr
+        vr = self._vring(addr.index)
+        if self.memory is not None and vr.num:
+            self._ring_views(addr.index, vr.num, addr)  # refuse the request that lies, now
+        vr.addr = addr
 
     def _get_vring_base(self, msg: Message) -> Message:
         st: VringState = msg.payload
@@ -297,23 +301,27 @@ class BackendSession:
         if self.device is not None or not self.ready():
             return
         mem = self.memory.memory
-        rings = []
-        for index, vr in enumerate(self.vrings):
-            a = vr.addr
-            try:
-                rings.append(VringViews(
-                    vr.num,
-                    mem.view_uva(a.desc_user_addr, desc_table_size(vr.num)),
-                    mem.view_uva(a.avail_user_addr, avail_ring_size(vr.num)),
-                    mem.view_uva(a.used_user_addr, used_ring_size(vr.num)),
-                ))  # fmt: skip
-            except MemoryAccessError as e:
-                raise BackendError(f"vring {index} addresses: {e}") from None
+        rings = [self._ring_views(i, vr.num, vr.addr) for i, vr in enumerate(self.vrings)]
         bases = (self.vrings[RX_Q].base, self.vrings[TX_Q].base)
         self.device = build_device(mem, tuple(rings), self.features, bases)
         self.changed = True
         log.info("device running: queue sizes %d/%d, bases %s",
                  self.vrings[RX_Q].num, self.vrings[TX_Q].num, bases)  # fmt: skip
+
+    def _ring_views(self, index: int, num: int, addr: VringAddr) -> VringViews:
+        """The ring's three parts in the mapped memory; BackendError names the part."""
+        mem = self.memory.memory
+        views = []
+        for part, uva, size in (
+            ("descriptor table", addr.desc_user_addr, desc_table_size(num)),
+            ("available ring", addr.avail_user_addr, avail_ring_size(num)),
+            ("used ring", addr.used_user_addr, used_ring_size(num)),
+        ):
+            try:
+                views.append(mem.view_uva(uva, size))
+            except MemoryAccessError as e:
+                raise BackendError(f"vring {index} {part}: {e}") from None
+        return VringViews(num, *views)
 
     def _stop_device(self) -> None:
         if self.device is not None:
@@ -373,6 +381,7 @@ class DeviceServer:
         self._ep = select.epoll()
         self._ep.register(self.listener.fileno(), select.EPOLLIN)
         self._watched: dict[int, str] = {}
+        self.capture = None  # --pcap: handed to every device this server runs
 
     # -- connections ------------------------------------------------------------
 
@@ -385,6 +394,7 @@ class DeviceServer:
         self.channel = Channel(sock, replies=False)
         self.session = BackendSession()
         self.sessions += 1
+        self.backend.on_connect()
         self._ep.register(sock.fileno(), select.EPOLLIN)
         log.info("front-end connected (session %d)", self.sessions)
 
@@ -411,6 +421,7 @@ class DeviceServer:
             dev.stats = type(dev.stats)(tuple(dev.stats.as_dict()))
 
     def _on_socket(self) -> None:
+        messages: list[Message] = []
         try:
             messages = self.channel.receive()
         except PeerClosed as e:
@@ -418,13 +429,33 @@ class DeviceServer:
             return
         except VhostUserProtocolError as e:
             self._protocol_error(e)
-            return
         except OSError as e:
             self._disconnect(f"socket error: {e}")
             return
-        for msg in messages:
-            if not self._serve(msg):
+        # One read may hold several messages, a refused one among them: serve
+        # every one the parser still has, in order (the channel raises a refused
+        # message only after returning those before it), not just the first batch.
+        while self.channel is not None:
+            for msg in messages:
+                if not self._serve(msg):
+                    return
+            try:
+                messages = self.channel.drain()
+            except VhostUserProtocolError as e:
+                self._protocol_error(e)
+                messages = []
+                continue
+            if not messages:
                 return
+
+    def _reply(self, answer: Message) -> bool:
+        """Send a reply; a front-end that hung up meanwhile is a disconnect, not a crash."""
+        try:
+            self.channel.send(answer)
+        except OSError as e:
+            self._disconnect(f"cannot reply to {spec_name(answer.request)}: {e}")
+            return False
+        return True
 
     def _serve(self, msg: Message) -> bool:
         dev_before = self.session.device
@@ -435,11 +466,13 @@ class DeviceServer:
             answer = self.session.handle(msg)
         except VhostUserProtocolError as e:
             self._protocol_error(e)
+            return self.channel is not None
+        if answer is not None and not self._reply(answer):
             return False
-        if answer is not None:
-            self.channel.send(answer)
         if msg.request is Req.SET_FEATURES and self.session.features:
             self.backend.on_features(self.session.features)
+        if self.session.device is not None and self.session.device is not dev_before:
+            self.session.device.capture = self.capture
         if self.session.device is not dev_before or self.session.changed:
             self._rewatch()
         return True
@@ -447,8 +480,8 @@ class DeviceServer:
     def _protocol_error(self, e: VhostUserProtocolError) -> None:
         log.error("protocol error: %s", e)
         nack = rejection_ack(e)
-        if nack is not None and self.channel is not None:
-            self.channel.send(nack)
+        if nack is not None and self.channel is not None and not self._reply(nack):
+            return
         if not e.framing_intact or nack is None and e.request is not None and needs_reply(
             Message(e.request, e.flags or 1)
         ):

@@ -36,6 +36,9 @@ class Channel:
     def __init__(self, sock: socket.socket, *, replies: bool) -> None:
         self.sock = sock
         self.parser = MessageParser(FrontendRequest, replies=replies)
+        # A refused message found after good ones in the same read: raised by the
+        # next drain(), so the good ones are served first and nothing is skipped.
+        self._refused: VhostUserProtocolError | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -56,6 +59,9 @@ class Channel:
         Raises PeerClosed on EOF, VhostUserProtocolError for a message the
         parser refuses (``framing_intact`` says whether to go on).
         """
+        pending = self.drain()
+        if pending:
+            return pending  # already read: never block on the socket for them
         data, fds = self._recvmsg()
         if not data:
             self.parser.feed_eof()
@@ -64,10 +70,27 @@ class Channel:
         return self.drain()
 
     def drain(self) -> list[Message]:
-        out = []
-        while (msg := self.parser.next_message()) is not None:
+        """The whole messages already read, in order.
+
+        A refused message raises -- but only after the messages before it were
+        returned: then the next call raises it, and the one after goes on past it
+        (when its framing was intact).
+        """
+        if self._refused is not None:
+            error, self._refused = self._refused, None
+            raise error
+        out: list[Message] = []
+        while True:
+            try:
+                msg = self.parser.next_message()
+            except VhostUserProtocolError as e:
+                if not out:
+                    raise
+                self._refused = e
+                return out
+            if msg is None:
+                return out
             out.append(msg)
-        return out
 
     def _recvmsg(self) -> tuple[bytes, list[int]]:
         data, ancdata, flags, _ = self.sock.recvmsg(RECV_SIZE, _FD_SPACE)

@@ -18,7 +18,13 @@ import socket
 import time
 
 from virtnet.net.driver import VirtnetDriver
-from virtnet.net.features import SUPPORTED, missing_requirements, names, negotiate
+from virtnet.net.features import (
+    SUPPORTED,
+    VirtioNetF,
+    missing_requirements,
+    names,
+    negotiate,
+)
 from virtnet.net.guest import RX, TX, GuestLayout, build_driver
 from virtnet.ports.backends import DriverBackend, LoopbackDriver, TapDriver
 from virtnet.vhost_user.channel import Channel, PeerClosed
@@ -46,6 +52,7 @@ log = logging.getLogger("virtnet.driver")
 WANTED_PROTOCOL = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
 NAPI_BUDGET = 64
 TX_BUDGET = 64
+TX_DRAIN_TIMEOUT = 2.0  # close(): how long the back-end gets to use what was sent
 
 
 class FrontendError(Exception):
@@ -164,6 +171,10 @@ class DriverClient:
             self.guest.memory, self.layout, self.features, self.strategy,
             netif_receive_skb=self.backend.netif_receive_skb,
         )  # fmt: skip
+        if self.drv.strategy != self.strategy:  # virtnet_probe's choice, from the features
+            mrg = "on" if self.features & bit(VirtioNetF.MRG_RXBUF) else "off"
+            log.warning("rx strategy %s is not possible with MRG_RXBUF %s: using %s",
+                        self.strategy, mrg, self.drv.strategy)  # fmt: skip
         if isinstance(self.backend, LoopbackDriver):
             self.backend.drv = self.drv
         for q, addrs in enumerate(self.layout.rings):
@@ -231,6 +242,8 @@ class DriverClient:
                     received, kick = drv.poll(NAPI_BUDGET)
                     if kick:
                         self._kick(RX)
+                    if drv.svq.num_added and drv.tx_kick():
+                        self._kick(TX)  # the stack sent from rx (loopback echoes)
                     rx_pending = received == NAPI_BUDGET
                 if tx_ready:
                     tx_ready = self._run_tx()
@@ -256,6 +269,34 @@ class DriverClient:
         drv.svq.disable_cb()
         return True
 
+    def _drain_tx(self, timeout: float) -> None:
+        """Wait (bounded) until the back-end has used every tx buffer sent.
+
+        A clean stop then loses nothing in flight, and both ends count the same
+        tx packets; buffers still unused at the deadline are dropped by remove().
+        """
+        drv = self.drv
+        if drv.svq.num_added and drv.tx_kick():
+            self._kick(TX)
+        deadline = time.monotonic() + timeout
+        while True:
+            drv.free_old_xmit_skbs()
+            if not drv.svq.in_flight or self.peer_gone:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("the back-end did not use %d tx buffers within %gs: dropping them",
+                            drv.svq.in_flight, timeout)  # fmt: skip
+                return
+            if not drv.svq.enable_cb():  # used buffers arrived while arming: reap them
+                continue
+            ready, _, _ = select.select([self.call[TX], self.channel.fileno()], [], [],
+                                        min(left, 0.05))  # fmt: skip
+            if self.call[TX] in ready:
+                _drain(self.call[TX])
+            if self.channel.fileno() in ready:
+                self._on_socket()
+
     def _on_socket(self) -> None:
         try:
             msgs = self.channel.receive()
@@ -272,13 +313,15 @@ class DriverClient:
     def stats(self) -> dict:
         return {"driver_stats": self.drv.stats.as_dict() if self.drv else {},
                 "backend": self.backend.stats(),
-                "features": self.features}  # fmt: skip
+                "features": self.features,
+                "strategy": self.drv.strategy if self.drv else self.strategy}  # fmt: skip
 
     # -- teardown -----------------------------------------------------------------
 
     def close(self) -> dict:
         """Stop the rings (GET_VRING_BASE), reclaim every buffer, free every page."""
         if not self.peer_gone and self.drv is not None:
+            self._drain_tx(TX_DRAIN_TIMEOUT)
             for q in range(2):
                 try:
                     self._get(Req.GET_VRING_BASE, VringState(q, 0))
@@ -288,6 +331,8 @@ class DriverClient:
         stats = {}
         if self.drv is not None:
             self.drv.free_old_xmit_skbs()
+            if isinstance(self.backend, LoopbackDriver):
+                self.backend.drv = None  # the rings are stopped: echoes now are drops
             self.drv.poll(1 << 16)  # what the device finished before stopping
             if hasattr(self.backend, "release"):
                 self.backend.release(self.drv)

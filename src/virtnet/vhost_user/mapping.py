@@ -15,6 +15,9 @@ from virtnet.virtio.memory import GuestMemory, MemoryRegion
 class MappingError(OSError):
     """A region that cannot be mapped (bad fd, size, offset)."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # the text names the region, not "[Errno 0]"
+
 
 def _map_length(fd: int, offset: int, size: int) -> int:
     """mmap length covering [0, offset + size), rounded to the fd's block size.
