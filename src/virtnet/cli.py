@@ -322,6 +322,7 @@ def cmd_vhost_user(args) -> int:
         print(f"virtnet {args.command}: {e}", file=sys.stderr)
         return 2
     pcap = None
+    rc = 0
     if args.command == "device":
         from virtnet.vhost_user.backend import DeviceServer
 
@@ -364,9 +365,12 @@ def cmd_vhost_user(args) -> int:
             client.close()
             return 1
         result = client.close()
+        if client.peer_gone:
+            print("virtnet driver: the back-end went away", file=sys.stderr)
+            rc = 1
     if pcap is not None:
         pcap.close()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
-    return 0
+    return rc

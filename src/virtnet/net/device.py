@@ -74,8 +74,10 @@ class VirtnetDevice:
         mergeable: bool = True,
         hdr_len: int = MRG_HDR_LEN,
         stats: Stats | None = None,
+        guest_gso: bool = True,
     ) -> None:
         self.rxq = rxq
+        self.guest_gso = guest_gso
         self.txq = txq
         self.mergeable = mergeable
         self.hdr_len = hdr_len
@@ -201,8 +203,17 @@ class VirtnetDevice:
             stats.rx_num_buffers_max = len(chains)
 
     def has_room(self, frame_len: int) -> bool:
-        """Whether the guest has posted room for a frame of ``frame_len`` bytes."""
-        return self._fill_cache(self.hdr_len + frame_len)
+        """Whether ``receive_packet`` would find a buffer now (it may still drop
+        the frame: non-mergeable buffers too small for it, GSO the guest refused).
+
+        A NIC drops a frame its rx buffers cannot take instead of waiting for
+        bigger ones, so a too-small posted buffer counts as room here.
+        """
+        need = self.hdr_len + frame_len
+        if self.mergeable:
+            return self._fill_cache(need)
+        self._fill_cache(need)
+        return bool(self._rx_cache)
 
     def receive_packet(self, frame: Sequence, hdr: bytes = ZERO_HDR) -> bool:
         """Deliver one frame (views/bytes) with virtio-net header ``hdr`` to the guest.
@@ -212,7 +223,9 @@ class VirtnetDevice:
         """
         frame_len = sum(len(v) for v in frame)
         need = self.hdr_len + frame_len
-        if not self._fill_cache(need):
+        if hdr[1] and not self.guest_gso or not self._fill_cache(need):
+            # No room, or a GSO frame the guest did not negotiate (5.1.6.2: the
+            # device MUST NOT send a gso_type the guest has no GUEST_* bit for).
             self.stats.rx_dropped += 1
             return False
         chains = self._take(need)

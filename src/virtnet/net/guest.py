@@ -136,4 +136,5 @@ def build_device(
         mergeable=has(features, VirtioNetF.MRG_RXBUF),
         hdr_len=MRG_HDR_LEN,
         stats=device_stats(),
+        guest_gso=any(has(features, f) for f in (VirtioNetF.GUEST_TSO4, VirtioNetF.GUEST_TSO6)),
     )

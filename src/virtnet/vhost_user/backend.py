@@ -521,11 +521,19 @@ class DeviceServer:
         txq = dev.txq
         txq.disable_notify()
         n = dev.process_tx(self.backend.xmit, BUDGET)
+        self._log_ring_error(dev)
         if dev.flush_tx():
             signal_call(self.session.vrings[TX_Q].call)
         if n == BUDGET:
             return True
         return txq.enable_notify()
+
+    @staticmethod
+    def _log_ring_error(dev: VirtnetDevice) -> None:
+        """Name what the driver got wrong (the counters only say how often)."""
+        if dev.last_error:
+            log.error("%s (desc_errors %d)", dev.last_error, dev.stats.desc_errors)
+            dev.last_error = ""
 
     def _run_rx(self, dev: VirtnetDevice, backend_ready: bool) -> bool:
         if not (backend_ready or self.backend.has_rx()):
@@ -533,6 +541,7 @@ class DeviceServer:
         rxq = dev.rxq
         rxq.disable_notify()
         n = self.backend.fill_rx(dev, BUDGET)
+        self._log_ring_error(dev)
         if dev.flush_rx():
             signal_call(self.session.vrings[RX_Q].call)
         if n == BUDGET:
