@@ -113,6 +113,10 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
     p.add_argument("--json", metavar="FILE", help="write final stats as JSON")
     p.add_argument("--quiet", action="store_true", help="no live counters")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    p.add_argument("--busy-poll", type=int, default=0, metavar="USEC",
+                   help="when idle, poll the rings this long before sleeping: fewer "
+                        "kicks/interrupts, more CPU (vhost-net's busyloop_timeout; "
+                        "default 0)")  # fmt: skip
     p.add_argument("--pcap", metavar="FILE",
                    help="write every frame received and sent to FILE (tshark -r FILE)")  # fmt: skip
     if name == "driver":
@@ -327,7 +331,8 @@ def cmd_vhost_user(args) -> int:
         from virtnet.vhost_user.backend import DeviceServer
 
         try:
-            server = DeviceServer(args.socket_path, backend, printer=_printer(args))
+            server = DeviceServer(args.socket_path, backend, printer=_printer(args),
+                                  busy_poll_us=args.busy_poll)  # fmt: skip
             if args.pcap:
                 from virtnet.net.header import MRG_HDR_LEN
                 from virtnet.ports.pcap import PcapWriter
@@ -348,6 +353,7 @@ def cmd_vhost_user(args) -> int:
             client = DriverClient(args.socket_path, backend, strategy=args.strategy,
                                   queue_size=args.queue_size,
                                   wanted=SUPPORTED & ~args.features_off,
+                                  busy_poll_us=args.busy_poll,
                                   printer=_printer(args))  # fmt: skip
         except (FrontendError, OSError, ValueError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)

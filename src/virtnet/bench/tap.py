@@ -14,25 +14,27 @@ relay between two offloaded taps (``relay``, Python's ceiling).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from virtnet.ports.iperf import IperfResult, start_client, start_server
-from virtnet.ports.netns import Topology, run_in_netns, stop_process
+from virtnet.ports.netns import Topology, iproute, link_index, run_in_netns, stop_process
 from virtnet.ports.relay import iperf_over_veth, iperf_through_relay, relay_topology
 
 GUEST_CIDR, HOST_CIDR = "10.77.2.2/24", "10.77.2.1/24"
-HOST_IP = HOST_CIDR.split("/")[0]
+GUEST_IP, HOST_IP = GUEST_CIDR.split("/")[0], HOST_CIDR.split("/")[0]
 MTU = 1500
 UDP_RATE = "2G"
 READY_TIMEOUT = 10.0  # seconds for the path to carry a ping after the processes start
 GUEST_TO_HOST, HOST_TO_GUEST = "guest-to-host", "host-to-guest"
+TAP_STATS = ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped")
 
 
 class TapBenchError(RuntimeError):
@@ -50,23 +52,154 @@ class TapCase:
         return f"{self.strategy} {self.direction} {self.protocol}"
 
 
+# virtnet_probe picks big/small buffers from the features, not from a wish: these are
+# the bits the driver must not ack for each non-mergeable strategy.
+FEATURES_OFF = {"big": "MRG_RXBUF", "small": "MRG_RXBUF,GUEST_TSO4,GUEST_TSO6"}
+
+
 def _virtnet(*args: str) -> list[str]:
     return [sys.executable, "-m", "virtnet", *args]
 
 
-def _wait_path(netns: str, proc_checks: list[subprocess.Popen]) -> None:
+@dataclass
+class VirtnetPath:
+    """A running guest ⇄ host path through virtnet, and where its processes report.
+
+    ``stop()`` stops the driver first (it drains tx and reaps what the device
+    finished, so both ends count the same packets), then the device; each
+    writes its ``--json`` on the way out.
+    """
+
+    topo: Topology
+    guest: str  # namespace with the driver's tap (GUEST_CIDR)
+    host: str  # namespace with the device's tap (HOST_CIDR)
+    guest_tap: str
+    host_tap: str
+    device: subprocess.Popen
+    driver: subprocess.Popen
+    device_json: str
+    driver_json: str
+    device_log: str
+    driver_log: str
+    device_pcap: str | None = None
+    driver_pcap: str | None = None
+
+    def stop(self) -> tuple[dict, dict]:
+        """Stop both processes (idempotent); returns their JSON (driver, device)."""
+        stop_process(self.driver)
+        stop_process(self.device)
+        return _load(self.driver_json), _load(self.device_json)
+
+    def tap_stats(self) -> dict[str, dict[str, int]]:
+        """The kernel's counters of both taps (``guest``, ``host``): rx is what virtnet
+        wrote into a tap, tx what it read out (or, as tx_dropped, never read)."""
+        out = {}
+        for side, netns, ifname in (("guest", self.guest, self.guest_tap),
+                                    ("host", self.host, self.host_tap)):  # fmt: skip
+            with iproute(netns) as ipr:
+                link = ipr.get_links(link_index(ipr, ifname, netns))[0]
+            st = link.get("IFLA_STATS64")
+            out[side] = {k: st[k] for k in TAP_STATS}
+        return out
+
+    def logs(self) -> str:
+        return f"device: {_tail(self.device_log)}\ndriver: {_tail(self.driver_log)}"
+
+
+@contextlib.contextmanager
+def virtnet_path(
+    strategy: str = "deferred",
+    *,
+    features_off: str | None = None,
+    queue_size: int | None = None,
+    pcap: bool = False,
+    workdir: str | None = None,
+) -> Iterator[VirtnetPath]:
+    """Namespaces, taps, ``virtnet device`` and ``virtnet driver``, carrying pings.
+
+    ``features_off`` defaults to what ``strategy`` needs (FEATURES_OFF); the JSON,
+    logs and pcaps go to ``workdir`` (default: a temporary directory, gone on exit,
+    so read them before leaving the block). Everything is stopped and deleted on
+    exit, also when the body raises.
+    """
+    if features_off is None:
+        features_off = FEATURES_OFF.get(strategy)
+    with contextlib.ExitStack() as stack:
+        topo = stack.enter_context(Topology())
+        # The socket lives in its own short directory: a unix socket path is at most 107 bytes.
+        sockdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="virtnet-vu-"))
+        files = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="virtnet-tap-"))
+        guest, host = topo.add_netns("guest"), topo.add_netns("host")
+        tap_g = topo.add_tap(guest, GUEST_CIDR, mtu=MTU)
+        tap_h = topo.add_tap(host, HOST_CIDR, mtu=MTU)
+        sock = os.path.join(sockdir, "vhost-user.sock")
+        out = {name: os.path.join(files, name) for name in (
+            "device.json", "driver.json", "device.log", "driver.log",
+            "device.pcap", "driver.pcap")}  # fmt: skip
+        dev_args = ["device", "--socket-path", sock, "--backend", f"tapfd:{tap_h.fileno()}",
+                    "--json", out["device.json"], "--quiet"]  # fmt: skip
+        drv_args = ["driver", "--socket-path", sock, "--backend", f"tapfd:{tap_g.fileno()}",
+                    "--strategy", strategy, "--json", out["driver.json"], "--quiet"]  # fmt: skip
+        if features_off:
+            drv_args += ["--features-off", features_off]
+        if queue_size is not None:
+            drv_args += ["--queue-size", str(queue_size)]
+        if pcap:
+            dev_args += ["--pcap", out["device.pcap"]]
+            drv_args += ["--pcap", out["driver.pcap"]]
+        dev = _start(stack, dev_args, tap_h.fileno(), out["device.log"])
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not os.path.exists(sock):
+            if dev.poll() is not None or time.monotonic() > deadline:
+                raise TapBenchError(f"virtnet device did not listen: {_tail(out['device.log'])}")
+            time.sleep(0.02)
+        drv = _start(stack, drv_args, tap_g.fileno(), out["driver.log"])
+        path = VirtnetPath(
+            topo, guest, host, tap_g.name, tap_h.name, dev, drv,
+            device_json=out["device.json"], driver_json=out["driver.json"],
+            device_log=out["device.log"], driver_log=out["driver.log"],
+            device_pcap=out["device.pcap"] if pcap else None,
+            driver_pcap=out["driver.pcap"] if pcap else None,
+        )  # fmt: skip
+        _wait_path(path)
+        yield path
+
+
+def _start(
+    stack: contextlib.ExitStack, args: list[str], fd: int, log_path: str
+) -> subprocess.Popen:
+    """A virtnet process holding ``fd``; stopped when ``stack`` closes (before the taps)."""
+    # stderr to a file, not a pipe nobody reads: a chatty process must never block on it.
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(_virtnet(*args), pass_fds=[fd], stdout=subprocess.DEVNULL,
+                                stderr=log)  # fmt: skip
+    stack.callback(stop_process, proc)
+    return proc
+
+
+def _tail(path: str, limit: int = 2000) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-limit:].strip() or "(no output)"
+    except OSError:
+        return "(no log)"
+
+
+def _wait_path(path: VirtnetPath) -> None:
     """Ping until the guest reaches the host through virtnet (bounded)."""
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
-        for p in proc_checks:
+        for name, p in (("device", path.device), ("driver", path.driver)):
             if p.poll() is not None:
-                raise TapBenchError(f"{p.args[3]} exited with {p.returncode} before traffic")
-        r = run_in_netns(netns, ["ping", "-c", "1", "-W", "1", HOST_IP],
+                raise TapBenchError(
+                    f"virtnet {name} exited with {p.returncode} before traffic\n{path.logs()}"
+                )
+        r = run_in_netns(path.guest, ["ping", "-c", "1", "-W", "1", HOST_IP],
                          capture_output=True, timeout=5)  # fmt: skip
         if r.returncode == 0:
             return
         time.sleep(0.1)
-    raise TapBenchError(f"no ping through virtnet within {READY_TIMEOUT:g}s")
+    raise TapBenchError(f"no ping through virtnet within {READY_TIMEOUT:g}s\n{path.logs()}")
 
 
 def _iperf(topo: Topology, client_ns: str, server_ns: str, case: TapCase) -> IperfResult:
@@ -78,44 +211,16 @@ def _iperf(topo: Topology, client_ns: str, server_ns: str, case: TapCase) -> Ipe
 
 
 def run_virtnet_case(case: TapCase) -> dict:
-    with Topology() as topo, tempfile.TemporaryDirectory(prefix="virtnet-bench-") as tmp:
-        guest, host = topo.add_netns("guest"), topo.add_netns("host")
-        tap_g = topo.add_tap(guest, GUEST_CIDR, mtu=MTU)
-        tap_h = topo.add_tap(host, HOST_CIDR, mtu=MTU)
-        sock = os.path.join(tmp, "vhost-user.sock")
-        dev_json, drv_json = os.path.join(tmp, "device.json"), os.path.join(tmp, "driver.json")
-        dev = subprocess.Popen(
-            _virtnet("device", "--socket-path", sock, "--backend", f"tapfd:{tap_h.fileno()}",
-                     "--json", dev_json, "--quiet"),
-            pass_fds=[tap_h.fileno()], stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + READY_TIMEOUT
-            while not os.path.exists(sock):
-                if dev.poll() is not None or time.monotonic() > deadline:
-                    raise TapBenchError(f"virtnet device did not listen: {dev.stderr.read()}")
-                time.sleep(0.02)
-            drv = subprocess.Popen(
-                _virtnet("driver", "--socket-path", sock, "--backend",
-                         f"tapfd:{tap_g.fileno()}", "--strategy", case.strategy,
-                         "--json", drv_json, "--quiet"),
-                pass_fds=[tap_g.fileno()], stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            try:
-                _wait_path(guest, [dev, drv])
-                result = _iperf(topo, guest, host, case)
-            finally:
-                stop_process(drv)
-        finally:
-            stop_process(dev)
-        drv_stats, dev_stats = _load(drv_json, "driver_stats"), _load(dev_json, "device_stats")
-        return _record(case, result, drv_stats, dev_stats)
+    with virtnet_path(case.strategy) as path:
+        result = _iperf(path.topo, path.guest, path.host, case)
+        drv, dev = path.stop()
+    return _record(case, result, drv.get("driver_stats", {}), dev.get("device_stats", {}))
 
 
-def _load(path: str, key: str) -> dict:
+def _load(path: str) -> dict:
     try:
         with open(path) as f:
-            return json.load(f).get(key, {})
+            return json.load(f)
     except (OSError, ValueError):
         return {}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from virtnet.net.constants import MAX_GSO_FRAME
+from virtnet.net.constants import ETH_DATA_LEN, ETH_HLEN, MAX_GSO_FRAME, VLAN_HLEN
 from virtnet.net.header import MRG_HDR_LEN, NUM_BUFFERS, NUM_BUFFERS_OFFSET
 from virtnet.net.stats import Stats, device_stats
 from virtnet.virtio.errors import AvailIndexError, DescriptorError
@@ -75,9 +75,12 @@ class VirtnetDevice:
         hdr_len: int = MRG_HDR_LEN,
         stats: Stats | None = None,
         guest_gso: bool = True,
+        mtu: int = ETH_DATA_LEN,
     ) -> None:
         self.rxq = rxq
         self.guest_gso = guest_gso
+        # The largest frame a source may hand us for the guest (receive_from's room).
+        self.max_frame = MAX_GSO_FRAME if guest_gso else ETH_HLEN + VLAN_HLEN + mtu
         self.txq = txq
         self.mergeable = mergeable
         self.hdr_len = hdr_len
@@ -238,15 +241,19 @@ class VirtnetDevice:
     def receive_from(self, readv: Callable[[list[memoryview]], int]) -> int:
         """Let ``readv`` (a TAP read) write header + frame straight into guest buffers.
 
-        Posts room for the largest frame (64 KiB GSO) first; returns the bytes
-        read (0: nothing to read, -1: no room posted by the guest).
+        A tap cannot say how long its next frame is, so room for the largest
+        frame the guest accepts is posted first (a 64 KiB GSO frame with
+        GUEST_TSO, an MTU-sized one without) — or the whole ring, when the
+        driver's ring is too small to ever hold that. A read that fills every
+        byte posted may have been cut short by the kernel: it is dropped.
+        Returns the bytes read (0: nothing delivered, -1: wait for buffers).
         """
-        need = self.hdr_len + MAX_GSO_FRAME if self.mergeable else 1
+        need = self.hdr_len + self.max_frame if self.mergeable else 1
         if not self._fill_cache(need) and not self._rx_cache:
             return -1
-        if self.mergeable and self._rx_cached < need:
-            return -1
         cache = self._rx_cache
+        if self.mergeable and self._rx_cached < need and not self._ring_too_small(need):
+            return -1
         views: list[memoryview] = []
         room = 0
         for chain in cache if self.mergeable else (cache[0],):
@@ -257,10 +264,23 @@ class VirtnetDevice:
         n = readv(views)
         if n <= 0:
             return 0
+        if n >= room and room < self.hdr_len + MAX_GSO_FRAME:
+            self.stats.rx_dropped += 1  # truncated: larger than the room the guest posted
+            return 0
         chains = self._take(n)
         self._set_num_buffers(chains, len(chains))
         self._complete_rx(chains, n)
         return n
+
+    def _ring_too_small(self, need: int) -> bool:
+        """The whole ring could never hold ``need``: read with what the driver gave,
+        once it has nothing more to give, if that holds at least an MTU frame."""
+        cache = self._rx_cache
+        live = [c.in_len for c in cache if c.in_len]
+        if not live or self.rxq.num * max(live) >= need:
+            return False
+        small = self.hdr_len + ETH_HLEN + VLAN_HLEN + ETH_DATA_LEN
+        return self._rx_cached >= small and not self.rxq.avail_pending()
 
     def _set_num_buffers(self, chains: list[Chain], num: int) -> None:
         # The header may straddle descriptors ("any layout"), so write it as a scatter.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from virtnet.net.constants import MAX_SKB_FRAGS, PAGE_SIZE
+from virtnet.net.constants import ETH_DATA_LEN, MAX_SKB_FRAGS, PAGE_SIZE
 from virtnet.net.device import VirtnetDevice
 from virtnet.net.driver import VirtnetDriver
 from virtnet.net.features import VirtioNetF
@@ -123,6 +123,7 @@ def build_device(
     rings: tuple[VringViews, VringViews],
     features: int,
     last_avail: tuple[int, int] = (0, 0),
+    mtu: int = ETH_DATA_LEN,
 ) -> VirtnetDevice:
     """A device over already-translated ring views (vhost-user gives front-end addresses)."""
     event_idx = has(features, VirtioF.RING_EVENT_IDX)
@@ -137,4 +138,5 @@ def build_device(
         hdr_len=MRG_HDR_LEN,
         stats=device_stats(),
         guest_gso=any(has(features, f) for f in (VirtioNetF.GUEST_TSO4, VirtioNetF.GUEST_TSO6)),
+        mtu=mtu,
     )

@@ -303,7 +303,7 @@ class BackendSession:
         mem = self.memory.memory
         rings = [self._ring_views(i, vr.num, vr.addr) for i, vr in enumerate(self.vrings)]
         bases = (self.vrings[RX_Q].base, self.vrings[TX_Q].base)
-        self.device = build_device(mem, tuple(rings), self.features, bases)
+        self.device = build_device(mem, tuple(rings), self.features, bases, self.config.mtu)
         self.changed = True
         log.info("device running: queue sizes %d/%d, bases %s",
                  self.vrings[RX_Q].num, self.vrings[TX_Q].num, bases)  # fmt: skip
@@ -364,7 +364,10 @@ def drain_eventfd(fd: int) -> None:
 class DeviceServer:
     """Listen on ``socket_path`` and run the device for one front-end at a time."""
 
-    def __init__(self, socket_path: str, backend: DeviceBackend, *, printer=None) -> None:
+    def __init__(
+        self, socket_path: str, backend: DeviceBackend, *, printer=None, busy_poll_us: int = 0
+    ) -> None:
+        self.busy_poll = busy_poll_us / 1e6
         self.socket_path = socket_path
         self.backend = backend
         self.printer = printer
@@ -524,9 +527,7 @@ class DeviceServer:
         self._log_ring_error(dev)
         if dev.flush_tx():
             signal_call(self.session.vrings[TX_Q].call)
-        if n == BUDGET:
-            return True
-        return txq.enable_notify()
+        return n == BUDGET  # kicks are re-armed in _idle, once nothing is left
 
     @staticmethod
     def _log_ring_error(dev: VirtnetDevice) -> None:
@@ -546,10 +547,25 @@ class DeviceServer:
             signal_call(self.session.vrings[RX_Q].call)
         if n == BUDGET:
             return True
+        return self.backend.has_rx() and not dev.rx_starved
+
+    def _idle(self, dev: VirtnetDevice) -> bool:
+        """Nothing to do: busy-poll a while if asked (no kicks needed meanwhile, like
+        vhost-net's busyloop_timeout), then re-arm kicks and recheck the race."""
+        if self.busy_poll and self._spin(dev):
+            return True
+        more = dev.txq.enable_notify()
         if dev.rx_starved:
-            # Wait for the driver to post buffers; recheck for a race.
-            return rxq.enable_notify()
-        return self.backend.has_rx()
+            more |= dev.rxq.enable_notify()  # wake us when the driver posts buffers
+        return more
+
+    def _spin(self, dev: VirtnetDevice) -> bool:
+        end = time.perf_counter() + self.busy_poll
+        txq, rxq, poll = dev.txq, dev.rxq, self._ep.poll
+        while time.perf_counter() < end:
+            if txq.avail_pending() or dev.rx_starved and rxq.avail_pending() or poll(0):
+                return True  # level-triggered: the main poll sees the event again
+        return False
 
     def serve(self, seconds: float = 0) -> dict:
         """Run until ``seconds`` pass (0: until SIGTERM/SIGINT)."""
@@ -582,6 +598,8 @@ class DeviceServer:
                     busy |= self._run_tx(dev)
                     busy |= self._run_rx(dev, backend_ready)
                     backend_ready = busy and backend_ready
+                    if not busy:
+                        busy = self._idle(dev)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

@@ -94,7 +94,9 @@ class DriverClient:
         wanted: int = SUPPORTED,
         connect_timeout: float = 10.0,
         printer=None,
+        busy_poll_us: int = 0,
     ) -> None:
+        self.busy_poll = busy_poll_us / 1e6
         self.socket_path = socket_path
         self.backend = backend
         self.strategy = strategy
@@ -225,6 +227,8 @@ class DriverClient:
                     self.printer(self.stats())
                     next_print = now + 1
                 busy = rx_pending or tx_ready
+                if not busy and self.busy_poll:
+                    busy = rx_pending = self._spin(ep)
                 for fd, _ in ep.poll(0 if busy else 0.2):
                     if fd == self.call[RX]:
                         _drain(fd)
@@ -252,6 +256,17 @@ class DriverClient:
                 signal.signal(s, h)
             ep.close()
         return self.stats()
+
+    def _spin(self, ep) -> bool:
+        """Busy-poll the rx used ring (callbacks off: the device need not signal)
+        and our fds for a while; re-arm callbacks before giving up."""
+        rvq = self.drv.rvq
+        rvq.disable_cb()
+        end = time.perf_counter() + self.busy_poll
+        while time.perf_counter() < end:
+            if rvq.more_used() or ep.poll(0):
+                return True  # poll() re-arms callbacks when it drains the ring
+        return not rvq.enable_cb()
 
     def _run_tx(self) -> bool:
         drv = self.drv
