@@ -93,6 +93,8 @@ class VirtnetDevice:
         # virtio-net header first, and its length including the header.
         self.capture: Callable[[Sequence[memoryview], int], None] | None = None
         self.rx_starved = False
+        self._bounce: memoryview | None = None
+        self._pending: bytes | None = None  # a frame read but not yet delivered
         self.rx_broken = False
         self.tx_broken = False
         self.last_error = ""
@@ -241,46 +243,66 @@ class VirtnetDevice:
     def receive_from(self, readv: Callable[[list[memoryview]], int]) -> int:
         """Let ``readv`` (a TAP read) write header + frame straight into guest buffers.
 
-        A tap cannot say how long its next frame is, so room for the largest
-        frame the guest accepts is posted first (a 64 KiB GSO frame with
-        GUEST_TSO, an MTU-sized one without) — or the whole ring, when the
-        driver's ring is too small to ever hold that. A read that fills every
-        byte posted may have been cut short by the kernel: it is dropped.
-        Returns the bytes read (0: nothing delivered, -1: wait for buffers).
+        A tap cannot say how long its next frame is, so the read is offered
+        room for the largest frame the guest accepts (64 KiB GSO with
+        GUEST_TSO, MTU-sized without). When the guest has posted less than
+        that, a bounce buffer makes up the rest: a frame that fits the posted
+        buffers goes in with no copy; one that spills over is kept and
+        delivered (copied) once the guest posts room. Nothing is truncated,
+        and a small ring never stalls waiting for room a small frame does not
+        need. Returns the bytes read (0: nothing to read, -1: wait for buffers).
         """
-        need = self.hdr_len + self.max_frame if self.mergeable else 1
-        if not self._fill_cache(need) and not self._rx_cache:
+        if self._pending is not None and not self._deliver_pending():
             return -1
+        full = self.hdr_len + self.max_frame
+        self._fill_cache(full if self.mergeable else 1)
         cache = self._rx_cache
-        if self.mergeable and self._rx_cached < need and not self._ring_too_small(need):
+        if not self._rx_cached:
+            self.rx_starved = True
             return -1
         views: list[memoryview] = []
         room = 0
         for chain in cache if self.mergeable else (cache[0],):
             views += chain.writable
             room += chain.in_len
-            if room >= need:
+            if room >= full:
                 break
+        if room < full:
+            views.append(self._bounce_view(full - room))
         n = readv(views)
         if n <= 0:
             return 0
-        if n >= room and room < self.hdr_len + MAX_GSO_FRAME:
-            self.stats.rx_dropped += 1  # truncated: larger than the room the guest posted
-            return 0
+        if n > room:
+            self._spilled(views, n)
+            return n
         chains = self._take(n)
         self._set_num_buffers(chains, len(chains))
         self._complete_rx(chains, n)
         return n
 
-    def _ring_too_small(self, need: int) -> bool:
-        """The whole ring could never hold ``need``: read with what the driver gave,
-        once it has nothing more to give, if that holds at least an MTU frame."""
-        cache = self._rx_cache
-        live = [c.in_len for c in cache if c.in_len]
-        if not live or self.rxq.num * max(live) >= need:
+    def _bounce_view(self, size: int) -> memoryview:
+        if self._bounce is None:
+            self._bounce = memoryview(bytearray(self.hdr_len + MAX_GSO_FRAME))
+        return self._bounce[:size]
+
+    def _spilled(self, views: list[memoryview], n: int) -> None:
+        """A frame larger than the posted buffers: keep it (header + frame) for later."""
+        data = b"".join(views)[:n]
+        biggest = max((c.in_len for c in self._rx_cache), default=0)
+        if not self.mergeable or n > biggest * self.rxq.num:
+            self.stats.rx_dropped += 1  # the guest's buffers could never hold it
+            return
+        self._pending = data
+        self._deliver_pending()
+
+    def _deliver_pending(self) -> bool:
+        data = self._pending
+        frame = memoryview(data)[self.hdr_len :]
+        if not self.has_room(len(frame)):
             return False
-        small = self.hdr_len + ETH_HLEN + VLAN_HLEN + ETH_DATA_LEN
-        return self._rx_cached >= small and not self.rxq.avail_pending()
+        self._pending = None
+        self.receive_packet([frame], data[: self.hdr_len])
+        return True
 
     def _set_num_buffers(self, chains: list[Chain], num: int) -> None:
         # The header may straddle descriptors ("any layout"), so write it as a scatter.

@@ -28,7 +28,11 @@ DRIVER_STATS = (
 DEVICE_STATS = (
     "rx_packets",  # delivered to the driver's rx ring (host → guest)
     "rx_bytes",
-    "rx_dropped",  # no (or too small) rx buffers: a NIC with an empty ring
+    # Frames this device dropped: no (or too small) rx buffers for a generated
+    # frame, a GSO frame the guest refused, a frame no buffer could ever hold.
+    # On a TAP the device waits instead (as vhost-net does): frames the empty
+    # ring could not take are dropped by the kernel, in the tap's tx_dropped.
+    "rx_dropped",
     "rx_bufs",  # rx chains used
     "rx_num_buffers_max",  # largest num_buffers written (mergeable)
     "rx_notifies",

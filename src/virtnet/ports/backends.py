@@ -193,6 +193,7 @@ class TapDevice(DeviceBackend):
         super().__init__()
         self.tap = tap
         self.tx_eagain = 0
+        self.tx_errors = 0  # frames the tap refused (bad vnet header, ...)
 
     def fileno(self) -> int | None:
         return self.tap.fileno()
@@ -211,6 +212,7 @@ class TapDevice(DeviceBackend):
             return False
         except OSError as e:
             if e.errno in (errno.EINVAL, errno.EIO):  # a frame the tap refuses
+                self.tx_errors += 1
                 return True
             raise
         st = self.sink.stats
@@ -232,7 +234,7 @@ class TapDevice(DeviceBackend):
         return n
 
     def stats(self) -> dict:
-        return super().stats() | {"tap_tx_eagain": self.tx_eagain}
+        return super().stats() | {"tap_tx_eagain": self.tx_eagain, "tap_tx_errors": self.tx_errors}
 
     def close(self) -> None:
         self.tap.close()

@@ -590,6 +590,8 @@ class DeviceServer:
                         self._on_socket()
                     elif self._watched.get(fd) in ("rx_kick", "tx_kick"):
                         drain_eventfd(fd)
+                        # New rx buffers: a frame held for room may go in now.
+                        backend_ready |= self._watched[fd] == "rx_kick"
                     elif self._watched.get(fd) == "backend":
                         backend_ready = True
                 dev = self.session.device if self.session else None
