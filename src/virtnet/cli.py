@@ -67,6 +67,11 @@ def _add_bench(sub) -> None:
     p.add_argument("--runs", type=int, default=None,
                    help="runs per case (default 1; 2 with --tap, like the seed)")  # fmt: skip
     p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256)")
+    p.add_argument("--mode", choices=("inproc", "vhost-user"), default="inproc",
+                   help="inproc: driver and device in this process, the strategies "
+                        "interleaved in 50 ms slices (the steadiest A/B); vhost-user: "
+                        "virtnet driver and virtnet device as two processes over "
+                        "vhost-user, taking 1 s turns")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG bar chart")
     p.add_argument("--tap", action="store_true",
@@ -199,9 +204,12 @@ def cmd_bench(args) -> int:
         print(f"virtnet bench: {e}", file=sys.stderr)
         return 2
     machine = machine_description()
-    results = run_groups(groups)
+    runner = None
+    if args.mode == "vhost-user":
+        from virtnet.bench.vhost_user import run_vhost_user_group as runner
+    results = run_groups(groups, group_runner=runner)
     title = (
-        f"virtnet bench (embedded, queue {args.queue_size}, {args.seconds:g}s/case) — "
+        f"virtnet bench ({args.mode}, queue {args.queue_size}, {args.seconds:g}s/case) — "
         f"{machine['cpu']}, {machine['cores']} cores, Python {machine['python']}"
     )
     print_report(results, title, _console())

@@ -32,10 +32,12 @@ def machine_description() -> dict:
 def run_groups(
     groups: list[list[Case]],
     console: Console | None = None,
+    group_runner: Callable[..., list[dict]] | None = None,
 ) -> list[dict]:
-    """Run each group of cases interleaved (see ``run_interleaved``), with progress."""
+    """Run each group of cases side by side (``run_interleaved`` or another), with progress."""
     from virtnet.bench.embedded import run_interleaved
 
+    group_runner = group_runner or run_interleaved
     console = console or Console(stderr=True)
     results = []
     columns = (
@@ -50,7 +52,7 @@ def run_groups(
             label = f"{c.direction} {c.payload}B: " + " vs ".join(
                 dict.fromkeys(x.strategy for x in group))
             task = progress.add_task(label, total=1.0, rate="")
-            recs = run_interleaved(group, tick=lambda f, t=task: progress.update(t, completed=f))
+            recs = group_runner(group, tick=lambda f, t=task: progress.update(t, completed=f))
             rate = " / ".join(f"{r['gbps'] * 1000:,.0f}" for r in recs) + " Mb/s"
             progress.update(task, completed=1.0, rate=rate)
             results += recs

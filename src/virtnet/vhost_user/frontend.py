@@ -113,6 +113,8 @@ class DriverClient:
         self.drv: VirtnetDriver | None = None
         self.stopping = False
         self.peer_gone = False
+        self.run_seconds = 0.0
+        self.cpu_seconds = 0.0
 
     def _connect(self, timeout: float) -> socket.socket:
         deadline = time.monotonic() + timeout
@@ -218,6 +220,7 @@ class DriverClient:
         tx_ready = self.backend.has_tx()
         next_print = time.monotonic() + 1
         drv.svq.disable_cb()
+        started, cpu0 = time.monotonic(), time.process_time()
         try:
             while not self.stopping:
                 now = time.monotonic()
@@ -252,6 +255,8 @@ class DriverClient:
                 if tx_ready:
                     tx_ready = self._run_tx()
         finally:
+            self.run_seconds = time.monotonic() - started
+            self.cpu_seconds = time.process_time() - cpu0
             for s, h in old.items():
                 signal.signal(s, h)
             ep.close()
@@ -329,7 +334,9 @@ class DriverClient:
         return {"driver_stats": self.drv.stats.as_dict() if self.drv else {},
                 "backend": self.backend.stats(),
                 "features": self.features,
-                "strategy": self.drv.strategy if self.drv else self.strategy}  # fmt: skip
+                "strategy": self.drv.strategy if self.drv else self.strategy,
+                "seconds": round(self.run_seconds, 4),
+                "cpu_seconds": round(self.cpu_seconds, 4)}  # fmt: skip
 
     # -- teardown -----------------------------------------------------------------
 
