@@ -59,6 +59,15 @@ class GuestMemory:
         return cls([MemoryRegion(gpa, memoryview(buffer))])
 
     @property
+    def first_region(self) -> tuple[int, int, memoryview | None]:
+        """(gpa, size, buffer) of the lowest region, for inlined fast paths; a miss
+        there must fall back to ``view`` (which also covers the other regions)."""
+        if not self._regions:
+            return (0, -1, None)
+        r = self._regions[0]
+        return (r.gpa, r.size, r.buffer)
+
+    @property
     def regions(self) -> tuple[MemoryRegion, ...]:
         return tuple(self._regions)
 

@@ -378,6 +378,7 @@ class SplitQueueDevice:
     def _walk(self, head: int) -> Chain:
         chain = Chain(head)
         view = self.memory.view
+        base, rsize, rbuf = self.memory.first_region
         table = self._desc
         size = self.num
         ttl = size  # a chain can't be longer than its table: a loop simply runs out
@@ -422,10 +423,14 @@ class SplitQueueDevice:
             total += length
             if total > MAX_CHAIN_BYTES:
                 raise DescriptorError("chain longer than 2^32 bytes (2.7.5.2)", head)
-            try:
-                seg = view(addr, length)
-            except Exception as e:
-                raise DescriptorError(f"descriptor {i}: {e}", head) from None
+            off = addr - base
+            if 0 <= off and off + length <= rsize:
+                seg = rbuf[off : off + length]  # the one-region fast path of memory.view
+            else:
+                try:
+                    seg = view(addr, length)
+                except Exception as e:
+                    raise DescriptorError(f"descriptor {i}: {e}", head) from None
             if flags & VRING_DESC_F_WRITE:
                 chain.writable.append(seg)
                 chain.in_len += length
