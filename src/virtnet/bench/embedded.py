@@ -18,7 +18,7 @@ from virtnet.net.constants import NAPI_POLL_WEIGHT
 from virtnet.net.features import SUPPORTED
 from virtnet.net.guest import GuestLayout, build_device, build_driver
 from virtnet.net.skb import SkBuff
-from virtnet.ports.backends import skb_from_gen, strip_hdr
+from virtnet.ports.backends import GenDriver, strip_hdr
 from virtnet.ports.synthetic import ACK_FRAME, FrameGen, FrameSink
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.layout import VringViews
@@ -62,7 +62,7 @@ class EmbeddedRun:
         self.drv, self.dev = make_pair(case, self._netif_receive_skb)
         self.gen = FrameGen(case.payload)
         self.acks = FrameGen(ACK_FRAME)
-        self.pending: SkBuff | None = None  # a tx skb the full ring refused
+        self.sender = GenDriver(case.payload)  # the guest's stack, when it transmits
         self.sent = 0
         self.drv.try_fill_recv()
         self.step = self.host_to_guest if case.direction == HOST_TO_GUEST else self.guest_to_host
@@ -88,14 +88,7 @@ class EmbeddedRun:
 
     def guest_to_host(self) -> None:
         drv, dev = self.drv, self.dev
-        while True:
-            skb = self.pending or skb_from_gen(drv, self.gen)
-            self.pending = None
-            if skb is None:
-                break
-            if not drv.start_xmit(skb):
-                self.pending = skb
-                break
+        self.sender.produce(drv, self.case.queue_size)
         drv.tx_kick()
         dev.process_tx(self._host_xmit, budget=self.case.queue_size)
         dev.flush_tx()
@@ -115,9 +108,7 @@ class EmbeddedRun:
     def finish(self) -> None:
         """Let the device finish what is in flight, then tear both sides down."""
         drv, dev = self.drv, self.dev
-        if self.pending is not None:
-            self.pending.free()
-            self.pending = None
+        self.sender.close()  # frees a frame the full ring refused
         dev.process_tx(lambda views, n: True, budget=1 << 16)
         dev.flush_tx()
         dev.flush_rx()

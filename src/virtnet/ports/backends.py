@@ -63,8 +63,9 @@ def strip_hdr(views: Sequence[memoryview], hdr_len: int) -> list[memoryview]:
 # -- device side (host) -------------------------------------------------------
 
 
-class DeviceBackend:
-    """The host end of a virtnet device."""
+class Backend:
+    """What both ends share: a sink that checks what arrives, an optional fd to
+    poll, the negotiated features, and the counters."""
 
     name = ""
 
@@ -74,6 +75,21 @@ class DeviceBackend:
     def fileno(self) -> int | None:
         return None
 
+    def on_features(self, features: int) -> None:
+        """The negotiated virtio features (a tap sets its offloads from them)."""
+
+    def stats(self) -> dict:
+        st = self.sink.stats
+        return {"sink_packets": st.packets, "sink_bytes": st.bytes, "sink_corrupt": st.corrupt,
+                "sink_lost": st.lost, "sink_foreign": st.foreign}  # fmt: skip
+
+    def close(self) -> None:
+        pass
+
+
+class DeviceBackend(Backend):
+    """The host end of a virtnet device."""
+
     def has_rx(self) -> bool:
         """Whether host→guest frames are waiting without an fd to say so."""
         return False
@@ -81,9 +97,6 @@ class DeviceBackend:
     def fill_rx(self, dev, budget: int) -> int:
         """Deliver up to ``budget`` host→guest frames; returns how many."""
         return 0
-
-    def on_features(self, features: int) -> None:
-        """The negotiated virtio features (a tap sets its offloads from them)."""
 
     def on_connect(self) -> None:
         """A new front-end (a new guest): its generated stream starts again at frame 0."""
@@ -93,14 +106,6 @@ class DeviceBackend:
         """A guest→host frame (virtio-net header first); False = back-pressure."""
         self.sink.receive(strip_hdr(views, MRG_HDR_LEN))
         return True
-
-    def stats(self) -> dict:
-        st = self.sink.stats
-        return {"sink_packets": st.packets, "sink_bytes": st.bytes, "sink_corrupt": st.corrupt,
-                "sink_lost": st.lost, "sink_foreign": st.foreign}  # fmt: skip
-
-    def close(self) -> None:
-        pass
 
 
 class SinkDevice(DeviceBackend):
@@ -243,22 +248,11 @@ class TapDevice(DeviceBackend):
 # -- driver side (guest) ------------------------------------------------------
 
 
-class DriverBackend:
+class DriverBackend(Backend):
     """The guest stack above a virtnet driver."""
-
-    name = ""
-
-    def __init__(self) -> None:
-        self.sink = FrameSink()
-
-    def fileno(self) -> int | None:
-        return None
 
     def has_tx(self) -> bool:
         return False
-
-    def on_features(self, features: int) -> None:
-        """The negotiated virtio features (a tap sets its offloads from them)."""
 
     def netif_receive_skb(self, skb: SkBuff) -> None:
         self.sink.receive(skb.data_views())
@@ -267,14 +261,6 @@ class DriverBackend:
     def produce(self, drv, budget: int) -> int:
         """Transmit up to ``budget`` guest→host frames; returns how many."""
         return 0
-
-    def stats(self) -> dict:
-        st = self.sink.stats
-        return {"sink_packets": st.packets, "sink_bytes": st.bytes, "sink_corrupt": st.corrupt,
-                "sink_lost": st.lost, "sink_foreign": st.foreign}  # fmt: skip
-
-    def close(self) -> None:
-        pass
 
 
 class SinkDriver(DriverBackend):
