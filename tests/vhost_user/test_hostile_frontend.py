@@ -314,10 +314,12 @@ def test_features_never_offered(case):
     case.still_in_step()
 
 
-def test_features_without_their_requirements(case):
+def test_features_without_their_requirements_are_dropped_and_logged(case):
+    # Linux acks such sets (QEMU csum=off leaves guest_tso6 on): not a refusal, a warning.
     case.fe.send(R.SET_OWNER)
     case.fe.send(R.SET_FEATURES, U64(FEATURES | bit(VirtioNetF.GUEST_TSO4)), need_reply=True)
-    case.refused(R.SET_FEATURES, "lack requirements: GUEST_TSO4 needs GUEST_CSUM")
+    assert case.ack(R.SET_FEATURES) == 0
+    case.log("features lack requirements, ignored: GUEST_TSO4 needs GUEST_CSUM")
     case.still_in_step()
 
 

@@ -23,7 +23,14 @@ import time
 from dataclasses import dataclass, field
 
 from virtnet.net.device import VirtnetDevice
-from virtnet.net.features import SUPPORTED, NetConfig, missing_requirements, names, sanitize
+from virtnet.net.features import (
+    SUPPORTED,
+    NetConfig,
+    VirtioNetF,
+    missing_requirements,
+    names,
+    sanitize,
+)
 from virtnet.net.guest import build_device
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.channel import Channel, PeerClosed
@@ -48,7 +55,7 @@ from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
 from virtnet.virtio.errors import MemoryAccessError
-from virtnet.virtio.features import bit
+from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.ring.layout import (
     VringViews,
     avail_ring_size,
@@ -118,6 +125,15 @@ class BackendSession:
                 raise BackendError(f"{spec_name(msg.request)} is not supported")
             result = handler(msg)
         except (BackendError, MappingError, MemoryAccessError, ValueError) as e:
+            if msg.request is Req.SET_FEATURES and not needs_reply(msg):
+                # QEMU sends it without NEED_REPLY: it cannot learn of the refusal, and a
+                # device on other features than the driver's is a silently broken link.
+                # Hang up (DPDK's vhost does the same for a failed request without reply).
+                raise VhostUserProtocolError(
+                    f"{spec_name(msg.request)}: {e} (refused without a reply asked for: "
+                    "closing the connection)",
+                    framing_intact=False,
+                ) from None
             log.error("%s: %s", spec_name(msg.request), e)
             if needs_reply(msg):
                 try:
@@ -142,9 +158,21 @@ class BackendSession:
         extra = wanted & ~BACKEND_FEATURES
         if extra:
             raise BackendError(f"features {' '.join(names(extra))} were never offered")
-        if sanitize(wanted) != wanted:  # VIRTIO 1.2, 5.1.3.1 "Feature bit requirements"
-            problems = "; ".join(missing_requirements(wanted))
-            raise BackendError(f"features lack requirements: {problems}")
+        if not wanted & (bit(VirtioF.VERSION_1) | bit(VirtioNetF.MRG_RXBUF)):
+            # 5.1.6: only a legacy driver without MRG_RXBUF uses the 10-byte header
+            # (QEMU disable-modern=on,mrg_rxbuf=off); the data path is 12 bytes throughout.
+            raise BackendError(
+                "a legacy driver (no VERSION_1) without MRG_RXBUF needs the 10-byte "
+                "virtio_net_hdr, which this device does not implement: use mrg_rxbuf=on "
+                "or the modern interface (QEMU disable-modern=off)"
+            )
+        problems = missing_requirements(wanted)
+        if problems:
+            # VIRTIO 1.2, 5.1.3.1: a driver MUST NOT accept these, yet Linux does (QEMU's
+            # csum=off leaves guest_tso6 on) and QEMU never reads this reply, so a refusal
+            # would run the device on stale features. Act as if the orphans were off.
+            log.warning("features lack requirements, ignored: %s", "; ".join(problems))
+            wanted = sanitize(wanted)
         self.features = wanted
         if not wanted & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             for vr in self.vrings:  # "rings are enabled immediately"
