@@ -356,6 +356,7 @@ class TapDriver(DriverBackend):
         self.tap = tap
         self.hdr = bytearray(MRG_HDR_LEN)
         self.pages: list = []  # pages posted to the next readv, kept across reads
+        self.pending: SkBuff | None = None  # read, but refused by a full tx ring
         self.rx_errors = 0
 
     def fileno(self) -> int | None:
@@ -380,6 +381,13 @@ class TapDriver(DriverBackend):
     def produce(self, drv, budget: int) -> int:
         pool = drv.pool
         n = 0
+        if self.pending is not None:
+            # The ring was full: send the held frame first, and read nothing more until
+            # it went — the tap's queue (and TCP's) is the back-pressure, not a drop.
+            if not drv.start_xmit(self.pending):
+                return 0
+            self.pending = None
+            n = 1
         while n < budget:
             while len(self.pages) < self.PAGES:
                 page = pool.alloc_page()
@@ -402,15 +410,21 @@ class TapDriver(DriverBackend):
                 skb.add_frag(self.pages[i], 0, min(PAGE_SIZE, frame_len - i * PAGE_SIZE))
             del self.pages[:used]
             if not drv.start_xmit(skb):
-                skb.free()  # tx ring full: the frame is dropped, like a full qdisc
-                drv.stats.tx_dropped += 1
+                self.pending = skb
+                return n
             n += 1
         return n
+
+    def has_tx(self) -> bool:
+        return self.pending is not None  # retry it without waiting for the tap
 
     def release(self, drv) -> None:
         for page in self.pages:
             drv.pool.free_page(page)
         self.pages = []
+        if self.pending is not None:
+            self.pending.free()
+            self.pending = None
 
     def close(self) -> None:
         self.tap.close()

@@ -26,7 +26,7 @@ from virtnet.net.features import (
     negotiate,
 )
 from virtnet.net.guest import RX, TX, GuestLayout, build_driver
-from virtnet.ports.backends import DriverBackend, LoopbackDriver, TapDriver
+from virtnet.ports.backends import DriverBackend, LoopbackDriver
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.errors import VhostUserProtocolError
 from virtnet.vhost_user.messages import (
@@ -115,6 +115,8 @@ class DriverClient:
         self.peer_gone = False
         self.run_seconds = 0.0
         self.cpu_seconds = 0.0
+        self._ep = None
+        self._tap_watched = True
 
     def _connect(self, timeout: float) -> socket.socket:
         deadline = time.monotonic() + timeout
@@ -207,7 +209,8 @@ class DriverClient:
 
     def run(self, seconds: float = 0) -> dict:
         drv = self.drv
-        ep = select.epoll()
+        ep = self._ep = select.epoll()
+        self._tap_watched = True
         ep.register(self.call[RX], select.EPOLLIN)
         ep.register(self.call[TX], select.EPOLLIN)
         ep.register(self.channel.fileno(), select.EPOLLIN)
@@ -260,6 +263,7 @@ class DriverClient:
             for s, h in old.items():
                 signal.signal(s, h)
             ep.close()
+            self._ep = None
         return self.stats()
 
     def _spin(self, ep) -> bool:
@@ -273,6 +277,13 @@ class DriverClient:
                 return True  # poll() re-arms callbacks when it drains the ring
         return not rvq.enable_cb()
 
+    def _watch_tap(self, on: bool) -> None:
+        """Stop reading the tap while a frame waits for ring room (its fd stays readable)."""
+        bfd = self.backend.fileno()
+        if bfd is not None and self._ep is not None and on != self._tap_watched:
+            self._ep.modify(bfd, select.EPOLLIN if on else 0)
+            self._tap_watched = on
+
     def _run_tx(self) -> bool:
         drv = self.drv
         drv.free_old_xmit_skbs()
@@ -281,7 +292,8 @@ class DriverClient:
             self._kick(TX)
         if n == TX_BUDGET:
             return True
-        if isinstance(self.backend, TapDriver) or not self.backend.has_tx():
+        self._watch_tap(not self.backend.has_tx())
+        if not self.backend.has_tx():
             return False  # the tap's fd (or nothing) says when there is more
         # Ring or pool full: ask for a tx interrupt, recheck the race.
         if drv.svq.enable_cb():
