@@ -316,6 +316,10 @@ class BackendSession:
         if not self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES) and self.features:
             raise BackendError("SET_VRING_ENABLE without PROTOCOL_FEATURES negotiated")
         self._vring(st.index).enabled = bool(st.num)
+        if not st.num:
+            # "a disabled ring ... must not supply any new RX packets, and TX packets
+            # are discarded": the device needs both rings, so it stops until re-enabled.
+            self._stop_device()
         self._update_device()
 
     # -- the device -----------------------------------------------------------
@@ -491,7 +495,7 @@ class DeviceServer:
     def _serve(self, msg: Message) -> bool:
         dev_before = self.session.device
         if msg.request in (Req.GET_VRING_BASE, Req.SET_MEM_TABLE, Req.RESET_OWNER,
-                           Req.RESET_DEVICE):  # fmt: skip
+                           Req.RESET_DEVICE, Req.SET_VRING_ENABLE):  # fmt: skip
             self._accumulate()
         try:
             answer = self.session.handle(msg)
