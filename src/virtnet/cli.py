@@ -82,12 +82,13 @@ def _add_bench(sub) -> None:
                         "--seconds (default 5 here), --json, --plot")  # fmt: skip
 
 
-BACKEND_HELP = """\
+BACKEND_HELP = """R|\
 where the packets come from and go to:
   sink          count what arrives; verify every byte of virtnet's own stream
   gen:SIZE      send a verifiable stream of SIZE-byte frames (and sink what returns)
   loopback      echo every frame back
   tap:IFNAME    a TAP device with IFF_VNET_HDR (root); created if missing
+  tapfd:N       an inherited, configured tap fd (like QEMU's -netdev tap,fd=N)
 """
 
 DEVICE_EPILOG = """\
@@ -104,13 +105,22 @@ DPDK testpmd with --vdev net_vhost0,iface=PATH (see docs/dpdk.md).
 """
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps option help as usual, except a text starting with "R|" (kept as written)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        if text.startswith("R|"):
+            return text[2:].splitlines()
+        return super()._split_lines(text, width)
+
+
 def _add_vhost_user(sub, name: str, role: str) -> None:
     from virtnet.net.rx import STRATEGIES
 
     p = sub.add_parser(
         name, help=f"vhost-user {role}", description=f"vhost-user {role}.",
         epilog=DEVICE_EPILOG if name == "device" else DRIVER_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )  # fmt: skip
     p.add_argument("--socket-path", required=True, help="unix socket of the vhost-user channel")
     p.add_argument("--backend", default="sink", metavar="B", help=BACKEND_HELP)
