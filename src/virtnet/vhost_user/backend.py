@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from virtnet.vhost_user.messages import (
 from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
+from virtnet.vhost_user.runclock import RunClock
 from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.ring.layout import (
@@ -411,7 +411,6 @@ class DeviceServer:
         self.channel: Channel | None = None
         self.session: BackendSession | None = None
         self.sessions = 0
-        self.stopping = False
         self.totals: dict[str, int] = {}
         self._ep = select.epoll()
         self._ep.register(self.listener.fileno(), select.EPOLLIN)
@@ -601,49 +600,38 @@ class DeviceServer:
 
     def serve(self, seconds: float = 0) -> dict:
         """Run until ``seconds`` pass (0: until SIGTERM/SIGINT)."""
-        deadline = time.monotonic() + seconds if seconds > 0 else None
-        old = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        busy = False
-        backend_ready = False
-        next_print = time.monotonic() + 1
         try:
-            while not self.stopping:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    break
-                if self.printer is not None and now >= next_print:
-                    self.printer(self.stats())
-                    next_print = now + 1
-                events = self._ep.poll(0 if busy else 0.2)
-                for fd, _ev in events:
-                    if fd == self.listener.fileno():
-                        self._accept()
-                    elif self.channel is not None and fd == self.channel.fileno():
-                        self._on_socket()
-                    elif self._watched.get(fd) in ("rx_kick", "tx_kick"):
-                        drain_eventfd(fd)
-                        # New rx buffers: a frame held for room may go in now.
-                        backend_ready |= self._watched[fd] == "rx_kick"
-                    elif self._watched.get(fd) == "backend":
-                        backend_ready = True
-                dev = self.session.device if self.session else None
-                busy = False
-                if dev is not None:
-                    busy |= self._run_tx(dev)
-                    busy |= self._run_rx(dev, backend_ready)
-                    backend_ready = busy and backend_ready
-                    if not busy:
-                        busy = self._idle(dev)
+            with RunClock(seconds, self.printer, self.stats) as clock:
+                self._loop(clock)
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
             if self.channel is not None:
                 self._disconnect("stopping")
             self.close()
         return self.stats()
 
-    def _stop(self, signum, frame) -> None:
-        self.stopping = True
+    def _loop(self, clock: RunClock) -> None:
+        busy = False
+        backend_ready = False
+        while clock.running():
+            for fd, _ev in self._ep.poll(0 if busy else 0.2):
+                if fd == self.listener.fileno():
+                    self._accept()
+                elif self.channel is not None and fd == self.channel.fileno():
+                    self._on_socket()
+                elif self._watched.get(fd) in ("rx_kick", "tx_kick"):
+                    drain_eventfd(fd)
+                    # New rx buffers: a frame held for room may go in now.
+                    backend_ready |= self._watched[fd] == "rx_kick"
+                elif self._watched.get(fd) == "backend":
+                    backend_ready = True
+            dev = self.session.device if self.session else None
+            busy = False
+            if dev is not None:
+                busy |= self._run_tx(dev)
+                busy |= self._run_rx(dev, backend_ready)
+                backend_ready = busy and backend_ready
+                if not busy:
+                    busy = self._idle(dev)
 
     def stats(self) -> dict:
         totals = dict(self.totals)

@@ -13,7 +13,6 @@ import logging
 import mmap
 import os
 import select
-import signal
 import socket
 import time
 
@@ -44,6 +43,7 @@ from virtnet.vhost_user.messages import (
 from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
+from virtnet.vhost_user.runclock import RunClock
 from virtnet.virtio.features import bit
 from virtnet.virtio.memory import GuestMemory, MemoryRegion
 
@@ -111,7 +111,6 @@ class DriverClient:
         self.features = 0
         self.protocol_features = 0
         self.drv: VirtnetDriver | None = None
-        self.stopping = False
         self.peer_gone = False
         self.run_seconds = 0.0
         self.cpu_seconds = 0.0
@@ -217,21 +216,13 @@ class DriverClient:
         bfd = self.backend.fileno()
         if bfd is not None:
             ep.register(bfd, select.EPOLLIN)
-        deadline = time.monotonic() + seconds if seconds > 0 else None
-        old = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
         rx_pending = True
         tx_ready = self.backend.has_tx()
-        next_print = time.monotonic() + 1
         drv.svq.disable_cb()
         started, cpu0 = time.monotonic(), time.process_time()
+        clock = RunClock(seconds, self.printer, self.stats).install()
         try:
-            while not self.stopping:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    break
-                if self.printer is not None and now >= next_print:
-                    self.printer(self.stats())
-                    next_print = now + 1
+            while clock.running():
                 busy = rx_pending or tx_ready
                 if not busy and self.busy_poll:
                     busy = rx_pending = self._spin(ep)
@@ -260,8 +251,7 @@ class DriverClient:
         finally:
             self.run_seconds = time.monotonic() - started
             self.cpu_seconds = time.process_time() - cpu0
-            for s, h in old.items():
-                signal.signal(s, h)
+            clock.restore()
             ep.close()
             self._ep = None
         return self.stats()
@@ -339,8 +329,6 @@ class DriverClient:
         for msg in msgs:
             log.warning("unexpected message from the back-end: %s", msg.request)
 
-    def _stop(self, signum, frame) -> None:
-        self.stopping = True
 
     def stats(self) -> dict:
         return {"driver_stats": self.drv.stats.as_dict() if self.drv else {},
