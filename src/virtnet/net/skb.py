@@ -189,7 +189,9 @@ class SkbAllocator:
 
     def free(self, skb: SkBuff) -> None:
         free_page = self.pool.free_page
-        for page, _, _ in skb.frags:
+        # Last frag first: the free list is a stack, so the next allocations pop the
+        # pages back in ascending order and a frame's pages stay one contiguous run.
+        for page, _, _ in reversed(skb.frags):
             free_page(page)
         skb.frags = []
         self.stats.skb_frees += 1
