@@ -20,17 +20,26 @@ class PoolError(Exception):
 
 
 class Page:
-    """One 4 KiB page of guest memory (struct page)."""
+    """A 4 KiB page of guest memory (struct page), or a compound page of
+    ``1 << order`` physically contiguous ones (``index`` is the first's).
 
-    __slots__ = ("index", "gpa", "view")
+    ``refs`` is the page's reference count (page_ref_count) for owners that
+    share one page among several buffers (frag allocators); the pool itself
+    only cares that a page is freed once.
+    """
 
-    def __init__(self, index: int, gpa: int, view: memoryview) -> None:
+    __slots__ = ("index", "gpa", "view", "order", "refs")
+
+    def __init__(self, index: int, gpa: int, view: memoryview, order: int = 0) -> None:
         self.index = index
         self.gpa = gpa
         self.view = view
+        self.order = order
+        self.refs = 1
 
     def __repr__(self) -> str:
-        return f"Page({self.index}, gpa={self.gpa:#x})"
+        order = f", order={self.order}" if self.order else ""
+        return f"Page({self.index}, gpa={self.gpa:#x}{order})"
 
 
 class PagePool:
@@ -54,6 +63,7 @@ class PagePool:
         if npages <= 0:
             raise ValueError("a page pool needs at least one page")
         region = memory.view(base, npages * PAGE_SIZE)
+        self._region = region
         self.pages = [
             Page(i, base + i * PAGE_SIZE, region[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
             for i in range(npages)
@@ -66,19 +76,26 @@ class PagePool:
         self._free = self.pages[::-1]  # a stack: recently freed pages are cache-warm
         self._is_free = [True] * npages
         self._nalloc = 0
+        # Compound pages: the live ones by first index, and freed ones kept whole
+        # per order (a page frag refill finds one without searching the bitmap).
+        self._compound: dict[int, Page] = {}
+        self._compound_free: dict[int, list[Page]] = {}
+        self._compound_cached = 0  # pages held by _compound_free
 
     @property
     def available(self) -> int:
-        return min(len(self._free), self.limit - self.outstanding)
+        return min(len(self._free) + self._compound_cached, self.limit - self.outstanding)
 
     @property
     def outstanding(self) -> int:
-        return self.npages - len(self._free)
+        return self.npages - len(self._free) - self._compound_cached
 
     def alloc_page(self) -> Page | None:
         """A free page, or None when the pool (or its limit) is exhausted."""
         self._nalloc += 1
-        if self.npages - len(self._free) >= self.limit or not self._free:
+        if self.outstanding >= self.limit:
+            return None
+        if not self._free and not self._split_cached():
             return None
         if self.fail is not None and self.fail(self._nalloc):
             return None
@@ -88,9 +105,71 @@ class PagePool:
         self.stats.pages_outstanding += 1
         return page
 
+    def alloc_pages(self, order: int) -> Page | None:
+        """``1 << order`` contiguous pages as one compound page (alloc_pages(gfp, order)).
+
+        One allocation in ``page_allocs``, ``1 << order`` pages in
+        ``pages_outstanding``. None when no aligned free run is left.
+        """
+        if order == 0:
+            return self.alloc_page()
+        self._nalloc += 1
+        n = 1 << order
+        if self.outstanding + n > self.limit:
+            return None
+        if self.fail is not None and self.fail(self._nalloc):
+            return None
+        cached = self._compound_free.get(order)
+        if cached:
+            page = cached.pop()
+            self._compound_cached -= n
+        else:
+            page = self._carve(order)
+            if page is None:
+                return None
+        self._compound[page.index] = page
+        page.refs = 1
+        self.stats.page_allocs += 1
+        self.stats.pages_outstanding += n
+        return page
+
+    def _carve(self, order: int) -> Page | None:
+        """Take an aligned run of free order-0 pages off the free stack (slow path:
+        only until enough compound pages have been freed into their cache)."""
+        n = 1 << order
+        is_free = self._is_free
+        # From the top of the pool down: order-0 allocations pop from the bottom.
+        for start in range((self.npages - n) & ~(n - 1), -1, -n):
+            if all(is_free[start : start + n]):
+                break
+        else:
+            return None
+        end = start + n
+        self._free = [p for p in self._free if not start <= p.index < end]
+        for i in range(start, end):
+            is_free[i] = False
+        view = self._region[start * PAGE_SIZE : end * PAGE_SIZE]
+        return Page(start, self.base + start * PAGE_SIZE, view, order)
+
+    def _split_cached(self) -> bool:
+        """Order-0 pages ran out: break one cached compound page back into pages."""
+        for order, cached in self._compound_free.items():
+            if cached:
+                page = cached.pop()
+                n = 1 << order
+                self._compound_cached -= n
+                for i in range(page.index + n - 1, page.index - 1, -1):
+                    self._is_free[i] = True
+                    self._free.append(self.pages[i])
+                return True
+        return False
+
     def free_page(self, page: Page) -> None:
-        """__free_pages(page, 0); refuses a double free loudly."""
+        """__free_pages(page, order); refuses a double free loudly."""
         index = page.index
+        if page.order:
+            self._free_compound(page)
+            return
         if not 0 <= index < self.npages or self.pages[index] is not page:
             raise PoolError(f"{page!r} is not a page of this pool")
         if self._is_free[index]:
@@ -99,6 +178,16 @@ class PagePool:
         self._free.append(page)
         self.stats.page_frees += 1
         self.stats.pages_outstanding -= 1
+
+    def _free_compound(self, page: Page) -> None:
+        if self._compound.get(page.index) is not page:
+            raise PoolError(f"{page!r} freed twice, or not a compound page of this pool")
+        del self._compound[page.index]
+        n = 1 << page.order
+        self._compound_free.setdefault(page.order, []).append(page)
+        self._compound_cached += n
+        self.stats.page_frees += 1
+        self.stats.pages_outstanding -= n
 
 
 class PageList:
