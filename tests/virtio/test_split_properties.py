@@ -148,6 +148,31 @@ class SplitRingMachine(RuleBasedStateMachine):
         self.avail_order.append(head)
         self.adds_since_kick += 1
 
+    @precondition(lambda self: self.q is not None and self.free_slots)
+    @rule(lengths=st.lists(st.integers(0, MAX_SEG), min_size=1, max_size=12))
+    def add_inbufs(self, lengths: list[int]) -> None:
+        """A refill burst: one-descriptor writable buffers, one avail-index publish."""
+        q, drv = self.q, self.drv
+        lengths = lengths[: len(self.free_slots)]
+        bufs = []
+        for k, n in enumerate(lengths):
+            slot = self.free_slots[-1 - k]
+            q.write(q.data(slot), b"\xee" * n)
+            bufs.append((q.data(slot), n, self.next_token + k))
+        expect = min(len(bufs), drv.num_free)
+        avail_before = q.avail_idx
+        assert drv.add_inbufs(bufs) == expect
+        assert q.avail_idx == (avail_before + expect) & 0xFFFF
+        for addr, n, token in bufs[:expect]:
+            head = q.avail_ring(q.avail_idx - expect + token - self.next_token)
+            assert head not in self.by_head
+            slot = self.free_slots.pop()
+            self.bufs[token] = Buf(token, head, [], [(addr, n)], slot, 1)
+            self.by_head[head] = token
+            self.avail_order.append(head)
+        self.next_token += expect
+        self.adds_since_kick += expect
+
     @precondition(lambda self: self.q is not None)
     @rule()
     def kick(self) -> None:
@@ -167,6 +192,18 @@ class SplitRingMachine(RuleBasedStateMachine):
                 break
             token, length = self.flushed.popleft()
             assert got == (token, length)
+            self._check_returned(token, length)
+        if self.cb_state == "armed" and not self.flushed:
+            self.interrupt_pending = False
+
+    @precondition(lambda self: self.q is not None and self.cb_state != "preparing")
+    @rule(budget=st.integers(1, 40))
+    def get_bufs_burst(self, budget: int) -> None:
+        got = self.drv.get_bufs(budget)
+        assert len(got) == min(budget, len(self.flushed))
+        for entry in got:
+            token, length = self.flushed.popleft()
+            assert entry == (token, length)
             self._check_returned(token, length)
         if self.cb_state == "armed" and not self.flushed:
             self.interrupt_pending = False
@@ -238,6 +275,41 @@ class SplitRingMachine(RuleBasedStateMachine):
         assert chain.in_len == buf.in_len
         self.popped.append((chain, token))
         self.last_pop = token
+
+    @precondition(lambda self: self.q is not None and not self.dev_waiting)
+    @rule(budget=st.integers(1, 40))
+    def pop_burst(self, budget: int) -> None:
+        chains = self.dev.pop_burst(budget)
+        assert len(chains) == min(budget, len(self.avail_order))
+        for chain in chains:
+            head = self.avail_order.popleft()
+            assert chain.head == head
+            token = self.by_head[head]
+            buf = self.bufs[token]
+            assert chain.segments == [(a, n, False) for a, n in buf.out] + [
+                (a, n, True) for a, n in buf.in_
+            ]
+            assert chain.in_len == buf.in_len
+            self.popped.append((chain, token))
+            self.last_pop = token
+
+    @precondition(lambda self: self.q is not None and self.popped)
+    @rule(count=st.integers(1, 40), how_much=st.integers(0, 1 << 16))
+    def push_used_burst(self, count: int, how_much: int) -> None:
+        used = []
+        for chain, token in self.popped[:count]:
+            if self.last_pop == token:
+                self.last_pop = None
+            length = chain.in_len if how_much % 3 == 0 else how_much % (chain.in_len + 1)
+            data = memoryview(device_bytes(token, length))
+            for view in chain.writable:
+                n = min(len(view), len(data))
+                view[:n] = data[:n]
+                data = data[n:]
+            used.append((chain.head, length))
+            self.pushed.append((token, length))
+        del self.popped[:count]
+        self.dev.push_used_burst(used)
 
     # A device gives chains back before it goes to sleep (vhost: discard, then
     # enable_notify re-checks); giving back while asleep would hide them.

@@ -44,6 +44,15 @@ class UsedRingError(VirtioError):
     """A used-ring entry the driver must refuse (unknown id, length too large)."""
 
 
+class UsedIndexError(VirtioError):
+    """The device moved the used index more than a queue's worth ahead.
+
+    No entry can be refused for it: the ring itself is impossible. The queue
+    is marked broken (Linux's BAD_RING → vq->broken) and returns nothing more;
+    the owner resets the device or ends the session.
+    """
+
+
 class QueueFullError(VirtioError):
     """No free descriptors for the buffer (the driver's -ENOSPC)."""
 

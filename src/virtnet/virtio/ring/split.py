@@ -21,6 +21,7 @@ from virtnet.virtio.errors import (
     AvailIndexError,
     DescriptorError,
     QueueFullError,
+    UsedIndexError,
     UsedRingError,
 )
 from virtnet.virtio.memory import GuestMemory
@@ -98,6 +99,9 @@ class SplitQueueDriver:
         self.num_added = 0
         self.last_used_idx = 0
         self.cb_disabled = False
+        # BAD_RING: the device broke a rule no single entry can be refused for;
+        # the queue gives nothing more back until it is rebuilt (vq->broken).
+        self.broken = False
         self._avail[0] = 0
         self._avail[1] = 0
         self._avail[2 + num] = 0
@@ -120,6 +124,40 @@ class SplitQueueDriver:
         self._ndescs[head] = 1
         self._publish(head)
         return head
+
+    def add_inbufs(self, bufs: Sequence[tuple[int, int, Any]]) -> int:
+        """Many one-descriptor writable buffers, (addr, length, token) each, published
+        with one avail-index store; returns how many fit (a refill burst)."""
+        n = min(len(bufs), self.num_free)
+        if not n:
+            return 0
+        desc, nxt, tokens, in_len, ndescs = (
+            self._desc, self._next, self._token, self._in_len, self._ndescs
+        )
+        avail, mask = self._avail, self._mask
+        head = self.free_head
+        shadow = self.avail_idx_shadow
+        for k in range(n):
+            addr, length, token = bufs[k]
+            if token is None:
+                n = k  # what was written so far is published below
+                break
+            desc[2 * head] = addr
+            desc[2 * head + 1] = (length & _U32) | _WRITE
+            tokens[head] = token
+            in_len[head] = length
+            ndescs[head] = 1
+            avail[2 + ((shadow + k) & mask)] = head
+            head = nxt[head]
+        self.free_head = head
+        self.num_free -= n
+        self.num_added += n
+        # 2.7.13: every ring entry first, then idx once (x86 keeps stores in order).
+        self.avail_idx_shadow = (shadow + n) & 0xFFFF
+        avail[1] = self.avail_idx_shadow
+        if n < len(bufs) and bufs[n][2] is None:
+            raise ValueError("token must not be None")
+        return n
 
     def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: Any) -> int:
         """A chain of readable ``out`` then writable ``in_`` segments (virtqueue_add)."""
@@ -212,18 +250,32 @@ class SplitQueueDriver:
     # -- getting used buffers --------------------------------------------------
 
     def more_used(self) -> bool:
-        return self.last_used_idx != self._used[1]
+        return not self.broken and self.last_used_idx != self._used[1]
+
+    def _pending_used(self) -> int:
+        """Used entries not yet taken; a count over the queue size breaks the queue."""
+        if self.broken:
+            return 0
+        n = (self._used[1] - self.last_used_idx) & 0xFFFF
+        if n > self.num:
+            self.broken = True
+            raise UsedIndexError(
+                f"vq {self.index}: used idx {self._used[1]} is {n} ahead of "
+                f"last_used_idx {self.last_used_idx}, more than the queue size {self.num}"
+            )
+        return n
 
     def get_buf(self) -> tuple[Any, int] | None:
         """The next used buffer as (token, used length), or None (virtqueue_get_buf).
 
         A used entry naming an unknown id is skipped and raised; one whose
         length exceeds the buffer is detached first, so the error carries the
-        token and the caller can recycle the buffer.
+        token and the caller can recycle the buffer. A used index that moved
+        more than a queue's worth raises ``UsedIndexError`` and breaks the queue.
         """
-        last = self.last_used_idx
-        if last == self._used[1]:
+        if not self._pending_used():
             return None
+        last = self.last_used_idx
         slot = last & self._mask
         elems = self._used_elems
         head = elems[2 * slot]
@@ -241,6 +293,44 @@ class SplitQueueDriver:
             err.token = token  # type: ignore[attr-defined]
             raise err
         return token, length
+
+    def get_bufs(self, budget: int) -> list[tuple[Any, int]]:
+        """Up to ``budget`` used buffers as (token, length), one pass over the ring.
+
+        The same checks as ``get_buf``: a bad first entry raises exactly as
+        ``get_buf`` does (consumed); a bad entry after good ones ends the burst
+        before it, so the next call raises for it. Nothing is skipped silently.
+        """
+        n = min(self._pending_used(), budget)
+        if not n:
+            return []
+        last = self.last_used_idx
+        elems, mask, num = self._used_elems, self._mask, self.num
+        tokens, in_len, ndescs, nxt = self._token, self._in_len, self._ndescs, self._next
+        free_head = self.free_head
+        out = []
+        for k in range(n):
+            slot = ((last + k) & mask) << 1
+            head = elems[slot]
+            length = elems[slot + 1]
+            if head >= num or tokens[head] is None or length > in_len[head]:
+                break
+            out.append((tokens[head], length))
+            tokens[head] = None
+            nd = ndescs[head]
+            tail = head
+            for _ in range(nd - 1):
+                tail = nxt[tail]
+            nxt[tail] = free_head
+            free_head = head
+            self.num_free += nd
+        self.free_head = free_head
+        if not out:
+            return [self.get_buf()]  # raises for the bad entry, as get_buf would
+        last = self.last_used_idx = (last + len(out)) & 0xFFFF
+        if self.event_idx and not self.cb_disabled:
+            self._avail[2 + num] = last
+        return out
 
     def _detach_buf(self, head: int) -> Any:
         token = self._token[head]
@@ -286,7 +376,7 @@ class SplitQueueDriver:
     def poll(self, last_used_idx: int) -> bool:
         """True if buffers were used since ``enable_cb_prepare`` returned ``last_used_idx``."""
         virtio_mb()
-        return last_used_idx != self._used[1]
+        return not self.broken and last_used_idx != self._used[1]
 
     def enable_cb(self) -> bool:
         """Re-enable callbacks; False if buffers are already pending (poll again)."""
@@ -306,13 +396,21 @@ class Chain:
 
     __slots__ = ("head", "readable", "writable", "segments", "in_len", "out_len")
 
-    def __init__(self, head: int) -> None:
+    def __init__(
+        self,
+        head: int,
+        readable: list[memoryview] | None = None,
+        writable: list[memoryview] | None = None,
+        segments: list[tuple[int, int, bool]] | None = None,
+        in_len: int = 0,
+        out_len: int = 0,
+    ) -> None:
         self.head = head
-        self.readable: list[memoryview] = []
-        self.writable: list[memoryview] = []
-        self.segments: list[tuple[int, int, bool]] = []
-        self.in_len = 0
-        self.out_len = 0
+        self.readable = [] if readable is None else readable
+        self.writable = [] if writable is None else writable
+        self.segments = [] if segments is None else segments
+        self.in_len = in_len
+        self.out_len = out_len
 
     def __repr__(self) -> str:
         return f"Chain(head={self.head}, out={self.out_len}, in={self.in_len})"
@@ -375,7 +473,58 @@ class SplitQueueDevice:
             raise DescriptorError(f"vq {self.index}: avail ring names head {head} >= {self.num}")
         return self._walk(head)
 
+    def pop_burst(self, budget: int) -> list[Chain]:
+        """Up to ``budget`` available chains, validated exactly as ``pop`` does.
+
+        One read of the avail index for the burst. A bad first chain raises
+        as ``pop`` would (consumed, head carried); a bad chain after good ones
+        ends the burst before it, unconsumed, so the next call raises for it.
+        """
+        last = self.last_avail_idx
+        n = (self._avail[1] - last) & 0xFFFF
+        if not n:
+            return []
+        if n > self.num:
+            self.avail_pending()  # raises AvailIndexError, nothing consumed
+        if n > budget:
+            n = budget
+        avail, mask, num, walk = self._avail, self._mask, self.num, self._walk
+        chains = []
+        try:
+            for k in range(n):
+                head = avail[2 + ((last + k) & mask)]
+                if head >= num:
+                    raise DescriptorError(f"vq {self.index}: avail ring names head {head} >= {num}")
+                chains.append(walk(head))
+        except DescriptorError:
+            if not chains:
+                self.last_avail_idx = (last + 1) & 0xFFFF
+                raise
+        self.last_avail_idx = (last + len(chains)) & 0xFFFF
+        return chains
+
     def _walk(self, head: int) -> Chain:
+        table = self._desc
+        word = table[2 * head + 1]
+        if not word & (_NEXT | _INDIRECT):
+            # One direct descriptor, the common case: same checks, no loop.
+            addr = table[2 * head]
+            length = word & _U32
+            base, rsize, rbuf = self.memory.first_region
+            off = addr - base
+            if 0 <= off and off + length <= rsize:
+                seg = rbuf[off : off + length]
+            else:
+                try:
+                    seg = self.memory.view(addr, length)
+                except Exception as e:
+                    raise DescriptorError(f"descriptor {head}: {e}", head) from None
+            if word & _WRITE:
+                return Chain(head, [], [seg], [(addr, length, True)], length, 0)
+            return Chain(head, [seg], [], [(addr, length, False)], 0, length)
+        return self._walk_chain(head)
+
+    def _walk_chain(self, head: int) -> Chain:
         chain = Chain(head)
         view = self.memory.view
         base, rsize, rbuf = self.memory.first_region
@@ -464,6 +613,21 @@ class SplitQueueDevice:
             # A whole 16-bit turn since needs_notify: [old, new) would be empty
             # (vhost_add_used_n: "used index might wrap around").
             self.signalled_used_valid = False
+
+    def push_used_burst(self, used: Sequence[tuple[int, int]]) -> None:
+        """Queue many (head, length) used entries; ``flush_used`` publishes them."""
+        elems, mask = self._used_elems, self._mask
+        idx = self.used_idx
+        for head, length in used:
+            slot = (idx & mask) << 1
+            elems[slot] = head
+            elems[slot + 1] = length
+            idx += 1
+        n = len(used)
+        # used_idx passed signalled_used somewhere in the burst: see push_used.
+        if n >= 0x10000 or 0 < (self.signalled_used - self.used_idx) & 0xFFFF <= n:
+            self.signalled_used_valid = False
+        self.used_idx = idx & 0xFFFF
 
     def has_unflushed(self) -> bool:
         """Whether ``push_used`` queued entries that ``flush_used`` has not published."""
