@@ -230,8 +230,9 @@ class LyingDevice:
     """Writes rx buffers and used entries by hand, on the device side of the pair's rx ring.
 
     It shares the pair device's ``SplitQueueDevice`` so the used index stays
-    consistent with what the honest device publishes; the chains it takes are
-    popped after any the honest device cached (out-of-order use is legal).
+    consistent with what the honest device publishes; it takes the chains the
+    honest device popped in a burst and cached first, then pops more, so it
+    uses the driver's buffers in the order the driver posted them.
     """
 
     def __init__(self, pair: Pair) -> None:
@@ -239,12 +240,17 @@ class LyingDevice:
         self.q = pair.dev.rxq
 
     def pop(self) -> Chain:
+        dev = self.pair.dev
+        if dev._rx_cache:
+            chain = dev._rx_cache.popleft()
+            dev._rx_cached -= chain.in_len
+            return chain
         chain = self.q.pop()
         assert chain is not None, "the driver has no rx buffer posted"
         return chain
 
     def pending(self) -> int:
-        return self.q.avail_pending()
+        return len(self.pair.dev._rx_cache) + self.q.avail_pending()
 
     @staticmethod
     def write(chain: Chain, data: bytes, offset: int = 0) -> None:

@@ -19,6 +19,10 @@ from virtnet.virtio.errors import AvailIndexError, DescriptorError
 from virtnet.virtio.ring.split import Chain, SplitQueueDevice
 
 ZERO_HDR = bytes(MRG_HDR_LEN)
+ONE_BUFFER = NUM_BUFFERS.pack(1)
+# Chains taken off the rx ring per pop: enough for a 64 KiB frame in 4 KiB
+# buffers, or a NAPI budget of small frames, for one avail-index read.
+RX_POP_BURST = 64
 
 
 def scatter(srcs: Sequence, dsts: Sequence[memoryview]) -> int:
@@ -101,8 +105,8 @@ class VirtnetDevice:
 
     # -- rx: host → guest ---------------------------------------------------
 
-    def _pop_rx(self) -> Chain | None:
-        """The next rx chain, or None when the driver has posted nothing more.
+    def _pop_rx(self, budget: int = RX_POP_BURST) -> list[Chain]:
+        """Up to ``budget`` rx chains in one burst; [] when the driver posted nothing more.
 
         A chain the ring refuses (or one with nothing writable) comes back
         "dead" (in_len 0): it keeps its place in the cache, so ``reset`` can
@@ -110,20 +114,21 @@ class VirtnetDevice:
         length 0 when its turn comes.
         """
         if self.rx_broken:
-            return None
+            return []
         try:
-            chain = self.rxq.pop()
+            chains = self.rxq.pop_burst(budget)
         except AvailIndexError as e:
             self._broken("rx", e)
-            return None
+            return []
         except DescriptorError as e:
             self.stats.desc_errors += 1
             self.last_error = str(e)
-            return Chain(e.head if e.head is not None else -1)
-        if chain is not None and not chain.in_len:
-            self.stats.desc_errors += 1  # an rx buffer the device cannot write
-            self.last_error = f"rx chain at head {chain.head} has no device-writable descriptor"
-        return chain
+            return [Chain(e.head if e.head is not None else -1)]
+        for chain in chains:
+            if not chain.in_len:
+                self.stats.desc_errors += 1  # an rx buffer the device cannot write
+                self.last_error = f"rx chain at head {chain.head} has no device-writable descriptor"
+        return chains
 
     def _broken(self, which: str, e: Exception) -> None:
         """vhost's vq_err: stop the queue; only a reset brings it back."""
@@ -158,17 +163,18 @@ class VirtnetDevice:
                     self._return_dead(cache.popleft())
                 if cache:
                     return cache[0].in_len >= need
-                chain = self._pop_rx()
-                if chain is None:
+                chains = self._pop_rx()
+                if not chains:
                     return False
-                cache.append(chain)
-                self._rx_cached += chain.in_len
+                cache.extend(chains)
+                self._rx_cached += sum(c.in_len for c in chains)
         while self._rx_cached < need:
-            chain = self._pop_rx()
-            if chain is None:
+            chains = self._pop_rx()
+            if not chains:
                 return False
-            cache.append(chain)
-            self._rx_cached += chain.in_len
+            cache.extend(chains)
+            for chain in chains:
+                self._rx_cached += chain.in_len
         return True
 
     def _take(self, nbytes: int) -> list[Chain]:
@@ -216,7 +222,7 @@ class VirtnetDevice:
         """
         need = self.hdr_len + frame_len
         if self.mergeable:
-            return self._fill_cache(need)
+            return self._rx_cached >= need or self._fill_cache(need)
         self._fill_cache(need)
         return bool(self._rx_cache)
 
@@ -226,12 +232,41 @@ class VirtnetDevice:
         False (and rx_dropped) when the guest has not posted room for it —
         a NIC with an empty ring drops, it does not wait.
         """
-        frame_len = sum(len(v) for v in frame)
+        frame_len = 0
+        for v in frame:
+            frame_len += len(v)
         need = self.hdr_len + frame_len
-        if hdr[1] and not self.guest_gso or not self._fill_cache(need):
-            # No room, or a GSO frame the guest did not negotiate (5.1.6.2: the
-            # device MUST NOT send a gso_type the guest has no GUEST_* bit for).
+        if hdr[1] and not self.guest_gso:
+            # A GSO frame the guest did not negotiate (5.1.6.2: the device MUST NOT
+            # send a gso_type the guest has no GUEST_* bit for).
             self.stats.rx_dropped += 1
+            return False
+        cache = self._rx_cache
+        if self.mergeable and cache and self.capture is None:
+            chain = cache[0]
+            if chain.in_len >= need and len(chain.writable) == 1:
+                # The frame fits the next buffer (every frame up to a page): one
+                # buffer, num_buffers 1, written in place.
+                cache.popleft()
+                self._rx_cached -= chain.in_len
+                dst = chain.writable[0]
+                dst[:NUM_BUFFERS_OFFSET] = hdr[:NUM_BUFFERS_OFFSET]
+                dst[NUM_BUFFERS_OFFSET : self.hdr_len] = ONE_BUFFER
+                off = self.hdr_len
+                for v in frame:
+                    end = off + len(v)
+                    dst[off:end] = v
+                    off = end
+                self.rxq.push_used(chain.head, need)
+                stats = self.stats
+                stats.rx_packets += 1
+                stats.rx_bytes += frame_len
+                stats.rx_bufs += 1
+                if not stats.rx_num_buffers_max:
+                    stats.rx_num_buffers_max = 1
+                return True
+        if not self._fill_cache(need):
+            self.stats.rx_dropped += 1  # no room: a NIC drops, it does not wait
             return False
         chains = self._take(need)
         hdr = hdr[:NUM_BUFFERS_OFFSET] + NUM_BUFFERS.pack(len(chains))
@@ -344,29 +379,30 @@ class VirtnetDevice:
         n = 0
         while n < budget and not self.tx_broken:
             try:
-                chain = txq.pop()
+                chains = txq.pop_burst(budget - n)
             except AvailIndexError as e:
                 self._broken("tx", e)
                 break
             except DescriptorError as e:
                 self._refuse(txq, e)
                 continue
-            if chain is None:
+            if not chains:
                 break
-            frame_len = chain.out_len - hdr_len
-            if frame_len < 0:
-                stats.tx_errors += 1  # shorter than a virtio-net header
+            for k, chain in enumerate(chains):
+                frame_len = chain.out_len - hdr_len
+                if frame_len < 0:
+                    stats.tx_errors += 1  # shorter than a virtio-net header
+                    txq.push_used(chain.head, 0)
+                    continue
+                if not xmit(chain.readable, frame_len):
+                    txq.unpop(len(chains) - k)  # this chain and the rest of the burst
+                    return n
                 txq.push_used(chain.head, 0)
-                continue
-            if not xmit(chain.readable, frame_len):
-                txq.unpop(1)
-                break
-            txq.push_used(chain.head, 0)
-            if self.capture is not None:
-                self.capture(chain.readable, chain.out_len)
-            stats.tx_packets += 1
-            stats.tx_bytes += frame_len
-            n += 1
+                if self.capture is not None:
+                    self.capture(chain.readable, chain.out_len)
+                stats.tx_packets += 1
+                stats.tx_bytes += frame_len
+                n += 1
         return n
 
     def flush_tx(self) -> bool:

@@ -15,7 +15,7 @@ from virtnet.net.header import MRG_HDR_LEN
 from virtnet.net.rx import STRATEGIES, RxStrategy
 from virtnet.net.skb import PagePool, SkbAllocator, SkBuff
 from virtnet.net.stats import Stats
-from virtnet.virtio.errors import QueueFullError, UsedRingError
+from virtnet.virtio.errors import QueueFullError, UsedIndexError, UsedRingError
 from virtnet.virtio.ring.split import SplitQueueDriver
 
 # A tx header slot: the virtio-net header followed by up to this much linear
@@ -91,6 +91,10 @@ class VirtnetDriver:
         self.num = 0  # rx buffers posted and not yet returned (vi->num)
         self.max = 0
         self.rx: RxStrategy = STRATEGIES[strategy](self)
+        # The used rx buffers of the current poll burst, and how far receive got.
+        self._burst: list = []
+        self._burst_pos = 0
+        self.broken = ""  # why the device's rings can no longer be trusted, or ""
         self.tx_slots = TxSlots(pool, svq.num)
         self.removed = False
         # Optional tap on the data path (--pcap): a frame's views, header first.
@@ -103,12 +107,13 @@ class VirtnetDriver:
     # -- receive ------------------------------------------------------------
 
     def try_fill_recv(self) -> bool:
-        """Post rx buffers until the ring or the memory runs out; True: kick."""
-        rvq, add = self.rvq, self.rx.add_recvbuf
-        need = self.rx.descs_per_buf()
-        added = 0
-        while rvq.num_free >= need and add():
-            added += 1
+        """Post rx buffers until the ring or the memory runs out; True: kick.
+
+        One refill is one burst: the strategy fills as many buffers as the ring
+        has room for and the ring publishes them with one avail-index store.
+        """
+        rvq = self.rvq
+        added = self.rx.add_recvbufs(rvq.num_free // self.rx.descs_per_buf())
         self.num += added
         if self.num > self.max:
             self.max = self.num
@@ -125,37 +130,75 @@ class VirtnetDriver:
             self.capture([skb.vnet_hdr, *skb.data_views()], None)
         self.netif_receive_skb(skb)
 
+    def _fetch_used(self, budget: int) -> bool:
+        """Take up to ``budget`` used rx buffers off the ring into the burst."""
+        burst = self.rvq.get_bufs(budget)
+        if not burst:
+            return False
+        self._burst = burst
+        self._burst_pos = 0
+        self.num -= len(burst)
+        self.stats.rx_bufs += len(burst)
+        return True
+
+    def next_used(self):
+        """The next used rx buffer as (token, len) — from the current burst, else
+        the ring — or None (a packet's further buffers: receive_mergeable's
+        virtqueue_get_buf). UsedRingError for an entry the ring refuses."""
+        pos = self._burst_pos
+        if pos < len(self._burst):
+            self._burst_pos = pos + 1
+            return self._burst[pos]
+        got = self.rvq.get_buf()
+        if got is not None:
+            self.num -= 1
+            self.stats.rx_bufs += 1
+        return got
+
     def poll(self, budget: int = NAPI_POLL_WEIGHT) -> tuple[int, bool]:
         """virtnet_poll: receive up to ``budget`` packets, refill, re-arm.
 
         Returns (packets received, kick needed); when it used the whole
         budget, callbacks stay off and the caller polls again. Callbacks are left enabled
         only when the ring was drained and nothing arrived while re-arming —
-        the race the seed's ``again:`` label closes.
+        the race the seed's ``again:`` label closes. Used buffers are taken in
+        bursts of at most what the budget still allows, so a burst is always
+        used up before poll returns (a packet's further buffers come from it too).
         """
-        rvq, receive_buf, stats = self.rvq, self.rx.receive_buf, self.stats
+        rvq, receive_buf = self.rvq, self.rx.receive_buf
+        if self.broken:
+            return 0, False
         rvq.disable_cb()  # skb_recv_done → napi_schedule_prep: no interrupts while polling
         received = 0
         kick = False
-        while True:
-            while received < budget:
-                try:
-                    got = rvq.get_buf()
-                except UsedRingError as e:
-                    self.rx.bad_first_buf(e)
+        try:
+            while True:
+                while received < budget:
+                    pos = self._burst_pos
+                    if pos == len(self._burst):
+                        try:
+                            if not self._fetch_used(budget - received):
+                                break
+                        except UsedRingError as e:
+                            self.rx.bad_first_buf(e)
+                            continue
+                        pos = 0
+                    self._burst_pos = pos + 1
+                    receive_buf(*self._burst[pos])
+                    received += 1
+                if self.num < self.max // 2 or self.num == 0:
+                    kick |= self.try_fill_recv()
+                if received < budget and not rvq.enable_cb():
+                    rvq.disable_cb()
                     continue
-                if got is None:
-                    break
-                self.num -= 1
-                stats.rx_bufs += 1
-                receive_buf(*got)
-                received += 1
-            if self.num < self.max // 2 or self.num == 0:
-                kick |= self.try_fill_recv()
-            if received < budget and not rvq.enable_cb():
-                rvq.disable_cb()
-                continue
+                return received, kick
+        except UsedIndexError as e:
+            self.ring_broken(e)
             return received, kick
+
+    def ring_broken(self, e: Exception) -> None:
+        """BAD_RING: the device broke the ring itself; nothing more is taken from it."""
+        self.broken = str(e)
 
     # -- transmit -----------------------------------------------------------
 
@@ -205,18 +248,22 @@ class VirtnetDriver:
         n = 0
         while True:
             try:
-                got = svq.get_buf()
+                done = svq.get_bufs(svq.num)
             except UsedRingError as e:
                 self.stats.tx_dropped += 1
-                got = (getattr(e, "token", None), 0)
-                if got[0] is None:
+                token = getattr(e, "token", None)
+                if token is None:
                     continue
-            if got is None:
+                done = [(token, 0)]
+            except UsedIndexError as e:
+                self.ring_broken(e)
                 return n
-            gpa, view, skb = got[0]
-            slots.append((gpa, view))
-            skb.free()
-            n += 1
+            if not done:
+                return n
+            for (gpa, view, skb), _ in done:
+                slots.append((gpa, view))
+                skb.free()
+            n += len(done)
 
     # -- teardown -----------------------------------------------------------
 
@@ -229,6 +276,9 @@ class VirtnetDriver:
         if self.removed:
             return
         self.removed = True
+        for buf, _ in self._burst[self._burst_pos :]:  # taken off the ring, not received
+            self.rx.free_unused_buf(buf)
+        self._burst, self._burst_pos = [], 0
         while (buf := self.rvq.detach_unused_buf()) is not None:
             self.rx.free_unused_buf(buf)
             self.num -= 1

@@ -52,6 +52,13 @@ class RxStrategy:
         """Post one receive buffer; False when memory ran out (try_fill_recv stops)."""
         raise NotImplementedError
 
+    def add_recvbufs(self, n: int) -> int:
+        """Post up to ``n`` receive buffers; how many (a refill burst)."""
+        added = 0
+        while added < n and self.add_recvbuf():
+            added += 1
+        return added
+
     def receive_buf(self, buf: Any, length: int) -> None:
         """Turn the used buffer ``buf`` (and, mergeable, its followers) into a packet."""
         raise NotImplementedError
@@ -85,18 +92,16 @@ class RxStrategy:
         known) recycled, and not yielded — the caller sees fewer buffers
         than ``num_buf`` and drops the packet.
         """
-        vi = self.vi
+        next_used, stats = self.vi.next_used, self.stats
         for _ in range(num_buf - 1):
             try:
-                got = vi.rvq.get_buf()
+                got = next_used()
             except UsedRingError as e:
                 self.bad_used(e)
                 continue
             if got is None:
-                self.stats.rx_length_errors += 1
+                stats.rx_length_errors += 1
                 return
-            vi.num -= 1
-            self.stats.rx_bufs += 1
             yield got
 
     def bad_used(self, e: UsedRingError) -> Any:
@@ -171,11 +176,19 @@ class DeferredRx(RxStrategy):
     # -- the ring -----------------------------------------------------------
 
     def add_recvbuf(self) -> bool:
-        plist = self.get_a_free_page()
-        if plist is None:
-            return False
-        self.vi.rvq.add_inbuf(plist.page.gpa, PAGE_SIZE, plist)
-        return True
+        return self.add_recvbufs(1) == 1
+
+    def add_recvbufs(self, n: int) -> int:
+        bufs = []
+        get_a_free_page = self.get_a_free_page
+        for _ in range(n):
+            plist = get_a_free_page()
+            if plist is None:
+                break
+            bufs.append((plist.page.gpa, self.buf_len, plist))
+        return self.vi.rvq.add_inbufs(bufs)
+
+    buf_len = PAGE_SIZE  # add_recvbuf_mergeable: one page
 
     def receive_buf(self, plist: PageList, length: int) -> None:
         if self._short(length):
@@ -271,18 +284,23 @@ class PreallocRx(RxStrategy):
         self.pages.append(page)
 
     def add_recvbuf(self) -> bool:
-        skb = self.skbs.alloc(GOOD_COPY_LEN)
-        if skb is None:
-            return False
-        page = self.get_a_page()
-        if page is None:
-            skb.free()
-            return False
-        skb.add_frag(page, 0, PAGE_SIZE)
-        skb.len = skb.data_len = 0  # the frag is a buffer, not data, until filled
-        self.recv[skb] = None  # skb_queue_head(&vi->recv, skb)
-        self.vi.rvq.add_inbuf(page.gpa, PAGE_SIZE, skb)
-        return True
+        return self.add_recvbufs(1) == 1
+
+    def add_recvbufs(self, n: int) -> int:
+        bufs = []
+        for _ in range(n):
+            skb = self.skbs.alloc(GOOD_COPY_LEN)
+            if skb is None:
+                break
+            page = self.get_a_page()
+            if page is None:
+                skb.free()
+                break
+            skb.add_frag(page, 0, PAGE_SIZE)
+            skb.len = skb.data_len = 0  # the frag is a buffer, not data, until filled
+            self.recv[skb] = None  # skb_queue_head(&vi->recv, skb)
+            bufs.append((page.gpa, PAGE_SIZE, skb))
+        return self.vi.rvq.add_inbufs(bufs)
 
     def receive_buf(self, skb: SkBuff, length: int) -> None:
         del self.recv[skb]  # __skb_unlink(skb, &vi->recv)
@@ -360,12 +378,9 @@ class SmallRx(DeferredRx):
     name = "small"
     mergeable = False
 
-    def add_recvbuf(self) -> bool:
-        plist = self.get_a_free_page()
-        if plist is None:
-            return False
-        self.vi.rvq.add_inbuf(plist.page.gpa, self.hdr_len + MAX_PACKET_LEN, plist)
-        return True
+    @property
+    def buf_len(self) -> int:  # add_recvbuf_small: header + MAX_PACKET_LEN
+        return self.hdr_len + MAX_PACKET_LEN
 
     def receive_buf(self, plist: PageList, length: int) -> None:
         if self._short(length):
@@ -400,6 +415,8 @@ class BigRx(DeferredRx):
 
     def descs_per_buf(self) -> int:
         return 1 if self.vi.rvq.indirect is not None else self.PAGES
+
+    add_recvbufs = RxStrategy.add_recvbufs  # a chain of pages each: one add() per buffer
 
     def add_recvbuf(self) -> bool:
         if self.vi.rvq.num_free < self.descs_per_buf():
