@@ -210,8 +210,9 @@ class VirtnetDriver:
         and the linear head go into a slot of guest memory; frags are sent
         in place. The skb is freed when the device has used it.
         """
-        self.free_old_xmit_skbs()
         svq, slots = self.svq, self.tx_slots.free
+        if svq.more_used():
+            self.free_old_xmit_skbs()  # a burst of completions, reclaimed at once
         if not slots or not svq.num_free:
             return False  # add() below says the same for a chain that does not fit
         head_len = skb.head_len
@@ -223,10 +224,12 @@ class VirtnetDriver:
         view[: self.hdr_len] = skb.vnet_hdr
         if head_len:
             view[self.hdr_len : self.hdr_len + head_len] = skb.linear()
-        out = [(gpa, self.hdr_len + head_len)]
-        out += coalesce(skb.frags)
         try:
-            svq.add(out, (), (gpa, view, skb))
+            if skb.frags:
+                svq.add([(gpa, self.hdr_len + head_len), *coalesce(skb.frags)], (),
+                        (gpa, view, skb))  # fmt: skip
+            else:  # all linear (can_push): one descriptor
+                svq.add_outbuf(gpa, self.hdr_len + head_len, (gpa, view, skb))
         except QueueFullError:
             slots.append((gpa, view))
             return False

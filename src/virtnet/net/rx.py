@@ -24,7 +24,7 @@ from virtnet.net.constants import (
     MAX_SKB_FRAGS,
     PAGE_SIZE,
 )
-from virtnet.net.header import NUM_BUFFERS
+from virtnet.net.header import NUM_BUFFERS, NUM_BUFFERS_OFFSET
 from virtnet.net.skb import Page, PageList, SkBuff
 from virtnet.virtio.errors import UsedRingError
 
@@ -191,14 +191,16 @@ class DeferredRx(RxStrategy):
     buf_len = PAGE_SIZE  # add_recvbuf_mergeable: one page
 
     def receive_buf(self, plist: PageList, length: int) -> None:
-        if self._short(length):
+        hdr_len = self.hdr_len
+        stats = self.stats
+        if length < hdr_len + ETH_HLEN:  # virtio_net.c receive_buf(): "short packet"
+            stats.rx_length_errors += 1
             self._to_freed(plist)
             return
-        stats = self.stats
         skb = self.skbs.alloc(GOOD_COPY_LEN)
         page = plist.page
         view = page.view
-        num_buf = NUM_BUFFERS.unpack_from(view, 10)[0]
+        num_buf = view[NUM_BUFFERS_OFFSET] | view[NUM_BUFFERS_OFFSET + 1] << 8
         if skb is None:
             # The seed drops here and recycles the page; it forgot the
             # packet's other buffers, which would then be parsed as packets.
@@ -206,15 +208,19 @@ class DeferredRx(RxStrategy):
             self._to_freed(plist)
             self._drain(num_buf)
             return
-        skb.vnet_hdr = bytes(view[: self.hdr_len])
-        length -= self.hdr_len
-        copy = self._copy_head(skb, view, self.hdr_len, length)
+        skb.vnet_hdr = view[:hdr_len].tobytes()
+        length -= hdr_len
+        copy = length if length < GOOD_COPY_LEN else GOOD_COPY_LEN  # a fresh skb's tailroom
+        skb.put(view[hdr_len : hdr_len + copy])
         length -= copy
         if length:
-            skb.add_frag(page, self.hdr_len + copy, length)
+            skb.add_frag(page, hdr_len + copy, length)
             plist.page = None
         # else: the page stays on its page_list entry — the small-packet win.
         self._to_freed(plist)
+        if num_buf == 1:
+            self.vi.deliver(skb)
+            return
         if num_buf == 0:
             # 5.1.6.4: num_buffers is at least 1; 0 would make --num_buffers wrap.
             stats.rx_length_errors += 1
@@ -305,20 +311,26 @@ class PreallocRx(RxStrategy):
     def receive_buf(self, skb: SkBuff, length: int) -> None:
         del self.recv[skb]  # __skb_unlink(skb, &vi->recv)
         page = skb.frags[0][0]
-        if self._short(length):
+        hdr_len = self.hdr_len
+        if length < hdr_len + ETH_HLEN:  # "short packet"
+            self.stats.rx_length_errors += 1
             self._recycle(skb)
             return
         view = page.view
         skb.frags = []
-        skb.vnet_hdr = bytes(view[: self.hdr_len])
-        num_buf = NUM_BUFFERS.unpack_from(view, 10)[0]
-        length -= self.hdr_len
-        copy = self._copy_head(skb, view, self.hdr_len, length)
+        skb.vnet_hdr = view[:hdr_len].tobytes()
+        num_buf = view[NUM_BUFFERS_OFFSET] | view[NUM_BUFFERS_OFFSET + 1] << 8
+        length -= hdr_len
+        copy = length if length < GOOD_COPY_LEN else GOOD_COPY_LEN  # the skb's tailroom
+        skb.put(view[hdr_len : hdr_len + copy])
         length -= copy
         if length:
-            skb.add_frag(page, self.hdr_len + copy, length)
+            skb.add_frag(page, hdr_len + copy, length)
         else:
             self.give_a_page(page)
+        if num_buf == 1:
+            self.vi.deliver(skb)
+            return
         if num_buf == 0:
             self.stats.rx_length_errors += 1
             self._drop(skb)

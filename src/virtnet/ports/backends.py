@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from virtnet.net.constants import GOOD_COPY_LEN, MAX_GSO_FRAME, PAGE_SIZE
 from virtnet.net.header import MRG_HDR_LEN
 from virtnet.net.skb import SkBuff
-from virtnet.ports.synthetic import FrameGen, FrameSink, frame_prefix
+from virtnet.ports.synthetic import FrameGen, FrameSink
 
 BACKENDS = ("sink", "gen:SIZE", "loopback", "tap:IFNAME", "tapfd:FD")
 LOOPBACK_QUEUE = 1024  # frames held for echo before loopback drops (a NIC's queue)
@@ -269,14 +269,18 @@ class SinkDriver(DriverBackend):
 
 def skb_from_gen(drv, gen: FrameGen) -> SkBuff | None:
     """Build the next frame the way a guest stack does: prefix in the head, data in pages."""
-    data = gen.peek()[1]
-    if drv.pool.available < len(data) // PAGE_SIZE + 1:
+    prefix, data = gen.peek()
+    if len(data) > GOOD_COPY_LEN and drv.pool.available < len(data) // PAGE_SIZE + 1:
         return None  # the socket's send buffer is full: wait for tx completions
     skb = drv.skbs.alloc(GOOD_COPY_LEN)
     if skb is None:
         return None
     skb.vnet_hdr = gen.hdr
-    skb.put(frame_prefix(gen.seq, gen.src, gen.dst))
+    skb.put(prefix)
+    if len(data) <= skb.tailroom:
+        skb.put(data)  # a small frame is all linear, as a stack builds it
+        gen.advance()
+        return skb
     alloc_page = drv.pool.alloc_page
     for off in range(0, len(data), PAGE_SIZE):
         page = alloc_page()

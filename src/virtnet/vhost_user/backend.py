@@ -416,6 +416,7 @@ class DeviceServer:
         self._ep.register(self.listener.fileno(), select.EPOLLIN)
         self._watched: dict[int, str] = {}
         self.capture = None  # --pcap: handed to every device this server runs
+        self.run_seconds = self.cpu_seconds = 0.0
 
     # -- connections ------------------------------------------------------------
 
@@ -600,10 +601,13 @@ class DeviceServer:
 
     def serve(self, seconds: float = 0) -> dict:
         """Run until ``seconds`` pass (0: until SIGTERM/SIGINT)."""
+        started, cpu0 = time.monotonic(), time.process_time()
         try:
             with RunClock(seconds, self.printer, self.stats) as clock:
                 self._loop(clock)
         finally:
+            self.run_seconds = time.monotonic() - started
+            self.cpu_seconds = time.process_time() - cpu0
             if self.channel is not None:
                 self._disconnect("stopping")
             self.close()
@@ -641,7 +645,8 @@ class DeviceServer:
                 totals[k] = max(totals.get(k, 0), v) if k.endswith("_max") else (
                     totals.get(k, 0) + v)  # fmt: skip
         return {"device_stats": totals, "backend": self.backend.stats(),
-                "sessions": self.sessions}  # fmt: skip
+                "sessions": self.sessions, "seconds": round(self.run_seconds, 4),
+                "cpu_seconds": round(self.cpu_seconds, 4)}  # fmt: skip
 
     def close(self) -> None:
         self._ep.close()

@@ -110,6 +110,13 @@ class SplitQueueDriver:
 
     def add_inbuf(self, addr: int, length: int, token: Any) -> int:
         """One device-writable descriptor (virtqueue_add_inbuf with one sg)."""
+        return self._add_one(addr, (length & _U32) | _WRITE, length, token)
+
+    def add_outbuf(self, addr: int, length: int, token: Any) -> int:
+        """One device-readable descriptor (virtqueue_add_outbuf with one sg)."""
+        return self._add_one(addr, length & _U32, 0, token)
+
+    def _add_one(self, addr: int, word: int, in_len: int, token: Any) -> int:
         if not self.num_free:
             raise QueueFullError(f"vq {self.index}: no free descriptor")
         if token is None:
@@ -118,9 +125,9 @@ class SplitQueueDriver:
         self.free_head = self._next[head]
         self.num_free -= 1
         self._desc[2 * head] = addr
-        self._desc[2 * head + 1] = (length & _U32) | _WRITE
+        self._desc[2 * head + 1] = word
         self._token[head] = token
-        self._in_len[head] = length
+        self._in_len[head] = in_len
         self._ndescs[head] = 1
         self._publish(head)
         return head
