@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtnet.net.constants import PAGE_SIZE
-from virtnet.net.skb import PagePool, PoolError
+from virtnet.net.skb import PageFrag, PagePool, PoolError
 from virtnet.net.stats import driver_stats
 from virtnet.virtio.memory import GuestMemory
 
@@ -88,4 +88,30 @@ def test_random_alloc_free_never_overlaps_or_loses_a_page(ops):
         assert pool.outstanding == len(owned) == pool.stats.pages_outstanding
     for page in live:
         pool.free_page(page)
+    assert pool.outstanding == 0
+
+
+def test_page_frags_are_carved_back_to_back_and_freed_by_their_last_user():
+    pool = make_pool(npages=64)
+    frag = PageFrag(pool)
+    assert frag.refill(70000)  # three 32 KiB pages
+    assert pool.stats.page_allocs == 3 and pool.outstanding == 24
+    first = frag.commit(66)  # an ACK
+    assert [(p.index, off, n) for p, off, n in first] == [(frag.pages[0].index, 0, 66)]
+    big = frag.commit(65000)  # a TSO frame: the rest of page 0 and most of page 1
+    assert [off for _, off, _ in big] == [128, 0]  # the next frag starts on a cache line
+    assert sum(n for _, _, n in big) == 65000
+    page0 = first[0][0]
+    assert page0.refs == 2  # the ACK's frag and the TSO frame's first frag
+    frag.release()
+    for p, _, _ in first + big:
+        pool.put_page(p)
+    assert pool.outstanding == 0 and pool.stats.pages_outstanding == 0
+
+
+def test_an_exhausted_pool_makes_refill_fail_without_losing_pages():
+    pool = make_pool(npages=16)
+    frag = PageFrag(pool)
+    assert not frag.refill(70000)  # only two 32 KiB runs exist
+    frag.release()
     assert pool.outstanding == 0
