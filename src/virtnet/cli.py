@@ -134,6 +134,14 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                         "default 0)")  # fmt: skip
     p.add_argument("--pcap", metavar="FILE",
                    help="write every frame received and sent to FILE (tshark -r FILE)")  # fmt: skip
+    if name == "device":
+        p.add_argument("--coalesce", type=_coalesce, default={}, metavar="K=N,...",
+                       help="interrupt moderation, ethtool -C words: rx-usecs, rx-frames, "
+                            "tx-usecs, tx-frames (VIRTIO_NET_F_NOTF_COAL's max_usecs / "
+                            "max_packets). An interrupt the driver asked for is held until "
+                            "that many frames are behind it or that many microseconds "
+                            "passed; frames alone also send it when the device runs out of "
+                            "work. Default: none (every interrupt asked for is sent)")  # fmt: skip
     if name == "driver":
         p.add_argument("--strategy", default="deferred", choices=tuple(STRATEGIES),
                        help="rx strategy (without MRG_RXBUF: big or small, as Linux)")  # fmt: skip
@@ -141,6 +149,15 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
         p.add_argument("--features-off", type=_feature_bits, default=0, metavar="NAMES",
                        help="feature bits not to ack, e.g. MRG_RXBUF (big buffers) or "
                             "MRG_RXBUF,GUEST_TSO4,GUEST_TSO6 (small ones)")  # fmt: skip
+
+
+def _coalesce(text: str) -> dict[str, int]:
+    from virtnet.net.coalesce import CoalesceError, parse_coalesce
+
+    try:
+        return parse_coalesce(text)
+    except CoalesceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _feature_bits(text: str) -> int:
@@ -350,7 +367,8 @@ def cmd_vhost_user(args) -> int:
 
         try:
             server = DeviceServer(args.socket_path, backend, printer=_printer(args),
-                                  busy_poll_us=args.busy_poll)  # fmt: skip
+                                  busy_poll_us=args.busy_poll,
+                                  coalesce=args.coalesce)  # fmt: skip
             if args.pcap:
                 from virtnet.net.header import MRG_HDR_LEN
                 from virtnet.ports.pcap import PcapWriter

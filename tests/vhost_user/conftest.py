@@ -120,14 +120,16 @@ class DeviceProcess:
         return self.result
 
 
-def start_device(tmp_path: Path, backend: str, name: str = "dev") -> DeviceProcess:
+def start_device(
+    tmp_path: Path, backend: str, name: str = "dev", extra: tuple[str, ...] = ()
+) -> DeviceProcess:
     sock = str(tmp_path / f"{name}.sock")
     json_path = tmp_path / f"{name}.json"
     stderr_path = tmp_path / f"{name}.stderr"
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
             [*VIRTNET, "device", "--socket-path", sock, "--backend", backend,
-             "--json", str(json_path), "--quiet", "-v"],
+             "--json", str(json_path), "--quiet", "-v", *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
     dev = DeviceProcess(proc, sock, json_path, stderr_path)
@@ -146,8 +148,10 @@ def device_factory(tmp_path: Path) -> Iterator:
     """``device_factory(backend)`` → a running DeviceProcess, stopped after the test."""
     started: list[DeviceProcess] = []
 
-    def make(backend: str = "sink", name: str | None = None) -> DeviceProcess:
-        dev = start_device(tmp_path, backend, name or f"dev{len(started)}")
+    def make(
+        backend: str = "sink", name: str | None = None, extra: tuple[str, ...] = ()
+    ) -> DeviceProcess:
+        dev = start_device(tmp_path, backend, name or f"dev{len(started)}", extra)
         started.append(dev)
         return dev
 

@@ -35,11 +35,13 @@ DEVICE_STATS = (
     "rx_dropped",
     "rx_bufs",  # rx chains used
     "rx_num_buffers_max",  # largest num_buffers written (mergeable)
-    "rx_notifies",
+    "rx_notifies",  # interrupts the driver asked for (EVENT_IDX / flags)
+    "rx_irqs",  # interrupts sent (call eventfd writes), after --coalesce moderation
     "tx_packets",  # consumed from the driver's tx ring (guest → host)
     "tx_bytes",
     "tx_errors",  # tx chains refused (too short for a header)
     "tx_notifies",
+    "tx_irqs",
     "desc_errors",  # chains refused by the ring's validation
 )
 

@@ -21,6 +21,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from virtnet.net.coalesce import IrqCoalescer
 from virtnet.net.device import VirtnetDevice
 from virtnet.net.features import (
     SUPPORTED,
@@ -77,6 +78,9 @@ PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.RESET_DEVICE)
 )
 BUDGET = 64  # packets per ring per loop pass (vhost-net's VHOST_NET_WEIGHT spirit)
+IDLE_POLL = 0.2  # seconds epoll waits with nothing due (the run clock's resolution)
+# ethtool -C defaults for `virtnet device` (--coalesce overrides): no moderation.
+DEFAULT_COALESCE = {"rx-usecs": 0, "rx-frames": 0, "tx-usecs": 0, "tx-frames": 0}
 
 
 class BackendError(Exception):
@@ -397,9 +401,20 @@ class DeviceServer:
     """Listen on ``socket_path`` and run the device for one front-end at a time."""
 
     def __init__(
-        self, socket_path: str, backend: DeviceBackend, *, printer=None, busy_poll_us: int = 0
+        self,
+        socket_path: str,
+        backend: DeviceBackend,
+        *,
+        printer=None,
+        busy_poll_us: int = 0,
+        coalesce: dict[str, int] | None = None,
     ) -> None:
         self.busy_poll = busy_poll_us / 1e6
+        c = DEFAULT_COALESCE | (coalesce or {})
+        self.coalesce = {
+            RX_Q: IrqCoalescer(c["rx-usecs"], c["rx-frames"]),
+            TX_Q: IrqCoalescer(c["tx-usecs"], c["tx-frames"]),
+        }
         self.socket_path = socket_path
         self.backend = backend
         self.printer = printer
@@ -435,6 +450,8 @@ class DeviceServer:
 
     def _disconnect(self, why: str) -> None:
         log.info("front-end gone: %s", why)
+        for coal in self.coalesce.values():
+            coal.owed = 0  # an interrupt held for the old rings means nothing now
         self._accumulate()
         self._unwatch_all()
         if self.channel is not None:
@@ -558,8 +575,35 @@ class DeviceServer:
         n = dev.process_tx(self.backend.xmit, BUDGET)
         self._log_ring_error(dev)
         if dev.flush_tx():
-            signal_call(self.session.vrings[TX_Q].call)
+            self._interrupt(dev, TX_Q, n)
         return n == BUDGET  # kicks are re-armed in _idle, once nothing is left
+
+    def _interrupt(self, dev: VirtnetDevice, q: int, packets: int) -> None:
+        """The driver asked for an interrupt: send it, or hold it (--coalesce)."""
+        if self.coalesce[q].want(packets, time.monotonic()):
+            self._signal(dev, q)
+
+    def _signal(self, dev: VirtnetDevice, q: int) -> None:
+        signal_call(self.session.vrings[q].call)
+        if q == RX_Q:
+            dev.stats.rx_irqs += 1
+        else:
+            dev.stats.tx_irqs += 1
+
+    def _expire_interrupts(self, dev: VirtnetDevice, idle: bool) -> None:
+        now = time.monotonic()
+        for q, coal in self.coalesce.items():
+            if coal.expire(now, idle):
+                self._signal(dev, q)
+
+    def _poll_timeout(self, busy: bool) -> float:
+        """epoll's timeout: 0 when busy, else until the next held interrupt is due."""
+        if busy:
+            return 0
+        due = [d for c in self.coalesce.values() if (d := c.deadline()) is not None]
+        if not due:
+            return IDLE_POLL
+        return max(0.0, min(due) - time.monotonic())
 
     @staticmethod
     def _log_ring_error(dev: VirtnetDevice) -> None:
@@ -576,7 +620,7 @@ class DeviceServer:
         n = self.backend.fill_rx(dev, BUDGET)
         self._log_ring_error(dev)
         if dev.flush_rx():
-            signal_call(self.session.vrings[RX_Q].call)
+            self._interrupt(dev, RX_Q, n)
         if n == BUDGET:
             return True
         return self.backend.has_rx() and not dev.rx_starved
@@ -617,7 +661,7 @@ class DeviceServer:
         busy = False
         backend_ready = False
         while clock.running():
-            for fd, _ev in self._ep.poll(0 if busy else 0.2):
+            for fd, _ev in self._ep.poll(self._poll_timeout(busy)):
                 if fd == self.listener.fileno():
                     self._accept()
                 elif self.channel is not None and fd == self.channel.fileno():
@@ -636,6 +680,7 @@ class DeviceServer:
                 backend_ready = busy and backend_ready
                 if not busy:
                     busy = self._idle(dev)
+                self._expire_interrupts(dev, idle=not busy)
 
     def stats(self) -> dict:
         totals = dict(self.totals)
