@@ -114,6 +114,7 @@ def virtnet_path(
     queue_size: int | None = None,
     pcap: bool = False,
     workdir: str | None = None,
+    device_args: tuple[str, ...] = (),
 ) -> Iterator[VirtnetPath]:
     """Namespaces, taps, ``virtnet device`` and ``virtnet driver``, carrying pings.
 
@@ -137,7 +138,7 @@ def virtnet_path(
             "device.json", "driver.json", "device.log", "driver.log",
             "device.pcap", "driver.pcap")}  # fmt: skip
         dev_args = ["device", "--socket-path", sock, "--backend", f"tapfd:{tap_h.fileno()}",
-                    "--json", out["device.json"], "--quiet"]  # fmt: skip
+                    "--json", out["device.json"], "--quiet", *device_args]  # fmt: skip
         drv_args = ["driver", "--socket-path", sock, "--backend", f"tapfd:{tap_g.fileno()}",
                     "--strategy", strategy, "--json", out["driver.json"], "--quiet"]  # fmt: skip
         if features_off:
