@@ -68,7 +68,7 @@ class EmbeddedRun:
         self.step = self.host_to_guest if case.direction == HOST_TO_GUEST else self.guest_to_host
 
     def _netif_receive_skb(self, skb: SkBuff) -> None:
-        self.rx_sink.receive(skb.data_views())
+        self.rx_sink.receive(skb.to_bytes())
         skb.free()
 
     def napi(self) -> None:

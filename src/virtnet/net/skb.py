@@ -325,6 +325,8 @@ class SkBuff:
         return views
 
     def to_bytes(self) -> bytes:
+        if not self.frags:  # a small packet: all of it was copied into the head
+            return bytes(self.head[NET_IP_ALIGN : NET_IP_ALIGN + self.head_len])
         return b"".join(self.data_views())
 
     def free(self) -> None:
@@ -351,11 +353,12 @@ class SkbAllocator:
         return SkBuff(self, size)
 
     def free(self, skb: SkBuff) -> None:
-        put_page = self.pool.put_page
-        # Last frag first: the free list is a stack, so the next allocations pop the
-        # pages back in ascending order and a frame's pages stay one contiguous run.
-        for page, _, _ in reversed(skb.frags):
-            put_page(page)
-        skb.frags = []
+        if skb.frags:
+            put_page = self.pool.put_page
+            # Last frag first: the free list is a stack, so the next allocations pop the
+            # pages back in ascending order and a frame's pages stay one contiguous run.
+            for page, _, _ in reversed(skb.frags):
+                put_page(page)
+            skb.frags = []
         self.stats.skb_frees += 1
         self.live -= 1

@@ -255,7 +255,7 @@ class DriverBackend(Backend):
         return False
 
     def netif_receive_skb(self, skb: SkBuff) -> None:
-        self.sink.receive(skb.data_views())
+        self.sink.receive(skb.to_bytes())
         skb.free()
 
     def produce(self, drv, budget: int) -> int:

@@ -100,7 +100,7 @@ class FrameSink:
 
     def receive(self, frame) -> bool:
         """``frame`` is bytes or a list of views (header excluded); True if intact."""
-        data = frame if isinstance(frame, bytes | bytearray) else b"".join(frame)
+        data = frame if isinstance(frame, (bytes, bytearray)) else b"".join(frame)
         st = self.stats
         st.packets += 1
         st.bytes += len(data)
