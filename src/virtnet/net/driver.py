@@ -8,7 +8,7 @@ caller calls ``poll`` when the device signals.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from virtnet.net.constants import NAPI_POLL_WEIGHT, PAGE_SIZE
 from virtnet.net.header import MRG_HDR_LEN
@@ -91,9 +91,8 @@ class VirtnetDriver:
         self.num = 0  # rx buffers posted and not yet returned (vi->num)
         self.max = 0
         self.rx: RxStrategy = STRATEGIES[strategy](self)
-        # The used rx buffers of the current poll burst, and how far receive got.
-        self._burst: list = []
-        self._burst_pos = 0
+        # The used rx buffers of the current poll burst not yet received.
+        self._burst: Iterator = iter(())
         self.broken = ""  # why the device's rings can no longer be trusted, or ""
         self.tx_slots = TxSlots(pool, svq.num)
         self.removed = False
@@ -130,29 +129,16 @@ class VirtnetDriver:
             self.capture([skb.vnet_hdr, *skb.data_views()], None)
         self.netif_receive_skb(skb)
 
-    def _fetch_used(self, budget: int) -> bool:
-        """Take up to ``budget`` used rx buffers off the ring into the burst."""
-        burst = self.rvq.get_bufs(budget)
-        if not burst:
-            return False
-        self._burst = burst
-        self._burst_pos = 0
-        self.num -= len(burst)
-        self.stats.rx_bufs += len(burst)
-        return True
-
     def next_used(self):
-        """The next used rx buffer as (token, len) — from the current burst, else
-        the ring — or None (a packet's further buffers: receive_mergeable's
+        """The next used rx buffer as (token, len) — from the current poll burst,
+        else the ring — or None (a packet's further buffers: receive_mergeable's
         virtqueue_get_buf). UsedRingError for an entry the ring refuses."""
-        pos = self._burst_pos
-        if pos < len(self._burst):
-            self._burst_pos = pos + 1
-            return self._burst[pos]
-        got = self.rvq.get_buf()
-        if got is not None:
-            self.num -= 1
-            self.stats.rx_bufs += 1
+        got = next(self._burst, None)
+        if got is None:
+            got = self.rvq.get_buf()
+            if got is not None:
+                self.num -= 1
+                self.stats.rx_bufs += 1
         return got
 
     def poll(self, budget: int = NAPI_POLL_WEIGHT) -> tuple[int, bool]:
@@ -163,9 +149,10 @@ class VirtnetDriver:
         only when the ring was drained and nothing arrived while re-arming —
         the race the seed's ``again:`` label closes. Used buffers are taken in
         bursts of at most what the budget still allows, so a burst is always
-        used up before poll returns (a packet's further buffers come from it too).
+        used up before poll returns; a packet's further buffers come from the
+        same burst (one iterator, shared with ``next_used``).
         """
-        rvq, receive_buf = self.rvq, self.rx.receive_buf
+        rvq, receive_buf, stats = self.rvq, self.rx.receive_buf, self.stats
         if self.broken:
             return 0, False
         rvq.disable_cb()  # skb_recv_done → napi_schedule_prep: no interrupts while polling
@@ -174,18 +161,19 @@ class VirtnetDriver:
         try:
             while True:
                 while received < budget:
-                    pos = self._burst_pos
-                    if pos == len(self._burst):
-                        try:
-                            if not self._fetch_used(budget - received):
-                                break
-                        except UsedRingError as e:
-                            self.rx.bad_first_buf(e)
-                            continue
-                        pos = 0
-                    self._burst_pos = pos + 1
-                    receive_buf(*self._burst[pos])
-                    received += 1
+                    try:
+                        burst = rvq.get_bufs(budget - received)
+                    except UsedRingError as e:
+                        self.rx.bad_first_buf(e)
+                        continue
+                    if not burst:
+                        break
+                    self.num -= len(burst)
+                    stats.rx_bufs += len(burst)
+                    self._burst = it = iter(burst)
+                    for token, length in it:
+                        receive_buf(token, length)
+                        received += 1
                 if self.num < self.max // 2 or self.num == 0:
                     kick |= self.try_fill_recv()
                 if received < budget and not rvq.enable_cb():
@@ -279,9 +267,8 @@ class VirtnetDriver:
         if self.removed:
             return
         self.removed = True
-        for buf, _ in self._burst[self._burst_pos :]:  # taken off the ring, not received
+        for buf, _ in self._burst:  # taken off the ring, not received
             self.rx.free_unused_buf(buf)
-        self._burst, self._burst_pos = [], 0
         while (buf := self.rvq.detach_unused_buf()) is not None:
             self.rx.free_unused_buf(buf)
             self.num -= 1
