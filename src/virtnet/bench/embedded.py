@@ -186,7 +186,7 @@ def result_record(case: Case, mode: str, elapsed: float, sink: FrameSink, run) -
         "gbps": st.bytes * 8 / elapsed / 1e9,
         "pps": st.packets / elapsed,
         "integrity": {"corrupt": st.corrupt, "lost": st.lost, "reordered": st.reordered,
-                      "messages": st.errors},  # fmt: skip
+                      "foreign": st.foreign, "messages": st.errors},  # fmt: skip
         "acks": run.rx_sink.stats.packets if case.direction == GUEST_TO_HOST else 0,
         "driver_stats": run.drv.stats.as_dict(),
         "device_stats": run.dev.stats.as_dict(),

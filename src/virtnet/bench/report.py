@@ -10,6 +10,8 @@ from rich.table import Table
 
 # The seed's two columns: "w/o patch" is the pre-patch code, "w/i patch" the seed.
 BASELINE, PATCHED = "prealloc", "deferred"
+# What a sink counts against its stream; any of them non-zero fails the run.
+INTEGRITY_COUNTS = ("corrupt", "lost", "reordered", "foreign")
 SEED_LABEL = {"guest-to-host": "guest to host", "host-to-guest": "host to guest"}
 
 
@@ -111,11 +113,10 @@ def integrity_problems(results: list[dict]) -> list[str]:
     out = []
     for r in results:
         integ = r.get("integrity", {})
-        if integ and (integ.get("corrupt") or integ.get("lost") or integ.get("reordered")):
-            out.append(
-                f"{r['strategy']} {r['direction']} {r['payload']}B: corrupt={integ['corrupt']} "
-                f"lost={integ['lost']} reordered={integ['reordered']} {integ.get('messages', [])}"
-            )
+        if integ and any(integ.get(k) for k in INTEGRITY_COUNTS):
+            counts = " ".join(f"{k}={integ.get(k, 0)}" for k in INTEGRITY_COUNTS)
+            out.append(f"{r['strategy']} {r['direction']} {r['payload']}B: {counts} "
+                       f"{integ.get('messages', [])}")  # fmt: skip
         if r.get("mode") == "tap" and not r["driver_stats"] and r["strategy"] not in (
             "veth", "relay",
         ):  # fmt: skip
