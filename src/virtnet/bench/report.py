@@ -8,6 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from virtnet.bench.ping import rtt_text
+
 # The seed's two columns: "w/o patch" is the pre-patch code, "w/i patch" the seed.
 BASELINE, PATCHED = "prealloc", "deferred"
 # What a sink counts against its stream; any of them non-zero fails the run.
@@ -106,6 +108,12 @@ def tap_table(results: list[dict], title: str) -> Table:
             ok = avg[base] and avg[PATCHED]
             row.append(f"{avg[PATCHED] / avg[base]:.2f}x" if ok else "-")
         table.add_row(*row)
+    # The latency beside the rate: ping through each path at rest before its runs.
+    rtts = {c: [r["rtt_ms"] for r in results if r["strategy"] == c and r.get("rtt_ms")]
+            for c in cols}  # fmt: skip
+    if any(rtts.values()):
+        table.add_row("ping rtt ms", "min/avg/max", *(rtt_text(rtts[c]) for c in cols), "", "",
+                      end_section=False)  # fmt: skip
     return table
 
 
