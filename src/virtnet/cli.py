@@ -232,12 +232,26 @@ def cmd_bench(args) -> int:
         f"virtnet bench ({args.mode}, queue {args.queue_size}, {per_case}) — "
         f"{machine['cpu']}, {machine['cores']} cores, Python {machine['python']}"
     )
-    print_report(results, title, _console())
+    console = _console()
+    print_report(results, title, console)
+    if args.mode == "vhost-user":
+        _round_trips(results, args, console)
     if args.json:
         write_json(results, args.json, {"machine": machine, "argv": sys.argv[1:]})
     if args.plot:
         write_plot(results, args.plot, "virtnet bench: deferred vs prealloc")
     return 1 if integrity_problems(results) else 0
+
+
+def _round_trips(results: list[dict], args, console) -> None:
+    """The latency next to the rates: a ping-pong per strategy, added to its records."""
+    from virtnet.bench.report import round_trip_table
+    from virtnet.bench.rtt import round_trip
+
+    rtts = {s: round_trip(s, args.queue_size) for s in args.strategies}
+    for rec in results:
+        rec["rtt_ms"] = rtts[rec["strategy"]]  # integrity_problems checks its echoes too
+    console.print(round_trip_table(rtts))
 
 
 def _packets_problem(args) -> str | None:

@@ -46,7 +46,10 @@ def test_the_cli_writes_the_designed_json(tmp_path):
     assert {r["strategy"] for r in results} == {"prealloc", "deferred"}
     for r in results:
         assert set(r) >= {"mode", "strategy", "direction", "payload", "seconds", "packets",
-                          "bytes", "gbps", "pps", "driver_stats", "device_stats"}  # fmt: skip
+                          "bytes", "gbps", "pps", "driver_stats", "device_stats",
+                          "rtt_ms"}  # fmt: skip
+        assert r["rtt_ms"]["received"] > 0 and r["rtt_ms"]["avg_ms"] > 0
+    assert "round trip over vhost-user" in proc.stdout
 
 
 def _device_xmit(sink: SinkDevice, frame: bytes) -> None:
@@ -86,3 +89,20 @@ def test_an_intact_stream_through_the_same_accounting_passes():
                 {"device_stats": {}, "backend": sink.stats()})  # fmt: skip
     rec = _record(Case("deferred", GUEST_TO_HOST, 64), acc)
     assert rec["packets"] == 5 and integrity_problems([rec]) == []
+
+
+def test_the_round_trip_is_timed_through_the_device_loopback_and_every_echo_checked():
+    from virtnet.bench.rtt import round_trip
+
+    rtt = round_trip("deferred", seconds=0.3)
+    assert rtt["received"] > 0 and rtt["sent"] - rtt["received"] in (0, 1)  # one in flight
+    assert 0 < rtt["min_ms"] <= rtt["avg_ms"] <= rtt["max_ms"]
+    assert rtt["integrity"] == {"corrupt": 0, "lost": 0, "reordered": 0, "foreign": 0}
+
+
+def test_a_bad_echo_fails_the_run():
+    rec = {"strategy": "deferred", "direction": GUEST_TO_HOST, "payload": 64,
+           "integrity": {}, "driver_stats": {},
+           "rtt_ms": {"integrity": {"corrupt": 0, "lost": 0, "reordered": 1, "foreign": 0}}}
+    assert integrity_problems([rec]) == ["deferred round trip echo: {'corrupt': 0, 'lost': 0, "
+                                         "'reordered': 1, 'foreign': 0}"]  # fmt: skip

@@ -117,6 +117,19 @@ def tap_table(results: list[dict], title: str) -> Table:
     return table
 
 
+def round_trip_table(rtts: dict[str, dict]) -> Table:
+    """``--mode vhost-user``: one frame in flight through device loopback, per strategy."""
+    table = Table(title="round trip over vhost-user (one 64 B frame in flight, device loopback)")
+    for name in ("strategy", "samples", "min ms", "avg ms", "max ms"):
+        table.add_column(name, justify="left" if name == "strategy" else "right")
+    for s in sorted(rtts, key=lambda s: (s != BASELINE, s)):
+        r = rtts[s]
+        vals = [r.get(k) for k in ("min_ms", "avg_ms", "max_ms")]
+        table.add_row(s, f"{r['received']:,}", *(f"{v:.3f}" if v is not None else "-"
+                                                  for v in vals))  # fmt: skip
+    return table
+
+
 def integrity_problems(results: list[dict]) -> list[str]:
     out = []
     for r in results:
@@ -125,6 +138,9 @@ def integrity_problems(results: list[dict]) -> list[str]:
             counts = " ".join(f"{k}={integ.get(k, 0)}" for k in INTEGRITY_COUNTS)
             out.append(f"{r['strategy']} {r['direction']} {r['payload']}B: {counts} "
                        f"{integ.get('messages', [])}")  # fmt: skip
+        echo = (r.get("rtt_ms") or {}).get("integrity", {})
+        if any(echo.get(k) for k in INTEGRITY_COUNTS):  # the round trip's frames, checked too
+            out.append(f"{r['strategy']} round trip echo: {echo}")
         if r.get("mode") == "tap" and not r["driver_stats"] and r["strategy"] not in (
             "veth", "relay",
         ):  # fmt: skip
