@@ -3,6 +3,11 @@
 # Needs root (apt, hugepages, network namespaces, TAP). Used as-is by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+    # Say so before apt-get does, less clearly. Root without sudo: `bash tools/test-all.sh`.
+    echo "tools/test-all.sh needs root: sudo bash tools/test-all.sh (as root: bash tools/test-all.sh)" >&2
+    exit 2
+fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

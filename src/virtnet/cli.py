@@ -64,6 +64,10 @@ def _add_bench(sub) -> None:
                         "(default: 64,1500,65536; 65536 = a TSO frame)")  # fmt: skip
     p.add_argument("--seconds", type=float, default=None,
                    help="seconds per case (default 3; 5 with --tap)")  # fmt: skip
+    p.add_argument("--packets", type=int, default=None, metavar="N",
+                   help="run each case until N frames arrived instead of for a time "
+                        "(in-process mode; for instruction counts under valgrind, see "
+                        "benchmarks/callgrind_per_packet.py)")  # fmt: skip
     p.add_argument("--runs", type=int, default=None,
                    help="runs per case (default 1; 2 with --tap, like the seed)")  # fmt: skip
     p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256)")
@@ -203,6 +207,10 @@ def cmd_bench(args) -> int:
     from virtnet.bench.report import integrity_problems, print_report, write_json, write_plot
     from virtnet.bench.runner import machine_description, run_groups
 
+    problem = _packets_problem(args)
+    if problem:
+        print(f"virtnet bench: {problem}", file=sys.stderr)
+        return 2
     if args.tap:
         return cmd_bench_tap(args)
     args.seconds = 3.0 if args.seconds is None else args.seconds
@@ -210,10 +218,11 @@ def cmd_bench(args) -> int:
     if args.seconds <= 0 or args.runs < 1:
         print("virtnet bench: --seconds must be > 0 and --runs >= 1", file=sys.stderr)
         return 2
+    packets = args.packets or 0
     try:
         groups = [
             [
-                Case(s, d, p, seconds=args.seconds, queue_size=args.queue_size)
+                Case(s, d, p, seconds=args.seconds, queue_size=args.queue_size, packets=packets)
                 for _ in range(args.runs)
                 for s in args.strategies
             ]
@@ -235,16 +244,49 @@ def cmd_bench(args) -> int:
     if args.mode == "vhost-user":
         from virtnet.bench.vhost_user import run_vhost_user_group as runner
     results = run_groups(groups, group_runner=runner)
+    per_case = f"{packets} packets/case" if packets else f"{args.seconds:g}s/case"
     title = (
-        f"virtnet bench ({args.mode}, queue {args.queue_size}, {args.seconds:g}s/case) — "
+        f"virtnet bench ({args.mode}, queue {args.queue_size}, {per_case}) — "
         f"{machine['cpu']}, {machine['cores']} cores, Python {machine['python']}"
     )
-    print_report(results, title, _console())
+    console = _console()
+    print_report(results, title, console)
+    if args.mode == "vhost-user":
+        _round_trips(results, args, console)
     if args.json:
         write_json(results, args.json, {"machine": machine, "argv": sys.argv[1:]})
     if args.plot:
         write_plot(results, args.plot, "virtnet bench: deferred vs prealloc")
     return 1 if integrity_problems(results) else 0
+
+
+def _round_trips(results: list[dict], args, console) -> None:
+    """The latency next to the rates: a ping-pong per strategy, added to its records."""
+    from virtnet.bench.report import round_trip_table
+    from virtnet.bench.rtt import round_trip
+
+    rtts = {s: round_trip(s, args.queue_size) for s in args.strategies}
+    for rec in results:
+        rec["rtt_ms"] = rtts[rec["strategy"]]  # integrity_problems checks its echoes too
+    console.print(round_trip_table(rtts))
+
+
+def _packets_problem(args) -> str | None:
+    """Why ``--packets`` cannot be used as given, or None."""
+    if args.packets is None:
+        return None
+    if args.packets < 1:
+        return "--packets must be >= 1"
+    if args.seconds is not None:
+        return "--packets and --seconds exclude each other (a case runs for one or the other)"
+    if args.tap:
+        # iperf3 decides how many segments TCP sends; the path cannot count them out.
+        return "--packets is for the in-process bench, not --tap (iperf3 runs for a time)"
+    if args.mode != "inproc":
+        # The two processes each run for --seconds; stopping them at a frame count
+        # would need the count in virtnet device/driver themselves.
+        return "--packets is for the in-process bench (--mode inproc), not --mode vhost-user"
+    return None
 
 
 def cmd_bench_tap(args) -> int:

@@ -7,6 +7,8 @@ must finish with every frame intact, nothing lost or reordered, and every page b
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from virtnet.bench.embedded import (
@@ -17,8 +19,10 @@ from virtnet.bench.embedded import (
     EmbeddedRun,
     make_pair,
     run_case,
+    run_interleaved,
     strip_hdr,
 )
+from virtnet.cli import main
 from virtnet.net.features import GUEST_OFFLOADS, SUPPORTED, VirtioNetF
 from virtnet.net.stats import DEVICE_STATS, DRIVER_STATS
 from virtnet.virtio.features import bit
@@ -101,3 +105,46 @@ def test_strip_hdr_removes_a_header_spanning_segments():
     views = [memoryview(b"01234"), memoryview(b"5678901ab"), memoryview(b"cd")]
     assert b"".join(strip_hdr(views, 12)) == b"abcd"
     assert b"".join(strip_hdr([memoryview(b"x" * 12)], 12)) == b""
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize(("payload", "queue_size"), [(64, 64), (1500, 256), (65536, 64)])
+@pytest.mark.parametrize("packets", [1, 97])
+def test_a_count_based_case_delivers_exactly_its_count(direction, payload, queue_size, packets):
+    # --packets: the generator stops at the count (no batch of overshoot), every frame
+    # arrives intact, and the teardown still gives every page back.
+    case = Case("deferred", direction, payload, queue_size=queue_size, packets=packets)
+    result = run_case(case)
+    assert result["packets"] == packets and result["bytes"] == packets * payload
+    integrity = result["integrity"]
+    assert (integrity["corrupt"], integrity["lost"], integrity["reordered"]) == (0, 0, 0)
+    assert result["driver_stats"]["pages_outstanding"] == 0
+    key = "rx_packets" if direction == HOST_TO_GUEST else "tx_packets"
+    assert result["device_stats"][key] == packets
+
+
+def test_count_based_cases_interleave_and_each_stops_at_its_count():
+    cases = [Case(s, HOST_TO_GUEST, 1500, packets=300) for s in ("prealloc", "deferred")]
+    assert [r["packets"] for r in run_interleaved(cases)] == [300, 300]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--packets", "0"], "--packets must be >= 1"),
+        (["--packets", "5", "--seconds", "1"], "exclude each other"),
+        (["--packets", "5", "--mode", "vhost-user"], "not --mode vhost-user"),
+        (["--packets", "5", "--tap"], "not --tap"),
+    ],
+)
+def test_the_cli_refuses_packets_where_it_cannot_count(args, message, capsys):
+    assert main(["bench", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_cli_runs_a_count_based_bench_and_writes_exact_counts(tmp_path):
+    out = tmp_path / "r.json"
+    rc = main(["bench", "--packets", "40", "--payloads", "64", "--json", str(out)])
+    assert rc == 0
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 4 and all(r["packets"] == 40 for r in results)

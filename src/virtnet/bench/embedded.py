@@ -1,11 +1,13 @@
 """The embedded A/B: driver and device over real rings in one guest memory.
 
 One case = one strategy × one direction × one frame size, run for a fixed
-time. The device side is driven exactly as a back-end would drive it
-(batches of packets, one flush and notification decision per batch), the
-driver side as NAPI would (poll with a budget, refill below half). Both
-sides run in this process, so the figures are the sum of both sides' CPU
-per packet — the quantity the strategies differ in.
+time — or, with ``packets``, until the receiving side has that many frames
+(instruction counts under valgrind, where a timed run is mostly set-up).
+The device side is driven exactly as a back-end would drive it (batches of
+packets, one flush and notification decision per batch), the driver side
+as NAPI would (poll with a budget, refill below half). Both sides run in
+this process, so the figures are the sum of both sides' CPU per packet —
+the quantity the strategies differ in.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Case:
     seconds: float = 3.0
     queue_size: int = 256
     features: int = SUPPORTED
+    packets: int = 0  # > 0: run until the sink has exactly this many frames, not seconds
 
     def label(self) -> str:
         return f"{self.strategy} {self.direction} {self.payload}B"
@@ -64,12 +67,28 @@ class EmbeddedRun:
         self.acks = FrameGen(ACK_FRAME)
         self.sender = GenDriver(case.payload)  # the guest's stack, when it transmits
         self.sent = 0
+        self.sink = self.rx_sink if case.direction == HOST_TO_GUEST else self.tx_sink
         self.drv.try_fill_recv()
         self.step = self.host_to_guest if case.direction == HOST_TO_GUEST else self.guest_to_host
 
     def _netif_receive_skb(self, skb: SkBuff) -> None:
         self.rx_sink.receive(skb.to_bytes())
         skb.free()
+
+    def _allowed(self, budget: int, gen: FrameGen, held: bool = False) -> int:
+        """``budget``, or fewer so that a count-based case generates exactly
+        ``case.packets`` frames: two counts differenced then leave the per-packet
+        cost alone, with no overshoot of a batch to blur it. ``held``: a frame
+        already generated waits to be sent (it needs a turn of its own)."""
+        if not self.case.packets:
+            return budget
+        return min(budget, self.case.packets - gen.seq + held)
+
+    def done(self, seconds: float) -> bool:
+        """Whether the case has run its time (or, count-based, received its frames)."""
+        if self.case.packets:
+            return self.sink.stats.packets >= self.case.packets
+        return seconds >= self.case.seconds
 
     def napi(self) -> None:
         while self.drv.poll(NAPI_POLL_WEIGHT)[0] == NAPI_POLL_WEIGHT:
@@ -78,7 +97,7 @@ class EmbeddedRun:
     def host_to_guest(self) -> None:
         dev, gen = self.dev, self.gen
         size = gen.size
-        for _ in range(DEVICE_BATCH):
+        for _ in range(self._allowed(DEVICE_BATCH, gen)):
             if not dev.has_room(size):
                 break
             dev.receive_packet(gen.peek(), gen.hdr)
@@ -88,7 +107,9 @@ class EmbeddedRun:
 
     def guest_to_host(self) -> None:
         drv, dev = self.drv, self.dev
-        self.sender.produce(drv, self.case.queue_size)
+        sender = self.sender
+        sender.produce(drv, self._allowed(self.case.queue_size, sender.gen,
+                                          sender.pending is not None))  # fmt: skip
         drv.tx_kick()
         dev.process_tx(self._host_xmit, budget=self.case.queue_size)
         dev.flush_tx()
@@ -121,6 +142,16 @@ class EmbeddedRun:
 SLICE = 0.05  # seconds a run gets before the next run of its group takes a turn
 
 
+class EmbeddedStall(RuntimeError):
+    """A count-based case whose frames stopped arriving before its count."""
+
+
+def _fraction(run: EmbeddedRun, seconds: float) -> float:
+    case = run.case
+    done = run.sink.stats.packets / case.packets if case.packets else seconds / case.seconds
+    return min(1.0, done)
+
+
 def run_case(case: Case, tick: Callable[[float], None] | None = None) -> dict:
     """Run one case alone; ``tick(fraction_done)`` is called for progress bars."""
     return run_interleaved([case], tick)[0]
@@ -135,37 +166,39 @@ def run_interleaved(
     seconds after the other can meet a different machine. Alternating
     slices of SLICE seconds gives every case the same conditions, so the
     ratio between them — the A/B the seed is about — stays honest. Each
-    case still gets ``case.seconds`` of wall time in all; its CPU time is
-    reported too.
+    case still gets ``case.seconds`` of wall time in all (or, count-based,
+    runs until its ``case.packets`` frames arrived); its CPU time is reported too.
     """
     runs = [EmbeddedRun(case) for case in cases]
     wall = [0.0] * len(runs)
     cpu = [0.0] * len(runs)
-    total = sum(c.seconds for c in cases)
     while True:
-        pending = [i for i, c in enumerate(cases) if wall[i] < c.seconds]
+        pending = [i for i, run in enumerate(runs) if not run.done(wall[i])]
         if not pending:
             break
         for i in pending:
-            step = runs[i].step
+            run = runs[i]
+            step, case, received = run.step, run.case, run.sink.stats.packets
             t0, c0 = time.perf_counter(), time.process_time()
-            end = t0 + min(SLICE, cases[i].seconds - wall[i])
+            end = t0 + (SLICE if case.packets else min(SLICE, case.seconds - wall[i]))
             while True:
                 for _ in range(4):
                     step()
                 now = time.perf_counter()
-                if now >= end:
+                if now >= end or (case.packets and run.done(0.0)):
                     break
             wall[i] += now - t0
             cpu[i] += time.process_time() - c0
+            if case.packets and run.sink.stats.packets == received:
+                raise EmbeddedStall(f"{case.label()}: no frame arrived in a {SLICE:g} s slice "
+                                    f"({received} of {case.packets})")  # fmt: skip
         if tick is not None:
-            tick(min(1.0, sum(wall) / total))
+            tick(sum(map(_fraction, runs, wall)) / len(runs))
     out = []
     for i, run in enumerate(runs):
         run.finish()
         case = run.case
-        sink = run.rx_sink if case.direction == HOST_TO_GUEST else run.tx_sink
-        rec = result_record(case, "embedded", wall[i], sink, run)
+        rec = result_record(case, "embedded", wall[i], run.sink, run)
         rec["cpu_seconds"] = round(cpu[i], 4)
         out.append(rec)
     return out
@@ -186,7 +219,7 @@ def result_record(case: Case, mode: str, elapsed: float, sink: FrameSink, run) -
         "gbps": st.bytes * 8 / elapsed / 1e9,
         "pps": st.packets / elapsed,
         "integrity": {"corrupt": st.corrupt, "lost": st.lost, "reordered": st.reordered,
-                      "messages": st.errors},  # fmt: skip
+                      "foreign": st.foreign, "messages": st.errors},  # fmt: skip
         "acks": run.rx_sink.stats.packets if case.direction == GUEST_TO_HOST else 0,
         "driver_stats": run.drv.stats.as_dict(),
         "device_stats": run.dev.stats.as_dict(),

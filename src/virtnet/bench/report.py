@@ -8,8 +8,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from virtnet.bench.ping import rtt_text
+
 # The seed's two columns: "w/o patch" is the pre-patch code, "w/i patch" the seed.
 BASELINE, PATCHED = "prealloc", "deferred"
+# What a sink counts against its stream; any of them non-zero fails the run.
+INTEGRITY_COUNTS = ("corrupt", "lost", "reordered", "foreign")
 SEED_LABEL = {"guest-to-host": "guest to host", "host-to-guest": "host to guest"}
 
 
@@ -104,6 +108,25 @@ def tap_table(results: list[dict], title: str) -> Table:
             ok = avg[base] and avg[PATCHED]
             row.append(f"{avg[PATCHED] / avg[base]:.2f}x" if ok else "-")
         table.add_row(*row)
+    # The latency beside the rate: ping through each path at rest before its runs.
+    rtts = {c: [r["rtt_ms"] for r in results if r["strategy"] == c and r.get("rtt_ms")]
+            for c in cols}  # fmt: skip
+    if any(rtts.values()):
+        table.add_row("ping rtt ms", "min/avg/max", *(rtt_text(rtts[c]) for c in cols), "", "",
+                      end_section=False)  # fmt: skip
+    return table
+
+
+def round_trip_table(rtts: dict[str, dict]) -> Table:
+    """``--mode vhost-user``: one frame in flight through device loopback, per strategy."""
+    table = Table(title="round trip over vhost-user (one 64 B frame in flight, device loopback)")
+    for name in ("strategy", "samples", "min ms", "avg ms", "max ms"):
+        table.add_column(name, justify="left" if name == "strategy" else "right")
+    for s in sorted(rtts, key=lambda s: (s != BASELINE, s)):
+        r = rtts[s]
+        vals = [r.get(k) for k in ("min_ms", "avg_ms", "max_ms")]
+        table.add_row(s, f"{r['received']:,}", *(f"{v:.3f}" if v is not None else "-"
+                                                  for v in vals))  # fmt: skip
     return table
 
 
@@ -111,11 +134,13 @@ def integrity_problems(results: list[dict]) -> list[str]:
     out = []
     for r in results:
         integ = r.get("integrity", {})
-        if integ and (integ.get("corrupt") or integ.get("lost") or integ.get("reordered")):
-            out.append(
-                f"{r['strategy']} {r['direction']} {r['payload']}B: corrupt={integ['corrupt']} "
-                f"lost={integ['lost']} reordered={integ['reordered']} {integ.get('messages', [])}"
-            )
+        if integ and any(integ.get(k) for k in INTEGRITY_COUNTS):
+            counts = " ".join(f"{k}={integ.get(k, 0)}" for k in INTEGRITY_COUNTS)
+            out.append(f"{r['strategy']} {r['direction']} {r['payload']}B: {counts} "
+                       f"{integ.get('messages', [])}")  # fmt: skip
+        echo = (r.get("rtt_ms") or {}).get("integrity", {})
+        if any(echo.get(k) for k in INTEGRITY_COUNTS):  # the round trip's frames, checked too
+            out.append(f"{r['strategy']} round trip echo: {echo}")
         if r.get("mode") == "tap" and not r["driver_stats"] and r["strategy"] not in (
             "veth", "relay",
         ):  # fmt: skip

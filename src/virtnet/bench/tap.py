@@ -6,6 +6,8 @@ virtnet device (the back-end process) the host tap, so every frame between
 the namespaces crosses driver → virtqueues in shared memory → device. Then
 iperf3: TCP guest→host and host→guest (netperf TCP_STREAM's analogue) and
 UDP host→guest at a high offered rate (the seed's drop-rate observation).
+Before each iperf3 run, ``ping -c 100 -i 0.01`` guest→host measures the
+path's round trip at rest, reported next to the rate (``rtt_ms``).
 
 Baselines in the same run, between fresh namespaces of the same shape: a
 veth pair (``veth``, the kernel's limit) and a bare single-process Python
@@ -24,9 +26,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from virtnet.ports.iperf import IperfResult, start_client, start_server
+from virtnet.bench.ping import parse_ping, ping_argv, ping_in, ping_timeout
+from virtnet.ports.iperf import IperfResult, run_iperf, start_client, start_server
 from virtnet.ports.netns import Topology, iproute, link_index, run_in_netns, stop_process
-from virtnet.ports.relay import iperf_over_veth, iperf_through_relay, relay_topology
+from virtnet.ports.relay import (
+    RELAY_CIDR_B,
+    VETH_CIDR_A,
+    VETH_CIDR_B,
+    Relay,
+    iperf_through_relay,
+    relay_topology,
+)
 
 GUEST_CIDR, HOST_CIDR = "10.77.2.2/24", "10.77.2.1/24"
 GUEST_IP, HOST_IP = GUEST_CIDR.split("/")[0], HOST_CIDR.split("/")[0]
@@ -213,9 +223,10 @@ def _iperf(topo: Topology, client_ns: str, server_ns: str, case: TapCase) -> Ipe
 
 def run_virtnet_case(case: TapCase) -> dict:
     with virtnet_path(case.strategy) as path:
+        rtt = ping_in(path.guest, HOST_IP)
         result = _iperf(path.topo, path.guest, path.host, case)
         drv, dev = path.stop()
-    return _record(case, result, drv.get("driver_stats", {}), dev.get("device_stats", {}))
+    return _record(case, result, drv.get("driver_stats", {}), dev.get("device_stats", {}), rtt)
 
 
 def _load(path: str) -> dict:
@@ -234,14 +245,32 @@ def run_baseline_case(case: TapCase) -> dict:
     with Topology() as topo:
         if case.strategy == "veth":
             a, b = topo.add_netns("guest"), topo.add_netns("host")
-            run = iperf_over_veth(topo, a, b, case.seconds, **kw)
+            topo.add_veth(a, VETH_CIDR_A, b, VETH_CIDR_B)
+            server = VETH_CIDR_B.split("/")[0]
+            rtt = ping_in(a, server)
+            result = run_iperf(topo, a, b, server, case.seconds, **kw)
         else:
             a, b, tap_a, tap_b = relay_topology(topo, mtu=MTU)
-            run = iperf_through_relay(topo, a, b, tap_a, tap_b, case.seconds, **kw)
-    return _record(case, run.iperf, {}, {})
+            rtt = _ping_through_relay(topo, a, tap_a, tap_b)
+            result = iperf_through_relay(topo, a, b, tap_a, tap_b, case.seconds, **kw).iperf
+    return _record(case, result, {}, {}, rtt)
 
 
-def _record(case: TapCase, r: IperfResult, driver_stats: dict, device_stats: dict) -> dict:
+def _ping_through_relay(topo: Topology, a: str, tap_a, tap_b) -> dict:
+    """Ping from a to b, the relay running in this thread meanwhile (it is the path)."""
+    proc = topo.popen(a, ping_argv(RELAY_CIDR_B.split("/")[0]), stdout=subprocess.PIPE,
+                      stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    Relay(tap_a, tap_b).run(ping_timeout(), until=lambda: proc.poll() is not None)
+    try:
+        out, _ = proc.communicate(timeout=5)
+    finally:
+        stop_process(proc)
+    return parse_ping(out)
+
+
+def _record(
+    case: TapCase, r: IperfResult, driver_stats: dict, device_stats: dict, rtt: dict
+) -> dict:
     rec = {
         "mode": "tap",
         "strategy": case.strategy,
@@ -254,6 +283,7 @@ def _record(case: TapCase, r: IperfResult, driver_stats: dict, device_stats: dic
         "gbps": r.bits_per_second / 1e9,
         "pps": _packets(case, driver_stats) / r.seconds if r.seconds else 0.0,
         "retransmits": r.retransmits,
+        "rtt_ms": rtt,  # ping through the same path just before, at rest
         "driver_stats": driver_stats,
         "device_stats": device_stats,
     }

@@ -122,9 +122,22 @@ def _record(case: Case, acc: dict) -> dict:
         "bytes": sink.get("sink_bytes", 0),
         "gbps": sink.get("sink_bytes", 0) * 8 / seconds / 1e9,
         "pps": sink.get("sink_packets", 0) / seconds,
-        "integrity": {"corrupt": sink.get("sink_corrupt", 0), "lost": sink.get("sink_lost", 0),
-                      "reordered": 0, "messages": []},  # fmt: skip
+        "integrity": sink_integrity(sink),
         "acks": 0,
         "driver_stats": acc["driver_stats"],
         "device_stats": acc["device_stats"],
+    }
+
+
+def sink_integrity(sink: dict) -> dict:
+    """What the receiving process's sink measured (its ``sink_*`` counters), as the
+    record's ``integrity``: every key is a count the sink kept, none a constant."""
+    return {
+        "corrupt": sink.get("sink_corrupt", 0),
+        "lost": sink.get("sink_lost", 0),
+        # A frame whose sequence number goes backwards: duplicated or reordered.
+        "reordered": sink.get("sink_reordered", 0),
+        # A frame that is not the generator's: nothing in this bench sends one.
+        "foreign": sink.get("sink_foreign", 0),
+        "messages": [],
     }

@@ -81,7 +81,8 @@ class Backend:
     def stats(self) -> dict:
         st = self.sink.stats
         return {"sink_packets": st.packets, "sink_bytes": st.bytes, "sink_corrupt": st.corrupt,
-                "sink_lost": st.lost, "sink_foreign": st.foreign}  # fmt: skip
+                "sink_lost": st.lost, "sink_reordered": st.reordered,
+                "sink_foreign": st.foreign}  # fmt: skip
 
     def close(self) -> None:
         pass

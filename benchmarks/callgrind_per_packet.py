@@ -1,0 +1,236 @@
+"""Instructions per packet of the in-process bench, counted by valgrind's callgrind.
+
+These VMs have no hardware counters (``perf stat -e instructions``: not supported), and
+under valgrind a timed run is mostly set-up. So every case runs count-based (the code of
+``virtnet bench --packets N``) twice under ``valgrind --tool=callgrind``, with a small and
+a large count; the difference of the two instruction totals over the difference of the
+counts is the steady-state cost of one packet, both sides (driver + device) together —
+start-up, imports, ring set-up and teardown cancel out. Callgrind counts do not depend on
+the machine's load, so the figures are comparable between runs on a busy machine.
+
+    python benchmarks/callgrind_per_packet.py                      # the full table
+    python benchmarks/callgrind_per_packet.py --payloads 64 --json ipp.json
+    python benchmarks/callgrind_per_packet.py --counts 64=2000:12000,65536=200:1200
+
+Each case runs in a process of its own with PYTHONHASHSEED=0, without the bench's
+progress bar (its refresh thread runs per wall-clock tick, which under valgrind would add
+a count that depends on how slow the run was). Needs valgrind (apt-get install valgrind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # rich only in the parent: the child under valgrind imports the least
+    from rich.console import Console
+    from rich.table import Table
+
+DIRECTIONS = ("host-to-guest", "guest-to-host")
+# Small and large packet count per frame size: the small one is past the warm-up (rings
+# and page pools at their steady state, several ring wraps), the difference large enough
+# that the few thousand instructions a run varies by are < 1 per packet.
+DEFAULT_COUNTS = {64: (2000, 12000), 1500: (2000, 12000), 65536: (300, 1300)}
+LARGE_FRAME_COUNTS = (300, 1300)  # any size not in DEFAULT_COUNTS above 1500 bytes
+_TOTALS = re.compile(r"^totals:\s+(\d+)", re.M)
+
+
+@dataclass(frozen=True)
+class Config:
+    strategy: str
+    direction: str
+    payload: int
+    queue_size: int
+
+    def label(self) -> str:
+        return f"{self.strategy} {self.direction} {self.payload}B q{self.queue_size}"
+
+
+@dataclass
+class Measure:
+    config: Config
+    counts: tuple[int, int]
+    totals: tuple[int, int]
+
+    @property
+    def per_packet(self) -> float:
+        (n1, n2), (i1, i2) = self.counts, self.totals
+        return (i2 - i1) / (n2 - n1)
+
+    @property
+    def fixed(self) -> float:
+        """Instructions not proportional to the count: start-up, set-up, teardown."""
+        return self.totals[0] - self.per_packet * self.counts[0]
+
+    def as_dict(self) -> dict:
+        return asdict(self.config) | {
+            "counts": list(self.counts),
+            "instructions": list(self.totals),
+            "instructions_per_packet": round(self.per_packet, 1),
+            "fixed_instructions": round(self.fixed),
+        }
+
+
+def counts_for(payload: int, overrides: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    if payload in overrides:
+        return overrides[payload]
+    if payload in DEFAULT_COUNTS:
+        return DEFAULT_COUNTS[payload]
+    return DEFAULT_COUNTS[1500] if payload <= 1500 else LARGE_FRAME_COUNTS
+
+
+def run_one(config: Config, packets: int, workdir: str) -> int:
+    """One count-based case under callgrind; returns its instruction total."""
+    tag = f"{config.strategy}-{config.direction}-{config.payload}-{config.queue_size}-{packets}"
+    out = os.path.join(workdir, f"callgrind.{tag}")
+    argv = [
+        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+        sys.executable, __file__, "--one", config.strategy, config.direction,
+        str(config.payload), str(config.queue_size), str(packets),
+    ]  # fmt: skip
+    env = os.environ | {"PYTHONHASHSEED": "0"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{config.label()} x{packets}: exit {proc.returncode}\n"
+                           f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")  # fmt: skip
+    if proc.stdout.split()[-1:] != [str(packets)]:
+        raise RuntimeError(f"{config.label()}: asked for {packets} frames, got {proc.stdout!r}")
+    text = Path(out).read_text(errors="replace")
+    os.unlink(out)
+    match = _TOTALS.search(text)
+    if match is None:
+        raise RuntimeError(f"{config.label()}: no totals line in {out}")
+    return int(match.group(1))
+
+
+def one(strategy: str, direction: str, payload: int, queue_size: int, packets: int) -> int:
+    """The child: one count-based case, every frame checked; prints the frames received."""
+    from virtnet.bench.embedded import Case, run_case
+
+    rec = run_case(Case(strategy, direction, payload, queue_size=queue_size, packets=packets))
+    bad = {k: v for k, v in rec["integrity"].items() if v}
+    if bad or rec["driver_stats"]["pages_outstanding"]:
+        print(f"integrity: {bad}, pages outstanding: "
+              f"{rec['driver_stats']['pages_outstanding']}", file=sys.stderr)  # fmt: skip
+        return 1
+    print(rec["packets"])
+    return 0
+
+
+def measure(configs: list[Config], overrides: dict, jobs: int, console: Console) -> list[Measure]:
+    runs = [(c, n) for c in configs for n in counts_for(c.payload, overrides)]
+    totals: dict[tuple[Config, int], int] = {}
+    with tempfile.TemporaryDirectory(prefix="vn-callgrind-") as tmp, \
+            ThreadPoolExecutor(max_workers=jobs) as pool:  # fmt: skip
+        futures = {pool.submit(run_one, c, n, tmp): (c, n) for c, n in runs}
+        with console.status(f"callgrind: {len(runs)} runs") as status:
+            for i, (fut, key) in enumerate(futures.items(), 1):
+                totals[key] = fut.result()
+                status.update(f"callgrind: {i}/{len(runs)} runs ({key[0].label()})")
+    out = []
+    for c in configs:
+        n1, n2 = counts_for(c.payload, overrides)
+        out.append(Measure(c, (n1, n2), (totals[c, n1], totals[c, n2])))
+    return out
+
+
+def table(measures: list[Measure], title: str) -> Table:
+    from rich.table import Table
+
+    queues = sorted({m.config.queue_size for m in measures})
+    t = Table(title=title)
+    for name in ("direction", "frame", "strategy"):
+        t.add_column(name, justify="right" if name == "frame" else "left")
+    for q in queues:
+        t.add_column(f"queue {q} instr/pkt", justify="right")
+    if len(queues) > 1:
+        t.add_column(f"{queues[-1]} / {queues[0]}", justify="right")
+    by = {(m.config.direction, m.config.payload, m.config.strategy, m.config.queue_size): m
+          for m in measures}  # fmt: skip
+    for d, p, s in sorted({k[:3] for k in by}, key=lambda k: (DIRECTIONS.index(k[0]), *k[1:])):
+        row = [d, f"{p}B", s]
+        vals = [by[d, p, s, q].per_packet if (d, p, s, q) in by else None for q in queues]
+        row += [f"{v:,.0f}" if v is not None else "-" for v in vals]
+        if len(queues) > 1:
+            ok = vals[0] and vals[-1] is not None
+            row.append(f"{vals[-1] / vals[0]:.2f}x" if ok else "-")
+        t.add_row(*row)
+    return t
+
+
+def _counts_arg(text: str) -> dict[int, tuple[int, int]]:
+    out = {}
+    try:
+        for item in filter(None, text.split(",")):
+            size, pair = item.split("=")
+            n1, n2 = (int(x) for x in pair.split(":"))
+            if not 0 < n1 < n2:
+                raise ValueError
+            out[int(size)] = (n1, n2)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: want SIZE=SMALL:LARGE[,...] with 0 < SMALL < LARGE") from None
+    return out
+
+
+def _list(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--one"]:
+        s, d, p, q, n = argv[1:6]
+        return one(s, d, int(p), int(q), int(n))
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--strategies", type=_list(str), default=["prealloc", "deferred"])
+    ap.add_argument("--directions", type=_list(str), default=list(DIRECTIONS))
+    ap.add_argument("--payloads", type=_list(int), default=[64, 1500, 65536])
+    ap.add_argument("--queue-sizes", type=_list(int), default=[256, 4096],
+                    help="virtqueue sizes; the cost per packet should not depend on it")
+    ap.add_argument("--counts", type=_counts_arg, default={}, metavar="SIZE=N1:N2,...",
+                    help="packet counts per frame size (default 64/1500: 2000:12000, "
+                         "65536: 300:1300)")  # fmt: skip
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="valgrind processes at once (counts do not depend on it)")
+    ap.add_argument("--json", metavar="FILE", help="write every total and figure as JSON")
+    args = ap.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        print("valgrind not found: apt-get install valgrind", file=sys.stderr)
+        return 2
+    bad = [d for d in args.directions if d not in DIRECTIONS]
+    if bad or args.jobs < 1:
+        print(f"bad --directions {bad} or --jobs {args.jobs}", file=sys.stderr)
+        return 2
+    from rich.console import Console
+
+    configs = [Config(s, d, p, q) for d in args.directions for p in args.payloads
+               for s in args.strategies for q in args.queue_sizes]  # fmt: skip
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    measures = measure(configs, args.counts, args.jobs, Console(stderr=True))
+    commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short",
+                             "HEAD"], capture_output=True, text=True).stdout.strip()  # fmt: skip
+    title = (f"instructions per packet (callgrind, in-process, driver + device) — "
+             f"commit {commit or '?'}, Python {platform.python_version()}")  # fmt: skip
+    console.print(table(measures, title))
+    if args.json:
+        doc = {"meta": {"commit": commit, "python": platform.python_version(),
+                        "argv": argv}, "results": [m.as_dict() for m in measures]}  # fmt: skip
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
