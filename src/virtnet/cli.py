@@ -407,7 +407,10 @@ def cmd_vhost_user(args) -> int:
             client.close()
             return 1
         result = client.close()
-        if client.peer_gone:
+        if client.broken:
+            print(f"virtnet driver: {client.broken}: the session ended", file=sys.stderr)
+            rc = 1
+        elif client.peer_gone:
             print("virtnet driver: the back-end went away", file=sys.stderr)
             rc = 1
     if pcap is not None:

@@ -52,6 +52,7 @@ log = logging.getLogger("virtnet.driver")
 WANTED_PROTOCOL = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
 NAPI_BUDGET = 64
 TX_BUDGET = 64
+IDLE_TIMEOUT = 0.2  # seconds the loop sleeps with nothing to do (an interrupt wakes it)
 TX_DRAIN_TIMEOUT = 2.0  # close(): how long the back-end gets to use what was sent
 
 
@@ -112,6 +113,7 @@ class DriverClient:
         self.protocol_features = 0
         self.drv: VirtnetDriver | None = None
         self.peer_gone = False
+        self.broken = ""  # a queue the device broke (BAD_RING): why the session ended
         self.run_seconds = 0.0
         self.cpu_seconds = 0.0
         self._ep = None
@@ -218,6 +220,7 @@ class DriverClient:
             ep.register(bfd, select.EPOLLIN)
         rx_pending = True
         tx_ready = self.backend.has_tx()
+        quiet_at = -1  # the rx used idx at the last idle timeout with buffers waiting
         drv.svq.disable_cb()
         started, cpu0 = time.monotonic(), time.process_time()
         clock = RunClock(seconds, self.printer, self.stats).install()
@@ -229,7 +232,9 @@ class DriverClient:
                     busy = rx_pending = self._spin(ep)
                 passes += 1
                 # Busy: look at the fds only every few passes (see DeviceServer._loop).
-                events = ep.poll(0 if busy else 0.2) if not busy or passes % 4 == 0 else ()
+                events = ep.poll(0 if busy else IDLE_TIMEOUT) if not busy or passes % 4 == 0 else ()
+                if not events and not busy:
+                    rx_pending, quiet_at = self._check_lost_irq(quiet_at)
                 for fd, _ in events:
                     if fd == self.call[RX]:
                         _drain(fd)
@@ -252,6 +257,12 @@ class DriverClient:
                     rx_pending = received == NAPI_BUDGET
                 if tx_ready:
                     tx_ready = self._run_tx()
+                if drv.broken:
+                    # Linux: the queue stays broken until a reset; the session ends
+                    # here with the reason instead of spinning through garbage.
+                    self.broken = drv.broken
+                    log.error("%s: ending the session", drv.broken)
+                    break
         finally:
             self.run_seconds = time.monotonic() - started
             self.cpu_seconds = time.process_time() - cpu0
@@ -259,6 +270,20 @@ class DriverClient:
             ep.close()
             self._ep = None
         return self.stats()
+
+    def _check_lost_irq(self, quiet_at: int) -> tuple[bool, int]:
+        """An idle timeout with used rx buffers waiting, and still the same ones at the
+        next: the device owed an interrupt (callbacks are on) and did not send it.
+        Named once per stall (fault irq_drop), then polled as if it had come."""
+        rvq = self.drv.rvq
+        if not rvq.more_used():
+            return False, -1
+        idx = rvq.last_used_idx
+        if quiet_at != idx:
+            return False, idx
+        self.drv.faults.report("irq_drop", f"vq {rvq.index}: used buffers waited "
+                               f"{2 * IDLE_TIMEOUT:g} s with no interrupt")  # fmt: skip
+        return True, -1
 
     def _spin(self, ep) -> bool:
         """Busy-poll the rx used ring (callbacks off: the device need not signal)
@@ -347,7 +372,8 @@ class DriverClient:
     def close(self) -> dict:
         """Stop the rings (GET_VRING_BASE), reclaim every buffer, free every page."""
         if not self.peer_gone and self.drv is not None:
-            self._drain_tx(TX_DRAIN_TIMEOUT)
+            if not self.drv.svq.broken:
+                self._drain_tx(TX_DRAIN_TIMEOUT)
             for q in range(2):
                 try:
                     self._get(Req.GET_VRING_BASE, VringState(q, 0))
