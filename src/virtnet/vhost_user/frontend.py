@@ -261,7 +261,6 @@ class DriverClient:
                     # Linux: the queue stays broken until a reset; the session ends
                     # here with the reason instead of spinning through garbage.
                     self.broken = drv.broken
-                    log.error("%s: ending the session", drv.broken)
                     break
         finally:
             self.run_seconds = time.monotonic() - started
