@@ -250,6 +250,8 @@ class BackendSession:
         finally:
             close_fds(msg.fds)  # the mappings keep the memory
         self.memory = memory
+        for why in memory.unsealed:
+            log.warning("%s: a front-end that shrinks it can crash this process", why)
         log.info("memory table: %s", ", ".join(
             f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in table.regions))  # fmt: skip
         self._update_device()

@@ -9,6 +9,7 @@ device, DPDK's net_vhost, ...
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
@@ -63,10 +64,14 @@ class FrontendError(Exception):
 class GuestMemfd:
     """The guest's memory: a memfd mapped here, shared with the back-end by fd."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, seal: bool = True) -> None:
         self.size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        self.fd = os.memfd_create("virtnet-guest", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("virtnet-guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, self.size)
+        if seal:
+            # As QEMU's memory-backend-memfd (seal=on): the size is fixed for good, so
+            # no back-end mapping it can be made to fault by a truncate.
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED)
         anchor = ctypes.c_char.from_buffer(self.map)
         self.uva = ctypes.addressof(anchor)  # what a C front-end would put in the table
@@ -155,8 +160,16 @@ class DriverClient:
 
     def setup(self) -> None:
         """The sequence QEMU and DPDK's virtio_user send, in their order."""
-        self._send(Req.SET_OWNER)
-        offered = self._get(Req.GET_FEATURES).payload.value
+        try:
+            self._send(Req.SET_OWNER)
+            offered = self._get(Req.GET_FEATURES).payload.value
+        except (PeerClosed, OSError) as e:
+            # A vhost-user back-end serves one front-end at a time and turns others
+            # away by closing at once: say so rather than "Broken pipe".
+            raise FrontendError(
+                f"the back-end at {self.socket_path} closed the connection before "
+                f"answering ({e}): is another front-end connected to it?"
+            ) from None
         if offered & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             pf = self._get(Req.GET_PROTOCOL_FEATURES).payload.value
             self.protocol_features = pf & WANTED_PROTOCOL
