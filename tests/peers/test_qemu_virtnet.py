@@ -110,7 +110,10 @@ def describe(run: GuestRun, *extra: str) -> str:
 class DeviceProcess:
     """``virtnet device --backend tapfd:N`` as a child, with its log and --json."""
 
-    def __init__(self, sock: Path, tap_fd: int, workdir: Path, name: str) -> None:
+    def __init__(
+        self, sock: Path, tap_fd: int, workdir: Path, name: str, extra: tuple[str, ...] = ()
+    ) -> None:
+        self.extra = extra  # more `virtnet device` options (--faults ...)
         self.sock = sock
         self.tap_fd = tap_fd
         self.log_path = workdir / f"{name}.log"
@@ -121,7 +124,7 @@ class DeviceProcess:
         self.sock.unlink(missing_ok=True)  # a killed device leaves its socket file behind
         cmd = [sys.executable, "-m", "virtnet", "device", "--socket-path", str(self.sock),
                "--backend", f"tapfd:{self.tap_fd}", "--json", str(self.json_path),
-               "--quiet", "-v"]  # fmt: skip
+               "--quiet", "-v", *self.extra]  # fmt: skip
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, pass_fds=[self.tap_fd], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=log,
@@ -177,8 +180,8 @@ class Lab:
             self.tap_fd = self.topo.add_tap(self.ns, f"{HOST_IP}/24", mtu=self.mtu).fileno()
         return self
 
-    def device(self, name: str = "device") -> DeviceProcess:
-        dev = DeviceProcess(self.sock, self.tap_fd, self.workdir, name)
+    def device(self, name: str = "device", extra: tuple[str, ...] = ()) -> DeviceProcess:
+        dev = DeviceProcess(self.sock, self.tap_fd, self.workdir, name, extra)
         self.devices.append(dev)
         return dev.start()
 
