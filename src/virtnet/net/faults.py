@@ -268,38 +268,53 @@ class FaultyQueue:
         return max(1, NUM_BUFFERS.unpack(raw)[0]) if len(raw) == 2 else 1
 
     def _packet_fault(self, chain: Any, head: int, length: int, num: int) -> int:
-        """At most one lie about this packet (its first buffer is ``chain``)."""
-        plan, views, hdr_len = self._plan, chain.writable, self._dev.hdr_len
-        mergeable = self._dev.mergeable
+        """At most one lie about this packet (its first buffer is ``chain``); returns
+        the used length to push for that buffer."""
+        plan, mergeable = self._plan, self._dev.mergeable
         for kind in PACKET_KINDS:
             if kind == "short" and num != 1 or kind.startswith("num_") and not mergeable:
                 continue
             if not plan.fire(kind, RX_Q):
                 continue
             if kind == "short":
-                short = plan.rng.randrange(0, hdr_len + ETH_HLEN)
-                self._count(kind, f"used id {head} len {short} (was {length})")
-                return short
+                return self._lie_short(head, length)
             if kind.startswith("num_"):
-                lie = num + self._q.num + plan.rng.randrange(0, 64) if kind.endswith("big") \
-                    else num - 1  # fmt: skip
-                lie = min(lie, 0xFFFF)
-                _write_at(views, NUM_BUFFERS_OFFSET, NUM_BUFFERS.pack(lie))
-                self._count(kind, f"used id {head}: num_buffers {lie} for {num} buffers")
-                return length
-            flags, gso, h_len, gso_size, start, off = HDR.unpack(_read_at(views, 0, HDR.size))
-            if kind == "bad_csum":
-                frame = length - hdr_len if num == 1 else 0xFFFF
-                flags |= VIRTIO_NET_HDR_F_NEEDS_CSUM
-                start, off = frame - plan.rng.randrange(0, 2), 16
-                what = f"csum_start {start} + csum_offset {off} in a {frame}-byte frame"
+                self._lie_num_buffers(kind, chain, head, num)
             else:
-                gso, gso_size = VIRTIO_NET_HDR_GSO_TCPV4, 0
-                what = "gso_type TCPV4 with gso_size 0"
-            _write_at(views, 0, HDR.pack(flags, gso, h_len, gso_size, start, off))
-            self._count(kind, f"used id {head}: {what}")
+                self._lie_header(kind, chain, head, length, num)
             return length
         return length
+
+    def _lie_short(self, head: int, length: int) -> int:
+        short = self._plan.rng.randrange(0, self._dev.hdr_len + ETH_HLEN)
+        self._count("short", f"used id {head} len {short} (was {length})")
+        return short
+
+    def _lie_num_buffers(self, kind: str, chain: Any, head: int, num: int) -> None:
+        if kind == "num_buffers_big":  # beyond any buffer the driver can have posted
+            lie = min(num + self._q.num + self._plan.rng.randrange(0, 64), 0xFFFF)
+        else:
+            lie = num - 1
+        _write_at(chain.writable, NUM_BUFFERS_OFFSET, NUM_BUFFERS.pack(lie))
+        self._count(kind, f"used id {head}: num_buffers {lie} for {num} buffers")
+
+    def _lie_header(self, kind: str, chain: Any, head: int, length: int, num: int) -> None:
+        views = chain.writable
+        flags, gso, h_len, gso_size, start, off = HDR.unpack(_read_at(views, 0, HDR.size))
+        if kind == "bad_csum":
+            if num == 1:  # the frame's length is known: end the checksum just past it
+                frame = length - self._dev.hdr_len
+                start, off = frame - self._plan.rng.randrange(0, 2), 16
+                past = f"the {frame}-byte frame"
+            else:  # past any frame (MAX_GSO_FRAME < 0xFFFF + 0x100)
+                start, off, past = 0xFFFF, 0x100, "any frame"
+            flags |= VIRTIO_NET_HDR_F_NEEDS_CSUM
+            what = f"csum_start {start} + csum_offset {off} past {past}"
+        else:
+            gso, gso_size = VIRTIO_NET_HDR_GSO_TCPV4, 0
+            what = "gso_type TCPV4 with gso_size 0"
+        _write_at(views, 0, HDR.pack(flags, gso, h_len, gso_size, start, off))
+        self._count(kind, f"used id {head}: {what}")
 
     def flush_used(self) -> None:
         q = self._q
