@@ -72,3 +72,18 @@ def test_an_impossible_ring_ends_the_session_with_the_reason(
     assert again.stats["tx_packets"] > 0 and again.stats["rx_packets"] > 0
     injected = faults(dev.stop()["device_stats"])
     assert injected[kind] == 1 and sum(injected.values()) == 1, injected
+
+
+def test_a_lost_rx_interrupt_is_named_and_the_driver_polls_on(device_factory, tmp_path):
+    """With EVENT_IDX a lost interrupt is never repeated: the device fills the ring and
+    waits for buffers, the driver waits for the interrupt. The driver notices used
+    buffers that waited two idle timeouts, names the lie and polls: rx goes on."""
+    spec = "irq_drop:q=rx:rate=1:count=1:after=20"
+    dev = device_factory("gen:1500", extra=("--faults", spec))
+    run = run_driver(tmp_path, dev, "sink", seconds=2.0, extra=("-v",))
+    injected = faults(dev.stop()["device_stats"])
+    assert injected["irq_drop"] == 1 and run.stats["fault_irq_drop"] == 1, run.stderr
+    assert "device fault irq_drop: vq 0: used buffers waited" in run.stderr
+    # far more than one ring's worth arrived: the stall was broken, not waited out
+    assert run.stats["rx_packets"] > 4 * 256, run.stats
+    assert run.backend["sink_lost"] == 0 and run.backend["sink_corrupt"] == 0
