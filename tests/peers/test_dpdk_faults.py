@@ -57,7 +57,9 @@ def test_testpmd_virtio_user_meets_a_lying_device(testpmd, virtnet, sock_dir: Pa
     final = pmd.stop(check=False)
     if final.killed:
         outcome = "hung (SIGKILL)"
-    elif outcome == "survived" and final.returncode not in (0, 141, None):
+    # -13 / 141 at stop: virtio_user's SIGPIPE on port close after the peer left, a
+    # testpmd quirk seen in every run (test_dpdk_virtnet.py), not a reaction to a fault
+    elif outcome == "survived" and final.returncode not in (0, 141, -13, None):
         outcome = f"exited {final.returncode} at stop"
     injected = result["device_stats"][f"fault_{kind}"]
     log_lines = [ln for ln in pmd.log_text().splitlines() if _INTERESTING.search(ln)]
