@@ -15,6 +15,7 @@ gives the pages back (``_recycle`` / ``_drop``), like virtio_net.c's err_buf.
 
 from __future__ import annotations
 
+from operator import length_hint
 from typing import TYPE_CHECKING, Any
 
 from virtnet.net.constants import (
@@ -90,7 +91,7 @@ class RxStrategy:
             self.stats.rx_length_errors += 1
             vi.faults.report("num_buffers_small", f"vq {vi.rvq.index}: num_buffers 0")
             return True
-        out = vi.num + len(vi._burst) - vi._burst_pos + 1
+        out = vi.num + length_hint(vi._burst) + 1  # posted + rest of the burst + this one
         if num_buf > out:
             self.stats.rx_length_errors += 1
             vi.faults.report("num_buffers_big", f"vq {vi.rvq.index}: num_buffers {num_buf} "
