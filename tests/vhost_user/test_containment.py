@@ -10,8 +10,9 @@ import subprocess
 import pytest
 
 from tests.vhost_user.conftest import DRIVER_SLACK, driver_argv, run_driver
-from tests.vhost_user.test_hostile_frontend import Case, RunningRings
+from tests.vhost_user.test_hostile_frontend import MEM_SIZE, UVA, Case, RunningRings
 from virtnet.net.guest import TX
+from virtnet.vhost_user.messages import MemoryRegionDesc
 
 
 def test_a_frontend_cannot_shrink_its_memory_under_the_device(device_factory, tmp_path):
@@ -43,9 +44,6 @@ def test_a_memfd_that_cannot_be_sealed_is_named_in_the_log(device_factory):
     case = Case(device_factory("sink"))
     try:
         case.negotiate()
-        from tests.vhost_user.test_hostile_frontend import MEM_SIZE, UVA
-        from virtnet.vhost_user.messages import MemoryRegionDesc
-
         assert case.set_mem_table(MemoryRegionDesc(0, MEM_SIZE, UVA, 0), fds=(case.memfd(),)) == 0
         case.log("F_SEAL_SHRINK refused")
         case.log("a front-end that shrinks it can crash this process")
