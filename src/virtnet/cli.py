@@ -146,6 +146,10 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                             "that many frames are behind it or that many microseconds "
                             "passed; frames alone also send it when the device runs out of "
                             "work. Default: none (every interrupt asked for is sent)")  # fmt: skip
+        p.add_argument("--faults", type=_fault_plan, metavar="SPEC", help=_faults_help())
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the --faults draws: the same seed and traffic "
+                            "repeat a run (default 0)")  # fmt: skip
     if name == "driver":
         p.add_argument("--strategy", default="deferred", choices=tuple(STRATEGIES),
                        help="rx strategy (without MRG_RXBUF: big or small, as Linux)")  # fmt: skip
@@ -161,6 +165,29 @@ def _coalesce(text: str) -> dict[str, int]:
     try:
         return parse_coalesce(text)
     except CoalesceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _faults_help() -> str:
+    from virtnet.net.faults import DEFAULT_RATE, FAULT_KINDS
+
+    kinds = "\n".join(f"  {k:<18} {v}" for k, v in FAULT_KINDS.items())
+    return (
+        "R|lie to the driver on purpose (docs/faults.md): a comma list of\n"
+        "KIND[:rate=R][:count=N][:after=N][:q=rx|tx|both] -- each opportunity is a\n"
+        f"fault with probability R (default {DEFAULT_RATE}), at most N times (0: no\n"
+        "limit), skipping the first `after` opportunities; q picks the queue (ring\n"
+        "and interrupt kinds; data lies are rx only). Every fault is logged and\n"
+        "counted as device_stats fault_KIND. Kinds:\n" + kinds
+    )
+
+
+def _fault_plan(text: str):
+    from virtnet.net.faults import FaultPlan, FaultSpecError
+
+    try:
+        return FaultPlan.parse(text)  # the seed is set once --seed is known
+    except FaultSpecError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -408,9 +435,11 @@ def cmd_vhost_user(args) -> int:
         from virtnet.vhost_user.backend import DeviceServer
 
         try:
+            if args.faults is not None:
+                args.faults.reseed(args.seed)
             server = DeviceServer(args.socket_path, backend, printer=_printer(args),
                                   busy_poll_us=args.busy_poll,
-                                  coalesce=args.coalesce)  # fmt: skip
+                                  coalesce=args.coalesce, faults=args.faults)  # fmt: skip
             if args.pcap:
                 from virtnet.net.header import MRG_HDR_LEN
                 from virtnet.ports.pcap import PcapWriter
@@ -449,7 +478,10 @@ def cmd_vhost_user(args) -> int:
             client.close()
             return 1
         result = client.close()
-        if client.peer_gone:
+        if client.broken:
+            print(f"virtnet driver: {client.broken}: the session ended", file=sys.stderr)
+            rc = 1
+        elif client.peer_gone:
             print("virtnet driver: the back-end went away", file=sys.stderr)
             rc = 1
     if pcap is not None:

@@ -210,7 +210,10 @@ def test_remove_after_each_error_path_returns_every_page(strategy, kind):
     assert p.drv.stats.rx_length_errors + p.drv.stats.rx_dropped >= 1
     p.send(frame(1000, 2))
     p.napi()
-    assert p.frames == [frame(1000, 1), frame(1000, 2)]
+    if kind == "unknown_id":  # BAD_RING: the queue is broken, nothing more is taken
+        assert p.drv.broken and p.frames == [frame(1000, 1)]
+    else:
+        assert p.frames == [frame(1000, 1), frame(1000, 2)]
     p.teardown()
     assert_all_back(p)
 

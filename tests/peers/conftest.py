@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -25,20 +24,11 @@ from dpdk import (  # noqa: E402
     ensure_hugepages,
     find_testpmd,
 )
+from tests.conftest import skip_or_fail  # noqa: E402
 
 # -m 256 with 2 MiB pages = 128 pages a testpmd; two of them plus room for whatever else
 # (a QEMU test, another testpmd) is running on the machine.
 FREE_PAGES_NEEDED = 300
-
-# In CI the peers must run: set VIRTNET_REQUIRE_PEERS=1 and a missing facility fails instead.
-REQUIRE_ENV = "VIRTNET_REQUIRE_PEERS"
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason} (and {REQUIRE_ENV}=1)")
-    pytest.skip(reason)
-
 
 @pytest.fixture(scope="session")
 def hugepages() -> Hugepages:
@@ -46,7 +36,7 @@ def hugepages() -> Hugepages:
     try:
         return ensure_hugepages(n_2mb=512, free_2mb=FREE_PAGES_NEEDED)
     except PeerUnavailable as absent:
-        _unavailable(str(absent))
+        skip_or_fail(str(absent))
         raise  # unreachable: skip/fail raised
 
 
@@ -55,7 +45,7 @@ def testpmd_bin() -> str:
     try:
         return find_testpmd()
     except PeerUnavailable as absent:
-        _unavailable(str(absent))
+        skip_or_fail(str(absent))
         raise
 
 

@@ -37,15 +37,24 @@ from virtnet.virtio.features import VirtioF, feature_names, has
 
 QEMU_MISSING = unavailable_reason()
 TESTPMD = shutil.which("dpdk-testpmd")
-needs_qemu = pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
-needs_testpmd = pytest.mark.skipif(
-    TESTPMD is None, reason="dpdk-testpmd not installed (apt-get install dpdk)"
+# A missing facility skips, or fails under VIRTNET_REQUIRE_PEERS=1 (tests/conftest.py).
+needs_qemu = pytest.mark.needs(QEMU_MISSING)
+needs_testpmd = pytest.mark.needs(
+    None if TESTPMD else "dpdk-testpmd not installed (apt-get install dpdk-dev)"
+)
+needs_root = pytest.mark.needs(
+    None if os.geteuid() == 0 else "needs root (network namespaces, chroot, hugepages)"
+)
+needs_iperf3 = pytest.mark.needs(
+    None if shutil.which("iperf3") else "iperf3 not installed (apt-get install iperf3)"
 )
 
 
 def with_peers(test: Callable[..., None]) -> Callable[..., None]:
-    """peer-marked, needs QEMU + kernel + testpmd, and hugepages for testpmd."""
-    for mark in (pytest.mark.peer, needs_qemu, needs_testpmd, pytest.mark.usefixtures("hugepages")):
+    """peer-marked, needs root + QEMU + kernel + testpmd, and hugepages for testpmd."""
+    marks = (pytest.mark.peer, needs_root, needs_qemu, needs_testpmd,
+             pytest.mark.usefixtures("hugepages"))  # fmt: skip
+    for mark in marks:
         test = mark(test)
     return test
 
@@ -197,6 +206,8 @@ def test_console_markers_parse() -> None:
 
 
 @needs_qemu
+@needs_root
+@needs_iperf3
 def test_initramfs_is_cached_and_runs_iperf3(tmp_path: Path) -> None:
     first = build_initramfs(tmp_path, binaries=["iperf3"])
     assert build_initramfs(tmp_path, binaries=["iperf3"]) == first  # same content, same file
@@ -307,6 +318,7 @@ vn_iperf3 $PEER 2 -R
 
 
 @with_peers
+@needs_iperf3
 def test_guest_moves_data_to_netns_through_testpmd(tmp_path: Path, netns: str) -> None:
     """guest virtio_net <-> vhost-user <-> testpmd io <-> TAP in a namespace (10.78.0.1):
     ping, nc both ways with sha256 checks, iperf3 both ways: what virtnet's test will do."""

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from tests.conftest import skip_or_fail
 
 from virtnet.ports.netns import Topology, list_netns
 from virtnet.ports.tap import TUN_PATH
@@ -32,7 +33,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def root_tun() -> None:
     reason = root_skip_reason()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
 
 
 @pytest.fixture

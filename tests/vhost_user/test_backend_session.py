@@ -326,10 +326,46 @@ def test_mem_table_that_cannot_be_mapped_closes_every_fd(session, caplog):
 
 
 def test_new_mem_table_stops_and_restarts_the_device(setup, session, guest):
+    """The old device stops where it is (its cached rx chains given back, its memory
+    released) and a new one continues from exactly there over the new table."""
     setup.all()
+    received = []
+    drv = build_driver(guest.memory, LAYOUT, session.features, "deferred",
+                       netif_receive_skb=received.append)  # fmt: skip
+    assert drv.try_fill_recv()
     first = session.device
+    assert first.receive_packet([b"\x01" * 100])
+    first.flush_rx()  # as the server does in the same loop pass
+    assert first.has_room(9000)  # pops several more rx chains into its cache
+    assert first.rxq.last_avail_idx > 1
+    assert drv.start_xmit(skb_from_gen(drv, FrameGen(200)))
+    expected = b"".join(bytes(v) for v in FrameGen(200).peek())
+
     setup.mem_table()
-    assert session.device is not None and session.device is not first
+    new = session.device
+    assert new is not None and new is not first
+    # The old device is stopped: nothing cached, and no memory left to walk a chain
+    # in -- it cannot serve its rings any more, whoever still holds the object.
+    assert not first._rx_cache and first.rxq.memory.regions == ()
+    with pytest.raises(Exception):  # noqa: B017 -- any refusal: the point is "no access"
+        first.rxq.memory.view(0, 1)
+    # The new device starts where the old one stopped: rx after the one packet used
+    # (the cached chains count as not taken), tx at the frame not yet sent.
+    assert (new.rxq.last_avail_idx, new.txq.last_avail_idx) == (1, 0)
+    sent = []
+    assert new.process_tx(lambda views, n: sent.append(b"".join(views)) or True) == 1
+    assert sent[0][12:] == expected
+    assert new.receive_packet([b"\x02" * 100])
+    new.flush_rx()
+    assert drv.poll(64)[0] == 2
+    assert [bytes(b"".join(r.data_views())) for r in received] == [b"\x01" * 100, b"\x02" * 100]
+    for skb in received:
+        skb.free()
+    new.flush_tx()
+    drv.free_old_xmit_skbs()
+    session.handle(msg(R.GET_VRING_BASE, VringState(RX, 0)))
+    drv.remove()
+    assert drv.stats.pages_outstanding == 0
 
 
 def test_unsupported_requests(session, caplog):

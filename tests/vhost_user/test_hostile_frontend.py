@@ -405,9 +405,9 @@ RING_LAYOUT = GuestLayout(QSIZE, 64)
 class RunningRings:
     """A hand-made front-end with real rings in a memfd and the device running on them."""
 
-    def __init__(self, case: Case) -> None:
+    def __init__(self, case: Case, seal: bool = True) -> None:
         self.case = case
-        self.guest = GuestMemfd(RING_LAYOUT.size)
+        self.guest = GuestMemfd(RING_LAYOUT.size, seal=seal)
         g, fe = self.guest, case.fe
         self.drv = build_driver(g.memory, RING_LAYOUT, RING_FEATURES, "deferred")
         case.negotiate(RING_FEATURES)

@@ -8,10 +8,12 @@ caller calls ``poll`` when the device signals.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 from virtnet.net.constants import NAPI_POLL_WEIGHT, PAGE_SIZE
-from virtnet.net.header import MRG_HDR_LEN
+from virtnet.net.header import MRG_HDR_LEN, hdr_error
+from virtnet.net.ratelimit import DeviceFaults
 from virtnet.net.rx import STRATEGIES, RxStrategy
 from virtnet.net.skb import PagePool, SkbAllocator, SkBuff
 from virtnet.net.stats import Stats
@@ -40,6 +42,17 @@ def coalesce(frags: list) -> list[tuple[int, int]]:
             out.append((addr, size))
         end = addr + size
     return out
+
+
+_USED_ID = re.compile(r"used id (\d+)")
+
+
+def _used_id(e: UsedRingError) -> int | None:
+    """The id a refused used entry named (the error's text says it)."""
+    head = getattr(e, "head", None)
+    if head is None and (m := _USED_ID.search(str(e))):
+        head = int(m.group(1))
+    return head
 
 
 class TxSlots:
@@ -96,12 +109,23 @@ class VirtnetDriver:
         self.broken = ""  # why the device's rings can no longer be trusted, or ""
         self.tx_slots = TxSlots(pool, svq.num)
         self.removed = False
+        self.faults = DeviceFaults(self.stats)  # what the device got wrong, named
         # Optional tap on the data path (--pcap): a frame's views, header first.
         self.capture: Callable[[list, int | None], None] | None = None
 
     @property
     def strategy(self) -> str:
         return self.rx.name
+
+    def used_error(self, vq: SplitQueueDriver, e: UsedRingError) -> None:
+        """Name a used entry the ring refused; an id that is no buffer breaks the queue
+        (virtio_ring.c detach_buf_split: BAD_RING "id %u out of range" / "is not a head!")."""
+        if getattr(e, "token", None) is not None:
+            self.faults.report("bad_len", str(e))
+            return
+        head = _used_id(e)
+        vq.broken = True
+        self.ring_broken(e, "bad_id" if head is None or head >= vq.num else "dup_id")
 
     # -- receive ------------------------------------------------------------
 
@@ -122,7 +146,17 @@ class VirtnetDriver:
         return False
 
     def deliver(self, skb: SkBuff) -> None:
-        """The end of receive_buf: count and hand the skb up the stack."""
+        """The end of receive_buf: check the header, count, hand the skb up the stack."""
+        hdr = skb.vnet_hdr
+        if hdr[0] or hdr[1]:  # flags or gso: only then is there anything to check
+            bad = hdr_error(hdr, skb.len)
+            if bad:
+                # virtio_net.c: virtio_net_hdr_to_skb() failed -> "bad gso", frame_err
+                self.faults.report(bad[0], f"vq {self.rvq.index}: {bad[1]}")
+                self.stats.rx_length_errors += 1
+                self.stats.rx_dropped += 1
+                skb.free()
+                return
         self.stats.rx_packets += 1
         self.stats.rx_bytes += skb.len
         if self.capture is not None:
@@ -184,9 +218,12 @@ class VirtnetDriver:
             self.ring_broken(e)
             return received, kick
 
-    def ring_broken(self, e: Exception) -> None:
-        """BAD_RING: the device broke the ring itself; nothing more is taken from it."""
-        self.broken = str(e)
+    def ring_broken(self, e: Exception, kind: str = "idx_jump") -> None:
+        """BAD_RING: the device broke the ring itself; nothing more is taken from it.
+        Named (fault ``kind``) and kept as the reason the session ends."""
+        self.faults.bad_ring(kind, str(e))
+        if not self.broken:
+            self.broken = self.faults.broken
 
     # -- transmit -----------------------------------------------------------
 
@@ -242,6 +279,7 @@ class VirtnetDriver:
                 done = svq.get_bufs(svq.num)
             except UsedRingError as e:
                 self.stats.tx_dropped += 1
+                self.used_error(svq, e)
                 token = getattr(e, "token", None)
                 if token is None:
                     continue

@@ -92,3 +92,31 @@ def hdr_len_for(features: int) -> int:
     if has(features, VirtioF.VERSION_1) or has(features, VirtioNetF.MRG_RXBUF):
         return MRG_HDR_LEN
     return HDR_LEN
+
+
+_GSO_TYPES = (
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_UDP,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+)
+
+
+def hdr_error(hdr: bytes, frame_len: int) -> tuple[str, str] | None:
+    """What is wrong with a received header for a ``frame_len``-byte frame, or None.
+
+    The checks of Linux's virtio_net_hdr_to_skb(): a checksum request must lie inside
+    the frame (skb_partial_csum_set), a GSO type must be known and carry a gso_size.
+    Returns (fault kind, description) with the kinds of net/faults.py.
+    """
+    flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = HDR.unpack_from(hdr)
+    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and csum_start + csum_offset + 2 > frame_len:
+        return ("bad_csum", f"csum_start {csum_start} + csum_offset {csum_offset} past "
+                f"the {frame_len}-byte frame")  # fmt: skip
+    gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    if gso != VIRTIO_NET_HDR_GSO_NONE:
+        if gso not in _GSO_TYPES:
+            return ("bad_gso", f"bad gso: unknown type {gso_type}, size {gso_size}")
+        if gso_size == 0:
+            return ("bad_gso", f"bad gso: type {gso_type}, size 0")
+    return None

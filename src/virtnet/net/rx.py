@@ -15,6 +15,7 @@ gives the pages back (``_recycle`` / ``_drop``), like virtio_net.c's err_buf.
 
 from __future__ import annotations
 
+from operator import length_hint
 from typing import TYPE_CHECKING, Any
 
 from virtnet.net.constants import (
@@ -26,7 +27,7 @@ from virtnet.net.constants import (
 )
 from virtnet.net.header import NUM_BUFFERS, NUM_BUFFERS_OFFSET
 from virtnet.net.skb import Page, PageList, SkBuff
-from virtnet.virtio.errors import UsedRingError
+from virtnet.virtio.errors import UsedIndexError, UsedRingError
 
 if TYPE_CHECKING:
     from virtnet.net.driver import VirtnetDriver
@@ -74,8 +75,34 @@ class RxStrategy:
         if length < self.hdr_len + ETH_HLEN:
             # virtio_net.c receive_buf(): "short packet"
             self.stats.rx_length_errors += 1
+            self._name_short(length)
             return True
         return False
+
+    def _name_short(self, length: int) -> None:
+        self.vi.faults.report("short", f"vq {self.vi.rvq.index}: short packet {length}")
+
+    def _bad_num_buffers(self, num_buf: int) -> bool:
+        """5.1.6.4: 1 <= num_buffers, and never more buffers than the driver has out
+        (this one, the rest of the burst taken, and those still posted): either lie
+        is named and the packet dropped."""
+        vi = self.vi
+        if num_buf == 0:
+            self.stats.rx_length_errors += 1
+            vi.faults.report("num_buffers_small", f"vq {vi.rvq.index}: num_buffers 0")
+            return True
+        out = vi.num + length_hint(vi._burst) + 1  # posted + rest of the burst + this one
+        if num_buf > out:
+            self.stats.rx_length_errors += 1
+            vi.faults.report("num_buffers_big", f"vq {vi.rvq.index}: num_buffers {num_buf} "
+                             f"> {out} buffers posted")  # fmt: skip
+            return True
+        return False
+
+    def _too_long(self, num_buf: int) -> None:
+        # More buffers than a 64 KiB packet can fill: num_buffers was a lie.
+        self.vi.faults.report("num_buffers_big", f"vq {self.vi.rvq.index}: packet too long: "
+                              f"num_buffers {num_buf} > {MAX_SKB_FRAGS} frags")  # fmt: skip
 
     def _copy_head(self, skb: SkBuff, view: memoryview, offset: int, length: int) -> int:
         """Copy up to the skb's tailroom (GOOD_COPY_LEN) of the packet into its head."""
@@ -92,15 +119,24 @@ class RxStrategy:
         known) recycled, and not yielded — the caller sees fewer buffers
         than ``num_buf`` and drops the packet.
         """
-        next_used, stats = self.vi.next_used, self.stats
-        for _ in range(num_buf - 1):
+        vi = self.vi
+        next_used, stats = vi.next_used, self.stats
+        for k in range(num_buf - 1):
             try:
                 got = next_used()
+            except UsedIndexError as e:
+                vi.ring_broken(e)  # the packet so far is dropped by the caller
+                return
             except UsedRingError as e:
                 self.bad_used(e)
+                if vi.rvq.broken:
+                    return
                 continue
             if got is None:
                 stats.rx_length_errors += 1
+                # virtio_net.c: "rx error: %d buffers out of %d missing"
+                vi.faults.report("num_buffers_big", f"vq {vi.rvq.index}: rx error: "
+                                 f"{num_buf - 1 - k} buffers out of {num_buf} missing")  # fmt: skip
                 return
             yield got
 
@@ -108,6 +144,7 @@ class RxStrategy:
         """Count a used entry the ring refused; recycle its buffer if it names one."""
         self.stats.rx_length_errors += 1
         token = getattr(e, "token", None)
+        self.vi.used_error(self.vi.rvq, e)
         if token is not None:
             self.vi.num -= 1
             self.free_unused_buf(token)
@@ -195,6 +232,7 @@ class DeferredRx(RxStrategy):
         stats = self.stats
         if length < hdr_len + ETH_HLEN:  # virtio_net.c receive_buf(): "short packet"
             stats.rx_length_errors += 1
+            self._name_short(length)
             self._to_freed(plist)
             return
         skb = self.skbs.alloc(GOOD_COPY_LEN)
@@ -221,9 +259,9 @@ class DeferredRx(RxStrategy):
         if num_buf == 1:
             self.vi.deliver(skb)
             return
-        if num_buf == 0:
-            # 5.1.6.4: num_buffers is at least 1; 0 would make --num_buffers wrap.
-            stats.rx_length_errors += 1
+        if self._bad_num_buffers(num_buf):
+            # 5.1.6.4: num_buffers is at least 1 (0 would make --num_buffers wrap)
+            # and no packet spans more buffers than were posted.
             self._drop(skb)
             return
         got = 1
@@ -231,6 +269,7 @@ class DeferredRx(RxStrategy):
             got += 1
             if skb.nr_frags >= MAX_SKB_FRAGS:
                 stats.rx_length_errors += 1  # "packet too long"
+                self._too_long(num_buf)
                 self._to_freed(plist)
                 self._drain(num_buf - got + 1)
                 self._drop(skb)
@@ -314,6 +353,7 @@ class PreallocRx(RxStrategy):
         hdr_len = self.hdr_len
         if length < hdr_len + ETH_HLEN:  # "short packet"
             self.stats.rx_length_errors += 1
+            self._name_short(length)
             self._recycle(skb)
             return
         view = page.view
@@ -331,8 +371,7 @@ class PreallocRx(RxStrategy):
         if num_buf == 1:
             self.vi.deliver(skb)
             return
-        if num_buf == 0:
-            self.stats.rx_length_errors += 1
+        if self._bad_num_buffers(num_buf):
             self._drop(skb)
             return
         got = 1
@@ -341,6 +380,7 @@ class PreallocRx(RxStrategy):
             del self.recv[nskb]
             if skb.nr_frags >= MAX_SKB_FRAGS:
                 self.stats.rx_length_errors += 1
+                self._too_long(num_buf)
                 self._recycle(nskb)
                 for rest, _ in self._more_bufs(num_buf - got + 1):
                     del self.recv[rest]

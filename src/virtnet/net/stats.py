@@ -6,6 +6,11 @@ counters) iterates these tuples, so a name is never spelled twice.
 
 from __future__ import annotations
 
+from virtnet.net.faults import FAULT_KINDS
+
+# One counter per kind of lie: injected (device, --faults) or met (driver).
+FAULT_STATS = tuple(f"fault_{kind}" for kind in FAULT_KINDS)
+
 DRIVER_STATS = (
     "rx_packets",
     "rx_bytes",
@@ -23,6 +28,7 @@ DRIVER_STATS = (
     "page_frees",
     "page_reuses",
     "pages_outstanding",
+    *FAULT_STATS,
 )
 
 DEVICE_STATS = (
@@ -43,6 +49,7 @@ DEVICE_STATS = (
     "tx_notifies",
     "tx_irqs",
     "desc_errors",  # chains refused by the ring's validation
+    *FAULT_STATS,
 )
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from virtnet.net.coalesce import IrqCoalescer
 from virtnet.net.device import VirtnetDevice
+from virtnet.net.faults import FaultPlan
 from virtnet.net.features import (
     SUPPORTED,
     NetConfig,
@@ -117,6 +118,7 @@ class BackendSession:
     device: VirtnetDevice | None = None
     owner: bool = False
     changed: bool = True  # the fds to poll changed
+    faults: FaultPlan | None = None  # --faults: the device lies on purpose
 
     # -- dispatch -------------------------------------------------------------
 
@@ -248,6 +250,8 @@ class BackendSession:
         finally:
             close_fds(msg.fds)  # the mappings keep the memory
         self.memory = memory
+        for why in memory.unsealed:
+            log.warning("%s: a front-end that shrinks it can crash this process", why)
         log.info("memory table: %s", ", ".join(
             f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in table.regions))  # fmt: skip
         self._update_device()
@@ -340,6 +344,8 @@ class BackendSession:
         rings = [self._ring_views(i, vr.num, vr.addr) for i, vr in enumerate(self.vrings)]
         bases = (self.vrings[RX_Q].base, self.vrings[TX_Q].base)
         self.device = build_device(mem, tuple(rings), self.features, bases, self.config.mtu)
+        if self.faults is not None:
+            self.faults.install(self.device)
         self.changed = True
         log.info("device running: queue sizes %d/%d, bases %s",
                  self.vrings[RX_Q].num, self.vrings[TX_Q].num, bases)  # fmt: skip
@@ -408,7 +414,9 @@ class DeviceServer:
         printer=None,
         busy_poll_us: int = 0,
         coalesce: dict[str, int] | None = None,
+        faults: FaultPlan | None = None,
     ) -> None:
+        self.faults = faults
         self.busy_poll = busy_poll_us / 1e6
         c = DEFAULT_COALESCE | (coalesce or {})
         self.coalesce = {
@@ -443,7 +451,7 @@ class DeviceServer:
             sock.close()
             return
         self.channel = Channel(sock, replies=False)
-        self.session = BackendSession()
+        self.session = BackendSession(faults=self.faults)
         self.sessions += 1
         self.backend.on_connect()
         self._ep.register(sock.fileno(), select.EPOLLIN)

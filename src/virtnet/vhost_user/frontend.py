@@ -9,6 +9,7 @@ device, DPDK's net_vhost, ...
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
@@ -52,6 +53,7 @@ log = logging.getLogger("virtnet.driver")
 WANTED_PROTOCOL = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
 NAPI_BUDGET = 64
 TX_BUDGET = 64
+IDLE_TIMEOUT = 0.2  # seconds the loop sleeps with nothing to do (an interrupt wakes it)
 TX_DRAIN_TIMEOUT = 2.0  # close(): how long the back-end gets to use what was sent
 
 
@@ -62,10 +64,14 @@ class FrontendError(Exception):
 class GuestMemfd:
     """The guest's memory: a memfd mapped here, shared with the back-end by fd."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, seal: bool = True) -> None:
         self.size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        self.fd = os.memfd_create("virtnet-guest", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("virtnet-guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, self.size)
+        if seal:
+            # As QEMU's memory-backend-memfd (seal=on): the size is fixed for good, so
+            # no back-end mapping it can be made to fault by a truncate.
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED)
         anchor = ctypes.c_char.from_buffer(self.map)
         self.uva = ctypes.addressof(anchor)  # what a C front-end would put in the table
@@ -112,6 +118,7 @@ class DriverClient:
         self.protocol_features = 0
         self.drv: VirtnetDriver | None = None
         self.peer_gone = False
+        self.broken = ""  # a queue the device broke (BAD_RING): why the session ended
         self.run_seconds = 0.0
         self.cpu_seconds = 0.0
         self._ep = None
@@ -153,8 +160,16 @@ class DriverClient:
 
     def setup(self) -> None:
         """The sequence QEMU and DPDK's virtio_user send, in their order."""
-        self._send(Req.SET_OWNER)
-        offered = self._get(Req.GET_FEATURES).payload.value
+        try:
+            self._send(Req.SET_OWNER)
+            offered = self._get(Req.GET_FEATURES).payload.value
+        except (PeerClosed, OSError) as e:
+            # A vhost-user back-end serves one front-end at a time and turns others
+            # away by closing at once: say so rather than "Broken pipe".
+            raise FrontendError(
+                f"the back-end at {self.socket_path} closed the connection before "
+                f"answering ({e}): is another front-end connected to it?"
+            ) from None
         if offered & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             pf = self._get(Req.GET_PROTOCOL_FEATURES).payload.value
             self.protocol_features = pf & WANTED_PROTOCOL
@@ -218,6 +233,7 @@ class DriverClient:
             ep.register(bfd, select.EPOLLIN)
         rx_pending = True
         tx_ready = self.backend.has_tx()
+        quiet_at = -1  # the rx used idx at the last idle timeout with buffers waiting
         drv.svq.disable_cb()
         started, cpu0 = time.monotonic(), time.process_time()
         clock = RunClock(seconds, self.printer, self.stats).install()
@@ -229,7 +245,9 @@ class DriverClient:
                     busy = rx_pending = self._spin(ep)
                 passes += 1
                 # Busy: look at the fds only every few passes (see DeviceServer._loop).
-                events = ep.poll(0 if busy else 0.2) if not busy or passes % 4 == 0 else ()
+                events = ep.poll(0 if busy else IDLE_TIMEOUT) if not busy or passes % 4 == 0 else ()
+                if not events and not busy:
+                    rx_pending, quiet_at = self._check_lost_irq(quiet_at)
                 for fd, _ in events:
                     if fd == self.call[RX]:
                         _drain(fd)
@@ -252,6 +270,11 @@ class DriverClient:
                     rx_pending = received == NAPI_BUDGET
                 if tx_ready:
                     tx_ready = self._run_tx()
+                if drv.broken:
+                    # Linux: the queue stays broken until a reset; the session ends
+                    # here with the reason instead of spinning through garbage.
+                    self.broken = drv.broken
+                    break
         finally:
             self.run_seconds = time.monotonic() - started
             self.cpu_seconds = time.process_time() - cpu0
@@ -259,6 +282,20 @@ class DriverClient:
             ep.close()
             self._ep = None
         return self.stats()
+
+    def _check_lost_irq(self, quiet_at: int) -> tuple[bool, int]:
+        """An idle timeout with used rx buffers waiting, and still the same ones at the
+        next: the device owed an interrupt (callbacks are on) and did not send it.
+        Named once per stall (fault irq_drop), then polled as if it had come."""
+        rvq = self.drv.rvq
+        if not rvq.more_used():
+            return False, -1
+        idx = rvq.last_used_idx
+        if quiet_at != idx:
+            return False, idx
+        self.drv.faults.report("irq_drop", f"vq {rvq.index}: used buffers waited "
+                               f"{2 * IDLE_TIMEOUT:g} s with no interrupt")  # fmt: skip
+        return True, -1
 
     def _spin(self, ep) -> bool:
         """Busy-poll the rx used ring (callbacks off: the device need not signal)
@@ -347,7 +384,8 @@ class DriverClient:
     def close(self) -> dict:
         """Stop the rings (GET_VRING_BASE), reclaim every buffer, free every page."""
         if not self.peer_gone and self.drv is not None:
-            self._drain_tx(TX_DRAIN_TIMEOUT)
+            if not self.drv.svq.broken:
+                self._drain_tx(TX_DRAIN_TIMEOUT)
             for q in range(2):
                 try:
                     self._get(Req.GET_VRING_BASE, VringState(q, 0))

@@ -6,6 +6,7 @@ offset into the fd's file.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 
@@ -33,18 +34,44 @@ def _map_length(fd: int, offset: int, size: int) -> int:
     return (offset + size + block - 1) // block * block
 
 
+def seal_shrink(fd: int) -> str | None:
+    """Make the region's file unable to shrink; None if it now cannot, else why not.
+
+    A front-end that truncates its memfd under our mapping turns the next access into
+    SIGBUS, which kills a Python process outright. F_SEAL_SHRINK forbids that for the
+    file's lifetime (memfd_create(2)): QEMU's memory-backend-memfd seals it itself
+    (seal=on), a memfd made with MFD_ALLOW_SEALING we seal here; a file that disallows
+    seals (no MFD_ALLOW_SEALING, hugetlbfs and tmpfs files) cannot be protected.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as e:
+        return f"its file takes no seals ({e.strerror})"
+    if seals & fcntl.F_SEAL_SHRINK:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError as e:
+        return f"F_SEAL_SHRINK refused ({e.strerror}: made without MFD_ALLOW_SEALING?)"
+    return None
+
+
 class MappedMemory:
     """A GuestMemory whose regions are mmaps of the front-end's fds."""
 
     def __init__(self) -> None:
         self.memory = GuestMemory()
         self._maps: list[mmap.mmap] = []
+        self.unsealed: list[str] = []  # regions a front-end could still shrink, and why
 
     def add(self, fd: int, gpa: int, size: int, uva: int, mmap_offset: int) -> MemoryRegion:
         """Map one region; the fd is not kept (the mapping holds the memory)."""
         if size <= 0:
             raise MappingError(0, f"region at gpa {gpa:#x}: size {size} is not positive")
         length = _map_length(fd, mmap_offset, size)
+        why = seal_shrink(fd)  # before the size check: nothing can shrink it after
+        if why is not None:
+            self.unsealed.append(f"region at gpa {gpa:#x}: {why}")
         try:
             mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, ValueError) as e:
