@@ -8,7 +8,6 @@ caller calls ``poll`` when the device signals.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 
 from virtnet.net.constants import NAPI_POLL_WEIGHT, PAGE_SIZE
@@ -42,17 +41,6 @@ def coalesce(frags: list) -> list[tuple[int, int]]:
             out.append((addr, size))
         end = addr + size
     return out
-
-
-_USED_ID = re.compile(r"used id (\d+)")
-
-
-def _used_id(e: UsedRingError) -> int | None:
-    """The id a refused used entry named (the error's text says it)."""
-    head = getattr(e, "head", None)
-    if head is None and (m := _USED_ID.search(str(e))):
-        head = int(m.group(1))
-    return head
 
 
 class TxSlots:
@@ -123,7 +111,7 @@ class VirtnetDriver:
         if getattr(e, "token", None) is not None:
             self.faults.report("bad_len", str(e))
             return
-        head = _used_id(e)
+        head = e.head
         vq.broken = True
         self.ring_broken(e, "bad_id" if head is None or head >= vq.num else "dup_id")
 

@@ -41,7 +41,16 @@ class AvailIndexError(DescriptorError):
 
 
 class UsedRingError(VirtioError):
-    """A used-ring entry the driver must refuse (unknown id, length too large)."""
+    """A used-ring entry the driver must refuse (unknown id, length too large).
+
+    ``head`` is the id the entry named; ``token`` the buffer's token when the id
+    was a buffer in flight (detached first, so the caller can recycle it).
+    """
+
+    def __init__(self, message: str, head: int | None = None, token: object = None) -> None:
+        super().__init__(message)
+        self.head = head
+        self.token = token
 
 
 class UsedIndexError(VirtioError):

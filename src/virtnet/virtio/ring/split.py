@@ -291,14 +291,16 @@ class SplitQueueDriver:
         if self.event_idx and not self.cb_disabled:
             self._avail[2 + self.num] = last
         if head >= self.num or self._token[head] is None:
-            raise UsedRingError(f"vq {self.index}: used id {head} is not a buffer in flight")
+            raise UsedRingError(
+                f"vq {self.index}: used id {head} is not a buffer in flight", head
+            )
         token = self._detach_buf(head)
         if length > self._in_len[head]:
-            err = UsedRingError(
-                f"vq {self.index}: used len {length} > buffer's writable {self._in_len[head]}"
+            raise UsedRingError(
+                f"vq {self.index}: used len {length} > buffer's writable {self._in_len[head]}",
+                head,
+                token,
             )
-            err.token = token  # type: ignore[attr-defined]
-            raise err
         return token, length
 
     def get_bufs(self, budget: int) -> list[tuple[Any, int]]:
