@@ -267,7 +267,7 @@ class DeferredRx(RxStrategy):
         got = 1
         for plist, length in self._more_bufs(num_buf):
             got += 1
-            if skb.nr_frags >= MAX_SKB_FRAGS:
+            if len(skb.frags) >= MAX_SKB_FRAGS:
                 stats.rx_length_errors += 1  # "packet too long"
                 self._too_long(num_buf)
                 self._to_freed(plist)
@@ -378,7 +378,7 @@ class PreallocRx(RxStrategy):
         for nskb, length in self._more_bufs(num_buf):
             got += 1
             del self.recv[nskb]
-            if skb.nr_frags >= MAX_SKB_FRAGS:
+            if len(skb.frags) >= MAX_SKB_FRAGS:
                 self.stats.rx_length_errors += 1
                 self._too_long(num_buf)
                 self._recycle(nskb)

@@ -354,11 +354,13 @@ class SkbAllocator:
 
     def free(self, skb: SkBuff) -> None:
         if skb.frags:
-            put_page = self.pool.put_page
+            free_page = self.pool.free_page
             # Last frag first: the free list is a stack, so the next allocations pop the
             # pages back in ascending order and a frame's pages stay one contiguous run.
             for page, _, _ in reversed(skb.frags):
-                put_page(page)
+                page.refs -= 1  # put_page, inline: this runs once per page of every frame
+                if page.refs <= 0:
+                    free_page(page)
             skb.frags = []
         self.stats.skb_frees += 1
         self.live -= 1
