@@ -296,20 +296,23 @@ class SplitRingMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.q is not None and self.popped)
     @rule(count=st.integers(1, 40), how_much=st.integers(0, 1 << 16))
     def push_used_burst(self, count: int, how_much: int) -> None:
-        used = []
-        for chain, token in self.popped[:count]:
-            if self.last_pop == token:
-                self.last_pop = None
-            length = chain.in_len if how_much % 3 == 0 else how_much % (chain.in_len + 1)
-            data = memoryview(device_bytes(token, length))
-            for view in chain.writable:
-                n = min(len(view), len(data))
-                view[:n] = data[:n]
-                data = data[n:]
-            used.append((chain.head, length))
-            self.pushed.append((token, length))
+        used = [(chain.head, self._fill(chain, token, how_much))
+                for chain, token in self.popped[:count]]  # fmt: skip
         del self.popped[:count]
         self.dev.push_used_burst(used)
+
+    def _fill(self, chain, token: int, how_much: int) -> int:
+        """The device writes its bytes into a popped chain; returns the used length."""
+        if self.last_pop == token:
+            self.last_pop = None
+        length = chain.in_len if how_much % 3 == 0 else how_much % (chain.in_len + 1)
+        data = memoryview(device_bytes(token, length))
+        for view in chain.writable:
+            n = min(len(view), len(data))
+            view[:n] = data[:n]
+            data = data[n:]
+        self.pushed.append((token, length))
+        return length
 
     # A device gives chains back before it goes to sleep (vhost: discard, then
     # enable_notify re-checks); giving back while asleep would hide them.
@@ -329,16 +332,7 @@ class SplitRingMachine(RuleBasedStateMachine):
     @rule(pick=st.integers(0, 1 << 16), how_much=st.integers(0, 1 << 16))
     def push_used(self, pick: int, how_much: int) -> None:
         chain, token = self.popped.pop(pick % len(self.popped))
-        if self.last_pop == token:
-            self.last_pop = None
-        length = chain.in_len if how_much % 3 == 0 else how_much % (chain.in_len + 1)
-        data = memoryview(device_bytes(token, length))
-        for view in chain.writable:
-            n = min(len(view), len(data))
-            view[:n] = data[:n]
-            data = data[n:]
-        self.dev.push_used(chain.head, length)
-        self.pushed.append((token, length))
+        self.dev.push_used(chain.head, self._fill(chain, token, how_much))
 
     @precondition(lambda self: self.q is not None)
     @rule()
