@@ -551,6 +551,13 @@ def test_trailing_bytes_after_a_decoded_message_are_an_error(make_fds):
     assert not is_open(fd)
 
 
+def test_decode_of_no_bytes_is_a_typed_error():
+    # Found by tests/fuzz: decode(b"") used to end in AssertionError("unreachable").
+    with pytest.raises(VhostUserProtocolError, match="no message: 0 of 12 header bytes") as e:
+        decode(b"")
+    assert e.value.framing_intact is False
+
+
 def test_fds_without_data_are_refused_and_closed(make_fds):
     fds = make_fds(2)
     with pytest.raises(VhostUserProtocolError, match="2 fds arrived with no data bytes"):

@@ -1076,8 +1076,11 @@ def decode(
     parser.feed(data, fds)
     message = parser.next_message()
     if message is None:
-        parser.feed_eof()  # raises: data ends mid-message
-        raise AssertionError("unreachable")
+        parser.feed_eof()  # raises when data ends mid-message; not for no data at all
+        parser.close()  # the fds are not handed out in a message: close them
+        raise VhostUserProtocolError(
+            f"no message: 0 of {HEADER_SIZE} header bytes", framing_intact=False
+        )
     return message
 
 
