@@ -16,6 +16,7 @@ Its receive path implements the 2009 RFC "defer skb allocation in virtio_net
   virtnet bench          the seed's A/B (deferred vs prealloc), embedded, no root
   virtnet device ...     a vhost-user back-end (QEMU, DPDK virtio_user connect to it)
   virtnet driver ...     a vhost-user front-end (connects to DPDK net_vhost, virtnet device)
+  virtnet conform SOCK   test a vhost-user net back-end: conformance and robustness cases
   virtnet stats FILE     print the counters of a --json file, ethtool -S style
 """
 
@@ -218,7 +219,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vhost_user(sub, "driver", "front-end: the virtio-net driver")
     p = sub.add_parser("stats", help="print the counters of a --json file")
     p.add_argument("file", help="a JSON file written by virtnet bench/device/driver --json")
+    _add_conform(sub)
     return parser
+
+
+CONFORM_DESCRIPTION = """\
+virtnet as a vhost-user front-end, case by case, against the back-end listening on
+SOCKET: conformance (QEMU's message order, features, REPLY_ACK, several memory
+regions, ring stop/restart, GET_VRING_BASE, SET_VRING_ENABLE, frames echoed intact
+with correct headers, mergeable and not) and robustness (malformed messages, wrong
+fd counts, hostile descriptor chains, a shrunk memfd, a front-end that stops reading).
+
+Each case runs on a fresh connection with a timeout; afterwards a normal session must
+still work. The conformance cases need a back-end that echoes tx to rx unchanged:
+  virtnet device --socket-path SOCKET --backend loopback
+  dpdk-testpmd ... --vdev net_vhost0,iface=SOCKET -- --forward-mode=io (docs/conformance.md)
+
+Exit status: 0 every case passed (or was skipped: a feature not offered), 1 a case
+failed (the back-end dying fails that case, the rest are "not run"), 2 usage error.
+"""
+
+
+def _add_conform(sub) -> None:
+    p = sub.add_parser("conform", help="test a vhost-user net back-end, case by case",
+                       description=CONFORM_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("socket", metavar="SOCKET", nargs="?",
+                   help="unix socket the back-end listens on")  # fmt: skip
+    p.add_argument("--case", action="append", metavar="NAME",
+                   help="run only this case (repeatable); --list shows the names")  # fmt: skip
+    p.add_argument("--list", action="store_true", help="list the cases, one line each")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--junit-xml", metavar="FILE", help="write the results as JUnit XML")
+    p.add_argument("--timeout", type=float, default=20.0, metavar="S",
+                   help="seconds per case before it counts as a hang (default 20)")  # fmt: skip
+    p.set_defaults(conform_parser=p)
 
 
 def _console():
@@ -391,7 +426,40 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(args)
     if args.command == "stats":
         return cmd_stats(args)
+    if args.command == "conform":
+        return cmd_conform(args.conform_parser, args)
     return cmd_vhost_user(args)
+
+
+def cmd_conform(parser: argparse.ArgumentParser, args) -> int:
+    from virtnet.conform.cases import CASES
+    from virtnet.conform.report import list_table, table, write_json, write_junit
+    from virtnet.conform.runner import FAILED, run_cases
+
+    console = _console()
+    if args.list:
+        console.print(list_table(CASES))
+        return 0
+    if not args.socket:
+        parser.error("SOCKET is required (or --list)")
+    if args.timeout <= 0:
+        parser.error("--timeout must be > 0")
+    names = {c.name for c in CASES}
+    unknown = [n for n in args.case or () if n not in names]
+    if unknown:
+        parser.error(f"unknown case {', '.join(unknown)} (--list shows them)")
+    cases = [c for c in CASES if not args.case or c.name in args.case]
+
+    def progress(r) -> None:
+        print(f"{r.status:>8}  {r.name}: {r.detail}", file=sys.stderr, flush=True)
+
+    results = run_cases(cases, args.socket, timeout=args.timeout, progress=progress)
+    console.print(table(results, f"virtnet conform {args.socket}"))
+    if args.json:
+        write_json(results, args.json, args.socket)
+    if args.junit_xml:
+        write_junit(results, args.junit_xml)
+    return 1 if any(r.status == FAILED for r in results) else 0
 
 
 def _printer(args):

@@ -1,0 +1,814 @@
+"""The cases ``virtnet conform`` runs against a vhost-user net back-end.
+
+Each case gets a fresh connection (``Context.session``), does one thing, and returns a
+line saying what the back-end did -- or raises ``CaseFailure`` (what it did wrong) or
+``CaseSkipped`` (it does not offer what the case needs). The runner then checks, after
+every case, that the back-end still serves a normal session.
+
+conformance cases need a back-end that echoes tx frames to rx unchanged: ``virtnet
+device --backend loopback``, DPDK testpmd ``--forward-mode=io`` on a single port.
+robustness cases need nothing from the back-end but to survive them: each one is
+something a hostile or broken front-end sends, and what the back-end answers is
+reported; they fail only where the spec leaves no choice (a REPLY_ACK success for a
+request it says is invalid) or when the back-end dies or hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from virtnet.conform.guest import (
+    QUEUE_SIZE,
+    SLOT,
+    Guest,
+    RawRing,
+    Region,
+    Rings,
+    frame,
+    good_chain,
+    one_region,
+)
+from virtnet.conform.session import (
+    BASE_FEATURES,
+    CaseFailure,
+    CaseSkipped,
+    Session,
+    feature_names,
+)
+from virtnet.net.features import VirtioNetF
+from virtnet.net.guest import RX, TX
+from virtnet.vhost_user.messages import (
+    HEADER,
+    U64,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_NEED_REPLY_MASK,
+    VHOST_USER_VERSION,
+    FrontendRequest,
+    MemoryRegionDesc,
+    MemoryTable,
+    Message,
+    ProtocolFeature,
+    VringAddr,
+    VringState,
+    encode,
+)
+from virtnet.virtio.features import VirtioF, bit
+from virtnet.virtio.ring.layout import (
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+)
+
+R = FrontendRequest
+NEED_REPLY = VHOST_USER_VERSION | VHOST_USER_NEED_REPLY_MASK
+MRG = bit(VirtioNetF.MRG_RXBUF)
+INDIRECT = bit(VirtioF.RING_INDIRECT_DESC)
+QUIET = 0.5  # "nothing happens": how long a disabled or stopped ring is watched
+
+# The standard layout in one 4 MiB region: rx ring, tx ring, an indirect area, frame slots.
+RX_RING, TX_RING, INDIRECT_AREA, DATA, DATA_SIZE = 0x0, 0x4000, 0x8000, 0x10000, 1 << 20
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    group: str  # "conformance" or "robustness"
+    summary: str  # one line: what is sent and what must happen
+    rule: str  # where the spec says so
+    run: Callable[[Context], str]
+
+
+CASES: list[Case] = []
+
+
+def case(name: str, group: str, summary: str, rule: str):
+    def register(fn: Callable[[Context], str]) -> Callable[[Context], str]:
+        CASES.append(Case(name, group, summary, rule, fn))
+        return fn
+
+    return register
+
+
+class Context:
+    """What a case may open; everything is closed by ``close()`` (the runner's)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sessions: list[Session] = []
+        self._guests: list[Guest] = []
+
+    def session(self) -> Session:
+        s = Session(self.path)
+        self._sessions.append(s)
+        return s
+
+    def guest(self, guest: Guest | None = None) -> Guest:
+        g = guest or one_region()
+        self._guests.append(g)
+        return g
+
+    def running(self, want: int = BASE_FEATURES, *, require: int = BASE_FEATURES,
+                rx_size: int = SLOT) -> tuple[Session, Rings]:  # fmt: skip
+        """A session with memory mapped, both rings running and rx buffers posted."""
+        s = self.session()
+        s.negotiate(want, require=require)
+        g = self.guest()
+        g.set_mem_table(s)
+        indirect = INDIRECT_AREA if s.features & INDIRECT else None
+        rings = Rings(g, (RX_RING, TX_RING), DATA, DATA_SIZE, indirect_gpa=indirect)
+        rings.setup(s)
+        rings.post_rx(QUEUE_SIZE, rx_size)
+        return s, rings
+
+    def close(self) -> None:
+        for s in self._sessions:
+            s.close()
+        for g in self._guests:
+            g.close()
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def echo(rings: Rings, frames: list[bytes], *, mergeable: bool, pieces: int = 1,
+         indirect: bool = False) -> list[int]:  # fmt: skip
+    """Send ``frames``; they must come back on rx intact, plain headers; buffers per frame."""
+    rings.send(frames, pieces=pieces, indirect=indirect)
+    rings.wait_tx(len(frames))
+    packets = rings.receive(len(frames), mergeable=mergeable)
+    for k, (sent, got) in enumerate(zip(frames, packets, strict=True)):
+        if got.frame != sent:
+            how = "different" if len(got.frame) == len(sent) else "cut"
+            raise CaseFailure(f"frame {k} ({len(sent)} bytes) came back as "
+                              f"{len(got.frame)} bytes, {how}")  # fmt: skip
+        h = got.hdr
+        if h.flags or h.gso_type:
+            # No GUEST_CSUM / GUEST_TSO negotiated: 5.1.6.4.1 leaves flags and gso_type 0.
+            raise CaseFailure(f"frame {k}: header flags {h.flags:#x} gso_type {h.gso_type} "
+                              "without GUEST_CSUM/GUEST_TSO negotiated")  # fmt: skip
+        if not mergeable and h.num_buffers != 1:
+            raise CaseFailure(f"frame {k}: num_buffers {h.num_buffers} without MRG_RXBUF "
+                              "(5.1.6.4: MUST be 1)")  # fmt: skip
+    return [p.buffers for p in packets]
+
+
+def frames(first: int, sizes: list[int]) -> list[bytes]:
+    return [frame(first + k, n) for k, n in enumerate(sizes)]
+
+
+def receive_seqs(rings: Rings, wanted: list[bytes], mergeable: bool) -> int:
+    """Read rx until ``wanted`` arrived in order (earlier frames may come first); extras."""
+    extras = 0
+    k = 0
+    deadline = time.monotonic() + 5.0
+    while k < len(wanted):
+        if time.monotonic() > deadline:
+            raise CaseFailure(f"{k} of {len(wanted)} frames came back after the ring was enabled")
+        (got,) = rings.receive(1, mergeable=mergeable)
+        if got.frame == wanted[k]:
+            k += 1
+        elif k:
+            raise CaseFailure("frames after re-enabling came back out of order or changed")
+        else:
+            extras += 1
+    return extras
+
+
+# -- conformance ----------------------------------------------------------------------
+
+
+@case("handshake", "conformance",
+      "QEMU's opening: SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, "
+      "SET_FEATURES; VERSION_1 offered; GET_FEATURES stable",
+      "vhost-user.rst Communication, Protocol features; VIRTIO 1.2 6.1 (VERSION_1)")  # fmt: skip
+def handshake(ctx: Context) -> str:
+    s = ctx.session()
+    s.negotiate()
+    if s.get_u64(R.GET_FEATURES) != s.offered:
+        raise CaseFailure("GET_FEATURES changed after SET_FEATURES")
+    pairs = ""
+    if s.offered & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+        pf = s.get_u64(R.GET_PROTOCOL_FEATURES)
+        if pf & bit(ProtocolFeature.MQ):
+            n = s.get_u64(R.GET_QUEUE_NUM)
+            if n < 1:
+                raise CaseFailure(f"GET_QUEUE_NUM {n}: at least one queue pair")
+            pairs = f", {n} queue pairs"
+        pairs = f"; protocol features {pf:#x}{pairs}"
+    return f"offers {feature_names(s.offered & ((1 << 64) - 1))}{pairs}"
+
+
+@case("reply-ack", "conformance",
+      "REPLY_ACK: NEED_REPLY gets exactly one u64 0, no NEED_REPLY gets nothing, "
+      "NEED_REPLY on GET_FEATURES gets the features only",
+      "vhost-user.rst REPLY_ACK")  # fmt: skip
+def reply_ack(ctx: Context) -> str:
+    s = ctx.session()
+    s.negotiate()
+    if not s.has_protocol(ProtocolFeature.REPLY_ACK):
+        raise CaseSkipped("REPLY_ACK not offered")
+    if s.request_ack(R.SET_FEATURES, U64(s.features)) != 0:
+        raise CaseFailure("SET_FEATURES with NEED_REPLY: non-zero ack")
+    if s.request_ack(R.SET_VRING_NUM, VringState(0, QUEUE_SIZE)) != 0:
+        raise CaseFailure("SET_VRING_NUM with NEED_REPLY: non-zero ack")
+    s.send(R.SET_VRING_NUM, VringState(0, QUEUE_SIZE))  # no NEED_REPLY: no reply
+    s.expect_silence(R.SET_VRING_NUM)
+    s.send(R.GET_FEATURES, need_reply=True)  # a reply body already: "no behavioural change"
+    if s.reply(R.GET_FEATURES).payload.value != s.offered:
+        raise CaseFailure("GET_FEATURES with NEED_REPLY: not the features")
+    if s.get_u64(R.GET_FEATURES) != s.offered:
+        raise CaseFailure("an extra reply followed GET_FEATURES with NEED_REPLY")
+    return "acks with 0, silent without NEED_REPLY, one reply to GET_FEATURES"
+
+
+@case("mem-regions", "conformance",
+      "SET_MEM_TABLE with 3 memfds (adjacent and behind a hole, non-zero mmap_offset), "
+      "rx ring in region 2, tx ring and buffers in region 3: frames echo intact",
+      "vhost-user.rst Memory regions description, SET_MEM_TABLE")  # fmt: skip
+def mem_regions(ctx: Context) -> str:
+    s = ctx.session()
+    s.negotiate()
+    g = ctx.guest(Guest([Region(0x0, 1 << 20), Region(0x10_0000, 1 << 20, offset=0x1_0000),
+                         Region(0x100_0000, 2 << 20, offset=0x20_0000)]))  # fmt: skip
+    g.set_mem_table(s)
+    rings = Rings(g, (0x10_1000, 0x100_0000), 0x100_0000 + 0x1_0000, 1 << 20)
+    rings.setup(s)
+    rings.post_rx(QUEUE_SIZE)
+    echo(rings, frames(0, [60, 1514, 200, 1000]), mergeable=s.has(VirtioNetF.MRG_RXBUF))
+    return "4 frames echoed through rings and buffers in regions 2 and 3"
+
+
+@case("data-mergeable", "conformance",
+      "MRG_RXBUF: 1 KiB rx buffers, frames of 60..1514 bytes echo intact, num_buffers = "
+      "buffers used, header flags/gso_type 0",
+      "VIRTIO 1.2 5.1.6.3.1, 5.1.6.4 (num_buffers)")  # fmt: skip
+def data_mergeable(ctx: Context) -> str:
+    s, rings = ctx.running(BASE_FEATURES | MRG, require=BASE_FEATURES | MRG, rx_size=1024)
+    sizes = [60, 64, 500, 1012, 1013, 1514, 1514, 128]
+    used = echo(rings, frames(0, sizes), mergeable=True)
+    return f"{len(sizes)} frames, buffers per frame {used}"
+
+
+@case("data-nonmergeable", "conformance",
+      "no MRG_RXBUF: 2 KiB rx buffers, frames echo intact, num_buffers 1, header 12 bytes",
+      "VIRTIO 1.2 5.1.6.4: num_buffers MUST be 1 without MRG_RXBUF")  # fmt: skip
+def data_nonmergeable(ctx: Context) -> str:
+    s, rings = ctx.running(BASE_FEATURES)
+    if s.has(VirtioNetF.MRG_RXBUF):
+        raise CaseFailure("MRG_RXBUF not acked but taken")
+    sizes = [60, 1514, 300, 1514]
+    echo(rings, frames(0, sizes), mergeable=False)
+    return f"{len(sizes)} frames, one buffer each"
+
+
+@case("tx-chains", "conformance",
+      "tx frames as 3-descriptor chains (header alone first) and, if offered, through an "
+      "indirect table: echo intact",
+      "VIRTIO 1.2 2.7.4, 2.7.5.3 (indirect), 5.1.6.2 (no layout assumption)")  # fmt: skip
+def tx_chains(ctx: Context) -> str:
+    s, rings = ctx.running(BASE_FEATURES | MRG | INDIRECT)
+    mrg = s.has(VirtioNetF.MRG_RXBUF)
+    echo(rings, frames(0, [1514, 60, 700]), mergeable=mrg, pieces=3)
+    if not s.has(VirtioF.RING_INDIRECT_DESC):
+        return "3-descriptor chains echo (INDIRECT_DESC not offered)"
+    echo(rings, frames(10, [1514, 60]), mergeable=mrg, pieces=3, indirect=True)
+    return "3-descriptor chains and indirect tables echo"
+
+
+@case("get-vring-base", "conformance",
+      "GET_VRING_BASE stops the ring and returns the next avail index: tx base = frames "
+      "used, a frame kicked afterwards is not used until the ring is set up again",
+      "vhost-user.rst GET_VRING_BASE, Ring states (stopped)")  # fmt: skip
+def get_vring_base(ctx: Context) -> str:
+    s, rings = ctx.running(BASE_FEATURES | MRG)
+    mrg = s.has(VirtioNetF.MRG_RXBUF)
+    echo(rings, frames(0, [100, 200, 300]), mergeable=mrg)
+    tx_base = rings.vring_base(s, TX)
+    if tx_base != 3:
+        raise CaseFailure(f"GET_VRING_BASE tx: {tx_base}, 3 chains were used")
+    rx_base = rings.vring_base(s, RX)
+    if not 3 <= rx_base <= QUEUE_SIZE:
+        raise CaseFailure(f"GET_VRING_BASE rx: {rx_base}, 3 buffers were used of {QUEUE_SIZE}")
+    rings.send([frame(9, 64)])
+    if rings.tx_used_within(QUIET):
+        raise CaseFailure("a tx frame kicked after GET_VRING_BASE was used: the ring did not stop")
+    return f"bases tx {tx_base} rx {rx_base}; the stopped ring took nothing"
+
+
+@case("ring-restart", "conformance",
+      "set up, echo, GET_VRING_BASE both, set up again from those bases (QEMU's stop/start), "
+      "echo again",
+      "vhost-user.rst Starting and stopping rings, SET_VRING_BASE")  # fmt: skip
+def ring_restart(ctx: Context) -> str:
+    s, rings = ctx.running(BASE_FEATURES | MRG)
+    mrg = s.has(VirtioNetF.MRG_RXBUF)
+    echo(rings, frames(0, [100, 1514]), mergeable=mrg)
+    bases = (rings.vring_base(s, RX), rings.vring_base(s, TX))
+    rings.setup(s, bases=bases)
+    rings.post_rx(4)
+    echo(rings, frames(2, [64, 1514, 800]), mergeable=mrg)
+    bases2 = (rings.vring_base(s, RX), rings.vring_base(s, TX))
+    if bases2[TX] != 5:
+        raise CaseFailure(f"GET_VRING_BASE tx after restart: {bases2[TX]}, expected 5")
+    return f"bases {bases} then {bases2}; echo before and after the restart"
+
+
+@case("vring-enable", "conformance",
+      "with PROTOCOL_FEATURES rings start disabled: no rx before SET_VRING_ENABLE 1, echo "
+      "after; SET_VRING_ENABLE 0 on rx stops rx, 1 resumes it",
+      "vhost-user.rst Ring states, SET_VRING_ENABLE")  # fmt: skip
+def vring_enable(ctx: Context) -> str:
+    s = ctx.session()
+    s.negotiate(BASE_FEATURES | MRG)
+    if not s.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+        raise CaseSkipped("PROTOCOL_FEATURES not offered: rings start enabled")
+    mrg = s.has(VirtioNetF.MRG_RXBUF)
+    g = ctx.guest()
+    g.set_mem_table(s)
+    rings = Rings(g, (RX_RING, TX_RING), DATA, DATA_SIZE)
+    rings.setup(s, enable=False)
+    rings.post_rx(QUEUE_SIZE)
+    rings.send(frames(0, [64, 64]))
+    if rings.rx_used_within(QUIET):
+        raise CaseFailure("rx buffers used while both rings were disabled")
+    for q in (RX, TX):
+        s.must_ack(R.SET_VRING_ENABLE, VringState(q, 1))
+    rings.send(frames(10, [64, 1514]))
+    early = receive_seqs(rings, frames(10, [64, 1514]), mrg)
+    s.must_ack(R.SET_VRING_ENABLE, VringState(RX, 0))
+    rings.send(frames(20, [64]))
+    if rings.rx_used_within(QUIET):
+        raise CaseFailure("rx buffers used after SET_VRING_ENABLE 0 on rx")
+    s.must_ack(R.SET_VRING_ENABLE, VringState(RX, 1))
+    rings.send(frames(30, [64, 64]))
+    late = receive_seqs(rings, frames(30, [64, 64]), mrg)
+    return (f"disabled: no rx; enabled: echo ({early} frames sent while disabled came back); "
+            f"rx off/on: {late} held frames delivered after")  # fmt: skip
+
+
+# -- robustness: framing ---------------------------------------------------------------
+
+
+def survived(kind: str, what: str) -> str:
+    return {"reply": f"answered {what}", "closed": "closed the connection",
+            "silent": "said nothing"}[kind]  # fmt: skip
+
+
+def refused(s: Session, request: R, what: str) -> str:
+    """After a request with NEED_REPLY the spec calls invalid: a failure ack, or hang-up."""
+    kind, msg = s.outcome(request)
+    if kind == "reply" and isinstance(msg.payload, U64) and msg.payload.value == 0:
+        raise CaseFailure(f"{what}: acked with 0 (success)")
+    if kind == "silent":
+        raise CaseFailure(f"{what}: no REPLY_ACK in 5s although NEED_REPLY was set")
+    if kind == "reply":
+        return f"refused (REPLY_ACK {msg.payload.value if isinstance(msg.payload, U64) else '?'})"
+    return "closed the connection"
+
+
+def need_reply_ack(s: Session) -> None:
+    s.negotiate()
+    if not s.has_protocol(ProtocolFeature.REPLY_ACK):
+        raise CaseSkipped("REPLY_ACK not offered: the refusal cannot be seen")
+
+
+@case("truncated-header", "robustness",
+      "7 of the 12 header bytes, then the front-end shuts its side",
+      "vhost-user.rst Message Specification")  # fmt: skip
+def truncated_header(ctx: Context) -> str:
+    s = ctx.session()
+    s.send_raw(b"\x01\x00\x00\x00\x01\x00\x00")
+    s.sock.shutdown(socket.SHUT_WR)
+    return survived(s.outcome(R.GET_FEATURES)[0], "something")
+
+
+@case("truncated-payload", "robustness",
+      "SET_FEATURES whose header says 8 payload bytes, 3 sent, then shutdown",
+      "vhost-user.rst Message Specification")  # fmt: skip
+def truncated_payload(ctx: Context) -> str:
+    s = ctx.session()
+    s.send_raw(HEADER.pack(R.SET_FEATURES, VHOST_USER_VERSION, 8) + b"\0\0\0")
+    s.sock.shutdown(socket.SHUT_WR)
+    return survived(s.outcome(R.SET_FEATURES)[0], "something")
+
+
+@case("bad-version", "robustness",
+      "GET_FEATURES with version bits 0 and 2 (flags 0x0, 0x2)",
+      "vhost-user.rst Header: version")  # fmt: skip
+def bad_version(ctx: Context) -> str:
+    out = []
+    for flags in (0x0, 0x2):
+        s = ctx.session()
+        s.send_raw(HEADER.pack(R.GET_FEATURES, flags, 0))
+        out.append(f"{flags:#x}: {survived(s.outcome(R.GET_FEATURES)[0], 'it')}")
+        s.close()
+    return "; ".join(out)
+
+
+@case("oversized-payload", "robustness",
+      "a header claiming a 1 GiB payload, and a SET_FEATURES with 64 KiB of payload",
+      "vhost-user.rst Message Specification (payload is a union, at most a page)")  # fmt: skip
+def oversized_payload(ctx: Context) -> str:
+    s = ctx.session()
+    s.send_raw(HEADER.pack(R.SET_MEM_TABLE, NEED_REPLY, 1 << 30))
+    first = survived(s.outcome(R.SET_MEM_TABLE)[0], "it")
+    s = ctx.session()
+    try:
+        s.send_raw(HEADER.pack(R.SET_FEATURES, NEED_REPLY, 1 << 16) + bytes(1 << 16))
+    except OSError as e:
+        return f"1 GiB: {first}; 64 KiB: send failed ({e.strerror})"
+    return f"1 GiB: {first}; 64 KiB: {survived(s.outcome(R.SET_FEATURES)[0], 'it')}"
+
+
+@case("too-many-fds", "robustness",
+      "SET_VRING_CALL carrying 12 fds (a message may carry 8)",
+      "vhost-user.rst Communication")  # fmt: skip
+def too_many_fds(ctx: Context) -> str:
+    s = ctx.session()
+    s.negotiate()
+    fds = [s.eventfd() for _ in range(12)]
+    s.send_raw(HEADER.pack(R.SET_VRING_CALL, NEED_REPLY, 8) + bytes(8), fds)
+    return survived(s.outcome(R.SET_VRING_CALL)[0], "it")
+
+
+@case("wrong-fd-count", "robustness",
+      "SET_VRING_CALL (NEED_REPLY) with 3 fds instead of 1",
+      "vhost-user.rst SET_VRING_CALL")  # fmt: skip
+def wrong_fd_count(ctx: Context) -> str:
+    s = ctx.session()
+    need_reply_ack(s)
+    fds = [s.eventfd() for _ in range(3)]
+    s.send_raw(encode(Message(R.SET_VRING_CALL, NEED_REPLY, U64(0), tuple(fds[:1]))), fds)
+    return survived(s.outcome(R.SET_VRING_CALL)[0], "it")
+
+
+@case("missing-fd", "robustness",
+      "SET_MEM_TABLE (NEED_REPLY) naming one region but carrying no fd: must be refused",
+      "vhost-user.rst SET_MEM_TABLE (one fd per region)")  # fmt: skip
+def missing_fd(ctx: Context) -> str:
+    s = ctx.session()
+    need_reply_ack(s)
+    table = MemoryTable((MemoryRegionDesc(0, 1 << 20, 0x7F00_0000_0000, 0),))
+    s.send_raw(HEADER.pack(R.SET_MEM_TABLE, NEED_REPLY, len(table.pack())) + table.pack())
+    return refused(s, R.SET_MEM_TABLE, "a region without its fd")
+
+
+@case("wrong-payload-size", "robustness",
+      "SET_VRING_NUM (NEED_REPLY) with a 12-byte payload (a vring state is 8): must be refused",
+      "vhost-user.rst A vring state description")  # fmt: skip
+def wrong_payload_size(ctx: Context) -> str:
+    s = ctx.session()
+    need_reply_ack(s)
+    s.send_raw(HEADER.pack(R.SET_VRING_NUM, NEED_REPLY, 12) + VringState(0, 64).pack() + bytes(4))
+    return refused(s, R.SET_VRING_NUM, "a 12-byte vring state")
+
+
+@case("unknown-request", "robustness",
+      "request number 99 with NEED_REPLY: must not be acked as success",
+      "vhost-user.rst REPLY_ACK (non-zero on failure)")  # fmt: skip
+def unknown_request(ctx: Context) -> str:
+    s = ctx.session()
+    need_reply_ack(s)
+    s.send_raw(HEADER.pack(99, NEED_REPLY, 8) + bytes(8))
+    return _raw_outcome(s)
+
+
+def _raw_outcome(s: Session) -> str:
+    """The reply to an unknown request number (the codec cannot name it): read by hand."""
+    s.sock.settimeout(5.0)
+    try:
+        head = s.sock.recv(HEADER.size, socket.MSG_WAITALL)
+        if not head:
+            return "closed the connection"
+        request, flags, size = HEADER.unpack(head)
+        body = s.sock.recv(size, socket.MSG_WAITALL) if size else b""
+    except (TimeoutError, BlockingIOError):
+        raise CaseFailure("no reply in 5s although NEED_REPLY was set") from None
+    except ConnectionError:
+        return "closed the connection"
+    finally:
+        s.sock.settimeout(None)
+    if request == 99 and size == 8 and U64.unpack(body).value == 0:
+        raise CaseFailure("an unknown request acked with 0 (success)")
+    return f"answered request {request} size {size}" + (
+        f" (REPLY_ACK {U64.unpack(body).value})" if size == 8 else "")
+
+
+@case("vring-index-out-of-range", "robustness",
+      "SET_VRING_NUM / SET_VRING_ENABLE / SET_VRING_CALL for vring 200 (NEED_REPLY): "
+      "must be refused", "vhost-user.rst (vring index < queue count)")  # fmt: skip
+def vring_index_out_of_range(ctx: Context) -> str:
+    out = []
+    for request, payload, with_fd in ((R.SET_VRING_NUM, VringState(200, 64), False),
+                                      (R.SET_VRING_ENABLE, VringState(200, 1), False),
+                                      (R.SET_VRING_CALL, U64(200), True)):  # fmt: skip
+        s = ctx.session()
+        need_reply_ack(s)
+        fds = [s.eventfd()] if with_fd else []
+        s.send(request, payload, fds, need_reply=True)
+        out.append(f"{request.name}: {refused(s, request, f'{request.name} for vring 200')}")
+        s.close()
+    return "; ".join(out)
+
+
+@case("queue-size-not-power-of-2", "robustness",
+      "SET_VRING_NUM 0, 100 and 65536 on a split ring (NEED_REPLY): must be refused",
+      "VIRTIO 1.2 2.7: split queue size is a power of 2, at most 32768")  # fmt: skip
+def queue_size(ctx: Context) -> str:
+    out = []
+    for num in (0, 100, 65536):
+        s = ctx.session()
+        need_reply_ack(s)
+        s.send(R.SET_VRING_NUM, VringState(0, num), need_reply=True)
+        out.append(f"{num}: {refused(s, R.SET_VRING_NUM, f'queue size {num}')}")
+        s.close()
+    return "; ".join(out)
+
+
+@case("mem-region-overflow", "robustness",
+      "SET_MEM_TABLE regions whose gpa + size or uva + size pass 2^64, and one larger than "
+      "its file", "vhost-user.rst Memory regions description")  # fmt: skip
+def mem_region_overflow(ctx: Context) -> str:
+    out = []
+    for label, desc, file_size in (
+        ("gpa wraps", MemoryRegionDesc((1 << 64) - 0x1000, 1 << 20, 0x7F00_0000_0000, 0), 1 << 20),
+        ("uva wraps", MemoryRegionDesc(0, 1 << 20, (1 << 64) - 0x1000, 0), 1 << 20),
+        ("size > file", MemoryRegionDesc(0, 1 << 30, 0x7F00_0000_0000, 0), 4096),
+        ("offset wraps", MemoryRegionDesc(0, 1 << 20, 0x7F00_0000_0000, (1 << 64) - 4096), 1 << 20),
+    ):
+        s = ctx.session()
+        s.negotiate()
+        fd = os.memfd_create("conform-overflow", os.MFD_CLOEXEC)
+        s.fds.append(fd)
+        os.ftruncate(fd, file_size)
+        ack = s.has_protocol(ProtocolFeature.REPLY_ACK)
+        s.send(R.SET_MEM_TABLE, MemoryTable((desc,)), [fd], need_reply=ack)
+        if ack:
+            kind, msg = s.outcome(R.SET_MEM_TABLE)
+            out.append(f"{label}: " + (f"REPLY_ACK {msg.payload.value}" if kind == "reply"
+                                       else survived(kind, "")))  # fmt: skip
+        else:
+            out.append(f"{label}: sent")
+        s.close()
+    return "; ".join(out)
+
+
+# -- robustness: rings -------------------------------------------------------------------
+
+
+def hostile_tx(ctx: Context, write: Callable[[RawRing, Guest], list[int]],
+               want: int = BASE_FEATURES | INDIRECT) -> str:  # fmt: skip
+    """Rings running; ``write`` lays chains on the tx ring by hand and returns the heads to
+    publish (the last one a good frame); one kick. Reports what the back-end used."""
+    s = ctx.session()
+    s.negotiate(want)
+    g = ctx.guest()
+    g.set_mem_table(s)
+    rings = Rings(g, (RX_RING, TX_RING), DATA, DATA_SIZE)
+    rings.setup(s)
+    raw = RawRing(g, rings.addrs[TX])
+    heads = write(raw, g)
+    raw.publish(*heads)
+    os.eventfd_write(rings.kick[TX], 1)
+    used = raw.wait_used(len(heads), 1.0)
+    entries = [raw.used(i) for i in range(used)]
+    return f"used {used} of {len(heads)} chains {entries}"
+
+
+DATA_GPA = DATA + 0x1000
+
+
+@case("desc-loop", "robustness",
+      "a tx chain whose NEXT fields loop (0 -> 1 -> 0), then a good frame",
+      "VIRTIO 1.2 2.7.5.3.1 (device MUST handle loops); rust-vmm ttl")  # fmt: skip
+def desc_loop(ctx: Context) -> str:
+    def write(raw: RawRing, g: Guest) -> list[int]:
+        raw.desc(0, DATA_GPA, 64, VRING_DESC_F_NEXT, 1)
+        raw.desc(1, DATA_GPA, 64, VRING_DESC_F_NEXT, 0)
+        good_chain(raw, 2, DATA_GPA + SLOT, 1)
+        return [0, 2]
+    return hostile_tx(ctx, write)
+
+
+@case("desc-out-of-range", "robustness",
+      "tx descriptors at 1 TiB (no region), at the end of memory (crossing it), and naming "
+      "next index 200 >= queue size", "VIRTIO 1.2 2.7.5 (addresses are guest memory)")  # fmt: skip
+def desc_out_of_range(ctx: Context) -> str:
+    def write(raw: RawRing, g: Guest) -> list[int]:
+        end = g.regions[-1].gpa + g.regions[-1].size
+        raw.desc(0, 1 << 40, 1512)
+        raw.desc(1, end - 16, 64)
+        raw.desc(2, DATA_GPA, 64, VRING_DESC_F_NEXT, 200)
+        good_chain(raw, 3, DATA_GPA + SLOT, 1)
+        return [0, 1, 2, 3]
+    return hostile_tx(ctx, write)
+
+
+@case("desc-overflow", "robustness",
+      "tx descriptors whose addr + len pass 2^64, and a 0xFFFFFFFF length; chains summing "
+      "past 2^32", "VIRTIO 1.2 2.7.5.2 (chain at most 2^32 bytes)")  # fmt: skip
+def desc_overflow(ctx: Context) -> str:
+    def write(raw: RawRing, g: Guest) -> list[int]:
+        raw.desc(0, (1 << 64) - 16, 64)
+        raw.desc(1, DATA_GPA, 0xFFFF_FFFF)
+        raw.desc(2, DATA_GPA, 0x8000_0000, VRING_DESC_F_NEXT, 3)
+        raw.desc(3, DATA_GPA, 0x8000_0000, VRING_DESC_F_NEXT, 4)
+        raw.desc(4, DATA_GPA, 0x8000_0000)
+        good_chain(raw, 5, DATA_GPA + SLOT, 1)
+        return [0, 1, 2, 5]
+    return hostile_tx(ctx, write)
+
+
+@case("head-out-of-range", "robustness",
+      "the avail ring names head 65535 (queue size 64), then a good frame",
+      "VIRTIO 1.2 2.7.6 (avail ring entries are descriptor heads)")  # fmt: skip
+def head_out_of_range(ctx: Context) -> str:
+    def write(raw: RawRing, g: Guest) -> list[int]:
+        good_chain(raw, 1, DATA_GPA + SLOT, 1)
+        return [0xFFFF, 1]
+    return hostile_tx(ctx, write)
+
+
+@case("avail-index-jump", "robustness",
+      "the avail index moves 30000 entries ahead of what was made available (queue 64)",
+      "Linux vhost: 'Guest moved avail index from %u to %u'")  # fmt: skip
+def avail_index_jump(ctx: Context) -> str:
+    def write(raw: RawRing, g: Guest) -> list[int]:
+        good_chain(raw, 0, DATA_GPA, 0)
+        raw.avail_idx = 30000 - 1
+        return [0]
+    return hostile_tx(ctx, write)
+
+
+@case("indirect-nested", "robustness",
+      "an indirect table whose entry is itself INDIRECT",
+      "VIRTIO 1.2 2.7.5.3.1 (MUST NOT nest)")  # fmt: skip
+def indirect_nested(ctx: Context) -> str:
+    def write(raw: RawRing, g: Guest) -> list[int]:
+        table = DATA + 0x8000
+        n = raw.table(table, [(table, 32, VRING_DESC_F_INDIRECT, 0), (DATA_GPA, 64, 0, 0)])
+        raw.desc(0, table, n, VRING_DESC_F_INDIRECT)
+        good_chain(raw, 1, DATA_GPA + SLOT, 1)
+        return [0, 1]
+    return hostile_tx(ctx, write)
+
+
+@case("indirect-bad-length", "robustness",
+      "indirect descriptors with length 0, 24 (not a multiple of 16), 2^31, and "
+      "INDIRECT|NEXT together", "VIRTIO 1.2 2.7.5.3.1")  # fmt: skip
+def indirect_bad_length(ctx: Context) -> str:
+    def write(raw: RawRing, g: Guest) -> list[int]:
+        table = DATA + 0x8000
+        raw.table(table, [(DATA_GPA, 64, 0, 0), (DATA_GPA, 64, 0, 0)])
+        raw.desc(0, table, 0, VRING_DESC_F_INDIRECT)
+        raw.desc(1, table, 24, VRING_DESC_F_INDIRECT)
+        raw.desc(2, table, 1 << 31, VRING_DESC_F_INDIRECT)
+        raw.desc(3, table, 32, VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, 4)
+        raw.desc(4, DATA_GPA, 64)
+        good_chain(raw, 5, DATA_GPA + SLOT, 1)
+        return [0, 1, 2, 3, 5]
+    return hostile_tx(ctx, write)
+
+
+@case("indirect-misaligned", "robustness",
+      "an indirect table at an address not 16-byte aligned, and one outside guest memory",
+      "VIRTIO 1.2 2.7.5.3 (table in guest memory)")  # fmt: skip
+def indirect_misaligned(ctx: Context) -> str:
+    def write(raw: RawRing, g: Guest) -> list[int]:
+        table = DATA + 0x8000 + 8
+        n = raw.table(table, [(DATA_GPA, 64, 0, 0)])
+        raw.desc(0, table, n, VRING_DESC_F_INDIRECT)
+        raw.desc(1, 1 << 40, 32, VRING_DESC_F_INDIRECT)
+        good_chain(raw, 2, DATA_GPA + SLOT, 1)
+        return [0, 1, 2]
+    return hostile_tx(ctx, write)
+
+
+@case("readable-after-writable", "robustness",
+      "a tx chain with a device-writable descriptor before a readable one",
+      "VIRTIO 1.2 2.7.4.2 (readable before writable)")  # fmt: skip
+def readable_after_writable(ctx: Context) -> str:
+    def write(raw: RawRing, g: Guest) -> list[int]:
+        raw.desc(0, DATA_GPA, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1)
+        raw.desc(1, DATA_GPA + 64, 64)
+        good_chain(raw, 2, DATA_GPA + SLOT, 1)
+        return [0, 2]
+    return hostile_tx(ctx, write)
+
+
+@case("ring-in-unmapped-memory", "robustness",
+      "SET_VRING_ADDR naming addresses in no region (NEED_REPLY), then KICK/CALL/ENABLE "
+      "and a kick", "vhost-user.rst SET_VRING_ADDR (front-end virtual addresses)")  # fmt: skip
+def ring_in_unmapped_memory(ctx: Context) -> str:
+    s = ctx.session()
+    s.negotiate()
+    g = ctx.guest()
+    g.set_mem_table(s)
+    bad = 0x10_0000_0000
+    ack = s.has_protocol(ProtocolFeature.REPLY_ACK)
+    s.send(R.SET_VRING_NUM, VringState(TX, QUEUE_SIZE))
+    s.send(R.SET_VRING_BASE, VringState(TX, 0))
+    s.send(R.SET_VRING_ADDR, VringAddr(TX, 0, bad, bad + 0x2000, bad + 0x1000, 0),
+           need_reply=ack)  # fmt: skip
+    said = "sent"
+    if ack:
+        kind, msg = s.outcome(R.SET_VRING_ADDR)
+        said = f"REPLY_ACK {msg.payload.value}" if kind == "reply" else survived(kind, "")
+        if kind == "closed":
+            return said
+    kick = s.eventfd()
+    try:
+        s.send(R.SET_VRING_KICK, U64(TX), [kick])
+        s.send(R.SET_VRING_CALL, U64(TX), [s.eventfd()])
+        s.send(R.SET_VRING_ENABLE, VringState(TX, 1))
+        os.eventfd_write(kick, 1)
+        time.sleep(0.2)
+    except CaseFailure:
+        pass  # the back-end hung up on the way: allowed
+    return f"SET_VRING_ADDR: {said}; kicked"
+
+
+@case("memfd-shrunk", "robustness",
+      "the front-end truncates its memfd to one page after SET_MEM_TABLE, then kicks a tx "
+      "buffer that lies past the new end (a SIGBUS for a back-end that touches it)",
+      "vhost-user.rst Memory access (the back-end maps what the front-end shares)")  # fmt: skip
+def memfd_shrunk(ctx: Context) -> str:
+    s = ctx.session()
+    s.negotiate()
+    g = ctx.guest(Guest([Region(0, 1 << 20)]))
+    g.set_mem_table(s)
+    rings = Rings(g, (0x0, 0x800), 0x10000, 1 << 16, num=16)  # both rings in page 0
+    rings.setup(s)
+    raw = RawRing(g, rings.addrs[TX])
+    good_chain(raw, 0, 0x2_0000, 0)
+    os.ftruncate(g.regions[0].fd, 4096)  # from here on we touch only page 0
+    raw.publish(0)
+    os.eventfd_write(rings.kick[TX], 1)
+    used = raw.wait_used(1, 1.0)
+    return f"used {used} of 1 chains" + (f" {raw.used(0)}" if used else "")
+
+
+@case("frontend-stops-reading", "robustness",
+      "the front-end sends GET_FEATURES for 2 s without reading a reply, then leaves",
+      "vhost-user.rst Communication (a back-end must not hang on one front-end)")  # fmt: skip
+def frontend_stops_reading(ctx: Context) -> str:
+    s = ctx.session()
+    s.send(R.SET_OWNER)
+    s.sock.setblocking(False)
+    msg = encode(Message(R.GET_FEATURES, VHOST_USER_VERSION))
+    sent = 0
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            s.sock.send(msg)
+            sent += 1
+        except BlockingIOError:
+            time.sleep(0.01)
+        except OSError as e:
+            return f"{sent} requests sent, then the back-end hung up ({e.strerror})"
+    return f"{sent} requests sent unread replies, then left"
+
+
+@case("disconnect-mid-setup", "robustness",
+      "memory mapped, one ring half set up (no kick), then the front-end disconnects",
+      "vhost-user.rst (a disconnected front-end's state is dropped)")  # fmt: skip
+def disconnect_mid_setup(ctx: Context) -> str:
+    s = ctx.session()
+    s.negotiate()
+    g = ctx.guest()
+    g.set_mem_table(s)
+    s.send(R.SET_VRING_NUM, VringState(0, QUEUE_SIZE))
+    s.send(R.SET_VRING_BASE, VringState(0, 0))
+    uva = g.uva(0)
+    s.send(R.SET_VRING_ADDR, VringAddr(0, 0, uva, uva + 0x2000, uva + 0x1000, 0))
+    s.send(R.SET_VRING_CALL, U64(0), [s.eventfd()])
+    s.close()
+    return "left mid-setup"
+
+
+def by_name(name: str) -> Case:
+    for c in CASES:
+        if c.name == name:
+            return c
+    raise KeyError(name)
+
+
+# Used by the liveness check and tests: what a normal front-end does.
+def normal_session(path: str) -> str:
+    """Negotiate, map memory, start both rings, send one frame and see it used, stop."""
+    ctx = Context(path)
+    try:
+        s, rings = ctx.running(BASE_FEATURES | MRG)
+        rings.send([frame(0, 64)])
+        rings.wait_tx(1)
+        rings.vring_base(s, RX)
+        rings.vring_base(s, TX)
+        return "served a normal session"
+    finally:
+        ctx.close()
+
+

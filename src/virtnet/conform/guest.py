@@ -1,0 +1,335 @@
+"""The guest side ``virtnet conform`` builds: memfd regions (several, with offsets), a
+queue pair of split rings in them (virtnet's ``SplitQueueDriver``), frames in and out,
+and a raw view of a ring for the cases that write what no driver would.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from virtnet.conform.session import CaseFailure, Session
+from virtnet.net.guest import RX, TX
+from virtnet.net.header import MRG_HDR_LEN, VirtioNetHdr
+from virtnet.vhost_user.messages import (
+    U64,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    FrontendRequest,
+    MemoryRegionDesc,
+    MemoryTable,
+    VringAddr,
+    VringState,
+)
+from virtnet.virtio.features import bit
+from virtnet.virtio.memory import GuestMemory, MemoryRegion
+from virtnet.virtio.ring.layout import (
+    DESC_SIZE,
+    USED_ELEM_SIZE,
+    VringAddrs,
+    VringViews,
+)
+from virtnet.virtio.ring.split import IndirectArea, SplitQueueDriver
+
+R = FrontendRequest
+QUEUE_SIZE = 64
+SLOT = 2048  # one frame buffer: a 1514-byte frame and its 12-byte header fit
+ETHERTYPE = 0x88B5  # IEEE local experimental: nobody else's traffic
+DST_MAC = bytes.fromhex("020000c0f001")
+SRC_MAC = bytes.fromhex("020000c0f002")
+WAIT = 5.0  # for the back-end to use what we posted
+
+DESC = struct.Struct("<QIHH")
+LE16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")
+
+
+def frame(seq: int, size: int) -> bytes:
+    """Ethernet frame ``seq`` of ``size`` bytes: our MACs, a local ethertype, a pattern."""
+    head = DST_MAC + SRC_MAC + ETHERTYPE.to_bytes(2, "big") + seq.to_bytes(4, "big")
+    body = bytes((seq + i) & 0xFF for i in range(size - len(head)))
+    return head + body
+
+
+@dataclass
+class Region:
+    """One memfd shared with the back-end: ``size`` bytes at ``gpa``, ``offset`` into the file."""
+
+    gpa: int
+    size: int
+    offset: int = 0
+
+    def open(self) -> None:
+        self.fd = os.memfd_create("virtnet-conform", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.offset + self.size)
+        self.map = mmap.mmap(self.fd, self.offset + self.size, mmap.MAP_SHARED)
+        anchor = ctypes.c_char.from_buffer(self.map)
+        self.uva = ctypes.addressof(anchor) + self.offset
+        del anchor
+        self.view = memoryview(self.map)[self.offset : self.offset + self.size]
+
+    def desc(self) -> MemoryRegionDesc:
+        return MemoryRegionDesc(self.gpa, self.size, self.uva, self.offset)
+
+
+class Guest:
+    """Guest memory as a set of memfds; ring addresses are our virtual addresses (uva)."""
+
+    def __init__(self, regions: Sequence[Region]) -> None:
+        self.regions = list(regions)
+        for r in self.regions:
+            r.open()
+        self.memory = GuestMemory([MemoryRegion(r.gpa, r.view, uva=r.uva) for r in self.regions])
+
+    def uva(self, gpa: int) -> int:
+        for r in self.regions:
+            if r.gpa <= gpa < r.gpa + r.size:
+                return r.uva + gpa - r.gpa
+        raise ValueError(f"gpa {gpa:#x} is in no region")
+
+    def set_mem_table(self, session: Session) -> None:
+        table = MemoryTable(tuple(r.desc() for r in self.regions))
+        session.must_ack(R.SET_MEM_TABLE, table, [r.fd for r in self.regions])
+
+    def close(self) -> None:
+        self.memory.release()
+        for r in self.regions:
+            r.view.release()
+            try:
+                r.map.close()
+            except BufferError:
+                pass
+            os.close(r.fd)
+
+
+def one_region(size: int = 4 << 20) -> Guest:
+    return Guest([Region(0, size)])
+
+
+@dataclass
+class Packet:
+    """A frame the back-end delivered on rx: its header and how many buffers it spans."""
+
+    hdr: VirtioNetHdr
+    frame: bytes
+    buffers: int
+
+
+class Rings:
+    """rx and tx split rings at ``ring_gpas``, frame buffers from ``data_gpa`` on."""
+
+    def __init__(self, guest: Guest, ring_gpas: tuple[int, int], data_gpa: int,
+                 data_size: int, *, indirect_gpa: int | None = None,
+                 num: int = QUEUE_SIZE) -> None:  # fmt: skip
+        self.guest = guest
+        self.num = num
+        self.addrs = [VringAddrs.contiguous(g, num) for g in ring_gpas]
+        self.vqs = []
+        for q, addrs in enumerate(self.addrs):
+            indirect = None
+            if indirect_gpa is not None and q == TX:
+                size = IndirectArea.size(num, 8)
+                view = guest.memory.view(indirect_gpa, size)
+                indirect = IndirectArea(indirect_gpa, view, num, 8)
+            views = VringViews.from_memory(guest.memory, addrs)
+            self.vqs.append(SplitQueueDriver(views, indirect=indirect, index=q))
+        self.free = [data_gpa + i * SLOT for i in range(data_size // SLOT)]
+        self.kick: list[int] = []
+        self.call: list[int] = []
+
+    # -- set-up ------------------------------------------------------------------
+
+    def setup(self, session: Session, bases: tuple[int, int] = (0, 0),
+              enable: bool = True) -> None:  # fmt: skip
+        """The ring messages in QEMU's order (vhost_virtqueue_start), for both rings."""
+        if not self.kick:
+            self.kick = [session.eventfd() for _ in range(2)]
+            self.call = [session.eventfd() for _ in range(2)]
+        for q, a in enumerate(self.addrs):
+            session.must_ack(R.SET_VRING_NUM, VringState(q, self.num))
+            session.must_ack(R.SET_VRING_BASE, VringState(q, bases[q]))
+            uva = self.guest.uva
+            addr = VringAddr(q, 0, uva(a.desc), uva(a.used), uva(a.avail), 0)
+            session.must_ack(R.SET_VRING_ADDR, addr)
+            session.must_ack(R.SET_VRING_KICK, U64(q), [self.kick[q]])
+            session.must_ack(R.SET_VRING_CALL, U64(q), [self.call[q]])
+        if enable and session.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            for q in range(2):
+                session.must_ack(R.SET_VRING_ENABLE, VringState(q, 1))
+
+    def vring_base(self, session: Session, q: int) -> int:
+        session.send(R.GET_VRING_BASE, VringState(q, 0))
+        msg = session.reply(R.GET_VRING_BASE)
+        if msg.payload.index != q:
+            raise CaseFailure(f"GET_VRING_BASE {q}: reply names vring {msg.payload.index}")
+        return msg.payload.num
+
+    # -- traffic -----------------------------------------------------------------
+
+    def _slot(self) -> int:
+        if not self.free:
+            raise CaseFailure("out of frame buffers: the back-end keeps them all")
+        return self.free.pop()
+
+    def send(self, frames: Sequence[bytes], *, pieces: int = 1, indirect: bool = False) -> None:
+        """Frames on tx, each a header + frame, in ``pieces`` descriptors; one kick."""
+        svq = self.vqs[TX]
+        for f in frames:
+            gpa = self._slot()
+            data = bytes(MRG_HDR_LEN) + f
+            self.guest.memory.write(gpa, data)
+            if pieces == 1:
+                segs = [(gpa, len(data))]
+            else:  # the header alone first (as Linux without ANY_LAYOUT), the frame cut up
+                cuts = [0, MRG_HDR_LEN] + [MRG_HDR_LEN + len(f) * k // (pieces - 1)
+                                           for k in range(1, pieces - 1)] + [len(data)]  # fmt: skip
+                segs = [(gpa + a, b - a) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+            if indirect:
+                svq._add_indirect(segs, (), gpa)
+            else:
+                svq.add(segs, (), gpa)
+        svq.kick_prepare()
+        os.eventfd_write(self.kick[TX], 1)
+
+    def post_rx(self, count: int, size: int = SLOT) -> None:
+        rvq = self.vqs[RX]
+        for _ in range(min(count, rvq.num_free)):
+            gpa = self._slot()
+            rvq.add_inbuf(gpa, size, (gpa, size))
+        rvq.kick_prepare()
+        os.eventfd_write(self.kick[RX], 1)
+
+    def wait_tx(self, n: int, timeout: float = WAIT) -> list[int]:
+        """The used lengths of the next ``n`` tx buffers; fails if they do not come."""
+        got = []
+        svq = self.vqs[TX]
+        deadline = time.monotonic() + timeout
+        while len(got) < n:
+            item = svq.get_buf()
+            if item is not None:
+                self.free.append(item[0])
+                got.append(item[1])
+            elif time.monotonic() >= deadline:
+                raise CaseFailure(f"the back-end used {len(got)} of {n} tx buffers in {timeout:g}s")
+            else:
+                time.sleep(0.002)
+        return got
+
+    def tx_used_within(self, seconds: float) -> int:
+        """How many tx buffers the back-end uses within ``seconds`` (none are awaited)."""
+        n = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            item = self.vqs[TX].get_buf()
+            if item is None:
+                time.sleep(0.005)
+                continue
+            self.free.append(item[0])
+            n += 1
+        return n
+
+    def _next_rx(self, deadline: float) -> tuple[int, int, int] | None:
+        rvq = self.vqs[RX]
+        while True:
+            item = rvq.get_buf()
+            if item is not None:
+                (gpa, size), length = item
+                return gpa, size, length
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.002)
+
+    def receive(self, n: int, *, mergeable: bool, timeout: float = WAIT) -> list[Packet]:
+        """The next ``n`` packets on rx, reassembled from num_buffers buffers (5.1.6.4)."""
+        out: list[Packet] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            first = self._next_rx(deadline)
+            if first is None:
+                raise CaseFailure(f"{len(out)} of {n} frames came back on rx within {timeout:g}s")
+            gpa, size, length = first
+            if length < MRG_HDR_LEN or length > size:
+                raise CaseFailure(f"rx buffer used with length {length} (buffer {size}, "
+                                  f"header {MRG_HDR_LEN})")  # fmt: skip
+            data = self.guest.memory.read(gpa, length)
+            self.free.append(gpa)
+            hdr = VirtioNetHdr.unpack(data[:MRG_HDR_LEN])
+            body = data[MRG_HDR_LEN:]
+            count = hdr.num_buffers if mergeable else 1
+            if count < 1:
+                raise CaseFailure(f"packet {len(out)}: num_buffers {hdr.num_buffers}")
+            for k in range(1, count):
+                more = self._next_rx(deadline)
+                if more is None:
+                    raise CaseFailure(f"packet {len(out)}: num_buffers {count} but only {k} "
+                                      "buffers were used")  # fmt: skip
+                gpa, size, length = more
+                body += self.guest.memory.read(gpa, length)
+                self.free.append(gpa)
+            out.append(Packet(hdr, body, count))
+        return out
+
+    def rx_used_within(self, seconds: float) -> int:
+        n = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._next_rx(time.monotonic()) is None:
+                time.sleep(0.005)
+            else:
+                n += 1
+        return n
+
+
+class RawRing:
+    """A split ring written by hand, byte by byte (what no driver would write)."""
+
+    def __init__(self, guest: Guest, addrs: VringAddrs) -> None:
+        self.guest = guest
+        self.addrs = addrs
+        self.avail_idx = 0
+
+    def desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0) -> None:
+        at = self.addrs.desc + DESC_SIZE * i
+        self.guest.memory.write(at, DESC.pack(addr, length & 0xFFFF_FFFF, flags, nxt))
+
+    def table(self, gpa: int, descs: Sequence[tuple[int, int, int, int]]) -> int:
+        for j, (addr, length, flags, nxt) in enumerate(descs):
+            self.guest.memory.write(gpa + DESC_SIZE * j, DESC.pack(addr, length, flags, nxt))
+        return DESC_SIZE * len(descs)
+
+    def publish(self, *heads: int, jump: int = 0) -> None:
+        num = self.addrs.num
+        for head in heads:
+            slot = self.addrs.avail + 4 + 2 * (self.avail_idx % num)
+            self.guest.memory.write(slot, LE16.pack(head))
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.avail_idx = (self.avail_idx + jump) & 0xFFFF
+        self.guest.memory.write(self.addrs.avail + 2, LE16.pack(self.avail_idx))
+
+    def used_idx(self) -> int:
+        return LE16.unpack(self.guest.memory.read(self.addrs.used + 2, 2))[0]
+
+    def used(self, i: int) -> tuple[int, int]:
+        at = self.addrs.used + 4 + USED_ELEM_SIZE * (i % self.addrs.num)
+        return USED_ELEM.unpack(self.guest.memory.read(at, USED_ELEM_SIZE))
+
+    def wait_used(self, n: int, timeout: float) -> int:
+        """The used index once it reaches ``n`` (or whatever it is at the deadline)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            idx = self.used_idx()
+            if idx >= n or time.monotonic() >= deadline:
+                return idx
+            time.sleep(0.005)
+
+
+def good_chain(ring: RawRing, i: int, gpa: int, seq: int) -> None:
+    """Descriptor ``i``: one readable buffer at ``gpa`` holding header + a 64-byte frame."""
+    data = bytes(MRG_HDR_LEN) + frame(seq, 64)
+    ring.guest.memory.write(gpa, data)
+    ring.desc(i, gpa, len(data))
+

@@ -1,0 +1,73 @@
+"""What ``virtnet conform`` prints and writes: a rich table, JSON, JUnit XML."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Sequence
+
+from virtnet.conform.cases import Case
+from virtnet.conform.runner import FAILED, NOT_RUN, PASSED, SKIPPED, Result
+
+STYLE = {PASSED: "green", FAILED: "bold red", SKIPPED: "yellow", NOT_RUN: "dim"}
+
+
+def summary(results: Sequence[Result]) -> dict[str, int]:
+    counts = Counter(r.status for r in results)
+    return {s: counts.get(s, 0) for s in (PASSED, FAILED, SKIPPED, NOT_RUN)}
+
+
+def table(results: Sequence[Result], title: str):
+    from rich.table import Table
+
+    t = Table(title=title, show_lines=False)
+    t.add_column("case")
+    t.add_column("group")
+    t.add_column("result")
+    t.add_column("s", justify="right")
+    t.add_column("what the back-end did", overflow="fold")
+    for r in results:
+        t.add_row(r.name, r.group, f"[{STYLE[r.status]}]{r.status}[/]", f"{r.seconds:.1f}",
+                  r.detail)  # fmt: skip
+    counts = summary(results)
+    t.caption = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    return t
+
+
+def list_table(cases: Sequence[Case]):
+    from rich.table import Table
+
+    t = Table(title="virtnet conform cases")
+    t.add_column("case")
+    t.add_column("group")
+    t.add_column("what", overflow="fold")
+    for c in cases:
+        t.add_row(c.name, c.group, c.summary)
+    return t
+
+
+def write_json(results: Sequence[Result], path: str, socket_path: str) -> None:
+    doc = {"socket": socket_path, "summary": summary(results),
+           "cases": [r.as_dict() for r in results]}  # fmt: skip
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+
+
+def write_junit(results: Sequence[Result], path: str) -> None:
+    """One ``testcase`` per case; ``failure`` with the reason, ``skipped`` for the rest."""
+    counts = summary(results)
+    suite = ET.Element("testsuite", name="virtnet conform", tests=str(len(results)),
+                       failures=str(counts[FAILED]), errors="0",
+                       skipped=str(counts[SKIPPED] + counts[NOT_RUN]),
+                       time=f"{sum(r.seconds for r in results):.3f}")  # fmt: skip
+    for r in results:
+        tc = ET.SubElement(suite, "testcase", classname=f"conform.{r.group}", name=r.name,
+                           time=f"{r.seconds:.3f}")  # fmt: skip
+        if r.status == FAILED:
+            ET.SubElement(tc, "failure", message=r.detail).text = f"{r.detail}\nrule: {r.rule}"
+        elif r.status in (SKIPPED, NOT_RUN):
+            ET.SubElement(tc, "skipped", message=f"{r.status}: {r.detail}")
+        else:
+            ET.SubElement(tc, "system-out").text = r.detail
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)

@@ -1,0 +1,135 @@
+"""Run conform cases one by one, each isolated: its own process (a case that hangs is
+killed at its timeout, a SIGBUS in our own mapping stays in it), its own connection, and
+after it a normal session on a fresh connection that proves the back-end still serves.
+
+If nothing listens on the socket any more, the back-end died: that case fails and the
+ones after it are "not run".
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from virtnet.conform.cases import Case, Context, normal_session
+from virtnet.conform.session import BackendGone, CaseFailure, CaseSkipped
+
+PASSED, FAILED, SKIPPED, NOT_RUN = "passed", "failed", "skipped", "not run"
+DEFAULT_TIMEOUT = 20.0
+LIVENESS_ATTEMPTS = 10  # a back-end may need a moment to drop the last connection
+LIVENESS_PAUSE = 0.3
+
+
+@dataclass
+class Result:
+    name: str
+    group: str
+    status: str
+    detail: str
+    seconds: float = 0.0
+    rule: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _child(fn: Callable[[str], str], path: str, conn) -> None:
+    try:
+        conn.send((PASSED, fn(path)))
+    except CaseSkipped as e:
+        conn.send((SKIPPED, str(e)))
+    except CaseFailure as e:
+        conn.send((FAILED, str(e)))
+    except BackendGone as e:
+        conn.send(("gone", str(e)))
+    except Exception as e:  # noqa: BLE001 -- a bug on our side must not pass a case
+        tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
+        conn.send((FAILED, f"conform error: {type(e).__name__}: {e} ({tb})"))
+    finally:
+        conn.close()
+
+
+def _isolated(fn: Callable[[str], str], path: str, timeout: float) -> tuple[str, str]:
+    """(status, text) of ``fn(path)`` in a child process killed after ``timeout``."""
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(fn, path, child), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if parent.poll(timeout):
+            try:
+                return parent.recv()
+            except EOFError:
+                pass
+        else:
+            return FAILED, f"no end within {timeout:g}s (the back-end hangs on it)"
+        proc.join(1.0)
+        return FAILED, f"conform's case process died (exit {proc.exitcode})"
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5.0)
+        parent.close()
+
+
+def _run_case(case: Case, path: str) -> str:
+    ctx = Context(path)
+    try:
+        return case.run(ctx)
+    finally:
+        ctx.close()
+
+
+def liveness(path: str, timeout: float) -> tuple[str, str]:
+    """("alive" | "gone" | "broken", text): can the back-end serve a normal session?"""
+    last = ""
+    for _ in range(LIVENESS_ATTEMPTS):
+        status, text = _isolated(normal_session, path, timeout)
+        if status == PASSED:
+            return "alive", text
+        if status == "gone":
+            return "gone", text
+        last = text
+        time.sleep(LIVENESS_PAUSE)
+    return "broken", last
+
+
+def run_cases(cases: Sequence[Case], path: str, *, timeout: float = DEFAULT_TIMEOUT,
+              progress: Callable[[Result], None] | None = None) -> list[Result]:  # fmt: skip
+    results: list[Result] = []
+    dead = ""
+    for case in cases:
+        if dead:
+            result = Result(case.name, case.group, NOT_RUN, dead, rule=case.rule)
+            results.append(result)
+            if progress:
+                progress(result)
+            continue
+        started = time.monotonic()
+        status, detail = _run_case_isolated(case, path, timeout)
+        if status != SKIPPED:
+            alive, text = liveness(path, timeout)
+            if alive == "gone":
+                status, detail = FAILED, f"the back-end died: {text} (case: {detail})"
+                dead = f"the back-end died during {case.name}"
+            elif alive == "broken":
+                status = FAILED
+                detail = f"afterwards the back-end did not serve a normal session: {text} " \
+                         f"(case: {detail})"
+        result = Result(case.name, case.group, status, detail,
+                        round(time.monotonic() - started, 3), case.rule)  # fmt: skip
+        results.append(result)
+        if progress:
+            progress(result)
+    return results
+
+
+def _run_case_isolated(case: Case, path: str, timeout: float) -> tuple[str, str]:
+    status, detail = _isolated(lambda p: _run_case(case, p), path, timeout)
+    if status == "gone":
+        return FAILED, detail
+    return status, detail
