@@ -523,10 +523,19 @@ class DeviceServer:
         if msg.request in (Req.GET_VRING_BASE, Req.SET_MEM_TABLE, Req.RESET_OWNER,
                            Req.RESET_DEVICE, Req.SET_VRING_ENABLE):  # fmt: skip
             self._accumulate()
+        # Handlers close kick fds (GET_VRING_BASE, a new SET_VRING_KICK): take them out of
+        # epoll first. A closed fd whose file the front-end still holds stays registered,
+        # and QEMU re-sends that same eventfd on restart: register() would hit EEXIST.
+        refd = msg.request in (Req.GET_VRING_BASE, Req.SET_VRING_KICK, Req.RESET_OWNER,
+                               Req.RESET_DEVICE)  # fmt: skip
+        if refd:
+            self._unwatch_all()
         try:
             answer = self.session.handle(msg)
         except VhostUserProtocolError as e:
             self._protocol_error(e)
+            if refd and self.channel is not None:
+                self._rewatch()
             return self.channel is not None
         if answer is not None and not self._reply(answer):
             return False
@@ -534,7 +543,7 @@ class DeviceServer:
             self.backend.on_features(self.session.features)
         if self.session.device is not None and self.session.device is not dev_before:
             self.session.device.capture = self.capture
-        if self.session.device is not dev_before or self.session.changed:
+        if refd or self.session.device is not dev_before or self.session.changed:
             self._rewatch()
         return True
 
