@@ -74,7 +74,7 @@ class MappedMemory:
             self.unsealed.append(f"region at gpa {gpa:#x}: {why}")
         try:
             mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, OverflowError) as e:  # Overflow: offset + size > 2^63
             raise MappingError(
                 getattr(e, "errno", 0) or 0,
                 f"region at gpa {gpa:#x} size {size:#x} offset {mmap_offset:#x}: mmap: {e}",
