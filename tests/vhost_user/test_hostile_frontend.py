@@ -224,6 +224,15 @@ def test_memory_region_larger_than_its_file(case):
     case.still_in_step()
 
 
+def test_memory_region_offset_past_2_63(case):
+    # Found by virtnet conform (mem-region-overflow): mmap raised OverflowError, uncaught.
+    case.negotiate()
+    fd = case.memfd()
+    assert case.set_mem_table(MemoryRegionDesc(0, MEM_SIZE, UVA, (1 << 64) - 4096), fds=(fd,)) != 0
+    case.log("VHOST_USER_SET_MEM_TABLE: region at gpa 0x0")
+    case.still_in_step()
+
+
 def test_memory_region_fd_that_cannot_be_mapped(case):
     case.negotiate()
     r, w = os.pipe()

@@ -1,0 +1,233 @@
+"""``virtnet conform`` as a user runs it: a subprocess against a real ``virtnet device``.
+
+* every case passes against ``virtnet device --backend loopback`` (memfd-shrunk on its own:
+  it needs the device's containment of a shrunk memfd, issue 12 part 4);
+* exit status 1 when the back-end answers one message wrong, and when it dies mid-run
+  (that case failed, the rest "not run"); 2 for usage errors; ``--junit-xml`` parses.
+
+The broken back-ends are ``virtnet device`` behind ``FaultyProxy``: a relay that passes
+bytes and fds through unchanged, except that it rewrites the first reply of one chosen
+connection, or goes away (stops listening) when a chosen connection arrives.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.vhost_user.conftest import DeviceProcess
+from virtnet.conform.cases import CASES
+from virtnet.vhost_user.messages import HEADER
+
+CONFORM = [sys.executable, "-m", "virtnet", "conform"]
+RUN_TIMEOUT = 300  # the whole run; every case has its own --timeout inside
+ALL = [c.name for c in CASES]
+SHRUNK = "memfd-shrunk"
+
+
+def conform(*args: str) -> tuple[int, str, str]:
+    done = subprocess.run([*CONFORM, *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)  # fmt: skip
+    return done.returncode, done.stdout, done.stderr
+
+
+def run_json(tmp_path: Path, socket_path: str, *cases: str) -> tuple[int, dict, str]:
+    out = tmp_path / "conform.json"
+    argv = [socket_path, "--json", str(out), "--timeout", "20"]
+    for name in cases:
+        argv += ["--case", name]
+    rc, stdout, stderr = conform(*argv)
+    return rc, json.loads(out.read_text()), stdout + stderr
+
+
+@pytest.fixture
+def loopback(device_factory) -> DeviceProcess:
+    return device_factory("loopback")
+
+
+def test_every_case_passes_against_virtnet_device(loopback, tmp_path):
+    cases = [n for n in ALL if n != SHRUNK]
+    rc, doc, out = run_json(tmp_path, loopback.socket_path, *cases)
+    statuses = {c["name"]: c["status"] for c in doc["cases"]}
+    assert statuses == dict.fromkeys(cases, "passed"), f"{out}\ndevice:\n{loopback.stderr()}"
+    assert rc == 0
+    assert loopback.alive()
+    assert "Traceback" not in loopback.stderr()
+
+
+def test_memfd_shrunk_after_set_mem_table_passes_against_virtnet_device(loopback, tmp_path):
+    """Needs issue 12 part 4 (the device contains a SIGBUS from a shrunk memfd)."""
+    rc, doc, out = run_json(tmp_path, loopback.socket_path, SHRUNK)
+    assert [c["status"] for c in doc["cases"]] == ["passed"], f"{out}\n{loopback.stderr()}"
+    assert rc == 0 and loopback.alive()
+
+
+def test_list_names_every_case_and_help_explains(tmp_path):
+    rc, stdout, _ = conform("--list")
+    assert rc == 0
+    for name in ALL:
+        assert name in stdout
+    rc, stdout, _ = conform("--help")
+    assert rc == 0 and "--junit-xml" in stdout and "loopback" in stdout
+
+
+@pytest.mark.parametrize("argv", [[], ["/tmp/x.sock", "--case", "no-such-case"],
+                                  ["/tmp/x.sock", "--timeout", "0"],
+                                  ["/tmp/x.sock", "--timeout", "soon"]])  # fmt: skip
+def test_usage_errors_exit_2(argv):
+    rc, _, stderr = conform(*argv)
+    assert rc == 2, stderr
+    assert "virtnet conform" in stderr
+
+
+# -- broken back-ends ----------------------------------------------------------------
+
+
+class FaultyProxy:
+    """Listens at ``path`` and relays every connection to the real back-end at ``upstream``.
+
+    ``corrupt``: on that connection (1-based), the request field of the first reply is
+    changed (a reply to another request). ``die_at``: when that connection arrives it is
+    closed, the proxy stops listening and its socket file goes: the back-end is gone.
+    """
+
+    def __init__(self, path: str, upstream: str, *, corrupt: int = 0, die_at: int = 0) -> None:
+        self.path, self.upstream = path, upstream
+        self.corrupt, self.die_at = corrupt, die_at
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.connections = 0
+        self.threads: list[threading.Thread] = []
+        self.accepting = threading.Thread(target=self._accept, daemon=True)
+        self.accepting.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            if self.connections == self.die_at:
+                conn.close()
+                self.close()
+                return
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            up.connect(self.upstream)
+            flip = self.connections == self.corrupt
+            for a, b, f in ((conn, up, False), (up, conn, flip)):
+                t = threading.Thread(target=_pump, args=(a, b, f), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def close(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.listener.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket, flip: bool) -> None:
+    fd_space = socket.CMSG_SPACE(16 * 4)
+    try:
+        while True:
+            data, anc, _flags, _ = src.recvmsg(65536, fd_space)
+            if not data:
+                break
+            fds = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % 4])
+                    fds += arr.tolist()
+            if flip and len(data) >= HEADER.size:
+                request, flags, size = HEADER.unpack_from(data)
+                data = HEADER.pack(request + 1, flags, size) + data[HEADER.size:]
+                flip = False
+            anc_out = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            dst.sendmsg([data], anc_out if fds else [])
+            for fd in fds:
+                os.close(fd)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def proxy_factory(loopback, tmp_path):
+    made: list[FaultyProxy] = []
+
+    def make(**faults) -> FaultyProxy:
+        p = FaultyProxy(str(tmp_path / f"proxy{len(made)}.sock"), loopback.socket_path, **faults)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def test_a_wrong_reply_fails_that_case_and_exits_1(proxy_factory, tmp_path):
+    proxy = proxy_factory(corrupt=1)  # connection 1 is the handshake case itself
+    rc, doc, out = run_json(tmp_path, proxy.path, "handshake", "reply-ack")
+    cases = {c["name"]: c for c in doc["cases"]}
+    assert rc == 1, out
+    assert cases["handshake"]["status"] == "failed"
+    assert "came as" in cases["handshake"]["detail"]
+    assert cases["reply-ack"]["status"] == "passed"  # the next connection is relayed intact
+
+
+def test_the_backend_dying_fails_that_case_and_the_rest_are_not_run(proxy_factory, tmp_path):
+    # Connections: 1 handshake, 2 its liveness check, 3 reply-ack -> the back-end goes.
+    proxy = proxy_factory(die_at=3)
+    xml = tmp_path / "conform.xml"
+    rc, doc, out = run_json(tmp_path, proxy.path, "handshake", "reply-ack", "data-mergeable",
+                            "desc-loop")  # fmt: skip
+    statuses = [c["status"] for c in doc["cases"]]
+    assert rc == 1, out
+    assert statuses == ["passed", "failed", "not run", "not run"]
+    assert "the back-end died" in doc["cases"][1]["detail"]
+    assert doc["summary"] == {"passed": 1, "failed": 1, "skipped": 0, "not run": 2}
+    # The same run as JUnit XML: one testcase per case, the failure with its reason.
+    proxy2 = proxy_factory(die_at=3)
+    rc, _, _ = conform(proxy2.path, "--junit-xml", str(xml), "--case", "handshake",
+                       "--case", "reply-ack", "--case", "data-mergeable")  # fmt: skip
+    assert rc == 1
+    suite = ET.parse(xml).getroot()
+    assert suite.tag == "testsuite" and suite.get("tests") == "3"
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == ["handshake", "reply-ack", "data-mergeable"]
+    assert cases[0].find("failure") is None and cases[0].find("skipped") is None
+    assert "the back-end died" in cases[1].find("failure").get("message")
+    assert "not run" in cases[2].find("skipped").get("message")
+    assert suite.get("failures") == "1" and suite.get("skipped") == "1"
+
+
+def test_junit_xml_of_a_full_run_has_one_testcase_per_case(loopback, tmp_path):
+    xml = tmp_path / "all.xml"
+    cases = [n for n in ALL if n != SHRUNK]
+    argv = [loopback.socket_path, "--junit-xml", str(xml)]
+    for n in cases:
+        argv += ["--case", n]
+    rc, out, err = conform(*argv)
+    suite = ET.parse(xml).getroot()
+    names = [c.get("name") for c in suite.findall("testcase")]
+    assert names == cases
+    failures = [c for c in suite.findall("testcase") if c.find("failure") is not None]
+    assert int(suite.get("failures")) == len(failures) == (1 if rc else 0), out + err
