@@ -112,7 +112,8 @@ class Context:
         return g
 
     def running(self, want: int = BASE_FEATURES, *, require: int = BASE_FEATURES,
-                rx_size: int = SLOT) -> tuple[Session, Rings]:  # fmt: skip
+                rx_size: int = SLOT,
+                rx_count: int = QUEUE_SIZE) -> tuple[Session, Rings]:  # fmt: skip
         """A session with memory mapped, both rings running and rx buffers posted."""
         s = self.session()
         s.negotiate(want, require=require)
@@ -121,7 +122,7 @@ class Context:
         indirect = INDIRECT_AREA if s.features & INDIRECT else None
         rings = Rings(g, (RX_RING, TX_RING), DATA, DATA_SIZE, indirect_gpa=indirect)
         rings.setup(s)
-        rings.post_rx(QUEUE_SIZE, rx_size)
+        rings.post_rx(rx_count, rx_size)
         return s, rings
 
     def close(self) -> None:
@@ -771,6 +772,23 @@ def frontend_stops_reading(ctx: Context) -> str:
         except OSError as e:
             return f"{sent} requests sent, then the back-end hung up ({e.strerror})"
     return f"{sent} requests sent unread replies, then left"
+
+
+@case("rx-never-drained", "robustness",
+      "a guest that stops taking rx: 2 rx buffers posted, 48 frames sent to be echoed; "
+      "the control channel must still answer (GET_VRING_BASE) and the session end cleanly",
+      "vhost-user.rst GET_VRING_BASE; VIRTIO 1.2 5.1.6.3 (rx buffers belong to the driver)")
+def rx_never_drained(ctx: Context) -> str:
+    s, rings = ctx.running(BASE_FEATURES | MRG, rx_count=2)
+    rx_posted = rings.vqs[RX].num - rings.vqs[RX].num_free
+    rings.send(frames(0, [64] * 40))
+    time.sleep(QUIET)
+    rings.send(frames(100, [64] * 8))
+    time.sleep(QUIET)
+    tx_used = rings.tx_used_within(QUIET)
+    bases = (rings.vring_base(s, RX), rings.vring_base(s, TX))
+    return (f"{rx_posted} rx buffers, 48 frames sent: {tx_used} tx used; "
+            f"GET_VRING_BASE answered {bases}")
 
 
 @case("disconnect-mid-setup", "robustness",
