@@ -40,9 +40,10 @@ def conform(*args: str) -> tuple[int, str, str]:
     return done.returncode, done.stdout, done.stderr
 
 
-def run_json(tmp_path: Path, socket_path: str, *cases: str) -> tuple[int, dict, str]:
+def run_json(tmp_path: Path, socket_path: str, *cases: str,
+             timeout: float = 20) -> tuple[int, dict, str]:  # fmt: skip
     out = tmp_path / "conform.json"
-    argv = [socket_path, "--json", str(out), "--timeout", "20"]
+    argv = [socket_path, "--json", str(out), "--timeout", str(timeout)]
     for name in cases:
         argv += ["--case", name]
     rc, stdout, stderr = conform(*argv)
@@ -231,3 +232,21 @@ def test_junit_xml_of_a_full_run_has_one_testcase_per_case(loopback, tmp_path):
     assert names == cases
     failures = [c for c in suite.findall("testcase") if c.find("failure") is not None]
     assert int(suite.get("failures")) == len(failures) == (1 if rc else 0), out + err
+
+
+def test_a_backend_that_never_answers_fails_at_the_case_timeout(tmp_path):
+    """Connections are queued (listen backlog) but never served: the case is killed at
+    --timeout, the liveness check gives up within another, and the run still ends."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(tmp_path / "hang.sock")
+    listener.bind(path)
+    listener.listen(64)
+    try:
+        rc, doc, out = run_json(tmp_path, path, "handshake", timeout=2)
+    finally:
+        listener.close()
+    (result,) = doc["cases"]
+    assert rc == 1, out
+    assert result["status"] == "failed"
+    assert "no end within 2s" in result["detail"]
+    assert result["seconds"] < 15

@@ -85,10 +85,18 @@ def _run_case(case: Case, path: str) -> str:
 
 
 def liveness(path: str, timeout: float) -> tuple[str, str]:
-    """("alive" | "gone" | "broken", text): can the back-end serve a normal session?"""
+    """("alive" | "gone" | "broken", text): can the back-end serve a normal session?
+
+    Several attempts (a back-end may still be dropping the last front-end), all within
+    ``timeout``: a hung back-end costs one timeout here, not ten.
+    """
     last = ""
+    deadline = time.monotonic() + timeout
     for _ in range(LIVENESS_ATTEMPTS):
-        status, text = _isolated(normal_session, path, timeout)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        status, text = _isolated(normal_session, path, left)
         if status == PASSED:
             return "alive", text
         if status == "gone":
