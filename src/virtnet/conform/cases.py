@@ -733,24 +733,43 @@ def ring_in_unmapped_memory(ctx: Context) -> str:
     return f"SET_VRING_ADDR: {said}; kicked"
 
 
-@case("memfd-shrunk", "robustness",
-      "the front-end truncates its memfd to one page after SET_MEM_TABLE, then kicks a tx "
-      "buffer that lies past the new end (a SIGBUS for a back-end that touches it)",
-      "vhost-user.rst Memory access (the back-end maps what the front-end shares)")  # fmt: skip
-def memfd_shrunk(ctx: Context) -> str:
+def shrink_then_kick(ctx: Context, sealing: bool) -> str:
+    """Map 1 MiB, start the rings in page 0, truncate the memfd to that page, kick a tx
+    buffer at 128 KiB (past the new end: a SIGBUS for a back-end that touches it)."""
     s = ctx.session()
     s.negotiate()
-    g = ctx.guest(Guest([Region(0, 1 << 20)]))
+    g = ctx.guest(Guest([Region(0, 1 << 20, sealing=sealing)]))
     g.set_mem_table(s)
     rings = Rings(g, (0x0, 0x800), 0x10000, 1 << 16, num=16)  # both rings in page 0
     rings.setup(s)
     raw = RawRing(g, rings.addrs[TX])
     good_chain(raw, 0, 0x2_0000, 0)
-    os.ftruncate(g.regions[0].fd, 4096)  # from here on we touch only page 0
+    try:
+        os.ftruncate(g.regions[0].fd, 4096)  # from here on we touch only page 0
+        shrunk = "shrunk to 4 KiB"
+    except PermissionError:
+        shrunk = "ftruncate refused: the back-end sealed the memfd (F_SEAL_SHRINK)"
     raw.publish(0)
     os.eventfd_write(rings.kick[TX], 1)
     used = raw.wait_used(1, 1.0)
-    return f"used {used} of 1 chains" + (f" {raw.used(0)}" if used else "")
+    return f"{shrunk}; used {used} of 1 chains" + (f" {raw.used(0)}" if used else "")
+
+
+@case("memfd-shrunk", "robustness",
+      "the front-end truncates its memfd (made with MFD_ALLOW_SEALING, like QEMU's "
+      "memory-backend-memfd) to one page after SET_MEM_TABLE, then kicks a tx buffer past "
+      "the new end; a back-end that seals the memfd is immune",
+      "vhost-user.rst Memory access (the back-end maps what the front-end shares)")  # fmt: skip
+def memfd_shrunk(ctx: Context) -> str:
+    return shrink_then_kick(ctx, sealing=True)
+
+
+@case("memfd-shrunk-unsealable", "robustness",
+      "the same with a memfd that allows no seals (a hostile front-end's): only a back-end "
+      "that contains the SIGBUS (or never touches the page) survives",
+      "vhost-user.rst Memory access")  # fmt: skip
+def memfd_shrunk_unsealable(ctx: Context) -> str:
+    return shrink_then_kick(ctx, sealing=False)
 
 
 @case("frontend-stops-reading", "robustness",

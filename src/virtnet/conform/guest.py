@@ -62,9 +62,13 @@ class Region:
     gpa: int
     size: int
     offset: int = 0
+    # QEMU's memory-backend-memfd (seal=on) allows seals, so a back-end may add
+    # F_SEAL_SHRINK; a hostile front-end would not (memfd-shrunk-unsealable).
+    sealing: bool = True
 
     def open(self) -> None:
-        self.fd = os.memfd_create("virtnet-conform", os.MFD_CLOEXEC)
+        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if self.sealing else 0)
+        self.fd = os.memfd_create("virtnet-conform", flags)
         os.ftruncate(self.fd, self.offset + self.size)
         self.map = mmap.mmap(self.fd, self.offset + self.size, mmap.MAP_SHARED)
         anchor = ctypes.c_char.from_buffer(self.map)
