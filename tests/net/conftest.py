@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from virtnet.net.constants import PAGE_SIZE
+from virtnet.net.constants import MAX_SKB_FRAGS, PAGE_SIZE
 from virtnet.net.device import VirtnetDevice, scatter
 from virtnet.net.driver import VirtnetDriver
 from virtnet.net.features import GUEST_OFFLOADS, SUPPORTED, VirtioNetF
@@ -55,6 +55,7 @@ FEATURE_SETS: dict[str, int] = {
 STRATEGY_FEATURES: dict[str, int] = {
     "deferred": MRG,
     "prealloc": MRG,
+    "ewma": MRG,
     "big": BIG,
     "small": SMALL,
 }
@@ -66,6 +67,9 @@ ALL_CONFIGS: list[tuple[str, str]] = [
     ("prealloc", "mrg"),
     ("prealloc", "mrg-noindirect"),
     ("prealloc", "mrg-noeventidx"),
+    ("ewma", "mrg"),
+    ("ewma", "mrg-noindirect"),
+    ("ewma", "mrg-noeventidx"),
     ("big", "big"),
     ("big", "big-noindirect"),
     ("small", "small"),
@@ -84,6 +88,13 @@ def frame(n: int, seed: int = 0) -> bytes:
 def hdr(num_buffers: int = 0, **fields) -> bytes:
     """Raw virtio_net_hdr_mrg_rxbuf bytes, any field any value."""
     return VirtioNetHdr(num_buffers=num_buffers, **fields).pack()
+
+
+def frame_buf_limit(p: Pair) -> int:
+    """How many full buffers a packet may span before the driver drops it as "too
+    long": MAX_SKB_FRAGS frags for the seed's strategies; ewma bounds buffers (its
+    frags coalesce) at what the largest legal frame needs in its smallest buffers."""
+    return p.drv.rx.max_bufs if p.strategy == "ewma" else MAX_SKB_FRAGS
 
 
 def pages_for_frame(n: int) -> int:
@@ -207,9 +218,13 @@ def pair_factory() -> Iterator[Callable[..., Pair]]:
         assert p.drv.pool.outstanding == 0, f"{p.strategy}: pages lost after teardown"
 
 
-@pytest.fixture(params=["deferred", "prealloc"])
+MERGEABLE_STRATEGIES = ["deferred", "prealloc", "ewma"]
+
+
+@pytest.fixture(params=MERGEABLE_STRATEGIES)
 def mergeable(request, pair_factory) -> Pair:
-    """A filled pair for each mergeable strategy (the seed and the code it replaced)."""
+    """A filled pair for each mergeable strategy (the seed, the code it replaced, and
+    what came after it)."""
     return pair_factory(request.param, MRG)
 
 
@@ -252,6 +267,16 @@ class LyingDevice:
     def pending(self) -> int:
         return len(self.pair.dev._rx_cache) + self.q.avail_pending()
 
+    def sizes(self, n: int) -> list[int]:
+        """The writable lengths of the next ``n`` chains, left on the ring: a frame
+        that fills them exactly, whatever the strategy sizes its buffers at."""
+        chains = [self.pop() for _ in range(n)]
+        self.q.unpop(n)
+        return [c.in_len for c in chains]
+
+    def room(self, n: int) -> int:
+        return sum(self.sizes(n))
+
     @staticmethod
     def write(chain: Chain, data: bytes, offset: int = 0) -> None:
         """Raw bytes into the chain's writable space at ``offset``."""
@@ -293,9 +318,13 @@ class LyingDevice:
         with ``num_buffers`` written in the header (default: the truth) and ``lengths``
         as the used lengths (default: the bytes each chain got)."""
         total = MRG_HDR_LEN + len(data)
-        if nchains is None:
-            nchains = max(1, pages_for_frame(len(data)))
-        chains = [self.pop() for _ in range(nchains)]
+        if nchains is None:  # as many chains as it takes, whatever their sizes
+            chains = [self.pop()]
+            while sum(c.in_len for c in chains) < total:
+                chains.append(self.pop())
+            nchains = len(chains)
+        else:
+            chains = [self.pop() for _ in range(nchains)]
         base = VirtioNetHdr.unpack(vnet_hdr) if vnet_hdr is not None else VirtioNetHdr()
         base.num_buffers = nchains if num_buffers is None else num_buffers
         payload = base.pack() + data
@@ -316,6 +345,7 @@ __all__ = [
     "BIG",
     "FEATURE_SETS",
     "LyingDevice",
+    "MERGEABLE_STRATEGIES",
     "MRG",
     "NO_EVENT_IDX",
     "NO_INDIRECT",
@@ -327,6 +357,7 @@ __all__ = [
     "TX",
     "ZERO_HDR",
     "frame",
+    "frame_buf_limit",
     "hdr",
     "make_pair",
     "pages_for_frame",

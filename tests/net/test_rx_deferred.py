@@ -10,12 +10,14 @@ from __future__ import annotations
 import pytest
 
 from tests.net.conftest import (
+    MERGEABLE_STRATEGIES,
     MRG,
     NO_EVENT_IDX,
     STRATEGY_FEATURES,
     LyingDevice,
     Pair,
     frame,
+    frame_buf_limit,
     hdr,
     make_pair,
     pages_for_frame,
@@ -212,8 +214,9 @@ def test_num_buffers_beyond_what_the_device_returned_drops_the_partial_packet(
 ):
     # virtio_net.c: "rx error: %d buffers missing" → rx_length_errors, the packet dropped
     p = mergeable
-    LyingDevice(p).packet(frame(returned * PAGE_SIZE - MRG_HDR_LEN), num_buffers=promised,
-                          nchains=returned)  # fmt: skip
+    liar = LyingDevice(p)
+    liar.packet(frame(liar.room(returned) - MRG_HDR_LEN), num_buffers=promised,
+                nchains=returned)  # fmt: skip
     p.napi()
     st = p.drv.stats
     assert (st.rx_length_errors, st.rx_dropped, st.rx_packets) == (1, 1, 0)
@@ -239,7 +242,7 @@ def test_num_buffers_beyond_every_buffer_posted_is_named_at_once(mergeable):
 def test_num_buffers_zero_is_a_length_error(mergeable):
     # 5.1.6.4: num_buffers is at least 1; the seed's "while (--num_buffers)" would wrap.
     p = mergeable
-    LyingDevice(p).packet(frame(2000), num_buffers=0)
+    LyingDevice(p).packet(frame(1000), num_buffers=0)
     p.napi()
     st = p.drv.stats
     assert (st.rx_length_errors, st.rx_dropped, st.rx_packets) == (1, 1, 0)
@@ -248,10 +251,13 @@ def test_num_buffers_zero_is_a_length_error(mergeable):
 
 
 def test_max_skb_frags_buffers_is_still_one_packet(mergeable):
-    # MAX_SKB_FRAGS full pages: the first buffer's frag plus MAX_SKB_FRAGS - 1 more.
+    # MAX_SKB_FRAGS full pages: the first buffer's frag plus MAX_SKB_FRAGS - 1 more
+    # (ewma: as many full buffers as the largest legal frame can need).
     p = mergeable
-    data = frame(MAX_SKB_FRAGS * PAGE_SIZE - MRG_HDR_LEN)
-    LyingDevice(p).packet(data, nchains=MAX_SKB_FRAGS)
+    n = frame_buf_limit(p)
+    liar = LyingDevice(p)
+    data = frame(liar.room(n) - MRG_HDR_LEN)
+    liar.packet(data, nchains=n)
     p.napi()
     assert p.frames == [data]
     assert p.drv.stats.rx_length_errors == 0
@@ -260,8 +266,9 @@ def test_max_skb_frags_buffers_is_still_one_packet(mergeable):
 def test_more_than_max_skb_frags_buffers_is_dropped_whole(mergeable):
     # seed: "if (i >= MAX_SKB_FRAGS) { pr_debug("packet too long") ... goto drop; }"
     p = mergeable
-    n = MAX_SKB_FRAGS + 1
-    LyingDevice(p).packet(frame(n * PAGE_SIZE - MRG_HDR_LEN), nchains=n)
+    n = frame_buf_limit(p) + 1
+    liar = LyingDevice(p)
+    liar.packet(frame(liar.room(n) - MRG_HDR_LEN), nchains=n)
     p.napi()
     st = p.drv.stats
     assert (st.rx_length_errors, st.rx_dropped, st.rx_packets) == (1, 1, 0)
@@ -270,10 +277,11 @@ def test_more_than_max_skb_frags_buffers_is_dropped_whole(mergeable):
     honest_frame_after_lie_is_intact(p)
 
 
-def test_the_frag_limit_counts_frags_not_buffers(mergeable):
+@pytest.mark.parametrize("strategy", ["deferred", "prealloc"])  # ewma bounds buffers
+def test_the_frag_limit_counts_frags_not_buffers(pair_factory, strategy):
     # The seed checks nr_frags: a first buffer that fits GOOD_COPY_LEN adds no frag,
     # so MAX_SKB_FRAGS + 1 buffers still make a packet.
-    p = mergeable
+    p = pair_factory(strategy, MRG)
     n = MAX_SKB_FRAGS + 1
     small = frame(100)
     rest = frame((n - 1) * PAGE_SIZE, 1)
@@ -377,7 +385,7 @@ def test_a_refused_buffer_used_with_length_zero_is_a_short_packet(mergeable):
     honest_frame_after_lie_is_intact(p)
 
 
-@pytest.mark.parametrize("strategy", ["deferred", "prealloc"])
+@pytest.mark.parametrize("strategy", MERGEABLE_STRATEGIES)
 @pytest.mark.parametrize("lie", ["length", "id"])
 def test_a_bad_used_entry_among_a_packets_further_buffers_drops_the_packet(strategy, lie):
     # Same contract as for the first buffer: counted, the buffer recycled, poll goes on,
@@ -385,11 +393,12 @@ def test_a_bad_used_entry_among_a_packets_further_buffers_drops_the_packet(strat
     p = make_pair(strategy, MRG)
     liar = LyingDevice(p)
     if lie == "length":
-        liar.packet(frame(5000), lengths=[PAGE_SIZE, PAGE_SIZE + 1])
+        a, b = liar.sizes(2)
+        liar.packet(frame(a + 500 - MRG_HDR_LEN), lengths=[a, b + 1])
     else:
         first = liar.pop()
-        liar.write(first, hdr(2) + frame(PAGE_SIZE - MRG_HDR_LEN))
-        liar.used(first.head, PAGE_SIZE)
+        liar.write(first, hdr(2) + frame(first.in_len - MRG_HDR_LEN))
+        liar.used(first.head, first.in_len)
         liar.used(p.layout.queue_size + 1, 100)
         liar.flush()
     p.napi()
@@ -403,16 +412,18 @@ def test_a_bad_used_entry_among_a_packets_further_buffers_drops_the_packet(strat
     assert p.drv.pool.outstanding == 0
 
 
-@pytest.mark.parametrize("strategy", ["deferred", "prealloc"])
+@pytest.mark.parametrize("strategy", MERGEABLE_STRATEGIES)
 def test_a_first_buffer_with_a_bad_length_takes_its_whole_packet_with_it(strategy):
     # virtio_net.c receive_mergeable: "rx error: len %u exceeds truesize" → err_skb, and
     # mergeable_buf_free drains the num_buf - 1 buffers that belong to the packet.
     p = make_pair(strategy, MRG)
-    body = bytearray(frame(3 * PAGE_SIZE - MRG_HDR_LEN))
+    liar = LyingDevice(p)
+    sizes = liar.sizes(3)
+    body = bytearray(frame(sum(sizes) - MRG_HDR_LEN))
     for k in (1, 2):  # what a follower's first bytes would mean if read as a header
-        at = k * PAGE_SIZE - MRG_HDR_LEN + 10
+        at = sum(sizes[:k]) - MRG_HDR_LEN + 10
         body[at : at + 2] = b"\x01\x00"
-    LyingDevice(p).packet(bytes(body), lengths=[PAGE_SIZE + 1, PAGE_SIZE, PAGE_SIZE])
+    liar.packet(bytes(body), lengths=[sizes[0] + 1, *sizes[1:]])
     p.napi()
     assert p.frames == []  # no slice of the middle of a frame goes up as a packet
     assert p.drv.stats.rx_length_errors == 1

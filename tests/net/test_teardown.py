@@ -17,15 +17,17 @@ from hypothesis import strategies as st
 from tests.net.conftest import (
     ALL_CONFIGS,
     FEATURE_SETS,
+    MERGEABLE_STRATEGIES,
     MRG,
     STRATEGY_FEATURES,
     LyingDevice,
     Pair,
     frame,
+    frame_buf_limit,
     hdr,
     make_pair,
 )
-from virtnet.net.constants import ETH_HLEN, GOOD_COPY_LEN, MAX_PACKET_LEN, MAX_SKB_FRAGS, PAGE_SIZE
+from virtnet.net.constants import ETH_HLEN, GOOD_COPY_LEN, MAX_PACKET_LEN, PAGE_SIZE
 from virtnet.net.header import MRG_HDR_LEN
 from virtnet.net.skb import SkBuff
 
@@ -154,7 +156,7 @@ def lie(p: Pair, kind: str) -> bool:
     """Script one lie on the rx ring; False when the ring has too few buffers for it."""
     liar = LyingDevice(p)
     q = p.layout.queue_size
-    need = {"num_buffers_missing": 2, "too_many_frags": MAX_SKB_FRAGS + 1,
+    need = {"num_buffers_missing": 2, "too_many_frags": frame_buf_limit(p) + 1,
             "used_len_later": 2, "used_len_first_of_3": 3}.get(kind, 1)  # fmt: skip
     if kind != "unknown_id" and liar.pending() < need:
         return False
@@ -170,16 +172,19 @@ def lie(p: Pair, kind: str) -> bool:
         liar.write(chain, hdr(1) + data[:100])
         liar.used(chain.head, chain.in_len + 1)
     elif kind == "used_len_later":  # a bad length on a packet's second buffer
-        liar.packet(data[: 2 * PAGE_SIZE - MRG_HDR_LEN - 100], lengths=[PAGE_SIZE, PAGE_SIZE + 1])
+        a, b = liar.sizes(2)
+        liar.packet(data[: a + b - MRG_HDR_LEN - 100], lengths=[a, b + 1])
     elif kind == "used_len_first_of_3":  # a bad length on the first of three buffers
-        body = (LIE_MARK * 2100)[: 3 * PAGE_SIZE - MRG_HDR_LEN]
-        liar.packet(body, lengths=[PAGE_SIZE + 1, PAGE_SIZE, PAGE_SIZE])
+        sizes = liar.sizes(3)
+        body = (LIE_MARK * 2100)[: sum(sizes) - MRG_HDR_LEN]
+        liar.packet(body, lengths=[sizes[0] + 1, *sizes[1:]])
     elif kind == "num_buffers_missing":
-        liar.packet(data[: PAGE_SIZE - MRG_HDR_LEN], num_buffers=3, nchains=1)
+        liar.packet(data[: liar.room(1) - MRG_HDR_LEN], num_buffers=3, nchains=1)
     elif kind == "num_buffers_zero":
         liar.packet(data[:100], num_buffers=0)
     elif kind == "too_many_frags":
-        liar.packet((LIE_MARK * 14000)[: need * PAGE_SIZE - MRG_HDR_LEN], nchains=need)
+        body = (LIE_MARK * (liar.room(need) // len(LIE_MARK) + 1))[: liar.room(need) - MRG_HDR_LEN]
+        liar.packet(body, nchains=need)
     else:  # pragma: no cover
         raise ValueError(kind)
     liar.flush()
@@ -194,7 +199,7 @@ NONMERGEABLE_LIES = ["short", "zero_len", "unknown_id", "used_len_first"]
 
 
 def lies_for(strategy: str) -> list[str]:
-    return MERGEABLE_LIES if strategy in ("deferred", "prealloc") else NONMERGEABLE_LIES
+    return MERGEABLE_LIES if strategy in MERGEABLE_STRATEGIES else NONMERGEABLE_LIES
 
 
 @pytest.mark.parametrize(

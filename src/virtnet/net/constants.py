@@ -16,3 +16,17 @@ MAX_PACKET_LEN = ETH_HLEN + VLAN_HLEN + ETH_DATA_LEN
 MAX_GSO_FRAME = ETH_HLEN + VLAN_HLEN + 40 + 65535
 # NAPI's default weight.
 NAPI_POLL_WEIGHT = 64
+
+# The ewma strategy (virtio_net.c after the seed: "auto-tune mergeable rx buffer size"):
+# virtio_net.c GOOD_PACKET_LEN is MAX_PACKET_LEN under its later name, the floor of
+# an EWMA-sized buffer.
+GOOD_PACKET_LEN = MAX_PACKET_LEN
+# include/linux/ip.h: the largest IP packet (mergeable_min_buf_len with big_packets).
+IP_MAX_MTU = 0xFFFF
+# virtio_net.c: DECLARE_EWMA(pkt_len, 0, 64) — precision 0 bits, weight 1/64.
+EWMA_PKT_LEN_WEIGHT_RCP = 64
+# get_mergeable_buf_len: ALIGN(len, L1_CACHE_BYTES) (x86-64: 64).
+L1_CACHE_BYTES = 64
+# include/net/sock.h: SKB_FRAG_PAGE_ORDER = get_order(32768) — the page frag a
+# socket's (and virtio_net's rq->alloc_frag) buffers are carved from.
+SKB_FRAG_PAGE_ORDER = 3

@@ -74,11 +74,11 @@ class GuestLayout:
 def rx_strategy_for(features: int, wanted: str) -> str:
     """The strategy the negotiated features allow (virtnet_probe's choice).
 
-    ``deferred`` and ``prealloc`` need MRG_RXBUF; without it Linux picks big
+    ``deferred``, ``prealloc`` and ``ewma`` need MRG_RXBUF; without it Linux picks big
     buffers when the guest takes GSO, small ones otherwise.
     """
     if has(features, VirtioNetF.MRG_RXBUF):
-        return wanted if wanted in ("deferred", "prealloc") else "deferred"
+        return wanted if wanted in ("deferred", "prealloc", "ewma") else "deferred"
     if any(has(features, f) for f in (VirtioNetF.GUEST_TSO4, VirtioNetF.GUEST_TSO6)):
         return "big"
     return "small"

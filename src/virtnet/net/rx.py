@@ -20,13 +20,21 @@ from typing import TYPE_CHECKING, Any
 
 from virtnet.net.constants import (
     ETH_HLEN,
+    EWMA_PKT_LEN_WEIGHT_RCP,
     GOOD_COPY_LEN,
+    GOOD_PACKET_LEN,
+    IP_MAX_MTU,
+    L1_CACHE_BYTES,
+    MAX_GSO_FRAME,
     MAX_PACKET_LEN,
     MAX_SKB_FRAGS,
     PAGE_SIZE,
+    SKB_FRAG_PAGE_ORDER,
+    VLAN_HLEN,
 )
 from virtnet.net.header import NUM_BUFFERS, NUM_BUFFERS_OFFSET
 from virtnet.net.skb import Page, PageList, SkBuff
+from virtnet.net.xdp import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, XdpFrame, XdpHook, views_of
 from virtnet.virtio.errors import UsedIndexError, UsedRingError
 
 if TYPE_CHECKING:
@@ -45,6 +53,10 @@ class RxStrategy:
         self.pool = vi.pool
         self.skbs = vi.skbs
         self.hdr_len = vi.hdr_len
+        self.xdp: XdpHook | None = None
+        # A frame's further buffers already taken off the ring (the XDP path
+        # collects them before the program runs); _more_bufs yields these first.
+        self._pending: Any = None
 
     def descs_per_buf(self) -> int:
         return 1
@@ -121,6 +133,14 @@ class RxStrategy:
         """
         vi = self.vi
         next_used, stats = vi.next_used, self.stats
+        pending = self._pending
+        if pending is not None:  # XDP_PASS: the buffers were collected already
+            for _ in range(num_buf - 1):
+                got = next(pending, None)
+                if got is None:
+                    return
+                yield got
+            return
         for k in range(num_buf - 1):
             try:
                 got = next_used()
@@ -165,6 +185,93 @@ class RxStrategy:
 
     def _num_buffers(self, buf: Any) -> int:
         return 1
+
+    # -- the XDP hook (net/xdp.py): before any skb exists ------------------------------------
+
+    def attach_xdp(self, hook: XdpHook | None) -> None:
+        """Load (or, with None, unload) a program: every frame then goes through it."""
+        self.xdp = hook
+        if hook is None:
+            self.__dict__.pop("receive_buf", None)
+        else:
+            self.receive_buf = self.receive_buf_xdp  # what virtnet_poll calls
+
+    def xdp_segments(self, buf: Any, length: int, first: bool) -> list[tuple[Page, int, int]]:
+        """(page, offset, size) of the frame bytes ``buf`` holds (after the header)."""
+        raise NotImplementedError
+
+    def receive_buf_xdp(self, buf: Any, length: int) -> None:
+        """virtnet_xdp_handler's place in receive_small / receive_mergeable: the whole
+        frame's buffers are taken off the ring, the program runs on them, and only
+        PASS goes on to build an skb (the strategy's own receive_buf, fed the
+        collected buffers). Malformed frames take the strategy's own error paths."""
+        receive_buf = type(self).receive_buf
+        num_buf = self._num_buffers(buf) if self.mergeable and length >= self.hdr_len else 1
+        if length < self.hdr_len + ETH_HLEN or num_buf == 0:
+            receive_buf(self, buf, length)
+            return
+        bufs = [(buf, length), *self._more_bufs(num_buf)]
+        if len(bufs) < num_buf:  # "buffers missing": counted by _more_bufs
+            self.stats.rx_dropped += 1
+            self._xdp_release(bufs)
+            return
+        segments = self.xdp_segments(buf, length, True)
+        for b, n in bufs[1:]:
+            segments += self.xdp_segments(b, n, False)
+        act = self.xdp.run(views_of(segments))
+        if act == XDP_PASS:
+            self._pending = iter(bufs[1:])
+            try:
+                receive_buf(self, buf, length)
+            finally:
+                self._pending = None
+        elif act == XDP_TX:
+            self._xdp_tx(bufs, segments)
+        elif act == XDP_REDIRECT:
+            self._xdp_redirect(bufs, segments)
+        else:
+            if act == XDP_DROP:
+                self.stats.rx_xdp_drops += 1
+            else:
+                self.stats.rx_xdp_aborted += 1
+            self._xdp_release(bufs)
+
+    def _xdp_release(self, bufs: list[tuple[Any, int]]) -> None:
+        """The frame consumed without an skb: its buffers straight back to the lists."""
+        for b, _ in bufs:
+            self.free_unused_buf(b)
+
+    def _xdp_tx(self, bufs: list[tuple[Any, int]], segments: list) -> None:
+        frame = XdpFrame(self.hdr_len, segments, lambda: self._xdp_release(bufs))
+        if self.vi.start_xmit(frame):
+            self.stats.rx_xdp_tx += 1
+        else:  # tx ring full: virtnet_xdp_xmit fails, the frame is dropped
+            self.xdp.error("XDP_TX: tx ring full, frame dropped")
+            self.stats.rx_xdp_drops += 1
+            frame.free()
+
+    def _xdp_redirect(self, bufs: list[tuple[Any, int]], segments: list) -> None:
+        hook = self.xdp
+        views = views_of(segments)
+        try:
+            if hook.redirect is None:
+                hook.error("XDP_REDIRECT without a redirect target, frame dropped")
+                ok = False
+            else:
+                ok = bool(hook.redirect(views))
+        except Exception as e:  # noqa: BLE001 — a failing port drops its frame only
+            hook.error(f"XDP_REDIRECT target raised {type(e).__name__}: {e}; frame dropped")
+            ok = False
+        for v in views:
+            try:
+                v.release()
+            except BufferError:
+                hook.error("XDP_REDIRECT target kept an export of the frame's buffer")
+        if ok:
+            self.stats.rx_xdp_redirects += 1
+        else:
+            self.stats.rx_xdp_drops += 1
+        self._xdp_release(bufs)
 
 
 class DeferredRx(RxStrategy):
@@ -257,6 +364,7 @@ class DeferredRx(RxStrategy):
         # else: the page stays on its page_list entry — the small-packet win.
         self._to_freed(plist)
         if num_buf == 1:
+            stats.rx_truesize += PAGE_SIZE
             self.vi.deliver(skb)
             return
         if self._bad_num_buffers(num_buf):
@@ -280,6 +388,7 @@ class DeferredRx(RxStrategy):
         if got < num_buf:
             self._drop(skb)
             return
+        stats.rx_truesize += num_buf * PAGE_SIZE
         self.vi.deliver(skb)
 
     def _drain(self, num_buf: int) -> None:
@@ -297,6 +406,10 @@ class DeferredRx(RxStrategy):
     def _num_buffers(self, plist: PageList) -> int:
         return NUM_BUFFERS.unpack_from(plist.page.view, 10)[0]
 
+    def xdp_segments(self, plist: PageList, length: int, first: bool) -> list:
+        skip = self.hdr_len if first else 0
+        return [(plist.page, skip, length - skip)]
+
     def remove(self) -> None:
         """virtnet_remove: splice used_pages into freed_pages and free every page."""
         for plist in list(self.used_pages):
@@ -307,6 +420,250 @@ class DeferredRx(RxStrategy):
                 plist.page = None
         self.freed_pages = []
         self._freed_head = 0
+
+
+class EwmaPktLen:
+    """include/linux/average.h ``DECLARE_EWMA(pkt_len, 0, 64)``: precision 0,
+    weight 1/64; the first sample is taken as is (an internal value of 0 means empty)."""
+
+    __slots__ = ("internal",)
+    SHIFT = EWMA_PKT_LEN_WEIGHT_RCP.bit_length() - 1  # ilog2(weight_rcp)
+
+    def __init__(self) -> None:
+        self.internal = 0
+
+    def add(self, val: int) -> None:
+        i = self.internal
+        self.internal = (((i << self.SHIFT) - i) + val) >> self.SHIFT if i else val
+
+    def read(self) -> int:
+        return self.internal
+
+
+class MrgBuf:
+    """One posted mergeable buffer: ``len`` bytes at ``offset`` in a (compound)
+    page it holds a reference on — Linux's buf pointer plus its ctx (truesize).
+    Like the seed's ``page_list`` entry, it outlives its memory: ``page`` is None
+    once the bytes left in an skb, and the entry is reused for the next buffer."""
+
+    __slots__ = ("page", "offset", "len")
+
+    def __init__(self) -> None:
+        self.page: Page | None = None
+        self.offset = 0
+        self.len = 0
+
+
+class PageFrag:
+    """struct page_frag (rq->alloc_frag): the page buffers are carved from.
+
+    It holds one reference on ``page`` of its own; each buffer carved takes another.
+    """
+
+    __slots__ = ("page", "offset", "size")
+
+    def __init__(self) -> None:
+        self.page: Page | None = None
+        self.offset = 0
+        self.size = 0
+
+
+def mergeable_min_buf_len(hdr_len: int, rq_size: int) -> int:
+    """virtio_net.c mergeable_min_buf_len: small enough that a full ring still holds
+    the largest packet (IP_MAX_MTU with big_packets), never below GOOD_PACKET_LEN."""
+    buf_len = hdr_len + ETH_HLEN + VLAN_HLEN + IP_MAX_MTU
+    min_buf_len = -(-buf_len // rq_size)
+    return max(max(min_buf_len, hdr_len) - hdr_len, GOOD_PACKET_LEN)
+
+
+class EwmaRx(DeferredRx):
+    """What came after the seed (virtio_net.c, 2013-14, "auto-tune mergeable rx
+    buffer size" and "use skb_page_frag_refill"): mergeable buffers sized by an
+    EWMA of received packet lengths and carved back to back from 32 KiB compound
+    pages, so a 1500-byte packet ties up ~1.5 KiB instead of a 4 KiB page.
+
+    The seed's two lists stay (same names, entries are ``MrgBuf``): ``used_pages``
+    holds every posted buffer so ``remove`` finds it, ``freed_pages`` the entries
+    whose buffer came back without going up the stack (copied whole, errors, XDP
+    drops) — reused as they are while their size still fits the average.
+    """
+
+    name = "ewma"
+
+    def __init__(self, vi: VirtnetDriver) -> None:
+        super().__init__(vi)
+        self.avg_pkt_len = EwmaPktLen()  # rq->mrg_avg_pkt_len
+        self.min_buf_len = mergeable_min_buf_len(self.hdr_len, vi.rvq.num)
+        self.alloc_frag = PageFrag()
+        # Linux chains a frag_list skb past MAX_SKB_FRAGS; an SkBuff has no frag
+        # list, so the bound is on buffers: the most the largest legal frame can
+        # span in the smallest buffer this ring ever posts. More is a lie.
+        self.max_bufs = -(-(self.hdr_len + MAX_GSO_FRAME) // self._buf_len(0))
+
+    # -- get_mergeable_buf_len / add_recvbuf_mergeable ----------------------------------
+
+    def _buf_len(self, avg: int) -> int:
+        hdr_len = self.hdr_len
+        n = hdr_len + min(max(avg, self.min_buf_len), PAGE_SIZE - hdr_len)  # clamp_t
+        return (n + L1_CACHE_BYTES - 1) & -L1_CACHE_BYTES  # ALIGN(len, L1_CACHE_BYTES)
+
+    def get_mergeable_buf_len(self) -> int:
+        return self._buf_len(self.avg_pkt_len.internal)
+
+    def page_frag_refill(self, sz: int) -> bool:
+        """skb_page_frag_refill: room for ``sz`` bytes in ``alloc_frag``, or a new page
+        (a 32 KiB compound one, an order-0 page when none is left)."""
+        frag, pool = self.alloc_frag, self.pool
+        page = frag.page
+        if page is not None:
+            if page.refs == 1:  # every buffer carved from it came back: start over
+                if frag.offset:
+                    self.stats.page_reuses += 1
+                frag.offset = 0
+                return True
+            if frag.offset + sz <= frag.size:
+                return True
+            pool.put_page(page)
+        frag.offset = 0
+        page = pool.alloc_pages(SKB_FRAG_PAGE_ORDER) or pool.alloc_page()
+        frag.page = page
+        if page is None:
+            return False
+        frag.size = PAGE_SIZE << page.order
+        return True
+
+    def carve(self, buf: MrgBuf, length: int) -> bool:
+        """add_recvbuf_mergeable's allocation: ``length`` bytes of alloc_frag, plus
+        the hole at the end when another buffer would not fit there."""
+        if not self.page_frag_refill(length):
+            return False
+        frag = self.alloc_frag
+        self.pool.get_page(frag.page)
+        buf.page, buf.offset = frag.page, frag.offset
+        frag.offset += length
+        hole = frag.size - frag.offset
+        if hole < length:  # "add the remaining space to the current buffer"
+            length += hole
+            frag.offset += hole
+        buf.len = length
+        return True
+
+    def get_a_free_buf(self) -> MrgBuf | None:
+        """get_a_free_page for sized buffers: a freed entry's buffer is reused while
+        its length is in the size class the average asks for, else released."""
+        want = self.get_mergeable_buf_len()
+        freed = self.freed_pages
+        if self._freed_head == len(freed):
+            buf = MrgBuf()
+            freed.append(buf)
+        else:
+            buf = freed[self._freed_head]
+        if buf.page is not None:
+            if want <= buf.len < 2 * want:
+                self.stats.page_reuses += 1
+            else:
+                self.pool.put_page(buf.page)
+                buf.page = None
+        if buf.page is None and not self.carve(buf, want):
+            return None
+        self._freed_head += 1
+        self.used_pages[buf] = None
+        return buf
+
+    def add_recvbuf(self) -> bool:
+        return self.add_recvbufs(1) == 1
+
+    def add_recvbufs(self, n: int) -> int:
+        bufs = []
+        get_a_free_buf = self.get_a_free_buf
+        for _ in range(n):
+            buf = get_a_free_buf()
+            if buf is None:
+                break
+            bufs.append((buf.page.gpa + buf.offset, buf.len, buf))
+        return self.vi.rvq.add_inbufs(bufs)
+
+    # -- receive_mergeable --------------------------------------------------------------
+
+    def receive_buf(self, buf: MrgBuf, length: int) -> None:
+        if self._short(length):
+            self._to_freed(buf)
+            return
+        stats, hdr_len = self.stats, self.hdr_len
+        page, off = buf.page, buf.offset
+        view = page.view
+        num_buf = NUM_BUFFERS.unpack_from(view, off + 10)[0]
+        skb = self.skbs.alloc(GOOD_COPY_LEN)
+        if skb is None:
+            stats.rx_dropped += 1
+            self._to_freed(buf)
+            self._drain(num_buf)
+            return
+        skb.vnet_hdr = bytes(view[off : off + hdr_len])
+        truesize = buf.len
+        length -= hdr_len
+        copy = self._copy_head(skb, view, off + hdr_len, length)
+        length -= copy
+        if length:
+            skb.add_frag(page, off + hdr_len + copy, length)
+            buf.page = None  # its reference goes with the frag
+        self._to_freed(buf)
+        if self._bad_num_buffers(num_buf):
+            self._drop(skb)
+            return
+        got = 1
+        frags = skb.frags
+        for buf, length in self._more_bufs(num_buf):
+            got += 1
+            if got > self.max_bufs:
+                stats.rx_length_errors += 1  # "packet too long"
+                self.vi.faults.report("num_buffers_big", f"vq {self.vi.rvq.index}: packet too "
+                                      f"long: num_buffers {num_buf} > {self.max_bufs} buffers")  # fmt: skip
+                self._to_freed(buf)
+                self._drain(num_buf - got + 1)
+                self._drop(skb)
+                return
+            truesize += buf.len
+            page, off = buf.page, buf.offset
+            last = frags[-1] if frags else None
+            if last is not None and last[0] is page and last[1] + last[2] == off:
+                # skb_can_coalesce: the buffer continues the last frag in the same page
+                frags[-1] = (page, last[1], last[2] + length)
+                skb.data_len += length
+                skb.len += length
+                self.pool.put_page(page)  # the frag already holds one reference
+            else:
+                skb.add_frag(page, off, length)
+            buf.page = None
+            self._to_freed(buf)
+        if got < num_buf:
+            self._drop(skb)
+            return
+        stats.rx_truesize += truesize
+        self.avg_pkt_len.add(skb.len)  # ewma_pkt_len_add(&rq->mrg_avg_pkt_len, head_skb->len)
+        self.vi.deliver(skb)
+
+    def _num_buffers(self, buf: MrgBuf) -> int:
+        return NUM_BUFFERS.unpack_from(buf.page.view, buf.offset + 10)[0]
+
+    def xdp_segments(self, buf: MrgBuf, length: int, first: bool) -> list:
+        skip = self.hdr_len if first else 0
+        return [(buf.page, buf.offset + skip, length - skip)]
+
+    def remove(self) -> None:
+        """virtnet_remove: every buffer's reference, then alloc_frag's own, put back."""
+        for buf in list(self.used_pages):
+            self._to_freed(buf)
+        for buf in self.freed_pages[self._freed_head :]:
+            if buf.page is not None:
+                self.pool.put_page(buf.page)
+                buf.page = None
+        self.freed_pages = []
+        self._freed_head = 0
+        frag = self.alloc_frag
+        if frag.page is not None:
+            self.pool.put_page(frag.page)
+            frag.page = None
 
 
 class PreallocRx(RxStrategy):
@@ -369,6 +726,7 @@ class PreallocRx(RxStrategy):
         else:
             self.give_a_page(page)
         if num_buf == 1:
+            self.stats.rx_truesize += PAGE_SIZE
             self.vi.deliver(skb)
             return
         if self._bad_num_buffers(num_buf):
@@ -394,6 +752,7 @@ class PreallocRx(RxStrategy):
         if got < num_buf:
             self._drop(skb)
             return
+        self.stats.rx_truesize += num_buf * PAGE_SIZE
         self.vi.deliver(skb)
 
     def _recycle(self, skb: SkBuff) -> None:
@@ -413,6 +772,10 @@ class PreallocRx(RxStrategy):
 
     def _num_buffers(self, skb: SkBuff) -> int:
         return NUM_BUFFERS.unpack_from(skb.frags[0][0].view, 10)[0]
+
+    def xdp_segments(self, skb: SkBuff, length: int, first: bool) -> list:
+        skip = self.hdr_len if first else 0
+        return [(skb.frags[0][0], skip, length - skip)]
 
     def remove(self) -> None:
         for page in self.pages:
@@ -452,6 +815,7 @@ class SmallRx(DeferredRx):
             skb.add_frag(page, self.hdr_len + copy, length - copy)
             plist.page = None
         self._to_freed(plist)
+        self.stats.rx_truesize += PAGE_SIZE
         self.vi.deliver(skb)
 
 
@@ -508,7 +872,19 @@ class BigRx(DeferredRx):
             length -= size
             offset = 0
         self._release(plists)
+        self.stats.rx_truesize += len(plists) * PAGE_SIZE
         self.vi.deliver(skb)
+
+    def xdp_segments(self, plists: list[PageList], length: int, first: bool) -> list:
+        out, offset = [], self.hdr_len
+        for plist in plists:
+            if length <= offset:
+                break
+            size = min(length, PAGE_SIZE) - offset
+            out.append((plist.page, offset, size))
+            length -= offset + size
+            offset = 0
+        return out
 
     def _release(self, plists: list[PageList]) -> None:
         for plist in plists:
@@ -519,5 +895,5 @@ class BigRx(DeferredRx):
 
 
 STRATEGIES: dict[str, type[RxStrategy]] = {
-    cls.name: cls for cls in (DeferredRx, PreallocRx, BigRx, SmallRx)
+    cls.name: cls for cls in (DeferredRx, PreallocRx, EwmaRx, BigRx, SmallRx)
 }

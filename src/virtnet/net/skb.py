@@ -180,6 +180,10 @@ class PagePool:
         self.stats.page_frees += 1
         self.stats.pages_outstanding -= 1
 
+    def get_page(self, page: Page) -> None:
+        """get_page: one more owner (a buffer or frag carved from a shared page)."""
+        page.refs += 1
+
     def put_page(self, page: Page) -> None:
         """Drop one reference; the last one frees the page (put_page)."""
         page.refs -= 1

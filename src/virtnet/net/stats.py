@@ -28,6 +28,17 @@ DRIVER_STATS = (
     "page_frees",
     "page_reuses",
     "pages_outstanding",
+    # Bytes of rx buffer memory the delivered packets came in (Linux's truesize of
+    # their buffers): per rx_bytes, what a strategy's buffer sizing costs.
+    "rx_truesize",
+    # The XDP hook (net/xdp.py), ethtool -S names of virtio_net's per-queue stats:
+    # frames run through the program and what it decided (aborted: the program
+    # raised, returned an unknown verdict or kept a reference to the buffer).
+    "rx_xdp_packets",
+    "rx_xdp_drops",
+    "rx_xdp_tx",
+    "rx_xdp_redirects",
+    "rx_xdp_aborted",
     *FAULT_STATS,
 )
 
