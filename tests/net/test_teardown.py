@@ -278,10 +278,18 @@ def ops_for(strategy: str):
     )
 
 
-def run_scenario(strategy: str, features: int, ops, skb_fails, page_fails, hold) -> None:
+def run_scenario(
+    strategy: str, features: int, ops, skb_fails, page_fails, hold, xdp=None
+) -> None:
     p = make_pair(strategy, features, queue_size=32, npages=1024, hold=hold)
     p.drv.skbs.fail = nth_calls(skb_fails)
     p.drv.pool.fail = nth_calls(page_fails)
+    redirected: list[bytes] = []
+    if xdp is not None:  # a program in the path (test_xdp.py): whatever it answers
+        from virtnet.net.xdp import XdpHook
+
+        port = lambda views: redirected.append(b"".join(views)) or True  # noqa: E731
+        p.drv.rx.attach_xdp(XdpHook(xdp, p.drv.stats, redirect=port))
     sent: dict[int, bytes] = {}
     tx_sent: list[bytes] = []
     host: list[bytes] = []
@@ -328,6 +336,11 @@ def run_scenario(strategy: str, features: int, ops, skb_fails, page_fails, hold)
         assert data == sent[s]
         last = s
     assert p.drv.stats.rx_packets == len(p.frames)
+    if xdp is not None:  # XDP_TX sends rx frames back: each intact, none torn
+        for data in host + redirected:
+            if data[:6] == MARK and int.from_bytes(data[6:10], "little") < 10_000:
+                assert data == sent[int.from_bytes(data[6:10], "little")]
+        host = [h for h in host if h[:6] == MARK and int.from_bytes(h[6:10], "little") >= 10_000]
     assert host == tx_sent[: len(host)]
     stats = p.drv.stats
     event(f"driver dropped: {stats.rx_dropped > 0}, device dropped: {p.dev.stats.rx_dropped > 0}")

@@ -127,14 +127,17 @@ class XdpHook:
         else:
             problem = None
         del frags
-        after = [sys.getrefcount(x) for x in (*views, *mbufs)]
-        if problem is None and after != before:
-            problem = "kept a reference to the frame's buffer after returning"
+        kept = [sys.getrefcount(x) for x in (*views, *mbufs)] != before
+        exported = False
         for v in views:
             try:
                 v.release()
             except BufferError:
-                problem = problem or "kept an export of the frame's buffer (e.g. frombuffer)"
+                exported = True
+        if problem is None and exported:
+            problem = "kept an export of the frame's buffer (numpy.frombuffer, ctypes from_buffer)"
+        elif problem is None and kept:
+            problem = "kept a reference to the frame's buffer after returning"
         if problem is None:
             try:
                 act = XdpAction(act)
