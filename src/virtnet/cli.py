@@ -56,10 +56,16 @@ def _add_bench(sub) -> None:
         "a run that drops or corrupts data reports an error, not a speed.",
     )
     p.add_argument("--strategies", type=_str_list(tuple(STRATEGIES)),
-                   default=["prealloc", "deferred"],
-                   help="rx strategies to compare (default: prealloc,deferred)")  # fmt: skip
-    p.add_argument("--directions", type=_str_list(DIRECTIONS), default=list(DIRECTIONS),
-                   help="host-to-guest (device fills rx), guest-to-host (driver tx)")  # fmt: skip
+                   default=["prealloc", "deferred", "ewma"],
+                   help="rx strategies to compare (default: prealloc,deferred,ewma — "
+                        "before the seed, the seed, what came after it)")  # fmt: skip
+    p.add_argument("--directions", type=_str_list(DIRECTIONS), default=None,
+                   help="host-to-guest (device fills rx), guest-to-host (driver tx) "
+                        "(default: both; host-to-guest with --xdp)")  # fmt: skip
+    p.add_argument("--xdp", choices=("drop", "pass", "tx"), default=None,
+                   help="run an XDP program on the driver's rx before any skb: drop "
+                        "(counted, not delivered), pass (delivered as usual), tx (sent "
+                        "back to the host, which checks every byte); host-to-guest")  # fmt: skip
     p.add_argument("--payloads", type=_int_list, default=[64, 1500, 65536],
                    help="frame sizes in bytes after the virtio-net header "
                         "(default: 64,1500,65536; 65536 = a TSO frame)")  # fmt: skip
@@ -158,6 +164,12 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
         p.add_argument("--features-off", type=_feature_bits, default=0, metavar="NAMES",
                        help="feature bits not to ack, e.g. MRG_RXBUF (big buffers) or "
                             "MRG_RXBUF,GUEST_TSO4,GUEST_TSO6 (small ones)")  # fmt: skip
+        p.add_argument("--xdp", metavar="MODULE:FUNCTION",
+                       help="run FUNCTION(data, frags) -> XDP action on every received "
+                            "frame before any skb (PASS 2, DROP 1, TX 3, REDIRECT 4 to the "
+                            "backend, ABORTED 0); MODULE is imported with the current "
+                            "directory on sys.path, or given as path/to/file.py; "
+                            "built-ins: drop, pass, tx")  # fmt: skip
 
 
 def _coalesce(text: str) -> dict[str, int]:
@@ -280,11 +292,22 @@ def cmd_bench(args) -> int:
     if args.seconds <= 0 or args.runs < 1:
         print("virtnet bench: --seconds must be > 0 and --runs >= 1", file=sys.stderr)
         return 2
+    if args.directions is None:
+        args.directions = ["host-to-guest"] if args.xdp else ["host-to-guest", "guest-to-host"]
+    if args.xdp and args.directions != ["host-to-guest"]:
+        print("virtnet bench: --xdp measures the receive path: --directions host-to-guest",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.xdp == "drop" and args.packets:
+        print("virtnet bench: --packets counts frames a sink received; --xdp drop has none",
+              file=sys.stderr)  # fmt: skip
+        return 2
     packets = args.packets or 0
     try:
         groups = [
             [
-                Case(s, d, p, seconds=args.seconds, queue_size=args.queue_size, packets=packets)
+                Case(s, d, p, seconds=args.seconds, queue_size=args.queue_size, packets=packets,
+                     xdp=args.xdp)  # fmt: skip
                 for _ in range(args.runs)
                 for s in args.strategies
             ]
@@ -519,8 +542,15 @@ def cmd_vhost_user(args) -> int:
             return 2
         result = server.serve(args.seconds)
     else:
+        from virtnet.net.xdp import XdpHook, XdpLoadError, load_program
         from virtnet.vhost_user.errors import VhostUserProtocolError
         from virtnet.vhost_user.frontend import DriverClient, FrontendError
+
+        try:
+            xdp_prog = load_program(args.xdp) if args.xdp else None
+        except XdpLoadError as e:
+            print(f"virtnet driver: {e}", file=sys.stderr)
+            return 2
 
         try:
             from virtnet.net.features import SUPPORTED
@@ -535,6 +565,9 @@ def cmd_vhost_user(args) -> int:
             return 2
         try:
             client.setup()
+            if xdp_prog is not None:
+                client.drv.rx.attach_xdp(XdpHook(xdp_prog, client.drv.stats, name=args.xdp,
+                                                 redirect=backend.xdp_redirect))  # fmt: skip
             if args.pcap:
                 from virtnet.ports.pcap import PcapWriter
 

@@ -33,7 +33,8 @@ SMALL = BIG & ~GUEST_OFFLOADS
 
 SECONDS = 0.2
 # (strategy, features): the seed's A/B plus the two non-mergeable paths.
-STRATEGIES = [("deferred", SUPPORTED), ("prealloc", SUPPORTED), ("big", BIG), ("small", SMALL)]
+STRATEGIES = [("deferred", SUPPORTED), ("prealloc", SUPPORTED), ("ewma", SUPPORTED), ("big", BIG),
+              ("small", SMALL)]  # fmt: skip
 RESULT_KEYS = {"mode", "strategy", "direction", "payload", "seconds", "packets", "bytes",
                "gbps", "pps", "driver_stats", "device_stats"}  # fmt: skip
 
@@ -97,7 +98,7 @@ def test_make_pair_builds_the_strategy_the_features_allow():
     for strategy, features in STRATEGIES:
         drv, dev = make_pair(tiny(strategy, features, HOST_TO_GUEST), lambda skb: skb.free())
         assert drv.strategy == strategy
-        assert dev.mergeable == (strategy in ("deferred", "prealloc"))
+        assert dev.mergeable == (strategy in ("deferred", "prealloc", "ewma"))
         drv.remove()
 
 
@@ -148,3 +149,52 @@ def test_the_cli_runs_a_count_based_bench_and_writes_exact_counts(tmp_path):
     assert rc == 0
     results = json.loads(out.read_text())["results"]
     assert len(results) == 4 and all(r["packets"] == 40 for r in results)
+
+
+def test_ewma_ties_up_less_buffer_memory_per_packet_than_the_seed():
+    seed = run_case(tiny("deferred", SUPPORTED, HOST_TO_GUEST, 1500))["driver_stats"]
+    ewma = run_case(tiny("ewma", SUPPORTED, HOST_TO_GUEST, 1500))["driver_stats"]
+    assert seed["rx_truesize"] == seed["rx_bufs"] * 4096
+    assert ewma["rx_truesize"] / ewma["rx_packets"] < seed["rx_truesize"] / seed["rx_packets"] / 2
+
+
+# -- --xdp drop|pass|tx -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("xdp", ["drop", "pass", "tx"])
+@pytest.mark.parametrize(("strategy", "features"), STRATEGIES, ids=[s for s, _ in STRATEGIES])
+def test_xdp_cases_run_intact_and_give_every_page_back(strategy, features, xdp):
+    case = Case(strategy, HOST_TO_GUEST, 1514, seconds=SECONDS, queue_size=64,
+                features=features, xdp=xdp)  # fmt: skip
+    result = run_case(case)
+    drv = result["driver_stats"]
+    assert result["xdp"] == xdp and result["packets"] > 0
+    integrity = result["integrity"]
+    assert (integrity["corrupt"], integrity["lost"], integrity["reordered"]) == (0, 0, 0)
+    assert drv["pages_outstanding"] == 0 and drv["rx_xdp_aborted"] == 0
+    assert drv["rx_xdp_packets"] == _frames(drv)
+    if xdp == "drop":
+        assert drv["rx_xdp_drops"] == result["packets"] and drv["rx_packets"] == 0
+        if strategy != "prealloc":  # no skb for a dropped frame
+            assert drv["skb_allocs"] == 0
+    elif xdp == "tx":  # every frame went back to the host, which checked it
+        assert drv["rx_xdp_tx"] == result["packets"] == result["device_stats"]["tx_packets"]
+    else:
+        assert drv["rx_packets"] == result["packets"]
+
+
+def _frames(drv: dict) -> int:
+    return drv["rx_packets"] + drv["rx_xdp_drops"] + drv["rx_xdp_tx"] + drv["rx_xdp_aborted"]
+
+
+def test_xdp_drop_at_64_bytes_allocates_nothing_per_packet():
+    for strategy in ("deferred", "ewma"):
+        run = EmbeddedRun(Case(strategy, HOST_TO_GUEST, 64, queue_size=64, xdp="drop"))
+        st = run.drv.stats
+        posted = (st.skb_allocs, st.page_allocs)  # what probe allocated for the ring
+        for _ in range(20):
+            run.step()
+        assert st.rx_xdp_drops >= 20 * 32  # many trips round the ring
+        assert (st.skb_allocs, st.page_allocs) == posted
+        run.finish()
+        assert run.drv.pool.outstanding == 0

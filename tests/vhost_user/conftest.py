@@ -193,7 +193,7 @@ def driver_argv(
 
 def run_driver(
     tmp_path: Path, dev: DeviceProcess, backend: str, *, strategy: str = "deferred",
-    seconds: float = 1.0, extra: tuple[str, ...] = (), name: str = "drv",
+    seconds: float = 1.0, extra: tuple[str, ...] = (), name: str = "drv", cwd=None,
 ) -> DriverRun:  # fmt: skip
     """Run ``virtnet driver`` against ``dev`` to its end; it must exit 0 and write JSON."""
     json_path = tmp_path / f"{name}.json"
@@ -201,7 +201,7 @@ def run_driver(
                        seconds=seconds, extra=extra)  # fmt: skip
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=seconds + DRIVER_SLACK)  # fmt: skip
+                              timeout=seconds + DRIVER_SLACK, cwd=cwd)  # fmt: skip
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"virtnet driver did not finish: {e}\ndevice:\n{dev.stderr()}")
     assert done.returncode == 0, (

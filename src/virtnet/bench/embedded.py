@@ -20,6 +20,8 @@ from virtnet.net.constants import NAPI_POLL_WEIGHT
 from virtnet.net.features import SUPPORTED
 from virtnet.net.guest import GuestLayout, build_device, build_driver
 from virtnet.net.skb import SkBuff
+from virtnet.net.xdp import BUILTIN as XDP_BUILTIN
+from virtnet.net.xdp import XdpHook
 from virtnet.ports.backends import GenDriver, strip_hdr
 from virtnet.ports.synthetic import ACK_FRAME, FrameGen, FrameSink
 from virtnet.virtio.memory import GuestMemory
@@ -40,9 +42,11 @@ class Case:
     queue_size: int = 256
     features: int = SUPPORTED
     packets: int = 0  # > 0: run until the sink has exactly this many frames, not seconds
+    xdp: str | None = None  # a built-in XDP program on the driver's rx (net/xdp.py)
 
     def label(self) -> str:
-        return f"{self.strategy} {self.direction} {self.payload}B"
+        xdp = f" xdp:{self.xdp}" if self.xdp else ""
+        return f"{self.strategy} {self.direction} {self.payload}B{xdp}"
 
 
 def make_pair(case: Case, netif_receive_skb: Callable[[SkBuff], None]):
@@ -67,7 +71,12 @@ class EmbeddedRun:
         self.acks = FrameGen(ACK_FRAME)
         self.sender = GenDriver(case.payload)  # the guest's stack, when it transmits
         self.sent = 0
-        self.sink = self.rx_sink if case.direction == HOST_TO_GUEST else self.tx_sink
+        # Where the measured frames end up (XDP_TX: back at the host).
+        h2g = case.direction == HOST_TO_GUEST and case.xdp != "tx"
+        self.sink = self.rx_sink if h2g else self.tx_sink
+        if case.xdp:
+            hook = XdpHook(XDP_BUILTIN[case.xdp], self.drv.stats, name=case.xdp)
+            self.drv.rx.attach_xdp(hook)
         self.drv.try_fill_recv()
         self.step = self.host_to_guest if case.direction == HOST_TO_GUEST else self.guest_to_host
 
@@ -104,6 +113,14 @@ class EmbeddedRun:
             gen.advance()
         dev.flush_rx()
         self.napi()
+        if self.case.xdp == "tx":  # the frames XDP_TX sent back: the host checks them
+            dev.process_tx(self._xdp_returned, budget=self.case.queue_size)
+            dev.flush_tx()
+            self.drv.free_old_xmit_skbs()
+
+    def _xdp_returned(self, views: list[memoryview], frame_len: int) -> bool:
+        self.tx_sink.receive(strip_hdr(views, self.dev.hdr_len))
+        return True
 
     def guest_to_host(self) -> None:
         drv, dev = self.drv, self.dev
@@ -125,6 +142,20 @@ class EmbeddedRun:
             self.dev.receive_packet(acks.peek(), acks.hdr)
             acks.advance()
         return True
+
+    def result_sink(self) -> FrameSink:
+        """Where the measured frames end up: the guest's stack, or with XDP_TX the
+        host (frames sent back), or with XDP_DROP nowhere (counted, not verifiable)."""
+        if self.case.direction != HOST_TO_GUEST:
+            return self.tx_sink
+        if self.case.xdp == "tx":
+            return self.tx_sink
+        if self.case.xdp == "drop":
+            dropped = FrameSink()
+            dropped.stats.packets = self.drv.stats.rx_xdp_drops
+            dropped.stats.bytes = dropped.stats.packets * self.case.payload
+            return dropped
+        return self.rx_sink
 
     def finish(self) -> None:
         """Let the device finish what is in flight, then tear both sides down."""
@@ -197,8 +228,7 @@ def run_interleaved(
     out = []
     for i, run in enumerate(runs):
         run.finish()
-        case = run.case
-        rec = result_record(case, "embedded", wall[i], run.sink, run)
+        rec = result_record(run.case, "embedded", wall[i], run.result_sink(), run)
         rec["cpu_seconds"] = round(cpu[i], 4)
         out.append(rec)
     return out
@@ -221,6 +251,7 @@ def result_record(case: Case, mode: str, elapsed: float, sink: FrameSink, run) -
         "integrity": {"corrupt": st.corrupt, "lost": st.lost, "reordered": st.reordered,
                       "foreign": st.foreign, "messages": st.errors},  # fmt: skip
         "acks": run.rx_sink.stats.packets if case.direction == GUEST_TO_HOST else 0,
+        "xdp": case.xdp,
         "driver_stats": run.drv.stats.as_dict(),
         "device_stats": run.dev.stats.as_dict(),
     }

@@ -10,8 +10,10 @@ from rich.table import Table
 
 from virtnet.bench.ping import rtt_text
 
-# The seed's two columns: "w/o patch" is the pre-patch code, "w/i patch" the seed.
-BASELINE, PATCHED = "prealloc", "deferred"
+# The seed's two columns: "w/o patch" is the pre-patch code, "w/i patch" the seed;
+# "ewma" is what virtio_net grew after it (EWMA-sized buffers from page frags).
+BASELINE, PATCHED, SUCCESSOR = "prealloc", "deferred", "ewma"
+LINEAGE = (BASELINE, PATCHED, SUCCESSOR)
 # What a sink counts against its stream; any of them non-zero fails the run.
 INTEGRITY_COUNTS = ("corrupt", "lost", "reordered", "foreign")
 SEED_LABEL = {"guest-to-host": "guest to host", "host-to-guest": "host to guest"}
@@ -35,7 +37,26 @@ def _per_pkt(rs: list[dict], stat: str) -> str:
 
 
 def _strategies(results: list[dict]) -> list[str]:
-    return sorted({r["strategy"] for r in results}, key=lambda s: (s != BASELINE, s))
+    order = {s: i for i, s in enumerate(LINEAGE)}
+    return sorted({r["strategy"] for r in results}, key=lambda s: (order.get(s, len(order)), s))
+
+
+def _rx_frames(r: dict) -> int:
+    """Frames the driver took off its rx ring: delivered, or consumed by XDP."""
+    st = r["driver_stats"]
+    return st.get("rx_packets", 0) + sum(
+        st.get(k, 0) for k in ("rx_xdp_drops", "rx_xdp_tx", "rx_xdp_redirects", "rx_xdp_aborted")
+    )
+
+
+def _rx_per_frame(rs: list[dict], stat: str, per: str = "frames") -> str:
+    """An rx counter per frame taken off the ring (or per packet delivered)."""
+    n = sum(r["driver_stats"].get(stat, 0) for r in rs)
+    if per == "frames":
+        d = sum(_rx_frames(r) for r in rs)
+    else:
+        d = sum(r["driver_stats"].get("rx_packets", 0) for r in rs)
+    return f"{n / d:,.2f}" if d else "-"
 
 
 def _avg(rs: list[dict], key: str) -> float:
@@ -55,12 +76,19 @@ def seed_table(results: list[dict], title: str) -> Table:
     both = BASELINE in strategies and PATCHED in strategies
     if both:
         table.add_column("w/i / w/o", justify="right")
+    after = PATCHED in strategies and SUCCESSOR in strategies
+    if after:
+        table.add_column("ewma / w/i", justify="right")
     for direction, payload in sorted({(r["direction"], r["payload"]) for r in results}):
         row = [SEED_LABEL.get(direction, direction), f"{payload}B"]
         row += [_mbps(by.get((direction, payload, s), [])) or "-" for s in strategies]
         if both:
             a = _avg(by.get((direction, payload, BASELINE), []), "gbps")
             b = _avg(by.get((direction, payload, PATCHED), []), "gbps")
+            row.append(f"{b / a:.2f}x" if a and b else "-")
+        if after:
+            a = _avg(by.get((direction, payload, PATCHED), []), "gbps")
+            b = _avg(by.get((direction, payload, SUCCESSOR), []), "gbps")
             row.append(f"{b / a:.2f}x" if a and b else "-")
         table.add_row(*row)
     return table
@@ -71,26 +99,38 @@ def per_packet_table(results: list[dict]) -> Table:
     by = _by_key(results)
     table = Table(title="per packet (guest rx + tx, ACKs included)")
     for name in ("direction", "frame", "strategy", "pps", "skb_allocs", "page_allocs",
-                 "page_reuses"):  # fmt: skip
+                 "page_reuses", "rx bufs/frame", "rx buf mem/pkt"):  # fmt: skip
         table.add_column(name, justify="left" if name in ("direction", "strategy") else "right")
-    for (direction, payload, s), rs in sorted(by.items()):
+    for (direction, payload, s), rs in sorted(by.items(), key=_row_order):
         table.add_row(
             SEED_LABEL.get(direction, direction), f"{payload}B", s, f"{_avg(rs, 'pps'):,.0f}",
             _per_pkt(rs, "skb_allocs"), _per_pkt(rs, "page_allocs"), _per_pkt(rs, "page_reuses"),
+            # rx only: buffers a received frame spanned, and the buffer memory
+            # (rx_truesize) each delivered packet tied up.
+            _rx_per_frame(rs, "rx_bufs"), _rx_per_frame(rs, "rx_truesize", per="packets"),
         )  # fmt: skip
     return table
+
+
+def _row_order(item) -> tuple:
+    (direction, payload, s), _ = item
+    order = {x: i for i, x in enumerate(LINEAGE)}
+    return (direction, payload, order.get(s, len(order)), s)
 
 
 def tap_table(results: list[dict], title: str) -> Table:
     """The seed's table with real TCP/UDP: baselines, w/o patch, w/i patch, ratios."""
     cols = ["veth", "relay", BASELINE, PATCHED]
+    if any(r["strategy"] == SUCCESSOR for r in results):
+        cols.append(SUCCESSOR)
     by: dict[tuple, list[dict]] = {}
     for r in results:
         by.setdefault((r["direction"], r.get("protocol", "tcp"), r["strategy"]), []).append(r)
     table = Table(title=title)
     table.add_column("direction")
     table.add_column("proto")
-    heads = {"veth": "veth", "relay": "py relay", BASELINE: "w/o patch", PATCHED: "w/i patch"}
+    heads = {"veth": "veth", "relay": "py relay", BASELINE: "w/o patch", PATCHED: "w/i patch",
+             SUCCESSOR: "ewma"}  # fmt: skip
     for c in cols:
         table.add_column(f"{heads[c]} Mb/s", justify="right")
     table.add_column("w/i / w/o", justify="right")

@@ -52,7 +52,8 @@ def _one_turn(case: Case, seconds: float, tmp: str) -> tuple[dict, dict]:
         drv = subprocess.run(
             _virtnet("driver", "--socket-path", sock, "--backend", drv_backend,
                      "--strategy", case.strategy, "--queue-size", str(case.queue_size),
-                     "--seconds", f"{seconds:g}", "--json", drv_json, "--quiet"),
+                     "--seconds", f"{seconds:g}", "--json", drv_json, "--quiet",
+                     *(("--xdp", case.xdp) if case.xdp else ())),
             capture_output=True, text=True, timeout=seconds + 30,
         )  # fmt: skip
         if drv.returncode != 0:
@@ -109,6 +110,11 @@ def _accumulate(acc: dict, driver: dict, device: dict) -> None:
 def _record(case: Case, acc: dict) -> dict:
     h2g = case.direction == HOST_TO_GUEST
     sink = acc["driver_backend"] if h2g else acc["device_backend"]
+    if h2g and case.xdp == "tx":  # XDP_TX sends the stream back: the device's sink checks it
+        sink = acc["device_backend"]
+    elif h2g and case.xdp == "drop":  # dropped before any skb: counted, nothing to verify
+        n = acc["driver_stats"].get("rx_xdp_drops", 0)
+        sink = {"sink_packets": n, "sink_bytes": n * case.payload}
     seconds = acc["seconds"] or 1e-9
     return {
         "mode": "vhost-user",
@@ -124,6 +130,7 @@ def _record(case: Case, acc: dict) -> dict:
         "pps": sink.get("sink_packets", 0) / seconds,
         "integrity": sink_integrity(sink),
         "acks": 0,
+        "xdp": case.xdp,
         "driver_stats": acc["driver_stats"],
         "device_stats": acc["device_stats"],
     }

@@ -111,10 +111,10 @@ class RxStrategy:
             return True
         return False
 
-    def _too_long(self, num_buf: int) -> None:
+    def _too_long(self, num_buf: int, limit: int = MAX_SKB_FRAGS) -> None:
         # More buffers than a 64 KiB packet can fill: num_buffers was a lie.
         self.vi.faults.report("num_buffers_big", f"vq {self.vi.rvq.index}: packet too long: "
-                              f"num_buffers {num_buf} > {MAX_SKB_FRAGS} frags")  # fmt: skip
+                              f"num_buffers {num_buf} > {limit} frags")  # fmt: skip
 
     def _copy_head(self, skb: SkBuff, view: memoryview, offset: int, length: int) -> int:
         """Copy up to the skb's tailroom (GOOD_COPY_LEN) of the packet into its head."""
@@ -243,10 +243,9 @@ class RxStrategy:
 
     def _xdp_tx(self, bufs: list[tuple[Any, int]], segments: list) -> None:
         frame = XdpFrame(self.hdr_len, segments, lambda: self._xdp_release(bufs))
-        if self.vi.start_xmit(frame):
+        if self.xdp.tx_enabled and self.vi.start_xmit(frame):
             self.stats.rx_xdp_tx += 1
-        else:  # tx ring full: virtnet_xdp_xmit fails, the frame is dropped
-            self.xdp.error("XDP_TX: tx ring full, frame dropped")
+        else:  # tx ring full (or stopped): virtnet_xdp_xmit fails, the frame is dropped
             self.stats.rx_xdp_drops += 1
             frame.free()
 
@@ -617,8 +616,7 @@ class EwmaRx(DeferredRx):
             got += 1
             if got > self.max_bufs:
                 stats.rx_length_errors += 1  # "packet too long"
-                self.vi.faults.report("num_buffers_big", f"vq {self.vi.rvq.index}: packet too "
-                                      f"long: num_buffers {num_buf} > {self.max_bufs} buffers")  # fmt: skip
+                self._too_long(num_buf, self.max_bufs)
                 self._to_freed(buf)
                 self._drain(num_buf - got + 1)
                 self._drop(skb)

@@ -102,6 +102,8 @@ class XdpHook:
         self.redirect = redirect
         self.name = name or getattr(prog, "__qualname__", repr(prog))
         self.ratelimit = RateLimit()
+        # False once the tx ring is stopped (teardown): XDP_TX frames are then drops.
+        self.tx_enabled = True
 
     def error(self, what: str) -> None:
         if self.ratelimit():

@@ -263,6 +263,11 @@ class DriverBackend(Backend):
         """Transmit up to ``budget`` guest→host frames; returns how many."""
         return 0
 
+    def xdp_redirect(self, views: list[memoryview]) -> bool:
+        """XDP_REDIRECT to this port: the frame without an skb (views valid only now)."""
+        self.sink.receive(views)
+        return True
+
 
 class SinkDriver(DriverBackend):
     name = "sink"
@@ -365,6 +370,7 @@ class TapDriver(DriverBackend):
         self.tap = tap
         self.hdr = bytearray(MRG_HDR_LEN)
         self.frag: PageFrag | None = None  # the driver's pool is known at the first read
+        self.hdr_zero = bytes(MRG_HDR_LEN)  # a redirected frame's header: no offloads
         self.pending: SkBuff | None = None  # read, but refused by a full tx ring
         self.rx_errors = 0
 
@@ -376,6 +382,17 @@ class TapDriver(DriverBackend):
 
         # Frames read from this tap are transmitted to the device: its HOST_* offloads.
         self.tap.set_offload(offloads_for_host_features(features))
+
+    def xdp_redirect(self, views: list[memoryview]) -> bool:
+        try:
+            self.tap.writev([self.hdr_zero, *views])
+        except OSError:
+            self.rx_errors += 1
+            return False
+        st = self.sink.stats
+        st.packets += 1
+        st.bytes += sum(len(v) for v in views)
+        return True
 
     def netif_receive_skb(self, skb: SkBuff) -> None:
         try:

@@ -397,6 +397,8 @@ class DriverClient:
             self.drv.free_old_xmit_skbs()
             if isinstance(self.backend, LoopbackDriver):
                 self.backend.drv = None  # the rings are stopped: echoes now are drops
+            if self.drv.rx.xdp is not None:
+                self.drv.rx.xdp.tx_enabled = False  # likewise XDP_TX
             self.drv.poll(1 << 16)  # what the device finished before stopping
             if hasattr(self.backend, "release"):
                 self.backend.release(self.drv)
