@@ -2,7 +2,7 @@
 
 * testpmd as the vhost-user BACKEND (net_vhost, testpmd listens), ``virtnet driver`` connects:
   testpmd ``txonly`` -> driver ``sink`` for every rx strategy (mergeable ``deferred`` /
-  ``prealloc``, ``big`` / ``small`` with MRG_RXBUF off), driver ``gen:SIZE`` -> testpmd
+  ``prealloc`` / ``ewma``, ``big`` / ``small`` with MRG_RXBUF off), driver ``gen:SIZE`` -> testpmd
   ``rxonly``, and driver ``gen:SIZE`` echoed by testpmd ``io`` back into the driver's sink,
   which checks its own stream byte by byte.
 * testpmd as the FRONTEND (net_virtio_user, ``server=0``), ``virtnet device`` listens:
@@ -70,6 +70,7 @@ SIZES = {64: 64, 1500: 1500, 6000: (2000, 2000, 2000)}
 STRATEGIES = {  # strategy -> --features-off (what makes virtnet_probe pick it)
     "deferred": None,
     "prealloc": None,
+    "ewma": None,
     "big": "MRG_RXBUF",
     "small": "MRG_RXBUF,GUEST_TSO4,GUEST_TSO6",
 }
@@ -270,6 +271,7 @@ def _assert_driver_clean(drv: Virtnet, result: dict) -> None:
 CASES_TO_DRIVER = [
     ("deferred", 64), ("deferred", 1500), ("deferred", 6000),
     ("prealloc", 64), ("prealloc", 1500), ("prealloc", 6000),
+    ("ewma", 64), ("ewma", 1500), ("ewma", 6000),
     ("big", 64), ("big", 1500), ("big", 6000),
     ("small", 64), ("small", 1500),
 ]  # fmt: skip
@@ -308,7 +310,15 @@ def test_testpmd_txonly_to_virtnet_driver(testpmd, virtnet, sock_dir: Path, stra
     assert has_bit(features, VIRTIO_F_VERSION_1)
     mergeable = STRATEGIES[strategy] is None
     assert has_bit(features, VIRTIO_NET_F_MRG_RXBUF) == mergeable
-    if mergeable and frame + 12 > 4096:
+    if strategy == "ewma":
+        # buffers sized by the average packet: from the floor (1536 bytes at this ring
+        # size) up to a page as the 6000-byte stream pulls the average up
+        least, most = (-(-(frame + 12) // n) for n in (4096, 1536))
+        assert st["rx_packets"] * least <= st["rx_bufs"] <= st["rx_packets"] * most
+        assert st["rx_truesize"] >= st["rx_bytes"] + 12 * st["rx_packets"]
+        if frame <= 1500:
+            assert st["rx_truesize"] < st["rx_packets"] * 2048  # not a page per frame
+    elif mergeable and frame + 12 > 4096:
         # the seed's case: one frame spread over several page-sized buffers (num_buffers > 1)
         assert st["rx_bufs"] == st["rx_packets"] * -(-(frame + 12) // 4096)
     elif mergeable:
