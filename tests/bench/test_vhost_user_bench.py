@@ -43,7 +43,7 @@ def test_the_cli_writes_the_designed_json(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())["results"]
-    assert {r["strategy"] for r in results} == {"prealloc", "deferred"}
+    assert {r["strategy"] for r in results} == {"prealloc", "deferred", "ewma"}  # the default
     for r in results:
         assert set(r) >= {"mode", "strategy", "direction", "payload", "seconds", "packets",
                           "bytes", "gbps", "pps", "driver_stats", "device_stats",
@@ -106,3 +106,22 @@ def test_a_bad_echo_fails_the_run():
            "rtt_ms": {"integrity": {"corrupt": 0, "lost": 0, "reordered": 1, "foreign": 0}}}
     assert integrity_problems([rec]) == ["deferred round trip echo: {'corrupt': 0, 'lost': 0, "
                                          "'reordered': 1, 'foreign': 0}"]  # fmt: skip
+
+
+@pytest.mark.parametrize("xdp", ["drop", "tx"])
+def test_xdp_runs_over_vhost_user(xdp):
+    """--xdp reaches the driver process: drop counts frames no skb was made for, tx sends
+    the stream back to the device, whose sink checks it."""
+    cases = [Case(s, "host-to-guest", 1500, seconds=0.5, xdp=xdp) for s in ("deferred", "ewma")]
+    for rec in run_vhost_user_group(cases):
+        drv = rec["driver_stats"]
+        assert rec["xdp"] == xdp and rec["packets"] > 0
+        assert drv["rx_packets"] == 0 and drv["rx_xdp_aborted"] == 0
+        assert drv["pages_outstanding"] == 0
+        if xdp == "drop":
+            assert rec["packets"] == drv["rx_xdp_drops"] == rec["device_stats"]["rx_packets"]
+            assert drv["skb_allocs"] == 0
+        else:
+            assert rec["packets"] == drv["rx_xdp_tx"] == rec["device_stats"]["tx_packets"]
+            integrity = rec["integrity"]
+            assert integrity["corrupt"] == 0 and integrity["lost"] <= drv["rx_xdp_drops"]
