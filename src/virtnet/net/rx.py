@@ -547,25 +547,28 @@ class EwmaRx(DeferredRx):
         buf.len = length
         return True
 
-    def get_a_free_buf(self) -> MrgBuf | None:
+    def get_a_free_buf(self, want: int | None = None) -> MrgBuf | None:
         """get_a_free_page for sized buffers: a freed entry's buffer is reused while
-        its length is in the size class the average asks for, else released."""
-        want = self.get_mergeable_buf_len()
+        its length is in the size class the average asks for (``want``), else released."""
+        if want is None:
+            want = self.get_mergeable_buf_len()
         freed = self.freed_pages
-        if self._freed_head == len(freed):
+        head = self._freed_head
+        if head == len(freed):
             buf = MrgBuf()
             freed.append(buf)
         else:
-            buf = freed[self._freed_head]
-        if buf.page is not None:
+            buf = freed[head]
+        page = buf.page
+        if page is not None:
             if want <= buf.len < 2 * want:
                 self.stats.page_reuses += 1
             else:
-                self.pool.put_page(buf.page)
+                self.pool.put_page(page)
                 buf.page = None
         if buf.page is None and not self.carve(buf, want):
             return None
-        self._freed_head += 1
+        self._freed_head = head + 1
         self.used_pages[buf] = None
         return buf
 
@@ -573,10 +576,12 @@ class EwmaRx(DeferredRx):
         return self.add_recvbufs(1) == 1
 
     def add_recvbufs(self, n: int) -> int:
+        """One refill burst; the average cannot move during it, so one length for all."""
         bufs = []
         get_a_free_buf = self.get_a_free_buf
+        want = self.get_mergeable_buf_len()
         for _ in range(n):
-            buf = get_a_free_buf()
+            buf = get_a_free_buf(want)
             if buf is None:
                 break
             bufs.append((buf.page.gpa + buf.offset, buf.len, buf))
@@ -585,28 +590,37 @@ class EwmaRx(DeferredRx):
     # -- receive_mergeable --------------------------------------------------------------
 
     def receive_buf(self, buf: MrgBuf, length: int) -> None:
-        if self._short(length):
+        stats, hdr_len = self.stats, self.hdr_len
+        if length < hdr_len + ETH_HLEN:  # virtio_net.c receive_buf(): "short packet"
+            stats.rx_length_errors += 1
             self._to_freed(buf)
             return
-        stats, hdr_len = self.stats, self.hdr_len
         page, off = buf.page, buf.offset
         view = page.view
-        num_buf = NUM_BUFFERS.unpack_from(view, off + 10)[0]
+        at = off + NUM_BUFFERS_OFFSET
+        num_buf = view[at] | view[at + 1] << 8
         skb = self.skbs.alloc(GOOD_COPY_LEN)
         if skb is None:
             stats.rx_dropped += 1
             self._to_freed(buf)
             self._drain(num_buf)
             return
-        skb.vnet_hdr = bytes(view[off : off + hdr_len])
+        data = off + hdr_len
+        skb.vnet_hdr = view[off:data].tobytes()
         truesize = buf.len
         length -= hdr_len
-        copy = self._copy_head(skb, view, off + hdr_len, length)
+        copy = length if length < GOOD_COPY_LEN else GOOD_COPY_LEN  # a fresh skb's tailroom
+        skb.put(view[data : data + copy])
         length -= copy
         if length:
-            skb.add_frag(page, off + hdr_len + copy, length)
+            skb.add_frag(page, data + copy, length)
             buf.page = None  # its reference goes with the frag
         self._to_freed(buf)
+        if num_buf == 1:  # the common case: one buffer, nothing to merge
+            stats.rx_truesize += truesize
+            self.avg_pkt_len.add(skb.len)
+            self.vi.deliver(skb)
+            return
         if self._bad_num_buffers(num_buf):
             self._drop(skb)
             return
@@ -642,7 +656,7 @@ class EwmaRx(DeferredRx):
         self.vi.deliver(skb)
 
     def _num_buffers(self, buf: MrgBuf) -> int:
-        return NUM_BUFFERS.unpack_from(buf.page.view, buf.offset + 10)[0]
+        return NUM_BUFFERS.unpack_from(buf.page.view, buf.offset + NUM_BUFFERS_OFFSET)[0]
 
     def xdp_segments(self, buf: MrgBuf, length: int, first: bool) -> list:
         skip = self.hdr_len if first else 0
