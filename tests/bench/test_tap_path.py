@@ -54,8 +54,9 @@ UDP_SECONDS = 2.0
 UDP_RATE = "1G"  # far above what a Python path carries: the guest's ring must run out
 
 MRG_RXBUF, GUEST_TSO4 = bit(VirtioNetF.MRG_RXBUF), bit(VirtioNetF.GUEST_TSO4)
-STRATEGIES = ("deferred", "prealloc", "big", "small")  # features_off: bench.tap.FEATURES_OFF
-GUEST_TSO = {"deferred": True, "prealloc": True, "big": True, "small": False}
+# features_off: bench.tap.FEATURES_OFF
+STRATEGIES = ("deferred", "prealloc", "ewma", "big", "small")
+GUEST_TSO = {"deferred": True, "prealloc": True, "ewma": True, "big": True, "small": False}
 
 # Receiver: accept one connection, hash everything until EOF, print "<bytes> <sha256>".
 RECEIVER = """
@@ -182,7 +183,7 @@ def test_tcp_arrives_intact_with_tso_frames(strategy: str, direction: str, tmp_p
 
     assert got == want, "the bytes that arrived are not the bytes sent"
     assert drv_doc["strategy"] == strategy
-    assert bool(drv_doc["features"] & MRG_RXBUF) == (strategy in ("deferred", "prealloc"))
+    assert bool(drv_doc["features"] & MRG_RXBUF) == (strategy in ("deferred", "prealloc", "ewma"))
     assert bool(drv_doc["features"] & GUEST_TSO4) == GUEST_TSO[strategy]
     assert_counters_add_up(drv_doc, dev_doc, taps)
     drv, dev = drv_doc["driver_stats"], dev_doc["device_stats"]
@@ -202,7 +203,7 @@ def test_tcp_arrives_intact_with_tso_frames(strategy: str, direction: str, tmp_p
         # 5.1.6.2: no GSO frame the guest did not negotiate; none dropped for it either.
         assert max(seen["device"]) <= ETH_FRAME_MAX
         assert dev["rx_dropped"] == 0
-    if direction == HOST_TO_GUEST and strategy in ("deferred", "prealloc"):
+    if direction == HOST_TO_GUEST and strategy in ("deferred", "prealloc", "ewma"):
         assert dev["rx_num_buffers_max"] > 1, "a TSO frame should span mergeable buffers"
 
 

@@ -59,11 +59,14 @@ def freed_pages(p: Pair):
     [
         (MRG, "deferred", "deferred"),
         (MRG, "prealloc", "prealloc"),
+        (MRG, "ewma", "ewma"),
         (MRG, "big", "deferred"),
         (BIG, "deferred", "big"),
+        (BIG, "ewma", "big"),
         (BIG, "prealloc", "big"),
         (SMALL, "deferred", "small"),
         (SMALL, "prealloc", "small"),
+        (SMALL, "ewma", "small"),
     ],
 )
 def test_the_strategy_follows_the_negotiated_features(features, wanted, chosen):
