@@ -282,6 +282,8 @@ def cmd_bench(args) -> int:
     from virtnet.bench.runner import machine_description, run_groups
 
     problem = _packets_problem(args)
+    if args.tap and args.xdp:
+        problem = "--xdp runs on the synthetic streams, not with --tap"
     if problem:
         print(f"virtnet bench: {problem}", file=sys.stderr)
         return 2
