@@ -49,14 +49,14 @@ def _rx_frames(r: dict) -> int:
     )
 
 
-def _rx_per_frame(rs: list[dict], stat: str, per: str = "frames") -> str:
+def _rx_per_frame(rs: list[dict], stat: str, per: str = "frames", fmt: str = ",.2f") -> str:
     """An rx counter per frame taken off the ring (or per packet delivered)."""
     n = sum(r["driver_stats"].get(stat, 0) for r in rs)
     if per == "frames":
         d = sum(_rx_frames(r) for r in rs)
     else:
         d = sum(r["driver_stats"].get("rx_packets", 0) for r in rs)
-    return f"{n / d:,.2f}" if d else "-"
+    return format(n / d, fmt) if d else "-"
 
 
 def _avg(rs: list[dict], key: str) -> float:
@@ -97,9 +97,9 @@ def seed_table(results: list[dict], title: str) -> Table:
 def per_packet_table(results: list[dict]) -> Table:
     """pps and the seed's allocation counters per packet the guest handled."""
     by = _by_key(results)
-    table = Table(title="per packet (guest rx + tx, ACKs included)")
+    table = Table(title="per packet (guest rx + tx, ACKs included; bufs and buf mem: rx)")
     for name in ("direction", "frame", "strategy", "pps", "skb_allocs", "page_allocs",
-                 "page_reuses", "rx bufs/frame", "rx buf mem/pkt"):  # fmt: skip
+                 "page_reuses", "bufs/pkt", "buf mem/pkt"):  # fmt: skip
         table.add_column(name, justify="left" if name in ("direction", "strategy") else "right")
     for (direction, payload, s), rs in sorted(by.items(), key=_row_order):
         table.add_row(
@@ -107,7 +107,8 @@ def per_packet_table(results: list[dict]) -> Table:
             _per_pkt(rs, "skb_allocs"), _per_pkt(rs, "page_allocs"), _per_pkt(rs, "page_reuses"),
             # rx only: buffers a received frame spanned, and the buffer memory
             # (rx_truesize) each delivered packet tied up.
-            _rx_per_frame(rs, "rx_bufs"), _rx_per_frame(rs, "rx_truesize", per="packets"),
+            _rx_per_frame(rs, "rx_bufs"),
+            _rx_per_frame(rs, "rx_truesize", per="packets", fmt=",.0f"),
         )  # fmt: skip
     return table
 
