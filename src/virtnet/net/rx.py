@@ -453,8 +453,9 @@ class MrgBuf:
         self.len = 0
 
 
-class PageFrag:
-    """struct page_frag (rq->alloc_frag): the page buffers are carved from.
+class AllocFrag:
+    """struct page_frag as rq->alloc_frag: the page buffers are carved from, Linux's
+    skb_page_frag_refill semantics (skb.PageFrag is the tap reader's page_frag_alloc).
 
     It holds one reference on ``page`` of its own; each buffer carved takes another.
     """
@@ -493,7 +494,7 @@ class EwmaRx(DeferredRx):
         super().__init__(vi)
         self.avg_pkt_len = EwmaPktLen()  # rq->mrg_avg_pkt_len
         self.min_buf_len = mergeable_min_buf_len(self.hdr_len, vi.rvq.num)
-        self.alloc_frag = PageFrag()
+        self.alloc_frag = AllocFrag()
         # Linux chains a frag_list skb past MAX_SKB_FRAGS; an SkBuff has no frag
         # list, so the bound is on buffers: the most the largest legal frame can
         # span in the smallest buffer this ring ever posts. More is a lie.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from virtnet.net.constants import GOOD_COPY_LEN, NET_IP_ALIGN, PAGE_SIZE
+from virtnet.net.constants import GOOD_COPY_LEN, NET_IP_ALIGN, PAGE_SIZE, SKB_FRAG_PAGE_ORDER
 from virtnet.net.stats import Stats
 
 
@@ -209,7 +209,7 @@ class PageFrag:
     page; the frag allocator holds one on the page it is carving.
     """
 
-    ORDER = 3  # 32 KiB, SKB_FRAG_PAGE_ORDER
+    ORDER = SKB_FRAG_PAGE_ORDER  # 32 KiB
     ALIGN = 64  # SMP_CACHE_BYTES: the next frag starts on a cache line
 
     def __init__(self, pool: PagePool, order: int = ORDER) -> None:
