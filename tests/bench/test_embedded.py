@@ -148,7 +148,8 @@ def test_the_cli_runs_a_count_based_bench_and_writes_exact_counts(tmp_path):
     rc = main(["bench", "--packets", "40", "--payloads", "64", "--json", str(out)])
     assert rc == 0
     results = json.loads(out.read_text())["results"]
-    assert len(results) == 4 and all(r["packets"] == 40 for r in results)
+    # 3 strategies (prealloc, deferred, ewma: the default) x 2 directions
+    assert len(results) == 6 and all(r["packets"] == 40 for r in results)
 
 
 def test_ewma_ties_up_less_buffer_memory_per_packet_than_the_seed():

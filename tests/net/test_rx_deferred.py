@@ -230,7 +230,8 @@ def test_num_buffers_beyond_every_buffer_posted_is_named_at_once(mergeable):
     # swallow every packet behind it looking for them). The first buffer is dropped;
     # the one after it is read as a packet of its own and refused on its own merits.
     p = mergeable
-    LyingDevice(p).packet(frame(2 * PAGE_SIZE - MRG_HDR_LEN), num_buffers=0xFFFF, nchains=2)
+    liar = LyingDevice(p)
+    liar.packet(frame(liar.room(2) - MRG_HDR_LEN), num_buffers=0xFFFF, nchains=2)
     p.napi()
     st = p.drv.stats
     assert st.fault_num_buffers_big >= 1 and st.rx_packets == 0

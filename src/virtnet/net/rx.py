@@ -104,6 +104,8 @@ class RxStrategy:
             vi.faults.report("num_buffers_small", f"vq {vi.rvq.index}: num_buffers 0")
             return True
         out = vi.num + length_hint(vi._burst) + 1  # posted + rest of the burst + this one
+        if self._pending is not None:  # XDP took the packet's buffers off the ring already
+            out += length_hint(self._pending)
         if num_buf > out:
             self.stats.rx_length_errors += 1
             vi.faults.report("num_buffers_big", f"vq {vi.rvq.index}: num_buffers {num_buf} "
