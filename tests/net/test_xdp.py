@@ -477,3 +477,25 @@ def test_teardown_property_with_any_xdp_verdicts(strategy, features, data):
         data.draw(st.booleans(), label="hold"),
         xdp=prog,
     )
+
+
+def test_ewma_posts_whole_pages_while_a_program_is_attached(pair_factory):
+    # get_mergeable_buf_len: "if (room) return PAGE_SIZE - room" — with XDP the average
+    # does not size buffers (it would stay at the floor: dropped frames never feed it).
+    p = pair_factory("ewma", STRATEGY_FEATURES["ewma"])
+    rx = p.drv.rx
+    assert rx.get_mergeable_buf_len() < 4096
+    attach(p, lambda data, frags: XDP_DROP)
+    assert rx.get_mergeable_buf_len() == 4096
+    n = p.layout.queue_size
+    for k in range(3 * n):  # every buffer posted before has come round
+        p.send(frame(65550, k))
+        p.napi()
+        if k == 2 * n:
+            bufs = p.drv.stats.rx_bufs
+    assert p.drv.stats.rx_xdp_drops == 3 * n
+    # (the last buffer of a page may take the hole behind it)
+    assert min(buf.len for buf in rx.used_pages) == 4096
+    assert p.drv.stats.rx_bufs - bufs <= (n - 1) * 17  # 64 KiB in at most 17 buffers, not 43
+    rx.attach_xdp(None)
+    assert rx.get_mergeable_buf_len() < 4096

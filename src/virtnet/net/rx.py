@@ -510,6 +510,11 @@ class EwmaRx(DeferredRx):
         return (n + L1_CACHE_BYTES - 1) & -L1_CACHE_BYTES  # ALIGN(len, L1_CACHE_BYTES)
 
     def get_mergeable_buf_len(self) -> int:
+        if self.xdp is not None:
+            # "if (room) return PAGE_SIZE - room": with a program attached Linux posts
+            # whole pages, so a frame is in as few buffers as possible (the average is
+            # only fed by packets that reach the stack).
+            return PAGE_SIZE
         return self._buf_len(self.avg_pkt_len.internal)
 
     def page_frag_refill(self, sz: int) -> bool:
