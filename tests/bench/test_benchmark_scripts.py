@@ -1,0 +1,77 @@
+"""The measuring scripts in benchmarks/: their arithmetic and their child mode.
+
+Running them whole takes valgrind (callgrind_per_packet.py) or root and minutes
+(by_hand.py); here the parts that decide their figures are checked directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+cg = _load("callgrind_per_packet")
+
+
+def test_two_counts_differenced_give_the_cost_of_one_packet():
+    m = cg.Measure(cg.Config("deferred", "host-to-guest", 64, 256), (2000, 12000),
+                   (500_000_000 + 2000 * 97_000, 500_000_000 + 12000 * 97_000))  # fmt: skip
+    assert m.per_packet == 97_000 and m.fixed == 500_000_000
+    assert m.as_dict()["instructions_per_packet"] == 97_000.0
+
+
+def test_the_table_puts_queue_sizes_side_by_side():
+    c = [cg.Config("deferred", "host-to-guest", 64, q) for q in (256, 4096)]
+    ms = [cg.Measure(c[0], (1, 2), (100, 200)), cg.Measure(c[1], (1, 2), (100, 210))]
+    table = cg.table(ms, "t")
+    assert [col.header for col in table.columns][-3:] == [
+        "queue 256 instr/pkt", "queue 4096 instr/pkt", "4096 / 256"]  # fmt: skip
+    assert table.columns[-1]._cells == ["1.10x"]
+
+
+@pytest.mark.parametrize(("text", "ok"), [("64=10:20", True), ("64=20:10", False),
+                                          ("64:10", False)])  # fmt: skip
+def test_counts_are_parsed_or_refused(text, ok):
+    if ok:
+        assert cg._counts_arg(text) == {64: (10, 20)}
+    else:
+        with pytest.raises(Exception, match="SIZE=SMALL:LARGE"):
+            cg._counts_arg(text)
+
+
+def test_the_child_runs_exactly_its_count_and_checks_every_frame():
+    # What runs under valgrind: one count-based case, the frame count printed last.
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "callgrind_per_packet.py"), "--one",
+                           "deferred", "guest-to-host", "1500", "64", "123"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "123"
+
+
+def test_by_hand_rows_show_integrity_and_latency():
+    bh = _load("by_hand")
+    rows = [
+        {"run": "tap <-> tap, iperf3 TCP", "direction": "guest-to-host", "frame": "mtu 1500",
+         "seconds": 4.0, "gbps": 2.5, "kpps": None, "retransmits": 3,
+         "rtt_ms": {"min_ms": 0.1, "avg_ms": 0.2, "max_ms": 0.4}},
+        {"run": "device gen:64 <-> driver sink", "direction": "host-to-guest", "frame": "64B",
+         "seconds": 5.0, "gbps": 0.05, "kpps": 90.0, "driver_cpu_seconds": 4.0,
+         "integrity": {"corrupt": 0, "lost": 2, "reordered": 0, "foreign": 0}},
+    ]  # fmt: skip
+    notes = bh.table(rows, "t").columns[-1]._cells
+    assert notes[0] == "ping 0.100/0.200/0.400 ms, 3 retransmits"
+    assert notes[1].startswith("INTEGRITY {'lost': 2}")
