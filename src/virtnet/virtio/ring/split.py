@@ -14,6 +14,7 @@ applies EVENT_IDX or the NO_INTERRUPT flag, ``unpop`` gives chains back
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,6 +103,7 @@ class SplitQueueDriver:
         # BAD_RING: the device broke a rule no single entry can be refused for;
         # the queue gives nothing more back until it is rebuilt (vq->broken).
         self.broken = False
+        self._detach_cursor = 0  # detach_unused_buf's scan position
         self._avail[0] = 0
         self._avail[1] = 0
         self._avail[2 + num] = 0
@@ -355,13 +357,18 @@ class SplitQueueDriver:
 
     def detach_unused_buf(self) -> Any | None:
         """One buffer the device never used, for teardown after reset, or None."""
-        for head in range(self.num):
-            if self._token[head] is not None:
+        # Teardown calls this until None: resume where the last call found one, so
+        # detaching a whole ring is one pass, not one pass per buffer.
+        tokens, start = self._token, self._detach_cursor
+        for head in itertools.chain(range(start, self.num), range(start)):
+            if tokens[head] is not None:
+                self._detach_cursor = head + 1
                 token = self._detach_buf(head)
                 # The device is reset: take the entry back out of the avail ring.
                 self.avail_idx_shadow = (self.avail_idx_shadow - 1) & 0xFFFF
                 self._avail[1] = self.avail_idx_shadow
                 return token
+        self._detach_cursor = 0
         return None
 
     # -- callbacks (used-buffer notifications) ---------------------------------
