@@ -154,10 +154,16 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
     if name == "driver":
         p.add_argument("--strategy", default="deferred", choices=tuple(STRATEGIES),
                        help="rx strategy (without MRG_RXBUF: big or small, as Linux)")  # fmt: skip
-        p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256)")
+        p.add_argument("--queue-size", type=int, default=256,
+                       help="virtqueue size (default 256; packed rings: any 1..32768)")  # fmt: skip
         p.add_argument("--features-off", type=_feature_bits, default=0, metavar="NAMES",
                        help="feature bits not to ack, e.g. MRG_RXBUF (big buffers) or "
-                            "MRG_RXBUF,GUEST_TSO4,GUEST_TSO6 (small ones)")  # fmt: skip
+                            "MRG_RXBUF,GUEST_TSO4,GUEST_TSO6 (small ones), RING_PACKED "
+                            "(split rings)")  # fmt: skip
+    else:
+        p.add_argument("--features-off", type=_feature_bits, default=0, metavar="NAMES",
+                       help="feature bits not to offer, e.g. RING_PACKED (split rings "
+                            "only)")  # fmt: skip
 
 
 def _coalesce(text: str) -> dict[str, int]:
@@ -507,7 +513,8 @@ def cmd_vhost_user(args) -> int:
                 args.faults.reseed(args.seed)
             server = DeviceServer(args.socket_path, backend, printer=_printer(args),
                                   busy_poll_us=args.busy_poll,
-                                  coalesce=args.coalesce, faults=args.faults)  # fmt: skip
+                                  coalesce=args.coalesce, faults=args.faults,
+                                  features_off=args.features_off)  # fmt: skip
             if args.pcap:
                 from virtnet.net.header import MRG_HDR_LEN
                 from virtnet.ports.pcap import PcapWriter
@@ -523,11 +530,11 @@ def cmd_vhost_user(args) -> int:
         from virtnet.vhost_user.frontend import DriverClient, FrontendError
 
         try:
-            from virtnet.net.features import SUPPORTED
+            from virtnet.net.features import OFFERED
 
             client = DriverClient(args.socket_path, backend, strategy=args.strategy,
                                   queue_size=args.queue_size,
-                                  wanted=SUPPORTED & ~args.features_off,
+                                  wanted=OFFERED & ~args.features_off,
                                   busy_poll_us=args.busy_poll,
                                   printer=_printer(args))  # fmt: skip
         except (FrontendError, OSError, ValueError) as e:
