@@ -72,6 +72,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--runs", type=int, default=None,
                    help="runs per case (default 1; 2 with --tap, like the seed)")  # fmt: skip
     p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256)")
+    p.add_argument("--ring", type=_str_list(("split", "packed")), default=None,
+                   metavar="split|packed",
+                   help="virtqueue layout(s); split,packed runs both side by side (default: "
+                        "what both ends negotiate, packed)")  # fmt: skip
     p.add_argument("--mode", choices=("inproc", "vhost-user"), default="inproc",
                    help="inproc: driver and device in this process, the strategies "
                         "interleaved in 50 ms slices (the steadiest A/B); vhost-user: "
@@ -288,10 +292,13 @@ def cmd_bench(args) -> int:
         return 2
     packets = args.packets or 0
     try:
+        rings = args.ring or ["packed"]  # virtnet's two ends both offer RING_PACKED
         groups = [
             [
-                Case(s, d, p, seconds=args.seconds, queue_size=args.queue_size, packets=packets)
+                Case(s, d, p, seconds=args.seconds, queue_size=args.queue_size, packets=packets,
+                     ring=r)
                 for _ in range(args.runs)
+                for r in rings
                 for s in args.strategies
             ]
             for d in args.directions
@@ -301,9 +308,10 @@ def cmd_bench(args) -> int:
 
         for p in args.payloads:
             FrameGen(p)  # validates the size
-        from virtnet.virtio.ring.layout import check_queue_size
+        from virtnet.virtio.ring.layout import check_packed_queue_size, check_queue_size
 
-        check_queue_size(args.queue_size)
+        for r in rings:
+            (check_packed_queue_size if r == "packed" else check_queue_size)(args.queue_size)
     except ValueError as e:
         print(f"virtnet bench: {e}", file=sys.stderr)
         return 2
@@ -314,11 +322,15 @@ def cmd_bench(args) -> int:
     results = run_groups(groups, group_runner=runner)
     per_case = f"{packets} packets/case" if packets else f"{args.seconds:g}s/case"
     title = (
-        f"virtnet bench ({args.mode}, queue {args.queue_size}, {per_case}) — "
+        f"virtnet bench ({args.mode}, {'/'.join(rings)} rings, queue {args.queue_size}, "
+        f"{per_case}) — "
         f"{machine['cpu']}, {machine['cores']} cores, Python {machine['python']}"
     )
     console = _console()
-    print_report(results, title, console)
+    shown = results
+    if len(rings) > 1:  # side by side: one column per strategy and ring
+        shown = [dict(r, strategy=f"{r['strategy']} {r['ring']}") for r in results]
+    print_report(shown, title, console)
     if args.mode == "vhost-user":
         _round_trips(results, args, console)
     if args.json:

@@ -22,8 +22,8 @@ from virtnet.net.guest import GuestLayout, build_device, build_driver
 from virtnet.net.skb import SkBuff
 from virtnet.ports.backends import GenDriver, strip_hdr
 from virtnet.ports.synthetic import ACK_FRAME, FrameGen, FrameSink
+from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.memory import GuestMemory
-from virtnet.virtio.ring.layout import VringViews
 
 HOST_TO_GUEST = "host-to-guest"
 GUEST_TO_HOST = "guest-to-host"
@@ -40,18 +40,20 @@ class Case:
     queue_size: int = 256
     features: int = SUPPORTED
     packets: int = 0  # > 0: run until the sink has exactly this many frames, not seconds
+    ring: str = "split"  # "packed": RING_PACKED negotiated, packed rings (VIRTIO 1.2, 2.8)
 
     def label(self) -> str:
         return f"{self.strategy} {self.direction} {self.payload}B"
 
 
 def make_pair(case: Case, netif_receive_skb: Callable[[SkBuff], None]):
-    layout = GuestLayout(case.queue_size, GuestLayout.pages_for(case.queue_size))
+    packed = case.ring == "packed"
+    features = case.features | bit(VirtioF.RING_PACKED) if packed else case.features
+    layout = GuestLayout(case.queue_size, GuestLayout.pages_for(case.queue_size), packed=packed)
     memory = GuestMemory.from_buffer(bytearray(layout.size))
-    drv = build_driver(memory, layout, case.features, case.strategy,
+    drv = build_driver(memory, layout, features, case.strategy,
                        netif_receive_skb=netif_receive_skb)  # fmt: skip
-    rings = tuple(VringViews.from_memory(memory, a) for a in layout.rings)
-    dev = build_device(memory, rings, case.features)
+    dev = build_device(memory, layout.ring_views(memory), features)
     return drv, dev
 
 
@@ -213,6 +215,7 @@ def result_record(case: Case, mode: str, elapsed: float, sink: FrameSink, run) -
         "direction": case.direction,
         "payload": case.payload,
         "queue_size": case.queue_size,
+        "ring": case.ring,
         "seconds": round(elapsed, 4),
         "packets": st.packets,
         "bytes": st.bytes,
