@@ -96,8 +96,12 @@ def decode_base(base: int, num: int) -> tuple[int, int]:
     return pos, (base >> VRING_PACKED_EVENT_F_WRAP_CTR) & 1
 
 
+_new = object.__new__
+
+
 def _chain(head, readable, writable, segments, in_len, out_len) -> Chain:
-    c = Chain(head)
+    c = _new(Chain)  # every slot set here: no __init__ lists to throw away
+    c.head = head
     c.readable = readable
     c.writable = writable
     c.segments = segments
@@ -174,7 +178,12 @@ class PackedQueueDriver:
         self._token[bid] = token
         self._in_len[bid] = length
         self._ndescs[bid] = 1
-        self.next_avail = self._advance(i)
+        i += 1
+        if i == self.num:
+            i = 0
+            self.avail_wrap ^= 1
+            self._avail_bits ^= _AU
+        self.next_avail = i
         self.num_added += 1
         return bid
 
@@ -582,8 +591,37 @@ class PackedQueueDevice:
         (``None`` when the id is out of range or already in flight). A ring
         that cannot be walked raises ``AvailIndexError`` and consumes nothing.
         """
-        if not self._head_state():
+        desc = self._desc
+        pos = self.last_avail
+        word = desc[2 * pos + 1]
+        if word & _AU != self._avail_bits:
+            self._head_state()  # raises for flags that lie
             return None
+        if not word & (_NEXT | _INDIRECT):
+            # The common case, inline: one direct descriptor, a free id, in the first region.
+            bid = (word >> 32) & 0xFFFF
+            num = self.num
+            if bid < num and not self._inflight[bid]:
+                addr = desc[2 * pos]
+                length = word & _U32
+                base, rsize, rbuf = self.memory.first_region
+                off = addr - base
+                if 0 <= off and off + length <= rsize:
+                    seg = rbuf[off : off + length]
+                    pos += 1
+                    if pos == num:
+                        pos = 0
+                        self.avail_wrap ^= 1
+                        self._avail_bits ^= _AU
+                    self.last_avail = pos
+                    self._inflight[bid] = 1
+                    popped = self._popped
+                    popped.append((bid, 1))
+                    if len(popped) > 2 * num:
+                        del popped[:-num]
+                    if word & _WRITE:
+                        return _chain(bid, [], [seg], [(addr, length, True)], length, 0)
+                    return _chain(bid, [seg], [], [(addr, length, False)], 0, length)
         try:
             chain, pos, wrap, slots = self._walk()
         except _Consumed as e:
@@ -596,22 +634,21 @@ class PackedQueueDevice:
         """Up to ``budget`` chains, validated exactly as ``pop`` does: a bad first chain
         raises as ``pop`` would; a bad chain after good ones ends the burst unconsumed."""
         chains: list[Chain] = []
-        walk, commit = self._walk, self._commit
+        pop = self.pop
         while len(chains) < budget:
             try:
-                if not self._head_state():
-                    break
-                chain, pos, wrap, slots = walk()
-            except _Consumed as e:
-                if chains:
-                    break
-                commit(*e.resume)
-                raise _plain(e) from None
+                chain = pop()
             except AvailIndexError:
                 if chains:
+                    break  # nothing was consumed: the next call raises it
+                raise
+            except DescriptorError:
+                if chains:
+                    self.unpop(1)  # exactly the slots the refused chain took
                     break
                 raise
-            commit(pos, wrap, chain.head, slots)
+            if chain is None:
+                break
             chains.append(chain)
         return chains
 
