@@ -44,6 +44,11 @@ def test_add_writes_the_chain_with_its_id_in_every_descriptor_and_avail_flags():
     assert drv.num_free == 5 and drv.in_flight == 3 and drv.num_added == 3
     assert drv.add_inbuf(q.data(3), 5, "b") == 1  # the next id from the free list
     assert q.read_desc(3).flags == WRITE | P_AVAIL
+    assert drv.add_outbuf(q.data(4), 7, "c") == 2
+    d4 = q.read_desc(4)
+    assert (d4.addr, d4.len, d4.id, d4.flags) == (q.data(4), 7, 2, P_AVAIL)
+    chains = q.device().pop_burst(8)
+    assert [(c.head, c.out_len, c.in_len) for c in chains] == [(0, 10, 50), (1, 0, 5), (2, 7, 0)]
 
 
 def test_past_the_end_the_driver_flips_its_wrap_counter_mid_chain():

@@ -165,6 +165,13 @@ class PackedQueueDriver:
 
     def add_inbuf(self, addr: int, length: int, token: Any) -> int:
         """One device-writable descriptor (virtqueue_add_inbuf with one sg); the buffer id."""
+        return self._add_one(addr, (length & _U32) | _WRITE, length, token)
+
+    def add_outbuf(self, addr: int, length: int, token: Any) -> int:
+        """One device-readable descriptor (virtqueue_add_outbuf with one sg); the buffer id."""
+        return self._add_one(addr, length & _U32, 0, token)
+
+    def _add_one(self, addr: int, word: int, in_len: int, token: Any) -> int:
         if not self.num_free:
             raise QueueFullError(f"vq {self.index}: no free descriptor")
         if token is None:
@@ -174,9 +181,9 @@ class PackedQueueDriver:
         self.num_free -= 1
         i = self.next_avail
         self._desc[2 * i] = addr
-        self._desc[2 * i + 1] = (length & _U32) | (bid << 32) | _WRITE | self._avail_bits
+        self._desc[2 * i + 1] = word | (bid << 32) | self._avail_bits
         self._token[bid] = token
-        self._in_len[bid] = length
+        self._in_len[bid] = in_len
         self._ndescs[bid] = 1
         i += 1
         if i == self.num:
