@@ -82,6 +82,7 @@ def test_testpmd_txonly_to_virtnet_driver_on_packed_rings(
     features = result["features"]
     assert has_bit(features, RING_PACKED), f"{features:#x}"
     assert vhost_negotiated_features(pmd.log_text()) == features  # net_vhost runs packed too
+    print(f"\nnet_vhost negotiated {features:#x} (bit 34 = {features >> RING_PACKED & 1})")
     assert result["strategy"] == strategy
     assert has_bit(features, VIRTIO_NET_F_MRG_RXBUF) == (off is None)
     st, sink = result["driver_stats"], result["backend"]
@@ -153,7 +154,9 @@ def _assert_packed_negotiated(pmd, dev) -> None:
     negotiated = virtio_user_features(pmd.log_text()).get("negotiated")
     assert negotiated is not None, "virtio_user logged no negotiation"
     assert has_bit(negotiated, RING_PACKED), f"virtio_user negotiated {negotiated:#x}"
-    assert re.search(r"features 0x[0-9a-f]+: .*\bRING_PACKED\b", dev.log_text()), dev.log_text()
+    line = re.search(r"features 0x[0-9a-f]+: .*\bRING_PACKED\b.*", dev.log_text())
+    assert line, dev.log_text()
+    print(f"\nvirtio_user negotiated {negotiated:#x}; device: {line.group(0)}")
 
 
 @pytest.mark.parametrize("size", [64, 1500])

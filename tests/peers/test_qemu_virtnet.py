@@ -452,6 +452,8 @@ def test_packed_rings_with_a_linux_guest(lab: Callable[..., Lab], mrg: bool, qsi
     log = dev.log()
     features_line = next(ln for ln in log.splitlines() if "features 0x" in ln)
     assert "RING_PACKED" in features_line.split(), log
+    print(f"\nguest features {run.features:#x} (bit 34 = {run.features >> 34 & 1}); "
+          f"device: {features_line.strip()}")  # fmt: skip
     assert f"queue sizes {qsize}/{qsize}" in log, log
     st = dev.stats()["device_stats"]
     assert st["desc_errors"] == 0, st
