@@ -35,7 +35,7 @@ def test_rx_buffers_the_device_cannot_use_are_refused_and_the_next_one_gets_the_
     assert used(rxq, 0, 1, 2) == [(0, 0), (1, 0), (3, MRG_HDR_LEN + 100)]
     assert rxq.is_used(2, 1) and not rxq.is_used(3, 1)
     assert dev.stats.desc_errors == 3
-    assert "buffer id 16 >= queue size 16" in dev.last_error or dev.stats.desc_errors == 3
+    assert "buffer id 16 >= queue size 16" in dev.last_error
     assert rxq.read(rxq.data(3) + MRG_HDR_LEN, 100) == frame(100)
 
 
