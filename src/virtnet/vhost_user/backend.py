@@ -448,6 +448,9 @@ class DeviceServer:
         self.faults = faults
         self.busy_poll = busy_poll_us / 1e6
         self.offered = BACKEND_FEATURES & ~features_off  # e.g. RING_PACKED off: split only
+        if faults is not None:
+            # The injected lies (bogus ids, used index jumps) are written for split rings.
+            self.offered &= ~bit(VirtioF.RING_PACKED)
         c = DEFAULT_COALESCE | (coalesce or {})
         self.coalesce = {
             RX_Q: IrqCoalescer(c["rx-usecs"], c["rx-frames"]),

@@ -342,7 +342,8 @@ class PackedQueueDriver:
         self.broken = True
         return UsedRingError(
             f"vq {self.index}: used descriptor {self.last_used} names buffer id {bid}, "
-            f"which is not a buffer in flight (queue stopped: the slots it took are unknown)"
+            f"which is not a buffer in flight (queue stopped: the slots it took are unknown)",
+            bid,
         )
 
     def get_buf(self) -> tuple[Any, int] | None:
@@ -373,11 +374,11 @@ class PackedQueueDriver:
             self._driver[0] = pos | (self.used_wrap << VRING_PACKED_EVENT_F_WRAP_CTR)
         token = self._detach_buf(bid)
         if length > self._in_len[bid]:
-            err = UsedRingError(
-                f"vq {self.index}: used len {length} > buffer {bid}'s writable {self._in_len[bid]}"
+            raise UsedRingError(
+                f"vq {self.index}: used len {length} > buffer {bid}'s writable {self._in_len[bid]}",
+                bid,
+                token,
             )
-            err.token = token  # type: ignore[attr-defined]
-            raise err
         return token, length
 
     def get_bufs(self, budget: int) -> list[tuple[Any, int]]:
