@@ -536,7 +536,7 @@ class PackedQueueDevice:
         self.used_wrap = wrap
         self._inflight = [0] * self.num  # slots each buffer id in flight took; 0: free
         self._popped: list[tuple[int, int]] = []  # (id or -1, slots), newest last: unpop
-        self._shadow: list[tuple[int, int, int]] = []  # (id, len, slots) pushed, unflushed
+        self._shadow: list[tuple[int, int]] = []  # (len|id|WRITE word, slots) pushed, unflushed
         self._since_signal = 0  # slots marked used since the last needs_notify
         self.signalled_used_valid = False
 
@@ -642,6 +642,38 @@ class PackedQueueDevice:
         """Up to ``budget`` chains, validated exactly as ``pop`` does: a bad first chain
         raises as ``pop`` would; a bad chain after good ones ends the burst unconsumed."""
         chains: list[Chain] = []
+        desc, num, inflight, popped = self._desc, self.num, self._inflight, self._popped
+        base, rsize, rbuf = self.memory.first_region
+        pos, bits = self.last_avail, self._avail_bits
+        # The common case inline, as in pop: one direct descriptor, a free id, first region.
+        while len(chains) < budget:
+            word = desc[2 * pos + 1]
+            if word & _AU != bits or word & (_NEXT | _INDIRECT):
+                break
+            bid = (word >> 32) & 0xFFFF
+            if bid >= num or inflight[bid]:
+                break
+            addr = desc[2 * pos]
+            length = word & _U32
+            off = addr - base
+            if not (0 <= off and off + length <= rsize):
+                break
+            seg = rbuf[off : off + length]
+            pos += 1
+            if pos == num:
+                pos = 0
+                self.avail_wrap ^= 1
+                bits ^= _AU
+            inflight[bid] = 1
+            popped.append((bid, 1))
+            if word & _WRITE:
+                chains.append(_chain(bid, [], [seg], [(addr, length, True)], length, 0))
+            else:
+                chains.append(_chain(bid, [seg], [], [(addr, length, False)], 0, length))
+        self.last_avail, self._avail_bits = pos, bits
+        if len(popped) > 2 * num:
+            del popped[:-num]
+        # Anything else (nothing available, a chain, indirect, a bad one) goes through pop.
         pop = self.pop
         while len(chains) < budget:
             try:
@@ -843,12 +875,19 @@ class PackedQueueDevice:
         if not slots:
             raise ValueError(f"vq {self.index}: push_used of buffer id {head}, not in flight")
         self._inflight[head] = 0
-        self._shadow.append((head, length, slots))
+        # The used descriptor's word but its AVAIL/USED bits (flush_used adds them);
+        # 2.8.4: the length counts only with WRITE set.
+        self._shadow.append(((length & _U32) | (head << 32) | (_WRITE if length else 0), slots))
 
     def push_used_burst(self, used: Sequence[tuple[int, int]]) -> None:
         """Queue many (id, length) used buffers; ``flush_used`` writes them."""
+        inflight, num, shadow = self._inflight, self.num, self._shadow
         for head, length in used:
-            self.push_used(head, length)
+            slots = inflight[head] if 0 <= head < num else 0
+            if not slots:
+                raise ValueError(f"vq {self.index}: push_used of buffer id {head}, not in flight")
+            inflight[head] = 0
+            shadow.append(((length & _U32) | (head << 32) | (_WRITE if length else 0), slots))
 
     def has_unflushed(self) -> bool:
         """Whether ``push_used`` queued buffers that ``flush_used`` has not written."""
@@ -856,24 +895,22 @@ class PackedQueueDevice:
 
     def flush_used(self) -> None:
         """Write the queued used descriptors, each one 8-byte store of len|id|flags."""
-        desc, num = self._desc, self.num
+        desc, num, shadow = self._desc, self.num, self._shadow
         pos, wrap = self.used_pos, self.used_wrap
         bits = _used_bits(wrap)
-        moved = 0
-        for bid, length, slots in self._shadow:
-            word = (length & _U32) | (bid << 32) | bits
-            if length:
-                word |= _WRITE  # 2.8.4: the length counts only with WRITE set
-            desc[2 * pos + 1] = word
-            moved += slots
+        start = pos
+        laps = 0
+        for word, slots in shadow:
+            desc[2 * pos + 1] = word | bits
             pos += slots
             if pos >= num:
                 pos -= num
                 wrap ^= 1
                 bits ^= _AU
-        self._shadow.clear()
+                laps += 1
+        shadow.clear()
         self.used_pos, self.used_wrap = pos, wrap
-        self._since_signal += moved
+        self._since_signal += pos - start + laps * num
 
     def needs_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was flushed (vhost_vring_call_packed)."""
