@@ -78,6 +78,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--runs", type=int, default=None,
                    help="runs per case (default 1; 2 with --tap, like the seed)")  # fmt: skip
     p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256)")
+    p.add_argument("--ring", type=_str_list(("split", "packed")), default=None,
+                   metavar="split|packed",
+                   help="virtqueue layout(s); split,packed runs both side by side (default: "
+                        "what both ends negotiate, packed)")  # fmt: skip
     p.add_argument("--mode", choices=("inproc", "vhost-user"), default="inproc",
                    help="inproc: driver and device in this process, the strategies "
                         "interleaved in 50 ms slices (the steadiest A/B); vhost-user: "
@@ -160,16 +164,22 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
     if name == "driver":
         p.add_argument("--strategy", default="deferred", choices=tuple(STRATEGIES),
                        help="rx strategy (without MRG_RXBUF: big or small, as Linux)")  # fmt: skip
-        p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256)")
+        p.add_argument("--queue-size", type=int, default=256,
+                       help="virtqueue size (default 256; packed rings: any 1..32768)")  # fmt: skip
         p.add_argument("--features-off", type=_feature_bits, default=0, metavar="NAMES",
                        help="feature bits not to ack, e.g. MRG_RXBUF (big buffers) or "
-                            "MRG_RXBUF,GUEST_TSO4,GUEST_TSO6 (small ones)")  # fmt: skip
+                            "MRG_RXBUF,GUEST_TSO4,GUEST_TSO6 (small ones), RING_PACKED "
+                            "(split rings)")  # fmt: skip
         p.add_argument("--xdp", metavar="MODULE:FUNCTION",
                        help="run FUNCTION(data, frags) -> XDP action on every received "
                             "frame before any skb (PASS 2, DROP 1, TX 3, REDIRECT 4 to the "
                             "backend, ABORTED 0); MODULE is imported with the current "
                             "directory on sys.path, or given as path/to/file.py; "
                             "built-ins: drop, pass, tx")  # fmt: skip
+    else:
+        p.add_argument("--features-off", type=_feature_bits, default=0, metavar="NAMES",
+                       help="feature bits not to offer, e.g. RING_PACKED (split rings "
+                            "only)")  # fmt: skip
 
 
 def _coalesce(text: str) -> dict[str, int]:
@@ -306,11 +316,13 @@ def cmd_bench(args) -> int:
         return 2
     packets = args.packets or 0
     try:
+        rings = args.ring or ["packed"]  # virtnet's two ends both offer RING_PACKED
         groups = [
             [
                 Case(s, d, p, seconds=args.seconds, queue_size=args.queue_size, packets=packets,
-                     xdp=args.xdp)  # fmt: skip
+                     xdp=args.xdp, ring=r)  # fmt: skip
                 for _ in range(args.runs)
+                for r in rings
                 for s in args.strategies
             ]
             for d in args.directions
@@ -320,9 +332,10 @@ def cmd_bench(args) -> int:
 
         for p in args.payloads:
             FrameGen(p)  # validates the size
-        from virtnet.virtio.ring.layout import check_queue_size
+        from virtnet.virtio.ring.layout import check_packed_queue_size, check_queue_size
 
-        check_queue_size(args.queue_size)
+        for r in rings:
+            (check_packed_queue_size if r == "packed" else check_queue_size)(args.queue_size)
     except ValueError as e:
         print(f"virtnet bench: {e}", file=sys.stderr)
         return 2
@@ -333,11 +346,15 @@ def cmd_bench(args) -> int:
     results = run_groups(groups, group_runner=runner)
     per_case = f"{packets} packets/case" if packets else f"{args.seconds:g}s/case"
     title = (
-        f"virtnet bench ({args.mode}, queue {args.queue_size}, {per_case}) — "
+        f"virtnet bench ({args.mode}, {'/'.join(rings)} rings, queue {args.queue_size}, "
+        f"{per_case}) — "
         f"{machine['cpu']}, {machine['cores']} cores, Python {machine['python']}"
     )
     console = _console()
-    print_report(results, title, console)
+    shown = results
+    if len(rings) > 1:  # side by side: one column per strategy and ring
+        shown = [dict(r, strategy=f"{r['strategy']} {r['ring']}") for r in results]
+    print_report(shown, title, console)
     if args.mode == "vhost-user":
         _round_trips(results, args, console)
     if args.json:
@@ -532,7 +549,8 @@ def cmd_vhost_user(args) -> int:
                 args.faults.reseed(args.seed)
             server = DeviceServer(args.socket_path, backend, printer=_printer(args),
                                   busy_poll_us=args.busy_poll,
-                                  coalesce=args.coalesce, faults=args.faults)  # fmt: skip
+                                  coalesce=args.coalesce, faults=args.faults,
+                                  features_off=args.features_off)  # fmt: skip
             if args.pcap:
                 from virtnet.net.header import MRG_HDR_LEN
                 from virtnet.ports.pcap import PcapWriter
@@ -555,11 +573,11 @@ def cmd_vhost_user(args) -> int:
             return 2
 
         try:
-            from virtnet.net.features import SUPPORTED
+            from virtnet.net.features import OFFERED
 
             client = DriverClient(args.socket_path, backend, strategy=args.strategy,
                                   queue_size=args.queue_size,
-                                  wanted=SUPPORTED & ~args.features_off,
+                                  wanted=OFFERED & ~args.features_off,
                                   busy_poll_us=args.busy_poll,
                                   printer=_printer(args))  # fmt: skip
         except (FrontendError, OSError, ValueError) as e:

@@ -63,6 +63,9 @@ BURST = 32  # testpmd --burst: what --tx-first puts in flight in io/macswap
 VIRTNET_STOP_TIMEOUT = 20.0  # SIGTERM -> JSON written and exited
 VIRTIO_DEBUG = ["pmd.net.virtio.*:debug"]  # virtio_user logs its feature negotiation
 NO_FLUSH = ["--no-flush-rx"]  # count every received frame in the forward statistics
+# net_vhost offers RING_PACKED and virtnet's driver acks it by default: these cases keep
+# split rings (the packed ones are test_dpdk_packed.py).
+SPLIT = ["--features-off", "RING_PACKED"]
 
 # (label, --txpkts): segment lengths; the frame is their sum. 2000,2000,2000 = a 6000-byte
 # frame in 3-segment mbufs: net_vhost spreads it over 2 mergeable 4 KiB buffers.
@@ -286,7 +289,7 @@ def test_testpmd_txonly_to_virtnet_driver(testpmd, virtnet, sock_dir: Path, stra
     frame = _frame_len(size)
     pmd = testpmd(VhostPort(sock), cpus=cpus, forward_mode="txonly", txpkts=SIZES[size])
     off = STRATEGIES[strategy]
-    extra = ["--strategy", strategy, *(["--features-off", off] if off else [])]
+    extra = ["--strategy", strategy, "--features-off", ",".join(filter(None, (off, "RING_PACKED")))]
     drv = virtnet("driver", sock, "sink", cpu=vn_cpu, extra=extra)
     _traffic(pmd, rx=False)
     result = drv.stop()  # the receiver first: net_vhost can enqueue nothing after GET_VRING_BASE
@@ -340,7 +343,7 @@ def test_virtnet_driver_gen_to_testpmd_rxonly(testpmd, virtnet, sock_dir: Path,
     sock = sock_dir / "vh.sock"
     cpus, vn_cpu = _driver_cpus()
     pmd = testpmd(VhostPort(sock), cpus=cpus, forward_mode="rxonly", extra_app=NO_FLUSH)
-    drv = virtnet("driver", sock, f"gen:{size}", cpu=vn_cpu)
+    drv = virtnet("driver", sock, f"gen:{size}", cpu=vn_cpu, extra=SPLIT)
     _traffic(pmd, rx=True)
     result = drv.stop()  # the sender first: it waits until net_vhost used every tx buffer
     settled = pmd.wait_quiescent(timeout=10)
@@ -373,7 +376,7 @@ def test_virtnet_driver_stream_echoed_by_testpmd_io(testpmd, virtnet, sock_dir: 
     sock = sock_dir / "vh.sock"
     cpus, vn_cpu = _driver_cpus()
     pmd = testpmd(VhostPort(sock), cpus=cpus, forward_mode="io", extra_app=NO_FLUSH)
-    drv = virtnet("driver", sock, f"gen:{size}", cpu=vn_cpu)
+    drv = virtnet("driver", sock, f"gen:{size}", cpu=vn_cpu, extra=SPLIT)
     _traffic(pmd, rx=True)
     result = drv.stop()
     final = pmd.stop()
@@ -406,7 +409,7 @@ def test_virtnet_driver_when_testpmd_leaves_first(testpmd, virtnet, sock_dir: Pa
     sock = sock_dir / "vh.sock"
     cpus, vn_cpu = _driver_cpus()
     pmd = testpmd(VhostPort(sock), cpus=cpus, forward_mode="txonly", txpkts=64)
-    drv = virtnet("driver", sock, "sink", cpu=vn_cpu)
+    drv = virtnet("driver", sock, "sink", cpu=vn_cpu, extra=SPLIT)
     _traffic(pmd, rx=False)
     final = pmd.stop()
     drv.wait_exit(15)

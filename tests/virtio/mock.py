@@ -1,4 +1,4 @@
-"""A split virtqueue laid out in test memory, written and read by hand.
+"""Split and packed virtqueues laid out in test memory, written and read by hand.
 
 Like rust-vmm's ``virtio-queue/src/mock.rs``: ``MockSplitQueue`` puts the three
 ring parts, an indirect area and a data area in one bytearray-backed
@@ -24,9 +24,12 @@ from virtnet.virtio.memory import GuestMemory, MemoryRegion
 from virtnet.virtio.ring.layout import (
     DESC_SIZE,
     USED_ELEM_SIZE,
+    PackedAddrs,
+    PackedViews,
     VringAddrs,
     VringViews,
 )
+from virtnet.virtio.ring.packed import PackedQueueDevice, PackedQueueDriver
 from virtnet.virtio.ring.split import IndirectArea, SplitQueueDevice, SplitQueueDriver
 
 # 2.7.5: struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }
@@ -262,3 +265,236 @@ class MockSplitQueue:
     @avail_event.setter
     def avail_event(self, value: int) -> None:
         self._store16(self.addrs.used + 4 + USED_ELEM_SIZE * self.num, value)
+
+
+# -- packed ---------------------------------------------------------------------------------
+
+# 2.8.13: struct pvirtq_desc { le64 addr; le32 len; le16 id; le16 flags; }
+PDESC = struct.Struct("<QIHH")
+# 2.8.10: struct pvirtq_event_suppress { le16 off_wrap; le16 flags; }
+EVENT = struct.Struct("<HH")
+P_AVAIL = 1 << 7
+P_USED = 1 << 15
+
+
+@dataclass(frozen=True)
+class PDesc:
+    addr: int
+    len: int
+    id: int
+    flags: int
+
+
+def avail_flags(wrap: int) -> int:
+    """AVAIL/USED bits of a descriptor made available in a lap with this wrap counter."""
+    return P_AVAIL if wrap else P_USED
+
+
+def used_flags(wrap: int) -> int:
+    return P_AVAIL | P_USED if wrap else 0
+
+
+class MockPackedQueue:
+    """One packed queue of size ``num`` (any 1..32768) in a fresh guest memory.
+
+    Layout: descriptor ring | driver event area | device event area | indirect
+    area | data slots, optionally between ``guard`` areas. ``start`` = (position,
+    wrap counter) puts both sides there, with the ring's flags as a ring that
+    got there would have them. The mock is also a hand-driven driver (``post``)
+    and device (``mark_used``) that may break any rule, all through ``struct``
+    at the spec's byte offsets.
+    """
+
+    def __init__(
+        self,
+        num: int = 16,
+        *,
+        event_idx: bool = False,
+        indirect_max: int = 0,
+        data_slots: int | None = None,
+        gpa: int = DEFAULT_GPA,
+        start: tuple[int, int] = (0, 1),
+        guard: int = 0,
+    ) -> None:
+        self.num = num
+        self.event_idx = event_idx
+        self.gpa = gpa
+        self.addrs = PackedAddrs.contiguous(gpa, num)
+        self.indirect_max = indirect_max
+        self.indirect_gpa = _align(self.addrs.end, DESC_SIZE)
+        indirect_size = IndirectArea.size(num, indirect_max) if indirect_max else 0
+        self.data_gpa = _align(self.indirect_gpa + indirect_size, DATA_SLOT)
+        self.data_slots = num if data_slots is None else data_slots
+        self.size = self.data_gpa + self.data_slots * DATA_SLOT - gpa
+        self.guard = guard
+        self.backing = bytearray([GUARD_BYTE]) * (self.size + 2 * guard)
+        self.backing[guard : guard + self.size] = bytes(self.size)
+        self.buffer = memoryview(self.backing)[guard : guard + self.size]
+        self.memory = GuestMemory([MemoryRegion(gpa, self.buffer)])
+        self.start = start
+        self.avail_pos, self.avail_wrap = start  # the hand driver's next slot
+        self.used_pos, self.used_wrap = start  # the hand device's next slot
+        self.next_id = 0
+        self._lay_flags()
+
+    def _lay_flags(self) -> None:
+        pos, wrap = self.start
+        for i in range(self.num):
+            self.set_flags(i, used_flags(wrap if i < pos else wrap ^ 1))
+
+    # -- the two sides ---------------------------------------------------------
+
+    def views(self) -> PackedViews:
+        return PackedViews.from_memory(self.memory, self.addrs)
+
+    def indirect_area(self) -> IndirectArea:
+        size = IndirectArea.size(self.num, self.indirect_max)
+        view = self.memory.view(self.indirect_gpa, size)
+        return IndirectArea(self.indirect_gpa, view, self.num, self.indirect_max)
+
+    def driver(self, **kwargs) -> PackedQueueDriver:
+        kwargs.setdefault("event_idx", self.event_idx)
+        if self.indirect_max and "indirect" not in kwargs:
+            kwargs["indirect"] = self.indirect_area()
+        drv = PackedQueueDriver(self.views(), **kwargs)
+        pos, wrap = self.start
+        if (pos, wrap) != (0, 1):
+            # A fresh driver starts at slot 0, wrap 1: move it where the mock's ring is.
+            drv.next_avail = drv.last_used = pos
+            drv.avail_wrap = drv.used_wrap = wrap
+            drv._avail_bits = avail_flags(wrap) << 48
+            drv._used_bits = used_flags(wrap) << 48
+            self._lay_flags()
+        return drv
+
+    def device(self, **kwargs) -> PackedQueueDevice:
+        kwargs.setdefault("event_idx", self.event_idx)
+        pos, wrap = self.start
+        kwargs.setdefault("last_avail_idx", pos | wrap << 15)
+        return PackedQueueDevice(self.views(), self.memory, **kwargs)
+
+    # -- guest memory ----------------------------------------------------------
+
+    def data(self, slot: int, offset: int = 0) -> int:
+        if not 0 <= slot < self.data_slots:
+            raise IndexError(f"data slot {slot} of {self.data_slots}")
+        return self.data_gpa + slot * DATA_SLOT + offset
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def guards_intact(self) -> bool:
+        g = self.guard
+        return (
+            self.backing[:g] == bytes([GUARD_BYTE]) * g
+            and self.backing[g + self.size :] == bytes([GUARD_BYTE]) * g
+        )
+
+    def read(self, addr: int, length: int) -> bytes:
+        return self.memory.read(addr, length)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.memory.write(addr, data)
+
+    def _off(self, addr: int) -> int:
+        return addr - self.gpa
+
+    # -- descriptor ring -------------------------------------------------------
+
+    def desc(self, i: int, addr: int, length: int, bid: int = 0, flags: int = 0) -> None:
+        PDESC.pack_into(self.buffer, self._off(self.addrs.desc + DESC_SIZE * i), addr,
+                        length, bid, flags)  # fmt: skip
+
+    def read_desc(self, i: int) -> PDesc:
+        return PDesc(*PDESC.unpack_from(self.buffer, self._off(self.addrs.desc + DESC_SIZE * i)))
+
+    def set_flags(self, i: int, flags: int) -> None:
+        LE16.pack_into(self.buffer, self._off(self.addrs.desc + DESC_SIZE * i + 14), flags)
+
+    def table(self, addr: int, descs: list[tuple[int, int, int, int]]) -> int:
+        """Store an indirect table of (addr, len, id, flags) at ``addr``; its byte length."""
+        for j, d in enumerate(descs):
+            PDESC.pack_into(self.buffer, self._off(addr + DESC_SIZE * j), *d)
+        return DESC_SIZE * len(descs)
+
+    def read_table(self, addr: int, n: int) -> list[PDesc]:
+        return [PDesc(*PDESC.unpack_from(self.buffer, self._off(addr + DESC_SIZE * j)))
+                for j in range(n)]  # fmt: skip
+
+    def is_avail(self, i: int, wrap: int) -> bool:
+        f = self.read_desc(i).flags
+        return bool(f & P_AVAIL) == bool(wrap) and bool(f & P_USED) != bool(wrap)
+
+    def is_used(self, i: int, wrap: int) -> bool:
+        f = self.read_desc(i).flags
+        return bool(f & P_AVAIL) == bool(f & P_USED) == bool(wrap)
+
+    # -- a hand driver: post chains, breaking whichever rule a test wants -------
+
+    def post(
+        self,
+        descs: list[tuple[int, int, int]],
+        bid: int | None = None,
+        *,
+        flip: bool = True,
+        publish_head: bool = True,
+    ) -> int:
+        """Make (addr, len, flags) descriptors available as one chain (NEXT added
+        between them), head flags last; the buffer id goes in every descriptor.
+        ``flip=False`` keeps the old wrap counter's flags past the ring's end;
+        ``publish_head=False`` leaves the head unwritten (a driver that is late)."""
+        if bid is None:
+            bid = self.next_id
+            self.next_id = (self.next_id + 1) % self.num
+        pos, wrap = self.avail_pos, self.avail_wrap
+        head_pos, head = pos, None
+        for k, (addr, length, flags) in enumerate(descs):
+            if k + 1 < len(descs):
+                flags |= 1  # VRING_DESC_F_NEXT
+            entry = (addr, length, bid, flags | avail_flags(wrap))
+            if k == 0:
+                head = entry
+            else:
+                self.desc(pos, *entry)
+            pos += 1
+            if pos == self.num:
+                pos = 0
+                if flip:
+                    wrap ^= 1
+        if publish_head:
+            self.desc(head_pos, *head)
+        self.avail_pos, self.avail_wrap = pos, wrap
+        return head_pos
+
+    # -- a hand device: mark buffers used, breaking whichever rule a test wants --
+
+    def mark_used(self, bid: int, length: int, slots: int = 1, *, flags: int | None = None) -> None:
+        """Write one used descriptor at the hand device's position, skip ``slots``."""
+        pos, wrap = self.used_pos, self.used_wrap
+        f = used_flags(wrap) | (2 if length else 0) if flags is None else flags
+        d = self.read_desc(pos)
+        self.desc(pos, d.addr, length, bid, f)
+        pos += slots
+        if pos >= self.num:
+            pos -= self.num
+            wrap ^= 1
+        self.used_pos, self.used_wrap = pos, wrap
+
+    # -- event suppression areas ---------------------------------------------------
+
+    @property
+    def driver_event(self) -> tuple[int, int]:
+        """(off_wrap, flags) the driver wrote: when it wants used-buffer notifications."""
+        return EVENT.unpack_from(self.buffer, self._off(self.addrs.avail))
+
+    def set_driver_event(self, off_wrap: int, flags: int) -> None:
+        EVENT.pack_into(self.buffer, self._off(self.addrs.avail), off_wrap, flags)
+
+    @property
+    def device_event(self) -> tuple[int, int]:
+        """(off_wrap, flags) the device wrote: when it wants available-buffer notifications."""
+        return EVENT.unpack_from(self.buffer, self._off(self.addrs.used))
+
+    def set_device_event(self, off_wrap: int, flags: int) -> None:
+        EVENT.pack_into(self.buffer, self._off(self.addrs.used), off_wrap, flags)

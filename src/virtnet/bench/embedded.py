@@ -24,8 +24,8 @@ from virtnet.net.xdp import BUILTIN as XDP_BUILTIN
 from virtnet.net.xdp import XdpHook
 from virtnet.ports.backends import GenDriver, strip_hdr
 from virtnet.ports.synthetic import ACK_FRAME, FrameGen, FrameSink
+from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.memory import GuestMemory
-from virtnet.virtio.ring.layout import VringViews
 
 HOST_TO_GUEST = "host-to-guest"
 GUEST_TO_HOST = "guest-to-host"
@@ -43,6 +43,7 @@ class Case:
     features: int = SUPPORTED
     packets: int = 0  # > 0: run until the sink has exactly this many frames, not seconds
     xdp: str | None = None  # a built-in XDP program on the driver's rx (net/xdp.py)
+    ring: str = "split"  # "packed": RING_PACKED negotiated, packed rings (VIRTIO 1.2, 2.8)
 
     def label(self) -> str:
         xdp = f" xdp:{self.xdp}" if self.xdp else ""
@@ -50,12 +51,13 @@ class Case:
 
 
 def make_pair(case: Case, netif_receive_skb: Callable[[SkBuff], None]):
-    layout = GuestLayout(case.queue_size, GuestLayout.pages_for(case.queue_size))
+    packed = case.ring == "packed"
+    features = case.features | bit(VirtioF.RING_PACKED) if packed else case.features
+    layout = GuestLayout(case.queue_size, GuestLayout.pages_for(case.queue_size), packed=packed)
     memory = GuestMemory.from_buffer(bytearray(layout.size))
-    drv = build_driver(memory, layout, case.features, case.strategy,
+    drv = build_driver(memory, layout, features, case.strategy,
                        netif_receive_skb=netif_receive_skb)  # fmt: skip
-    rings = tuple(VringViews.from_memory(memory, a) for a in layout.rings)
-    dev = build_device(memory, rings, case.features)
+    dev = build_device(memory, layout.ring_views(memory), features)
     return drv, dev
 
 
@@ -243,6 +245,7 @@ def result_record(case: Case, mode: str, elapsed: float, sink: FrameSink, run) -
         "direction": case.direction,
         "payload": case.payload,
         "queue_size": case.queue_size,
+        "ring": case.ring,
         "seconds": round(elapsed, 4),
         "packets": st.packets,
         "bytes": st.bytes,

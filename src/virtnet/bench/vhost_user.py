@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from virtnet.bench.embedded import HOST_TO_GUEST, Case
+from virtnet.virtio.features import VirtioF, has
 
 TURN = 1.0  # seconds per turn of one strategy
 START_TIMEOUT = 10.0
@@ -49,10 +50,12 @@ def _one_turn(case: Case, seconds: float, tmp: str) -> tuple[dict, dict]:
             if dev.poll() is not None or time.monotonic() > deadline:
                 raise VhostUserBenchError(f"virtnet device did not start: {dev.stderr.read()}")
             time.sleep(0.02)
+        # Both ends offer RING_PACKED: split rings are asked for by turning it off.
+        ring = ("--features-off", "RING_PACKED") if case.ring == "split" else ()
         drv = subprocess.run(
             _virtnet("driver", "--socket-path", sock, "--backend", drv_backend,
                      "--strategy", case.strategy, "--queue-size", str(case.queue_size),
-                     "--seconds", f"{seconds:g}", "--json", drv_json, "--quiet",
+                     "--seconds", f"{seconds:g}", "--json", drv_json, "--quiet", *ring,
                      *(("--xdp", case.xdp) if case.xdp else ())),
             capture_output=True, text=True, timeout=seconds + 30,
         )  # fmt: skip
@@ -67,6 +70,8 @@ def _one_turn(case: Case, seconds: float, tmp: str) -> tuple[dict, dict]:
             dev.wait()
     with open(drv_json) as f:
         driver = json.load(f)
+    if has(driver.get("features", 0), VirtioF.RING_PACKED) != (case.ring == "packed"):
+        raise VhostUserBenchError(f"{case.ring} rings asked for, features {driver['features']:#x}")
     with open(dev_json) as f:
         device = json.load(f)
     if os.path.exists(sock):
@@ -122,6 +127,7 @@ def _record(case: Case, acc: dict) -> dict:
         "direction": case.direction,
         "payload": case.payload,
         "queue_size": case.queue_size,
+        "ring": case.ring,
         "seconds": round(seconds, 4),
         "cpu_seconds": round(acc["cpu_seconds"], 4),
         "packets": sink.get("sink_packets", 0),

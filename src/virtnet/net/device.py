@@ -16,6 +16,7 @@ from virtnet.net.constants import ETH_DATA_LEN, ETH_HLEN, MAX_GSO_FRAME, VLAN_HL
 from virtnet.net.header import MRG_HDR_LEN, NUM_BUFFERS, NUM_BUFFERS_OFFSET
 from virtnet.net.stats import Stats, device_stats
 from virtnet.virtio.errors import AvailIndexError, DescriptorError
+from virtnet.virtio.ring.packed import PackedQueueDevice
 from virtnet.virtio.ring.split import Chain, SplitQueueDevice
 
 ZERO_HDR = bytes(MRG_HDR_LEN)
@@ -72,8 +73,8 @@ class VirtnetDevice:
 
     def __init__(
         self,
-        rxq: SplitQueueDevice,
-        txq: SplitQueueDevice,
+        rxq: SplitQueueDevice | PackedQueueDevice,
+        txq: SplitQueueDevice | PackedQueueDevice,
         *,
         mergeable: bool = True,
         hdr_len: int = MRG_HDR_LEN,
@@ -139,7 +140,7 @@ class VirtnetDevice:
         else:
             self.tx_broken = True
 
-    def _refuse(self, q: SplitQueueDevice, e: DescriptorError) -> None:
+    def _refuse(self, q: SplitQueueDevice | PackedQueueDevice, e: DescriptorError) -> None:
         self.stats.desc_errors += 1
         self.last_error = str(e)
         if e.head is not None:
@@ -428,4 +429,7 @@ class VirtnetDevice:
     @property
     def last_avail_idx(self) -> tuple[int, int]:
         """(rx, tx) as GET_VRING_BASE reports them: cached chains count as not taken."""
-        return ((self.rxq.last_avail_idx - len(self._rx_cache)) & 0xFFFF, self.txq.last_avail_idx)
+        rxq, cached = self.rxq, len(self._rx_cache)
+        if isinstance(rxq, PackedQueueDevice):  # index | wrap << 15: chains took unequal slots
+            return (rxq.vring_base(cached), self.txq.last_avail_idx)
+        return ((rxq.last_avail_idx - cached) & 0xFFFF, self.txq.last_avail_idx)

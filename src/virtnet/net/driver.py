@@ -17,6 +17,7 @@ from virtnet.net.rx import STRATEGIES, RxStrategy
 from virtnet.net.skb import PagePool, SkbAllocator, SkBuff
 from virtnet.net.stats import Stats
 from virtnet.virtio.errors import QueueFullError, UsedIndexError, UsedRingError
+from virtnet.virtio.ring.packed import PackedQueueDriver
 from virtnet.virtio.ring.split import SplitQueueDriver
 
 # A tx header slot: the virtio-net header followed by up to this much linear
@@ -71,8 +72,8 @@ class VirtnetDriver:
 
     def __init__(
         self,
-        rvq: SplitQueueDriver,
-        svq: SplitQueueDriver,
+        rvq: SplitQueueDriver | PackedQueueDriver,
+        svq: SplitQueueDriver | PackedQueueDriver,
         pool: PagePool,
         *,
         strategy: str = "deferred",

@@ -92,6 +92,10 @@ SUPPORTED = (
     | bit(VirtioF.RING_INDIRECT_DESC)
     | bit(VirtioF.VERSION_1)
 )
+# What virtnet's device offers and its vhost-user driver acks by default: SUPPORTED
+# on either ring layout. In-process pairs (tests, the embedded bench) use SUPPORTED,
+# split rings, unless they ask for RING_PACKED (GuestLayout.for_features).
+OFFERED = SUPPORTED | bit(VirtioF.RING_PACKED)
 
 
 def names(features: int) -> list[str]:

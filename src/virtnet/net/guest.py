@@ -7,7 +7,7 @@ way whatever carries the notifications.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from virtnet.net.constants import ETH_DATA_LEN, MAX_SKB_FRAGS, PAGE_SIZE
 from virtnet.net.device import VirtnetDevice
@@ -18,13 +18,17 @@ from virtnet.net.skb import PagePool
 from virtnet.net.stats import device_stats, driver_stats
 from virtnet.virtio.features import VirtioF, has
 from virtnet.virtio.memory import GuestMemory
-from virtnet.virtio.ring.layout import VringAddrs, VringViews
+from virtnet.virtio.ring.layout import PackedAddrs, PackedViews, VringAddrs, VringViews
+from virtnet.virtio.ring.packed import PackedQueueDevice, PackedQueueDriver
 from virtnet.virtio.ring.split import IndirectArea, SplitQueueDevice, SplitQueueDriver
 
 # Linux caps indirect tables at the queue size; virtnet's tx needs 1 + MAX_SKB_FRAGS
 # and big rx MAX_SKB_FRAGS, so 20 entries per table is enough and keeps the area small.
 INDIRECT_MAX_DESCS = 20
 RX, TX = 0, 1
+# A packed ring's vring base before anything moved: index 0, wrap counter 1 (2.8.1),
+# what QEMU and DPDK's virtio_user send in SET_VRING_BASE.
+FRESH_PACKED_BASE = 1 << 15
 
 
 def _page_align(x: int) -> int:
@@ -33,17 +37,34 @@ def _page_align(x: int) -> int:
 
 @dataclass(frozen=True)
 class GuestLayout:
-    """[rx ring][tx ring][rx indirect][tx indirect][pages ...], page aligned."""
+    """[rx ring][tx ring][rx indirect][tx indirect][pages ...], page aligned.
+
+    ``packed``: the rings are packed (2.8): descriptors then the driver and
+    device event areas, in less room than a split ring of the same size, and
+    any size 1..32768.
+    """
 
     queue_size: int
     npages: int
     base: int = 0
+    packed: bool = False
 
     @property
-    def rings(self) -> tuple[VringAddrs, VringAddrs]:
-        rx = VringAddrs.contiguous(self.base, self.queue_size)
-        tx = VringAddrs.contiguous(_page_align(rx.end), self.queue_size)
+    def rings(self) -> tuple[VringAddrs, VringAddrs] | tuple[PackedAddrs, PackedAddrs]:
+        addrs = PackedAddrs if self.packed else VringAddrs
+        rx = addrs.contiguous(self.base, self.queue_size)
+        tx = addrs.contiguous(_page_align(rx.end), self.queue_size)
         return rx, tx
+
+    def ring_views(self, memory) -> tuple[VringViews, VringViews] | tuple[PackedViews, PackedViews]:
+        """The (rx, tx) rings' typed views in ``memory`` (in-process device side)."""
+        views = PackedViews if self.packed else VringViews
+        rx, tx = self.rings
+        return views.from_memory(memory, rx), views.from_memory(memory, tx)
+
+    def for_features(self, features: int) -> GuestLayout:
+        """This layout with the ring kind the negotiated features say."""
+        return replace(self, packed=has(features, VirtioF.RING_PACKED))
 
     @property
     def indirect(self) -> tuple[int, int]:
@@ -93,14 +114,19 @@ def build_driver(
     page_limit: int | None = None,
     netif_receive_skb=None,
 ) -> VirtnetDriver:
-    """A driver over the rings at ``layout`` in ``memory``, for ``features``."""
+    """A driver over the rings at ``layout`` in ``memory``, for ``features``
+    (packed rings when RING_PACKED was negotiated: ``layout.for_features``)."""
     event_idx = has(features, VirtioF.RING_EVENT_IDX)
     indirect = has(features, VirtioF.RING_INDIRECT_DESC)
+    _check_kind(layout.packed, features)
+    ring_cls, views = (
+        (PackedQueueDriver, PackedViews) if layout.packed else (SplitQueueDriver, VringViews)
+    )
     queues = []
     for q, addrs in enumerate(layout.rings):
         queues.append(
-            SplitQueueDriver(
-                VringViews.from_memory(memory, addrs),
+            ring_cls(
+                views.from_memory(memory, addrs),
                 event_idx=event_idx,
                 indirect=layout.indirect_area(memory, q) if indirect else None,
                 index=q,
@@ -118,17 +144,34 @@ def build_driver(
     )
 
 
+def _check_kind(packed: bool, features: int) -> None:
+    if packed != has(features, VirtioF.RING_PACKED):
+        raise ValueError(
+            f"{'packed' if packed else 'split'} rings, but RING_PACKED was "
+            f"{'not ' if packed else ''}negotiated"
+        )
+
+
 def build_device(
     memory: GuestMemory,
-    rings: tuple[VringViews, VringViews],
+    rings: tuple[VringViews, VringViews] | tuple[PackedViews, PackedViews],
     features: int,
-    last_avail: tuple[int, int] = (0, 0),
+    last_avail: tuple[int, int] | None = None,
     mtu: int = ETH_DATA_LEN,
 ) -> VirtnetDevice:
-    """A device over already-translated ring views (vhost-user gives front-end addresses)."""
+    """A device over already-translated ring views (vhost-user gives front-end addresses).
+
+    ``last_avail``: where each ring starts, as SET_VRING_BASE says (packed: index |
+    wrap counter << 15); by default a fresh ring's start.
+    """
     event_idx = has(features, VirtioF.RING_EVENT_IDX)
+    packed = isinstance(rings[0], PackedViews)
+    _check_kind(packed, features)
+    ring_cls = PackedQueueDevice if packed else SplitQueueDevice
+    if last_avail is None:
+        last_avail = (FRESH_PACKED_BASE, FRESH_PACKED_BASE) if packed else (0, 0)
     rxq, txq = (
-        SplitQueueDevice(ring, memory, event_idx=event_idx, last_avail_idx=base, index=q)
+        ring_cls(ring, memory, event_idx=event_idx, last_avail_idx=base, index=q)
         for q, (ring, base) in enumerate(zip(rings, last_avail, strict=True))
     )
     return VirtnetDevice(

@@ -25,7 +25,7 @@ from virtnet.net.coalesce import IrqCoalescer
 from virtnet.net.device import VirtnetDevice
 from virtnet.net.faults import FaultPlan
 from virtnet.net.features import (
-    SUPPORTED,
+    OFFERED,
     NetConfig,
     VirtioNetF,
     missing_requirements,
@@ -59,8 +59,11 @@ from virtnet.vhost_user.runclock import RunClock
 from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.ring.layout import (
+    EVENT_SUPPRESS_SIZE,
+    PackedViews,
     VringViews,
     avail_ring_size,
+    check_packed_queue_size,
     check_queue_size,
     desc_table_size,
     used_ring_size,
@@ -70,7 +73,7 @@ log = logging.getLogger("virtnet.device")
 
 NUM_QUEUES = 2  # one pair: 0 = receiveq1 (device → driver), 1 = transmitq1
 RX_Q, TX_Q = 0, 1
-BACKEND_FEATURES = SUPPORTED | bit(VHOST_USER_F_PROTOCOL_FEATURES)
+BACKEND_FEATURES = OFFERED | bit(VHOST_USER_F_PROTOCOL_FEATURES)
 PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ)
     | bit(ProtocolFeature.REPLY_ACK)
@@ -111,6 +114,7 @@ class BackendSession:
     """One front-end connection: negotiation, memory, vrings → a VirtnetDevice."""
 
     config: NetConfig = field(default_factory=NetConfig)
+    offered: int = BACKEND_FEATURES  # less what `virtnet device --features-off` names
     features: int = 0
     protocol_features: int = 0
     memory: MappedMemory | None = None
@@ -157,11 +161,11 @@ class BackendSession:
     # -- features -------------------------------------------------------------
 
     def _get_features(self, msg: Message) -> Message:
-        return reply(msg, U64(BACKEND_FEATURES))
+        return reply(msg, U64(self.offered))
 
     def _set_features(self, msg: Message) -> None:
         wanted = msg.payload.value
-        extra = wanted & ~BACKEND_FEATURES
+        extra = wanted & ~self.offered
         if extra:
             raise BackendError(f"features {' '.join(names(extra))} were never offered")
         if not wanted & (bit(VirtioF.VERSION_1) | bit(VirtioNetF.MRG_RXBUF)):
@@ -267,12 +271,19 @@ class BackendSession:
         st: VringState = msg.payload
         vr = self._vring(st.index)
         try:
-            check_queue_size(st.num)
+            (check_packed_queue_size if self.packed else check_queue_size)(st.num)
         except ValueError as e:
             raise BackendError(f"vring {st.index}: {e}") from None
         vr.num = st.num
 
+    @property
+    def packed(self) -> bool:
+        return bool(self.features & bit(VirtioF.RING_PACKED))
+
     def _set_vring_base(self, msg: Message) -> None:
+        # Packed: bits 0-14 the next avail index, bit 15 its wrap counter; bits 16-31
+        # (used) are not needed: at a ring's start every buffer was returned, used ==
+        # avail (DPDK's vhost reads it the same way). Checked against the size at start.
         st: VringState = msg.payload
         self._vring(st.index).base = st.num & 0xFFFF
 
@@ -288,6 +299,8 @@ class BackendSession:
         vr = self._vring(st.index)
         self._stop_device()  # the device needs both rings; the other restarts with it
         base = vr.base
+        if self.packed:
+            base |= base << 16  # vhost-user.rst: bits 16-31 the used index and wrap counter
         vr.started = False
         vr.close_fds()
         self.changed = True
@@ -350,20 +363,35 @@ class BackendSession:
         log.info("device running: queue sizes %d/%d, bases %s",
                  self.vrings[RX_Q].num, self.vrings[TX_Q].num, bases)  # fmt: skip
 
-    def _ring_views(self, index: int, num: int, addr: VringAddr) -> VringViews:
-        """The ring's three parts in the mapped memory; BackendError names the part."""
+    def _ring_views(self, index: int, num: int, addr: VringAddr) -> VringViews | PackedViews:
+        """The ring's three parts in the mapped memory; BackendError names the part.
+
+        Packed: SET_VRING_ADDR's descriptor / avail / used addresses are the
+        descriptor ring, the driver and the device event suppression areas.
+        """
         mem = self.memory.memory
+        if self.packed:
+            parts = (
+                ("descriptor ring", addr.desc_user_addr, desc_table_size(num)),
+                ("driver event area", addr.avail_user_addr, EVENT_SUPPRESS_SIZE),
+                ("device event area", addr.used_user_addr, EVENT_SUPPRESS_SIZE),
+            )
+        else:
+            parts = (
+                ("descriptor table", addr.desc_user_addr, desc_table_size(num)),
+                ("available ring", addr.avail_user_addr, avail_ring_size(num)),
+                ("used ring", addr.used_user_addr, used_ring_size(num)),
+            )
         views = []
-        for part, uva, size in (
-            ("descriptor table", addr.desc_user_addr, desc_table_size(num)),
-            ("available ring", addr.avail_user_addr, avail_ring_size(num)),
-            ("used ring", addr.used_user_addr, used_ring_size(num)),
-        ):
+        for part, uva, size in parts:
             try:
                 views.append(mem.view_uva(uva, size))
             except MemoryAccessError as e:
                 raise BackendError(f"vring {index} {part}: {e}") from None
-        return VringViews(num, *views)
+        try:
+            return (PackedViews if self.packed else VringViews)(num, *views)
+        except ValueError as e:
+            raise BackendError(f"vring {index}: {e}") from None
 
     def _stop_device(self) -> None:
         if self.device is not None:
@@ -415,9 +443,14 @@ class DeviceServer:
         busy_poll_us: int = 0,
         coalesce: dict[str, int] | None = None,
         faults: FaultPlan | None = None,
+        features_off: int = 0,
     ) -> None:
         self.faults = faults
         self.busy_poll = busy_poll_us / 1e6
+        self.offered = BACKEND_FEATURES & ~features_off  # e.g. RING_PACKED off: split only
+        if faults is not None:
+            # The injected lies (bogus ids, used index jumps) are written for split rings.
+            self.offered &= ~bit(VirtioF.RING_PACKED)
         c = DEFAULT_COALESCE | (coalesce or {})
         self.coalesce = {
             RX_Q: IrqCoalescer(c["rx-usecs"], c["rx-frames"]),
@@ -451,7 +484,7 @@ class DeviceServer:
             sock.close()
             return
         self.channel = Channel(sock, replies=False)
-        self.session = BackendSession(faults=self.faults)
+        self.session = BackendSession(faults=self.faults, offered=self.offered)
         self.sessions += 1
         self.backend.on_connect()
         self._ep.register(sock.fileno(), select.EPOLLIN)

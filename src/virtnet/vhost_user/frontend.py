@@ -19,13 +19,14 @@ import time
 
 from virtnet.net.driver import VirtnetDriver
 from virtnet.net.features import (
+    OFFERED,
     SUPPORTED,
     VirtioNetF,
     missing_requirements,
     names,
     negotiate,
 )
-from virtnet.net.guest import RX, TX, GuestLayout, build_driver
+from virtnet.net.guest import FRESH_PACKED_BASE, RX, TX, GuestLayout, build_driver
 from virtnet.ports.backends import DriverBackend, LoopbackDriver
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.errors import VhostUserProtocolError
@@ -45,7 +46,7 @@ from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
 from virtnet.vhost_user.runclock import RunClock
-from virtnet.virtio.features import bit
+from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.memory import GuestMemory, MemoryRegion
 
 log = logging.getLogger("virtnet.driver")
@@ -97,7 +98,7 @@ class DriverClient:
         *,
         strategy: str = "deferred",
         queue_size: int = 256,
-        wanted: int = SUPPORTED,
+        wanted: int = OFFERED,
         connect_timeout: float = 10.0,
         printer=None,
         busy_poll_us: int = 0,
@@ -109,7 +110,10 @@ class DriverClient:
         self.queue_size = queue_size
         self.wanted = wanted
         self.printer = printer
-        self.layout = GuestLayout(queue_size, GuestLayout.pages_for(queue_size))
+        # A split layout when the size allows one (packed rings fit in its room, so the
+        # memfd is big enough either way); setup() switches to what was negotiated.
+        pow2 = queue_size > 0 and not queue_size & (queue_size - 1)
+        self.layout = GuestLayout(queue_size, GuestLayout.pages_for(queue_size), packed=not pow2)
         self.channel = Channel(self._connect(connect_timeout), replies=True)
         self.guest = GuestMemfd(self.layout.size)
         self.kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
@@ -184,6 +188,13 @@ class DriverClient:
             offered & bit(VHOST_USER_F_PROTOCOL_FEATURES)
         )
         log.info("features %#x: %s", self.features, " ".join(names(self.features)))
+        packed = bool(self.features & bit(VirtioF.RING_PACKED))
+        if self.layout.packed and not packed:
+            raise FrontendError(
+                f"queue size {self.queue_size} is not a power of 2: it needs packed rings, "
+                "and RING_PACKED was not negotiated"
+            )
+        self.layout = self.layout.for_features(self.features)
         self._send(Req.SET_FEATURES, U64(self.features))
         self.backend.on_features(self.features)
         self._set_mem_table()
@@ -199,7 +210,9 @@ class DriverClient:
             self.backend.drv = self.drv
         for q, addrs in enumerate(self.layout.rings):
             self._send(Req.SET_VRING_NUM, VringState(q, self.queue_size))
-            self._send(Req.SET_VRING_BASE, VringState(q, 0))
+            # Packed: index 0, wrap counter 1, for avail (bits 0-15) and used (16-31), as QEMU.
+            base = FRESH_PACKED_BASE | FRESH_PACKED_BASE << 16 if packed else 0
+            self._send(Req.SET_VRING_BASE, VringState(q, base))
             uva = self.guest.uva
             self._send(Req.SET_VRING_ADDR, VringAddr(
                 q, 0, uva + addrs.desc, uva + addrs.used, uva + addrs.avail, 0))  # fmt: skip

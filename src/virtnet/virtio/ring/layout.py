@@ -1,9 +1,14 @@
-"""Split virtqueue wire layout (VIRTIO 1.2, 2.7: "Split Virtqueues").
+"""Virtqueue wire layouts: split (VIRTIO 1.2, 2.7) and packed (2.8).
 
     struct virtq_desc  { le64 addr; le32 len; le16 flags; le16 next; };  16 bytes
     struct virtq_avail { le16 flags; le16 idx; le16 ring[N]; le16 used_event; };
     struct virtq_used  { le16 flags; le16 idx; struct { le32 id; le32 len; } ring[N];
                          le16 avail_event; };
+
+Packed (2.8.13, 2.8.10):
+
+    struct pvirtq_desc { le64 addr; le32 len; le16 id; le16 flags; };       16 bytes
+    struct pvirtq_event_suppress { le16 off_wrap; le16 flags; };            4 bytes
 
 The ring objects access these through memoryview casts ('Q', 'I', 'H'), which
 are native-endian: correct only on a little-endian host, checked at import.
@@ -36,6 +41,17 @@ DESC_ALIGN = 16
 AVAIL_ALIGN = 2
 USED_ALIGN = 4
 
+# 2.8.1/2.8.10: packed descriptor flags besides NEXT/WRITE/INDIRECT, and the
+# event suppression structure each side writes for the other.
+VRING_PACKED_DESC_F_AVAIL = 1 << 7
+VRING_PACKED_DESC_F_USED = 1 << 15
+VRING_PACKED_EVENT_FLAG_ENABLE = 0
+VRING_PACKED_EVENT_FLAG_DISABLE = 1
+VRING_PACKED_EVENT_FLAG_DESC = 2  # only with VIRTIO_F_RING_EVENT_IDX
+VRING_PACKED_EVENT_F_WRAP_CTR = 15  # off_wrap bit 15: the wrap counter, bits 0-14: offset
+EVENT_SUPPRESS_SIZE = 4
+EVENT_SUPPRESS_ALIGN = 4
+
 
 def desc_table_size(num: int) -> int:
     return DESC_SIZE * num
@@ -57,6 +73,12 @@ def check_queue_size(num: int) -> None:
     # 2.7: split queue sizes are powers of 2, at most 32768.
     if not (1 <= num <= VIRTQUEUE_MAX_SIZE) or num & (num - 1):
         raise ValueError(f"queue size {num} is not a power of 2 in 1..{VIRTQUEUE_MAX_SIZE}")
+
+
+def check_packed_queue_size(num: int) -> None:
+    # 2.8: "Packed virtqueues support up to 2^15 entries each"; any size, powers of 2 or not.
+    if not 1 <= num <= VIRTQUEUE_MAX_SIZE:
+        raise ValueError(f"packed queue size {num} is not in 1..{VIRTQUEUE_MAX_SIZE}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +106,70 @@ class VringAddrs:
     @staticmethod
     def area_size(num: int) -> int:
         return VringAddrs.contiguous(0, num).end + DESC_ALIGN
+
+
+@dataclass(frozen=True)
+class PackedAddrs:
+    """Guest-physical addresses of one packed ring's three areas (2.8.10.1, 2.8.13).
+
+    ``avail``/``used`` name the driver and device event suppression areas, so
+    that code (and SET_VRING_ADDR) that passes (desc, avail, used) for a split
+    ring passes the packed ring's (descriptor, driver, device) areas unchanged.
+    """
+
+    num: int
+    desc: int
+    avail: int  # driver event suppression: the driver writes, the device reads
+    used: int  # device event suppression: the device writes, the driver reads
+
+    @classmethod
+    def contiguous(cls, base: int, num: int) -> PackedAddrs:
+        check_packed_queue_size(num)
+        desc = _align(base, DESC_ALIGN)
+        avail = _align(desc + desc_table_size(num), EVENT_SUPPRESS_ALIGN)
+        used = _align(avail + EVENT_SUPPRESS_SIZE, EVENT_SUPPRESS_ALIGN)
+        return cls(num, desc, avail, used)
+
+    @property
+    def end(self) -> int:
+        return self.used + EVENT_SUPPRESS_SIZE
+
+    @staticmethod
+    def area_size(num: int) -> int:
+        return PackedAddrs.contiguous(0, num).end + DESC_ALIGN
+
+
+class PackedViews:
+    """Typed views of one packed ring: descriptors and the two event areas."""
+
+    __slots__ = ("num", "desc", "driver", "device")
+
+    def __init__(self, num: int, desc: memoryview, driver: memoryview, device: memoryview) -> None:
+        check_packed_queue_size(num)
+        if desc.nbytes < desc_table_size(num):
+            raise ValueError(f"descriptor ring of {desc.nbytes} bytes is short for {num}")
+        if driver.nbytes < EVENT_SUPPRESS_SIZE or device.nbytes < EVENT_SUPPRESS_SIZE:
+            raise ValueError("an event suppression area is shorter than 4 bytes")
+        self.num = num
+        # desc[2*i] = addr, desc[2*i+1] = len | id << 32 | flags << 48
+        self.desc = desc[: desc_table_size(num)].cast("Q")
+        # driver[0] / device[0] = off_wrap, [1] = flags
+        self.driver = driver[:EVENT_SUPPRESS_SIZE].cast("H")
+        self.device = device[:EVENT_SUPPRESS_SIZE].cast("H")
+
+    @classmethod
+    def from_memory(cls, memory, addrs: PackedAddrs | VringAddrs) -> PackedViews:
+        num = addrs.num
+        return cls(
+            num,
+            memory.view(addrs.desc, desc_table_size(num)),
+            memory.view(addrs.avail, EVENT_SUPPRESS_SIZE),
+            memory.view(addrs.used, EVENT_SUPPRESS_SIZE),
+        )
+
+    def release(self) -> None:
+        for v in (self.desc, self.driver, self.device):
+            v.release()
 
 
 def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:

@@ -1,0 +1,947 @@
+"""Packed virtqueue, driver side and device side (VIRTIO 1.2, 2.8).
+
+One ring of 16-byte descriptors that both sides write: the driver makes a
+descriptor available by writing its flags with AVAIL = its wrap counter and
+USED = the inverse; the device marks a buffer used by writing one descriptor
+(the buffer id, the length written) with AVAIL = USED = its wrap counter, at
+its own used position, and skips as many ring slots as the buffer took. Each
+wrap counter flips when its side's position passes the end of the ring, so a
+queue size need not be a power of two.
+
+``PackedQueueDriver`` mirrors Linux's virtqueue_add_packed / detach_buf_packed
+(drivers/virtio/virtio_ring.c): buffer ids come from a private free list and
+everything about a buffer in flight (descriptor count, token, writable length)
+is kept in a private shadow, never read back from the ring — the device could
+have written anything there. ``PackedQueueDevice`` follows DPDK's vhost
+(fill_vec_buf_packed, vhost_flush_*_shadow_packed, vhost_vring_call_packed):
+``pop`` validates a whole chain and every broken rule is a typed error naming
+the queue; one bad buffer is consumed and handed back with length 0 when its id
+is usable, a ring that cannot be walked stops the queue (``AvailIndexError``).
+
+Both classes have exactly the interface of their split counterparts, so
+``net/`` does not know which ring it runs on.
+
+Memory order: a descriptor's second word (len | id << 32 | flags << 48) is one
+aligned 8-byte store/load, so flags, id and length are seen together; the
+driver stores a chain's other descriptors and the head's address before the
+head's flags word, and the device loads a word before the address next to it.
+x86 keeps stores with stores and loads with loads in order (TSO).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from virtnet.virtio.errors import (
+    AvailIndexError,
+    DescriptorError,
+    QueueFullError,
+    UsedRingError,
+)
+from virtnet.virtio.memory import GuestMemory
+from virtnet.virtio.ring.layout import (
+    DESC_SIZE,
+    MAX_CHAIN_BYTES,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_PACKED_DESC_F_AVAIL,
+    VRING_PACKED_DESC_F_USED,
+    VRING_PACKED_EVENT_F_WRAP_CTR,
+    VRING_PACKED_EVENT_FLAG_DESC,
+    VRING_PACKED_EVENT_FLAG_DISABLE,
+    VRING_PACKED_EVENT_FLAG_ENABLE,
+    PackedViews,
+    virtio_mb,
+)
+from virtnet.virtio.ring.split import Chain, IndirectArea, Segment
+
+# Flags as they sit in a descriptor's second 64-bit word.
+_NEXT = VRING_DESC_F_NEXT << 48
+_WRITE = VRING_DESC_F_WRITE << 48
+_INDIRECT = VRING_DESC_F_INDIRECT << 48
+_AVAIL = VRING_PACKED_DESC_F_AVAIL << 48
+_USED = VRING_PACKED_DESC_F_USED << 48
+_AU = _AVAIL | _USED
+_U32 = 0xFFFFFFFF
+_WRAP = 1 << VRING_PACKED_EVENT_F_WRAP_CTR
+_OFF = _WRAP - 1
+# An indirect table has no next field: its entries are walked in order, all of
+# them. Past 2^16 entries it is refused rather than walked (vhost's cap for split).
+_MAX_INDIRECT = 1 << 16
+
+
+def _avail_bits(wrap: int) -> int:
+    """AVAIL/USED of a descriptor made available in a lap with this wrap counter."""
+    return _AVAIL if wrap else _USED
+
+
+def _used_bits(wrap: int) -> int:
+    """AVAIL/USED of a descriptor marked used in a lap with this wrap counter."""
+    return _AU if wrap else 0
+
+
+def encode_base(pos: int, wrap: int) -> int:
+    """vhost-user's packed vring base: bits 0-14 the index, bit 15 the wrap counter."""
+    return pos | (wrap << VRING_PACKED_EVENT_F_WRAP_CTR)
+
+
+def decode_base(base: int, num: int) -> tuple[int, int]:
+    """(index, wrap counter) of a vhost-user packed vring base; bits 16-31 (used) ignored,
+    as DPDK does: at SET_VRING_BASE every buffer was returned, used == avail."""
+    pos = base & _OFF
+    if pos >= num:
+        raise ValueError(f"packed vring base {base:#x}: index {pos} >= queue size {num}")
+    return pos, (base >> VRING_PACKED_EVENT_F_WRAP_CTR) & 1
+
+
+_new = object.__new__
+
+
+def _chain(head, readable, writable, segments, in_len, out_len) -> Chain:
+    c = _new(Chain)  # every slot set here: no __init__ lists to throw away
+    c.head = head
+    c.readable = readable
+    c.writable = writable
+    c.segments = segments
+    c.in_len = in_len
+    c.out_len = out_len
+    return c
+
+
+class PackedQueueDriver:
+    """The driver's half of a packed virtqueue (Linux: struct vring_virtqueue, packed)."""
+
+    def __init__(
+        self,
+        ring: PackedViews,
+        *,
+        event_idx: bool = False,
+        indirect: IndirectArea | None = None,
+        index: int = 0,
+    ) -> None:
+        num = ring.num
+        self.ring = ring
+        self.num = num
+        self.index = index
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._desc = ring.desc
+        self._driver = ring.driver  # ours: used-buffer notification suppression
+        self._device = ring.device  # the device's: available-buffer notification suppression
+        # Shadow state, per buffer id: the free list, token, writable length, descriptors.
+        self._next = list(range(1, num)) + [0]
+        self._token: list[Any] = [None] * num
+        self._in_len = [0] * num
+        self._ndescs = [0] * num
+        self.free_head = 0
+        self.num_free = num
+        self.num_added = 0  # descriptors made available since the last kick_prepare
+        self.next_avail = 0
+        self.avail_wrap = 1  # 2.8.1: both wrap counters start at 1
+        self._avail_bits = _avail_bits(1)
+        self.last_used = 0
+        self.used_wrap = 1
+        self._used_bits = _used_bits(1)
+        self.cb_disabled = False
+        self._event_flags = VRING_PACKED_EVENT_FLAG_ENABLE
+        # BAD_RING: a used descriptor naming no buffer in flight says nothing of how
+        # many slots to skip; the queue gives nothing more back (vq->broken).
+        self.broken = False
+        self._desc.cast("B")[:] = bytes(DESC_SIZE * num)  # flags 0: nothing available
+        self._driver[0] = 0
+        self._driver[1] = VRING_PACKED_EVENT_FLAG_ENABLE
+
+    # -- adding buffers -------------------------------------------------------
+
+    def _advance(self, i: int) -> int:
+        i += 1
+        if i == self.num:
+            i = 0
+            self.avail_wrap ^= 1
+            self._avail_bits ^= _AU
+        return i
+
+    def add_inbuf(self, addr: int, length: int, token: Any) -> int:
+        """One device-writable descriptor (virtqueue_add_inbuf with one sg); the buffer id."""
+        return self._add_one(addr, (length & _U32) | _WRITE, length, token)
+
+    def add_outbuf(self, addr: int, length: int, token: Any) -> int:
+        """One device-readable descriptor (virtqueue_add_outbuf with one sg); the buffer id."""
+        return self._add_one(addr, length & _U32, 0, token)
+
+    def _add_one(self, addr: int, word: int, in_len: int, token: Any) -> int:
+        if not self.num_free:
+            raise QueueFullError(f"vq {self.index}: no free descriptor")
+        if token is None:
+            raise ValueError("token must not be None")
+        bid = self.free_head
+        self.free_head = self._next[bid]
+        self.num_free -= 1
+        i = self.next_avail
+        self._desc[2 * i] = addr
+        self._desc[2 * i + 1] = word | (bid << 32) | self._avail_bits
+        self._token[bid] = token
+        self._in_len[bid] = in_len
+        self._ndescs[bid] = 1
+        i += 1
+        if i == self.num:
+            i = 0
+            self.avail_wrap ^= 1
+            self._avail_bits ^= _AU
+        self.next_avail = i
+        self.num_added += 1
+        return bid
+
+    def add_inbufs(self, bufs: Sequence[tuple[int, int, Any]]) -> int:
+        """Many one-descriptor writable buffers, (addr, length, token) each; how many fit."""
+        n = min(len(bufs), self.num_free)
+        if not n:
+            return 0
+        desc, nxt, tokens, in_len, ndescs = (
+            self._desc, self._next, self._token, self._in_len, self._ndescs
+        )  # fmt: skip
+        num = self.num
+        bid = self.free_head
+        i = self.next_avail
+        bits = self._avail_bits | _WRITE
+        bad = False
+        for k in range(n):
+            addr, length, token = bufs[k]
+            if token is None:
+                n, bad = k, True  # the ones before are in
+                break
+            desc[2 * i] = addr
+            desc[2 * i + 1] = (length & _U32) | (bid << 32) | bits
+            tokens[bid] = token
+            in_len[bid] = length
+            ndescs[bid] = 1
+            bid = nxt[bid]
+            i += 1
+            if i == num:
+                i = 0
+                self.avail_wrap ^= 1
+                self._avail_bits ^= _AU
+                bits ^= _AU
+        self.free_head = bid
+        self.num_free -= n
+        self.next_avail = i
+        self.num_added += n
+        if bad:
+            raise ValueError(f"token must not be None (buffer {n} of the burst; {n} added)")
+        return n
+
+    def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: Any) -> int:
+        """A chain of readable ``out`` then writable ``in_`` segments (virtqueue_add_packed)."""
+        total = len(out) + len(in_)
+        if total == 0:
+            raise ValueError("a buffer needs at least one segment")
+        if token is None:
+            raise ValueError("token must not be None")
+        ind = self.indirect
+        if ind is not None and 1 < total <= ind.max_descs and self.num_free:
+            return self._add_indirect(out, in_, token)
+        if self.num_free < total:
+            raise QueueFullError(
+                f"vq {self.index}: {total} descriptors wanted, {self.num_free} free"
+            )
+        desc, num = self._desc, self.num
+        bid = self.free_head
+        self.free_head = self._next[bid]
+        idbits = bid << 32
+        head = i = self.next_avail
+        head_word = 0
+        in_len = 0
+        n = 0
+        for segs, wflag in ((out, 0), (in_, _WRITE)):
+            for addr, length in segs:
+                n += 1
+                word = (length & _U32) | idbits | wflag | self._avail_bits
+                if n < total:
+                    word |= _NEXT
+                if wflag:
+                    in_len += length
+                desc[2 * i] = addr
+                if i == head:
+                    head_word = word  # stored last: it makes the whole chain available
+                else:
+                    desc[2 * i + 1] = word
+                i += 1
+                if i == num:
+                    i = 0
+                    self.avail_wrap ^= 1
+                    self._avail_bits ^= _AU
+        desc[2 * head + 1] = head_word
+        self.next_avail = i
+        self.num_free -= total
+        self.num_added += total
+        self._token[bid] = token
+        self._in_len[bid] = in_len
+        self._ndescs[bid] = total
+        return bid
+
+    def _add_indirect(self, out: Sequence[Segment], in_: Sequence[Segment], token: Any) -> int:
+        ind = self.indirect
+        bid = self.free_head
+        self.free_head = self._next[bid]
+        self.num_free -= 1
+        table = ind.table
+        base = bid * ind.max_descs * 2
+        j = 0
+        in_len = 0
+        # 2.8.19: only WRITE is a valid flag inside an indirect table; no ids, no NEXT.
+        for segs, wflag in ((out, 0), (in_, _WRITE)):
+            for addr, length in segs:
+                table[base + 2 * j] = addr
+                table[base + 2 * j + 1] = (length & _U32) | wflag
+                if wflag:
+                    in_len += length
+                j += 1
+        i = self.next_avail
+        self._desc[2 * i] = ind.gpa + bid * ind.stride
+        self._desc[2 * i + 1] = (j * DESC_SIZE) | (bid << 32) | _INDIRECT | self._avail_bits
+        self.next_avail = self._advance(i)
+        self.num_added += 1
+        self._token[bid] = token
+        self._in_len[bid] = in_len
+        self._ndescs[bid] = 1
+        return bid
+
+    # -- notifying the device ------------------------------------------------
+
+    def kick_prepare(self) -> bool:
+        """Whether the device wants a notification for what was added since last time
+        (virtqueue_kick_prepare_packed)."""
+        added = self.num_added
+        self.num_added = 0
+        virtio_mb()
+        flags = self._device[1]
+        if flags != VRING_PACKED_EVENT_FLAG_DESC or not self.event_idx:
+            # DESC without EVENT_IDX is not a valid setting: kick rather than stall.
+            return flags != VRING_PACKED_EVENT_FLAG_DISABLE
+        if not added:
+            return False
+        if added >= self.num:
+            return True  # every slot was passed, the event's too
+        off_wrap = self._device[0]
+        back = self.next_avail - (off_wrap & _OFF)
+        if (off_wrap >> VRING_PACKED_EVENT_F_WRAP_CTR) != self.avail_wrap:
+            back += self.num  # the event slot is in the previous lap
+        # vring_need_event: the event slot is in [old, new), new - old = added.
+        return 1 <= back <= added
+
+    # -- getting used buffers --------------------------------------------------
+
+    def more_used(self) -> bool:
+        if self.broken:
+            return False
+        return self._desc[2 * self.last_used + 1] & _AU == self._used_bits
+
+    def _bad_id(self, bid: int) -> UsedRingError:
+        self.broken = True
+        return UsedRingError(
+            f"vq {self.index}: used descriptor {self.last_used} names buffer id {bid}, "
+            f"which is not a buffer in flight (queue stopped: the slots it took are unknown)",
+            bid,
+        )
+
+    def get_buf(self) -> tuple[Any, int] | None:
+        """The next used buffer as (token, used length), or None (virtqueue_get_buf).
+
+        A length larger than the buffer's writable part is raised after the
+        buffer is detached (the error carries ``token``); an id that is no
+        buffer in flight is raised and breaks the queue (``broken``).
+        """
+        if self.broken:
+            return None
+        pos = self.last_used
+        word = self._desc[2 * pos + 1]
+        if word & _AU != self._used_bits:
+            return None
+        bid = (word >> 32) & 0xFFFF
+        # 2.8.4: the length is meaningful only with WRITE set in the used descriptor.
+        length = word & _U32 if word & _WRITE else 0
+        if bid >= self.num or self._token[bid] is None:
+            raise self._bad_id(bid)
+        pos += self._ndescs[bid]
+        if pos >= self.num:
+            pos -= self.num
+            self.used_wrap ^= 1
+            self._used_bits ^= _AU
+        self.last_used = pos
+        if self._event_flags == VRING_PACKED_EVENT_FLAG_DESC:
+            self._driver[0] = pos | (self.used_wrap << VRING_PACKED_EVENT_F_WRAP_CTR)
+        token = self._detach_buf(bid)
+        if length > self._in_len[bid]:
+            raise UsedRingError(
+                f"vq {self.index}: used len {length} > buffer {bid}'s writable {self._in_len[bid]}",
+                bid,
+                token,
+            )
+        return token, length
+
+    def get_bufs(self, budget: int) -> list[tuple[Any, int]]:
+        """Up to ``budget`` used buffers as (token, length): ``get_buf``'s checks; a bad
+        first entry raises as ``get_buf`` does, a bad one after good ones ends the burst."""
+        if self.broken or budget <= 0:
+            return []
+        desc, num = self._desc, self.num
+        tokens, in_len, ndescs, nxt = self._token, self._in_len, self._ndescs, self._next
+        pos, bits = self.last_used, self._used_bits
+        free_head, freed = self.free_head, 0
+        out = []
+        while len(out) < budget:
+            word = desc[2 * pos + 1]
+            if word & _AU != bits:
+                break
+            bid = (word >> 32) & 0xFFFF
+            length = word & _U32 if word & _WRITE else 0
+            if bid >= num or tokens[bid] is None or length > in_len[bid]:
+                break
+            out.append((tokens[bid], length))
+            tokens[bid] = None
+            freed += ndescs[bid]
+            nxt[bid] = free_head
+            free_head = bid
+            pos += ndescs[bid]
+            if pos >= num:
+                pos -= num
+                bits ^= _AU
+                self.used_wrap ^= 1
+        self.free_head = free_head
+        self.num_free += freed
+        self.last_used = pos
+        self._used_bits = bits
+        if not out:
+            got = self.get_buf()  # None, or raises for the bad entry as get_buf would
+            return [] if got is None else [got]
+        if self._event_flags == VRING_PACKED_EVENT_FLAG_DESC:
+            self._driver[0] = pos | (self.used_wrap << VRING_PACKED_EVENT_F_WRAP_CTR)
+        return out
+
+    def _detach_buf(self, bid: int) -> Any:
+        token = self._token[bid]
+        self._token[bid] = None
+        self.num_free += self._ndescs[bid]
+        self._next[bid] = self.free_head
+        self.free_head = bid
+        return token
+
+    def detach_unused_buf(self) -> Any | None:
+        """One buffer the device never used, for teardown after reset, or None."""
+        for bid in range(self.num):
+            if self._token[bid] is not None:
+                n = self._ndescs[bid]
+                token = self._detach_buf(bid)
+                # The device is reset: take the slots back, as split takes its avail entry.
+                i = self.next_avail - n
+                if i < 0:
+                    i += self.num
+                    self.avail_wrap ^= 1
+                    self._avail_bits ^= _AU
+                self.next_avail = i
+                return token
+        return None
+
+    # -- callbacks (used-buffer notifications) ---------------------------------
+
+    def _set_event_flags(self, flags: int) -> None:
+        if self._event_flags != flags:
+            self._event_flags = flags
+            self._driver[1] = flags
+
+    def disable_cb(self) -> None:
+        self.cb_disabled = True
+        self._set_event_flags(VRING_PACKED_EVENT_FLAG_DISABLE)
+
+    def enable_cb_prepare(self) -> int:
+        """Re-enable callbacks; returns the position to pass to ``poll`` (the race check)."""
+        last = self.last_used | (self.used_wrap << VRING_PACKED_EVENT_F_WRAP_CTR)
+        if self.event_idx:
+            self._driver[0] = last  # offset and wrap before the flags (Linux: virtio_wmb)
+        self.cb_disabled = False
+        self._set_event_flags(
+            VRING_PACKED_EVENT_FLAG_DESC if self.event_idx else VRING_PACKED_EVENT_FLAG_ENABLE
+        )
+        return last
+
+    def poll(self, last_used_idx: int) -> bool:
+        """True if buffers were used since ``enable_cb_prepare`` returned ``last_used_idx``."""
+        virtio_mb()
+        if self.broken:
+            return False
+        pos = last_used_idx & _OFF
+        bits = _used_bits(last_used_idx >> VRING_PACKED_EVENT_F_WRAP_CTR)
+        return self._desc[2 * pos + 1] & _AU == bits
+
+    def enable_cb(self) -> bool:
+        """Re-enable callbacks; False if buffers are already pending (poll again)."""
+        return not self.poll(self.enable_cb_prepare())
+
+    @property
+    def in_flight(self) -> int:
+        return self.num - self.num_free
+
+
+class _Consumed(Exception):
+    """Internal: a refused chain whose extent is known, so it can be consumed.
+
+    ``resume`` = (next position, its wrap counter, id or -1, slots taken).
+    """
+
+    def __init__(self, message: str, head: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.head = head
+        self.resume: tuple[int, int, int, int] = (0, 0, -1, 0)
+
+    def at(self, resume: tuple[int, int, int, int]) -> _Consumed:
+        self.resume = resume
+        return self
+
+
+def _plain(e: _Consumed) -> DescriptorError:
+    err = DescriptorError(e.message)
+    err.head = e.head
+    return err
+
+
+class PackedQueueDevice:
+    """The device's half of a packed virtqueue (DPDK vhost: struct vhost_virtqueue, packed)."""
+
+    def __init__(
+        self,
+        ring: PackedViews,
+        memory: GuestMemory,
+        *,
+        event_idx: bool = False,
+        last_avail_idx: int = _WRAP,
+        index: int = 0,
+    ) -> None:
+        """``last_avail_idx`` is vhost-user's packed base: index | wrap counter << 15
+        (a fresh ring: 0 | 1 << 15). Used continues from the same slot: when a ring
+        stops, every buffer it took has been returned (DPDK's SET_VRING_BASE)."""
+        self.ring = ring
+        self.memory = memory
+        self.num = ring.num
+        self.index = index
+        self.event_idx = event_idx
+        self._desc = ring.desc
+        self._driver = ring.driver  # the driver's: used-buffer notification suppression
+        self._device = ring.device  # ours: available-buffer notification suppression
+        pos, wrap = decode_base(last_avail_idx, self.num)
+        self._set_avail(pos, wrap)
+        self.used_pos = pos
+        self.used_wrap = wrap
+        self._inflight = [0] * self.num  # slots each buffer id in flight took; 0: free
+        self._popped: list[tuple[int, int]] = []  # (id or -1, slots), newest last: unpop
+        self._shadow: list[tuple[int, int]] = []  # (len|id|WRITE word, slots) pushed, unflushed
+        self._since_signal = 0  # slots marked used since the last needs_notify
+        self.signalled_used_valid = False
+
+    def _set_avail(self, pos: int, wrap: int) -> None:
+        self.last_avail = pos
+        self.avail_wrap = wrap
+        self._avail_bits = _avail_bits(wrap)
+
+    @property
+    def last_avail_idx(self) -> int:
+        """Where the next chain is taken, as vhost-user's GET_VRING_BASE reports it."""
+        return encode_base(self.last_avail, self.avail_wrap)
+
+    def vring_base(self, unpopped: int = 0) -> int:
+        """``last_avail_idx`` as if the newest ``unpopped`` chains were given back."""
+        pos, wrap = self.last_avail, self.avail_wrap
+        for _bid, slots in self._popped[len(self._popped) - unpopped :] if unpopped else ():
+            pos -= slots
+            if pos < 0:
+                pos += self.num
+                wrap ^= 1
+        return encode_base(pos, wrap)
+
+    # -- taking chains ---------------------------------------------------------
+
+    def _head_state(self) -> bool:
+        """Whether a chain is available at last_avail; a driver lie stops the queue."""
+        word = self._desc[2 * self.last_avail + 1]
+        au = word & _AU
+        if au == self._avail_bits:
+            return True
+        if au == _used_bits(self.avail_wrap):
+            # AVAIL = USED = our wrap counter: "used in this lap", which only this
+            # device could write, and it never writes where it has not taken yet.
+            raise AvailIndexError(
+                f"vq {self.index}: descriptor {self.last_avail} has AVAIL=USED="
+                f"{self.avail_wrap} (flags {word >> 48:#06x}): marked used in the lap "
+                f"the device has not taken yet; a driver lie (queue stopped)"
+            )
+        return False
+
+    def avail_pending(self) -> int:
+        """1 if a chain is available, else 0 (a count would be a walk of the ring)."""
+        return 1 if self._desc[2 * self.last_avail + 1] & _AU == self._avail_bits else 0
+
+    def _commit(self, pos: int, wrap: int, bid: int, slots: int) -> None:
+        self._set_avail(pos, wrap)
+        if bid >= 0:
+            self._inflight[bid] = slots
+        popped = self._popped
+        popped.append((bid, slots))
+        if len(popped) > 2 * self.num:
+            del popped[: -self.num]
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None; DescriptorError for a bad one.
+
+        A bad chain whose extent is known is consumed; the error carries its
+        buffer id in ``head`` for ``push_used(head, 0)`` when that id is usable
+        (``None`` when the id is out of range or already in flight). A ring
+        that cannot be walked raises ``AvailIndexError`` and consumes nothing.
+        """
+        desc = self._desc
+        pos = self.last_avail
+        word = desc[2 * pos + 1]
+        if word & _AU != self._avail_bits:
+            self._head_state()  # raises for flags that lie
+            return None
+        if not word & (_NEXT | _INDIRECT):
+            # The common case, inline: one direct descriptor, a free id, in the first region.
+            bid = (word >> 32) & 0xFFFF
+            num = self.num
+            if bid < num and not self._inflight[bid]:
+                addr = desc[2 * pos]
+                length = word & _U32
+                base, rsize, rbuf = self.memory.first_region
+                off = addr - base
+                if 0 <= off and off + length <= rsize:
+                    seg = rbuf[off : off + length]
+                    pos += 1
+                    if pos == num:
+                        pos = 0
+                        self.avail_wrap ^= 1
+                        self._avail_bits ^= _AU
+                    self.last_avail = pos
+                    self._inflight[bid] = 1
+                    popped = self._popped
+                    popped.append((bid, 1))
+                    if len(popped) > 2 * num:
+                        del popped[:-num]
+                    if word & _WRITE:
+                        return _chain(bid, [], [seg], [(addr, length, True)], length, 0)
+                    return _chain(bid, [seg], [], [(addr, length, False)], 0, length)
+        try:
+            chain, pos, wrap, slots = self._walk()
+        except _Consumed as e:
+            self._commit(*e.resume)
+            raise _plain(e) from None
+        self._commit(pos, wrap, chain.head, slots)
+        return chain
+
+    def pop_burst(self, budget: int) -> list[Chain]:
+        """Up to ``budget`` chains, validated exactly as ``pop`` does: a bad first chain
+        raises as ``pop`` would; a bad chain after good ones ends the burst unconsumed."""
+        chains: list[Chain] = []
+        desc, num, inflight, popped = self._desc, self.num, self._inflight, self._popped
+        base, rsize, rbuf = self.memory.first_region
+        pos, bits = self.last_avail, self._avail_bits
+        # The common case inline, as in pop: one direct descriptor, a free id, first region.
+        while len(chains) < budget:
+            word = desc[2 * pos + 1]
+            if word & _AU != bits or word & (_NEXT | _INDIRECT):
+                break
+            bid = (word >> 32) & 0xFFFF
+            if bid >= num or inflight[bid]:
+                break
+            addr = desc[2 * pos]
+            length = word & _U32
+            off = addr - base
+            if not (0 <= off and off + length <= rsize):
+                break
+            seg = rbuf[off : off + length]
+            pos += 1
+            if pos == num:
+                pos = 0
+                self.avail_wrap ^= 1
+                bits ^= _AU
+            inflight[bid] = 1
+            popped.append((bid, 1))
+            if word & _WRITE:
+                chains.append(_chain(bid, [], [seg], [(addr, length, True)], length, 0))
+            else:
+                chains.append(_chain(bid, [seg], [], [(addr, length, False)], 0, length))
+        self.last_avail, self._avail_bits = pos, bits
+        if len(popped) > 2 * num:
+            del popped[:-num]
+        # Anything else (nothing available, a chain, indirect, a bad one) goes through pop.
+        pop = self.pop
+        while len(chains) < budget:
+            try:
+                chain = pop()
+            except AvailIndexError:
+                if chains:
+                    break  # nothing was consumed: the next call raises it
+                raise
+            except DescriptorError:
+                if chains:
+                    self.unpop(1)  # exactly the slots the refused chain took
+                    break
+                raise
+            if chain is None:
+                break
+            chains.append(chain)
+        return chains
+
+    def _walk(self) -> tuple[Chain, int, int, int]:
+        """The chain at last_avail: (chain, next position, its wrap counter, slots)."""
+        desc = self._desc
+        num = self.num
+        i = start = self.last_avail
+        wrap = self.avail_wrap
+        word = desc[2 * i + 1]
+        if not word & (_NEXT | _INDIRECT):
+            # One direct descriptor, the common case: same checks, no loop.
+            bid = (word >> 32) & 0xFFFF
+            i += 1
+            if i == num:
+                i = 0
+                wrap ^= 1
+            if bid >= num or self._inflight[bid]:
+                raise self._bad_id(bid, start, (i, wrap, -1, 1))
+            addr = desc[2 * start]
+            length = word & _U32
+            base, rsize, rbuf = self.memory.first_region
+            off = addr - base
+            if 0 <= off and off + length <= rsize:
+                seg = rbuf[off : off + length]
+            else:
+                try:
+                    seg = self.memory.view(addr, length)
+                except Exception as e:
+                    raise _Consumed(
+                        f"vq {self.index}: chain at descriptor {start}: descriptor {start}: {e}",
+                        bid,
+                    ).at((i, wrap, bid, 1)) from None
+            if word & _WRITE:
+                return _chain(bid, [], [seg], [(addr, length, True)], length, 0), i, wrap, 1
+            return _chain(bid, [seg], [], [(addr, length, False)], 0, length), i, wrap, 1
+        return self._walk_chain()
+
+    def _bad_id(self, bid: int, start: int, resume: tuple[int, int, int, int]) -> _Consumed:
+        if bid >= self.num:
+            why = f"buffer id {bid} >= queue size {self.num}"
+        else:
+            why = f"buffer id {bid} is already in flight (reused before it was used)"
+        return _Consumed(f"vq {self.index}: chain at descriptor {start}: {why}").at(resume)
+
+    def _walk_chain(self) -> tuple[Chain, int, int, int]:
+        desc = self._desc
+        num = self.num
+        i = start = self.last_avail
+        wrap = self.avail_wrap
+        want = self._avail_bits
+        view = self.memory.view
+        base, rsize, rbuf = self.memory.first_region
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        segments: list[tuple[int, int, bool]] = []
+        in_len = out_len = total = 0
+        err = ""  # the first broken rule; the walk goes on to find the chain's end and id
+        slots = 0
+        while True:
+            word = desc[2 * i + 1]
+            if slots:
+                if word & _AU != want:
+                    raise AvailIndexError(
+                        f"vq {self.index}: chain at descriptor {start}: descriptor {i} "
+                        f"(flags {word >> 48:#06x}) is not available with wrap counter {wrap}: "
+                        f"the head was made available before the rest of its chain "
+                        f"(queue stopped)"
+                    )
+                if slots == num:
+                    raise AvailIndexError(
+                        f"vq {self.index}: chain at descriptor {start} runs round the whole "
+                        f"ring ({num} descriptors) without an end (queue stopped)"
+                    )
+            slots += 1
+            if not err:
+                addr = desc[2 * i]
+                length = word & _U32
+                if word & _INDIRECT:
+                    # Only ever the first and only descriptor: the lists are the table's.
+                    err = self._indirect(i, addr, length, word, slots, readable, writable,
+                                         segments)  # fmt: skip
+                    in_len = sum(n for _a, n, w in segments if w)
+                    out_len = sum(n for _a, n, w in segments if not w)
+                    total = in_len + out_len
+                    if not err and total > MAX_CHAIN_BYTES:
+                        err = "chain longer than 2^32 bytes (2.8.5)"
+                else:
+                    total += length
+                    off = addr - base
+                    if total > MAX_CHAIN_BYTES:
+                        err = "chain longer than 2^32 bytes (2.8.5)"
+                    elif 0 <= off and off + length <= rsize:
+                        seg = rbuf[off : off + length]
+                    else:
+                        try:
+                            seg = view(addr, length)
+                        except Exception as e:
+                            err = f"descriptor {i}: {e}"
+                    if not err:
+                        if word & _WRITE:
+                            writable.append(seg)
+                            in_len += length
+                        elif writable:
+                            err = f"descriptor {i}: device-readable after device-writable (2.8.6)"
+                        else:
+                            readable.append(seg)
+                            out_len += length
+                        segments.append((addr, length, bool(word & _WRITE)))
+            last = i
+            i += 1
+            if i == num:
+                i = 0
+                wrap ^= 1
+                want ^= _AU
+            if not word & _NEXT:
+                break
+        bid = (word >> 32) & 0xFFFF  # 2.8.6: the buffer id is in the chain's last descriptor
+        if bid >= num or self._inflight[bid]:
+            raise self._bad_id(bid, start, (i, wrap, -1, slots))
+        if err:
+            raise _Consumed(
+                f"vq {self.index}: chain at descriptor {start} (ends at {last}): {err}", bid
+            ).at((i, wrap, bid, slots))
+        return _chain(bid, readable, writable, segments, in_len, out_len), i, wrap, slots
+
+    def _indirect(self, i, addr, length, word, slots, readable, writable, segments) -> str:
+        """Walk the indirect table of descriptor ``i`` into the lists; the broken rule or ''."""
+        if word & _NEXT:
+            return f"descriptor {i}: INDIRECT together with NEXT (2.8.19)"
+        if slots > 1:
+            return f"descriptor {i}: INDIRECT inside a NEXT chain (2.8.19)"
+        if length == 0 or length % DESC_SIZE:
+            return (f"descriptor {i}: indirect table length {length} is not a non-zero "
+                    f"multiple of 16")  # fmt: skip
+        n = length // DESC_SIZE
+        if n > _MAX_INDIRECT:
+            return f"descriptor {i}: indirect table of {n} entries (more than {_MAX_INDIRECT})"
+        try:
+            table = self.memory.view(addr, length).cast("Q")
+        except Exception as e:
+            return f"descriptor {i}: indirect table: {e}"
+        view = self.memory.view
+        for j in range(n):
+            a = table[2 * j]
+            w = table[2 * j + 1]
+            if w & _INDIRECT:
+                return f"indirect entry {j}: nested indirect table (2.8.19)"
+            ln = w & _U32
+            try:
+                seg = view(a, ln)
+            except Exception as e:
+                return f"indirect entry {j}: {e}"
+            if w & _WRITE:
+                writable.append(seg)
+            elif writable:
+                return f"indirect entry {j}: device-readable after device-writable (2.8.6)"
+            else:
+                readable.append(seg)
+            segments.append((a, ln, bool(w & _WRITE)))
+        return ""
+
+    def unpop(self, n: int = 1) -> None:
+        """Give back the last ``n`` popped chains, exactly the slots each took."""
+        popped = self._popped
+        if n > len(popped):
+            raise ValueError(f"vq {self.index}: unpop({n}) but only {len(popped)} popped")
+        pos, wrap = self.last_avail, self.avail_wrap
+        for _ in range(n):
+            bid, slots = popped.pop()
+            if bid >= 0:
+                self._inflight[bid] = 0
+            pos -= slots
+            if pos < 0:
+                pos += self.num
+                wrap ^= 1
+        self._set_avail(pos, wrap)
+
+    # -- returning chains ------------------------------------------------------
+
+    def push_used(self, head: int, length: int) -> None:
+        """Queue one used buffer (its id); ``flush_used`` writes the batch to the ring."""
+        slots = self._inflight[head] if 0 <= head < self.num else 0
+        if not slots:
+            raise ValueError(f"vq {self.index}: push_used of buffer id {head}, not in flight")
+        self._inflight[head] = 0
+        # The used descriptor's word but its AVAIL/USED bits (flush_used adds them);
+        # 2.8.4: the length counts only with WRITE set.
+        self._shadow.append(((length & _U32) | (head << 32) | (_WRITE if length else 0), slots))
+
+    def push_used_burst(self, used: Sequence[tuple[int, int]]) -> None:
+        """Queue many (id, length) used buffers; ``flush_used`` writes them."""
+        inflight, num, shadow = self._inflight, self.num, self._shadow
+        for head, length in used:
+            slots = inflight[head] if 0 <= head < num else 0
+            if not slots:
+                raise ValueError(f"vq {self.index}: push_used of buffer id {head}, not in flight")
+            inflight[head] = 0
+            shadow.append(((length & _U32) | (head << 32) | (_WRITE if length else 0), slots))
+
+    def has_unflushed(self) -> bool:
+        """Whether ``push_used`` queued buffers that ``flush_used`` has not written."""
+        return bool(self._shadow)
+
+    def flush_used(self) -> None:
+        """Write the queued used descriptors, each one 8-byte store of len|id|flags."""
+        desc, num, shadow = self._desc, self.num, self._shadow
+        pos, wrap = self.used_pos, self.used_wrap
+        bits = _used_bits(wrap)
+        start = pos
+        laps = 0
+        for word, slots in shadow:
+            desc[2 * pos + 1] = word | bits
+            pos += slots
+            if pos >= num:
+                pos -= num
+                wrap ^= 1
+                bits ^= _AU
+                laps += 1
+        shadow.clear()
+        self.used_pos, self.used_wrap = pos, wrap
+        self._since_signal += pos - start + laps * num
+
+    def needs_notify(self) -> bool:
+        """Whether the driver wants an interrupt for what was flushed (vhost_vring_call_packed)."""
+        virtio_mb()
+        flags = self._driver[1]
+        moved = self._since_signal
+        self._since_signal = 0
+        valid = self.signalled_used_valid
+        self.signalled_used_valid = True
+        if flags != VRING_PACKED_EVENT_FLAG_DESC or not self.event_idx:
+            return flags != VRING_PACKED_EVENT_FLAG_DISABLE
+        if not valid or moved >= self.num:
+            return True
+        off_wrap = self._driver[0]
+        back = self.used_pos - (off_wrap & _OFF)
+        if (off_wrap >> VRING_PACKED_EVENT_F_WRAP_CTR) != self.used_wrap:
+            back += self.num
+        return 1 <= back <= moved
+
+    # -- driver notifications (kicks) ------------------------------------------
+
+    def disable_notify(self) -> None:
+        if self._device[1] != VRING_PACKED_EVENT_FLAG_DISABLE:
+            self._device[1] = VRING_PACKED_EVENT_FLAG_DISABLE
+
+    def enable_notify(self) -> bool:
+        """Ask for kicks again; True if a chain arrived meanwhile (vhost_enable_notify)."""
+        if self.event_idx:
+            self._device[0] = self.last_avail_idx  # offset and wrap before the flags
+            self._device[1] = VRING_PACKED_EVENT_FLAG_DESC
+        else:
+            self._device[1] = VRING_PACKED_EVENT_FLAG_ENABLE
+        virtio_mb()
+        return self._desc[2 * self.last_avail + 1] & _AU == self._avail_bits
