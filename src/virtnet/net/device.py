@@ -429,7 +429,4 @@ class VirtnetDevice:
     @property
     def last_avail_idx(self) -> tuple[int, int]:
         """(rx, tx) as GET_VRING_BASE reports them: cached chains count as not taken."""
-        rxq, cached = self.rxq, len(self._rx_cache)
-        if isinstance(rxq, PackedQueueDevice):  # index | wrap << 15: chains took unequal slots
-            return (rxq.vring_base(cached), self.txq.last_avail_idx)
-        return ((rxq.last_avail_idx - cached) & 0xFFFF, self.txq.last_avail_idx)
+        return (self.rxq.vring_base(len(self._rx_cache)), self.txq.vring_base())

@@ -613,6 +613,10 @@ class SplitQueueDevice:
             if i >= size:
                 raise DescriptorError(f"next index {i} >= table size {size}", head)
 
+    def vring_base(self, unpopped: int = 0) -> int:
+        """GET_VRING_BASE's answer as if the newest ``unpopped`` chains were given back."""
+        return (self.last_avail_idx - unpopped) & 0xFFFF
+
     def unpop(self, n: int = 1) -> None:
         """Give back the last ``n`` popped chains (vhost_discard_vq_desc)."""
         self.last_avail_idx = (self.last_avail_idx - n) & 0xFFFF
