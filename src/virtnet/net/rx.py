@@ -417,7 +417,7 @@ class DeferredRx(RxStrategy):
             self._to_freed(plist)
         for plist in self.freed_pages[self._freed_head :]:
             if plist.page is not None:
-                self.pool.free_page(plist.page)
+                self.pool.put_page(plist.page)  # a page, or ewma's reference to a frag page
                 plist.page = None
         self.freed_pages = []
         self._freed_head = 0
@@ -672,14 +672,7 @@ class EwmaRx(DeferredRx):
 
     def remove(self) -> None:
         """virtnet_remove: every buffer's reference, then alloc_frag's own, put back."""
-        for buf in list(self.used_pages):
-            self._to_freed(buf)
-        for buf in self.freed_pages[self._freed_head :]:
-            if buf.page is not None:
-                self.pool.put_page(buf.page)
-                buf.page = None
-        self.freed_pages = []
-        self._freed_head = 0
+        super().remove()
         frag = self.alloc_frag
         if frag.page is not None:
             self.pool.put_page(frag.page)
