@@ -13,7 +13,7 @@ virtnet: a virtio-net driver and device in Python over real virtqueues.
 Its receive path implements the 2009 RFC "defer skb allocation in virtio_net
 (mergeable buffers)"; the pre-patch code is kept as the `prealloc` strategy.
 
-  virtnet bench          the seed's A/B (deferred vs prealloc), embedded, no root
+  virtnet bench          the seed's A/B (prealloc vs deferred vs ewma), embedded, no root
   virtnet device ...     a vhost-user back-end (QEMU, DPDK virtio_user connect to it)
   virtnet driver ...     a vhost-user front-end (connects to DPDK net_vhost, virtnet device)
   virtnet conform SOCK   test a vhost-user net back-end: conformance and robustness cases
@@ -360,7 +360,7 @@ def cmd_bench(args) -> int:
     if args.json:
         write_json(results, args.json, {"machine": machine, "argv": sys.argv[1:]})
     if args.plot:
-        write_plot(results, args.plot, "virtnet bench: deferred vs prealloc")
+        write_plot(results, args.plot, "virtnet bench: " + " vs ".join(args.strategies))
     return 1 if integrity_problems(results) else 0
 
 
