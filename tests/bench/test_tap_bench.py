@@ -39,11 +39,8 @@ def test_rtt_text_spans_several_runs():
     assert rtt_text([parse_ping(LOST)]) == rtt_text([]) == "-"
 
 
-_REASON = unavailable_reason()
-
-
 @pytest.mark.root
-@pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+@pytest.mark.needs(unavailable_reason())
 def test_every_path_reports_its_ping_next_to_its_rate():
     cases = [TapCase(s, GUEST_TO_HOST, "tcp", seconds=1) for s in ("veth", "relay", "deferred")]
     recs = [run_tap_case(c) for c in cases]
