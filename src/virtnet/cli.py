@@ -148,7 +148,13 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                         "kicks/interrupts, more CPU (vhost-net's busyloop_timeout; "
                         "default 0)")  # fmt: skip
     p.add_argument("--pcap", metavar="FILE",
-                   help="write every frame received and sent to FILE (tshark -r FILE)")  # fmt: skip
+                   help="write every frame received and sent to FILE (tshark -r FILE); "
+                        "with --queues N, queue pair P > 0 writes FILE with .qP before "
+                        "its extension")  # fmt: skip
+    p.add_argument("--queues", type=_queue_pairs, default=1, metavar="N",
+                   help="queue pairs (VIRTIO_NET_F_MQ), each served by its own process "
+                        "with its own back-end: one queue of a multi-queue tap, or its "
+                        "own sink/gen/loopback (default 1)")  # fmt: skip
     if name == "device":
         p.add_argument("--coalesce", type=_coalesce, default={}, metavar="K=N,...",
                        help="interrupt moderation, ethtool -C words: rx-usecs, rx-frames, "
@@ -180,6 +186,18 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
         p.add_argument("--features-off", type=_feature_bits, default=0, metavar="NAMES",
                        help="feature bits not to offer, e.g. RING_PACKED (split rings "
                             "only)")  # fmt: skip
+
+
+def _queue_pairs(text: str) -> int:
+    from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_QUEUE_PAIRS:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of queue pairs, 1..{MAX_QUEUE_PAIRS}")
+    return n
 
 
 def _coalesce(text: str) -> dict[str, int]:
@@ -527,15 +545,16 @@ def _printer(args):
 def cmd_vhost_user(args) -> int:
     import logging
 
-    from virtnet.ports.backends import BackendError, device_backend, driver_backend
+    from virtnet.ports.backends import BackendError, device_backends, driver_backends
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"virtnet {args.command}: %(message)s",
     )
     try:
-        make = device_backend if args.command == "device" else driver_backend
-        backend = make(args.backend)
+        make = device_backends if args.command == "device" else driver_backends
+        backends = make(args.backend, args.queues)
+        backend = backends[0]
     except (BackendError, OSError) as e:
         print(f"virtnet {args.command}: {e}", file=sys.stderr)
         return 2
@@ -547,16 +566,11 @@ def cmd_vhost_user(args) -> int:
         try:
             if args.faults is not None:
                 args.faults.reseed(args.seed)
-            server = DeviceServer(args.socket_path, backend, printer=_printer(args),
+            server = DeviceServer(args.socket_path, backends, printer=_printer(args),
                                   busy_poll_us=args.busy_poll,
                                   coalesce=args.coalesce, faults=args.faults,
-                                  features_off=args.features_off)  # fmt: skip
-            if args.pcap:
-                from virtnet.net.header import MRG_HDR_LEN
-                from virtnet.ports.pcap import PcapWriter
-
-                pcap = PcapWriter(args.pcap, MRG_HDR_LEN)
-                server.capture = pcap.write_views
+                                  features_off=args.features_off,
+                                  pcap_path=args.pcap)  # fmt: skip
         except OSError as e:
             print(f"virtnet device: cannot listen on {args.socket_path}: {e}", file=sys.stderr)
             return 2

@@ -78,6 +78,11 @@ class Backend:
     def on_features(self, features: int) -> None:
         """The negotiated virtio features (a tap sets its offloads from them)."""
 
+    def on_queue_enabled(self, enabled: bool) -> None:
+        """The queue pair this back-end serves started or stopped (a multi-queue tap
+        detaches a stopped pair's queue, as QEMU does, so the kernel steers its flows
+        to the queues still running)."""
+
     def stats(self) -> dict:
         st = self.sink.stats
         return {"sink_packets": st.packets, "sink_bytes": st.bytes, "sink_corrupt": st.corrupt,
@@ -472,6 +477,19 @@ def driver_backend(spec: str, tap_factory=None) -> DriverBackend:
     if kind == "loopback":
         return LoopbackDriver()
     return TapDriver((tap_factory or _open_tap)(kind, arg))
+
+
+def device_backends(spec: str, queues: int, tap_factory=None) -> list[DeviceBackend]:
+    """One back-end per queue pair (placeholder until multi-queue taps land)."""
+    if queues > 1 and parse_backend(spec)[0] in ("tap", "tapfd"):
+        raise BackendError(f"--backend {spec} with --queues {queues}: not yet")
+    return [device_backend(spec, tap_factory) for _ in range(queues)]
+
+
+def driver_backends(spec: str, queues: int, tap_factory=None) -> list[DriverBackend]:
+    if queues > 1 and parse_backend(spec)[0] in ("tap", "tapfd"):
+        raise BackendError(f"--backend {spec} with --queues {queues}: not yet")
+    return [driver_backend(spec, tap_factory) for _ in range(queues)]
 
 
 def _open_tap(kind: str, arg: str):

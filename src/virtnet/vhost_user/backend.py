@@ -20,8 +20,8 @@ import select
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from virtnet.net.coalesce import IrqCoalescer
 from virtnet.net.device import VirtnetDevice
 from virtnet.net.faults import FaultPlan
 from virtnet.net.features import (
@@ -55,24 +55,31 @@ from virtnet.vhost_user.messages import (
 from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
+from virtnet.vhost_user.rings import RingError, RingSpec, ring_views
 from virtnet.vhost_user.runclock import RunClock
+from virtnet.vhost_user.worker import (
+    IDLE_POLL,
+    PairLoop,
+    WorkerDied,
+    WorkerError,
+    WorkerHandle,
+    per_queue_stats,
+    spawn_worker,
+    sum_stats,
+)
 from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.ring.layout import (
-    EVENT_SUPPRESS_SIZE,
     PackedViews,
     VringViews,
-    avail_ring_size,
     check_packed_queue_size,
     check_queue_size,
-    desc_table_size,
-    used_ring_size,
 )
 
 log = logging.getLogger("virtnet.device")
 
-NUM_QUEUES = 2  # one pair: 0 = receiveq1 (device → driver), 1 = transmitq1
-RX_Q, TX_Q = 0, 1
+NUM_QUEUES = 2  # vrings of one pair: 0 = receiveq1 (device → driver), 1 = transmitq1
+MAX_QUEUE_PAIRS = 64  # --queues: far past the cores that could serve them
 BACKEND_FEATURES = OFFERED | bit(VHOST_USER_F_PROTOCOL_FEATURES)
 PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ)
@@ -81,10 +88,17 @@ PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.CONFIG)
     | bit(ProtocolFeature.RESET_DEVICE)
 )
-BUDGET = 64  # packets per ring per loop pass (vhost-net's VHOST_NET_WEIGHT spirit)
-IDLE_POLL = 0.2  # seconds epoll waits with nothing due (the run clock's resolution)
 # ethtool -C defaults for `virtnet device` (--coalesce overrides): no moderation.
 DEFAULT_COALESCE = {"rx-usecs": 0, "rx-frames": 0, "tx-usecs": 0, "tx-frames": 0}
+
+
+def offered_features(queues: int) -> int:
+    """What ``virtnet device --queues N`` offers: with more than one pair, MQ and the
+    CTRL_VQ it needs. The control queue is the front-end's to serve (QEMU's virtio-net,
+    DPDK's virtio_user shadow queue): it tells us the pairs in use by SET_VRING_ENABLE."""
+    if queues > 1:
+        return BACKEND_FEATURES | bit(VirtioNetF.MQ) | bit(VirtioNetF.CTRL_VQ)
+    return BACKEND_FEATURES
 
 
 class BackendError(Exception):
@@ -118,11 +132,18 @@ class BackendSession:
     features: int = 0
     protocol_features: int = 0
     memory: MappedMemory | None = None
-    vrings: list[Vring] = field(default_factory=lambda: [Vring() for _ in range(NUM_QUEUES)])
-    device: VirtnetDevice | None = None
+    queues: int = 1  # queue pairs: vrings 2p (receiveq p + 1) and 2p + 1 (transmitq p + 1)
+    runner: PairRunner | None = None  # where the pairs run; None: in-process (tests)
+    vrings: list[Vring] = field(default_factory=list)
+    devices: dict[int, VirtnetDevice] = field(default_factory=dict)  # in-process only
+    running: set[int] = field(default_factory=set)  # the queue pairs started
     owner: bool = False
     changed: bool = True  # the fds to poll changed
     faults: FaultPlan | None = None  # --faults: the device lies on purpose
+
+    def __post_init__(self) -> None:
+        self.vrings = [Vring() for _ in range(2 * self.queues)]
+        self.config.max_virtqueue_pairs = self.queues
 
     # -- dispatch -------------------------------------------------------------
 
@@ -134,7 +155,7 @@ class BackendSession:
                 close_fds(msg.fds)
                 raise BackendError(f"{spec_name(msg.request)} is not supported")
             result = handler(msg)
-        except (BackendError, MappingError, MemoryAccessError, ValueError) as e:
+        except (BackendError, MappingError, MemoryAccessError, ValueError, WorkerError) as e:
             if msg.request is Req.SET_FEATURES and not needs_reply(msg):
                 # QEMU sends it without NEED_REPLY: it cannot learn of the refusal, and a
                 # device on other features than the driver's is a silently broken link.
@@ -200,7 +221,7 @@ class BackendSession:
         self.protocol_features = value
 
     def _get_queue_num(self, msg: Message) -> Message:
-        return reply(msg, U64(NUM_QUEUES // 2))  # queue *pairs*, as QEMU's net reads it
+        return reply(msg, U64(self.queues))  # queue *pairs*, as QEMU's net reads it
 
     def _set_owner(self, msg: Message) -> None:
         self.owner = True
@@ -247,6 +268,10 @@ class BackendSession:
             for region, fd in zip(table.regions, msg.fds, strict=True):
                 memory.add(fd, region.guest_phys_addr, region.memory_size,
                            region.userspace_addr, region.mmap_offset)  # fmt: skip
+            if self.runner is not None:  # each worker maps it too: it is they who touch it
+                self.runner.set_memory([(r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                         r.mmap_offset) for r in table.regions],
+                                       list(msg.fds))  # fmt: skip
         except Exception:
             memory.close()
             self.memory = None
@@ -263,8 +288,11 @@ class BackendSession:
     # -- vrings ---------------------------------------------------------------
 
     def _vring(self, index: int) -> Vring:
-        if not 0 <= index < NUM_QUEUES:
-            raise BackendError(f"vring index {index} out of range (this device has {NUM_QUEUES})")
+        if not 0 <= index < len(self.vrings):
+            raise BackendError(
+                f"vring index {index} out of range (this device has {len(self.vrings)}: "
+                f"{self.queues} queue pair{'s' if self.queues > 1 else ''})"
+            )
         return self.vrings[index]
 
     def _set_vring_num(self, msg: Message) -> None:
@@ -297,7 +325,7 @@ class BackendSession:
     def _get_vring_base(self, msg: Message) -> Message:
         st: VringState = msg.payload
         vr = self._vring(st.index)
-        self._stop_device()  # the device needs both rings; the other restarts with it
+        self._stop_pair(st.index // 2)  # a pair needs both rings; the other restarts with it
         base = vr.base
         if self.packed:
             base |= base << 16  # vhost-user.rst: bits 16-31 the used index and wrap counter
@@ -319,6 +347,9 @@ class BackendSession:
         fd = -1 if u64.nofd or not msg.fds else msg.fds[0]
         setattr(vr, attr, fd)
         self.changed = True
+        pair = u64.vring_index // 2
+        if attr != "err" and pair in self.running and self.runner is not None:
+            self.runner.update_fds(pair, self._pair_fds(pair))  # QEMU re-sends calls live
         return u64.vring_index
 
     def _set_vring_kick(self, msg: Message) -> None:
@@ -336,76 +367,97 @@ class BackendSession:
         st: VringState = msg.payload
         if not self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES) and self.features:
             raise BackendError("SET_VRING_ENABLE without PROTOCOL_FEATURES negotiated")
-        self._vring(st.index).enabled = bool(st.num)
+        vr = self._vring(st.index)
+        if st.num and (vr.num == 0 or vr.addr is None) and self.memory is not None:
+            # QEMU enables only rings it set up; a front-end that enables one it never
+            # described would wait forever on a pair that cannot start: say so.
+            log.warning("vring %d enabled before its size and addresses were set: it "
+                        "starts once they are", st.index)  # fmt: skip
+        vr.enabled = bool(st.num)
         if not st.num:
             # "a disabled ring ... must not supply any new RX packets, and TX packets
-            # are discarded": the device needs both rings, so it stops until re-enabled.
-            self._stop_device()
+            # are discarded": a pair needs both rings, so it stops until re-enabled
+            # (QEMU disables the pairs past the guest's queue count: VQ_PAIRS_SET).
+            self._stop_pair(st.index // 2)
         self._update_device()
 
     # -- the device -----------------------------------------------------------
 
-    def ready(self) -> bool:
+    @property
+    def device(self) -> VirtnetDevice | None:
+        """Queue pair 0's device, in-process (no runner): what a one-pair test inspects."""
+        return self.devices.get(0)
+
+    def ready(self, pair: int = 0) -> bool:
         return self.memory is not None and all(
-            vr.started and vr.enabled and vr.num and vr.addr is not None for vr in self.vrings
+            vr.started and vr.enabled and vr.num and vr.addr is not None
+            for vr in self.vrings[2 * pair : 2 * pair + 2]
         )
 
     def _update_device(self) -> None:
-        if self.device is not None or not self.ready():
-            return
-        mem = self.memory.memory
-        rings = [self._ring_views(i, vr.num, vr.addr) for i, vr in enumerate(self.vrings)]
-        bases = (self.vrings[RX_Q].base, self.vrings[TX_Q].base)
-        self.device = build_device(mem, tuple(rings), self.features, bases, self.config.mtu)
-        if self.faults is not None:
-            self.faults.install(self.device)
+        for pair in range(self.queues):
+            if pair not in self.running and self.ready(pair):
+                self._start_pair(pair)
+
+    def _start_pair(self, pair: int) -> None:
+        rx, tx = self.vrings[2 * pair], self.vrings[2 * pair + 1]
+        rings = tuple(self._ring_views(2 * pair + q, vr.num, vr.addr)
+                      for q, vr in enumerate((rx, tx)))  # fmt: skip
+        bases = (rx.base, tx.base)
+        if self.runner is not None:
+            spec = RingSpec(pair, self.features, self.config.mtu,
+                            ((rx.num, rx.addr), (tx.num, tx.addr)), bases,
+                            tuple(fd >= 0 for fd in self._pair_fds(pair)))  # fmt: skip
+            self.runner.start(pair, spec, [fd for fd in self._pair_fds(pair) if fd >= 0])
+        else:
+            dev = build_device(self.memory.memory, rings, self.features, bases, self.config.mtu)
+            if self.faults is not None:
+                self.faults.install(dev)
+            self.devices[pair] = dev
+        self.running.add(pair)
         self.changed = True
-        log.info("device running: queue sizes %d/%d, bases %s",
-                 self.vrings[RX_Q].num, self.vrings[TX_Q].num, bases)  # fmt: skip
+        log.info("device running: queue pair %d, queue sizes %d/%d, bases %s",
+                 pair, rx.num, tx.num, bases)  # fmt: skip
+
+    def _pair_fds(self, pair: int) -> tuple[int, int, int, int]:
+        rx, tx = self.vrings[2 * pair], self.vrings[2 * pair + 1]
+        return rx.kick, rx.call, tx.kick, tx.call
 
     def _ring_views(self, index: int, num: int, addr: VringAddr) -> VringViews | PackedViews:
-        """The ring's three parts in the mapped memory; BackendError names the part.
-
-        Packed: SET_VRING_ADDR's descriptor / avail / used addresses are the
-        descriptor ring, the driver and the device event suppression areas.
-        """
-        mem = self.memory.memory
-        if self.packed:
-            parts = (
-                ("descriptor ring", addr.desc_user_addr, desc_table_size(num)),
-                ("driver event area", addr.avail_user_addr, EVENT_SUPPRESS_SIZE),
-                ("device event area", addr.used_user_addr, EVENT_SUPPRESS_SIZE),
-            )
-        else:
-            parts = (
-                ("descriptor table", addr.desc_user_addr, desc_table_size(num)),
-                ("available ring", addr.avail_user_addr, avail_ring_size(num)),
-                ("used ring", addr.used_user_addr, used_ring_size(num)),
-            )
-        views = []
-        for part, uva, size in parts:
-            try:
-                views.append(mem.view_uva(uva, size))
-            except MemoryAccessError as e:
-                raise BackendError(f"vring {index} {part}: {e}") from None
         try:
-            return (PackedViews if self.packed else VringViews)(num, *views)
-        except ValueError as e:
-            raise BackendError(f"vring {index}: {e}") from None
+            return ring_views(self.memory.memory, self.packed, index, num, addr)
+        except RingError as e:
+            raise BackendError(str(e)) from None
+
+    def _stop_pair(self, pair: int) -> None:
+        if pair not in self.running:
+            return
+        self.running.discard(pair)
+        self.changed = True
+        if self.runner is not None:
+            bases = self.runner.stop(pair)
+        else:
+            dev = self.devices.pop(pair)
+            dev.reset()
+            bases = dev.last_avail_idx
+        if bases is not None:
+            self.vrings[2 * pair].base, self.vrings[2 * pair + 1].base = bases
+
+    def pair_lost(self, pair: int) -> None:
+        """The pair's worker died: its rings are not running, and nothing can say where
+        they stopped."""
+        self.running.discard(pair)
+        self.changed = True
 
     def _stop_device(self) -> None:
-        if self.device is not None:
-            self.device.reset()
-            for index, base in enumerate(self.device.last_avail_idx):
-                self.vrings[index].base = base
-            self.device = None
-            self.changed = True
+        for pair in sorted(self.running):
+            self._stop_pair(pair)
 
     def reset(self) -> None:
         self._stop_device()
         for vr in self.vrings:
             vr.close_fds()
-        self.vrings = [Vring() for _ in range(NUM_QUEUES)]
+        self.vrings = [Vring() for _ in range(2 * self.queues)]
         self.features = 0
         self.changed = True
 
@@ -414,51 +466,56 @@ class BackendSession:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+            if self.runner is not None:
+                self.runner.unmap()
 
 
-def signal_call(fd: int) -> None:
-    if fd >= 0:
-        try:
-            os.eventfd_write(fd, 1)
-        except OSError as e:
-            log.warning("call eventfd %d: %s", fd, e)
+class PairRunner(Protocol):
+    """Where a session's queue pairs run when not in-process: DeviceServer's workers."""
 
-
-def drain_eventfd(fd: int) -> None:
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        pass
+    def set_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None: ...
+    def unmap(self) -> None: ...
+    def start(self, pair: int, spec: RingSpec, fds: list[int]) -> None: ...
+    def update_fds(self, pair: int, fds: tuple[int, int, int, int]) -> None: ...
+    def stop(self, pair: int) -> tuple[int, int] | None: ...
 
 
 class DeviceServer:
-    """Listen on ``socket_path`` and run the device for one front-end at a time."""
+    """Listen on ``socket_path`` and run the device for one front-end at a time.
+
+    This process keeps the vhost-user session; each queue pair's data path runs
+    in a worker process of its own (vhost_user/worker.py), with its own traffic
+    back-end (``backends[pair]``).
+    """
 
     def __init__(
         self,
         socket_path: str,
-        backend: DeviceBackend,
+        backends: DeviceBackend | list[DeviceBackend],
         *,
         printer=None,
         busy_poll_us: int = 0,
         coalesce: dict[str, int] | None = None,
         faults: FaultPlan | None = None,
         features_off: int = 0,
+        pcap_path: str | None = None,
     ) -> None:
+        self.backends = backends if isinstance(backends, list) else [backends]
+        self.queues = len(self.backends)
+        if not 1 <= self.queues <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"--queues {self.queues}: 1..{MAX_QUEUE_PAIRS} queue pairs")
         self.faults = faults
-        self.busy_poll = busy_poll_us / 1e6
-        self.offered = BACKEND_FEATURES & ~features_off  # e.g. RING_PACKED off: split only
+        self.offered = offered_features(self.queues) & ~features_off
         if faults is not None:
             # The injected lies (bogus ids, used index jumps) are written for split rings.
             self.offered &= ~bit(VirtioF.RING_PACKED)
-        c = DEFAULT_COALESCE | (coalesce or {})
-        self.coalesce = {
-            RX_Q: IrqCoalescer(c["rx-usecs"], c["rx-frames"]),
-            TX_Q: IrqCoalescer(c["tx-usecs"], c["tx-frames"]),
+        self._loop_args = {
+            "coalesce": DEFAULT_COALESCE | (coalesce or {}),
+            "busy_poll": busy_poll_us / 1e6,
+            "faults": faults,
         }
-        self._coalescing = any(coal.enabled for coal in self.coalesce.values())
+        self.pcap_path = pcap_path
         self.socket_path = socket_path
-        self.backend = backend
         self.printer = printer
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if os.path.exists(socket_path):
@@ -468,12 +525,93 @@ class DeviceServer:
         self.channel: Channel | None = None
         self.session: BackendSession | None = None
         self.sessions = 0
-        self.totals: dict[str, int] = {}
+        self.lost: list[dict] = []  # the last stats of workers that died
+        self.worker_deaths = 0
         self._ep = select.epoll()
         self._ep.register(self.listener.fileno(), select.EPOLLIN)
-        self._watched: dict[int, str] = {}
-        self.capture = None  # --pcap: handed to every device this server runs
+        self.workers: list[WorkerHandle] = []
+        for pair in range(self.queues):
+            self.workers.append(self._spawn(pair))
         self.run_seconds = self.cpu_seconds = 0.0
+
+    # -- workers ----------------------------------------------------------------
+
+    def _spawn(self, pair: int) -> WorkerHandle:
+        capture = self.pcap_path
+        if capture is not None and pair:
+            root, dot, ext = capture.rpartition(".")
+            capture = f"{root}.q{pair}.{ext}" if dot else f"{capture}.q{pair}"
+        w = spawn_worker(
+            pair,
+            lambda: PairLoop(pair, self.backends[pair], capture_path=capture, **self._loop_args),
+            self._close_in_worker,
+        )
+        self._ep.register(w.pidfd, select.EPOLLIN)
+        return w
+
+    def _close_in_worker(self) -> None:
+        """In a fresh worker: what belongs to the control process alone."""
+        self._ep.close()
+        self.listener.close()
+        if self.channel is not None:
+            self.channel.close()
+        for w in self.workers:
+            w.close()
+
+    def _worker(self, pair: int) -> WorkerHandle:
+        return self.workers[pair]
+
+    # PairRunner: what the session asks of the workers.
+
+    def set_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
+        for w in self.workers:
+            self._call(w, "memory", regions, fds=fds)
+
+    def unmap(self) -> None:
+        for w in self.workers:
+            if w.status is None:
+                self._call(w, "unmap")
+
+    def start(self, pair: int, spec: RingSpec, fds: list[int]) -> None:
+        self._call(self.workers[pair], "start", spec, fds=fds)
+
+    def update_fds(self, pair: int, fds: tuple[int, int, int, int]) -> None:
+        mask = tuple(fd >= 0 for fd in fds)
+        self._call(self.workers[pair], "fds", mask, fds=[fd for fd in fds if fd >= 0])
+
+    def stop(self, pair: int) -> tuple[int, int] | None:
+        return self._call(self.workers[pair], "stop")
+
+    @staticmethod
+    def _call(w: WorkerHandle, *request, fds=()):
+        try:
+            return w.call(*request, fds=fds)
+        except WorkerError as e:
+            raise BackendError(f"queue pair {w.pair}: {e}") from None
+
+    def _worker_died(self, e: WorkerDied) -> None:
+        """Name it, fail the session (its rings' state died with it), start a fresh one."""
+        w = self.workers[e.pair]
+        w.reap(block=True)
+        self.worker_deaths += 1
+        log.error("%s", WorkerDied(e.pair, w.describe()))
+        self.lost.append(w.last_stats)
+        try:
+            self._ep.unregister(w.pidfd)
+        except (OSError, ValueError):
+            pass
+        w.close()
+        if self.session is not None:
+            self.session.pair_lost(e.pair)
+        self.workers[e.pair] = self._spawn(e.pair)
+        if self.channel is not None:
+            self._disconnect(f"{e}: failing the session (its rings' state is lost)")
+
+    def _on_worker_exit(self, fd: int) -> None:
+        for w in self.workers:
+            if w.pidfd == fd and w.reap():
+                self._worker_died(WorkerDied(w.pair, w.describe()))
+                return
 
     # -- connections ------------------------------------------------------------
 
@@ -484,35 +622,29 @@ class DeviceServer:
             sock.close()
             return
         self.channel = Channel(sock, replies=False)
-        self.session = BackendSession(faults=self.faults, offered=self.offered)
+        self.session = BackendSession(faults=self.faults, offered=self.offered,
+                                      queues=self.queues, runner=self)  # fmt: skip
         self.sessions += 1
-        self.backend.on_connect()
         self._ep.register(sock.fileno(), select.EPOLLIN)
         log.info("front-end connected (session %d)", self.sessions)
+        try:
+            for w in self.workers:
+                self._call(w, "connect")
+        except WorkerDied as e:
+            self._worker_died(e)
 
     def _disconnect(self, why: str) -> None:
         log.info("front-end gone: %s", why)
-        for coal in self.coalesce.values():
-            coal.owed = 0  # an interrupt held for the old rings means nothing now
-        self._accumulate()
-        self._unwatch_all()
-        if self.channel is not None:
-            self._ep.unregister(self.channel.fileno())
-            self.channel.close()
-        if self.session is not None:
-            self.session.close()
-        self.channel = None
-        self.session = None
-
-    def _accumulate(self) -> None:
-        dev = self.session.device if self.session else None
-        if dev is not None:
-            for k, v in dev.stats.as_dict().items():
-                if k.endswith("_max"):
-                    self.totals[k] = max(self.totals.get(k, 0), v)
-                else:
-                    self.totals[k] = self.totals.get(k, 0) + v
-            dev.stats = type(dev.stats)(tuple(dev.stats.as_dict()))
+        channel, session = self.channel, self.session
+        self.channel = self.session = None
+        if channel is not None:
+            self._ep.unregister(channel.fileno())
+            channel.close()
+        if session is not None:
+            try:
+                session.close()
+            except WorkerDied as e:
+                self._worker_died(e)
 
     def _on_socket(self) -> None:
         messages: list[Message] = []
@@ -552,32 +684,24 @@ class DeviceServer:
         return True
 
     def _serve(self, msg: Message) -> bool:
-        dev_before = self.session.device
-        if msg.request in (Req.GET_VRING_BASE, Req.SET_MEM_TABLE, Req.RESET_OWNER,
-                           Req.RESET_DEVICE, Req.SET_VRING_ENABLE):  # fmt: skip
-            self._accumulate()
-        # Handlers close kick fds (GET_VRING_BASE, a new SET_VRING_KICK): take them out of
-        # epoll first. A closed fd whose file the front-end still holds stays registered,
-        # and QEMU re-sends that same eventfd on restart: register() would hit EEXIST.
-        refd = msg.request in (Req.GET_VRING_BASE, Req.SET_VRING_KICK, Req.RESET_OWNER,
-                               Req.RESET_DEVICE)  # fmt: skip
-        if refd:
-            self._unwatch_all()
         try:
             answer = self.session.handle(msg)
         except VhostUserProtocolError as e:
             self._protocol_error(e)
-            if refd and self.channel is not None:
-                self._rewatch()
             return self.channel is not None
+        except WorkerDied as e:
+            close_fds(msg.fds)
+            self._worker_died(e)
+            return False
         if answer is not None and not self._reply(answer):
             return False
         if msg.request is Req.SET_FEATURES and self.session.features:
-            self.backend.on_features(self.session.features)
-        if self.session.device is not None and self.session.device is not dev_before:
-            self.session.device.capture = self.capture
-        if refd or self.session.device is not dev_before or self.session.changed:
-            self._rewatch()
+            try:
+                for w in self.workers:
+                    self._call(w, "features", self.session.features)
+            except WorkerDied as e:
+                self._worker_died(e)
+                return False
         return True
 
     def _protocol_error(self, e: VhostUserProtocolError) -> None:
@@ -590,113 +714,7 @@ class DeviceServer:
         ):
             self._disconnect(f"protocol error: {e}")
 
-    # -- fds to watch -----------------------------------------------------------
-
-    def _unwatch_all(self) -> None:
-        for fd in list(self._watched):
-            try:
-                self._ep.unregister(fd)
-            except (OSError, ValueError):
-                pass
-        self._watched.clear()
-
-    def _rewatch(self) -> None:
-        self._unwatch_all()
-        s = self.session
-        s.changed = False
-        if s.device is None:
-            return
-        for name, vr in (("rx_kick", s.vrings[RX_Q]), ("tx_kick", s.vrings[TX_Q])):
-            if vr.kick >= 0:
-                self._watch(vr.kick, name)
-        fd = self.backend.fileno()
-        if fd is not None:
-            self._watch(fd, "backend")
-
-    def _watch(self, fd: int, name: str) -> None:
-        self._ep.register(fd, select.EPOLLIN)
-        self._watched[fd] = name
-
-    # -- the data path ----------------------------------------------------------
-
-    def _run_tx(self, dev: VirtnetDevice) -> bool:
-        """Consume tx chains; True if there may be more right away."""
-        txq = dev.txq
-        txq.disable_notify()
-        n = dev.process_tx(self.backend.xmit, BUDGET)
-        self._log_ring_error(dev)
-        if dev.flush_tx():
-            self._interrupt(dev, TX_Q, n)
-        return n == BUDGET  # kicks are re-armed in _idle, once nothing is left
-
-    def _interrupt(self, dev: VirtnetDevice, q: int, packets: int) -> None:
-        """The driver asked for an interrupt: send it, or hold it (--coalesce)."""
-        if self.coalesce[q].want(packets, time.monotonic()):
-            self._signal(dev, q)
-
-    def _signal(self, dev: VirtnetDevice, q: int) -> None:
-        signal_call(self.session.vrings[q].call)
-        if q == RX_Q:
-            dev.stats.rx_irqs += 1
-        else:
-            dev.stats.tx_irqs += 1
-
-    def _expire_interrupts(self, dev: VirtnetDevice, idle: bool) -> None:
-        if not self._coalescing:
-            return
-        now = time.monotonic()
-        for q, coal in self.coalesce.items():
-            if coal.expire(now, idle):
-                self._signal(dev, q)
-
-    def _poll_timeout(self, busy: bool) -> float:
-        """epoll's timeout: 0 when busy, else until the next held interrupt is due."""
-        if busy:
-            return 0
-        if not self._coalescing:
-            return IDLE_POLL
-        due = [d for c in self.coalesce.values() if (d := c.deadline()) is not None]
-        if not due:
-            return IDLE_POLL
-        return max(0.0, min(due) - time.monotonic())
-
-    @staticmethod
-    def _log_ring_error(dev: VirtnetDevice) -> None:
-        """Name what the driver got wrong (the counters only say how often)."""
-        if dev.last_error:
-            log.error("%s (desc_errors %d)", dev.last_error, dev.stats.desc_errors)
-            dev.last_error = ""
-
-    def _run_rx(self, dev: VirtnetDevice, backend_ready: bool) -> bool:
-        if not (backend_ready or self.backend.has_rx()):
-            return False
-        rxq = dev.rxq
-        rxq.disable_notify()
-        n = self.backend.fill_rx(dev, BUDGET)
-        self._log_ring_error(dev)
-        if dev.flush_rx():
-            self._interrupt(dev, RX_Q, n)
-        if n == BUDGET:
-            return True
-        return self.backend.has_rx() and not dev.rx_starved
-
-    def _idle(self, dev: VirtnetDevice) -> bool:
-        """Nothing to do: busy-poll a while if asked (no kicks needed meanwhile, like
-        vhost-net's busyloop_timeout), then re-arm kicks and recheck the race."""
-        if self.busy_poll and self._spin(dev):
-            return True
-        more = dev.txq.enable_notify()
-        if dev.rx_starved:
-            more |= dev.rxq.enable_notify()  # wake us when the driver posts buffers
-        return more
-
-    def _spin(self, dev: VirtnetDevice) -> bool:
-        end = time.perf_counter() + self.busy_poll
-        txq, rxq, poll = dev.txq, dev.rxq, self._ep.poll
-        while time.perf_counter() < end:
-            if txq.avail_pending() or dev.rx_starved and rxq.avail_pending() or poll(0):
-                return True  # level-triggered: the main poll sees the event again
-        return False
+    # -- running ----------------------------------------------------------------
 
     def serve(self, seconds: float = 0) -> dict:
         """Run until ``seconds`` pass (0: until SIGTERM/SIGINT)."""
@@ -709,50 +727,55 @@ class DeviceServer:
             self.cpu_seconds = time.process_time() - cpu0
             if self.channel is not None:
                 self._disconnect("stopping")
+            final = self._stop_workers()
             self.close()
-        return self.stats()
+        return self.stats(final)
 
     def _loop(self, clock: RunClock) -> None:
-        busy = False
-        backend_ready = False
-        passes = 0
+        pidfds = {w.pidfd for w in self.workers}
         while clock.running():
-            passes += 1
-            # While the rings keep us busy, ask epoll only every few passes: kicks
-            # need no syscall to be seen (the avail index says it), and a level-
-            # triggered fd is still reported on the next look.
-            events = self._ep.poll(self._poll_timeout(busy)) if not busy or passes % 4 == 0 else ()
-            for fd, _ev in events:
+            for fd, _ev in self._ep.poll(IDLE_POLL):
                 if fd == self.listener.fileno():
                     self._accept()
                 elif self.channel is not None and fd == self.channel.fileno():
                     self._on_socket()
-                elif self._watched.get(fd) in ("rx_kick", "tx_kick"):
-                    drain_eventfd(fd)
-                    # New rx buffers: a frame held for room may go in now.
-                    backend_ready |= self._watched[fd] == "rx_kick"
-                elif self._watched.get(fd) == "backend":
-                    backend_ready = True
-            dev = self.session.device if self.session else None
-            busy = False
-            if dev is not None:
-                busy |= self._run_tx(dev)
-                busy |= self._run_rx(dev, backend_ready)
-                backend_ready = busy and backend_ready
-                if not busy:
-                    busy = self._idle(dev)
-                self._expire_interrupts(dev, idle=not busy)
+                elif fd in pidfds:
+                    self._on_worker_exit(fd)
+                pidfds = {w.pidfd for w in self.workers}
 
-    def stats(self) -> dict:
-        totals = dict(self.totals)
-        dev = self.session.device if self.session else None
-        if dev is not None:
-            for k, v in dev.stats.as_dict().items():
-                totals[k] = max(totals.get(k, 0), v) if k.endswith("_max") else (
-                    totals.get(k, 0) + v)  # fmt: skip
-        return {"device_stats": totals, "backend": self.backend.stats(),
-                "sessions": self.sessions, "seconds": round(self.run_seconds, 4),
-                "cpu_seconds": round(self.cpu_seconds, 4)}  # fmt: skip
+    def _stop_workers(self) -> list[dict]:
+        final = []
+        for w in self.workers:
+            try:
+                final.append(w.call("exit"))
+                w.reap(block=True)
+            except WorkerDied as e:
+                log.error("%s", e)
+                final.append(w.last_stats)
+            w.close()
+        return final
+
+    def stats(self, final: list[dict] | None = None) -> dict:
+        """Every queue pair's counters, summed and per queue (``rx_queue_0_packets``...)."""
+        per_pair = final
+        if per_pair is None:
+            per_pair = []
+            for w in self.workers:
+                try:
+                    w.last_stats = w.call("stats")
+                except WorkerDied:
+                    pass  # noticed, named and answered by the loop
+                per_pair.append(w.last_stats)
+        device = [p.get("device_stats", {}) for p in per_pair]
+        totals = sum_stats(device + [p.get("device_stats", {}) for p in self.lost])
+        for pair, d in enumerate(device):
+            totals |= per_queue_stats(pair, d)
+        backend = sum_stats([p.get("backend", {}) for p in per_pair + self.lost])
+        cpu = self.cpu_seconds + sum(p.get("cpu_seconds", 0.0) for p in per_pair + self.lost)
+        return {"device_stats": totals, "backend": backend, "queues": self.queues,
+                "sessions": self.sessions, "worker_deaths": self.worker_deaths,
+                "seconds": round(self.run_seconds, 4),
+                "cpu_seconds": round(cpu, 4)}  # fmt: skip
 
     def close(self) -> None:
         self._ep.close()
@@ -761,4 +784,5 @@ class DeviceServer:
             os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
-        self.backend.close()
+        for backend in self.backends:
+            backend.close()
