@@ -289,6 +289,7 @@ class FinalStats:
     ports: dict[int, ForwardStats]
     accumulated: ForwardStats | None
     nic: dict[int, NicStats]  # the last periodic block of each port (up to one period stale)
+    streams: dict[int, StreamStats]  # by rx queue; empty with one queue per port
     returncode: int | None
     killed: bool  # SIGTERM was not enough
 
@@ -300,6 +301,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _FIELD = re.compile(r"([A-Za-z][A-Za-z-]*):\s+(\d+)")
 _NIC_BLOCK = re.compile(r"NIC statistics for port (\d+)\s*#+\n(.*?)\n\s*#{20,}", re.S)
 _FWD_BLOCK = re.compile(r"-+ Forward statistics for port (\d+)\s*-+\n(.*?)\n\s*-{20,}", re.S)
+# With several queues (--rxq/--txq > 1) testpmd prints one block per forwarding stream first.
+_STREAM_BLOCK = re.compile(
+    r"-+ Forward Stats for RX Port=\s*(\d+)/Queue=\s*(\d+) -> "
+    r"TX Port=\s*(\d+)/Queue=\s*(\d+)\s*-+\n(.*?)\n\s*\n", re.S
+)
 _ACC_BLOCK = re.compile(
     r"\++ Accumulated forward statistics for all ports\s*\++\n(.*?)\n\s*\+{20,}", re.S
 )
@@ -327,10 +333,38 @@ def parse_forward_stats(text: str) -> tuple[dict[int, ForwardStats], ForwardStat
     return ports, (_fields(ForwardStats, acc[-1], port=None) if acc else None)
 
 
+@dataclass(frozen=True)
+class StreamStats:
+    """One forwarding stream's counters (testpmd prints them when it stops, if a port has
+    several queues): frames received on ``rx_queue``, sent (or refused) on ``tx_queue``."""
+
+    rx_port: int
+    rx_queue: int
+    tx_port: int
+    tx_queue: int
+    rx_packets: int = 0
+    tx_packets: int = 0
+    tx_dropped: int = 0
+
+
+def parse_stream_stats(text: str) -> dict[int, StreamStats]:
+    """Per-stream forward statistics by rx queue (one stream per queue with --nb-cores=1
+    and the default rxq->txq pairing), from the last stop in the log."""
+    text = _ANSI.sub("", text)
+    out: dict[int, StreamStats] = {}
+    for rp, rq, tp, tq, body in _STREAM_BLOCK.findall(text + "\n\n"):
+        s = _fields(StreamStats, body, rx_port=int(rp), rx_queue=int(rq), tx_port=int(tp),
+                    tx_queue=int(tq))  # fmt: skip
+        out[s.rx_queue] = s  # type: ignore[attr-defined]
+    return out  # type: ignore[return-value]
+
+
 # ---------------------------------------------------------------------------------------------
 # feature bits (test-local names; virtnet's own features module is the source of truth for it)
 
 VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_CTRL_VQ = 17
+VIRTIO_NET_F_MQ = 22
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
 VHOST_USER_F_PROTOCOL_FEATURES = 30
@@ -507,7 +541,8 @@ class Testpmd:
         log = self.log_text()
         ports, acc = parse_forward_stats(log)
         nic = {s.port: s for s in parse_nic_stats(log)}
-        self.final = FinalStats(ports, acc, nic, self.proc.returncode, killed)
+        streams = parse_stream_stats(log)
+        self.final = FinalStats(ports, acc, nic, streams, self.proc.returncode, killed)
         if check and (killed or not ports):
             why = "ignored SIGTERM" if killed else "printed no forward statistics"
             raise TestpmdError(self._describe(f"testpmd {why}"))

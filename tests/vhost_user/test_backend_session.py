@@ -23,6 +23,7 @@ from virtnet.vhost_user.backend import (
     NUM_QUEUES,
     PROTOCOL_FEATURES,
     BackendSession,
+    offered_features,
 )
 from virtnet.vhost_user.errors import VhostUserProtocolError
 from virtnet.vhost_user.frontend import GuestMemfd
@@ -265,6 +266,20 @@ def test_features_missing_their_requirements_are_dropped_not_refused(session, ca
     assert status(session.handle(msg(R.SET_FEATURES, U64(wanted), need_reply=True))) == 0
     assert "features lack requirements, ignored: HOST_TSO4 needs CSUM" in caplog.text
     assert session.features == sanitize(wanted) == bit(VirtioF.VERSION_1)
+
+
+def test_mq_without_ctrl_vq_is_kept_the_control_queue_being_the_front_ends(caplog):
+    # DPDK virtio_user strips CTRL_VQ from SET_FEATURES (its shadow cvq serves it): the
+    # device must still run on MQ, not drop it as an orphan of 5.1.3.1.
+    s = BackendSession(offered=offered_features(2), queues=2)
+    try:
+        caplog.clear()
+        wanted = WITH_PF | bit(VirtioNetF.MQ)
+        assert status(s.handle(msg(R.SET_FEATURES, U64(wanted), need_reply=True))) == 0
+        assert s.features == wanted, caplog.text
+        assert "lack requirements" not in caplog.text
+    finally:
+        s.close()
 
 
 def test_protocol_features_never_offered(session, caplog):

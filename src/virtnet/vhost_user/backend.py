@@ -197,13 +197,17 @@ class BackendSession:
                 "virtio_net_hdr, which this device does not implement: use mrg_rxbuf=on "
                 "or the modern interface (QEMU disable-modern=off)"
             )
-        problems = missing_requirements(wanted)
+        # The control queue is the front-end's (QEMU's virtio-net, DPDK virtio_user's shadow
+        # cvq), and DPDK leaves CTRL_VQ out of SET_FEATURES ("devices do not really need
+        # to know"): MQ acked without it is no orphan here.
+        cvq = self.offered & bit(VirtioNetF.CTRL_VQ) & ~wanted
+        problems = missing_requirements(wanted | cvq)
         if problems:
             # VIRTIO 1.2, 5.1.3.1: a driver MUST NOT accept these, yet Linux does (QEMU's
             # csum=off leaves guest_tso6 on) and QEMU never reads this reply, so a refusal
             # would run the device on stale features. Act as if the orphans were off.
             log.warning("features lack requirements, ignored: %s", "; ".join(problems))
-            wanted = sanitize(wanted)
+            wanted = sanitize(wanted | cvq) & ~cvq
         self.features = wanted
         if not wanted & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             for vr in self.vrings:  # "rings are enabled immediately"
