@@ -351,17 +351,20 @@ def _tunsetiff_reason(name: str, iff: int, e: OSError) -> str:
     if e.errno == errno.E2BIG:
         return f"{what}: the tap already has {MAX_TAP_QUEUES} queues (MAX_TAP_QUEUES)"
     if e.errno == errno.EINVAL:
-        # A tap is multi-queue or not for all its fds: tun_set_iff refuses the other kind.
+        # tun_set_iff: the name exists and is not a tap of the asked kind; a tap is
+        # multi-queue or not for all its fds.
         existing = _existing_kind(name)
         if existing == SINGLE_QUEUE_TAP and mq:
             return (f"{what}: {name} exists as a single-queue tap, which cannot take more "
-                    "queues: delete it (ip link del) or use 1 queue")  # fmt: skip
+                    f"queues: delete it (ip link del {name}) or use 1 queue")  # fmt: skip
         if existing == MULTI_QUEUE_TAP and not mq:
             return (f"{what}: {name} exists as a multi-queue tap: attach its queues with "
                     "IFF_MULTI_QUEUE (open_tap_queues, tap:IFNAME with --queues)")  # fmt: skip
-        if existing and existing not in (SINGLE_QUEUE_TAP, MULTI_QUEUE_TAP):
+        if existing:
             return f"{what}: {name} exists as {existing}, not a tap"
-        return f"{what}: invalid name or a non-tap device of that name exists"
+        kind, other = ("multi", "single") if mq else ("single", "multi")
+        return (f"{what}: {name or 'the name'} exists and is not a {kind}-queue tap (a "
+                f"{other}-queue tap, or not a tap): delete it or pick another name")  # fmt: skip
     return f"{what}: {e.strerror}"
 
 
@@ -384,11 +387,14 @@ def _existing_kind(name: str) -> str:
     try:
         with open(f"{sysfs}/ifindex") as f:
             if int(f.read()) != index:
-                return "a network device"
+                return ""  # another namespace's sysfs
+    except (OSError, ValueError):
+        return ""
+    try:
         with open(f"{sysfs}/tun_flags") as f:
             flags = int(f.read(), 16)
     except (OSError, ValueError):
-        return "a network device"
+        return "a network device"  # no tun_flags: not a tun/tap at all
     if flags & IFF_TUN:
         return "a tun (IP, not Ethernet) device"
     return MULTI_QUEUE_TAP if flags & IFF_MULTI_QUEUE else SINGLE_QUEUE_TAP
