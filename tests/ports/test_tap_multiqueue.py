@@ -352,6 +352,35 @@ def test_closing_one_queue_leaves_the_others_working(mq_in_ns) -> None:
         assert sock.recvfrom(100)[0] == b"still"
 
 
+def test_a_detached_queue_gets_nothing_until_attached_again(mq_in_ns) -> None:
+    # A device whose driver enables fewer queue pairs than it has detaches the rest.
+    ns, taps = mq_in_ns
+    taps[0].set_queue_enabled(False)
+    taps[0].set_queue_enabled(False)  # twice is once
+    info = tun_info(ns, taps[0].name)
+    assert (info["IFLA_TUN_NUM_QUEUES"], info["IFLA_TUN_NUM_DISABLED_QUEUES"]) == (
+        len(taps) - 1, 1,
+    )  # fmt: skip
+    taps[0].set_offload(taps[0].offloads)  # ioctls still work: on_features may come late
+    with ns_socket(ns) as sock:  # and so do writes: the pair's tx needs no attach
+        sock.bind((NS_ADDR, 7777))
+        sock.settimeout(READ_TIMEOUT)
+        taps[0].writev([bytes(HDR), udp_frame(link_mac(ns, taps[0].name), b"tx", 7777)])
+        assert sock.recvfrom(100)[0] == b"tx"
+    send_flows(ns)
+    got = read_flows(taps, FLOWS)
+    assert not got[0] and sum(len(f) for f in got.values()) == FLOWS
+    taps[0].set_queue_enabled(True)
+    send_flows(ns)
+    assert read_flows(taps, FLOWS)[0], f"no flow of {FLOWS} on the re-attached queue"
+
+
+def test_a_single_queue_tap_has_no_queue_to_detach(root_tun: None) -> None:
+    with open_tap("vnqnodet") as t:
+        with pytest.raises(TapError, match="only a multi-queue tap"):
+            t.set_queue_enabled(False)
+
+
 # --- a persistent multi-queue tap made in a namespace, attached queue by queue ------------
 
 

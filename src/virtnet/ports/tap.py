@@ -43,6 +43,7 @@ TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int): TUN_F_* the reader c
 TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int): fills ifreq with name and IFF_* flags
 TUNGETVNETHDRSZ = 0x800454D7  # _IOR('T', 215, int)
 TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int): 10 (virtio_net_hdr) or 12 (_mrg_rxbuf)
+TUNSETQUEUE = 0x400454D9  # _IOW('T', 217, int): ifreq with IFF_ATTACH_QUEUE / IFF_DETACH_QUEUE
 
 # TUNSETIFF flags (ifr_flags).
 IFF_TUN = 0x0001
@@ -50,6 +51,8 @@ IFF_TAP = 0x0002  # Ethernet frames, not IP packets
 IFF_NO_PI = 0x1000  # no 4-byte packet-information prefix: the vnet header comes first
 IFF_VNET_HDR = 0x4000  # each frame is preceded by a virtio_net_hdr
 IFF_MULTI_QUEUE = 0x0100  # one fd per queue, many fds on one name
+IFF_ATTACH_QUEUE = 0x0200  # TUNSETQUEUE: this fd's queue takes frames again
+IFF_DETACH_QUEUE = 0x0400  # TUNSETQUEUE: the kernel stops steering frames to this fd
 
 # drivers/net/tun.c: the most fds (queues) one tap can have attached (numqueues +
 # numdisabled); the kernel says E2BIG beyond it.
@@ -171,6 +174,27 @@ class Tap:
         _ioctl_int(self.fileno(), TUNSETOFFLOAD, offloads, f"tap {self.name}: TUNSETOFFLOAD")
         self.offloads = offloads
 
+    def set_queue_enabled(self, enabled: bool) -> None:
+        """TUNSETQUEUE: attach or detach this fd's queue of a multi-queue tap.
+
+        A detached queue gets no frames (the kernel steers over the attached ones only)
+        until attached again; it keeps its fd, its tap, and writes still enter the stack
+        (``__tun_detach`` without clean keeps ``tfile->tun``). What a device does for the
+        queue pairs a driver leaves unused (QEMU ``tap_fd_disable``).
+        """
+        if not self.multi_queue:
+            raise TapError(errno.EINVAL, f"tap {self.name}: only a multi-queue tap has queues "
+                           "to attach or detach")  # fmt: skip
+        if enabled == self.queue_enabled:
+            return  # the kernel says EINVAL to a second attach or detach
+        flag = IFF_ATTACH_QUEUE if enabled else IFF_DETACH_QUEUE
+        try:
+            fcntl.ioctl(self.fileno(), TUNSETQUEUE, IFREQ.pack(b"", flag))
+        except OSError as e:
+            verb = "attach" if enabled else "detach"
+            raise TapError(e.errno, f"tap {self.name}: TUNSETQUEUE {verb}: {e.strerror}") from None
+        self.queue_enabled = enabled
+
     def __init__(
         self, fd: int, name: str, vnet_hdr_size: int, offloads: int, *, multi_queue: bool = False
     ) -> None:
@@ -179,6 +203,7 @@ class Tap:
         self.vnet_hdr_size = vnet_hdr_size
         self.offloads = offloads
         self.multi_queue = multi_queue  # this fd is one queue of an IFF_MULTI_QUEUE tap
+        self.queue_enabled = True  # False: detached by set_queue_enabled, gets no frames
 
     def fileno(self) -> int:
         if self._fd < 0:
