@@ -180,6 +180,29 @@ def test_every_fd_is_a_queue_of_one_multi_queue_tap(root_tun: None, queues: int)
         assert ipr.link_lookup(ifname="vnqflags") == []  # gone with its last queue
 
 
+@pytest.mark.parametrize("make", [device_backends, driver_backends])
+def test_tap_backends_open_one_queue_each(root_tun: None, make) -> None:
+    backends = make("tap:vnqdev", 3)
+    try:
+        taps = [b.tap for b in backends]
+        assert all(t.name == "vnqdev" and t.multi_queue for t in taps)
+        assert len({b.fileno() for b in backends}) == 3
+        assert tun_info(None, "vnqdev")["IFLA_TUN_NUM_QUEUES"] == 3
+        for b in backends:
+            b.on_features(0)  # every worker sets the (device-wide) offloads: harmless
+        assert [t.offloads for t in taps] == [0, 0, 0]
+    finally:
+        for b in backends:
+            b.close()
+    with IPRoute() as ipr:
+        assert ipr.link_lookup(ifname="vnqdev") == []
+    (one,) = make("tap:vnqone", 1)  # one queue pair: a plain tap, as before
+    try:
+        assert not one.tap.multi_queue and not one.tap.flags() & IFF_MULTI_QUEUE
+    finally:
+        one.close()
+
+
 def test_from_fd_adopts_one_queue(root_tun: None) -> None:
     taps = open_tap_queues("vnqadopt", 2)
     try:
