@@ -39,7 +39,14 @@ from virtnet.ports.backends import (
     open_taps,
     parse_backend,
 )
-from virtnet.ports.netns import Topology, add_neighbour, iproute, link_index, link_mac
+from virtnet.ports.netns import (
+    Topology,
+    add_neighbour,
+    entered_netns,
+    iproute,
+    link_index,
+    link_mac,
+)
 from virtnet.ports.netns import socket_in_netns as ns_socket
 from virtnet.ports.tap import (
     IFF_MULTI_QUEUE,
@@ -415,6 +422,11 @@ def test_a_persistent_tap_in_a_namespace_is_attached_queue_by_queue(topo: Topolo
     more = topo.attach_tap_queues(ns, name, 3)
     taps = first + more
     assert tun_info(ns, name)["IFLA_TUN_NUM_QUEUES"] == 4
+    with entered_netns(ns):  # tap:IFNAME with one queue pair attaches one queue more
+        (one,) = open_taps("tap", name, 1)
+    topo.taps.append(one)
+    assert one.multi_queue and tun_info(ns, name)["IFLA_TUN_NUM_QUEUES"] == 5
+    one.close()
     assert all(t.name == name and t.multi_queue for t in taps)
     add_neighbour(ns, name, PEER_ADDR, PEER_MAC)
     send_flows(ns)

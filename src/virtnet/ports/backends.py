@@ -517,12 +517,22 @@ def driver_backends(spec: str, queues: int, tap_factory=None) -> list[DriverBack
 
 def open_taps(kind: str, arg: str, queues: int) -> list:
     """The taps of ``tap:IFNAME`` / ``tapfd:FD,...``: one per queue pair."""
-    from virtnet.ports.tap import Tap, open_tap, open_tap_queues
+    from virtnet.ports.tap import Tap, TapError, open_tap, open_tap_queues
 
     if kind == "tap":
-        # One queue: a plain tap, as before multi-queue (an existing single-queue tap
-        # keeps working); more: an IFF_MULTI_QUEUE tap, one fd per queue.
-        return [open_tap(arg)] if queues == 1 else open_tap_queues(arg, queues)
+        if queues > 1:
+            return open_tap_queues(arg, queues)  # IFF_MULTI_QUEUE, one fd per queue
+        # One queue: a plain tap, as before multi-queue; an existing (persistent)
+        # multi-queue tap refuses that, so attach one of its queues instead.
+        try:
+            return [open_tap(arg)]
+        except TapError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            try:
+                return [open_tap(arg, multi_queue=True)]
+            except TapError:
+                raise e from None
     fds = [int(fd) for fd in arg.split(",")]
     if len(fds) != queues:
         raise BackendError(_tapfd_count_reason(arg, len(fds), queues))

@@ -384,7 +384,7 @@ def _tunsetiff_reason(name: str, iff: int, e: OSError) -> str:
                     f"queues: delete it (ip link del {name}) or use 1 queue")  # fmt: skip
         if existing == MULTI_QUEUE_TAP and not mq:
             return (f"{what}: {name} exists as a multi-queue tap: attach its queues with "
-                    "IFF_MULTI_QUEUE (open_tap_queues, tap:IFNAME with --queues)")  # fmt: skip
+                    "IFF_MULTI_QUEUE (open_tap_queues, open_tap(multi_queue=True))")  # fmt: skip
         if existing:
             return f"{what}: {name} exists as {existing}, not a tap"
         kind, other = ("multi", "single") if mq else ("single", "multi")
