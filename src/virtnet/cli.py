@@ -97,14 +97,6 @@ def _add_bench(sub) -> None:
                         "--seconds (default 5 here), --json, --plot")  # fmt: skip
 
 
-BACKEND_HELP = """R|\
-where the packets come from and go to:
-  sink          count what arrives; verify every byte of virtnet's own stream
-  gen:SIZE      send a verifiable stream of SIZE-byte frames (and sink what returns)
-  loopback      echo every frame back
-  tap:IFNAME    a TAP device with IFF_VNET_HDR (root); created if missing
-  tapfd:N       an inherited, configured tap fd (like QEMU's -netdev tap,fd=N)
-"""
 
 DEVICE_EPILOG = """\
 The device listens on --socket-path and serves one front-end at a time, then the next:
@@ -138,7 +130,7 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
         formatter_class=_Formatter,
     )  # fmt: skip
     p.add_argument("--socket-path", required=True, help="unix socket of the vhost-user channel")
-    p.add_argument("--backend", default="sink", metavar="B", help=BACKEND_HELP)
+    p.add_argument("--backend", default="sink", metavar="B", help=_backend_help())
     p.add_argument("--seconds", type=float, default=0, help="stop after N seconds (0: until ^C)")
     p.add_argument("--json", metavar="FILE", help="write final stats as JSON")
     p.add_argument("--quiet", action="store_true", help="no live counters")
@@ -186,6 +178,12 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
         p.add_argument("--features-off", type=_feature_bits, default=0, metavar="NAMES",
                        help="feature bits not to offer, e.g. RING_PACKED (split rings "
                             "only)")  # fmt: skip
+
+
+def _backend_help() -> str:
+    from virtnet.ports.backends import BACKEND_HELP_TEXT
+
+    return BACKEND_HELP_TEXT
 
 
 def _queue_pairs(text: str) -> int:
@@ -589,7 +587,7 @@ def cmd_vhost_user(args) -> int:
         try:
             from virtnet.net.features import OFFERED
 
-            client = DriverClient(args.socket_path, backend, strategy=args.strategy,
+            client = DriverClient(args.socket_path, backends, strategy=args.strategy,
                                   queue_size=args.queue_size,
                                   wanted=OFFERED & ~args.features_off,
                                   busy_poll_us=args.busy_poll,

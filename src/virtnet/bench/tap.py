@@ -125,8 +125,12 @@ def virtnet_path(
     pcap: bool = False,
     workdir: str | None = None,
     device_args: tuple[str, ...] = (),
+    queues: int = 1,
 ) -> Iterator[VirtnetPath]:
     """Namespaces, taps, ``virtnet device`` and ``virtnet driver``, carrying pings.
+
+    ``queues`` > 1: each tap is an IFF_MULTI_QUEUE tap whose ``queues`` fds go to the
+    process as ``tapfd:FD1,...`` with ``--queues N``, one per queue pair.
 
     ``features_off`` defaults to what ``strategy`` needs (FEATURES_OFF); the JSON,
     logs and pcaps go to ``workdir`` (default: a temporary directory, gone on exit,
@@ -141,16 +145,24 @@ def virtnet_path(
         sockdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="virtnet-vu-"))
         files = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="virtnet-tap-"))
         guest, host = topo.add_netns("guest"), topo.add_netns("host")
-        tap_g = topo.add_tap(guest, GUEST_CIDR, mtu=MTU)
-        tap_h = topo.add_tap(host, HOST_CIDR, mtu=MTU)
+        if queues == 1:
+            taps_g = [topo.add_tap(guest, GUEST_CIDR, mtu=MTU)]
+            taps_h = [topo.add_tap(host, HOST_CIDR, mtu=MTU)]
+        else:
+            taps_g = topo.add_tap_queues(guest, GUEST_CIDR, queues, mtu=MTU)
+            taps_h = topo.add_tap_queues(host, HOST_CIDR, queues, mtu=MTU)
+        fds_g, fds_h = [t.fileno() for t in taps_g], [t.fileno() for t in taps_h]
         sock = os.path.join(sockdir, "vhost-user.sock")
         out = {name: os.path.join(files, name) for name in (
             "device.json", "driver.json", "device.log", "driver.log",
             "device.pcap", "driver.pcap")}  # fmt: skip
-        dev_args = ["device", "--socket-path", sock, "--backend", f"tapfd:{tap_h.fileno()}",
+        dev_args = ["device", "--socket-path", sock, "--backend", _tapfd(fds_h),
                     "--json", out["device.json"], "--quiet", *device_args]  # fmt: skip
-        drv_args = ["driver", "--socket-path", sock, "--backend", f"tapfd:{tap_g.fileno()}",
+        drv_args = ["driver", "--socket-path", sock, "--backend", _tapfd(fds_g),
                     "--strategy", strategy, "--json", out["driver.json"], "--quiet"]  # fmt: skip
+        if queues > 1:
+            dev_args += ["--queues", str(queues)]
+            drv_args += ["--queues", str(queues)]
         if features_off:
             drv_args += ["--features-off", features_off]
         if queue_size is not None:
@@ -158,15 +170,15 @@ def virtnet_path(
         if pcap:
             dev_args += ["--pcap", out["device.pcap"]]
             drv_args += ["--pcap", out["driver.pcap"]]
-        dev = _start(stack, dev_args, tap_h.fileno(), out["device.log"])
+        dev = _start(stack, dev_args, fds_h, out["device.log"])
         deadline = time.monotonic() + READY_TIMEOUT
         while not os.path.exists(sock):
             if dev.poll() is not None or time.monotonic() > deadline:
                 raise TapBenchError(f"virtnet device did not listen: {_tail(out['device.log'])}")
             time.sleep(0.02)
-        drv = _start(stack, drv_args, tap_g.fileno(), out["driver.log"])
+        drv = _start(stack, drv_args, fds_g, out["driver.log"])
         path = VirtnetPath(
-            topo, guest, host, tap_g.name, tap_h.name, dev, drv,
+            topo, guest, host, taps_g[0].name, taps_h[0].name, dev, drv,
             device_json=out["device.json"], driver_json=out["driver.json"],
             device_log=out["device.log"], driver_log=out["driver.log"],
             device_pcap=out["device.pcap"] if pcap else None,
@@ -176,13 +188,17 @@ def virtnet_path(
         yield path
 
 
+def _tapfd(fds: list[int]) -> str:
+    return "tapfd:" + ",".join(map(str, fds))
+
+
 def _start(
-    stack: contextlib.ExitStack, args: list[str], fd: int, log_path: str
+    stack: contextlib.ExitStack, args: list[str], fds: list[int], log_path: str
 ) -> subprocess.Popen:
-    """A virtnet process holding ``fd``; stopped when ``stack`` closes (before the taps)."""
+    """A virtnet process holding ``fds``; stopped when ``stack`` closes (before the taps)."""
     # stderr to a file, not a pipe nobody reads: a chatty process must never block on it.
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(_virtnet(*args), pass_fds=[fd], stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(_virtnet(*args), pass_fds=fds, stdout=subprocess.DEVNULL,
                                 stderr=log)  # fmt: skip
     stack.callback(stop_process, proc)
     return proc

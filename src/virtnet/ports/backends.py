@@ -8,7 +8,13 @@
   the other side posts room (and sink what comes back);
 * ``loopback`` — echo every frame back where it came from;
 * ``tap:IFNAME`` — a TAP device with IFF_VNET_HDR: the tap's header *is*
-  the virtio-net header, so frames move with one readv/writev and no copy.
+  the virtio-net header, so frames move with one readv/writev and no copy;
+* ``tapfd:FD[,FD...]`` — inherited tap fds, one per queue pair.
+
+With N queue pairs (``--queues N``) every pair gets a backend of its own
+(:func:`device_backends`, :func:`driver_backends`): its own generator, sink or
+echo queue, and for a tap one queue (fd) of an IFF_MULTI_QUEUE tap — the
+kernel spreads the flows over the queues by their hash, like a multi-queue NIC.
 """
 
 from __future__ import annotations
@@ -22,7 +28,20 @@ from virtnet.net.header import MRG_HDR_LEN
 from virtnet.net.skb import PageFrag, SkBuff
 from virtnet.ports.synthetic import FrameGen, FrameSink
 
-BACKENDS = ("sink", "gen:SIZE", "loopback", "tap:IFNAME", "tapfd:FD")
+BACKENDS = ("sink", "gen:SIZE", "loopback", "tap:IFNAME", "tapfd:FD[,FD...]")
+
+# `--backend` help for the CLI (argparse "R|": kept as written).
+BACKEND_HELP_TEXT = """R|\
+where the packets come from and go to; with --queues N, one per queue pair:
+  sink          count what arrives; verify every byte of virtnet's own stream
+  gen:SIZE      send a verifiable stream of SIZE-byte frames (and sink what returns)
+  loopback      echo every frame back
+  tap:IFNAME    a TAP device with IFF_VNET_HDR (root); created if missing; with
+                --queues N > 1 an IFF_MULTI_QUEUE tap, one fd (queue) per pair
+  tapfd:FD[,FD...]
+                inherited, configured tap fds (like QEMU's -netdev tap,fds=...):
+                one fd per queue pair, all queues of one multi-queue tap if N > 1
+"""
 LOOPBACK_QUEUE = 1024  # frames held for echo before loopback drops (a NIC's queue)
 
 
@@ -42,7 +61,7 @@ def parse_backend(spec: str) -> tuple[str, str]:
         return kind, arg
     if kind == "tap" and arg:
         return kind, arg
-    if kind == "tapfd" and arg.isdigit():
+    if kind == "tapfd" and all(fd.isdigit() for fd in arg.split(",")):
         return kind, arg
     raise BackendError(f"--backend {spec!r}: expected one of {', '.join(BACKENDS)}")
 
@@ -214,6 +233,10 @@ class TapDevice(DeviceBackend):
 
         # Frames read from this tap go to the guest's rx queue: its GUEST_* offloads.
         self.tap.set_offload(offloads_for_guest_features(features))
+
+    def on_queue_enabled(self, enabled: bool) -> None:
+        if self.tap.multi_queue:
+            self.tap.set_queue_enabled(enabled)
 
     def xmit(self, views: list[memoryview], frame_len: int) -> bool:
         try:
@@ -457,44 +480,105 @@ class TapDriver(DriverBackend):
         self.tap.close()
 
 
+# A tap factory for N queue pairs: (kind, arg, queues) -> one Tap per queue.
+# device_backend/driver_backend keep the one-queue form: (kind, arg) -> Tap.
+
+
 def device_backend(spec: str, tap_factory=None) -> DeviceBackend:
-    kind, arg = parse_backend(spec)
-    if kind == "sink":
-        return SinkDevice()
-    if kind == "gen":
-        return GenDevice(int(arg))
-    if kind == "loopback":
-        return LoopbackDevice()
-    return TapDevice((tap_factory or _open_tap)(kind, arg))
+    """The backend of a one-queue-pair device."""
+    return device_backends(spec, 1, _one_queue(tap_factory))[0]
 
 
 def driver_backend(spec: str, tap_factory=None) -> DriverBackend:
-    kind, arg = parse_backend(spec)
-    if kind == "sink":
-        return SinkDriver()
-    if kind == "gen":
-        return GenDriver(int(arg))
-    if kind == "loopback":
-        return LoopbackDriver()
-    return TapDriver((tap_factory or _open_tap)(kind, arg))
+    """The backend of a one-queue-pair driver."""
+    return driver_backends(spec, 1, _one_queue(tap_factory))[0]
 
 
 def device_backends(spec: str, queues: int, tap_factory=None) -> list[DeviceBackend]:
-    """One back-end per queue pair (placeholder until multi-queue taps land)."""
-    if queues > 1 and parse_backend(spec)[0] in ("tap", "tapfd"):
-        raise BackendError(f"--backend {spec} with --queues {queues}: not yet")
-    return [device_backend(spec, tap_factory) for _ in range(queues)]
+    """One backend per queue pair, each for the worker that serves that pair.
+
+    A tap gives each pair one queue (fd) of a multi-queue tap; the others each get an
+    instance of their own (a generator per pair, a sink per pair, an echo per pair).
+    """
+    kind, arg = parse_backend(spec)
+    _check_queues(spec, queues)
+    if kind in ("tap", "tapfd"):
+        return [TapDevice(tap) for tap in (tap_factory or open_taps)(kind, arg, queues)]
+    if kind == "sink":
+        return [SinkDevice() for _ in range(queues)]
+    if kind == "gen":
+        return [GenDevice(int(arg)) for _ in range(queues)]
+    return [LoopbackDevice() for _ in range(queues)]
 
 
 def driver_backends(spec: str, queues: int, tap_factory=None) -> list[DriverBackend]:
-    if queues > 1 and parse_backend(spec)[0] in ("tap", "tapfd"):
-        raise BackendError(f"--backend {spec} with --queues {queues}: not yet")
-    return [driver_backend(spec, tap_factory) for _ in range(queues)]
+    """:func:`device_backends` for the driver's side."""
+    kind, arg = parse_backend(spec)
+    _check_queues(spec, queues)
+    if kind in ("tap", "tapfd"):
+        return [TapDriver(tap) for tap in (tap_factory or open_taps)(kind, arg, queues)]
+    if kind == "sink":
+        return [SinkDriver() for _ in range(queues)]
+    if kind == "gen":
+        return [GenDriver(int(arg)) for _ in range(queues)]
+    return [LoopbackDriver() for _ in range(queues)]
 
 
-def _open_tap(kind: str, arg: str):
-    from virtnet.ports.tap import Tap, open_tap
+def open_taps(kind: str, arg: str, queues: int) -> list:
+    """The taps of ``tap:IFNAME`` / ``tapfd:FD,...``: one per queue pair."""
+    from virtnet.ports.tap import Tap, TapError, open_tap, open_tap_queues
 
-    if kind == "tapfd":
-        return Tap.from_fd(int(arg))  # inherited, like QEMU's -netdev tap,fd=N
-    return open_tap(arg)
+    if kind == "tap":
+        if queues > 1:
+            return open_tap_queues(arg, queues)  # IFF_MULTI_QUEUE, one fd per queue
+        # One queue: a plain tap, as before multi-queue; an existing (persistent)
+        # multi-queue tap refuses that, so attach one of its queues instead.
+        try:
+            return [open_tap(arg)]
+        except TapError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            try:
+                return [open_tap(arg, multi_queue=True)]
+            except TapError:
+                raise e from None
+    fds = [int(fd) for fd in arg.split(",")]
+    if len(fds) != queues:
+        raise BackendError(_tapfd_count_reason(arg, len(fds), queues))
+    if len(set(fds)) != len(fds):
+        raise BackendError(f"--backend tapfd:{arg}: an fd is named twice; each is one queue")
+    taps = [Tap.from_fd(fd) for fd in fds]  # inherited, like QEMU's -netdev tap,fds=A:B
+    if queues > 1:
+        single = [f"{fd} ({t.name})" for fd, t in zip(fds, taps, strict=True) if not t.multi_queue]
+        if single:
+            raise BackendError(
+                f"--backend tapfd:{arg}: fd {', '.join(single)} is a single-queue tap; "
+                f"{queues} queue pairs need {queues} fds of one IFF_MULTI_QUEUE tap"
+            )
+        names = sorted({t.name for t in taps})
+        if len(names) > 1:
+            raise BackendError(
+                f"--backend tapfd:{arg}: the fds are queues of different taps "
+                f"({', '.join(names)}); the queue pairs of one device share one tap"
+            )
+    return taps
+
+
+def _tapfd_count_reason(arg: str, got: int, queues: int) -> str:
+    what = f"--backend tapfd:{arg} names {got} fd(s) for {queues} queue pair(s)"
+    if queues == 1:
+        return f"{what}: pass one fd, or --queues {got} (one fd per queue pair)"
+    want = ",".join(f"FD{i}" for i in range(1, min(queues, 3) + 1)) + (",..." * (queues > 3))
+    return (f"{what}: one inherited fd is one queue of a tap, so pass tapfd:{want} "
+            f"({queues} fds of one multi-queue tap)")  # fmt: skip
+
+
+def _check_queues(spec: str, queues: int) -> None:
+    if isinstance(queues, bool) or not isinstance(queues, int) or queues < 1:
+        raise BackendError(f"--backend {spec}: {queues!r} queue pairs; at least 1 is needed")
+
+
+def _one_queue(tap_factory):
+    if tap_factory is None:
+        return None
+    return lambda kind, arg, queues: [tap_factory(kind, arg)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import secrets
 import signal
 import socket
@@ -23,7 +24,13 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from virtnet.ports.tap import TUN_F_DEFAULT, VIRTIO_NET_HDR_MRG_RXBUF_SIZE, Tap, open_tap
+from virtnet.ports.tap import (
+    TUN_F_DEFAULT,
+    VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
+    Tap,
+    open_tap,
+    open_tap_queues,
+)
 
 NETNS_PREFIX = "vn-"  # every namespace virtnet creates, so leftovers are easy to find
 NUD_PERMANENT = 0x80  # include/uapi/linux/neighbour.h: a static neighbour entry
@@ -159,6 +166,55 @@ def create_veth(ifname_a: str, netns_a: str, ifname_b: str, netns_b: str) -> Non
         )  # fmt: skip
 
 
+def create_tap(netns: str, ifname: str, *, multi_queue: bool = False) -> None:
+    """A persistent tap (IFF_VNET_HDR, no PI) created inside ``netns``, no fd attached.
+
+    Like ``ip -n NETNS tuntap add dev IFNAME mode tap vnet_hdr [multi_queue]``: a process
+    in that namespace attaches to it by name, one fd per queue when ``multi_queue``
+    (``tap:IFNAME --queues N``, or :func:`open_tap_queues_in`). It goes with its namespace.
+    """
+    ifr = {"no_pi": 1, "vnet_hdr": 1, "multi_queue": int(multi_queue)}
+    with iproute(netns) as ipr:
+        _rtnl(
+            f"create tap {ifname}{' multi_queue' if multi_queue else ''} in netns {netns}",
+            ipr.link, "add", ifname=ifname, kind="tuntap", mode="tap", ifr=ifr,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def entered_netns(netns: str) -> Iterator[None]:
+    """This thread inside ``netns`` for the block: what it opens there (a tap fd) stays there.
+
+    TUNSETIFF looks the name up in the namespace /dev/net/tun was opened in, so attaching
+    to a tap that lives in a namespace means opening it from inside. setns(2) moves only
+    the calling thread; it is moved back on exit.
+    """
+    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            pr_netns.setns(netns, flags=0)  # flags=0: never create a missing namespace
+        except OSError as e:
+            raise NetnsError(f"netns {netns}: cannot enter: {e}") from None
+        try:
+            yield
+        finally:
+            pr_netns.setns(saved)
+    finally:
+        os.close(saved)
+
+
+def open_tap_queues_in(
+    netns: str,
+    ifname: str,
+    queues: int,
+    vnet_hdr_size: int = VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
+    offloads: int = TUN_F_DEFAULT,
+) -> list[Tap]:
+    """``queues`` fds on the multi-queue tap ``ifname`` inside ``netns`` (made if missing)."""
+    with entered_netns(netns):
+        return open_tap_queues(ifname, queues, vnet_hdr_size, offloads)
+
+
 def _rtnl(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return call(*args, **kwargs)
@@ -254,10 +310,69 @@ class Topology:
         with _deferred_sigint():
             tap = open_tap(ifname or unique_ifname("t"), vnet_hdr_size, offloads)
             self.taps.append(tap)
-        move_link(tap.name, netns)
-        add_address(netns, tap.name, cidr)
-        set_link(netns, tap.name, mtu=mtu, up=True)
+        self._place(netns, tap.name, cidr, mtu)
         return tap
+
+    def add_tap_queues(
+        self,
+        netns: str,
+        cidr: str,
+        queues: int,
+        *,
+        ifname: str | None = None,
+        vnet_hdr_size: int = VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
+        offloads: int = TUN_F_DEFAULT,
+        mtu: int | None = None,
+    ) -> list[Tap]:
+        """:meth:`add_tap` for an IFF_MULTI_QUEUE tap: one Tap (fd) per queue."""
+        self._check_own(netns)
+        with _deferred_sigint():
+            taps = open_tap_queues(ifname or unique_ifname("q"), queues, vnet_hdr_size, offloads)
+            self.taps.extend(taps)
+        self._place(netns, taps[0].name, cidr, mtu)
+        return taps
+
+    def add_persistent_tap(
+        self,
+        netns: str,
+        cidr: str,
+        *,
+        ifname: str | None = None,
+        multi_queue: bool = True,
+        mtu: int | None = None,
+    ) -> str:
+        """A persistent tap made inside ``netns``, addressed and up, no fd yet; its name.
+
+        Attach queues with :meth:`attach_tap_queues` (or a process run in the namespace).
+        """
+        self._check_own(netns)
+        name = ifname or unique_ifname("p")
+        create_tap(netns, name, multi_queue=multi_queue)  # goes with the namespace
+        add_address(netns, name, cidr)
+        set_link(netns, name, mtu=mtu, up=True)
+        return name
+
+    def attach_tap_queues(
+        self,
+        netns: str,
+        ifname: str,
+        queues: int,
+        *,
+        vnet_hdr_size: int = VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
+        offloads: int = TUN_F_DEFAULT,
+    ) -> list[Tap]:
+        """``queues`` more fds on the multi-queue tap ``ifname`` in ``netns``; closed on exit."""
+        self._check_own(netns)
+        with _deferred_sigint():
+            taps = open_tap_queues_in(netns, ifname, queues, vnet_hdr_size, offloads)
+            self.taps.extend(taps)
+        return taps
+
+    def _place(self, netns: str, ifname: str, cidr: str, mtu: int | None) -> None:
+        # The tap is only in the root namespace while down and without an address.
+        move_link(ifname, netns)
+        add_address(netns, ifname, cidr)
+        set_link(netns, ifname, mtu=mtu, up=True)
 
     def add_veth(
         self, netns_a: str, cidr_a: str, netns_b: str, cidr_b: str, *, mtu: int | None = None
@@ -288,7 +403,8 @@ class Topology:
             # Processes first: a namespace outlives its name while a process is inside it.
             for proc in reversed(self.processes):
                 _collect(errors, stop_process, proc)
-            # Closing the last fd deletes a tap, wherever it lives.
+            # Closing the last fd deletes a tap, wherever it lives (a persistent one goes
+            # with its namespace, which a tap fd opened inside it keeps alive till closed).
             for tap in reversed(self.taps):
                 _collect(errors, tap.close)
             # Veths die with their namespace.

@@ -16,6 +16,7 @@ import os
 import select
 import socket
 import time
+from dataclasses import replace
 
 from virtnet.net.driver import VirtnetDriver
 from virtnet.net.features import (
@@ -41,11 +42,22 @@ from virtnet.vhost_user.messages import (
     ProtocolFeature,
     VringAddr,
     VringState,
+    close_fds,
 )
 from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
 from virtnet.vhost_user.runclock import RunClock
+from virtnet.vhost_user.worker import (
+    RPC_TIMEOUT,
+    WorkerDied,
+    WorkerHandle,
+    per_queue_stats,
+    recv_msg,
+    send_msg,
+    spawn_worker,
+    sum_stats,
+)
 from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.memory import GuestMemory, MemoryRegion
 
@@ -88,159 +100,36 @@ class GuestMemfd:
         os.close(self.fd)
 
 
-class DriverClient:
-    """Connect to a back-end, negotiate, set up memory and rings, run the driver."""
+class PairDriver:
+    """One queue pair's driver and its event loop: interrupts in, kicks out, the
+    back-end's frames both ways. ``virtnet driver`` runs pair 0 in-process with one
+    pair, and each pair in a worker process of its own with more (``--queues``)."""
 
-    def __init__(
-        self,
-        socket_path: str,
-        backend: DriverBackend,
-        *,
-        strategy: str = "deferred",
-        queue_size: int = 256,
-        wanted: int = OFFERED,
-        connect_timeout: float = 10.0,
-        printer=None,
-        busy_poll_us: int = 0,
-    ) -> None:
-        self.busy_poll = busy_poll_us / 1e6
-        self.socket_path = socket_path
+    def __init__(self, pair: int, drv: VirtnetDriver, backend: DriverBackend,
+                 kick: list[int], call: list[int], busy_poll: float = 0.0) -> None:  # fmt: skip
+        self.pair = pair
+        self.drv = drv
         self.backend = backend
-        self.strategy = strategy
-        self.queue_size = queue_size
-        self.wanted = wanted
-        self.printer = printer
-        # A split layout when the size allows one (packed rings fit in its room, so the
-        # memfd is big enough either way); setup() switches to what was negotiated.
-        pow2 = queue_size > 0 and not queue_size & (queue_size - 1)
-        self.layout = GuestLayout(queue_size, GuestLayout.pages_for(queue_size), packed=not pow2)
-        self.channel = Channel(self._connect(connect_timeout), replies=True)
-        self.guest = GuestMemfd(self.layout.size)
-        self.kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
-        self.call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
-        self.features = 0
-        self.protocol_features = 0
-        self.drv: VirtnetDriver | None = None
-        self.peer_gone = False
+        self.kick = kick  # [rx, tx] eventfds
+        self.call = call
+        self.busy_poll = busy_poll
+        self.stop = False  # set by a watched fd's callback: the loop returns
         self.broken = ""  # a queue the device broke (BAD_RING): why the session ended
-        self.run_seconds = 0.0
-        self.cpu_seconds = 0.0
         self._ep = None
         self._tap_watched = True
-
-    def _connect(self, timeout: float) -> socket.socket:
-        deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(self.socket_path)
-                return sock
-            except (FileNotFoundError, ConnectionRefusedError) as e:
-                sock.close()
-                if time.monotonic() >= deadline:
-                    raise FrontendError(
-                        f"cannot connect to {self.socket_path} within {timeout:g}s: {e}"
-                    ) from None
-                time.sleep(0.05)
-
-    # -- setup --------------------------------------------------------------------
-
-    def _send(self, request: Req, payload=b"", fds=(), ack: bool = False) -> None:
-        flags = VHOST_USER_VERSION
-        want_ack = ack and self.protocol_features & bit(ProtocolFeature.REPLY_ACK)
-        if want_ack:
-            flags |= VHOST_USER_NEED_REPLY_MASK
-        msg = Message(request, flags, payload, tuple(fds))
-        if not want_ack:
-            self.channel.send(msg)
-            return
-        answer = self.channel.request(msg)
-        if answer.payload.value != 0:
-            value = answer.payload.value
-            raise FrontendError(f"back-end refused {request.name} (REPLY_ACK {value})")
-
-    def _get(self, request: Req, payload=b"") -> Message:
-        return self.channel.request(Message(request, VHOST_USER_VERSION, payload))
-
-    def setup(self) -> None:
-        """The sequence QEMU and DPDK's virtio_user send, in their order."""
-        try:
-            self._send(Req.SET_OWNER)
-            offered = self._get(Req.GET_FEATURES).payload.value
-        except (PeerClosed, OSError) as e:
-            # A vhost-user back-end serves one front-end at a time and turns others
-            # away by closing at once: say so rather than "Broken pipe".
-            raise FrontendError(
-                f"the back-end at {self.socket_path} closed the connection before "
-                f"answering ({e}): is another front-end connected to it?"
-            ) from None
-        if offered & bit(VHOST_USER_F_PROTOCOL_FEATURES):
-            pf = self._get(Req.GET_PROTOCOL_FEATURES).payload.value
-            self.protocol_features = pf & WANTED_PROTOCOL
-            self._send(Req.SET_PROTOCOL_FEATURES, U64(self.protocol_features))
-            if self.protocol_features & bit(ProtocolFeature.MQ):
-                pairs = self._get(Req.GET_QUEUE_NUM).payload.value
-                if pairs < 1:
-                    raise FrontendError(f"back-end supports {pairs} queue pairs")
-        for problem in missing_requirements(offered & SUPPORTED):
-            log.warning("device offers %s; not acking it", problem)
-        self.features = negotiate(offered, self.wanted) | (
-            offered & bit(VHOST_USER_F_PROTOCOL_FEATURES)
-        )
-        log.info("features %#x: %s", self.features, " ".join(names(self.features)))
-        packed = bool(self.features & bit(VirtioF.RING_PACKED))
-        if self.layout.packed and not packed:
-            raise FrontendError(
-                f"queue size {self.queue_size} is not a power of 2: it needs packed rings, "
-                "and RING_PACKED was not negotiated"
-            )
-        self.layout = self.layout.for_features(self.features)
-        self._send(Req.SET_FEATURES, U64(self.features))
-        self.backend.on_features(self.features)
-        self._set_mem_table()
-        self.drv = build_driver(
-            self.guest.memory, self.layout, self.features, self.strategy,
-            netif_receive_skb=self.backend.netif_receive_skb,
-        )  # fmt: skip
-        if self.drv.strategy != self.strategy:  # virtnet_probe's choice, from the features
-            mrg = "on" if self.features & bit(VirtioNetF.MRG_RXBUF) else "off"
-            log.warning("rx strategy %s is not possible with MRG_RXBUF %s: using %s",
-                        self.strategy, mrg, self.drv.strategy)  # fmt: skip
-        if isinstance(self.backend, LoopbackDriver):
-            self.backend.drv = self.drv
-        for q, addrs in enumerate(self.layout.rings):
-            self._send(Req.SET_VRING_NUM, VringState(q, self.queue_size))
-            # Packed: index 0, wrap counter 1, for avail (bits 0-15) and used (16-31), as QEMU.
-            base = FRESH_PACKED_BASE | FRESH_PACKED_BASE << 16 if packed else 0
-            self._send(Req.SET_VRING_BASE, VringState(q, base))
-            uva = self.guest.uva
-            self._send(Req.SET_VRING_ADDR, VringAddr(
-                q, 0, uva + addrs.desc, uva + addrs.used, uva + addrs.avail, 0))  # fmt: skip
-            self._send(Req.SET_VRING_KICK, U64(q), [self.kick[q]])
-            self._send(Req.SET_VRING_CALL, U64(q), [self.call[q]])
-        if self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
-            for q in range(2):
-                self._send(Req.SET_VRING_ENABLE, VringState(q, 1), ack=True)
-        if self.drv.try_fill_recv():
-            os.eventfd_write(self.kick[RX], 1)
-
-    def _set_mem_table(self) -> None:
-        g = self.guest
-        region = MemoryRegionDesc(0, g.size, g.uva, 0)
-        self._send(Req.SET_MEM_TABLE, MemoryTable((region,)), [g.fd], ack=True)
-
-    # -- running ------------------------------------------------------------------
 
     def _kick(self, q: int) -> None:
         os.eventfd_write(self.kick[q], 1)
 
-    def run(self, seconds: float = 0) -> dict:
+    def run(self, running, watch: dict[int, object]) -> None:
+        """Serve the pair while ``running()``; ``watch``: more fds and their callbacks."""
         drv = self.drv
         ep = self._ep = select.epoll()
         self._tap_watched = True
         ep.register(self.call[RX], select.EPOLLIN)
         ep.register(self.call[TX], select.EPOLLIN)
-        ep.register(self.channel.fileno(), select.EPOLLIN)
+        for fd in watch:
+            ep.register(fd, select.EPOLLIN)
         bfd = self.backend.fileno()
         if bfd is not None:
             ep.register(bfd, select.EPOLLIN)
@@ -248,17 +137,21 @@ class DriverClient:
         tx_ready = self.backend.has_tx()
         quiet_at = -1  # the rx used idx at the last idle timeout with buffers waiting
         drv.svq.disable_cb()
-        started, cpu0 = time.monotonic(), time.process_time()
-        clock = RunClock(seconds, self.printer, self.stats).install()
         passes = 0
         try:
-            while clock.running():
+            while running() and not self.stop:
                 busy = rx_pending or tx_ready
                 if not busy and self.busy_poll:
                     busy = rx_pending = self._spin(ep)
                 passes += 1
-                # Busy: look at the fds only every few passes (see DeviceServer._loop).
-                events = ep.poll(0 if busy else IDLE_TIMEOUT) if not busy or passes % 4 == 0 else ()
+                # Busy: look at the fds only every few passes (see PairLoop._loop).
+                if not busy or passes % 4 == 0:
+                    events = ep.poll(0 if busy else IDLE_TIMEOUT)
+                else:
+                    # Between looks, the used index says what an rx interrupt would:
+                    # a tx-busy pair still drains rx every pass (as NAPI would).
+                    events = ()
+                    rx_pending = rx_pending or drv.rvq.more_used()
                 if not events and not busy:
                     rx_pending, quiet_at = self._check_lost_irq(quiet_at)
                 for fd, _ in events:
@@ -270,9 +163,9 @@ class DriverClient:
                         tx_ready = True
                     elif fd == bfd:
                         tx_ready = True
-                    elif fd == self.channel.fileno():
-                        self._on_socket()
-                if self.peer_gone:
+                    elif fd in watch:
+                        watch[fd]()
+                if self.stop:
                     break
                 if rx_pending:
                     received, kick = drv.poll(NAPI_BUDGET)
@@ -289,12 +182,8 @@ class DriverClient:
                     self.broken = drv.broken
                     break
         finally:
-            self.run_seconds = time.monotonic() - started
-            self.cpu_seconds = time.process_time() - cpu0
-            clock.restore()
             ep.close()
             self._ep = None
-        return self.stats()
 
     def _check_lost_irq(self, quiet_at: int) -> tuple[bool, int]:
         """An idle timeout with used rx buffers waiting, and still the same ones at the
@@ -345,19 +234,21 @@ class DriverClient:
         drv.svq.disable_cb()
         return True
 
-    def _drain_tx(self, timeout: float) -> None:
+    def drain_tx(self, timeout: float, watch: dict[int, object]) -> None:
         """Wait (bounded) until the back-end has used every tx buffer sent.
 
         A clean stop then loses nothing in flight, and both ends count the same
         tx packets; buffers still unused at the deadline are dropped by remove().
         """
         drv = self.drv
+        if drv.svq.broken:
+            return
         if drv.svq.num_added and drv.tx_kick():
             self._kick(TX)
         deadline = time.monotonic() + timeout
         while True:
             drv.free_old_xmit_skbs()
-            if not drv.svq.in_flight or self.peer_gone:
+            if not drv.svq.in_flight or self.stop:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
@@ -366,12 +257,307 @@ class DriverClient:
                 return
             if not drv.svq.enable_cb():  # used buffers arrived while arming: reap them
                 continue
-            ready, _, _ = select.select([self.call[TX], self.channel.fileno()], [], [],
-                                        min(left, 0.05))  # fmt: skip
+            ready, _, _ = select.select([self.call[TX], *watch], [], [], min(left, 0.05))
             if self.call[TX] in ready:
                 _drain(self.call[TX])
-            if self.channel.fileno() in ready:
-                self._on_socket()
+            for fd in ready:
+                if fd in watch:
+                    watch[fd]()
+
+    def finish(self) -> None:
+        """The rings are stopped: take what the device finished, free every page."""
+        drv = self.drv
+        drv.free_old_xmit_skbs()
+        if isinstance(self.backend, LoopbackDriver):
+            self.backend.drv = None  # the rings are stopped: echoes now are drops
+        if drv.rx.xdp is not None:
+            drv.rx.xdp.tx_enabled = False  # likewise XDP_TX
+        drv.poll(1 << 16)  # what the device finished before stopping
+        if hasattr(self.backend, "release"):
+            self.backend.release(drv)
+        self.backend.close()
+        drv.remove()
+
+    def stats(self) -> dict:
+        return {"driver_stats": self.drv.stats.as_dict(), "backend": self.backend.stats(),
+                "cpu_seconds": time.process_time()}  # fmt: skip
+
+
+class PairWorker:
+    """A queue pair's driver in its own process: runs until told to stop, then
+    drains tx, and after the control process stopped the rings, finishes."""
+
+    def __init__(self, pair: PairDriver) -> None:
+        self.pair = pair
+        self.sock: socket.socket | None = None
+
+    def serve(self, sock: socket.socket) -> None:
+        self.sock = sock
+        watch = {sock.fileno(): self._on_request}
+        self.pair.run(lambda: True, watch)
+        if self.pair.broken:
+            send_msg(sock, ("event", self.pair.broken))
+        while True:  # stopped (or broken): the rest is the control process's sequence
+            if not self._on_request():
+                return
+
+    def _on_request(self) -> bool:
+        try:
+            (name, *_args), fds = recv_msg(self.sock)
+        except (EOFError, OSError):
+            self.pair.stop = True  # the control process is gone
+            return False
+        close_fds(fds)
+        value = None
+        if name == "stop":
+            self.pair.stop = True
+        elif name == "drain":
+            self.pair.stop = False
+            self.pair.drain_tx(TX_DRAIN_TIMEOUT, {})
+        elif name == "finish":
+            self.pair.finish()
+            value = self.pair.stats()
+        elif name == "stats":
+            value = self.pair.stats()
+        send_msg(self.sock, ("ok", value))
+        return name != "finish"
+
+
+class DriverClient:
+    """Connect to a back-end, negotiate, set up memory and rings, run the driver."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        backends: DriverBackend | list[DriverBackend],
+        *,
+        strategy: str = "deferred",
+        queue_size: int = 256,
+        wanted: int = OFFERED,
+        connect_timeout: float = 10.0,
+        printer=None,
+        busy_poll_us: int = 0,
+    ) -> None:
+        self.busy_poll = busy_poll_us / 1e6
+        self.socket_path = socket_path
+        self.backends = backends if isinstance(backends, list) else [backends]
+        self.backend = self.backends[0]
+        self.queues = len(self.backends)
+        self.strategy = strategy
+        self.queue_size = queue_size
+        self.wanted = wanted
+        if self.queues > 1:
+            self.wanted |= bit(VirtioNetF.MQ) | bit(VirtioNetF.CTRL_VQ)
+        self.printer = printer
+        # A split layout when the size allows one (packed rings fit in its room, so the
+        # memfd is big enough either way); setup() switches to what was negotiated.
+        # Each pair has its own rings, indirect tables and pages, one after the other.
+        pow2 = queue_size > 0 and not queue_size & (queue_size - 1)
+        self.layout = GuestLayout(queue_size, GuestLayout.pages_for(queue_size), packed=not pow2)
+        self.channel = Channel(self._connect(connect_timeout), replies=True)
+        self.guest = GuestMemfd(self.layout.size * self.queues)
+        nrings = 2 * self.queues
+        self.kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nrings)]
+        self.call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nrings)]
+        self.features = 0
+        self.protocol_features = 0
+        self.pairs: list[PairDriver] = []
+        self.workers: list[WorkerHandle] = []
+        self.peer_gone = False
+        self.broken = ""  # a queue the device broke (BAD_RING), or a worker died: why
+        self.run_seconds = 0.0
+        self.cpu_seconds = 0.0
+        self._final: list[dict] = []
+
+    @property
+    def drv(self) -> VirtnetDriver | None:
+        """Queue pair 0's driver (the only one without --queues)."""
+        return self.pairs[0].drv if self.pairs else None
+
+    def pair_layout(self, pair: int) -> GuestLayout:
+        return replace(self.layout, base=pair * self.layout.size)
+
+    def _connect(self, timeout: float) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.socket_path)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise FrontendError(
+                        f"cannot connect to {self.socket_path} within {timeout:g}s: {e}"
+                    ) from None
+                time.sleep(0.05)
+
+    # -- setup --------------------------------------------------------------------
+
+    def _send(self, request: Req, payload=b"", fds=(), ack: bool = False) -> None:
+        flags = VHOST_USER_VERSION
+        want_ack = ack and self.protocol_features & bit(ProtocolFeature.REPLY_ACK)
+        if want_ack:
+            flags |= VHOST_USER_NEED_REPLY_MASK
+        msg = Message(request, flags, payload, tuple(fds))
+        if not want_ack:
+            self.channel.send(msg)
+            return
+        answer = self.channel.request(msg)
+        if answer.payload.value != 0:
+            value = answer.payload.value
+            raise FrontendError(f"back-end refused {request.name} (REPLY_ACK {value})")
+
+    def _get(self, request: Req, payload=b"") -> Message:
+        return self.channel.request(Message(request, VHOST_USER_VERSION, payload))
+
+    def setup(self) -> None:
+        """The sequence QEMU and DPDK's virtio_user send, in their order."""
+        try:
+            self._send(Req.SET_OWNER)
+            offered = self._get(Req.GET_FEATURES).payload.value
+        except (PeerClosed, OSError) as e:
+            # A vhost-user back-end serves one front-end at a time and turns others
+            # away by closing at once: say so rather than "Broken pipe".
+            raise FrontendError(
+                f"the back-end at {self.socket_path} closed the connection before "
+                f"answering ({e}): is another front-end connected to it?"
+            ) from None
+        pairs = 1
+        if offered & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            pf = self._get(Req.GET_PROTOCOL_FEATURES).payload.value
+            self.protocol_features = pf & WANTED_PROTOCOL
+            self._send(Req.SET_PROTOCOL_FEATURES, U64(self.protocol_features))
+            if self.protocol_features & bit(ProtocolFeature.MQ):
+                pairs = self._get(Req.GET_QUEUE_NUM).payload.value
+                if pairs < 1:
+                    raise FrontendError(f"back-end supports {pairs} queue pairs")
+        self._check_queues(offered, pairs)
+        for problem in missing_requirements(offered & SUPPORTED):
+            log.warning("device offers %s; not acking it", problem)
+        self.features = negotiate(offered, self.wanted) | (
+            offered & bit(VHOST_USER_F_PROTOCOL_FEATURES)
+        )
+        log.info("features %#x: %s", self.features, " ".join(names(self.features)))
+        packed = bool(self.features & bit(VirtioF.RING_PACKED))
+        if self.layout.packed and not packed:
+            raise FrontendError(
+                f"queue size {self.queue_size} is not a power of 2: it needs packed rings, "
+                "and RING_PACKED was not negotiated"
+            )
+        self.layout = self.layout.for_features(self.features)
+        self._send(Req.SET_FEATURES, U64(self.features))
+        for backend in self.backends:
+            backend.on_features(self.features)
+        self._set_mem_table()
+        for p, backend in enumerate(self.backends):
+            drv = build_driver(
+                self.guest.memory, self.pair_layout(p), self.features, self.strategy,
+                netif_receive_skb=backend.netif_receive_skb,
+            )  # fmt: skip
+            if isinstance(backend, LoopbackDriver):
+                backend.drv = drv
+            self.pairs.append(PairDriver(p, drv, backend, self.kick[2 * p : 2 * p + 2],
+                                         self.call[2 * p : 2 * p + 2], self.busy_poll))  # fmt: skip
+        if self.drv.strategy != self.strategy:  # virtnet_probe's choice, from the features
+            mrg = "on" if self.features & bit(VirtioNetF.MRG_RXBUF) else "off"
+            log.warning("rx strategy %s is not possible with MRG_RXBUF %s: using %s",
+                        self.strategy, mrg, self.drv.strategy)  # fmt: skip
+        for p in range(self.queues):
+            self._set_vrings(p, packed)
+        if self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            for q in range(2 * self.queues):
+                self._send(Req.SET_VRING_ENABLE, VringState(q, 1), ack=True)
+        for pair in self.pairs:
+            if pair.drv.try_fill_recv():
+                pair._kick(RX)
+
+    def _check_queues(self, offered: int, pairs: int) -> None:
+        if self.queues == 1:
+            return
+        if not offered & bit(VirtioNetF.MQ):
+            raise FrontendError(f"--queues {self.queues}: the back-end does not offer "
+                                "VIRTIO_NET_F_MQ")  # fmt: skip
+        if not self.protocol_features & bit(ProtocolFeature.MQ):
+            raise FrontendError(f"--queues {self.queues}: the back-end does not offer "
+                                "VHOST_USER_PROTOCOL_F_MQ (GET_QUEUE_NUM)")  # fmt: skip
+        if pairs < self.queues:
+            raise FrontendError(f"--queues {self.queues}: the back-end has {pairs} queue "
+                                f"pair{'s' if pairs > 1 else ''} (GET_QUEUE_NUM)")  # fmt: skip
+
+    def _set_vrings(self, pair: int, packed: bool) -> None:
+        uva = self.guest.uva
+        for q, addrs in enumerate(self.pair_layout(pair).rings):
+            index = 2 * pair + q
+            self._send(Req.SET_VRING_NUM, VringState(index, self.queue_size))
+            # Packed: index 0, wrap counter 1, for avail (bits 0-15) and used (16-31), as QEMU.
+            base = FRESH_PACKED_BASE | FRESH_PACKED_BASE << 16 if packed else 0
+            self._send(Req.SET_VRING_BASE, VringState(index, base))
+            self._send(Req.SET_VRING_ADDR, VringAddr(
+                index, 0, uva + addrs.desc, uva + addrs.used, uva + addrs.avail, 0))  # fmt: skip
+            self._send(Req.SET_VRING_KICK, U64(index), [self.kick[index]])
+            self._send(Req.SET_VRING_CALL, U64(index), [self.call[index]])
+
+    def _set_mem_table(self) -> None:
+        g = self.guest
+        region = MemoryRegionDesc(0, g.size, g.uva, 0)
+        self._send(Req.SET_MEM_TABLE, MemoryTable((region,)), [g.fd], ack=True)
+
+    # -- running ------------------------------------------------------------------
+
+    def run(self, seconds: float = 0) -> dict:
+        started, cpu0 = time.monotonic(), time.process_time()
+        clock = RunClock(seconds, self.printer, self.stats).install()
+        try:
+            if self.queues == 1:
+                pair = self.pairs[0]
+                pair.run(clock.running, {self.channel.fileno(): self._on_socket})
+                self.broken = pair.broken
+            else:
+                self._run_workers(clock)
+        finally:
+            self.run_seconds = time.monotonic() - started
+            self.cpu_seconds = time.process_time() - cpu0
+            clock.restore()
+        return self.stats()
+
+    def _run_workers(self, clock: RunClock) -> None:
+        """One worker process per pair; here, the session and the workers' health."""
+        for pair in self.pairs:
+            self.workers.append(spawn_worker(pair.pair, lambda pair=pair: PairWorker(pair),
+                                             self._close_in_worker))  # fmt: skip
+        ep = select.epoll()
+        try:
+            ep.register(self.channel.fileno(), select.EPOLLIN)
+            for w in self.workers:
+                ep.register(w.pidfd, select.EPOLLIN)
+                ep.register(w.sock.fileno(), select.EPOLLIN)
+            while clock.running() and not self.peer_gone and not self.broken:
+                for fd, _ in ep.poll(IDLE_TIMEOUT):
+                    if fd == self.channel.fileno():
+                        self._on_socket()
+                    else:
+                        self._on_worker(fd)
+        finally:
+            ep.close()
+
+    def _on_worker(self, fd: int) -> None:
+        for w in self.workers:
+            if fd == w.pidfd and w.reap():
+                self.broken = str(WorkerDied(w.pair, w.describe()))
+                log.error("%s", self.broken)
+            elif fd == w.sock.fileno():
+                try:
+                    (kind, text), _ = recv_msg(w.sock)
+                except (EOFError, OSError):
+                    continue  # its pidfd says how it ended
+                self.broken = f"queue pair {w.pair}: {text}"
+
+    def _close_in_worker(self) -> None:
+        """In a fresh worker: the session is the control process's alone."""
+        self.channel.close()
+        for w in self.workers:
+            w.close()
 
     def _on_socket(self) -> None:
         try:
@@ -379,51 +565,102 @@ class DriverClient:
         except (PeerClosed, OSError, VhostUserProtocolError) as e:
             log.error("back-end connection lost: %s", e)
             self.peer_gone = True
+            if self.pairs:
+                self.pairs[0].stop = True
             return
         for msg in msgs:
             log.warning("unexpected message from the back-end: %s", msg.request)
 
+    def _pair_stats(self) -> list[dict]:
+        if self._final:
+            return self._final
+        if not self.workers:
+            return [p.stats() for p in self.pairs]
+        out = []
+        for w in self.workers:
+            try:
+                w.last_stats = w.call("stats")
+            except WorkerDied:
+                pass  # the run loop names it
+            out.append(w.last_stats)
+        return out
 
     def stats(self) -> dict:
-        return {"driver_stats": self.drv.stats.as_dict() if self.drv else {},
-                "backend": self.backend.stats(),
-                "features": self.features,
+        per_pair = self._pair_stats() if self.pairs else []
+        drv = [p.get("driver_stats", {}) for p in per_pair]
+        totals = sum_stats(drv)
+        if self.queues > 1:
+            for pair, d in enumerate(drv):
+                totals |= per_queue_stats(pair, d)
+        cpu = self.cpu_seconds
+        if self.queues > 1:  # the pairs ran in worker processes: their CPU too
+            cpu += sum(p.get("cpu_seconds", 0.0) for p in per_pair)
+        return {"driver_stats": totals,
+                "backend": sum_stats([p.get("backend", {}) for p in per_pair]),
+                "features": self.features, "queues": self.queues,
                 "strategy": self.drv.strategy if self.drv else self.strategy,
                 "seconds": round(self.run_seconds, 4),
-                "cpu_seconds": round(self.cpu_seconds, 4)}  # fmt: skip
+                "cpu_seconds": round(cpu, 4)}  # fmt: skip
 
     # -- teardown -----------------------------------------------------------------
 
     def close(self) -> dict:
         """Stop the rings (GET_VRING_BASE), reclaim every buffer, free every page."""
-        if not self.peer_gone and self.drv is not None:
-            if not self.drv.svq.broken:
-                self._drain_tx(TX_DRAIN_TIMEOUT)
-            for q in range(2):
-                try:
-                    self._get(Req.GET_VRING_BASE, VringState(q, 0))
-                except (VhostUserProtocolError, OSError) as e:
-                    log.warning("GET_VRING_BASE %d: %s", q, e)
-                    break
         stats = {}
-        if self.drv is not None:
-            self.drv.free_old_xmit_skbs()
-            if isinstance(self.backend, LoopbackDriver):
-                self.backend.drv = None  # the rings are stopped: echoes now are drops
-            if self.drv.rx.xdp is not None:
-                self.drv.rx.xdp.tx_enabled = False  # likewise XDP_TX
-            self.drv.poll(1 << 16)  # what the device finished before stopping
-            if hasattr(self.backend, "release"):
-                self.backend.release(self.drv)
-            self.backend.close()
-            self.drv.remove()
+        if self.pairs:
+            if self.workers:
+                self._close_workers()
+            else:
+                self._close_in_process()
             stats = self.stats()
         self.channel.close()
         for fd in self.kick + self.call:
             os.close(fd)
-        self.drv = None
+        self.pairs = []
         self.guest.close()
         return stats
+
+    def _close_in_process(self) -> None:
+        pair = self.pairs[0]
+        if not self.peer_gone:
+            pair.stop = False
+            pair.drain_tx(TX_DRAIN_TIMEOUT, {self.channel.fileno(): self._on_socket})
+            self._stop_rings()
+        pair.finish()
+
+    def _close_workers(self) -> None:
+        alive = [w for w in self.workers if not w.reap()]
+        for step, timeout in (("stop", RPC_TIMEOUT), ("drain", TX_DRAIN_TIMEOUT + RPC_TIMEOUT)):
+            for w in list(alive):
+                if step == "drain" and self.peer_gone:
+                    break
+                try:
+                    w.call(step, timeout=timeout)
+                except WorkerDied as e:
+                    log.error("%s", e)
+                    alive.remove(w)
+        if not self.peer_gone:
+            self._stop_rings()
+        final = []
+        for w in self.workers:
+            if w in alive:
+                try:
+                    w.last_stats = w.call("finish")
+                    w.reap(block=True)
+                except WorkerDied as e:
+                    log.error("%s", e)
+            final.append(w.last_stats)
+            w.close()
+        self._final = final
+        self.workers = []
+
+    def _stop_rings(self) -> None:
+        for q in range(2 * self.queues):
+            try:
+                self._get(Req.GET_VRING_BASE, VringState(q, 0))
+            except (VhostUserProtocolError, OSError) as e:
+                log.warning("GET_VRING_BASE %d: %s", q, e)
+                break
 
 
 def _drain(fd: int) -> None:
