@@ -574,6 +574,8 @@ class QemuGuest:
         memory_mb: int = 256,
         append: str = "",
         qemu_args: Sequence[str] = (),
+        smp: int = 1,
+        queues: int = 1,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.script = script
@@ -592,6 +594,8 @@ class QemuGuest:
         )
         self.memory_mb = memory_mb
         self.qemu_args = list(qemu_args)
+        self.smp = smp
+        self.queues = queues  # vhost-user queue pairs (the device needs mq=on to use them)
         self.console_log = self.workdir / "console.log"
         self.qemu_log = self.workdir / "qemu.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -627,14 +631,15 @@ class QemuGuest:
             # share=on is what lets the backend mmap guest RAM from the fds vhost-user sends.
             "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
             "-m", mem,
-            "-smp", "1",
+            "-smp", str(self.smp),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-serial", f"file:{self.console_log}",
             "-kernel", str(self.kernel.vmlinuz),
             "-initrd", str(initrd),
             "-append", self.cmdline,
             "-chardev", self.chardev_arg(),
-            "-netdev", "vhost-user,id=n0,chardev=c0",
+            "-netdev", "vhost-user,id=n0,chardev=c0"
+            + (f",queues={self.queues}" if self.queues > 1 else ""),
             "-device", self.device.device_arg("n0"),
             *self.qemu_args,
         ]  # fmt: skip

@@ -111,11 +111,13 @@ class DeviceProcess:
     """``virtnet device --backend tapfd:N`` as a child, with its log and --json."""
 
     def __init__(
-        self, sock: Path, tap_fd: int, workdir: Path, name: str, extra: tuple[str, ...] = ()
-    ) -> None:
+        self, sock: Path, tap_fd: int | list[int], workdir: Path, name: str,
+        extra: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         self.extra = extra  # more `virtnet device` options (--faults ...)
         self.sock = sock
-        self.tap_fd = tap_fd
+        # one fd per queue pair (tapfd:FD0,FD1 with --queues 2 in extra)
+        self.tap_fds = [tap_fd] if isinstance(tap_fd, int) else list(tap_fd)
         self.log_path = workdir / f"{name}.log"
         self.json_path = workdir / f"{name}.json"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -123,10 +125,11 @@ class DeviceProcess:
     def start(self, timeout: float = 15.0) -> DeviceProcess:
         self.sock.unlink(missing_ok=True)  # a killed device leaves its socket file behind
         cmd = [sys.executable, "-m", "virtnet", "device", "--socket-path", str(self.sock),
-               "--backend", f"tapfd:{self.tap_fd}", "--json", str(self.json_path),
+               "--backend", f"tapfd:{','.join(map(str, self.tap_fds))}",
+               "--json", str(self.json_path),
                "--quiet", "-v", *self.extra]  # fmt: skip
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, pass_fds=[self.tap_fd], stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(cmd, pass_fds=self.tap_fds, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=log,
                                          start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -171,17 +174,23 @@ class Lab:
     mtu: int | None = None
     ns: str = ""
     tap_fd: int = -1
+    queues: int = 1  # > 1: a multi-queue tap, one fd per queue pair in tap_fds
+    tap_fds: list[int] = field(default_factory=list)
     sock: Path = field(default_factory=lambda: Path(f"/tmp/vn-qv-{secrets.token_hex(4)}.sock"))
     devices: list[DeviceProcess] = field(default_factory=list)
 
     def setup(self, tap: bool) -> Lab:
         self.ns = self.topo.add_netns("qemu")
-        if tap:
+        if tap and self.queues > 1:
+            taps = self.topo.add_tap_queues(self.ns, f"{HOST_IP}/24", self.queues, mtu=self.mtu)
+            self.tap_fds = [t.fileno() for t in taps]
+        elif tap:
             self.tap_fd = self.topo.add_tap(self.ns, f"{HOST_IP}/24", mtu=self.mtu).fileno()
+            self.tap_fds = [self.tap_fd]
         return self
 
     def device(self, name: str = "device", extra: tuple[str, ...] = ()) -> DeviceProcess:
-        dev = DeviceProcess(self.sock, self.tap_fd, self.workdir, name, extra)
+        dev = DeviceProcess(self.sock, self.tap_fds or self.tap_fd, self.workdir, name, extra)
         self.devices.append(dev)
         return dev.start()
 
@@ -203,12 +212,13 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Callable[..., Lab]]:
-    """``lab(mtu=None, tap=True)``: a namespace (+ tap); all removed at teardown."""
+    """``lab(mtu=None, tap=True, queues=1)``: a namespace (+ tap, multi-queue if queues > 1);
+    all removed at teardown."""
     labs: list[Lab] = []
     with Topology() as topo:
 
-        def make(mtu: int | None = None, tap: bool = True) -> Lab:
-            made = Lab(topo, tmp_path, mtu=mtu).setup(tap)
+        def make(mtu: int | None = None, tap: bool = True, queues: int = 1) -> Lab:
+            made = Lab(topo, tmp_path, mtu=mtu, queues=queues).setup(tap)
             labs.append(made)
             return made
 

@@ -1,0 +1,141 @@
+"""A 2-vCPU Linux guest with two queue pairs on ``virtnet device --queues 2``.
+
+    guest virtio_net (mq=on, 2 pairs) ==vhost-user queues=2==> virtnet device --queues 2
+        --backend tapfd:FD0,FD1 ==> one multi-queue tap in a private namespace
+
+Linux enables as many pairs as it has CPUs (up to max_virtqueue_pairs): with ``-smp 2`` both.
+Asserted: MQ negotiated and both pairs carry traffic (iperf3 -P 4 each way: the guest's XPS
+spreads its flows over the tx queues, the tap's flow hash spreads the host's over the rx
+queues); ``ethtool -L eth0 combined 1`` stops pair 1 (QEMU's SET_VRING_ENABLE 0 on rings 2
+and 3) and ``combined 2`` starts it again where it stopped; the guest's ``ethtool -S``
+per-queue counters agree with the device's ``rx_queue_P_*`` / ``tx_queue_P_*``; 4 MiB each
+way intact (sha256) with both pairs up.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+
+import pytest
+from qemu_guest import NetDeviceOptions
+from test_qemu_virtnet import (
+    BOOT_TIMEOUT,
+    MISSING,
+    HostTransfer,
+    Lab,
+    describe,
+    lab,
+    transfer_script,
+)
+
+from virtnet.net.features import VirtioNetF
+from virtnet.virtio.features import has
+
+lab_fixture = lab  # test_qemu_virtnet's fixture, by the name the tests ask for
+del lab
+
+pytestmark = [
+    pytest.mark.peer,
+    pytest.mark.needs(MISSING),
+    pytest.mark.needs(None if shutil.which("iperf3") else "iperf3 not installed"),
+    pytest.mark.needs(None if shutil.which("ethtool") else "ethtool not installed "
+                      "(apt-get install ethtool)"),
+]  # fmt: skip
+
+QUEUES = 2
+KIB = 4096
+PAIR_RUNNING = re.compile(r"device running: queue pair (\d+), queue sizes \d+/\d+, "
+                          r"bases \((\d+), (\d+)\)")  # fmt: skip
+
+# Per-queue counters as ethtool -S names them (virtio_net's virtnet_rq/sq_stats_desc).
+GUEST_LIB = r"""
+vn_queues_stats() {  # vn_queues_stats KEY: results KEY_rx_queue_0_packets ...
+    ethtool -S eth0 | tr -d ' \t' | grep -E '^[rt]x_queue_[0-9]+_(packets|bytes):' |
+        while IFS=: read k v; do vn_result "$1_$k" "$v"; done
+}
+vn_combined() {  # vn_combined KEY: the current "Combined:" of ethtool -l
+    vn_result "$1" "$(ethtool -l eth0 | sed -n 's/^Combined:[[:space:]]*//p' | tail -1)"
+}
+"""
+
+SCRIPT = f"""
+vn_wait_peer $PEER || exit 1
+vn_result online_cpus "$(cat /sys/devices/system/cpu/online)"
+vn_combined combined_start
+vn_iperf3_as up $PEER 2 -P 4
+vn_iperf3_as down $PEER 2 -P 4 -R
+vn_queues_stats both
+ethtool -L eth0 combined 1 && vn_result set1 ok
+vn_combined combined_one
+vn_result phase one_pair
+vn_ping $PEER 20 onepair
+vn_iperf3_as oneup $PEER 1 -P 4
+vn_queues_stats one
+ethtool -L eth0 combined 2 && vn_result set2 ok
+vn_combined combined_two
+vn_wait_peer $PEER || exit 1
+vn_iperf3_as againup $PEER 2 -P 4
+vn_iperf3_as againdown $PEER 2 -P 4 -R
+{transfer_script(KIB)}
+vn_queues_stats end
+"""
+
+
+def _queue_stats(results: dict[str, str], key: str) -> dict[str, int]:
+    pre = f"{key}_"
+    return {k[len(pre) :]: int(v) for k, v in results.items() if k.startswith(pre)}
+
+
+def test_two_queue_pairs_with_a_linux_guest(lab_fixture: Callable[..., Lab]) -> None:
+    net = lab_fixture(queues=QUEUES)
+    dev = net.device(extra=("--queues", str(QUEUES)))
+    xfer = HostTransfer(net, KIB)
+    net.iperf3_server()
+    opts = NetDeviceOptions(extra={"mq": "on"})
+    with net.guest(GUEST_LIB + SCRIPT, binaries=["iperf3", "ethtool"], smp=2,
+                   script_timeout=240, queues=QUEUES, device=opts) as vm:  # fmt: skip
+        xfer.push_download(vm, timeout=BOOT_TIMEOUT)
+        run = vm.wait_exit(3 * BOOT_TIMEOUT)
+    assert dev.stop() == 0, dev.log()
+    log = dev.log()
+    assert run.rc == 0 and not run.errors, describe(run, log)
+    r = run.results
+    assert run.features is not None and has(run.features, VirtioNetF.MQ), describe(run)
+    assert has(run.features, VirtioNetF.CTRL_VQ), describe(run)
+    assert r["online_cpus"] == "0-1", describe(run)
+    assert (r["combined_start"], r["combined_one"], r["combined_two"]) == ("2", "1", "2"), r
+    assert r["set1"] == "ok" and r["set2"] == "ok", describe(run, log)
+    for key in ("up", "down", "oneup", "againup", "againdown"):
+        assert r.get(f"{key}_rc") == "0", describe(run, log)
+    assert r["onepair_received"] == "20", describe(run, log)
+    xfer.check(run)
+
+    # both pairs ran, pair 1 was started again after combined 1 -> 2, where it had stopped
+    starts = [(int(p), int(rx), int(tx)) for p, rx, tx in PAIR_RUNNING.findall(log)]
+    pair1 = [(rx, tx) for p, rx, tx in starts if p == 1]
+    assert any(p == 0 for p, _, _ in starts), log
+    assert len(pair1) >= 2, log
+    assert pair1[-1][0] > 0 and pair1[-1][1] > 0, log  # a restart continues the rings
+
+    st = dev.stats()["device_stats"]
+    assert st["desc_errors"] == 0, st
+    both, one, end = (_queue_stats(r, k) for k in ("both", "one", "end"))
+    for p in range(QUEUES):
+        for side in ("rx", "tx"):
+            # the guest saw traffic on both queues each way
+            assert both[f"{side}_queue_{p}_packets"] > 0, both
+            # the device counts what the guest counts, plus what crossed after ethtool -S
+            # read (the guest's last ACKs, IPv6 neighbour discovery)
+            name = f"{side}_queue_{p}_packets"
+            assert st[name] >= end[name], (name, st, end)
+            assert st[name] - end[name] <= 64, (name, st, end)
+    for side in ("rx", "tx"):
+        # with one pair, ethtool -S shows queue 0 only, and it carried the traffic ...
+        assert f"{side}_queue_1_packets" not in one, one
+        assert one[f"{side}_queue_0_packets"] > both[f"{side}_queue_0_packets"], (one, both)
+        # ... and pair 1 carried traffic again once re-enabled
+        assert end[f"{side}_queue_1_packets"] > both[f"{side}_queue_1_packets"], (end, both)
+    print(f"\nguest ethtool -S (end): {end}\ndevice: "
+          f"{ {k: v for k, v in st.items() if '_queue_' in k and k.endswith('packets')} }")
