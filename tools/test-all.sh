@@ -13,10 +13,11 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # iperf3: real traffic; dpdk-dev: dpdk-testpmd (the `dpdk` package has only the libraries);
 # qemu-system-x86 + linux-image-cloud-amd64 + busybox-static: a real Linux guest;
-# iproute2: ip netns; tshark: reading --pcap output; python3-venv: the test venv.
+# iproute2: ip netns; tshark: reading --pcap output; python3-venv: the test venv;
+# ethtool: copied into the guest's initramfs (ethtool -L / -S on a multi-queue eth0).
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-pip iproute2 iputils-ping iperf3 dpdk-dev qemu-system-x86 \
-    linux-image-cloud-amd64 busybox-static tshark kmod cpio zstd xz-utils >/dev/null
+    linux-image-cloud-amd64 busybox-static tshark kmod cpio zstd xz-utils ethtool >/dev/null
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
