@@ -4,12 +4,13 @@
         --backend tapfd:FD0,FD1 ==> one multi-queue tap in a private namespace
 
 Linux enables as many pairs as it has CPUs (up to max_virtqueue_pairs): with ``-smp 2`` both.
-Asserted: MQ negotiated and both pairs carry traffic (iperf3 -P 4 each way: the guest's XPS
-spreads its flows over the tx queues, the tap's flow hash spreads the host's over the rx
-queues); ``ethtool -L eth0 combined 1`` stops pair 1 (QEMU's SET_VRING_ENABLE 0 on rings 2
-and 3) and ``combined 2`` starts it again where it stopped; the guest's ``ethtool -S``
-per-queue counters agree with the device's ``rx_queue_P_*`` / ``tx_queue_P_*``; 4 MiB each
-way intact (sha256) with both pairs up.
+Asserted: MQ negotiated and both pairs carry traffic (an iperf3 client pinned to each vCPU,
+each way: virtio_net's XPS maps vCPU p to tx queue p, and the tap sends a flow's replies to
+the queue its frames came from, so pair p carries the flows of vCPU p both ways);
+``ethtool -L eth0 combined 1`` stops pair 1 (QEMU's SET_VRING_ENABLE 0 on rings 2 and 3) and
+``combined 2`` starts it again where it stopped; the guest's ``ethtool -S`` per-queue counters
+agree with the device's ``rx_queue_P_*`` / ``tx_queue_P_*``; 4 MiB each way intact (sha256)
+with both pairs up.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ vn_queues_stats() {  # vn_queues_stats KEY: results KEY_rx_queue_0_packets ...
     ethtool -S eth0 | tr -d ' \t' | grep -E '^[rt]x_queue_[0-9]+_(packets|bytes):' |
         while IFS=: read k v; do vn_result "$1_$k" "$v"; done
 }
+vn_iperf3_per_cpu() {  # vn_iperf3_per_cpu KEY SECONDS [args]: a client pinned to each CPU
+    key=$1; secs=$2; shift 2
+    taskset -c 0 iperf3 -c $PEER -p 5201 -t $secs "$@" > /tmp/$key.cpu0 2>&1 &
+    pid=$!
+    taskset -c 1 iperf3 -c $PEER -p 5202 -t $secs "$@" > /tmp/$key.cpu1 2>&1
+    vn_result ${key}_cpu1_rc $?
+    wait $pid
+    vn_result ${key}_cpu0_rc $?
+    cat /tmp/$key.cpu0 /tmp/$key.cpu1 | grep -E 'sender|receiver'
+}
 vn_combined() {  # vn_combined KEY: the current "Combined:" of ethtool -l
     vn_result "$1" "$(ethtool -l eth0 | sed -n 's/^Combined:[[:space:]]*//p' | tail -1)"
 }
@@ -65,20 +76,20 @@ SCRIPT = f"""
 vn_wait_peer $PEER || exit 1
 vn_result online_cpus "$(cat /sys/devices/system/cpu/online)"
 vn_combined combined_start
-vn_iperf3_as up $PEER 2 -P 4
-vn_iperf3_as down $PEER 2 -P 4 -R
+vn_iperf3_per_cpu up 2 -P 2
+vn_iperf3_per_cpu down 2 -P 2 -R
 vn_queues_stats both
 ethtool -L eth0 combined 1 && vn_result set1 ok
 vn_combined combined_one
 vn_result phase one_pair
 vn_ping $PEER 20 onepair
-vn_iperf3_as oneup $PEER 1 -P 4
+vn_iperf3_per_cpu oneup 1 -P 2
 vn_queues_stats one
 ethtool -L eth0 combined 2 && vn_result set2 ok
 vn_combined combined_two
 vn_wait_peer $PEER || exit 1
-vn_iperf3_as againup $PEER 2 -P 4
-vn_iperf3_as againdown $PEER 2 -P 4 -R
+vn_iperf3_per_cpu againup 2 -P 2
+vn_iperf3_per_cpu againdown 2 -P 2 -R
 {transfer_script(KIB)}
 vn_queues_stats end
 """
@@ -93,7 +104,8 @@ def test_two_queue_pairs_with_a_linux_guest(lab_fixture: Callable[..., Lab]) -> 
     net = lab_fixture(queues=QUEUES)
     dev = net.device(extra=("--queues", str(QUEUES)))
     xfer = HostTransfer(net, KIB)
-    net.iperf3_server()
+    net.iperf3_server(5201)
+    net.iperf3_server(5202)
     opts = NetDeviceOptions(extra={"mq": "on"})
     with net.guest(GUEST_LIB + SCRIPT, binaries=["iperf3", "ethtool"], smp=2,
                    script_timeout=240, queues=QUEUES, device=opts) as vm:  # fmt: skip
@@ -109,7 +121,8 @@ def test_two_queue_pairs_with_a_linux_guest(lab_fixture: Callable[..., Lab]) -> 
     assert (r["combined_start"], r["combined_one"], r["combined_two"]) == ("2", "1", "2"), r
     assert r["set1"] == "ok" and r["set2"] == "ok", describe(run, log)
     for key in ("up", "down", "oneup", "againup", "againdown"):
-        assert r.get(f"{key}_rc") == "0", describe(run, log)
+        for cpu in (0, 1):
+            assert r.get(f"{key}_cpu{cpu}_rc") == "0", describe(run, log)
     assert r["onepair_received"] == "20", describe(run, log)
     xfer.check(run)
 

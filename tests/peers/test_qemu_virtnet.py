@@ -198,10 +198,11 @@ class Lab:
         return QemuGuest(self.sock, GUEST_LIB + script, workdir=self.workdir / name,  # type: ignore[arg-type]
                          ip=f"{GUEST_IP}/24", peer=HOST_IP, **kw)  # fmt: skip
 
-    def iperf3_server(self) -> None:
-        with open(self.workdir / "iperf3-server.log", "wb") as log:
-            self.topo.popen(self.ns, ["iperf3", "-s", "-B", HOST_IP], stdin=subprocess.DEVNULL,
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    def iperf3_server(self, port: int = 5201) -> None:
+        with open(self.workdir / f"iperf3-server-{port}.log", "wb") as log:
+            self.topo.popen(self.ns, ["iperf3", "-s", "-B", HOST_IP, "-p", str(port)],
+                            stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
 
     def close(self) -> None:
         for dev in self.devices:
