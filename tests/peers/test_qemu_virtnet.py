@@ -65,7 +65,9 @@ needs_iperf3 = pytest.mark.needs(
 HOST_IP, GUEST_IP = "10.78.10.1", "10.78.10.2"
 UP_PORT, DOWN_PORT = 5001, 5002
 BOOT_TIMEOUT = 90  # seconds for a whole guest run; TCG boots in ~5 s
-DEVICE_RUNNING = re.compile(r"device running: queue sizes (\d+)/(\d+), bases \((\d+), (\d+)\)")
+DEVICE_RUNNING = re.compile(
+    r"device running: (?:queue pair \d+, )?queue sizes (\d+)/(\d+), bases \((\d+), (\d+)\)"
+)
 
 # Guest helpers on top of qemu_guest's (sourced before each script).
 GUEST_LIB = r"""
