@@ -94,6 +94,48 @@ def test_queue_sizes_that_are_not_powers_of_two_wrap_at_their_size(num):
         assert (dev.used_pos, dev.used_wrap) == (dev.last_avail, dev.avail_wrap)
 
 
+class _WriteOrder:
+    """The descriptor table as a list that remembers which words were stored, in order."""
+
+    def __init__(self, words) -> None:
+        self.words = words
+        self.stored: list[int] = []
+
+    def __getitem__(self, i):
+        return self.words[i]
+
+    def __setitem__(self, i, value) -> None:
+        self.stored.append(i)
+        self.words[i] = value
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+@pytest.mark.parametrize("start", [(0, 1), (3, 1)], ids=["in-lap", "wrapping"])
+def test_a_flush_writes_the_first_used_descriptor_last(start):
+    # A mergeable packet is one used entry per buffer; the driver must never see its head
+    # before the rest (Linux: "rx error: N buffers out of M missing", packet dropped).
+    q = MockPackedQueue(5, start=start)
+    dev = q.device()
+    for bid in range(4):
+        q.post([(q.data(bid), 4, WRITE)], bid=bid)
+    chains = dev.pop_burst(4)
+    for chain in chains:
+        dev.push_used(chain.head, 4)
+    order = _WriteOrder(dev._desc)
+    dev._desc = order
+    dev.flush_used()
+    first = start[0]
+    slots = [(first + k) % 5 for k in range(4)]
+    assert order.stored == [2 * s + 1 for s in slots[1:]] + [2 * first + 1]
+    for k, s in enumerate(slots):
+        used = q.read_desc(s)
+        assert used.id == k and used.len == 4
+        wrap = start[1] if first + k < 5 else start[1] ^ 1
+        assert used.flags == used_flags(wrap) | WRITE
+
+
 def test_a_chain_may_wrap_round_the_end_of_the_ring():
     q = MockPackedQueue(5, start=(3, 1))
     dev = q.device()
