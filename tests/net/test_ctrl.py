@@ -217,7 +217,7 @@ def test_vlan_add_del(link: Link) -> None:
     link.cq.set_vlan(100)
     assert link.run().ok and link.dev.rx.vlans == {100}
     link.cq.set_vlan(100, add=False)
-    assert link.run().ok and link.dev.rx.vlans == set()
+    assert link.run().ok and link.dev.rx.vlans == frozenset()
     assert link.counters() == (2, 0, 0)
 
 
@@ -677,3 +677,39 @@ def test_any_bytes_as_commands(kind, features, batch, announce) -> None:
     assert sorted(seen) == list(range(len(batch)))  # every chain back, exactly once
     assert link.counters() == (expect_commands, expect_errors, expect_desc)
     assert link.dev.announce_pending == pending
+
+
+def test_send_command_in_one_call(link: Link) -> None:
+    kicks = []
+
+    def run(kick: bool) -> None:
+        kicks.append(kick)
+        link.dev.process()
+        link.dev.flush()
+
+    assert link.cq.send_command(MQ, 0, u16(2), run=run) is True and kicks == [True]
+    assert link.cq.send_command(MQ, 0, u16(9), run=run) is False  # refused
+    assert link.cq.send_command(MQ, 0, u16(3), run=lambda kick: None, spins=3) is False
+    assert "no answer after 3 turns" in link.cq.last_error and link.cq.busy
+    link.run()
+    assert link.dev.curr_queue_pairs == 3
+
+
+def test_reset_restores_the_reset_state(link: Link) -> None:
+    link.dev.announce()
+    for post in (
+        lambda: link.cq.set_rx_mode(False, True),
+        lambda: link.cq.set_mac_address(OTHER),
+        lambda: link.cq.set_mac_table([OTHER], [MCAST]),
+        lambda: link.cq.set_vlan(3),
+        lambda: link.cq.set_queues(2),
+        lambda: link.cq.set_guest_offloads(0),
+        lambda: link.cq.ack_announce(),
+    ):
+        post()
+        assert link.run().ok
+    fresh = Link("split")
+    assert link.state() != fresh.state()
+    link.dev.reset()
+    assert link.state() == fresh.state()
+    assert link.counters() == (8, 0, 0)  # counters survive a reset

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from virtnet.net.features import VirtioNetF
@@ -167,7 +167,7 @@ def parse_mac_table(data: bytes) -> tuple[list[bytes], list[bytes]] | None:
 # -- device side ----------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class RxMode:
     """The receive filter state the control queue sets (QEMU VirtIONet's fields)."""
 
@@ -184,7 +184,7 @@ class RxMode:
     uni_overflow: bool = False
     multi_overflow: bool = False
     # None: no VLAN filtering (CTRL_VLAN not negotiated, QEMU sets every bit).
-    vlans: set[int] | None = None
+    vlans: frozenset[int] | None = None
 
 
 @dataclass
@@ -227,13 +227,8 @@ class ControlDevice:
         self.features = features
         self.max_pairs = max_pairs
         self.stats = stats if stats is not None else ctrl_stats()
-        self.mac = bytes(mac)
-        self.rx = RxMode(vlans=set() if features & bit(VirtioNetF.CTRL_VLAN) else None)
-        self.curr_queue_pairs = 1
-        # virtio_net_set_features: every negotiated guest offload starts on.
-        self.guest_offloads = features & OFFLOAD_BITS
-        self.announce_pending = False
-        self.broken = False
+        self.config_mac = bytes(mac)
+        self.reset()
         self.last_error = ""
         self.log: list[ControlEvent] = []  # the last LOG_LEN answers, newest last
         self.on_queue_pairs: Callable[[int], bool | None] | None = None
@@ -243,6 +238,20 @@ class ControlDevice:
         self.on_announce_ack: Callable[[], bool | None] | None = None
 
     LOG_LEN = 64
+
+    def reset(self, cvq: Any = None) -> None:
+        """Back to the state after a device reset (QEMU virtio_net_reset), optionally
+        over a new queue; the counters keep counting."""
+        if cvq is not None:
+            self.cvq = cvq
+        self.mac = self.config_mac
+        vlan = self.features & bit(VirtioNetF.CTRL_VLAN)
+        self.rx = RxMode(vlans=frozenset() if vlan else None)
+        self.curr_queue_pairs = 1
+        # virtio_net_set_features: every negotiated guest offload starts on.
+        self.guest_offloads = self.features & OFFLOAD_BITS
+        self.announce_pending = False
+        self.broken = False
 
     def announce(self) -> None:
         """The host asks the guest to announce itself (config status VIRTIO_NET_S_ANNOUNCE)."""
@@ -344,30 +353,34 @@ class ControlDevice:
         want = DATA_LEN.get((cls, cmd))
         if want is not None and len(data) != want:
             return VIRTIO_NET_ERR, f"{len(data)} bytes of data, the command takes {want}"
-        try:
-            return self._HANDLERS[cls](self, cmd, data)
-        except Exception as e:  # a callback that raised: refuse, keep going
-            return VIRTIO_NET_ERR, f"refused by the back-end: {e!r}"
+        return self._HANDLERS[cls](self, cmd, data)
 
-    def _call(self, callback: Callable | None, *args: Any) -> bool:
-        return callback is None or callback(*args) is not False
+    def _call(self, callback: Callable | None, *args: Any) -> str:
+        """Run a back-end callback: "" if it accepted, else why not (False or raised)."""
+        if callback is None:
+            return ""
+        try:
+            accepted = callback(*args) is not False
+        except Exception as e:  # the back-end failed: refuse the command, keep serving
+            return f"refused by the back-end: {e!r}"
+        return "" if accepted else "refused by the back-end"
 
     def _handle_rx_mode(self, cmd: int, data: bytes) -> tuple[int, str]:
         on = bool(data[0])
-        mode = _replace(self.rx, **{_RX_FLAGS[cmd]: on})
+        mode = replace(self.rx, **{_RX_FLAGS[cmd]: on})
         return self._set_rx(mode)
 
     def _set_rx(self, mode: RxMode) -> tuple[int, str]:
-        if not self._call(self.on_rx_mode, mode):
-            return VIRTIO_NET_ERR, "rx mode refused by the back-end"
+        if why := self._call(self.on_rx_mode, mode):
+            return VIRTIO_NET_ERR, f"rx mode {why}"
         self.rx = mode
         return VIRTIO_NET_OK, ""
 
     def _handle_mac(self, cmd: int, data: bytes) -> tuple[int, str]:
         if cmd == VIRTIO_NET_CTRL_MAC_ADDR_SET:
             mac = bytes(data)
-            if not self._call(self.on_mac, mac):
-                return VIRTIO_NET_ERR, "MAC address refused by the back-end"
+            if why := self._call(self.on_mac, mac):
+                return VIRTIO_NET_ERR, f"MAC address {why}"
             self.mac = mac
             return VIRTIO_NET_OK, ""
         tables = parse_mac_table(data)
@@ -378,7 +391,7 @@ class ControlDevice:
         uni_overflow = len(uni) > MAC_TABLE_ENTRIES
         in_use = 0 if uni_overflow else len(uni)
         multi_overflow = len(multi) > MAC_TABLE_ENTRIES - in_use
-        mode = _replace(
+        mode = replace(
             self.rx,
             uni=frozenset(() if uni_overflow else uni),
             multi=frozenset(() if multi_overflow else multi),
@@ -391,18 +404,15 @@ class ControlDevice:
         (vid,) = VLAN_VID.unpack(data)
         if vid >= MAX_VLAN:
             return VIRTIO_NET_ERR, f"vid {vid} >= {MAX_VLAN}"
-        vlans = set(self.rx.vlans or ())
-        if cmd == VIRTIO_NET_CTRL_VLAN_ADD:
-            vlans.add(vid)
-        else:
-            vlans.discard(vid)
-        return self._set_rx(_replace(self.rx, vlans=vlans))
+        vlans = self.rx.vlans or frozenset()
+        vlans = vlans | {vid} if cmd == VIRTIO_NET_CTRL_VLAN_ADD else vlans - {vid}
+        return self._set_rx(replace(self.rx, vlans=vlans))
 
     def _handle_announce(self, cmd: int, data: bytes) -> tuple[int, str]:
         if not self.announce_pending:
             return VIRTIO_NET_ERR, "no announce pending"  # QEMU: only with S_ANNOUNCE set
-        if not self._call(self.on_announce_ack):
-            return VIRTIO_NET_ERR, "announce ack refused by the back-end"
+        if why := self._call(self.on_announce_ack):
+            return VIRTIO_NET_ERR, f"announce ack {why}"
         self.announce_pending = False
         return VIRTIO_NET_OK, ""
 
@@ -410,8 +420,8 @@ class ControlDevice:
         (pairs,) = CTRL_MQ.unpack(data)
         if not (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN <= pairs <= self.max_pairs):
             return VIRTIO_NET_ERR, f"{pairs} queue pairs outside 1..{self.max_pairs}"
-        if not self._call(self.on_queue_pairs, pairs):
-            return VIRTIO_NET_ERR, f"{pairs} queue pairs refused by the back-end"
+        if why := self._call(self.on_queue_pairs, pairs):
+            return VIRTIO_NET_ERR, f"{pairs} queue pairs {why}"
         self.curr_queue_pairs = pairs
         return VIRTIO_NET_OK, ""
 
@@ -421,8 +431,8 @@ class ControlDevice:
         supported = self.features & OFFLOAD_BITS
         if offloads & ~supported:
             return VIRTIO_NET_ERR, f"offloads {offloads:#x} not within negotiated {supported:#x}"
-        if not self._call(self.on_guest_offloads, offloads):
-            return VIRTIO_NET_ERR, "guest offloads refused by the back-end"
+        if why := self._call(self.on_guest_offloads, offloads):
+            return VIRTIO_NET_ERR, f"guest offloads {offloads:#x} {why}"
         self.guest_offloads = offloads
         return VIRTIO_NET_OK, ""
 
@@ -462,15 +472,6 @@ class ControlDevice:
         if rx.nouni:
             return False
         return rx.alluni or rx.uni_overflow or dst == self.mac or dst in rx.uni
-
-
-def _replace(mode: RxMode, **changes: Any) -> RxMode:
-    """A copy of ``mode`` with ``changes``: a refused command leaves the old one intact."""
-    fields = {name: getattr(mode, name) for name in RxMode.__dataclass_fields__}
-    fields.update(changes)
-    if fields["vlans"] is not None and "vlans" not in changes:
-        fields["vlans"] = set(fields["vlans"])
-    return RxMode(**fields)
 
 
 def _gather(views: Sequence[memoryview], offset: int, length: int) -> bytes:
@@ -636,6 +637,29 @@ class ControlQueue:
         self._posted = []
         self._used_bytes = 0
         return result
+
+    def send_command(
+        self,
+        cls: int,
+        cmd: int,
+        data: bytes | Sequence[bytes] = b"",
+        *,
+        run: Callable[[bool], object],
+        spins: int = 16,
+    ) -> bool:
+        """virtnet_send_command in one call: ``post``, then ``run(kick)`` (the transport's
+        kick and the device's turn; in-process: ControlDevice.process + flush) until the
+        batch is back. Linux spins forever; this gives up after ``spins`` turns (False,
+        last_error says so) and the command stays in flight."""
+        kick = self.post(cls, cmd, data)
+        for _ in range(spins):
+            run(kick)
+            result = self.complete()
+            if result is not None:
+                return result.ok
+            kick = False
+        self.last_error = f"ctrl class {cls} cmd {cmd}: no answer after {spins} turns"
+        return False
 
     # -- virtio_net.c's commands --------------------------------------------------------------
 
