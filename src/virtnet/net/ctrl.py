@@ -205,6 +205,13 @@ class ControlDevice:
     driver — the same split as ``VirtnetDevice.process_tx`` / ``flush_tx``.
     Callbacks run before a command's state is committed: one that returns
     False or raises refuses the command (VIRTIO_NET_ERR), the state unchanged.
+
+    Where it is stricter than QEMU, on purpose: a chain without a header or an
+    ack byte is returned unanswered (length 0) instead of breaking the device;
+    fixed-size data must be exactly its size (QEMU reads the first bytes and
+    ignores the rest); the rx classes need the feature that introduced them
+    (virtio_net.h: "Commands 0 and 1 are supported with VIRTIO_NET_F_CTRL_RX,
+    2-5 are added with VIRTIO_NET_F_CTRL_RX_EXTRA"), which QEMU does not check.
     """
 
     def __init__(
