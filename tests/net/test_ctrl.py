@@ -713,3 +713,47 @@ def test_reset_restores_the_reset_state(link: Link) -> None:
     link.dev.reset()
     assert link.state() == fresh.state()
     assert link.counters() == (8, 0, 0)  # counters survive a reset
+
+
+# -- property: garbage rings (a hostile driver's descriptors, not just its bytes) ----------------
+
+
+# Mostly plausible lengths (a header, a command, an ack byte), some absurd.
+LENGTHS = [0, 1, 2, 2, 3, 4, 4, 8, 16, 1 << 31]
+SPLIT_FLAGS = [0, 1, 2, 3, 0, 1, 2, 3, 4, 7]  # NEXT / WRITE mostly, INDIRECT now and then
+
+
+def _hostile_addr(rng, q) -> int:
+    choice = rng.randrange(7)
+    if choice < 4:
+        return q.data(RAW_SLOT, rng.choice([0, 1, 100, 4095]))
+    if choice == 3:
+        return rng.choice([0, q.end - 1, q.end, (1 << 64) - 1])
+    return rng.randrange(q.gpa, q.end)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), packed=st.booleans())
+def test_garbage_rings_never_crash(seed: int, packed: bool) -> None:
+    import random
+
+    rng = random.Random(seed)
+    link = Link("packed" if packed else "split", num=8)
+    q = link.q
+    q.write(q.data(RAW_SLOT), rng.randbytes(4096))
+    if packed:
+        for _ in range(rng.randrange(1, 8)):
+            descs = [(_hostile_addr(rng, q), rng.choice(LENGTHS), rng.choice([0, 2, 0, 2, 4, 6]))
+                     for _ in range(rng.randrange(1, 4))]  # fmt: skip
+            q.post(descs, bid=rng.choice([None, rng.randrange(10)]))
+    else:
+        for i in range(q.num):
+            q.desc(i, _hostile_addr(rng, q), rng.choice(LENGTHS),
+                   rng.choice(SPLIT_FLAGS), rng.randrange(q.num + 2))  # fmt: skip
+        for _ in range(rng.choice([rng.randrange(1, q.num + 1), q.num + 3])):
+            q.make_available(rng.randrange(q.num + 2))
+    taken = link.dev.process(budget=3 * q.num)
+    link.dev.flush()
+    s = link.dev.stats
+    assert s.ctrl_commands + s.ctrl_desc_errors == taken + link.dev.broken
+    assert s.ctrl_errors <= s.ctrl_commands
