@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from virtnet.net.features import VirtioNetF
@@ -508,25 +508,6 @@ class _Posted:
     status: int | None = None
 
 
-@dataclass
-class ControlResult:
-    """The answers to one batch of posted commands, in post order."""
-
-    commands: list[tuple[int, int, int]] = field(default_factory=list)  # (class, cmd, status)
-
-    @property
-    def status(self) -> int:
-        """VIRTIO_NET_OK if every command was, else the first other status."""
-        for _, _, status in self.commands:
-            if status != VIRTIO_NET_OK:
-                return status
-        return VIRTIO_NET_OK
-
-    @property
-    def ok(self) -> bool:
-        return self.status == VIRTIO_NET_OK
-
-
 class ControlQueueBroken(VirtioError):
     """The device broke the control ring (a used id naming no command, an impossible
     used index): like Linux's BAD_RING, no command is sent until a reset."""
@@ -543,7 +524,7 @@ class ControlQueue:
     ``buf`` / ``gpa`` is guest memory the driver owns for command headers, data
     and status bytes (Linux: ``struct control_buf``); a batch of commands is
     laid out in it one after the other. ``post`` queues a command and returns
-    whether to kick; ``complete`` returns the batch's result once the device
+    whether to kick; ``complete`` returns the batch's status once the device
     used every command, None before. The spin Linux does between the two is
     the caller's (it owns the kick and the interrupt).
     """
@@ -559,6 +540,8 @@ class ControlQueue:
         self._posted: list[_Posted] = []
         self.last_error = ""
         self.broken = ""  # why the ring can no longer be trusted, or ""
+        # The last completed batch, per command in post order: (class, cmd, status).
+        self.results: list[tuple[int, int, int]] = []
 
     @property
     def busy(self) -> bool:
@@ -598,8 +581,9 @@ class ControlQueue:
         self.stats.ctrl_commands += 1
         return self.vq.kick_prepare()
 
-    def complete(self) -> ControlResult | None:
-        """The batch's result once every posted command is used, else None."""
+    def complete(self) -> int | None:
+        """Once every posted command is used: VIRTIO_NET_OK if each was, else the first
+        other status (per command in ``results``); None before."""
         if not self._posted:
             return None
         while self.busy:
@@ -627,7 +611,7 @@ class ControlQueue:
             posted.status = self.buf[posted.status_off]
         return self._finish()
 
-    def _fail_rest(self, why: str) -> ControlResult:
+    def _fail_rest(self, why: str) -> int:
         """Every command not back fails; the ring is not used again (BAD_RING)."""
         self.broken = why
         self.vq.broken = True
@@ -636,14 +620,17 @@ class ControlQueue:
                 p.status = STATUS_UNSET
         return self._finish()
 
-    def _finish(self) -> ControlResult:
-        result = ControlResult([(p.cls, p.cmd, p.status) for p in self._posted])
-        for _, _, status in result.commands:
-            if status != VIRTIO_NET_OK:
-                self.stats.ctrl_errors += 1
+    def _finish(self) -> int:
+        self.results = [(p.cls, p.cmd, p.status) for p in self._posted]
         self._posted = []
         self._used_bytes = 0
-        return result
+        status = VIRTIO_NET_OK
+        for _, _, st in self.results:
+            if st != VIRTIO_NET_OK:
+                self.stats.ctrl_errors += 1
+                if status == VIRTIO_NET_OK:
+                    status = st
+        return status
 
     def send_command(
         self,
@@ -661,9 +648,9 @@ class ControlQueue:
         kick = self.post(cls, cmd, data)
         for _ in range(spins):
             run(kick)
-            result = self.complete()
-            if result is not None:
-                return result.ok
+            status = self.complete()
+            if status is not None:
+                return status == VIRTIO_NET_OK
             kick = False
         self.last_error = f"ctrl class {cls} cmd {cmd}: no answer after {spins} turns"
         return False
