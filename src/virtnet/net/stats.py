@@ -63,6 +63,17 @@ DEVICE_STATS = (
     *FAULT_STATS,
 )
 
+# The control virtqueue (net/ctrl.py), either side: commands answered (device) or
+# posted (driver), those whose ack was not VIRTIO_NET_OK, chains refused unanswered
+# (no header, no ack byte, a bad descriptor) or used entries the driver refused,
+# and interrupts the driver asked for.
+CTRL_STATS = (
+    "ctrl_commands",
+    "ctrl_errors",
+    "ctrl_desc_errors",
+    "ctrl_notifies",
+)
+
 
 class Stats:
     """A bag of integer counters with a fixed set of names."""
@@ -85,3 +96,7 @@ def driver_stats() -> Stats:
 
 def device_stats() -> Stats:
     return Stats(DEVICE_STATS)
+
+
+def ctrl_stats() -> Stats:
+    return Stats(CTRL_STATS)
