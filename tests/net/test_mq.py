@@ -154,7 +154,6 @@ def test_per_queue_stats_uses_ethtool_names() -> None:
         "rx_queue_1_bytes": 2,
         "tx_queue_1_packets": 3,
         "tx_queue_1_kicks": 4,
-        "desc_errors": 5,
     }
     assert list(per_queue_stats(0, stats))[0] == "rx_queue_0_packets"
 

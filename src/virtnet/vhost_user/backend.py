@@ -33,6 +33,7 @@ from virtnet.net.features import (
     sanitize,
 )
 from virtnet.net.guest import build_device
+from virtnet.net.mq import per_queue_stats, sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.errors import VhostUserProtocolError
@@ -63,9 +64,7 @@ from virtnet.vhost_user.worker import (
     WorkerDied,
     WorkerError,
     WorkerHandle,
-    per_queue_stats,
     spawn_worker,
-    sum_stats,
 )
 from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import VirtioF, bit

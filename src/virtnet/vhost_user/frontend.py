@@ -28,6 +28,7 @@ from virtnet.net.features import (
     negotiate,
 )
 from virtnet.net.guest import FRESH_PACKED_BASE, RX, TX, GuestLayout, build_driver
+from virtnet.net.mq import per_queue_stats, sum_stats
 from virtnet.ports.backends import DriverBackend, LoopbackDriver
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.errors import VhostUserProtocolError
@@ -52,11 +53,9 @@ from virtnet.vhost_user.worker import (
     RPC_TIMEOUT,
     WorkerDied,
     WorkerHandle,
-    per_queue_stats,
     recv_msg,
     send_msg,
     spawn_worker,
-    sum_stats,
 )
 from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.memory import GuestMemory, MemoryRegion

@@ -38,6 +38,7 @@ from virtnet.net.faults import FaultPlan
 from virtnet.net.guest import RX as RX_Q
 from virtnet.net.guest import TX as TX_Q
 from virtnet.net.guest import build_device
+from virtnet.net.mq import sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.mapping import MappedMemory, MappingError
 from virtnet.vhost_user.messages import close_fds
@@ -86,26 +87,6 @@ def describe_exit(status: int) -> str:
         sig = os.WTERMSIG(status)
         return f"was killed by {signal.Signals(sig).name}"
     return f"exited with status {os.WEXITSTATUS(status)}"
-
-
-def sum_stats(dicts: list[dict[str, int]]) -> dict[str, int]:
-    """Counters of several queues (or sessions) as one: sums, but ``*_max`` is a max."""
-    out: dict[str, int] = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = max(out.get(k, 0), v) if k.endswith("_max") else out.get(k, 0) + v
-    return out
-
-
-def per_queue_stats(pair: int, stats: dict[str, int]) -> dict[str, int]:
-    """One pair's ``rx_*`` / ``tx_*`` counters under ethtool -S's virtio_net names:
-    ``rx_queue_0_packets``, ``tx_queue_1_bytes``..."""
-    out = {}
-    for k, v in stats.items():
-        side, _, rest = k.partition("_")
-        if side in ("rx", "tx") and rest:
-            out[f"{side}_queue_{pair}_{rest}"] = v
-    return out
 
 
 # -- the control process's end -------------------------------------------------------
