@@ -164,6 +164,12 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                        help="rx strategy (without MRG_RXBUF: big or small, as Linux)")  # fmt: skip
         p.add_argument("--queue-size", type=int, default=256,
                        help="virtqueue size (default 256; packed rings: any 1..32768)")  # fmt: skip
+        p.add_argument("--combined", type=_queue_pairs, default=None, metavar="M",
+                       help="queue pairs in use of --queues N (ethtool -L combined M): "
+                            "sent as VQ_PAIRS_SET on the control queue, which this "
+                            "front-end answers itself as DPDK's virtio_user does, "
+                            "disabling the other pairs with SET_VRING_ENABLE "
+                            "(default: all N)")  # fmt: skip
         p.add_argument("--features-off", type=_feature_bits, default=0, metavar="NAMES",
                        help="feature bits not to ack, e.g. MRG_RXBUF (big buffers) or "
                             "MRG_RXBUF,GUEST_TSO4,GUEST_TSO6 (small ones), RING_PACKED "
@@ -552,7 +558,6 @@ def cmd_vhost_user(args) -> int:
     try:
         make = device_backends if args.command == "device" else driver_backends
         backends = make(args.backend, args.queues)
-        backend = backends[0]
     except (BackendError, OSError) as e:
         print(f"virtnet {args.command}: {e}", file=sys.stderr)
         return 2
@@ -578,6 +583,10 @@ def cmd_vhost_user(args) -> int:
         from virtnet.vhost_user.errors import VhostUserProtocolError
         from virtnet.vhost_user.frontend import DriverClient, FrontendError
 
+        if args.pcap and args.queues > 1:
+            print("virtnet driver: --pcap with --queues > 1 is not supported (one capture "
+                  "file per process is `virtnet device`'s; capture there)", file=sys.stderr)
+            return 2
         try:
             xdp_prog = load_program(args.xdp) if args.xdp else None
         except XdpLoadError as e:
@@ -590,16 +599,16 @@ def cmd_vhost_user(args) -> int:
             client = DriverClient(args.socket_path, backends, strategy=args.strategy,
                                   queue_size=args.queue_size,
                                   wanted=OFFERED & ~args.features_off,
-                                  busy_poll_us=args.busy_poll,
+                                  busy_poll_us=args.busy_poll, combined=args.combined,
                                   printer=_printer(args))  # fmt: skip
         except (FrontendError, OSError, ValueError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)
             return 2
         try:
             client.setup()
-            if xdp_prog is not None:
-                client.drv.rx.attach_xdp(XdpHook(xdp_prog, client.drv.stats, name=args.xdp,
-                                                 redirect=backend.xdp_redirect))  # fmt: skip
+            for pair in client.pairs if xdp_prog is not None else ():
+                pair.drv.rx.attach_xdp(XdpHook(xdp_prog, pair.drv.stats, name=args.xdp,
+                                               redirect=pair.backend.xdp_redirect))  # fmt: skip
             if args.pcap:
                 from virtnet.ports.pcap import PcapWriter
 

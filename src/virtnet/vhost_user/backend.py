@@ -441,6 +441,7 @@ class BackendSession:
             bases = dev.last_avail_idx
         if bases is not None:
             self.vrings[2 * pair].base, self.vrings[2 * pair + 1].base = bases
+        log.info("queue pair %d stopped: bases %s", pair, bases)
 
     def pair_lost(self, pair: int) -> None:
         """The pair's worker died: its rings are not running, and nothing can say where
