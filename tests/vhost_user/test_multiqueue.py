@@ -135,3 +135,19 @@ def test_a_killed_driver_worker_ends_the_driver_with_its_name(device_factory, tm
     assert f"its worker (pid {victim}) was killed by SIGKILL" in err, err
     assert json.loads(json_path.read_text())["queues"] == PAIRS
     assert dev.alive()
+
+
+def test_virtnet_stats_reads_per_queue_counters_across(tmp_path, capsys):
+    from virtnet.cli import main
+
+    doc = {"device_stats": {"rx_packets": 3, "rx_queue_0_packets": 1, "rx_queue_1_packets": 2,
+                            "tx_queue_0_bytes": 0, "tx_queue_1_bytes": 0}}  # fmt: skip
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(doc))
+    assert main(["stats", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "device_stats per queue" in out and "queue 1" in out
+    row = next(line for line in out.splitlines() if "rx_packets" in line and "│" in line
+               and line.count("│") >= 4)  # fmt: skip
+    assert row.split("│")[2].strip() == "1" and row.split("│")[3].strip() == "2"
+    assert "tx_bytes" not in out  # all-zero per-queue rows are left out
