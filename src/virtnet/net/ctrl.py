@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from virtnet.net.device import gather
 from virtnet.net.features import VirtioNetF
 from virtnet.net.stats import Stats, ctrl_stats
 from virtnet.virtio.errors import (
@@ -319,7 +320,7 @@ class ControlDevice:
         if len(first) >= CTRL_HDR.size:
             cls, cmd = CTRL_HDR.unpack_from(first)
         else:
-            cls, cmd = CTRL_HDR.unpack(_gather(readable, 0, CTRL_HDR.size))
+            cls, cmd = CTRL_HDR.unpack(gather(readable, 0, CTRL_HDR.size))
         data_len = chain.out_len - CTRL_HDR.size
         if data_len > CTRL_MAX_DATA:
             ack, reason = (
@@ -327,7 +328,7 @@ class ControlDevice:
                 f"{data_len} bytes of command data (at most {CTRL_MAX_DATA})",
             )
         else:
-            data = _gather(readable, CTRL_HDR.size, data_len)
+            data = gather(readable, CTRL_HDR.size, data_len)
             ack, reason = self.handle(cls, cmd, data)
         self._ack(chain.writable, ack)
         stats = self.stats
@@ -479,22 +480,6 @@ class ControlDevice:
         if rx.nouni:
             return False
         return rx.alluni or rx.uni_overflow or dst == self.mac or dst in rx.uni
-
-
-def _gather(views: Sequence[memoryview], offset: int, length: int) -> bytes:
-    """``length`` bytes from ``offset`` of the concatenation of ``views`` (any layout)."""
-    out = bytearray()
-    for view in views:
-        n = len(view)
-        if offset >= n:
-            offset -= n
-            continue
-        take = view[offset : offset + length - len(out)]
-        out += take
-        offset = 0
-        if len(out) == length:
-            break
-    return bytes(out)
 
 
 # -- driver side ----------------------------------------------------------------------------
@@ -708,3 +693,24 @@ class ControlQueue:
     def ack_announce(self) -> bool:
         """virtnet_ack_link_announce: ANNOUNCE_ACK, no data."""
         return self.post(VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK)
+
+
+def serve_control(ctrl: ControlDevice, devices: Sequence, backends: Sequence) -> None:
+    """Let a ControlDevice's commands act on the device it answers for (one process:
+    the driver meets virtnet's own device): the receive filter on every pair, the
+    guest offloads re-applied to each pair and its back-end (a tap: TUNSETOFFLOAD,
+    as QEMU's virtio_net_apply_guest_offloads)."""
+
+    def rx_mode(mode: RxMode) -> None:
+        # Promiscuous takes every frame: no filter on the hot path then.
+        for dev in devices:
+            dev.rx_filter = None if mode.promisc else ctrl.rx_filter
+
+    def offloads(bits: int) -> None:
+        for dev in devices:
+            dev.set_guest_offloads(bits)
+        for backend in backends:
+            backend.on_guest_offloads(bits)
+
+    ctrl.on_rx_mode = rx_mode
+    ctrl.on_guest_offloads = offloads

@@ -51,6 +51,7 @@ DEVICE_STATS = (
     # ring could not take are dropped by the kernel, in the tap's tx_dropped.
     "rx_dropped",
     "rx_bufs",  # rx chains used
+    "rx_filtered",  # frames the control queue's receive filter kept from the guest
     "rx_num_buffers_max",  # largest num_buffers written (mergeable)
     "rx_notifies",  # interrupts the driver asked for (EVENT_IDX / flags)
     "rx_irqs",  # interrupts sent (call eventfd writes), after --coalesce moderation
