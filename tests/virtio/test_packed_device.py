@@ -435,6 +435,37 @@ def test_used_descriptors_are_batched_until_flush_and_skip_each_chains_slots():
     assert dev.used_pos == 4
 
 
+class RecordingDesc:
+    """The descriptor ring's u64 view, recording the order of the stores."""
+
+    def __init__(self, view) -> None:
+        self.view = view
+        self.stores: list[int] = []
+
+    def __getitem__(self, i):
+        return self.view[i]
+
+    def __setitem__(self, i, value) -> None:
+        self.stores.append(i)
+        self.view[i] = value
+
+
+def test_a_flushed_batch_becomes_visible_with_its_first_descriptor_stored_last():
+    """A driver reads used descriptors in order: storing the batch's first one last means
+    it sees a mergeable packet's buffers all at once, never the head alone."""
+    q = MockPackedQueue(8)
+    dev = q.device()
+    for bid in range(4):
+        q.post([(q.data(bid), 8, WRITE)], bid=bid)
+    chains = [dev.pop() for _ in range(4)]
+    dev.push_used_burst([(c.head, 8) for c in chains])
+    rec = dev._desc = RecordingDesc(dev._desc)
+    dev.flush_used()
+    flag_words = [i for i in rec.stores if i % 2]  # the len|id|flags word of each slot
+    assert flag_words == [3, 5, 7, 1]
+    assert all(q.is_used(slot, 1) for slot in range(4))
+
+
 def test_a_device_picks_up_at_the_base_it_is_given_on_reconnect():
     q = MockPackedQueue(8, start=(5, 0))
     q.post([(q.data(0), 1, WRITE)], bid=1)

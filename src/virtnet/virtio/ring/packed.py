@@ -894,20 +894,31 @@ class PackedQueueDevice:
         return bool(self._shadow)
 
     def flush_used(self) -> None:
-        """Write the queued used descriptors, each one 8-byte store of len|id|flags."""
+        """Write the queued used descriptors, each one 8-byte store of len|id|flags.
+
+        The batch's first descriptor is stored last (DPDK's
+        flush_shadow_used_ring_packed does the same): the driver reads used
+        descriptors in order, so it sees the whole batch or none of it — never
+        the first buffers of a mergeable packet without the rest.
+        """
         desc, num, shadow = self._desc, self.num, self._shadow
+        if not shadow:
+            return
         pos, wrap = self.used_pos, self.used_wrap
         bits = _used_bits(wrap)
         start = pos
+        first = shadow[0][0] | bits
         laps = 0
-        for word, slots in shadow:
-            desc[2 * pos + 1] = word | bits
+        for k, (word, slots) in enumerate(shadow):
+            if k:
+                desc[2 * pos + 1] = word | bits
             pos += slots
             if pos >= num:
                 pos -= num
                 wrap ^= 1
                 bits ^= _AU
                 laps += 1
+        desc[2 * start + 1] = first  # stores stay in order on x86 (TSO): no barrier
         shadow.clear()
         self.used_pos, self.used_wrap = pos, wrap
         self._since_signal += pos - start + laps * num
