@@ -151,3 +151,61 @@ def test_virtnet_stats_reads_per_queue_counters_across(tmp_path, capsys):
                and line.count("│") >= 4)  # fmt: skip
     assert row.split("│")[2].strip() == "1" and row.split("│")[3].strip() == "2"
     assert "tx_bytes" not in out  # all-zero per-queue rows are left out
+
+
+def test_a_hung_device_worker_is_killed_named_and_its_session_failed(device_factory, tmp_path):
+    """SIGSTOP stands for a worker stuck in a loop: no death to notice, so the control
+    process's watchdog must find it (an unanswered request), or the pair stalls silently."""
+    dev = device_factory("sink", extra=("--queues", str(PAIRS)))
+    workers = worker_pids(dev.pid)
+    argv = driver_argv(dev.socket_path, "gen:64", tmp_path / "h.json", seconds=20.0,
+                       extra=("--queues", str(PAIRS)))  # fmt: skip
+    drv = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        dev.wait_for_log("device running: queue pair 1")
+        os.kill(workers[0], signal.SIGSTOP)
+        err = dev.wait_for_log("failing the session", timeout=15.0)
+        assert "queue pair 0: its worker did not answer 'stats' within 5s and was killed" in err
+        _, drv_err = drv.communicate(timeout=20.0 + DRIVER_SLACK)
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+            drv.wait()
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert drv.returncode == 1 and "the back-end went away" in drv_err
+    again = run_driver(tmp_path, dev, "gen:64", seconds=1.0, name="again",
+                       extra=("--queues", str(PAIRS)))  # fmt: skip
+    assert all(per_queue(again.stats, p, "tx") > 0 for p in range(PAIRS))
+    assert dev.stop()["worker_deaths"] == 1
+
+
+def test_a_hung_driver_worker_ends_the_driver_with_its_name(device_factory, tmp_path):
+    dev = device_factory("sink", extra=("--queues", str(PAIRS)))
+    argv = driver_argv(dev.socket_path, "gen:64", tmp_path / "g.json", seconds=20.0,
+                       extra=("--queues", str(PAIRS)))  # fmt: skip
+    drv = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = 0
+    try:
+        dev.wait_for_log("device running: queue pair 1")
+        deadline = time.monotonic() + 5
+        while len(worker_pids(drv.pid)) < PAIRS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim = worker_pids(drv.pid)[1]
+        os.kill(victim, signal.SIGSTOP)
+        _, err = drv.communicate(timeout=20.0 + DRIVER_SLACK)
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+            drv.wait()
+        if victim:
+            try:
+                os.kill(victim, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert drv.returncode == 1
+    assert "queue pair 1: its worker did not answer 'stats' within 5s and was killed" in err, err
+    assert dev.alive()

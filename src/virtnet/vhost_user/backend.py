@@ -60,6 +60,8 @@ from virtnet.vhost_user.rings import RingError, RingSpec, ring_views
 from virtnet.vhost_user.runclock import RunClock
 from virtnet.vhost_user.worker import (
     IDLE_POLL,
+    WATCHDOG_EVERY,
+    WATCHDOG_TIMEOUT,
     PairLoop,
     WorkerDied,
     WorkerError,
@@ -592,9 +594,9 @@ class DeviceServer:
     def _worker_died(self, e: WorkerDied) -> None:
         """Name it, fail the session (its rings' state died with it), start a fresh one."""
         w = self.workers[e.pair]
-        w.reap(block=True)
+        w.kill()  # reaps it; kills it first if it only stopped answering
         self.worker_deaths += 1
-        log.error("%s", WorkerDied(e.pair, w.describe()))
+        log.error("%s", e)
         self.lost.append(w.last_stats)
         try:
             self._ep.unregister(w.pidfd)
@@ -733,6 +735,7 @@ class DeviceServer:
 
     def _loop(self, clock: RunClock) -> None:
         pidfds = {w.pidfd for w in self.workers}
+        next_check = time.monotonic() + WATCHDOG_EVERY
         while clock.running():
             for fd, _ev in self._ep.poll(IDLE_POLL):
                 if fd == self.listener.fileno():
@@ -742,6 +745,20 @@ class DeviceServer:
                 elif fd in pidfds:
                     self._on_worker_exit(fd)
                 pidfds = {w.pidfd for w in self.workers}
+            if time.monotonic() >= next_check:
+                self._watchdog()
+                pidfds = {w.pidfd for w in self.workers}
+                next_check = time.monotonic() + WATCHDOG_EVERY
+
+    def _watchdog(self) -> None:
+        """Every worker must answer: one that hangs (stopped, stuck) would stall its
+        pair silently, so it is killed, named, and its session failed. The answers
+        keep each worker's last counters fresh, should it die later."""
+        for w in list(self.workers):
+            try:
+                w.last_stats = w.call("stats", timeout=WATCHDOG_TIMEOUT)
+            except WorkerDied as e:
+                self._worker_died(e)
 
     def _stop_workers(self) -> list[dict]:
         final = []

@@ -61,6 +61,8 @@ from virtnet.vhost_user.messages import (
 from virtnet.vhost_user.runclock import RunClock
 from virtnet.vhost_user.worker import (
     RPC_TIMEOUT,
+    WATCHDOG_EVERY,
+    WATCHDOG_TIMEOUT,
     WorkerDied,
     WorkerHandle,
     recv_msg,
@@ -581,14 +583,27 @@ class DriverClient:
             for w in self.workers:
                 ep.register(w.pidfd, select.EPOLLIN)
                 ep.register(w.sock.fileno(), select.EPOLLIN)
+            next_check = time.monotonic() + WATCHDOG_EVERY
             while clock.running() and not self.peer_gone and not self.broken:
                 for fd, _ in ep.poll(IDLE_TIMEOUT):
                     if fd == self.channel.fileno():
                         self._on_socket()
                     else:
                         self._on_worker(fd)
+                if time.monotonic() >= next_check and not self.broken:
+                    self._watchdog()  # a hung worker would stall its pair silently
+                    next_check = time.monotonic() + WATCHDOG_EVERY
         finally:
             ep.close()
+
+    def _watchdog(self) -> None:
+        for w in self.workers:
+            try:
+                w.last_stats = w.call("stats", timeout=WATCHDOG_TIMEOUT)
+            except WorkerDied as e:
+                self.broken = str(e)
+                log.error("%s", e)
+                return
 
     def _on_worker(self, fd: int) -> None:
         for w in self.workers:
