@@ -5,8 +5,10 @@ line saying what the back-end did -- or raises ``CaseFailure`` (what it did wron
 ``CaseSkipped`` (it does not offer what the case needs). The runner then checks, after
 every case, that the back-end still serves a normal session.
 
-conformance cases need a back-end that echoes tx frames to rx unchanged: ``virtnet
-device --backend loopback``, DPDK testpmd ``--forward-mode=io`` on a single port.
+conformance cases need a back-end that echoes tx frames to rx unchanged, each queue pair
+to itself: ``virtnet device --backend loopback --queues 2``, DPDK testpmd
+``--forward-mode=io --rxq=2 --txq=2`` on a single port with ``queues=2``. The multiqueue
+cases (``mq-*``) are skipped unless the back-end has PROTOCOL_F_MQ and two queue pairs.
 robustness cases need nothing from the back-end but to survive them: each one is
 something a hostile or broken front-end sends, and what the back-end answers is
 reported; they fail only where the spec leaves no choice (a REPLY_ACK success for a
