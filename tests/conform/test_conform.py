@@ -275,6 +275,26 @@ def test_mq_pairs_fails_a_backend_that_ignores_disabling_a_pair(proxy_factory, t
         result["detail"], out
 
 
+def hang_up_on_enabling_vring_3(data: bytes) -> bytes:
+    """SET_VRING_ENABLE 1 on vring 3 arrives with version 0 in its flags: the device hangs
+    up, as a back-end would that cannot take a ring it was never told about."""
+    if len(data) == HEADER.size + VringState.STRUCT.size:
+        request, _flags, size = HEADER.unpack_from(data)
+        if request == FrontendRequest.SET_VRING_ENABLE and \
+                VringState.STRUCT.unpack_from(data, HEADER.size) == (3, 1):
+            return HEADER.pack(request, 0, size) + data[HEADER.size:]
+    return data
+
+
+def test_mq_enable_unset_ring_fails_a_backend_that_hangs_up(proxy_factory, tmp_path):
+    proxy = proxy_factory(rewrite=hang_up_on_enabling_vring_3)
+    rc, doc, out = run_json(tmp_path, proxy.path, "mq-enable-unset-ring")
+    (result,) = doc["cases"]
+    assert rc == 1, out
+    assert result["status"] == "failed"
+    assert "the back-end closed the connection, pair 0 with it" in result["detail"], out
+
+
 def test_junit_xml_of_a_full_run_has_one_testcase_per_case(loopback, tmp_path):
     xml = tmp_path / "all.xml"
     cases = [n for n in ALL if n != UNSEALABLE]
