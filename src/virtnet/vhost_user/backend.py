@@ -139,7 +139,6 @@ class BackendSession:
     devices: dict[int, VirtnetDevice] = field(default_factory=dict)  # in-process only
     running: set[int] = field(default_factory=set)  # the queue pairs started
     owner: bool = False
-    changed: bool = True  # the fds to poll changed
     faults: FaultPlan | None = None  # --faults: the device lies on purpose
 
     def __post_init__(self) -> None:
@@ -332,7 +331,6 @@ class BackendSession:
             base |= base << 16  # vhost-user.rst: bits 16-31 the used index and wrap counter
         vr.started = False
         vr.close_fds()
-        self.changed = True
         return reply(msg, VringState(st.index, base))
 
     def _set_vring_fd(self, msg: Message, attr: str) -> int:
@@ -347,7 +345,6 @@ class BackendSession:
             os.close(old)
         fd = -1 if u64.nofd or not msg.fds else msg.fds[0]
         setattr(vr, attr, fd)
-        self.changed = True
         pair = u64.vring_index // 2
         if attr != "err" and pair in self.running and self.runner is not None:
             self.runner.update_fds(pair, self._pair_fds(pair))  # QEMU re-sends calls live
@@ -416,7 +413,6 @@ class BackendSession:
                 self.faults.install(dev)
             self.devices[pair] = dev
         self.running.add(pair)
-        self.changed = True
         log.info("device running: queue pair %d, queue sizes %d/%d, bases %s",
                  pair, rx.num, tx.num, bases)  # fmt: skip
 
@@ -434,7 +430,6 @@ class BackendSession:
         if pair not in self.running:
             return
         self.running.discard(pair)
-        self.changed = True
         if self.runner is not None:
             bases = self.runner.stop(pair)
         else:
@@ -449,7 +444,6 @@ class BackendSession:
         """The pair's worker died: its rings are not running, and nothing can say where
         they stopped."""
         self.running.discard(pair)
-        self.changed = True
 
     def _stop_device(self) -> None:
         for pair in sorted(self.running):
@@ -461,7 +455,6 @@ class BackendSession:
             vr.close_fds()
         self.vrings = [Vring() for _ in range(2 * self.queues)]
         self.features = 0
-        self.changed = True
 
     def close(self) -> None:
         self.reset()
@@ -559,9 +552,6 @@ class DeviceServer:
             self.channel.close()
         for w in self.workers:
             w.close()
-
-    def _worker(self, pair: int) -> WorkerHandle:
-        return self.workers[pair]
 
     # PairRunner: what the session asks of the workers.
 
