@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from virtnet import __version__
@@ -164,6 +165,12 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                        help="rx strategy (without MRG_RXBUF: big or small, as Linux)")  # fmt: skip
         p.add_argument("--queue-size", type=int, default=256,
                        help="virtqueue size (default 256; packed rings: any 1..32768)")  # fmt: skip
+        p.add_argument("--combined", type=_queue_pairs, default=None, metavar="M",
+                       help="queue pairs in use of --queues N (ethtool -L combined M): "
+                            "sent as VQ_PAIRS_SET on the control queue, which this "
+                            "front-end answers itself as DPDK's virtio_user does, "
+                            "disabling the other pairs with SET_VRING_ENABLE "
+                            "(default: all N)")  # fmt: skip
         p.add_argument("--features-off", type=_feature_bits, default=0, metavar="NAMES",
                        help="feature bits not to ack, e.g. MRG_RXBUF (big buffers) or "
                             "MRG_RXBUF,GUEST_TSO4,GUEST_TSO6 (small ones), RING_PACKED "
@@ -465,13 +472,46 @@ def cmd_stats(args) -> int:
         return 2
     console = Console()
     for title, stats in blocks:
+        per_queue = split_per_queue(stats)
         table = Table(title=title)
         table.add_column("counter")
         table.add_column("value", justify="right")
         for k, v in stats.items():
-            table.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
+            if not QUEUE_STAT.match(k):
+                table.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
         console.print(table)
+        if per_queue:
+            console.print(_per_queue_table(f"{title} per queue", per_queue))
     return 0
+
+
+QUEUE_STAT = re.compile(r"(rx|tx)_queue_(\d+)_(.+)")
+
+
+def split_per_queue(stats: dict) -> dict[str, dict[int, int]]:
+    """``rx_queue_1_packets`` → {"rx_packets": {1: n}}: the per-queue counters by name."""
+    out: dict[str, dict[int, int]] = {}
+    for k, v in stats.items():
+        m = QUEUE_STAT.match(k)
+        if m:
+            side, q, name = m.groups()
+            out.setdefault(f"{side}_{name}", {})[int(q)] = v
+    return out
+
+
+def _per_queue_table(title: str, per_queue: dict[str, dict[int, int]]):
+    """One row per counter, one column per queue: ``ethtool -S`` read across."""
+    from rich.table import Table
+
+    queues = sorted({q for by_q in per_queue.values() for q in by_q})
+    table = Table(title=title)
+    table.add_column("counter")
+    for q in queues:
+        table.add_column(f"queue {q}", justify="right")
+    for name, by_q in per_queue.items():
+        if any(by_q.values()):
+            table.add_row(name, *(f"{by_q.get(q, 0):,}" for q in queues))
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,10 +570,18 @@ def _printer(args):
         now = {k: s.get(k, 0) for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")}
         d = {k: now[k] - last.get(k, 0) for k in now}
         last.update(now)
+        per_queue = split_per_queue(s)
+        queues = ""
+        if len(per_queue.get("rx_packets", {})) > 1:  # --queues N: each pair's share
+            now_q = {f"{side}{q}": n for side in ("rx", "tx")
+                     for q, n in per_queue.get(f"{side}_packets", {}).items()}  # fmt: skip
+            queues = " | pps per queue " + " ".join(
+                f"{k} {n - last.get(k, 0):,}" for k, n in sorted(now_q.items()))
+            last.update(now_q)
         print(
             f"rx {d['rx_packets']:>9,} pps {d['rx_bytes'] * 8 / 1e6:>9,.1f} Mb/s | "
             f"tx {d['tx_packets']:>9,} pps {d['tx_bytes'] * 8 / 1e6:>9,.1f} Mb/s | "
-            f"total rx {now['rx_packets']:,} tx {now['tx_packets']:,}",
+            f"total rx {now['rx_packets']:,} tx {now['tx_packets']:,}{queues}",
             file=sys.stderr, flush=True,
         )  # fmt: skip
 
@@ -552,7 +600,6 @@ def cmd_vhost_user(args) -> int:
     try:
         make = device_backends if args.command == "device" else driver_backends
         backends = make(args.backend, args.queues)
-        backend = backends[0]
     except (BackendError, OSError) as e:
         print(f"virtnet {args.command}: {e}", file=sys.stderr)
         return 2
@@ -578,6 +625,10 @@ def cmd_vhost_user(args) -> int:
         from virtnet.vhost_user.errors import VhostUserProtocolError
         from virtnet.vhost_user.frontend import DriverClient, FrontendError
 
+        if args.pcap and args.queues > 1:
+            print("virtnet driver: --pcap with --queues > 1 is not supported (one capture "
+                  "file per process is `virtnet device`'s; capture there)", file=sys.stderr)
+            return 2
         try:
             xdp_prog = load_program(args.xdp) if args.xdp else None
         except XdpLoadError as e:
@@ -590,16 +641,16 @@ def cmd_vhost_user(args) -> int:
             client = DriverClient(args.socket_path, backends, strategy=args.strategy,
                                   queue_size=args.queue_size,
                                   wanted=OFFERED & ~args.features_off,
-                                  busy_poll_us=args.busy_poll,
+                                  busy_poll_us=args.busy_poll, combined=args.combined,
                                   printer=_printer(args))  # fmt: skip
         except (FrontendError, OSError, ValueError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)
             return 2
         try:
             client.setup()
-            if xdp_prog is not None:
-                client.drv.rx.attach_xdp(XdpHook(xdp_prog, client.drv.stats, name=args.xdp,
-                                                 redirect=backend.xdp_redirect))  # fmt: skip
+            for pair in client.pairs if xdp_prog is not None else ():
+                pair.drv.rx.attach_xdp(XdpHook(xdp_prog, pair.drv.stats, name=args.xdp,
+                                               redirect=pair.backend.xdp_redirect))  # fmt: skip
             if args.pcap:
                 from virtnet.ports.pcap import PcapWriter
 

@@ -1,14 +1,16 @@
 """``virtnet conform`` as a user runs it: a subprocess against a real ``virtnet device``.
 
-* every case passes against ``virtnet device --backend loopback`` but one: a memfd that
-  allows no seals, shrunk under the device, still kills it (its containment seals what it
-  can, F_SEAL_SHRINK); that case has its own test, which says so;
+* every case passes against ``virtnet device --backend loopback --queues 2`` (the
+  multiqueue cases need two pairs); with ``--queues 1`` they are skipped, saying why;
+* a memfd that allows no seals, shrunk under the device, kills only a queue pair's worker
+  (its own test says so);
 * exit status 1 when the back-end answers one message wrong, and when it dies mid-run
   (that case failed, the rest "not run"); 2 for usage errors; ``--junit-xml`` parses.
 
 The broken back-ends are ``virtnet device`` behind ``FaultyProxy``: a relay that passes
 bytes and fds through unchanged, except that it rewrites the first reply of one chosen
-connection, or goes away (stops listening) when a chosen connection arrives.
+connection, rewrites the front-end's requests, or goes away (stops listening) when a chosen
+connection arrives.
 """
 
 from __future__ import annotations
@@ -21,18 +23,20 @@ import subprocess
 import sys
 import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.vhost_user.conftest import DeviceProcess
 from virtnet.conform.cases import CASES
-from virtnet.vhost_user.messages import HEADER
+from virtnet.vhost_user.messages import HEADER, FrontendRequest, VringState
 
 CONFORM = [sys.executable, "-m", "virtnet", "conform"]
 RUN_TIMEOUT = 300  # the whole run; every case has its own --timeout inside
 ALL = [c.name for c in CASES]
 UNSEALABLE = "memfd-shrunk-unsealable"
+MQ_CASES = ["mq-pairs", "mq-enable-unset-ring"]
 
 
 def conform(*args: str) -> tuple[int, str, str]:
@@ -53,7 +57,7 @@ def run_json(tmp_path: Path, socket_path: str, *cases: str,
 
 @pytest.fixture
 def loopback(device_factory) -> DeviceProcess:
-    return device_factory("loopback")
+    return device_factory("loopback", extra=("--queues", "2"))
 
 
 def test_every_case_passes_against_virtnet_device(loopback, tmp_path):
@@ -61,8 +65,24 @@ def test_every_case_passes_against_virtnet_device(loopback, tmp_path):
     statuses = {c["name"]: c["status"] for c in doc["cases"]}
     assert statuses == dict.fromkeys(ALL, "passed"), f"{out}\ndevice:\n{loopback.stderr()}"
     assert rc == 0
+    details = {c["name"]: c["detail"] for c in doc["cases"]}
+    assert details["mq-pairs"].startswith("2 queue pairs; pairs 0 and 1 echo")
+    assert details["vring-index-out-of-range"].startswith("vring 4 (2 queue pairs)")
+    assert "device running: queue pair 1" in loopback.stderr()
     assert loopback.alive()
     assert "Traceback" not in loopback.stderr()
+
+
+def test_with_one_queue_pair_the_mq_cases_are_skipped_saying_why(device_factory, tmp_path):
+    one = device_factory("loopback", name="one")
+    rc, doc, out = run_json(tmp_path, one.socket_path, *MQ_CASES, "vring-index-out-of-range")
+    cases = {c["name"]: c for c in doc["cases"]}
+    assert rc == 0, out
+    for name in MQ_CASES:
+        assert cases[name]["status"] == "skipped", out
+        assert cases[name]["detail"] == "GET_QUEUE_NUM 1: fewer than 2 queue pairs"
+    oor = cases["vring-index-out-of-range"]
+    assert oor["status"] == "passed" and oor["detail"].startswith("vring 2 (1 queue pair)")
 
 
 def test_an_unsealable_memfd_shrunk_under_it_kills_only_a_worker(loopback, tmp_path):
@@ -107,9 +127,10 @@ class FaultyProxy:
     closed, the proxy stops listening and its socket file goes: the back-end is gone.
     """
 
-    def __init__(self, path: str, upstream: str, *, corrupt: int = 0, die_at: int = 0) -> None:
+    def __init__(self, path: str, upstream: str, *, corrupt: int = 0, die_at: int = 0,
+                 rewrite: Callable[[bytes], bytes] | None = None) -> None:  # fmt: skip
         self.path, self.upstream = path, upstream
-        self.corrupt, self.die_at = corrupt, die_at
+        self.corrupt, self.die_at, self.rewrite = corrupt, die_at, rewrite
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(4)
@@ -132,8 +153,8 @@ class FaultyProxy:
             up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             up.connect(self.upstream)
             flip = self.connections == self.corrupt
-            for a, b, f in ((conn, up, False), (up, conn, flip)):
-                t = threading.Thread(target=_pump, args=(a, b, f), daemon=True)
+            for a, b, f, rw in ((conn, up, False, self.rewrite), (up, conn, flip, None)):
+                t = threading.Thread(target=_pump, args=(a, b, f, rw), daemon=True)
                 t.start()
                 self.threads.append(t)
 
@@ -145,7 +166,8 @@ class FaultyProxy:
         self.listener.close()
 
 
-def _pump(src: socket.socket, dst: socket.socket, flip: bool) -> None:
+def _pump(src: socket.socket, dst: socket.socket, flip: bool,
+          rewrite: Callable[[bytes], bytes] | None = None) -> None:  # fmt: skip
     fd_space = socket.CMSG_SPACE(16 * 4)
     try:
         while True:
@@ -162,6 +184,8 @@ def _pump(src: socket.socket, dst: socket.socket, flip: bool) -> None:
                 request, flags, size = HEADER.unpack_from(data)
                 data = HEADER.pack(request + 1, flags, size) + data[HEADER.size:]
                 flip = False
+            if rewrite is not None:
+                data = rewrite(data)
             anc_out = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
             dst.sendmsg([data], anc_out if fds else [])
             for fd in fds:
@@ -224,6 +248,51 @@ def test_the_backend_dying_fails_that_case_and_the_rest_are_not_run(proxy_factor
     assert "the back-end died" in cases[1].find("failure").get("message")
     assert "not run" in cases[2].find("skipped").get("message")
     assert suite.get("failures") == "1" and suite.get("skipped") == "1"
+
+
+def keep_pair_1_enabled(data: bytes) -> bytes:
+    """The front-end's SET_VRING_ENABLE 0 on vring 2 or 3 arrives as 1: a back-end that
+    ignores the disable (messages are walked header by header; conform sends whole ones)."""
+    out, at = bytearray(data), 0
+    while at + HEADER.size <= len(out):
+        request, _flags, size = HEADER.unpack_from(out, at)
+        body = at + HEADER.size
+        if request == FrontendRequest.SET_VRING_ENABLE and size == VringState.STRUCT.size:
+            index, num = VringState.STRUCT.unpack_from(out, body)
+            if index in (2, 3) and num == 0:
+                VringState.STRUCT.pack_into(out, body, index, 1)
+        at = body + size
+    return bytes(out)
+
+
+def test_mq_pairs_fails_a_backend_that_ignores_disabling_a_pair(proxy_factory, tmp_path):
+    proxy = proxy_factory(rewrite=keep_pair_1_enabled)
+    rc, doc, out = run_json(tmp_path, proxy.path, "mq-pairs")
+    (result,) = doc["cases"]
+    assert rc == 1, out
+    assert result["status"] == "failed"
+    assert "pair 1: 2 rx buffers used after SET_VRING_ENABLE 0 on vrings 2 and 3" in \
+        result["detail"], out
+
+
+def hang_up_on_enabling_vring_3(data: bytes) -> bytes:
+    """SET_VRING_ENABLE 1 on vring 3 arrives with version 0 in its flags: the device hangs
+    up, as a back-end would that cannot take a ring it was never told about."""
+    if len(data) == HEADER.size + VringState.STRUCT.size:
+        request, _flags, size = HEADER.unpack_from(data)
+        if request == FrontendRequest.SET_VRING_ENABLE and \
+                VringState.STRUCT.unpack_from(data, HEADER.size) == (3, 1):
+            return HEADER.pack(request, 0, size) + data[HEADER.size:]
+    return data
+
+
+def test_mq_enable_unset_ring_fails_a_backend_that_hangs_up(proxy_factory, tmp_path):
+    proxy = proxy_factory(rewrite=hang_up_on_enabling_vring_3)
+    rc, doc, out = run_json(tmp_path, proxy.path, "mq-enable-unset-ring")
+    (result,) = doc["cases"]
+    assert rc == 1, out
+    assert result["status"] == "failed"
+    assert "the back-end closed the connection, pair 0 with it" in result["detail"], out
 
 
 def test_junit_xml_of_a_full_run_has_one_testcase_per_case(loopback, tmp_path):

@@ -49,7 +49,7 @@ QUEUES = 2
 KIB = 4096
 PAIR_RUNNING = re.compile(r"device running: queue pair (\d+), queue sizes \d+/\d+, "
                           r"bases \((\d+), (\d+)\)")  # fmt: skip
-PAIR_STOPPED = re.compile(r"device stopped: queue pair (\d+), bases \((\d+), (\d+)\)")
+PAIR_STOPPED = re.compile(r"queue pair (\d+) stopped: bases \((\d+), (\d+)\)")
 
 # Per-queue counters as ethtool -S names them (virtio_net's virtnet_rq/sq_stats_desc).
 GUEST_LIB = r"""

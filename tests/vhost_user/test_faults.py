@@ -9,6 +9,7 @@ with the reason and exit status 1, and the device goes on to serve the next one.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -44,6 +45,10 @@ def test_the_driver_names_every_data_lie_and_counts_what_the_device_injected(
     assert run.stats["pages_outstanding"] == 0
 
 
+# The default queue size 256, and one entry more: an extra used entry on a full ring.
+OVERFLOWED = r"device fault idx_jump: vq {vq}: used idx \d+ is 257 ahead of last_used_idx"
+
+
 @pytest.mark.parametrize(
     ("spec", "kind", "vq"),
     [
@@ -63,10 +68,16 @@ def test_an_impossible_ring_ends_the_session_with_the_reason(
     argv = driver_argv(dev.socket_path, "gen:1000", json_path, seconds=5.0)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=5.0 + DRIVER_SLACK)
     assert done.returncode == 1, done.stderr
-    assert f"device fault {kind}: vq {vq}:" in done.stderr
+    seen = kind
+    if kind in ("bad_id", "dup_id") and re.search(OVERFLOWED.format(vq=vq), done.stderr):
+        # The lie's extra used entry landed on a full ring the driver had not reaped
+        # yet (the device ran ahead on a loaded machine): what the driver sees first
+        # is then the used index a queue and one ahead, and it names that.
+        seen = "idx_jump"
+    assert f"device fault {seen}: vq {vq}:" in done.stderr
     assert "the session ended" in done.stderr, done.stderr
     met = json.loads(json_path.read_text())["driver_stats"]
-    assert met[f"fault_{kind}"] == 1 and met["pages_outstanding"] == 0, met
+    assert met[f"fault_{seen}"] == 1 and met["pages_outstanding"] == 0, met
     # the device is alive and serves the next front-end (the plan's one fault is spent)
     again = run_driver(tmp_path, dev, "gen:1000", seconds=1.0, name="after")
     assert again.stats["tx_packets"] > 0 and again.stats["rx_packets"] > 0

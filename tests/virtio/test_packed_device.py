@@ -94,48 +94,6 @@ def test_queue_sizes_that_are_not_powers_of_two_wrap_at_their_size(num):
         assert (dev.used_pos, dev.used_wrap) == (dev.last_avail, dev.avail_wrap)
 
 
-class _WriteOrder:
-    """The descriptor table as a list that remembers which words were stored, in order."""
-
-    def __init__(self, words) -> None:
-        self.words = words
-        self.stored: list[int] = []
-
-    def __getitem__(self, i):
-        return self.words[i]
-
-    def __setitem__(self, i, value) -> None:
-        self.stored.append(i)
-        self.words[i] = value
-
-    def __len__(self) -> int:
-        return len(self.words)
-
-
-@pytest.mark.parametrize("start", [(0, 1), (3, 1)], ids=["in-lap", "wrapping"])
-def test_a_flush_writes_the_first_used_descriptor_last(start):
-    # A mergeable packet is one used entry per buffer; the driver must never see its head
-    # before the rest (Linux: "rx error: N buffers out of M missing", packet dropped).
-    q = MockPackedQueue(5, start=start)
-    dev = q.device()
-    for bid in range(4):
-        q.post([(q.data(bid), 4, WRITE)], bid=bid)
-    chains = dev.pop_burst(4)
-    for chain in chains:
-        dev.push_used(chain.head, 4)
-    order = _WriteOrder(dev._desc)
-    dev._desc = order
-    dev.flush_used()
-    first = start[0]
-    slots = [(first + k) % 5 for k in range(4)]
-    assert order.stored == [2 * s + 1 for s in slots[1:]] + [2 * first + 1]
-    for k, s in enumerate(slots):
-        used = q.read_desc(s)
-        assert used.id == k and used.len == 4
-        wrap = start[1] if first + k < 5 else start[1] ^ 1
-        assert used.flags == used_flags(wrap) | WRITE
-
-
 def test_a_chain_may_wrap_round_the_end_of_the_ring():
     q = MockPackedQueue(5, start=(3, 1))
     dev = q.device()
@@ -475,6 +433,37 @@ def test_used_descriptors_are_batched_until_flush_and_skip_each_chains_slots():
     # b took one slot, so a's used descriptor goes in slot 1; then 3 slots skipped.
     assert (d1.id, d1.len, d1.flags) == (6, 0, used_flags(1))
     assert dev.used_pos == 4
+
+
+class RecordingDesc:
+    """The descriptor ring's u64 view, recording the order of the stores."""
+
+    def __init__(self, view) -> None:
+        self.view = view
+        self.stores: list[int] = []
+
+    def __getitem__(self, i):
+        return self.view[i]
+
+    def __setitem__(self, i, value) -> None:
+        self.stores.append(i)
+        self.view[i] = value
+
+
+def test_a_flushed_batch_becomes_visible_with_its_first_descriptor_stored_last():
+    """A driver reads used descriptors in order: storing the batch's first one last means
+    it sees a mergeable packet's buffers all at once, never the head alone."""
+    q = MockPackedQueue(8)
+    dev = q.device()
+    for bid in range(4):
+        q.post([(q.data(bid), 8, WRITE)], bid=bid)
+    chains = [dev.pop() for _ in range(4)]
+    dev.push_used_burst([(c.head, 8) for c in chains])
+    rec = dev._desc = RecordingDesc(dev._desc)
+    dev.flush_used()
+    flag_words = [i for i in rec.stores if i % 2]  # the len|id|flags word of each slot
+    assert flag_words == [3, 5, 7, 1]
+    assert all(q.is_used(slot, 1) for slot in range(4))
 
 
 def test_a_device_picks_up_at_the_base_it_is_given_on_reconnect():

@@ -5,8 +5,10 @@ line saying what the back-end did -- or raises ``CaseFailure`` (what it did wron
 ``CaseSkipped`` (it does not offer what the case needs). The runner then checks, after
 every case, that the back-end still serves a normal session.
 
-conformance cases need a back-end that echoes tx frames to rx unchanged: ``virtnet
-device --backend loopback``, DPDK testpmd ``--forward-mode=io`` on a single port.
+conformance cases need a back-end that echoes tx frames to rx unchanged, each queue pair
+to itself: ``virtnet device --backend loopback --queues 2``, DPDK testpmd
+``--forward-mode=io --rxq=2 --txq=2`` on a single port with ``queues=2``. The multiqueue
+cases (``mq-*``) are skipped unless the back-end has PROTOCOL_F_MQ and two queue pairs.
 robustness cases need nothing from the back-end but to survive them: each one is
 something a hostile or broken front-end sends, and what the back-end answers is
 reported; they fail only where the spec leaves no choice (a REPLY_ACK success for a
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from virtnet.conform.guest import (
+    DATA,
     QUEUE_SIZE,
     SLOT,
     Guest,
@@ -69,9 +72,10 @@ NEED_REPLY = VHOST_USER_VERSION | VHOST_USER_NEED_REPLY_MASK
 MRG = bit(VirtioNetF.MRG_RXBUF)
 INDIRECT = bit(VirtioF.RING_INDIRECT_DESC)
 QUIET = 0.5  # "nothing happens": how long a disabled or stopped ring is watched
-
-# The standard layout in one 4 MiB region: rx ring, tx ring, an indirect area, frame slots.
-RX_RING, TX_RING, INDIRECT_AREA, DATA, DATA_SIZE = 0x0, 0x4000, 0x8000, 0x10000, 1 << 20
+# Multiqueue as QEMU negotiates it: VIRTIO_NET_F_MQ needs CTRL_VQ (VIRTIO 1.2 5.1.3.1); the
+# control queue stays the front-end's (vhost-user carries data rings only).
+MQ_FEATURES = bit(VirtioNetF.MQ) | bit(VirtioNetF.CTRL_VQ)
+MQ_PROTOCOL = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.MQ)
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,7 @@ class Context:
         s.negotiate(want, require=require)
         g = self.guest()
         g.set_mem_table(s)
-        indirect = INDIRECT_AREA if s.features & INDIRECT else None
-        rings = Rings(g, (RX_RING, TX_RING), DATA, DATA_SIZE, indirect_gpa=indirect)
+        rings = Rings.for_pair(g, 0, indirect=bool(s.features & INDIRECT))
         rings.setup(s)
         rings.post_rx(rx_count, rx_size)
         return s, rings
@@ -331,7 +334,7 @@ def vring_enable(ctx: Context) -> str:
     mrg = s.has(VirtioNetF.MRG_RXBUF)
     g = ctx.guest()
     g.set_mem_table(s)
-    rings = Rings(g, (RX_RING, TX_RING), DATA, DATA_SIZE)
+    rings = Rings.for_pair(g)
     rings.setup(s, enable=False)
     rings.post_rx(QUEUE_SIZE)
     rings.send(frames(0, [64, 64]))
@@ -350,6 +353,88 @@ def vring_enable(ctx: Context) -> str:
     late = receive_seqs(rings, frames(30, [64, 64]), mrg)
     return (f"disabled: no rx; enabled: echo ({early} frames sent while disabled came back); "
             f"rx off/on: {late} held frames delivered after")  # fmt: skip
+
+
+def queue_pairs(s: Session) -> int:
+    """GET_QUEUE_NUM when PROTOCOL_F_MQ was negotiated; one pair without it."""
+    return s.get_u64(R.GET_QUEUE_NUM) if s.has_protocol(ProtocolFeature.MQ) else 1
+
+
+def mq_guest(ctx: Context, want: int) -> tuple[Session, Guest, int]:
+    """A session with MQ negotiated and memory mapped, no ring set up: (session, guest,
+    queue pairs). Skipped unless the back-end has at least two pairs."""
+    s = ctx.session()
+    s.negotiate(want | MQ_FEATURES, protocol=MQ_PROTOCOL)
+    if not s.has_protocol(ProtocolFeature.MQ):
+        raise CaseSkipped("PROTOCOL_F_MQ not offered: one queue pair")
+    pairs = s.get_u64(R.GET_QUEUE_NUM)
+    if pairs < 2:
+        raise CaseSkipped(f"GET_QUEUE_NUM {pairs}: fewer than 2 queue pairs")
+    g = ctx.guest()
+    g.set_mem_table(s)
+    return s, g, pairs
+
+
+def strays(pairs: list[Rings], p: int) -> str:
+    """What arrived on the rx rings of the pairs other than ``p`` ("" if nothing)."""
+    out = []
+    for q, other in enumerate(pairs):
+        if q != p and (n := other.rx_used_within(0.05)):
+            out.append(f"; {n} rx buffers of pair {q} were used")
+    return "".join(out)
+
+
+def echo_on(pairs: list[Rings], p: int, sent: list[bytes], mergeable: bool) -> None:
+    """Echo on pair ``p``: a loopback answers each frame on the pair it came from (5.1.6.5.5
+    steers a flow's rx to the pair its tx used), so no other pair's rx may see a buffer used."""
+    try:
+        echo(pairs[p], sent, mergeable=mergeable)
+    except CaseFailure as e:
+        raise CaseFailure(f"pair {p}: {e}{strays(pairs, p)}") from None
+    if stray := strays(pairs, p):
+        raise CaseFailure(f"pair {p}: frames sent there echoed{stray}")
+
+
+@case("mq-pairs", "conformance",
+      "PROTOCOL_F_MQ with GET_QUEUE_NUM >= 2: pairs 0 and 1 (vrings 0..3, each its own rings "
+      "and buffers) echo each frame on the pair it was sent on; SET_VRING_ENABLE 0 on vrings "
+      "2 and 3: pair 0 still echoes, pair 1 uses no rx buffer; 1 again: pair 1 echoes again "
+      "(frames it held may come first)",
+      "vhost-user.rst Multiple queue support, Ring states, SET_VRING_ENABLE; VIRTIO 1.2 "
+      "5.1.6.5.5 (receive steering in multiqueue mode)")  # fmt: skip
+def mq_pairs(ctx: Context) -> str:
+    s, g, n = mq_guest(ctx, BASE_FEATURES | MRG)
+    mrg = s.has(VirtioNetF.MRG_RXBUF)
+    pairs = [Rings.for_pair(g, p) for p in range(2)]
+    for rings in pairs:
+        rings.setup(s)
+        rings.post_rx(QUEUE_SIZE)
+    for p in range(2):
+        try:
+            echo_on(pairs, p, frames(100 * p, [64, 1514, 300]), mrg)
+        except CaseFailure as e:  # a back-end that offers more pairs than it serves
+            raise CaseFailure(f"{e} (GET_QUEUE_NUM said {n} queue pairs)") from None
+    pairs[1].enable(s, False)
+    pairs[1].send(frames(120, [64, 64]))
+    if used := pairs[1].rx_used_within(QUIET):
+        raise CaseFailure(f"pair 1: {used} rx buffers used after SET_VRING_ENABLE 0 on "
+                          "vrings 2 and 3")  # fmt: skip
+    echo_on(pairs, 0, frames(10, [64, 1000]), mrg)
+    # vhost-user.rst: a disabled ring "must process and discard any TX packets"; holding
+    # them until re-enabled (Linux vhost-net's and DPDK's way) is reported, not failed.
+    discarded = pairs[1].tx_used_within(0.05)
+    pairs[1].enable(s, True)
+    again = frames(130, [64, 1514])
+    pairs[1].send(again)
+    try:
+        held = receive_seqs(pairs[1], again, mrg)
+    except CaseFailure as e:
+        raise CaseFailure(f"pair 1 after SET_VRING_ENABLE 1: {e}") from None
+    echo_on(pairs, 0, frames(20, [64]), mrg)
+    tx = ("its 2 tx frames discarded" if discarded == 2
+          else f"{discarded} of its 2 tx frames used" if discarded else "its tx frames held")
+    return (f"{n} queue pairs; pairs 0 and 1 echo on their own rings; pair 1 disabled: no rx, "
+            f"{tx}, pair 0 echoes; re-enabled: echo ({held} held frames came first)")
 
 
 # -- robustness: framing ---------------------------------------------------------------
@@ -372,8 +457,8 @@ def refused(s: Session, request: R, what: str) -> str:
     return "closed the connection"
 
 
-def need_reply_ack(s: Session) -> None:
-    s.negotiate()
+def need_reply_ack(s: Session, protocol: int = bit(ProtocolFeature.REPLY_ACK)) -> None:
+    s.negotiate(protocol=protocol)
     if not s.has_protocol(ProtocolFeature.REPLY_ACK):
         raise CaseSkipped("REPLY_ACK not offered: the refusal cannot be seen")
 
@@ -502,17 +587,19 @@ def _raw_outcome(s: Session) -> str:
 
 @case("vring-index-out-of-range", "robustness",
       "SET_VRING_NUM / SET_VRING_ENABLE / SET_VRING_CALL for the first vring past the "
-      "back-end's queue pairs (2 x GET_QUEUE_NUM; NEED_REPLY): must be refused",
-      "vhost-user.rst (vring index < 2 x queue pairs)")  # fmt: skip
+      "back-end's queue pairs (2 x GET_QUEUE_NUM, PROTOCOL_F_MQ negotiated when offered; "
+      "NEED_REPLY): must be refused",
+      "vhost-user.rst Multiple queue support (vring index < 2 x queue pairs)")  # fmt: skip
 def vring_index_out_of_range(ctx: Context) -> str:
     out = []
     bad = None
     for request in (R.SET_VRING_NUM, R.SET_VRING_ENABLE, R.SET_VRING_CALL):
         s = ctx.session()
-        need_reply_ack(s)
-        if bad is None:  # two vrings per queue pair the back-end has (MQ: GET_QUEUE_NUM)
-            pairs = s.get_u64(R.GET_QUEUE_NUM) if s.has_protocol(ProtocolFeature.MQ) else 1
+        need_reply_ack(s, MQ_PROTOCOL)
+        if bad is None:  # two vrings per queue pair the back-end has
+            pairs = queue_pairs(s)
             bad = 2 * max(pairs, 1)
+            out.append(f"vring {bad} ({pairs} queue pair{'s' if pairs > 1 else ''})")
         if request is R.SET_VRING_CALL:
             if bad > VHOST_USER_VRING_IDX_MASK:
                 out.append(f"SET_VRING_CALL: vring {bad} not expressible (8-bit index)")
@@ -525,6 +612,39 @@ def vring_index_out_of_range(ctx: Context) -> str:
         out.append(f"{request.name}: {refused(s, request, f'{request.name} for vring {bad}')}")
         s.close()
     return "; ".join(out)
+
+
+@case("mq-enable-unset-ring", "robustness",
+      "pair 0 running, SET_VRING_ENABLE 1 (NEED_REPLY) on vring 3, which never got a size, "
+      "address or kick: acked or refused, but the back-end stays up and pair 0 keeps "
+      "echoing (needs a loopback, as the conformance cases)",
+      "vhost-user.rst Multiple queue support, SET_VRING_ENABLE (vring 3 < 2 x "
+      "GET_QUEUE_NUM: a valid index)")  # fmt: skip
+def mq_enable_unset_ring(ctx: Context) -> str:
+    s, g, _ = mq_guest(ctx, BASE_FEATURES | MRG)
+    mrg = s.has(VirtioNetF.MRG_RXBUF)
+    rings = Rings.for_pair(g, 0)
+    rings.setup(s)
+    rings.post_rx(QUEUE_SIZE)
+    echo(rings, frames(0, [64, 1514]), mergeable=mrg)
+    unset = 2 * 1 + TX
+    ack = s.has_protocol(ProtocolFeature.REPLY_ACK)
+    s.send(R.SET_VRING_ENABLE, VringState(unset, 1), need_reply=ack)
+    said = "sent (no REPLY_ACK)"
+    if ack:
+        kind, msg = s.outcome(R.SET_VRING_ENABLE)
+        if kind == "silent":
+            raise CaseFailure(f"SET_VRING_ENABLE 1 on vring {unset}: no REPLY_ACK in 5s")
+        if kind == "closed":
+            raise CaseFailure(f"SET_VRING_ENABLE 1 on vring {unset} (a valid index): the "
+                              "back-end closed the connection, pair 0 with it")  # fmt: skip
+        said = f"REPLY_ACK {msg.payload.value if isinstance(msg.payload, U64) else '?'}"
+    try:
+        echo(rings, frames(10, [64, 1514, 300]), mergeable=mrg)
+    except CaseFailure as e:
+        raise CaseFailure(f"after SET_VRING_ENABLE 1 on vring {unset} ({said}): pair 0: "
+                          f"{e}") from None  # fmt: skip
+    return f"SET_VRING_ENABLE 1 on unset vring {unset}: {said}; pair 0 still echoes"
 
 
 @case("queue-size-not-power-of-2", "robustness",
@@ -580,7 +700,7 @@ def hostile_tx(ctx: Context, write: Callable[[RawRing, Guest], list[int]],
     s.negotiate(want)
     g = ctx.guest()
     g.set_mem_table(s)
-    rings = Rings(g, (RX_RING, TX_RING), DATA, DATA_SIZE)
+    rings = Rings.for_pair(g)
     rings.setup(s)
     raw = RawRing(g, rings.addrs[TX])
     heads = write(raw, g)

@@ -1,5 +1,5 @@
-"""The guest side ``virtnet conform`` builds: memfd regions (several, with offsets), a
-queue pair of split rings in them (virtnet's ``SplitQueueDriver``), frames in and out,
+"""The guest side ``virtnet conform`` builds: memfd regions (several, with offsets),
+queue pairs of split rings in them (virtnet's ``SplitQueueDriver``), frames in and out,
 and a raw view of a ring for the cases that write what no driver would.
 """
 
@@ -42,6 +42,11 @@ ETHERTYPE = 0x88B5  # IEEE local experimental: nobody else's traffic
 DST_MAC = bytes.fromhex("020000c0f001")
 SRC_MAC = bytes.fromhex("020000c0f002")
 WAIT = 5.0  # for the back-end to use what we posted
+
+# The standard layout of one queue pair: rx ring, tx ring, an indirect area, frame slots,
+# as offsets from the pair's base; pair p sits at p * PAIR_SPAN, so pairs share no byte.
+RX_RING, TX_RING, INDIRECT_AREA, DATA, DATA_SIZE = 0x0, 0x4000, 0x8000, 0x10000, 1 << 20
+PAIR_SPAN = DATA + DATA_SIZE
 
 DESC = struct.Struct("<QIHH")
 LE16 = struct.Struct("<H")
@@ -124,13 +129,16 @@ class Packet:
 
 
 class Rings:
-    """rx and tx split rings at ``ring_gpas``, frame buffers from ``data_gpa`` on."""
+    """Queue pair ``pair``: its rx and tx split rings (vrings 2p and 2p + 1, vhost-user.rst
+    "Multiple queue support") at ``ring_gpas``, frame buffers from ``data_gpa`` on."""
 
     def __init__(self, guest: Guest, ring_gpas: tuple[int, int], data_gpa: int,
                  data_size: int, *, indirect_gpa: int | None = None,
-                 num: int = QUEUE_SIZE) -> None:  # fmt: skip
+                 num: int = QUEUE_SIZE, pair: int = 0) -> None:  # fmt: skip
         self.guest = guest
         self.num = num
+        self.pair = pair
+        self.index = (2 * pair + RX, 2 * pair + TX)  # the vring index of rx and of tx
         self.addrs = [VringAddrs.contiguous(g, num) for g in ring_gpas]
         self.vqs = []
         for q, addrs in enumerate(self.addrs):
@@ -140,10 +148,18 @@ class Rings:
                 view = guest.memory.view(indirect_gpa, size)
                 indirect = IndirectArea(indirect_gpa, view, num, 8)
             views = VringViews.from_memory(guest.memory, addrs)
-            self.vqs.append(SplitQueueDriver(views, indirect=indirect, index=q))
+            self.vqs.append(SplitQueueDriver(views, indirect=indirect, index=self.index[q]))
         self.free = [data_gpa + i * SLOT for i in range(data_size // SLOT)]
         self.kick: list[int] = []
         self.call: list[int] = []
+
+    @classmethod
+    def for_pair(cls, guest: Guest, pair: int = 0, *, indirect: bool = False) -> Rings:
+        """Pair ``pair`` in the standard layout (its own rings and buffers)."""
+        base = pair * PAIR_SPAN
+        return cls(guest, (base + RX_RING, base + TX_RING), base + DATA, DATA_SIZE,
+                   indirect_gpa=base + INDIRECT_AREA if indirect else None,
+                   pair=pair)  # fmt: skip
 
     # -- set-up ------------------------------------------------------------------
 
@@ -154,22 +170,29 @@ class Rings:
             self.kick = [session.eventfd() for _ in range(2)]
             self.call = [session.eventfd() for _ in range(2)]
         for q, a in enumerate(self.addrs):
-            session.must_ack(R.SET_VRING_NUM, VringState(q, self.num))
-            session.must_ack(R.SET_VRING_BASE, VringState(q, bases[q]))
+            i = self.index[q]
+            session.must_ack(R.SET_VRING_NUM, VringState(i, self.num))
+            session.must_ack(R.SET_VRING_BASE, VringState(i, bases[q]))
             uva = self.guest.uva
-            addr = VringAddr(q, 0, uva(a.desc), uva(a.used), uva(a.avail), 0)
+            addr = VringAddr(i, 0, uva(a.desc), uva(a.used), uva(a.avail), 0)
             session.must_ack(R.SET_VRING_ADDR, addr)
-            session.must_ack(R.SET_VRING_KICK, U64(q), [self.kick[q]])
-            session.must_ack(R.SET_VRING_CALL, U64(q), [self.call[q]])
+            session.must_ack(R.SET_VRING_KICK, U64(i), [self.kick[q]])
+            session.must_ack(R.SET_VRING_CALL, U64(i), [self.call[q]])
         if enable and session.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
-            for q in range(2):
-                session.must_ack(R.SET_VRING_ENABLE, VringState(q, 1))
+            self.enable(session, True)
+
+    def enable(self, session: Session, on: bool) -> None:
+        """SET_VRING_ENABLE ``on`` for both rings of the pair (as QEMU: rx first)."""
+        for i in self.index:
+            session.must_ack(R.SET_VRING_ENABLE, VringState(i, int(on)))
 
     def vring_base(self, session: Session, q: int) -> int:
-        session.send(R.GET_VRING_BASE, VringState(q, 0))
+        """GET_VRING_BASE of this pair's ring ``q`` (RX or TX)."""
+        i = self.index[q]
+        session.send(R.GET_VRING_BASE, VringState(i, 0))
         msg = session.reply(R.GET_VRING_BASE)
-        if msg.payload.index != q:
-            raise CaseFailure(f"GET_VRING_BASE {q}: reply names vring {msg.payload.index}")
+        if msg.payload.index != i:
+            raise CaseFailure(f"GET_VRING_BASE {i}: reply names vring {msg.payload.index}")
         return msg.payload.num
 
     # -- traffic -----------------------------------------------------------------

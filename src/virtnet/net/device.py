@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from virtnet.net.constants import ETH_DATA_LEN, ETH_HLEN, MAX_GSO_FRAME, VLAN_HLEN
+from virtnet.net.features import VirtioNetF
 from virtnet.net.header import MRG_HDR_LEN, NUM_BUFFERS, NUM_BUFFERS_OFFSET
 from virtnet.net.stats import Stats, device_stats
 from virtnet.virtio.errors import AvailIndexError, DescriptorError
@@ -20,6 +21,7 @@ from virtnet.virtio.ring.packed import PackedQueueDevice
 from virtnet.virtio.ring.split import Chain, SplitQueueDevice
 
 ZERO_HDR = bytes(MRG_HDR_LEN)
+FILTER_PEEK = 18  # what a receive filter reads: the MACs, a VLAN tag's TCI
 ONE_BUFFER = NUM_BUFFERS.pack(1)
 # Chains taken off the rx ring per pop: enough for a 64 KiB frame in 4 KiB
 # buffers, or a NAPI budget of small frames, for one avail-index read.
@@ -54,6 +56,21 @@ def scatter(srcs: Sequence, dsts: Sequence[memoryview]) -> int:
     return total
 
 
+def gather(views: Sequence, offset: int, length: int) -> bytes:
+    """``length`` bytes from ``offset`` of the concatenation of ``views`` (any layout)."""
+    out = bytearray()
+    for view in views:
+        n = len(view)
+        if offset >= n:
+            offset -= n
+            continue
+        out += view[offset : offset + length - len(out)]
+        offset = 0
+        if len(out) == length:
+            break
+    return bytes(out)
+
+
 def _copy_into(srcs: Sequence, dst: memoryview) -> int:
     """The one-destination case (every frame that fits a page): plain appends."""
     off = 0
@@ -85,6 +102,7 @@ class VirtnetDevice:
         self.rxq = rxq
         self.guest_gso = guest_gso
         # The largest frame a source may hand us for the guest (receive_from's room).
+        self.mtu = mtu
         self.max_frame = MAX_GSO_FRAME if guest_gso else ETH_HLEN + VLAN_HLEN + mtu
         self.txq = txq
         self.mergeable = mergeable
@@ -98,6 +116,9 @@ class VirtnetDevice:
         # virtio-net header first, and its length including the header.
         self.capture: Callable[[Sequence[memoryview], int], None] | None = None
         self.rx_starved = False
+        # The control queue's receive filter (CTRL_RX / CTRL_MAC: QEMU receive_filter):
+        # called with a frame's first bytes; None while promiscuous, the cheap default.
+        self.rx_filter: Callable[[bytes], bool] | None = None
         self._bounce: memoryview | None = None
         self._pending: bytes | None = None  # a frame read but not yet delivered
         self.rx_broken = False
@@ -237,6 +258,9 @@ class VirtnetDevice:
         for v in frame:
             frame_len += len(v)
         need = self.hdr_len + frame_len
+        if self.rx_filter is not None and not self.rx_filter(gather(frame, 0, FILTER_PEEK)):
+            self.stats.rx_filtered += 1
+            return True  # taken, as a NIC takes a frame its filter drops
         if hdr[1] and not self.guest_gso:
             # A GSO frame the guest did not negotiate (5.1.6.2: the device MUST NOT
             # send a gso_type the guest has no GUEST_* bit for).
@@ -311,6 +335,11 @@ class VirtnetDevice:
         if n > room:
             self._spilled(views, n)
             return n
+        if self.rx_filter is not None and not self.rx_filter(
+            gather(views, self.hdr_len, FILTER_PEEK)
+        ):
+            self.stats.rx_filtered += 1
+            return n  # the buffers stay posted: the next read overwrites them
         chains = self._take(n)
         self._set_num_buffers(chains, len(chains))
         self._complete_rx(chains, n)
@@ -366,6 +395,13 @@ class VirtnetDevice:
             self.stats.rx_notifies += 1
             return True
         return False
+
+    def set_guest_offloads(self, offloads: int) -> None:
+        """CTRL_GUEST_OFFLOADS_SET: the GUEST_* offloads the guest takes now (feature
+        bits); without GUEST_TSO4/6 the device sends it no GSO frame (5.1.6.2)."""
+        self.guest_gso = any(offloads >> f & 1 for f in (VirtioNetF.GUEST_TSO4,
+                                                          VirtioNetF.GUEST_TSO6))  # fmt: skip
+        self.max_frame = MAX_GSO_FRAME if self.guest_gso else ETH_HLEN + VLAN_HLEN + self.mtu
 
     # -- tx: guest → host ---------------------------------------------------
 

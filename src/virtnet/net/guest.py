@@ -183,3 +183,49 @@ def build_device(
         guest_gso=any(has(features, f) for f in (VirtioNetF.GUEST_TSO4, VirtioNetF.GUEST_TSO6)),
         mtu=mtu,
     )
+
+
+CVQ_SIZE = 64  # control queue entries (Linux sizes it as the device says; 64 is QEMU's)
+CTRL_BUF_SIZE = 4096  # virtnet_send_command's struct control_buf, a page
+
+
+@dataclass(frozen=True)
+class ControlArea:
+    """[control ring][control buffer] at ``base``: the control virtqueue (5.1.6.5)
+    and the driver's command buffer, after the queue pairs' areas."""
+
+    base: int
+    packed: bool = False
+
+    @property
+    def ring(self) -> VringAddrs | PackedAddrs:
+        return (PackedAddrs if self.packed else VringAddrs).contiguous(self.base, CVQ_SIZE)
+
+    @property
+    def buf(self) -> int:
+        return _page_align(self.ring.end)
+
+    @property
+    def size(self) -> int:
+        return self.buf + CTRL_BUF_SIZE - self.base
+
+
+def build_control(memory: GuestMemory, area: ControlArea, features: int, index: int,
+                  max_pairs: int):  # fmt: skip
+    """Both ends of a control queue in one process: the driver's ControlQueue and the
+    ControlDevice answering it, as DPDK's virtio_user shadows the control queue in
+    the front-end (no vhost-user back-end serves one)."""
+    from virtnet.net.ctrl import ControlDevice, ControlQueue
+
+    event_idx = has(features, VirtioF.RING_EVENT_IDX)
+    if area.packed:
+        drv_cls, dev_cls, views, base = (PackedQueueDriver, PackedQueueDevice, PackedViews,
+                                         FRESH_PACKED_BASE)  # fmt: skip
+    else:
+        drv_cls, dev_cls, views, base = SplitQueueDriver, SplitQueueDevice, VringViews, 0
+    ring = area.ring
+    vq = drv_cls(views.from_memory(memory, ring), event_idx=event_idx, index=index)
+    cvq = dev_cls(views.from_memory(memory, ring), memory, event_idx=event_idx,
+                  last_avail_idx=base, index=index)  # fmt: skip
+    ctrl = ControlQueue(vq, memory.view(area.buf, CTRL_BUF_SIZE), area.buf)
+    return ctrl, ControlDevice(cvq, features, max_pairs)

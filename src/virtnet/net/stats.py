@@ -51,6 +51,7 @@ DEVICE_STATS = (
     # ring could not take are dropped by the kernel, in the tap's tx_dropped.
     "rx_dropped",
     "rx_bufs",  # rx chains used
+    "rx_filtered",  # frames the control queue's receive filter kept from the guest
     "rx_num_buffers_max",  # largest num_buffers written (mergeable)
     "rx_notifies",  # interrupts the driver asked for (EVENT_IDX / flags)
     "rx_irqs",  # interrupts sent (call eventfd writes), after --coalesce moderation
@@ -61,6 +62,17 @@ DEVICE_STATS = (
     "tx_irqs",
     "desc_errors",  # chains refused by the ring's validation
     *FAULT_STATS,
+)
+
+# The control virtqueue (net/ctrl.py), either side: commands answered (device) or
+# posted (driver), those whose ack was not VIRTIO_NET_OK, chains refused unanswered
+# (no header, no ack byte, a bad descriptor) or used entries the driver refused,
+# and interrupts the driver asked for.
+CTRL_STATS = (
+    "ctrl_commands",
+    "ctrl_errors",
+    "ctrl_desc_errors",
+    "ctrl_notifies",
 )
 
 
@@ -85,3 +97,7 @@ def driver_stats() -> Stats:
 
 def device_stats() -> Stats:
     return Stats(DEVICE_STATS)
+
+
+def ctrl_stats() -> Stats:
+    return Stats(CTRL_STATS)

@@ -97,6 +97,9 @@ class Backend:
     def on_features(self, features: int) -> None:
         """The negotiated virtio features (a tap sets its offloads from them)."""
 
+    def on_guest_offloads(self, offloads: int) -> None:
+        """CTRL_GUEST_OFFLOADS_SET: the GUEST_* offloads the guest takes now."""
+
     def on_queue_enabled(self, enabled: bool) -> None:
         """The queue pair this back-end serves started or stopped (a multi-queue tap
         detaches a stopped pair's queue, as QEMU does, so the kernel steers its flows
@@ -233,6 +236,9 @@ class TapDevice(DeviceBackend):
 
         # Frames read from this tap go to the guest's rx queue: its GUEST_* offloads.
         self.tap.set_offload(offloads_for_guest_features(features))
+
+    def on_guest_offloads(self, offloads: int) -> None:
+        self.on_features(offloads)  # the same GUEST_* bits: TUNSETOFFLOAD again
 
     def on_queue_enabled(self, enabled: bool) -> None:
         if self.tap.multi_queue:

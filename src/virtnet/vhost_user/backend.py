@@ -33,6 +33,7 @@ from virtnet.net.features import (
     sanitize,
 )
 from virtnet.net.guest import build_device
+from virtnet.net.mq import per_queue_stats, sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.errors import VhostUserProtocolError
@@ -59,13 +60,13 @@ from virtnet.vhost_user.rings import RingError, RingSpec, ring_views
 from virtnet.vhost_user.runclock import RunClock
 from virtnet.vhost_user.worker import (
     IDLE_POLL,
+    WATCHDOG_EVERY,
+    WATCHDOG_TIMEOUT,
     PairLoop,
     WorkerDied,
     WorkerError,
     WorkerHandle,
-    per_queue_stats,
     spawn_worker,
-    sum_stats,
 )
 from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import VirtioF, bit
@@ -138,7 +139,6 @@ class BackendSession:
     devices: dict[int, VirtnetDevice] = field(default_factory=dict)  # in-process only
     running: set[int] = field(default_factory=set)  # the queue pairs started
     owner: bool = False
-    changed: bool = True  # the fds to poll changed
     faults: FaultPlan | None = None  # --faults: the device lies on purpose
 
     def __post_init__(self) -> None:
@@ -198,8 +198,8 @@ class BackendSession:
                 "or the modern interface (QEMU disable-modern=off)"
             )
         # The control queue is the front-end's (QEMU's virtio-net, DPDK virtio_user's shadow
-        # cvq), and DPDK leaves CTRL_VQ out of SET_FEATURES ("devices do not really need
-        # to know"): MQ acked without it is no orphan here.
+        # cvq), and both leave CTRL_VQ out of SET_FEATURES ("devices do not really need to
+        # know"): MQ acked without it is no orphan here.
         cvq = self.offered & bit(VirtioNetF.CTRL_VQ) & ~wanted
         problems = missing_requirements(wanted | cvq)
         if problems:
@@ -335,7 +335,6 @@ class BackendSession:
             base |= base << 16  # vhost-user.rst: bits 16-31 the used index and wrap counter
         vr.started = False
         vr.close_fds()
-        self.changed = True
         return reply(msg, VringState(st.index, base))
 
     def _set_vring_fd(self, msg: Message, attr: str) -> int:
@@ -350,7 +349,6 @@ class BackendSession:
             os.close(old)
         fd = -1 if u64.nofd or not msg.fds else msg.fds[0]
         setattr(vr, attr, fd)
-        self.changed = True
         pair = u64.vring_index // 2
         if attr != "err" and pair in self.running and self.runner is not None:
             self.runner.update_fds(pair, self._pair_fds(pair))  # QEMU re-sends calls live
@@ -419,7 +417,6 @@ class BackendSession:
                 self.faults.install(dev)
             self.devices[pair] = dev
         self.running.add(pair)
-        self.changed = True
         log.info("device running: queue pair %d, queue sizes %d/%d, bases %s",
                  pair, rx.num, tx.num, bases)  # fmt: skip
 
@@ -437,7 +434,6 @@ class BackendSession:
         if pair not in self.running:
             return
         self.running.discard(pair)
-        self.changed = True
         if self.runner is not None:
             bases = self.runner.stop(pair)
         else:
@@ -446,13 +442,12 @@ class BackendSession:
             bases = dev.last_avail_idx
         if bases is not None:
             self.vrings[2 * pair].base, self.vrings[2 * pair + 1].base = bases
-        log.info("device stopped: queue pair %d, bases %s", pair, bases)
+        log.info("queue pair %d stopped: bases %s", pair, bases)
 
     def pair_lost(self, pair: int) -> None:
         """The pair's worker died: its rings are not running, and nothing can say where
         they stopped."""
         self.running.discard(pair)
-        self.changed = True
 
     def _stop_device(self) -> None:
         for pair in sorted(self.running):
@@ -464,7 +459,6 @@ class BackendSession:
             vr.close_fds()
         self.vrings = [Vring() for _ in range(2 * self.queues)]
         self.features = 0
-        self.changed = True
 
     def close(self) -> None:
         self.reset()
@@ -563,9 +557,6 @@ class DeviceServer:
         for w in self.workers:
             w.close()
 
-    def _worker(self, pair: int) -> WorkerHandle:
-        return self.workers[pair]
-
     # PairRunner: what the session asks of the workers.
 
     def set_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
@@ -597,9 +588,9 @@ class DeviceServer:
     def _worker_died(self, e: WorkerDied) -> None:
         """Name it, fail the session (its rings' state died with it), start a fresh one."""
         w = self.workers[e.pair]
-        w.reap(block=True)
+        w.kill()  # reaps it; kills it first if it only stopped answering
         self.worker_deaths += 1
-        log.error("%s", WorkerDied(e.pair, w.describe()))
+        log.error("%s", e)
         self.lost.append(w.last_stats)
         try:
             self._ep.unregister(w.pidfd)
@@ -738,6 +729,7 @@ class DeviceServer:
 
     def _loop(self, clock: RunClock) -> None:
         pidfds = {w.pidfd for w in self.workers}
+        next_check = time.monotonic() + WATCHDOG_EVERY
         while clock.running():
             for fd, _ev in self._ep.poll(IDLE_POLL):
                 if fd == self.listener.fileno():
@@ -747,6 +739,20 @@ class DeviceServer:
                 elif fd in pidfds:
                     self._on_worker_exit(fd)
                 pidfds = {w.pidfd for w in self.workers}
+            if time.monotonic() >= next_check:
+                self._watchdog()
+                pidfds = {w.pidfd for w in self.workers}
+                next_check = time.monotonic() + WATCHDOG_EVERY
+
+    def _watchdog(self) -> None:
+        """Every worker must answer: one that hangs (stopped, stuck) would stall its
+        pair silently, so it is killed, named, and its session failed. The answers
+        keep each worker's last counters fresh, should it die later."""
+        for w in list(self.workers):
+            try:
+                w.last_stats = w.call("stats", timeout=WATCHDOG_TIMEOUT)
+            except WorkerDied as e:
+                self._worker_died(e)
 
     def _stop_workers(self) -> list[dict]:
         final = []

@@ -18,6 +18,8 @@ import socket
 import time
 from dataclasses import replace
 
+from virtnet.net.constants import PAGE_SIZE
+from virtnet.net.ctrl import CTRL_MQ, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
 from virtnet.net.driver import VirtnetDriver
 from virtnet.net.features import (
     OFFERED,
@@ -27,7 +29,16 @@ from virtnet.net.features import (
     names,
     negotiate,
 )
-from virtnet.net.guest import FRESH_PACKED_BASE, RX, TX, GuestLayout, build_driver
+from virtnet.net.guest import (
+    FRESH_PACKED_BASE,
+    RX,
+    TX,
+    ControlArea,
+    GuestLayout,
+    build_control,
+    build_driver,
+)
+from virtnet.net.mq import per_queue_stats, sum_stats
 from virtnet.ports.backends import DriverBackend, LoopbackDriver
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.errors import VhostUserProtocolError
@@ -50,13 +61,13 @@ from virtnet.vhost_user.messages import (
 from virtnet.vhost_user.runclock import RunClock
 from virtnet.vhost_user.worker import (
     RPC_TIMEOUT,
+    WATCHDOG_EVERY,
+    WATCHDOG_TIMEOUT,
     WorkerDied,
     WorkerHandle,
-    per_queue_stats,
     recv_msg,
     send_msg,
     spawn_worker,
-    sum_stats,
 )
 from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.memory import GuestMemory, MemoryRegion
@@ -337,12 +348,19 @@ class DriverClient:
         connect_timeout: float = 10.0,
         printer=None,
         busy_poll_us: int = 0,
+        combined: int | None = None,
     ) -> None:
         self.busy_poll = busy_poll_us / 1e6
         self.socket_path = socket_path
         self.backends = backends if isinstance(backends, list) else [backends]
         self.backend = self.backends[0]
         self.queues = len(self.backends)
+        self.combined = self.queues if combined is None else combined
+        if not 1 <= self.combined <= self.queues:
+            raise FrontendError(f"--combined {combined}: 1..{self.queues} (--queues) pairs")
+        self.active = self.queues  # pairs enabled (VQ_PAIRS_SET)
+        self.ctrl = None  # the control queue (ControlQueue), shadowed here: see setup()
+        self.ctrl_dev = None
         self.strategy = strategy
         self.queue_size = queue_size
         self.wanted = wanted
@@ -355,7 +373,10 @@ class DriverClient:
         pow2 = queue_size > 0 and not queue_size & (queue_size - 1)
         self.layout = GuestLayout(queue_size, GuestLayout.pages_for(queue_size), packed=not pow2)
         self.channel = Channel(self._connect(connect_timeout), replies=True)
-        self.guest = GuestMemfd(self.layout.size * self.queues)
+        size = self.layout.size * self.queues
+        if self.queues > 1:
+            size += ControlArea(size).size + PAGE_SIZE  # its ring may be packed: same room
+        self.guest = GuestMemfd(size)
         nrings = 2 * self.queues
         self.kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nrings)]
         self.call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nrings)]
@@ -471,6 +492,36 @@ class DriverClient:
         for pair in self.pairs:
             if pair.drv.try_fill_recv():
                 pair._kick(RX)
+        if self.features & bit(VirtioNetF.CTRL_VQ):
+            self._setup_control()
+
+    def _setup_control(self) -> None:
+        """The control queue, answered here as DPDK's virtio_user does (a vhost-user
+        back-end serves data queues only): VQ_PAIRS_SET becomes SET_VRING_ENABLE of
+        the pairs past the count. Linux's probe sends it (virtnet_set_queues)."""
+        area = ControlArea(self.layout.size * self.queues,
+                           packed=bool(self.features & bit(VirtioF.RING_PACKED)))  # fmt: skip
+        self.ctrl, self.ctrl_dev = build_control(self.guest.memory, area, self.features,
+                                                 2 * self.queues, self.queues)  # fmt: skip
+        self.ctrl_dev.on_queue_pairs = self._vq_pairs_set
+        if self.features & bit(VirtioNetF.MQ) and not self.set_queues(self.combined):
+            why = self.ctrl.last_error or "refused"
+            raise FrontendError(f"VQ_PAIRS_SET {self.combined}: {why}")
+
+    def set_queues(self, pairs: int) -> bool:
+        """virtnet_set_queues: the pairs in use, through the control queue."""
+        return self.ctrl.send_command(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                                      CTRL_MQ.pack(pairs), run=self._ctrl_turn)  # fmt: skip
+
+    def _ctrl_turn(self, kick: bool) -> None:
+        self.ctrl_dev.process()
+        self.ctrl_dev.flush()
+
+    def _vq_pairs_set(self, pairs: int) -> None:
+        for q in range(2 * self.queues):
+            self._send(Req.SET_VRING_ENABLE, VringState(q, int(q // 2 < pairs)), ack=True)
+        self.active = pairs
+        log.info("queue pairs in use: %d of %d", pairs, self.queues)
 
     def _check_queues(self, offered: int, pairs: int) -> None:
         if self.queues == 1:
@@ -523,7 +574,7 @@ class DriverClient:
 
     def _run_workers(self, clock: RunClock) -> None:
         """One worker process per pair; here, the session and the workers' health."""
-        for pair in self.pairs:
+        for pair in self.pairs[: self.active]:
             self.workers.append(spawn_worker(pair.pair, lambda pair=pair: PairWorker(pair),
                                              self._close_in_worker))  # fmt: skip
         ep = select.epoll()
@@ -532,14 +583,27 @@ class DriverClient:
             for w in self.workers:
                 ep.register(w.pidfd, select.EPOLLIN)
                 ep.register(w.sock.fileno(), select.EPOLLIN)
+            next_check = time.monotonic() + WATCHDOG_EVERY
             while clock.running() and not self.peer_gone and not self.broken:
                 for fd, _ in ep.poll(IDLE_TIMEOUT):
                     if fd == self.channel.fileno():
                         self._on_socket()
                     else:
                         self._on_worker(fd)
+                if time.monotonic() >= next_check and not self.broken:
+                    self._watchdog()  # a hung worker would stall its pair silently
+                    next_check = time.monotonic() + WATCHDOG_EVERY
         finally:
             ep.close()
+
+    def _watchdog(self) -> None:
+        for w in self.workers:
+            try:
+                w.last_stats = w.call("stats", timeout=WATCHDOG_TIMEOUT)
+            except WorkerDied as e:
+                self.broken = str(e)
+                log.error("%s", e)
+                return
 
     def _on_worker(self, fd: int) -> None:
         for w in self.workers:
@@ -574,15 +638,13 @@ class DriverClient:
     def _pair_stats(self) -> list[dict]:
         if self._final:
             return self._final
-        if not self.workers:
-            return [p.stats() for p in self.pairs]
-        out = []
+        out = [p.stats() for p in self.pairs]  # pairs not in use: here, as set up
         for w in self.workers:
             try:
                 w.last_stats = w.call("stats")
             except WorkerDied:
                 pass  # the run loop names it
-            out.append(w.last_stats)
+            out[w.pair] = w.last_stats
         return out
 
     def stats(self) -> dict:
@@ -642,6 +704,8 @@ class DriverClient:
         if not self.peer_gone:
             self._stop_rings()
         final = []
+        for pair in self.pairs[len(self.workers) :]:  # never ran: their buffers are here
+            pair.finish()
         for w in self.workers:
             if w in alive:
                 try:
@@ -651,7 +715,7 @@ class DriverClient:
                     log.error("%s", e)
             final.append(w.last_stats)
             w.close()
-        self._final = final
+        self._final = final + [p.stats() for p in self.pairs[len(self.workers) :]]
         self.workers = []
 
     def _stop_rings(self) -> None:

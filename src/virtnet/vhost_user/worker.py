@@ -38,6 +38,7 @@ from virtnet.net.faults import FaultPlan
 from virtnet.net.guest import RX as RX_Q
 from virtnet.net.guest import TX as TX_Q
 from virtnet.net.guest import build_device
+from virtnet.net.mq import sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.mapping import MappedMemory, MappingError
 from virtnet.vhost_user.messages import close_fds
@@ -49,6 +50,8 @@ log = logging.getLogger("virtnet.device")
 BUDGET = 64  # packets per ring per loop pass (vhost-net's VHOST_NET_WEIGHT spirit)
 IDLE_POLL = 0.2  # seconds epoll waits with nothing due
 RPC_TIMEOUT = 10.0  # seconds a worker gets to answer (a stop drains nothing: it is quick)
+WATCHDOG_EVERY = 1.0  # seconds between the control process's looks at its workers
+WATCHDOG_TIMEOUT = 5.0  # seconds a worker gets to answer one before it counts as hung
 MAX_MSG = 1 << 16
 MAX_FDS = 16  # a memory table's regions (VHOST_MEMORY_BASELINE_NREGIONS is 8)
 PR_SET_PDEATHSIG = 1
@@ -88,26 +91,6 @@ def describe_exit(status: int) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
-def sum_stats(dicts: list[dict[str, int]]) -> dict[str, int]:
-    """Counters of several queues (or sessions) as one: sums, but ``*_max`` is a max."""
-    out: dict[str, int] = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = max(out.get(k, 0), v) if k.endswith("_max") else out.get(k, 0) + v
-    return out
-
-
-def per_queue_stats(pair: int, stats: dict[str, int]) -> dict[str, int]:
-    """One pair's ``rx_*`` / ``tx_*`` counters under ethtool -S's virtio_net names:
-    ``rx_queue_0_packets``, ``tx_queue_1_bytes``..."""
-    out = {}
-    for k, v in stats.items():
-        side, _, rest = k.partition("_")
-        if side in ("rx", "tx") and rest:
-            out[f"{side}_queue_{pair}_{rest}"] = v
-    return out
-
-
 # -- the control process's end -------------------------------------------------------
 
 
@@ -135,7 +118,11 @@ class WorkerHandle:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise WorkerDied(self.pair, f"did not answer {request[0]!r} within {timeout:g}s")
+                # A worker that stops answering is as good as dead: make it so, so that
+                # no stale process holds the rings while a fresh one is started.
+                self.kill()
+                raise WorkerDied(self.pair, f"did not answer {request[0]!r} within "
+                                 f"{timeout:g}s and was killed")  # fmt: skip
             ready, _, _ = select.select([self.sock, self.pidfd], [], [], left)
             if self.sock in ready:
                 try:
@@ -151,6 +138,14 @@ class WorkerHandle:
             if self.pidfd in ready:
                 self.reap(block=True)
                 raise WorkerDied(self.pair, self.describe())
+
+    def kill(self) -> None:
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.reap(block=True)
 
     def reap(self, block: bool = False) -> bool:
         """Collect the exit status if it exited; True if it has."""

@@ -894,15 +894,12 @@ class PackedQueueDevice:
         return bool(self._shadow)
 
     def flush_used(self) -> None:
-        """Write the queued used descriptors, each one 8-byte store of len|id|flags, the
-        first one last: the driver sees the whole batch at once, never its head alone.
+        """Write the queued used descriptors, each one 8-byte store of len|id|flags.
 
-        A mergeable packet is one used entry per buffer, and the driver reads all
-        num_buffers of them once it sees the head; published in order, a head could be
-        seen before the rest were written (a Linux guest then drops the packet: "rx error:
-        6 buffers out of 16 missing", and misreads the rest as packets). vhost and DPDK's
-        vhost (vhost_flush_enqueue_shadow_packed) write the head's flags last too; x86
-        keeps stores in order (TSO), so program order is the barrier.
+        The batch's first descriptor is stored last (DPDK's
+        flush_shadow_used_ring_packed does the same): the driver reads used
+        descriptors in order, so it sees the whole batch or none of it — never
+        the first buffers of a mergeable packet without the rest.
         """
         desc, num, shadow = self._desc, self.num, self._shadow
         if not shadow:
@@ -910,7 +907,7 @@ class PackedQueueDevice:
         pos, wrap = self.used_pos, self.used_wrap
         bits = _used_bits(wrap)
         start = pos
-        head = shadow[0][0] | bits
+        first = shadow[0][0] | bits
         laps = 0
         for k, (word, slots) in enumerate(shadow):
             if k:
@@ -921,7 +918,7 @@ class PackedQueueDevice:
                 wrap ^= 1
                 bits ^= _AU
                 laps += 1
-        desc[2 * start + 1] = head
+        desc[2 * start + 1] = first  # stores stay in order on x86 (TSO): no barrier
         shadow.clear()
         self.used_pos, self.used_wrap = pos, wrap
         self._since_signal += pos - start + laps * num
