@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -15,7 +16,8 @@ from virtnet.bench.ping import rtt_text
 BASELINE, PATCHED, SUCCESSOR = "prealloc", "deferred", "ewma"
 LINEAGE = (BASELINE, PATCHED, SUCCESSOR)
 # What a sink counts against its stream; any of them non-zero fails the run.
-INTEGRITY_COUNTS = ("corrupt", "lost", "reordered", "foreign")
+# queue_mismatch (--mode vhost-user): queue pairs whose count differs between the ends.
+INTEGRITY_COUNTS = ("corrupt", "lost", "reordered", "foreign", "queue_mismatch")
 SEED_LABEL = {"guest-to-host": "guest to host", "host-to-guest": "host to guest"}
 
 
@@ -155,6 +157,61 @@ def tap_table(results: list[dict], title: str) -> Table:
     if any(rtts.values()):
         table.add_row("ping rtt ms", "min/avg/max", *(rtt_text(rtts[c]) for c in cols), "", "",
                       end_section=False)  # fmt: skip
+    return table
+
+
+def _cpu(rs: list[dict], key: str) -> str:
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return f"{sum(vals) / len(vals):.2f}" if vals else "-"
+
+
+def _workers(rs: list[dict], key: str) -> str:
+    """Each pair's worker CPU seconds, averaged over the runs: "0.91+0.88"."""
+    lists = [r[key] for r in rs if r.get(key)]
+    if not lists:
+        return "-"
+    return "+".join(f"{sum(x) / len(lists):.2f}" for x in zip(*lists, strict=False))
+
+
+def queues_table(results: list[dict], title: str) -> Table:
+    """--queues: aggregate rate per number of queue pairs, the ratio to one pair, and
+    each side's CPU (the whole process tree, and its per-pair workers alone)."""
+    by: dict[tuple, list[dict]] = {}
+    for r in results:
+        what = r.get("protocol") or f"{r['payload']}B"
+        by.setdefault((r["direction"], what, r["strategy"], r.get("queues")), []).append(r)
+    # Twelve columns: no vertical rules, so that they fit in 120.
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    # dev/drv s: CPU seconds of that side's processes (control + workers); "pair s": of
+    # each pair's worker alone ("-": one pair, run in the driver's control process).
+    for name in ("direction", "frame", "strategy", "pairs", "Mb/s", "kpps", "vs 1",
+                 "kpps/pair", "dev s", "dev pair s", "drv s", "drv pair s"):  # fmt: skip
+        left = name in ("direction", "frame", "strategy")
+        table.add_column(name, justify="left" if left else "right", no_wrap=True)
+
+    def order(key: tuple) -> tuple:
+        direction, what, s, q = key
+        return (direction, what, q is not None, s, q or 0)
+
+    for key in sorted(by, key=order):
+        direction, what, s, q = key
+        rs = by[key]
+        one = by.get((direction, what, s, 1), [])
+        ratio = "-"
+        if q and q > 1 and one and _avg(one, "gbps"):
+            ratio = f"{_avg(rs, 'gbps') / _avg(one, 'gbps'):.2f}x"
+        pairs = [r["queue_packets"] for r in rs if r.get("queue_packets")]
+        per_pair = "-"
+        if pairs:
+            secs = sum(r["seconds"] for r in rs if r.get("queue_packets")) or 1e-9
+            per_pair = "/".join(f"{sum(v or 0 for v in x) / secs / 1e3:,.0f}"
+                                for x in zip(*pairs, strict=False))
+        table.add_row(
+            SEED_LABEL.get(direction, direction), what, s, str(q) if q else "-",
+            _mbps(rs), f"{_avg(rs, 'pps') / 1e3:,.0f}", ratio, per_pair,
+            _cpu(rs, "device_cpu_seconds"), _workers(rs, "device_worker_cpu_seconds"),
+            _cpu(rs, "driver_cpu_seconds"), _workers(rs, "driver_worker_cpu_seconds"),
+        )  # fmt: skip
     return table
 
 
