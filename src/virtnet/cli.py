@@ -399,8 +399,8 @@ def cmd_bench(args) -> int:
     if args.queues:
         from virtnet.bench.report import queues_table
 
-        console.print(queues_table(results, "queue pairs (aggregate; cpu s: the process and "
-                                            "all its workers, then each pair's worker)"))
+        console.print(queues_table(results, "queue pairs: aggregate rate, CPU seconds of each "
+                                            "side (its processes) and per packet (both)"))
     if args.mode == "vhost-user":
         _round_trips(results, args, console)
     if args.json:

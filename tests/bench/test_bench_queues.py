@@ -110,7 +110,8 @@ def test_the_table_gives_the_ratio_to_one_pair():
     table = queues_table([rec(1, 0.1), rec(2, 0.15)], "t")
     cells = {c.header: c._cells for c in table.columns}
     assert cells["vs 1"] == ["-", "1.50x"]
-    assert cells["kpps/pair"] == ["0", "0/0"] and cells["drv pair s"] == ["-", "0.40+0.40"]
+    assert cells["per pair"] == ["0", "0/0"] and cells["drv cpu s"] == ["1.00", "1.00"]
+    assert cells["cpu µs/pkt"] == ["2000000.0", "2000000.0"]  # 2 cpu s over one packet
 
 
 def test_tap_queue_cases_pair_every_strategy_with_every_count():

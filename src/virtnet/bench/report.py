@@ -165,12 +165,15 @@ def _cpu(rs: list[dict], key: str) -> str:
     return f"{sum(vals) / len(vals):.2f}" if vals else "-"
 
 
-def _workers(rs: list[dict], key: str) -> str:
-    """Each pair's worker CPU seconds, averaged over the runs: "0.91+0.88"."""
-    lists = [r[key] for r in rs if r.get(key)]
-    if not lists:
-        return "-"
-    return "+".join(f"{sum(x) / len(lists):.2f}" for x in zip(*lists, strict=False))
+def _cpu_per_packet(rs: list[dict]) -> str:
+    """Both sides' CPU microseconds per packet measured: flat when pairs only share it."""
+    cpu = [r["device_cpu_seconds"] + r["driver_cpu_seconds"] for r in rs
+           if r.get("device_cpu_seconds") is not None and r.get("driver_cpu_seconds")]  # fmt: skip
+    n = sum(r["packets"] for r in rs if r.get("device_cpu_seconds") is not None)
+    return f"{sum(cpu) / n * 1e6:.1f}" if cpu and n else "-"
+
+
+QUEUES_LABEL = {"guest-to-host": "guest→host", "host-to-guest": "host→guest"}
 
 
 def queues_table(results: list[dict], title: str) -> Table:
@@ -178,14 +181,13 @@ def queues_table(results: list[dict], title: str) -> Table:
     each side's CPU (the whole process tree, and its per-pair workers alone)."""
     by: dict[tuple, list[dict]] = {}
     for r in results:
-        what = r.get("protocol") or f"{r['payload']}B"
+        what = (r["payload"], r.get("protocol") or "")
         by.setdefault((r["direction"], what, r["strategy"], r.get("queues")), []).append(r)
-    # Twelve columns: no vertical rules, so that they fit in 120.
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    # dev/drv s: CPU seconds of that side's processes (control + workers); "pair s": of
-    # each pair's worker alone ("-": one pair, run in the driver's control process).
+    # per pair: kpps each pair carried; dev/drv s: CPU seconds of that side's processes
+    # (control + workers; each worker's alone: the JSON's *_worker_cpu_seconds).
     for name in ("direction", "frame", "strategy", "pairs", "Mb/s", "kpps", "vs 1",
-                 "kpps/pair", "dev s", "dev pair s", "drv s", "drv pair s"):  # fmt: skip
+                 "per pair", "dev cpu s", "drv cpu s", "cpu µs/pkt"):  # fmt: skip
         left = name in ("direction", "frame", "strategy")
         table.add_column(name, justify="left" if left else "right", no_wrap=True)
 
@@ -194,9 +196,9 @@ def queues_table(results: list[dict], title: str) -> Table:
         return (direction, what, q is not None, s, q or 0)
 
     for key in sorted(by, key=order):
-        direction, what, s, q = key
+        direction, (payload, proto), s, q = key
         rs = by[key]
-        one = by.get((direction, what, s, 1), [])
+        one = by.get((direction, (payload, proto), s, 1), [])
         ratio = "-"
         if q and q > 1 and one and _avg(one, "gbps"):
             ratio = f"{_avg(rs, 'gbps') / _avg(one, 'gbps'):.2f}x"
@@ -205,12 +207,13 @@ def queues_table(results: list[dict], title: str) -> Table:
         if pairs:
             secs = sum(r["seconds"] for r in rs if r.get("queue_packets")) or 1e-9
             per_pair = "/".join(f"{sum(v or 0 for v in x) / secs / 1e3:,.0f}"
-                                for x in zip(*pairs, strict=False))
+                                for x in zip(*pairs, strict=False))  # fmt: skip
         table.add_row(
-            SEED_LABEL.get(direction, direction), what, s, str(q) if q else "-",
-            _mbps(rs), f"{_avg(rs, 'pps') / 1e3:,.0f}", ratio, per_pair,
-            _cpu(rs, "device_cpu_seconds"), _workers(rs, "device_worker_cpu_seconds"),
-            _cpu(rs, "driver_cpu_seconds"), _workers(rs, "driver_worker_cpu_seconds"),
+            QUEUES_LABEL.get(direction, direction), proto or f"{payload}B", s,
+            str(q) if q else "-", f"{_avg(rs, 'gbps') * 1000:.0f}",
+            f"{_avg(rs, 'pps') / 1e3:,.0f}", ratio, per_pair,
+            _cpu(rs, "device_cpu_seconds"), _cpu(rs, "driver_cpu_seconds"),
+            _cpu_per_packet(rs),
         )  # fmt: skip
     return table
 
