@@ -193,7 +193,7 @@ def queues_table(results: list[dict], title: str) -> Table:
 
     def order(key: tuple) -> tuple:
         direction, what, s, q = key
-        return (direction, what, q is not None, s, q or 0)
+        return (direction, what, q is not None, s != "veth", s, q or 0)  # veth, relay, ...
 
     for key in sorted(by, key=order):
         direction, (payload, proto), s, q = key
@@ -211,7 +211,7 @@ def queues_table(results: list[dict], title: str) -> Table:
         table.add_row(
             QUEUES_LABEL.get(direction, direction), proto or f"{payload}B", s,
             str(q) if q else "-", f"{_avg(rs, 'gbps') * 1000:.0f}",
-            f"{_avg(rs, 'pps') / 1e3:,.0f}", ratio, per_pair,
+            f"{_avg(rs, 'pps') / 1e3:,.0f}" if _avg(rs, "pps") else "-", ratio, per_pair,
             _cpu(rs, "device_cpu_seconds"), _cpu(rs, "driver_cpu_seconds"),
             _cpu_per_packet(rs),
         )  # fmt: skip
