@@ -173,6 +173,12 @@ def _cpu_per_packet(rs: list[dict]) -> str:
     return f"{sum(cpu) / n * 1e6:.1f}" if cpu and n else "-"
 
 
+def _busy(rs: list[dict]) -> str:
+    """--tap: the share of the machine's cores busy during iperf3 (anyone's use)."""
+    vals = [r["machine_busy"] for r in rs if r.get("machine_busy") is not None]
+    return f"{sum(vals) / len(vals):.0%}" if vals else "-"
+
+
 QUEUES_LABEL = {"guest-to-host": "guest→host", "host-to-guest": "host→guest"}
 
 
@@ -185,9 +191,10 @@ def queues_table(results: list[dict], title: str) -> Table:
         by.setdefault((r["direction"], what, r["strategy"], r.get("queues")), []).append(r)
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     # per pair: kpps each pair carried; dev/drv s: CPU seconds of that side's processes
-    # (control + workers; each worker's alone: the JSON's *_worker_cpu_seconds).
+    # (control + workers; each worker's alone: the JSON's *_worker_cpu_seconds); busy
+    # (--tap): all cores' busy share during iperf3, whoever used them.
     for name in ("direction", "frame", "strategy", "pairs", "Mb/s", "kpps", "vs 1",
-                 "per pair", "dev cpu s", "drv cpu s", "cpu µs/pkt"):  # fmt: skip
+                 "per pair", "dev cpu s", "drv cpu s", "cpu µs/pkt", "busy"):  # fmt: skip
         left = name in ("direction", "frame", "strategy")
         table.add_column(name, justify="left" if left else "right", no_wrap=True)
 
@@ -213,7 +220,7 @@ def queues_table(results: list[dict], title: str) -> Table:
             str(q) if q else "-", f"{_avg(rs, 'gbps') * 1000:.0f}",
             f"{_avg(rs, 'pps') / 1e3:,.0f}" if _avg(rs, "pps") else "-", ratio, per_pair,
             _cpu(rs, "device_cpu_seconds"), _cpu(rs, "driver_cpu_seconds"),
-            _cpu_per_packet(rs),
+            _cpu_per_packet(rs), _busy(rs),
         )  # fmt: skip
     return table
 

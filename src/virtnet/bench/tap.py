@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from virtnet.bench.ping import parse_ping, ping_argv, ping_in, ping_timeout
+from virtnet.bench.runner import busy_share, cpu_ticks
 from virtnet.ports.iperf import IperfResult, run_iperf, start_client, start_server
 from virtnet.ports.netns import Topology, iproute, link_index, run_in_netns, stop_process
 from virtnet.ports.relay import (
@@ -255,11 +256,13 @@ def _extra(case: TapCase) -> tuple[str, ...]:
 def run_virtnet_case(case: TapCase) -> dict:
     with virtnet_path(case.strategy, queues=case.queues or 1) as path:
         rtt = ping_in(path.guest, HOST_IP)
+        before = cpu_ticks()
         result = _iperf(path.topo, path.guest, path.host, case)
+        busy = busy_share(before, cpu_ticks())
         drv, dev = path.stop()
     rec = _record(case, result, drv.get("driver_stats", {}), dev.get("device_stats", {}), rtt)
     if case.queues:
-        rec.update(_cpu_record(drv, dev, case))
+        rec.update(_cpu_record(drv, dev, case), machine_busy=busy)
     return rec
 
 
@@ -299,12 +302,18 @@ def run_baseline_case(case: TapCase) -> dict:
             topo.add_veth(a, VETH_CIDR_A, b, VETH_CIDR_B)
             server = VETH_CIDR_B.split("/")[0]
             rtt = ping_in(a, server)
+            before = cpu_ticks()
             result = run_iperf(topo, a, b, server, case.seconds, **kw)
         else:
             a, b, tap_a, tap_b = relay_topology(topo, mtu=MTU)
             rtt = _ping_through_relay(topo, a, tap_a, tap_b)
+            before = cpu_ticks()
             result = iperf_through_relay(topo, a, b, tap_a, tap_b, case.seconds, **kw).iperf
-    return _record(case, result, {}, {}, rtt)
+        busy = busy_share(before, cpu_ticks())
+    rec = _record(case, result, {}, {}, rtt)
+    if case.queues or case.streams > 1:
+        rec["machine_busy"] = busy
+    return rec
 
 
 def _ping_through_relay(topo: Topology, a: str, tap_a, tap_b) -> dict:
