@@ -174,7 +174,7 @@ def _cpu_per_packet(rs: list[dict]) -> str:
 
 
 def _busy(rs: list[dict]) -> str:
-    """--tap: the share of the machine's cores busy during iperf3 (anyone's use)."""
+    """The share of the machine's cores busy during the runs (anyone's use)."""
     vals = [r["machine_busy"] for r in rs if r.get("machine_busy") is not None]
     return f"{sum(vals) / len(vals):.0%}" if vals else "-"
 
@@ -191,8 +191,8 @@ def queues_table(results: list[dict], title: str) -> Table:
         by.setdefault((r["direction"], what, r["strategy"], r.get("queues")), []).append(r)
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     # per pair: kpps each pair carried; dev/drv s: CPU seconds of that side's processes
-    # (control + workers; each worker's alone: the JSON's *_worker_cpu_seconds); busy
-    # (--tap): all cores' busy share during iperf3, whoever used them.
+    # (control + workers; each worker's alone: the JSON's *_worker_cpu_seconds); busy:
+    # all cores' busy share during the runs, whoever used them (other load shows here).
     for name in ("direction", "frame", "strategy", "pairs", "Mb/s", "kpps", "vs 1",
                  "per pair", "dev cpu s", "drv cpu s", "cpu µs/pkt", "busy"):  # fmt: skip
         left = name in ("direction", "frame", "strategy")

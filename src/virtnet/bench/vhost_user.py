@@ -25,6 +25,7 @@ from collections.abc import Callable
 from itertools import zip_longest
 
 from virtnet.bench.embedded import HOST_TO_GUEST, Case
+from virtnet.bench.runner import busy_share, cpu_ticks
 from virtnet.virtio.features import VirtioF, has
 
 TURN = 1.0  # seconds per turn of one strategy
@@ -59,6 +60,7 @@ def _one_turn(case: Case, seconds: float, tmp: str) -> tuple[dict, dict]:
             time.sleep(0.02)
         # Both ends offer RING_PACKED: split rings are asked for by turning it off.
         ring = ("--features-off", "RING_PACKED") if case.ring == "split" else ()
+        ticks = cpu_ticks()
         drv = subprocess.run(
             _virtnet("driver", "--socket-path", sock, "--backend", drv_backend,
                      "--strategy", case.strategy, "--queue-size", str(case.queue_size),
@@ -68,6 +70,7 @@ def _one_turn(case: Case, seconds: float, tmp: str) -> tuple[dict, dict]:
         )  # fmt: skip
         if drv.returncode != 0:
             raise VhostUserBenchError(f"virtnet driver failed: {drv.stderr}")
+        after = cpu_ticks()
     finally:
         dev.terminate()
         try:
@@ -77,6 +80,8 @@ def _one_turn(case: Case, seconds: float, tmp: str) -> tuple[dict, dict]:
             dev.wait()
     with open(drv_json) as f:
         driver = json.load(f)
+    if ticks and after:  # the whole machine's, the driver's start-up included
+        driver["machine_ticks"] = (after[0] - ticks[0], after[1] - ticks[1])
     if has(driver.get("features", 0), VirtioF.RING_PACKED) != (case.ring == "packed"):
         raise VhostUserBenchError(f"{case.ring} rings asked for, features {driver['features']:#x}")
     with open(dev_json) as f:
@@ -113,6 +118,9 @@ def _accumulate(acc: dict, driver: dict, device: dict) -> None:
     acc["seconds"] = acc.get("seconds", 0.0) + driver.get("seconds", 0.0)
     acc["cpu_seconds"] = acc.get("cpu_seconds", 0.0) + driver.get("cpu_seconds", 0.0)
     acc["device_cpu_seconds"] = acc.get("device_cpu_seconds", 0.0) + device.get("cpu_seconds", 0.0)
+    busy, total = driver.get("machine_ticks", (0, 0))
+    acc["machine_ticks"] = [a + b for a, b in zip(acc.get("machine_ticks", (0, 0)), (busy, total),
+                                                  strict=True)]  # fmt: skip
     for key, src in (("driver_worker_cpu_seconds", driver), ("device_worker_cpu_seconds", device)):
         workers = src.get("worker_cpu_seconds", [])
         acc[key] = [a + b for a, b in zip_longest(acc.get(key, []), workers, fillvalue=0.0)]
@@ -187,6 +195,8 @@ def _record(case: Case, acc: dict) -> dict:
            for k in ("driver_worker_cpu_seconds", "device_worker_cpu_seconds")},
         # What each pair carried of the measured direction (the driver's count).
         "queue_packets": queue_packets(acc["driver_stats"], q, case.queues) if q else [],
+        # All cores' busy share while the driver ran (its start-up too), whoever used them.
+        "machine_busy": busy_share((0, 0), tuple(acc.get("machine_ticks", (0, 0)))),
         "packets": sink.get("sink_packets", 0),
         "bytes": sink.get("sink_bytes", 0),
         "gbps": sink.get("sink_bytes", 0) * 8 / seconds / 1e9,
