@@ -213,6 +213,8 @@ def _queue_pair_list(text: str) -> list[int]:
         try:
             out.append(_queue_pairs(item.strip()))
         except argparse.ArgumentTypeError as e:
+            if "," not in text:
+                raise
             raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
     return list(dict.fromkeys(out))
 
