@@ -96,6 +96,14 @@ def _add_bench(sub) -> None:
                         "UDP host->guest; baselines veth and a bare Python TAP relay. "
                         "Uses --strategies, --runs (default 2 here, like the seed), "
                         "--seconds (default 5 here), --json, --plot")  # fmt: skip
+    p.add_argument("--queues", type=_queue_pair_list, default=None, metavar="N,...",
+                   help="queue pairs to compare, e.g. 1,2 (VIRTIO_NET_F_MQ; one worker "
+                        "process per pair on each side), with --mode vhost-user or --tap: "
+                        "the counts take turns like the strategies, and a table shows the "
+                        "aggregate rate, the ratio to 1 pair and each side's CPU seconds. "
+                        "With --tap: iperf3 -P 4 over multi-queue taps, TCP both ways, "
+                        "the baselines with -P 4 too (default: one pair, no such "
+                        "table)")  # fmt: skip
 
 
 
@@ -203,6 +211,19 @@ def _queue_pairs(text: str) -> int:
     if not 1 <= n <= MAX_QUEUE_PAIRS:
         raise argparse.ArgumentTypeError(f"{text!r}: a number of queue pairs, 1..{MAX_QUEUE_PAIRS}")
     return n
+
+
+def _queue_pair_list(text: str) -> list[int]:
+    """``--queues 1,2``: each a number of queue pairs in 1..MAX_QUEUE_PAIRS, repeats dropped."""
+    out = []
+    for item in text.split(","):
+        try:
+            out.append(_queue_pairs(item.strip()))
+        except argparse.ArgumentTypeError as e:
+            if "," not in text:
+                raise
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return list(dict.fromkeys(out))
 
 
 def _coalesce(text: str) -> dict[str, int]:
@@ -317,6 +338,9 @@ def cmd_bench(args) -> int:
     problem = _packets_problem(args)
     if args.tap and args.xdp:
         problem = "--xdp runs on the synthetic streams, not with --tap"
+    if args.queues and not args.tap and args.mode != "vhost-user":
+        # The in-process pair is one driver and one device in one thread: nothing to spread.
+        problem = "--queues is for --mode vhost-user or --tap (the in-process bench has one pair)"
     if problem:
         print(f"virtnet bench: {problem}", file=sys.stderr)
         return 2
@@ -343,10 +367,11 @@ def cmd_bench(args) -> int:
         groups = [
             [
                 Case(s, d, p, seconds=args.seconds, queue_size=args.queue_size, packets=packets,
-                     xdp=args.xdp, ring=r)  # fmt: skip
+                     xdp=args.xdp, ring=r, queues=q)  # fmt: skip
                 for _ in range(args.runs)
                 for r in rings
                 for s in args.strategies
+                for q in args.queues or [1]
             ]
             for d in args.directions
             for p in args.payloads
@@ -376,8 +401,15 @@ def cmd_bench(args) -> int:
     console = _console()
     shown = results
     if len(rings) > 1:  # side by side: one column per strategy and ring
-        shown = [dict(r, strategy=f"{r['strategy']} {r['ring']}") for r in results]
+        shown = [dict(r, strategy=f"{r['strategy']} {r['ring']}") for r in shown]
+    if args.queues:  # and one per number of queue pairs
+        shown = [dict(r, strategy=f"{r['strategy']} {r['queues']}q") for r in shown]
     print_report(shown, title, console)
+    if args.queues:
+        from virtnet.bench.report import queues_table
+
+        console.print(queues_table(results, "queue pairs: aggregate rate, CPU seconds of each "
+                                            "side (its processes) and per packet (both)"))
     if args.mode == "vhost-user":
         _round_trips(results, args, console)
     if args.json:
@@ -433,7 +465,8 @@ def cmd_bench_tap(args) -> int:
         return 2
     machine = machine_description()
     try:
-        results = run_cases(tap_cases(args.strategies, seconds, runs), runner=run_tap_case)
+        cases = tap_cases(args.strategies, seconds, runs, queues=args.queues)
+        results = run_cases(cases, runner=run_tap_case)
     except (TapBenchError, OSError, RuntimeError) as e:
         print(f"virtnet bench --tap: {e}", file=sys.stderr)
         return 1
@@ -441,7 +474,14 @@ def cmd_bench_tap(args) -> int:
         f"virtnet bench --tap (iperf3, mtu 1500, TSO on, {seconds:g}s/case) — "
         f"{machine['cpu']}, {machine['cores']} cores"
     )
-    _console().print(tap_table(results, title))
+    if args.queues:
+        from virtnet.bench.report import queues_table
+        from virtnet.bench.tap import MQ_STREAMS
+
+        title = title.replace("(iperf3,", f"(iperf3 -P {MQ_STREAMS},")
+        _console().print(queues_table(results, title))
+    else:
+        _console().print(tap_table(results, title))
     if args.json:
         write_json(results, args.json, {"machine": machine, "argv": sys.argv[1:]})
     if args.plot:

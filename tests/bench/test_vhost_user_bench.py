@@ -25,8 +25,9 @@ def test_a_group_runs_both_strategies_over_vhost_user_intact(direction):
         assert rec["packets"] > 0 and rec["bytes"] == rec["packets"] * 1500
         # Every count the receiving sink kept, none a constant: corrupt, lost, a frame
         # going backwards (duplicated or reordered), a frame that is not the stream's.
+        # And each queue pair's count the same at both ends (queue_mismatch).
         assert rec["integrity"] == {"corrupt": 0, "lost": 0, "reordered": 0, "foreign": 0,
-                                    "messages": []}  # fmt: skip
+                                    "queue_mismatch": 0, "messages": []}  # fmt: skip
         drv = rec["driver_stats"]
         assert drv["pages_outstanding"] == 0 and drv["skb_allocs"] == drv["skb_frees"]
         key = "rx_packets" if direction == "host-to-guest" else "tx_packets"

@@ -44,10 +44,12 @@ class Case:
     packets: int = 0  # > 0: run until the sink has exactly this many frames, not seconds
     xdp: str | None = None  # a built-in XDP program on the driver's rx (net/xdp.py)
     ring: str = "split"  # "packed": RING_PACKED negotiated, packed rings (VIRTIO 1.2, 2.8)
+    queues: int = 1  # queue pairs (--mode vhost-user: one worker process per pair per side)
 
     def label(self) -> str:
         xdp = f" xdp:{self.xdp}" if self.xdp else ""
-        return f"{self.strategy} {self.direction} {self.payload}B{xdp}"
+        pairs = f" {self.queues}q" if self.queues > 1 else ""
+        return f"{self.strategy} {self.direction} {self.payload}B{xdp}{pairs}"
 
 
 def make_pair(case: Case, netif_receive_skb: Callable[[SkBuff], None]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -15,7 +16,8 @@ from virtnet.bench.ping import rtt_text
 BASELINE, PATCHED, SUCCESSOR = "prealloc", "deferred", "ewma"
 LINEAGE = (BASELINE, PATCHED, SUCCESSOR)
 # What a sink counts against its stream; any of them non-zero fails the run.
-INTEGRITY_COUNTS = ("corrupt", "lost", "reordered", "foreign")
+# queue_mismatch (--mode vhost-user): queue pairs whose count differs between the ends.
+INTEGRITY_COUNTS = ("corrupt", "lost", "reordered", "foreign", "queue_mismatch")
 SEED_LABEL = {"guest-to-host": "guest to host", "host-to-guest": "host to guest"}
 
 
@@ -155,6 +157,71 @@ def tap_table(results: list[dict], title: str) -> Table:
     if any(rtts.values()):
         table.add_row("ping rtt ms", "min/avg/max", *(rtt_text(rtts[c]) for c in cols), "", "",
                       end_section=False)  # fmt: skip
+    return table
+
+
+def _cpu(rs: list[dict], key: str) -> str:
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return f"{sum(vals) / len(vals):.2f}" if vals else "-"
+
+
+def _cpu_per_packet(rs: list[dict]) -> str:
+    """Both sides' CPU microseconds per packet measured: flat when pairs only share it."""
+    cpu = [r["device_cpu_seconds"] + r["driver_cpu_seconds"] for r in rs
+           if r.get("device_cpu_seconds") is not None and r.get("driver_cpu_seconds")]  # fmt: skip
+    n = sum(r["packets"] for r in rs if r.get("device_cpu_seconds") is not None)
+    return f"{sum(cpu) / n * 1e6:.1f}" if cpu and n else "-"
+
+
+def _busy(rs: list[dict]) -> str:
+    """The share of the machine's cores busy during the runs (anyone's use)."""
+    vals = [r["machine_busy"] for r in rs if r.get("machine_busy") is not None]
+    return f"{sum(vals) / len(vals):.0%}" if vals else "-"
+
+
+QUEUES_LABEL = {"guest-to-host": "guest→host", "host-to-guest": "host→guest"}
+
+
+def queues_table(results: list[dict], title: str) -> Table:
+    """--queues: aggregate rate per number of queue pairs, the ratio to one pair, and
+    each side's CPU (the whole process tree, and its per-pair workers alone)."""
+    by: dict[tuple, list[dict]] = {}
+    for r in results:
+        what = (r["payload"], r.get("protocol") or "")
+        by.setdefault((r["direction"], what, r["strategy"], r.get("queues")), []).append(r)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    # per pair: kpps each pair carried; dev/drv s: CPU seconds of that side's processes
+    # (control + workers; each worker's alone: the JSON's *_worker_cpu_seconds); busy:
+    # all cores' busy share during the runs, whoever used them (other load shows here).
+    for name in ("direction", "frame", "strategy", "pairs", "Mb/s", "kpps", "vs 1",
+                 "per pair", "dev cpu s", "drv cpu s", "cpu µs/pkt", "busy"):  # fmt: skip
+        left = name in ("direction", "frame", "strategy")
+        table.add_column(name, justify="left" if left else "right", no_wrap=True)
+
+    def order(key: tuple) -> tuple:
+        direction, what, s, q = key
+        return (direction, what, q is not None, s != "veth", s, q or 0)  # veth, relay, ...
+
+    for key in sorted(by, key=order):
+        direction, (payload, proto), s, q = key
+        rs = by[key]
+        one = by.get((direction, (payload, proto), s, 1), [])
+        ratio = "-"
+        if q and q > 1 and one and _avg(one, "gbps"):
+            ratio = f"{_avg(rs, 'gbps') / _avg(one, 'gbps'):.2f}x"
+        pairs = [r["queue_packets"] for r in rs if r.get("queue_packets")]
+        per_pair = "-"
+        if pairs:
+            secs = sum(r["seconds"] for r in rs if r.get("queue_packets")) or 1e-9
+            per_pair = "/".join(f"{sum(v or 0 for v in x) / secs / 1e3:,.0f}"
+                                for x in zip(*pairs, strict=False))  # fmt: skip
+        table.add_row(
+            QUEUES_LABEL.get(direction, direction), proto or f"{payload}B", s,
+            str(q) if q else "-", f"{_avg(rs, 'gbps') * 1000:.0f}",
+            f"{_avg(rs, 'pps') / 1e3:,.0f}" if _avg(rs, "pps") else "-", ratio, per_pair,
+            _cpu(rs, "device_cpu_seconds"), _cpu(rs, "driver_cpu_seconds"),
+            _cpu_per_packet(rs), _busy(rs),
+        )  # fmt: skip
     return table
 
 

@@ -29,6 +29,25 @@ def machine_description() -> dict:
     }
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """The machine's (busy, total) CPU ticks, all cores (/proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of all cores busy between two ``cpu_ticks()`` (1.0: every core, all
+    the time), whoever used them: iperf3 and the kernel's TCP too, not virtnet alone."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 3)
+
+
 def run_groups(
     groups: list[list[Case]],
     console: Console | None = None,

@@ -12,6 +12,10 @@ path's round trip at rest, reported next to the rate (``rtt_ms``).
 Baselines in the same run, between fresh namespaces of the same shape: a
 veth pair (``veth``, the kernel's limit) and a bare single-process Python
 relay between two offloaded taps (``relay``, Python's ceiling).
+
+``--queues 1,2``: the taps are IFF_MULTI_QUEUE taps with one queue per pair and
+iperf3 runs MQ_STREAMS parallel TCP streams (``-P``), so that the kernel's flow
+hash spreads them over the pairs; the baselines run the same ``-P``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from virtnet.bench.ping import parse_ping, ping_argv, ping_in, ping_timeout
+from virtnet.bench.runner import busy_share, cpu_ticks
 from virtnet.ports.iperf import IperfResult, run_iperf, start_client, start_server
 from virtnet.ports.netns import Topology, iproute, link_index, run_in_netns, stop_process
 from virtnet.ports.relay import (
@@ -44,6 +49,7 @@ MTU = 1500
 UDP_RATE = "2G"
 READY_TIMEOUT = 10.0  # seconds for the path to carry a ping after the processes start
 GUEST_TO_HOST, HOST_TO_GUEST = "guest-to-host", "host-to-guest"
+MQ_STREAMS = 4  # iperf3 -P with --queues: enough flows that two queues both get some
 TAP_STATS = ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped")
 
 
@@ -57,9 +63,13 @@ class TapCase:
     direction: str
     protocol: str = "tcp"
     seconds: float = 5.0
+    queues: int | None = None  # virtnet's queue pairs (None: 1, and not a --queues run)
+    streams: int = 1  # iperf3 -P
 
     def label(self) -> str:
-        return f"{self.strategy} {self.direction} {self.protocol}"
+        pairs = f" {self.queues}q" if self.queues else ""
+        streams = f" -P {self.streams}" if self.streams > 1 else ""
+        return f"{self.strategy} {self.direction} {self.protocol}{pairs}{streams}"
 
 
 # virtnet_probe picks big/small buffers from the features, not from a wish: these are
@@ -232,17 +242,46 @@ def _wait_path(path: VirtnetPath) -> None:
 def _iperf(topo: Topology, client_ns: str, server_ns: str, case: TapCase) -> IperfResult:
     """Client in the guest; -R turns it into host → guest, the server sending."""
     start_server(topo, server_ns, HOST_IP)
-    extra = ("-R",) if case.direction == HOST_TO_GUEST else ()
+    extra = _extra(case)
     kw = {"udp": True, "bitrate": UDP_RATE} if case.protocol == "udp" else {}
     return start_client(topo, client_ns, HOST_IP, case.seconds, extra=extra, **kw).result()
 
 
+def _extra(case: TapCase) -> tuple[str, ...]:
+    """iperf3 client options beyond the defaults: -R for host → guest, -P streams."""
+    extra = ("-R",) if case.direction == HOST_TO_GUEST else ()
+    return extra + (("-P", str(case.streams)) if case.streams > 1 else ())
+
+
 def run_virtnet_case(case: TapCase) -> dict:
-    with virtnet_path(case.strategy) as path:
+    with virtnet_path(case.strategy, queues=case.queues or 1) as path:
         rtt = ping_in(path.guest, HOST_IP)
+        before = cpu_ticks()
         result = _iperf(path.topo, path.guest, path.host, case)
+        busy = busy_share(before, cpu_ticks())
         drv, dev = path.stop()
-    return _record(case, result, drv.get("driver_stats", {}), dev.get("device_stats", {}), rtt)
+    rec = _record(case, result, drv.get("driver_stats", {}), dev.get("device_stats", {}), rtt)
+    if case.queues:
+        rec.update(_cpu_record(drv, dev, case), machine_busy=busy)
+    return rec
+
+
+def _cpu_record(drv: dict, dev: dict, case: TapCase) -> dict:
+    """Each side's CPU seconds (its process and workers; its workers alone) and what each
+    pair carried (the driver's tx for guest → host, rx for host → guest)."""
+    q = "tx" if case.direction == GUEST_TO_HOST else "rx"
+    stats = drv.get("driver_stats", {})
+    if case.queues == 1:
+        per_pair = [stats.get(f"{q}_packets", 0)]
+    else:
+        per_pair = [stats.get(f"{q}_queue_{p}_packets", 0) for p in range(case.queues)]
+    return {
+        "driver_cpu_seconds": drv.get("cpu_seconds"),
+        "device_cpu_seconds": dev.get("cpu_seconds"),
+        "driver_worker_cpu_seconds": drv.get("worker_cpu_seconds", []),
+        "device_worker_cpu_seconds": dev.get("worker_cpu_seconds", []),
+        "queue_packets": per_pair,
+    }
 
 
 def _load(path: str) -> dict:
@@ -256,20 +295,25 @@ def _load(path: str) -> dict:
 def run_baseline_case(case: TapCase) -> dict:
     """veth or the bare relay, same namespaces shape, same iperf3 run."""
     kw = {"udp": True, "bitrate": UDP_RATE} if case.protocol == "udp" else {}
-    if case.direction == HOST_TO_GUEST:
-        kw["extra"] = ("-R",)
+    kw["extra"] = _extra(case)
     with Topology() as topo:
         if case.strategy == "veth":
             a, b = topo.add_netns("guest"), topo.add_netns("host")
             topo.add_veth(a, VETH_CIDR_A, b, VETH_CIDR_B)
             server = VETH_CIDR_B.split("/")[0]
             rtt = ping_in(a, server)
+            before = cpu_ticks()
             result = run_iperf(topo, a, b, server, case.seconds, **kw)
         else:
             a, b, tap_a, tap_b = relay_topology(topo, mtu=MTU)
             rtt = _ping_through_relay(topo, a, tap_a, tap_b)
+            before = cpu_ticks()
             result = iperf_through_relay(topo, a, b, tap_a, tap_b, case.seconds, **kw).iperf
-    return _record(case, result, {}, {}, rtt)
+        busy = busy_share(before, cpu_ticks())
+    rec = _record(case, result, {}, {}, rtt)
+    if case.queues or case.streams > 1:
+        rec["machine_busy"] = busy
+    return rec
 
 
 def _ping_through_relay(topo: Topology, a: str, tap_a, tap_b) -> dict:
@@ -299,6 +343,8 @@ def _record(
         "gbps": r.bits_per_second / 1e9,
         "pps": _packets(case, driver_stats) / r.seconds if r.seconds else 0.0,
         "retransmits": r.retransmits,
+        "queues": case.queues,
+        "streams": case.streams,
         "rtt_ms": rtt,  # ping through the same path just before, at rest
         "driver_stats": driver_stats,
         "device_stats": device_stats,
@@ -323,7 +369,19 @@ def run_tap_case(case: TapCase, tick: Callable[[float], None] | None = None) -> 
     return rec
 
 
-def tap_cases(strategies: list[str], seconds: float, runs: int) -> list[TapCase]:
+def tap_cases(
+    strategies: list[str], seconds: float, runs: int, queues: list[int] | None = None
+) -> list[TapCase]:
+    """The seed's cases; with ``queues``, TCP both ways with MQ_STREAMS streams, each
+    strategy once per number of queue pairs in a run, next to the baselines."""
+    if queues:
+        cases = []
+        for direction in (GUEST_TO_HOST, HOST_TO_GUEST):
+            cases += [TapCase(s, direction, "tcp", seconds, streams=MQ_STREAMS)
+                      for s in ("veth", "relay")]  # fmt: skip
+            cases += [TapCase(s, direction, "tcp", seconds, queues=q, streams=MQ_STREAMS)
+                      for _ in range(runs) for s in strategies for q in queues]  # fmt: skip
+        return cases
     cases = []
     for direction in (GUEST_TO_HOST, HOST_TO_GUEST):
         for s in ("veth", "relay"):

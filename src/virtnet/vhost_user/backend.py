@@ -786,7 +786,10 @@ class DeviceServer:
         return {"device_stats": totals, "backend": backend, "queues": self.queues,
                 "sessions": self.sessions, "worker_deaths": self.worker_deaths,
                 "seconds": round(self.run_seconds, 4),
-                "cpu_seconds": round(cpu, 4)}  # fmt: skip
+                "cpu_seconds": round(cpu, 4),
+                # Each pair's worker alone (cpu_seconds less these: the control process).
+                "worker_cpu_seconds": [round(p.get("cpu_seconds", 0.0), 4)
+                                       for p in per_pair]}  # fmt: skip
 
     def close(self) -> None:
         self._ep.close()

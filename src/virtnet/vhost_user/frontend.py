@@ -662,7 +662,10 @@ class DriverClient:
                 "features": self.features, "queues": self.queues,
                 "strategy": self.drv.strategy if self.drv else self.strategy,
                 "seconds": round(self.run_seconds, 4),
-                "cpu_seconds": round(cpu, 4)}  # fmt: skip
+                "cpu_seconds": round(cpu, 4),
+                # Each pair's worker alone; one pair runs in this process: none.
+                "worker_cpu_seconds": [round(p.get("cpu_seconds", 0.0), 4)
+                                       for p in per_pair] if self.queues > 1 else []}  # fmt: skip
 
     # -- teardown -----------------------------------------------------------------
 
