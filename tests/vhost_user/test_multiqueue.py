@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -24,9 +25,40 @@ def per_queue(stats: dict, pair: int, side: str, name: str = "packets") -> int:
     return stats[f"{side}_queue_{pair}_{name}"]
 
 
+def resume(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def worker_pids(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return sorted(int(p) for p in out.split())
+
+
+@contextmanager
+def running_driver(dev, tmp_path, name: str, seconds: float):
+    """``virtnet driver --queues PAIRS`` (gen:64) running against ``dev``; killed if still
+    running when the block ends."""
+    argv = driver_argv(dev.socket_path, "gen:64", tmp_path / f"{name}.json", seconds=seconds,
+                       extra=("--queues", str(PAIRS)))  # fmt: skip
+    drv = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        dev.wait_for_log("device running: queue pair 1")
+        yield drv
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+            drv.wait()
+
+
+def driver_workers(drv) -> list[int]:
+    deadline = time.monotonic() + 5
+    while len(worker_pids(drv.pid)) < PAIRS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return worker_pids(drv.pid)
 
 
 def test_two_pairs_carry_exact_counts_per_queue_both_ways(device_factory, tmp_path):
@@ -89,20 +121,12 @@ def test_a_killed_device_worker_is_named_and_the_next_session_served(device_fact
     dev = device_factory("sink", extra=("--queues", str(PAIRS)))
     workers = worker_pids(dev.pid)
     assert len(workers) == PAIRS
-    argv = driver_argv(dev.socket_path, "gen:64", tmp_path / "k.json", seconds=8.0,
-                       extra=("--queues", str(PAIRS)))  # fmt: skip
-    drv = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        dev.wait_for_log("device running: queue pair 1")
+    with running_driver(dev, tmp_path, "k", 8.0) as drv:
         time.sleep(0.3)
         os.kill(workers[1], signal.SIGKILL)
         err = dev.wait_for_log("failing the session")
         assert f"queue pair 1: its worker (pid {workers[1]}) was killed by SIGKILL" in err
         _, drv_err = drv.communicate(timeout=8.0 + DRIVER_SLACK)
-    finally:
-        if drv.poll() is None:
-            drv.kill()
-            drv.wait()
     assert drv.returncode == 1 and "the back-end went away" in drv_err, drv_err
     # A fresh worker for pair 1; the next front-end runs on both pairs.
     assert len(worker_pids(dev.pid)) == PAIRS and workers[1] not in worker_pids(dev.pid)
@@ -116,21 +140,10 @@ def test_a_killed_device_worker_is_named_and_the_next_session_served(device_fact
 def test_a_killed_driver_worker_ends_the_driver_with_its_name(device_factory, tmp_path):
     dev = device_factory("sink", extra=("--queues", str(PAIRS)))
     json_path = tmp_path / "w.json"
-    argv = driver_argv(dev.socket_path, "gen:64", json_path, seconds=8.0,
-                       extra=("--queues", str(PAIRS)))  # fmt: skip
-    drv = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        dev.wait_for_log("device running: queue pair 1")
-        deadline = time.monotonic() + 5
-        while len(worker_pids(drv.pid)) < PAIRS and time.monotonic() < deadline:
-            time.sleep(0.05)
-        victim = worker_pids(drv.pid)[0]
+    with running_driver(dev, tmp_path, "w", 8.0) as drv:
+        victim = driver_workers(drv)[0]
         os.kill(victim, signal.SIGKILL)
         _, err = drv.communicate(timeout=8.0 + DRIVER_SLACK)
-    finally:
-        if drv.poll() is None:
-            drv.kill()
-            drv.wait()
     assert drv.returncode == 1
     assert f"its worker (pid {victim}) was killed by SIGKILL" in err, err
     assert json.loads(json_path.read_text())["queues"] == PAIRS
@@ -158,24 +171,14 @@ def test_a_hung_device_worker_is_killed_named_and_its_session_failed(device_fact
     process's watchdog must find it (an unanswered request), or the pair stalls silently."""
     dev = device_factory("sink", extra=("--queues", str(PAIRS)))
     workers = worker_pids(dev.pid)
-    argv = driver_argv(dev.socket_path, "gen:64", tmp_path / "h.json", seconds=20.0,
-                       extra=("--queues", str(PAIRS)))  # fmt: skip
-    drv = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        dev.wait_for_log("device running: queue pair 1")
-        os.kill(workers[0], signal.SIGSTOP)
-        err = dev.wait_for_log("failing the session", timeout=15.0)
-        assert "queue pair 0: its worker did not answer 'stats' within 5s and was killed" in err
-        _, drv_err = drv.communicate(timeout=20.0 + DRIVER_SLACK)
+        with running_driver(dev, tmp_path, "h", 20.0) as drv:
+            os.kill(workers[0], signal.SIGSTOP)
+            err = dev.wait_for_log("failing the session", timeout=15.0)
+            assert "queue pair 0: its worker did not answer 'stats' within 5s and was killed" in err
+            _, drv_err = drv.communicate(timeout=20.0 + DRIVER_SLACK)
     finally:
-        if drv.poll() is None:
-            drv.kill()
-            drv.wait()
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume(workers)
     assert drv.returncode == 1 and "the back-end went away" in drv_err
     again = run_driver(tmp_path, dev, "gen:64", seconds=1.0, name="again",
                        extra=("--queues", str(PAIRS)))  # fmt: skip
@@ -185,27 +188,14 @@ def test_a_hung_device_worker_is_killed_named_and_its_session_failed(device_fact
 
 def test_a_hung_driver_worker_ends_the_driver_with_its_name(device_factory, tmp_path):
     dev = device_factory("sink", extra=("--queues", str(PAIRS)))
-    argv = driver_argv(dev.socket_path, "gen:64", tmp_path / "g.json", seconds=20.0,
-                       extra=("--queues", str(PAIRS)))  # fmt: skip
-    drv = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    victim = 0
+    victims: list[int] = []
     try:
-        dev.wait_for_log("device running: queue pair 1")
-        deadline = time.monotonic() + 5
-        while len(worker_pids(drv.pid)) < PAIRS and time.monotonic() < deadline:
-            time.sleep(0.05)
-        victim = worker_pids(drv.pid)[1]
-        os.kill(victim, signal.SIGSTOP)
-        _, err = drv.communicate(timeout=20.0 + DRIVER_SLACK)
+        with running_driver(dev, tmp_path, "g", 20.0) as drv:
+            victims.append(driver_workers(drv)[1])
+            os.kill(victims[0], signal.SIGSTOP)
+            _, err = drv.communicate(timeout=20.0 + DRIVER_SLACK)
     finally:
-        if drv.poll() is None:
-            drv.kill()
-            drv.wait()
-        if victim:
-            try:
-                os.kill(victim, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume(victims)
     assert drv.returncode == 1
     assert "queue pair 1: its worker did not answer 'stats' within 5s and was killed" in err, err
     assert dev.alive()
