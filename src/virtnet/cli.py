@@ -113,6 +113,8 @@ The device listens on --socket-path and serves one front-end at a time, then the
       -M pc,memory-backend=mem -chardev socket,id=c0,path=PATH \\
       -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0,mrg_rxbuf=on
   dpdk-testpmd ... --vdev net_virtio_user0,path=PATH,mrg_rxbuf=1 (see docs/dpdk.md)
+With --queues N: QEMU -netdev vhost-user,...,queues=N -device virtio-net-pci,...,mq=on;
+testpmd net_virtio_user0,...,queues=N --rxq=N --txq=N (docs/multiqueue.md).
 """
 
 DRIVER_EPILOG = """\
