@@ -306,12 +306,8 @@ class Topology:
 
         The tap is only in the root namespace while down and without an address.
         """
-        self._check_own(netns)
-        with _deferred_sigint():
-            tap = open_tap(ifname or unique_ifname("t"), vnet_hdr_size, offloads)
-            self.taps.append(tap)
-        self._place(netns, tap.name, cidr, mtu)
-        return tap
+        opener = lambda: [open_tap(ifname or unique_ifname("t"), vnet_hdr_size, offloads)]  # noqa: E731
+        return self._add_taps(netns, cidr, mtu, opener)[0]
 
     def add_tap_queues(
         self,
@@ -325,9 +321,14 @@ class Topology:
         mtu: int | None = None,
     ) -> list[Tap]:
         """:meth:`add_tap` for an IFF_MULTI_QUEUE tap: one Tap (fd) per queue."""
+        return self._add_taps(netns, cidr, mtu, lambda: open_tap_queues(
+            ifname or unique_ifname("q"), queues, vnet_hdr_size, offloads))  # fmt: skip
+
+    def _add_taps(self, netns: str, cidr: str, mtu: int | None, opener) -> list[Tap]:
+        """Open the tap's fds in the root namespace (kept for cleanup), then place it."""
         self._check_own(netns)
         with _deferred_sigint():
-            taps = open_tap_queues(ifname or unique_ifname("q"), queues, vnet_hdr_size, offloads)
+            taps = opener()
             self.taps.extend(taps)
         self._place(netns, taps[0].name, cidr, mtu)
         return taps
