@@ -207,7 +207,7 @@ class FaultyQueue:
     def _count(self, kind: str, what: str) -> None:
         stats = self._dev.stats
         name = "fault_" + kind
-        setattr(stats, name, getattr(stats, name) + 1)
+        stats.bump(name)
         log.warning("fault %s injected: vq %d: %s", kind, self._index, what)
 
     # -- chains ------------------------------------------------------------------

@@ -68,7 +68,7 @@ class DeviceFaults:
     def report(self, kind: str, text: str) -> None:
         """Count one ``kind`` lie and name it: ``text`` says queue, id, length."""
         name = "fault_" + kind
-        setattr(self.stats, name, getattr(self.stats, name) + 1)
+        self.stats.bump(name)
         ok, suppressed = self._limits[kind].allow()
         if suppressed:
             self.log.warning("device fault %s: %d messages suppressed", kind, suppressed)
