@@ -6,3 +6,8 @@ mergable buff part" (see ../shared/seed); the pre-patch code is kept as the
 """
 
 __version__ = "0.1.0"
+
+# Before any data-plane module is imported: compiled or pure (VIRTNET_PURE=1, stale builds).
+from virtnet._build import choose as _choose_build  # noqa: E402
+
+_choose_build()

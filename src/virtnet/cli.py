@@ -8,6 +8,7 @@ import re
 import sys
 
 from virtnet import __version__
+from virtnet._build import describe as describe_build
 
 DESCRIPTION = """\
 virtnet: a virtio-net driver and device in Python over real virtqueues.
@@ -280,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"virtnet {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"virtnet {__version__}, {describe_build()}"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_bench(sub)
     _add_vhost_user(sub, "device", "back-end: the virtio-net device")
