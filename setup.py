@@ -68,6 +68,11 @@ def why_pure() -> str:
 class BuildDataPlane(build_ext):
     """build_ext that falls back to pure Python whole, and records what it compiled."""
 
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if self.parallel is None:  # the C files of mypyc's group compile side by side
+            self.parallel = os.cpu_count() or 1
+
     def run(self) -> None:
         if not self.extensions:
             return
@@ -114,6 +119,7 @@ def ext_modules() -> list:
             [source(m) for m in data_plane()],
             opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"),
             group_name="virtnet",
+            multi_file=True,  # one C file per module, compiled in parallel (finalize_options)
         )
     except (Exception, SystemExit) as e:  # mypy found an error: say it, do not fail
         say(f"mypyc could not compile the data plane ({e}); installing pure Python")
