@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 
 from virtnet import __version__
 from virtnet._build import describe as describe_build
@@ -411,7 +412,7 @@ def cmd_bench(args) -> int:
         print(f"virtnet bench: {e}", file=sys.stderr)
         return 2
     machine = machine_description()
-    runner = None
+    runner: Callable[..., list[dict]] | None = None
     if args.mode == "vhost-user":
         from virtnet.bench.vhost_user import run_vhost_user_group as runner
     elif args.build:  # in-process, but in a child per build

@@ -118,7 +118,8 @@ def run_inproc_group(cases: list[Case], tick: Callable[[float], None] | None = N
                     else min(TURN, cases[i].seconds - done[i]) for i in mine}  # fmt: skip
             request = {"cases": [asdict(replace(cases[i], seconds=turn[i])) for i in mine]}
             for i, rec in zip(mine, _child(request, tag)["records"], strict=True):
-                acc[i] = rec if acc[i] is None else merge(acc[i], rec)
+                prev = acc[i]
+                acc[i] = rec if prev is None else merge(prev, rec)
                 done[i] += turn[i]
             if tick is not None:
                 tick(min(1.0, sum(done) / total))
