@@ -12,6 +12,11 @@ between runs on a busy machine.
     python benchmarks/callgrind_per_packet.py                      # the full table
     python benchmarks/callgrind_per_packet.py --payloads 64 --json ipp.json
     python benchmarks/callgrind_per_packet.py --counts 64=2000:12000,65536=200:1200
+    python benchmarks/callgrind_per_packet.py --build pure,compiled --payloads 64
+
+``--build pure,compiled`` counts every case on both builds of one install (its children
+started with VIRTNET_PURE=1, or without), one table per build and one of compiled / pure;
+each child says which build it ran, and a child that ran another than asked fails the run.
 
 Each case runs in a process of its own with PYTHONHASHSEED=0, without the bench's
 progress bar (its refresh thread runs per wall-clock tick, which under valgrind would add
@@ -54,9 +59,11 @@ class Config:
     direction: str
     payload: int
     queue_size: int
+    build: str = ""  # "pure" or "compiled": the child's (virtnet.bench.builds); "": as ours
 
     def label(self) -> str:
-        return f"{self.strategy} {self.direction} {self.payload}B q{self.queue_size}"
+        build = f" {self.build}" if self.build else ""
+        return f"{self.strategy} {self.direction} {self.payload}B q{self.queue_size}{build}"
 
 
 @dataclass
@@ -64,6 +71,7 @@ class Measure:
     config: Config
     counts: tuple[int, int]
     totals: tuple[int, int]
+    build: str = ""  # the build the children ran, as they said (build_name())
 
     @property
     def per_packet(self) -> float:
@@ -77,6 +85,7 @@ class Measure:
 
     def as_dict(self) -> dict:
         return asdict(self.config) | {
+            "build": self.build,
             "counts": list(self.counts),
             "instructions": list(self.totals),
             "instructions_per_packet": round(self.per_packet, 1),
@@ -98,32 +107,40 @@ def counts_for(
     return n1 + shift, n2 + shift
 
 
-def run_one(config: Config, packets: int, workdir: str) -> int:
-    """One count-based case under callgrind; returns its instruction total."""
-    tag = f"{config.strategy}-{config.direction}-{config.payload}-{config.queue_size}-{packets}"
+def run_one(config: Config, packets: int, workdir: str) -> tuple[int, str]:
+    """One count-based case under callgrind; returns its instruction total and the
+    build the child ran."""
+    from virtnet.bench.builds import check, child_env
+
+    tag = (f"{config.strategy}-{config.direction}-{config.payload}-{config.queue_size}-"
+           f"{packets}-{config.build}")  # fmt: skip
     out = os.path.join(workdir, f"callgrind.{tag}")
     argv = [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
         sys.executable, __file__, "--one", config.strategy, config.direction,
         str(config.payload), str(config.queue_size), str(packets),
     ]  # fmt: skip
-    env = os.environ | {"PYTHONHASHSEED": "0"}
+    env = (child_env(config.build) or dict(os.environ)) | {"PYTHONHASHSEED": "0"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{config.label()} x{packets}: exit {proc.returncode}\n"
                            f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")  # fmt: skip
-    if proc.stdout.split()[-1:] != [str(packets)]:
+    lines = proc.stdout.splitlines()
+    if lines[-1:] != [str(packets)] or len(lines) < 2:
         raise RuntimeError(f"{config.label()}: asked for {packets} frames, got {proc.stdout!r}")
+    build = lines[-2]
+    check(config.build, build)
     text = Path(out).read_text(errors="replace")
     os.unlink(out)
     match = _TOTALS.search(text)
     if match is None:
         raise RuntimeError(f"{config.label()}: no totals line in {out}")
-    return int(match.group(1))
+    return int(match.group(1)), build
 
 
 def one(strategy: str, direction: str, payload: int, queue_size: int, packets: int) -> int:
-    """The child: one count-based case, every frame checked; prints the frames received.
+    """The child: one count-based case, every frame checked; prints its build (a line of
+    its own), then the frames received.
 
     The steps are the bench's (``EmbeddedRun.step`` until ``done``), without the timing
     slices and without the teardown: the process exits with its rings. Tearing down a
@@ -148,13 +165,15 @@ def one(strategy: str, direction: str, payload: int, queue_size: int, packets: i
     if bad:
         print(f"integrity: {bad} {sink.errors}", file=sys.stderr)
         return 1
-    print(sink.packets, flush=True)
+    from virtnet._build import build_name
+
+    print(build_name(), sink.packets, sep="\n", flush=True)
     os._exit(0)  # no teardown, no interpreter shutdown: neither is per-packet work
 
 
 def measure(configs: list[Config], overrides: dict, jobs: int, console: Console) -> list[Measure]:
     runs = [(c, n) for c in configs for n in counts_for(c.payload, c.queue_size, overrides)]
-    totals: dict[tuple[Config, int], int] = {}
+    totals: dict[tuple[Config, int], tuple[int, str]] = {}
     with tempfile.TemporaryDirectory(prefix="vn-callgrind-") as tmp, \
             ThreadPoolExecutor(max_workers=jobs) as pool:  # fmt: skip
         futures = {pool.submit(run_one, c, n, tmp): (c, n) for c, n in runs}
@@ -165,7 +184,8 @@ def measure(configs: list[Config], overrides: dict, jobs: int, console: Console)
     out = []
     for c in configs:
         n1, n2 = counts_for(c.payload, c.queue_size, overrides)
-        out.append(Measure(c, (n1, n2), (totals[c, n1], totals[c, n2])))
+        (i1, b1), (i2, b2) = totals[c, n1], totals[c, n2]
+        out.append(Measure(c, (n1, n2), (i1, i2), b1 if b1 == b2 else f"{b1} / {b2}"))
     return out
 
 
@@ -189,6 +209,29 @@ def table(measures: list[Measure], title: str) -> Table:
         if len(queues) > 1:
             ok = vals[0] and vals[-1] is not None
             row.append(f"{vals[-1] / vals[0]:.2f}x" if ok else "-")
+        t.add_row(*row)
+    return t
+
+
+def build_table(measures: list[Measure], title: str) -> Table:
+    """Each case's instructions per packet on both builds, and compiled / pure."""
+    from rich.table import Table
+
+    queues = sorted({m.config.queue_size for m in measures})
+    t = Table(title=title)
+    for name in ("direction", "frame", "strategy"):
+        t.add_column(name, justify="right" if name == "frame" else "left")
+    for q in queues:
+        for head in (f"queue {q} pure", f"queue {q} compiled", "compiled/pure"):
+            t.add_column(head, justify="right")
+    by = {(m.config.direction, m.config.payload, m.config.strategy, m.config.queue_size,
+           m.config.build): m.per_packet for m in measures}  # fmt: skip
+    for d, p, s in sorted({k[:3] for k in by}, key=lambda k: (DIRECTIONS.index(k[0]), *k[1:])):
+        row = [d, f"{p}B", s]
+        for q in queues:
+            pure, comp = by.get((d, p, s, q, "pure")), by.get((d, p, s, q, "compiled"))
+            row += [f"{v:,.0f}" if v is not None else "-" for v in (pure, comp)]
+            row.append(f"{comp / pure:.2f}x" if pure and comp is not None else "-")
         t.add_row(*row)
     return t
 
@@ -230,7 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1,
                     help="valgrind processes at once (counts do not depend on it)")
     ap.add_argument("--json", metavar="FILE", help="write every total and figure as JSON")
+    ap.add_argument("--build", type=_list(str), default=None, metavar="pure,compiled",
+                    help="count every case on these builds of this install, in children "
+                         "started with VIRTNET_PURE=1 (pure) or without (compiled); a table "
+                         "per build and one of compiled / pure (default: the running build)")
     args = ap.parse_args(argv)
+    from virtnet.bench.builds import BUILDS, unavailable
+
+    builds = list(dict.fromkeys(args.build or []))
+    for tag in builds:
+        why = f"choose from {', '.join(BUILDS)}" if tag not in BUILDS else unavailable(tag)
+        if why:
+            print(f"--build {tag}: {why}", file=sys.stderr)
+            return 2
     if shutil.which("valgrind") is None:
         print("valgrind not found: apt-get install valgrind", file=sys.stderr)
         return 2
@@ -240,15 +295,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rich.console import Console
 
-    configs = [Config(s, d, p, q) for d in args.directions for p in args.payloads
-               for s in args.strategies for q in args.queue_sizes]  # fmt: skip
+    configs = [Config(s, d, p, q, b) for d in args.directions for p in args.payloads
+               for s in args.strategies for q in args.queue_sizes
+               for b in builds or [""]]  # fmt: skip
     console = Console(width=None if sys.stdout.isatty() else 120)
     measures = measure(configs, args.counts, args.jobs, Console(stderr=True))
     commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short",
                              "HEAD"], capture_output=True, text=True).stdout.strip()  # fmt: skip
     title = (f"instructions per packet (callgrind, in-process, driver + device) — "
              f"commit {commit or '?'}, Python {platform.python_version()}")  # fmt: skip
-    console.print(table(measures, title))
+    for tag in builds or [""]:  # a table per build, its name (as the children said) in the title
+        mine = [m for m in measures if m.config.build == tag]
+        names = ", ".join(dict.fromkeys(m.build for m in mine))
+        console.print(table(mine, f"{title}, {names}"))
+    if len(builds) > 1:
+        console.print(build_table(measures, "instructions per packet, compiled / pure"))
     if args.json:
         doc = {"meta": {"commit": commit, "python": platform.python_version(),
                         "argv": argv}, "results": [m.as_dict() for m in measures]}  # fmt: skip

@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 
 from virtnet import __version__
 from virtnet._build import describe as describe_build
@@ -105,7 +106,22 @@ def _add_bench(sub) -> None:
                         "With --tap: iperf3 -P 4 over multi-queue taps, TCP both ways, "
                         "the baselines with -P 4 too (default: one pair, no such "
                         "table)")  # fmt: skip
-
+    p.add_argument("--build", type=_str_list(("pure", "compiled")), default=None,
+                   metavar="pure,compiled",
+                   help="builds to compare in one run (any mode): each case runs once per "
+                        "build, in processes started with VIRTNET_PURE=1 (pure) or without "
+                        "(compiled), the builds taking turns so that both meet the same "
+                        "machine; the usual tables per build, then each case's pps and Mb/s "
+                        "on both builds and compiled/pure. A process runs one build only, so "
+                        "with --mode inproc each build's child runs a group's strategies "
+                        "(still interleaved in 50 ms slices) for 1 s of each case, then the "
+                        "other build's child: pure, compiled, pure ... (a shorter turn would "
+                        "make each child's start-up a larger share of what it measures; "
+                        "--packets: one child per build). --mode vhost-user: the builds take "
+                        "the 1 s turns like the strategies; --tap: each case on one build, "
+                        "then the other. compiled needs a compiled install (pip install . "
+                        "with a C compiler and python3-dev). Default: the running build "
+                        "(virtnet --version), in this process")  # fmt: skip
 
 
 DEVICE_EPILOG = """\
@@ -346,6 +362,8 @@ def cmd_bench(args) -> int:
     if args.queues and not args.tap and args.mode != "vhost-user":
         # The in-process pair is one driver and one device in one thread: nothing to spread.
         problem = "--queues is for --mode vhost-user or --tap (the in-process bench has one pair)"
+    args.build = list(dict.fromkeys(args.build)) if args.build else None  # pure,pure: once
+    problem = problem or _build_problem(args)
     if problem:
         print(f"virtnet bench: {problem}", file=sys.stderr)
         return 2
@@ -372,11 +390,12 @@ def cmd_bench(args) -> int:
         groups = [
             [
                 Case(s, d, p, seconds=args.seconds, queue_size=args.queue_size, packets=packets,
-                     xdp=args.xdp, ring=r, queues=q)  # fmt: skip
+                     xdp=args.xdp, ring=r, queues=q, build=b)  # fmt: skip
                 for _ in range(args.runs)
                 for r in rings
                 for s in args.strategies
                 for q in args.queues or [1]
+                for b in args.build or [""]
             ]
             for d in args.directions
             for p in args.payloads
@@ -393,10 +412,18 @@ def cmd_bench(args) -> int:
         print(f"virtnet bench: {e}", file=sys.stderr)
         return 2
     machine = machine_description()
-    runner = None
+    runner: Callable[..., list[dict]] | None = None
     if args.mode == "vhost-user":
         from virtnet.bench.vhost_user import run_vhost_user_group as runner
-    results = run_groups(groups, group_runner=runner)
+    elif args.build:  # in-process, but in a child per build
+        from virtnet.bench.builds import run_inproc_group as runner
+    from virtnet.bench.builds import BuildError
+
+    try:
+        results = run_groups(groups, group_runner=runner)
+    except BuildError as e:
+        print(f"virtnet bench: {e}", file=sys.stderr)
+        return 1
     per_case = f"{packets} packets/case" if packets else f"{args.seconds:g}s/case"
     title = (
         f"virtnet bench ({args.mode}, {'/'.join(rings)} rings, queue {args.queue_size}, "
@@ -409,30 +436,72 @@ def cmd_bench(args) -> int:
         shown = [dict(r, strategy=f"{r['strategy']} {r['ring']}") for r in shown]
     if args.queues:  # and one per number of queue pairs
         shown = [dict(r, strategy=f"{r['strategy']} {r['queues']}q") for r in shown]
-    print_report(shown, title, console)
-    if args.queues:
-        from virtnet.bench.report import queues_table
+    from virtnet.bench.report import build_table, by_build, queues_table
 
-        console.print(queues_table(results, "queue pairs: aggregate rate, CPU seconds of each "
-                                            "side (its processes) and per packet (both)"))
+    builds = by_build(shown)
+    for label, recs in builds.items():  # the build in every title: one set of tables each
+        print_report(recs, f"{title}, {label}", console)
+        if args.queues:
+            console.print(queues_table([r for r in results if r["build"] == label],
+                                       "queue pairs: aggregate rate, CPU seconds of each side "
+                                       f"(its processes) and per packet (both), {label}"))
+    if len(builds) > 1:
+        console.print(build_table(shown, BUILDS_TITLE))
     if args.mode == "vhost-user":
         _round_trips(results, args, console)
     if args.json:
-        write_json(results, args.json, {"machine": machine, "argv": sys.argv[1:]})
+        write_json(results, args.json, _json_meta(machine))
     if args.plot:
-        write_plot(results, args.plot, "virtnet bench: " + " vs ".join(args.strategies))
+        plotted = shown
+        if len(builds) > 1:
+            plotted = [dict(r, strategy=f"{r['strategy']} {_tag(r)}") for r in shown]
+        write_plot(plotted, args.plot, "virtnet bench: " + " vs ".join(args.strategies))
     return 1 if integrity_problems(results) else 0
 
 
+BUILDS_TITLE = "compiled / pure: each case on both builds, in the same run"
+
+
+def _build_problem(args) -> str | None:
+    """Why a build ``--build`` names cannot run on this install, or None."""
+    from virtnet.bench.builds import unavailable
+
+    for tag in args.build or ():
+        why = unavailable(tag)
+        if why:
+            return f"--build {tag}: {why}"
+    return None
+
+
+def _tag(rec: dict) -> str:
+    from virtnet.bench.builds import tag_of
+
+    return tag_of(rec["build"])
+
+
+def _json_meta(machine: dict) -> dict:
+    from virtnet._build import build_name
+
+    # build: this process's; each record says the build that ran its case.
+    return {"machine": machine, "argv": sys.argv[1:], "build": build_name()}
+
+
 def _round_trips(results: list[dict], args, console) -> None:
-    """The latency next to the rates: a ping-pong per strategy, added to its records."""
+    """The latency next to the rates: a ping-pong per strategy (and build), added to its
+    records. With --build, the driver that times it runs in a child of each build."""
+    from virtnet.bench import builds
     from virtnet.bench.report import round_trip_table
     from virtnet.bench.rtt import round_trip
 
-    rtts = {s: round_trip(s, args.queue_size) for s in args.strategies}
+    rtts = {}
+    for tag in args.build or [""]:
+        for s in args.strategies:
+            rtts[s, tag] = (builds.round_trip(s, args.queue_size, tag) if tag
+                            else round_trip(s, args.queue_size))  # fmt: skip
     for rec in results:
-        rec["rtt_ms"] = rtts[rec["strategy"]]  # integrity_problems checks its echoes too
-    console.print(round_trip_table(rtts))
+        tag = _tag(rec) if args.build else ""
+        rec["rtt_ms"] = rtts[rec["strategy"], tag]  # integrity_problems checks its echoes too
+    console.print(round_trip_table({f"{s} {tag}".rstrip(): r for (s, tag), r in rtts.items()}))
 
 
 def _packets_problem(args) -> str | None:
@@ -469,10 +538,12 @@ def cmd_bench_tap(args) -> int:
         print("virtnet bench: --seconds must be > 0 and --runs >= 1", file=sys.stderr)
         return 2
     machine = machine_description()
+    from virtnet.bench.builds import BuildError
+
     try:
-        cases = tap_cases(args.strategies, seconds, runs, queues=args.queues)
+        cases = tap_cases(args.strategies, seconds, runs, queues=args.queues, builds=args.build)
         results = run_cases(cases, runner=run_tap_case)
-    except (TapBenchError, OSError, RuntimeError) as e:
+    except (TapBenchError, BuildError, OSError, RuntimeError) as e:
         print(f"virtnet bench --tap: {e}", file=sys.stderr)
         return 1
     title = (
@@ -480,17 +551,29 @@ def cmd_bench_tap(args) -> int:
         f"{machine['cpu']}, {machine['cores']} cores"
     )
     if args.queues:
-        from virtnet.bench.report import queues_table
         from virtnet.bench.tap import MQ_STREAMS
 
         title = title.replace("(iperf3,", f"(iperf3 -P {MQ_STREAMS},")
-        _console().print(queues_table(results, title))
-    else:
-        _console().print(tap_table(results, title))
+    from virtnet.bench.report import build_table, by_build, queues_table
+
+    console = _console()
+    shown = results
+    if args.queues:  # the queues table has a column for the pairs
+        shown = [dict(r, strategy=f"{r['strategy']} {r['queues']}q") if r["queues"] else r
+                 for r in results]  # fmt: skip
+    builds = by_build(results, shared=("veth", "relay"))  # the baselines: with each build
+    for label, recs in builds.items():
+        console.print((queues_table if args.queues else tap_table)(recs, f"{title}, {label}"))
+    if len(builds) > 1:
+        console.print(build_table(shown, BUILDS_TITLE))
     if args.json:
-        write_json(results, args.json, {"machine": machine, "argv": sys.argv[1:]})
+        write_json(results, args.json, _json_meta(machine))
     if args.plot:
-        write_plot(results, args.plot, "virtnet bench --tap: real TCP/UDP through virtnet")
+        plotted = results
+        if len(builds) > 1:
+            plotted = [dict(r, strategy=f"{r['strategy']} {_tag(r)}")
+                       if r["strategy"] not in ("veth", "relay") else r for r in results]
+        write_plot(plotted, args.plot, "virtnet bench --tap: real TCP/UDP through virtnet")
     return 1 if integrity_problems(results) else 0
 
 
@@ -716,6 +799,9 @@ def cmd_vhost_user(args) -> int:
     if pcap is not None:
         pcap.close()
     if args.json:
+        from virtnet._build import build_name
+
+        result["build"] = build_name()  # which build moved this process's packets
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return rc

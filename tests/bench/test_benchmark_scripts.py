@@ -7,6 +7,7 @@ Running them whole takes valgrind (callgrind_per_packet.py) or root and minutes
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,42 @@ def test_by_hand_rows_show_integrity_and_latency():
     notes = bh.table(rows, "t").columns[-1]._cells
     assert notes[0] == "ping 0.100/0.200/0.400 ms, 3 retransmits"
     assert notes[1].startswith("INTEGRITY {'lost': 2}")
+
+
+def test_the_build_table_gives_compiled_over_pure_per_queue_size():
+    ms = [cg.Measure(cg.Config("deferred", "host-to-guest", 64, 256, b), (1, 2), (100, 100 + n),
+                     label)
+          for b, n, label in (("pure", 99_000, "pure Python"),
+                              ("compiled", 33_000, "compiled (mypyc 2.4.1)"))]  # fmt: skip
+    table = cg.build_table(ms, "t")
+    assert [col.header for col in table.columns][-3:] == [
+        "queue 256 pure", "queue 256 compiled", "compiled/pure"]  # fmt: skip
+    assert [col._cells[0] for col in table.columns][-3:] == ["99,000", "33,000", "0.33x"]
+    assert ms[1].as_dict()["build"] == "compiled (mypyc 2.4.1)"  # the child's own word
+
+
+def test_the_child_says_which_build_it_ran():
+    from virtnet._build import PURE, PURE_ENV
+
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "callgrind_per_packet.py"), "--one",
+                           "deferred", "host-to-guest", "64", "64", "50"],
+                          capture_output=True, text=True, timeout=120,
+                          env=os.environ | {PURE_ENV: "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == [PURE, "50"]
+
+
+@pytest.mark.parametrize("build", ["compiled", "pure,compiled", "bogus"])
+def test_a_build_this_install_cannot_run_is_a_usage_error(build):
+    from virtnet._build import PURE_ENV, read_info
+
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "callgrind_per_packet.py"),
+                           "--build", build], capture_output=True, text=True, timeout=60,
+                          env=os.environ | {PURE_ENV: "1"})  # fmt: skip
+    assert proc.returncode == 2
+    if build == "bogus":
+        assert "--build bogus: choose from pure, compiled" in proc.stderr
+    elif read_info() is None:
+        assert "--build compiled: this install is pure Python: pip install ." in proc.stderr
+    else:
+        assert f"--build compiled: {PURE_ENV}=1 is set in the environment" in proc.stderr

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from virtnet._build import build_name
 from virtnet.net.constants import NAPI_POLL_WEIGHT
 from virtnet.net.features import SUPPORTED
 from virtnet.net.guest import GuestLayout, build_device, build_driver
@@ -45,11 +46,14 @@ class Case:
     xdp: str | None = None  # a built-in XDP program on the driver's rx (net/xdp.py)
     ring: str = "split"  # "packed": RING_PACKED negotiated, packed rings (VIRTIO 1.2, 2.8)
     queues: int = 1  # queue pairs (--mode vhost-user: one worker process per pair per side)
+    # "pure" or "compiled": run in processes of that build (bench/builds.py); "": this one's
+    build: str = ""
 
     def label(self) -> str:
         xdp = f" xdp:{self.xdp}" if self.xdp else ""
         pairs = f" {self.queues}q" if self.queues > 1 else ""
-        return f"{self.strategy} {self.direction} {self.payload}B{xdp}{pairs}"
+        build = f" {self.build}" if self.build else ""
+        return f"{self.strategy} {self.direction} {self.payload}B{xdp}{pairs}{build}"
 
 
 def make_pair(case: Case, netif_receive_skb: Callable[[SkBuff], None]):
@@ -243,6 +247,7 @@ def result_record(case: Case, mode: str, elapsed: float, sink: FrameSink, run) -
     st = sink.stats
     return {
         "mode": mode,
+        "build": build_name(),  # this process's: it moved the packets
         "strategy": case.strategy,
         "direction": case.direction,
         "payload": case.payload,

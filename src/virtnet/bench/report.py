@@ -9,6 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from virtnet._build import PURE
 from virtnet.bench.ping import rtt_text
 
 # The seed's two columns: "w/o patch" is the pre-patch code, "w/i patch" the seed;
@@ -235,6 +236,39 @@ def round_trip_table(rtts: dict[str, dict]) -> Table:
         vals = [r.get(k) for k in ("min_ms", "avg_ms", "max_ms")]
         table.add_row(s, f"{r['received']:,}", *(f"{v:.3f}" if v is not None else "-"
                                                   for v in vals))  # fmt: skip
+    return table
+
+
+def by_build(results: list[dict], shared: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+    """The records per build label (in the order they ran); ``shared`` strategies
+    (--tap's baselines, which run no virtnet build) go with every build."""
+    labels = dict.fromkeys(r["build"] for r in results if r["strategy"] not in shared)
+    return {b: [r for r in results if r["build"] == b or r["strategy"] in shared]
+            for b in labels}  # fmt: skip
+
+
+def build_table(results: list[dict], title: str) -> Table:
+    """--build pure,compiled: each case's rates on both builds and compiled / pure, for
+    the cases that ran on both (their label: "pure Python" or "compiled (mypyc ...)").
+    The ratio is of Mb/s; the frames of a case are all one size, so pps give the same."""
+    by: dict[tuple, dict[bool, list[dict]]] = {}
+    for r in results:
+        key = (r["direction"], r["payload"], r.get("protocol") or "", r["strategy"])
+        by.setdefault(key, {}).setdefault(r["build"] != PURE, []).append(r)
+    table = Table(title=title)
+    for name in ("direction", "frame", "strategy", "pure kpps", "compiled kpps", "pure Mb/s",
+                 "compiled Mb/s", "compiled/pure"):  # fmt: skip
+        table.add_column(name, justify="left" if name in ("direction", "strategy") else "right")
+    order = {x: i for i, x in enumerate(LINEAGE)}
+    for key in sorted(by, key=lambda k: (*k[:3], order.get(k[3], len(order)), k[3])):
+        direction, payload, proto, s = key
+        if len(by[key]) < 2:
+            continue  # one build only (a baseline): nothing to compare
+        pure, comp = by[key][False], by[key][True]
+        a, b = _avg(pure, "gbps"), _avg(comp, "gbps")
+        table.add_row(QUEUES_LABEL.get(direction, direction), proto or f"{payload}B", s,
+                      f"{_avg(pure, 'pps') / 1e3:,.0f}", f"{_avg(comp, 'pps') / 1e3:,.0f}",
+                      _mbps(pure), _mbps(comp), f"{b / a:.2f}x" if a and b else "-")  # fmt: skip
     return table
 
 

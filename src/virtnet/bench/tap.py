@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from virtnet._build import build_name
+from virtnet.bench.builds import child_env, processes_build
 from virtnet.bench.ping import parse_ping, ping_argv, ping_in, ping_timeout
 from virtnet.bench.runner import busy_share, cpu_ticks
 from virtnet.ports.iperf import IperfResult, run_iperf, start_client, start_server
@@ -65,11 +67,13 @@ class TapCase:
     seconds: float = 5.0
     queues: int | None = None  # virtnet's queue pairs (None: 1, and not a --queues run)
     streams: int = 1  # iperf3 -P
+    build: str = ""  # virtnet's processes: "pure", "compiled" (bench/builds.py) or as this one
 
     def label(self) -> str:
         pairs = f" {self.queues}q" if self.queues else ""
         streams = f" -P {self.streams}" if self.streams > 1 else ""
-        return f"{self.strategy} {self.direction} {self.protocol}{pairs}{streams}"
+        build = f" {self.build}" if self.build else ""
+        return f"{self.strategy} {self.direction} {self.protocol}{pairs}{streams}{build}"
 
 
 # virtnet_probe picks big/small buffers from the features, not from a wish: these are
@@ -136,6 +140,7 @@ def virtnet_path(
     workdir: str | None = None,
     device_args: tuple[str, ...] = (),
     queues: int = 1,
+    build: str = "",
 ) -> Iterator[VirtnetPath]:
     """Namespaces, taps, ``virtnet device`` and ``virtnet driver``, carrying pings.
 
@@ -145,7 +150,8 @@ def virtnet_path(
     ``features_off`` defaults to what ``strategy`` needs (FEATURES_OFF); the JSON,
     logs and pcaps go to ``workdir`` (default: a temporary directory, gone on exit,
     so read them before leaving the block). Everything is stopped and deleted on
-    exit, also when the body raises.
+    exit, also when the body raises. ``build``: "pure" or "compiled" for both processes
+    (bench/builds.py), "" for this process's own.
     """
     if features_off is None:
         features_off = FEATURES_OFF.get(strategy)
@@ -180,13 +186,14 @@ def virtnet_path(
         if pcap:
             dev_args += ["--pcap", out["device.pcap"]]
             drv_args += ["--pcap", out["driver.pcap"]]
-        dev = _start(stack, dev_args, fds_h, out["device.log"])
+        env = child_env(build)
+        dev = _start(stack, dev_args, fds_h, out["device.log"], env)
         deadline = time.monotonic() + READY_TIMEOUT
         while not os.path.exists(sock):
             if dev.poll() is not None or time.monotonic() > deadline:
                 raise TapBenchError(f"virtnet device did not listen: {_tail(out['device.log'])}")
             time.sleep(0.02)
-        drv = _start(stack, drv_args, fds_g, out["driver.log"])
+        drv = _start(stack, drv_args, fds_g, out["driver.log"], env)
         path = VirtnetPath(
             topo, guest, host, taps_g[0].name, taps_h[0].name, dev, drv,
             device_json=out["device.json"], driver_json=out["driver.json"],
@@ -203,13 +210,14 @@ def _tapfd(fds: list[int]) -> str:
 
 
 def _start(
-    stack: contextlib.ExitStack, args: list[str], fds: list[int], log_path: str
+    stack: contextlib.ExitStack, args: list[str], fds: list[int], log_path: str,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """A virtnet process holding ``fds``; stopped when ``stack`` closes (before the taps)."""
     # stderr to a file, not a pipe nobody reads: a chatty process must never block on it.
     with open(log_path, "w") as log:
         proc = subprocess.Popen(_virtnet(*args), pass_fds=fds, stdout=subprocess.DEVNULL,
-                                stderr=log)  # fmt: skip
+                                stderr=log, env=env)  # fmt: skip
     stack.callback(stop_process, proc)
     return proc
 
@@ -254,13 +262,14 @@ def _extra(case: TapCase) -> tuple[str, ...]:
 
 
 def run_virtnet_case(case: TapCase) -> dict:
-    with virtnet_path(case.strategy, queues=case.queues or 1) as path:
+    with virtnet_path(case.strategy, queues=case.queues or 1, build=case.build) as path:
         rtt = ping_in(path.guest, HOST_IP)
         before = cpu_ticks()
         result = _iperf(path.topo, path.guest, path.host, case)
         busy = busy_share(before, cpu_ticks())
         drv, dev = path.stop()
     rec = _record(case, result, drv.get("driver_stats", {}), dev.get("device_stats", {}), rtt)
+    rec["build"] = processes_build(case.build, drv, dev)  # what the processes ran
     if case.queues:
         rec.update(_cpu_record(drv, dev, case), machine_busy=busy)
     return rec
@@ -333,6 +342,9 @@ def _record(
 ) -> dict:
     rec = {
         "mode": "tap",
+        # A baseline runs no virtnet data plane (veth: the kernel; relay: this process,
+        # control-plane code): this process's build; run_virtnet_case puts its processes'.
+        "build": build_name(),
         "strategy": case.strategy,
         "direction": case.direction,
         "protocol": case.protocol,
@@ -370,26 +382,33 @@ def run_tap_case(case: TapCase, tick: Callable[[float], None] | None = None) -> 
 
 
 def tap_cases(
-    strategies: list[str], seconds: float, runs: int, queues: list[int] | None = None
+    strategies: list[str], seconds: float, runs: int, queues: list[int] | None = None,
+    builds: list[str] | None = None,
 ) -> list[TapCase]:
     """The seed's cases; with ``queues``, TCP both ways with MQ_STREAMS streams, each
-    strategy once per number of queue pairs in a run, next to the baselines."""
+    strategy once per number of queue pairs in a run, next to the baselines. With
+    ``builds``, each virtnet case once per build, one after the other (the baselines
+    run no virtnet build: once)."""
+    each = builds or [""]
+    cases = []
     if queues:
-        cases = []
         for direction in (GUEST_TO_HOST, HOST_TO_GUEST):
             cases += [TapCase(s, direction, "tcp", seconds, streams=MQ_STREAMS)
                       for s in ("veth", "relay")]  # fmt: skip
-            cases += [TapCase(s, direction, "tcp", seconds, queues=q, streams=MQ_STREAMS)
-                      for _ in range(runs) for s in strategies for q in queues]  # fmt: skip
+            cases += [TapCase(s, direction, "tcp", seconds, queues=q, streams=MQ_STREAMS,
+                              build=b)
+                      for _ in range(runs) for s in strategies for q in queues
+                      for b in each]  # fmt: skip
         return cases
-    cases = []
     for direction in (GUEST_TO_HOST, HOST_TO_GUEST):
         for s in ("veth", "relay"):
             cases.append(TapCase(s, direction, "tcp", seconds))
         for s in strategies:
-            cases += [TapCase(s, direction, "tcp", seconds) for _ in range(runs)]
+            cases += [TapCase(s, direction, "tcp", seconds, build=b)
+                      for _ in range(runs) for b in each]  # fmt: skip
     cases.append(TapCase("relay", HOST_TO_GUEST, "udp", seconds))
-    cases += [TapCase(s, HOST_TO_GUEST, "udp", seconds) for s in strategies]
+    cases += [TapCase(s, HOST_TO_GUEST, "udp", seconds, build=b)
+              for s in strategies for b in each]  # fmt: skip
     return cases
 
 

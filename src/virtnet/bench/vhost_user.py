@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable
 from itertools import zip_longest
 
+from virtnet.bench.builds import TURN, child_env, processes_build
 from virtnet.bench.embedded import HOST_TO_GUEST, Case
 from virtnet.bench.runner import busy_share, cpu_ticks
 from virtnet.virtio.features import VirtioF, has
 
-TURN = 1.0  # seconds per turn of one strategy
 START_TIMEOUT = 10.0
 
 
@@ -47,10 +47,11 @@ def _one_turn(case: Case, seconds: float, tmp: str) -> tuple[dict, dict]:
     dev_backend = f"gen:{case.payload}" if h2g else "sink"
     drv_backend = "sink" if h2g else f"gen:{case.payload}"
     pairs = ("--queues", str(case.queues))
+    env = child_env(case.build)  # both processes run the case's build
     dev = subprocess.Popen(
         _virtnet("device", "--socket-path", sock, "--backend", dev_backend,
                  "--json", dev_json, "--quiet", *pairs),
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + START_TIMEOUT
@@ -66,7 +67,7 @@ def _one_turn(case: Case, seconds: float, tmp: str) -> tuple[dict, dict]:
                      "--strategy", case.strategy, "--queue-size", str(case.queue_size),
                      "--seconds", f"{seconds:g}", "--json", drv_json, "--quiet", *ring, *pairs,
                      *(("--xdp", case.xdp) if case.xdp else ())),
-            capture_output=True, text=True, timeout=seconds + 30,
+            capture_output=True, text=True, timeout=seconds + 30, env=env,
         )  # fmt: skip
         if drv.returncode != 0:
             raise VhostUserBenchError(f"virtnet driver failed: {drv.stderr}")
@@ -86,6 +87,7 @@ def _one_turn(case: Case, seconds: float, tmp: str) -> tuple[dict, dict]:
         raise VhostUserBenchError(f"{case.ring} rings asked for, features {driver['features']:#x}")
     with open(dev_json) as f:
         device = json.load(f)
+    driver["build"] = processes_build(case.build, driver, device)
     if os.path.exists(sock):
         os.unlink(sock)
     return driver, device
@@ -115,6 +117,7 @@ def run_vhost_user_group(
 
 
 def _accumulate(acc: dict, driver: dict, device: dict) -> None:
+    acc["build"] = driver.get("build")  # the device's too (checked per turn)
     acc["seconds"] = acc.get("seconds", 0.0) + driver.get("seconds", 0.0)
     acc["cpu_seconds"] = acc.get("cpu_seconds", 0.0) + driver.get("cpu_seconds", 0.0)
     acc["device_cpu_seconds"] = acc.get("device_cpu_seconds", 0.0) + device.get("cpu_seconds", 0.0)
@@ -180,6 +183,7 @@ def _record(case: Case, acc: dict) -> dict:
     q = measured_queue(case)
     return {
         "mode": "vhost-user",
+        "build": acc.get("build"),  # of the device and driver processes
         "strategy": case.strategy,
         "direction": case.direction,
         "payload": case.payload,
