@@ -19,6 +19,8 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, final
 
 from virtnet.net.coalesce import IrqCoalescer
 from virtnet.net.device import VirtnetDevice
@@ -33,6 +35,11 @@ from virtnet.vhost_user.messages import close_fds
 from virtnet.vhost_user.rings import RingSpec, ring_views
 from virtnet.vhost_user.workermsg import recv_msg, send_msg
 from virtnet.virtio.errors import MemoryAccessError
+from virtnet.virtio.memory import GuestMemory
+from virtnet.virtio.ring.layout import PackedViews, VringViews
+
+if TYPE_CHECKING:
+    from virtnet.ports.pcap import PcapWriter  # imported at the first --pcap (dpkt is slow)
 
 log = logging.getLogger("virtnet.device")
 
@@ -55,6 +62,20 @@ def drain_eventfd(fd: int) -> None:
         pass
 
 
+def ring_pair(
+    mem: GuestMemory, spec: RingSpec
+) -> tuple[VringViews, VringViews] | tuple[PackedViews, PackedViews]:
+    """The pair's rx and tx rings in the mapped memory, both of the spec's kind."""
+    rx, tx = (ring_views(mem, spec.packed, spec.index(q), num, addr)
+              for q, (num, addr) in enumerate(spec.rings))  # fmt: skip
+    if isinstance(rx, PackedViews) and isinstance(tx, PackedViews):
+        return rx, tx
+    if isinstance(rx, VringViews) and isinstance(tx, VringViews):
+        return rx, tx
+    raise ValueError("the rx and tx rings are of different kinds")  # one spec.packed: never
+
+
+@final
 class PairLoop:
     """Serve one queue pair: its requests from the control process, its kicks, its back-end."""
 
@@ -73,16 +94,16 @@ class PairLoop:
         self.busy_poll = busy_poll
         self.faults = faults
         self.capture_path = capture_path
-        self.pcap = None
-        self.coalesce = {
+        self.pcap: PcapWriter | None = None
+        self.coalesce: dict[int, IrqCoalescer] = {
             RX_Q: IrqCoalescer(coalesce["rx-usecs"], coalesce["rx-frames"]),
             TX_Q: IrqCoalescer(coalesce["tx-usecs"], coalesce["tx-frames"]),
         }
         self._coalescing = any(c.enabled for c in self.coalesce.values())
         self.memory: MappedMemory | None = None
         self.dev: VirtnetDevice | None = None
-        self.kick = [-1, -1]
-        self.call = [-1, -1]
+        self.kick: list[int] = [-1, -1]  # [rx, tx] eventfds, -1: none
+        self.call: list[int] = [-1, -1]
         self.totals: dict[str, int] = {}  # devices of earlier ring starts
         self.running = True
         self._ep = select.epoll()
@@ -92,19 +113,22 @@ class PairLoop:
     # -- requests ---------------------------------------------------------------------
 
     def _on_request(self) -> None:
+        sock = self._sock
+        assert sock is not None  # serve() set it before it polls
         try:
-            request, fds = recv_msg(self._sock)
+            request, fds = recv_msg(sock)
         except (EOFError, OSError):
             self.running = False  # the control process is gone
             return
+        assert isinstance(request, tuple)  # (command, args...): WorkerHandle.call's
         name, *args = request
         try:
             value = getattr(self, "do_" + name)(*args, fds=fds)
         except (MappingError, MemoryAccessError, ValueError, OSError) as e:
             close_fds(fds)
-            send_msg(self._sock, ("error", str(e)))
+            send_msg(sock, ("error", str(e)))
             return
-        send_msg(self._sock, ("ok", value))
+        send_msg(sock, ("ok", value))
 
     def do_connect(self, fds: list[int]) -> None:
         for coal in self.coalesce.values():
@@ -141,9 +165,7 @@ class PairLoop:
         if self.memory is None:
             raise ValueError("a ring start before any memory table")
         mem = self.memory.memory
-        rings = tuple(ring_views(mem, spec.packed, spec.index(q), num, addr)
-                      for q, (num, addr) in enumerate(spec.rings))  # fmt: skip
-        dev = build_device(mem, rings, spec.features, spec.bases, spec.mtu)
+        dev = build_device(mem, ring_pair(mem, spec), spec.features, spec.bases, spec.mtu)
         if self.faults is not None:
             self.faults.install(dev)
         dev.capture = self._capture()
@@ -170,13 +192,13 @@ class PairLoop:
         self._rewatch()
         return bases
 
-    def do_stats(self, fds: list[int]) -> dict:
+    def do_stats(self, fds: list[int]) -> dict[str, object]:
         dev = [self.dev.stats.as_dict()] if self.dev is not None else []
         return {"device_stats": sum_stats([self.totals, *dev]),
                 "backend": self.backend.stats(),
                 "cpu_seconds": time.process_time()}  # fmt: skip
 
-    def do_exit(self, fds: list[int]) -> dict:
+    def do_exit(self, fds: list[int]) -> dict[str, object]:
         self.do_unmap(fds=[])
         self.running = False
         return self.do_stats(fds=[])
@@ -189,7 +211,7 @@ class PairLoop:
         new = [next(it) if present else -1 for present in mask]
         self.kick, self.call = [new[0], new[2]], [new[1], new[3]]
 
-    def _capture(self):
+    def _capture(self) -> Callable[[Sequence[memoryview], int], None] | None:
         if self.capture_path is None:
             return None
         if self.pcap is None:
@@ -224,7 +246,7 @@ class PairLoop:
         self._sock = sock
         self._ep.register(sock.fileno(), select.EPOLLIN)
         try:
-            self._loop()
+            self._loop(sock.fileno())
         finally:
             if self.dev is not None:
                 self.do_stop(fds=[])
@@ -232,28 +254,28 @@ class PairLoop:
                 self.pcap.close()
             self.backend.close()
 
-    def _loop(self) -> None:
+    def _loop(self, sock_fd: int) -> None:
         busy = False
         backend_ready = False
         passes = 0
-        sock_fd = self._sock.fileno()
         kicks = self.kick
+        ep = self._ep
         while self.running:
             passes += 1
             # While the rings keep us busy, ask epoll only every few passes: kicks
             # need no syscall to be seen (the avail index says it), and a level-
             # triggered fd is still reported on the next look.
-            events = self._ep.poll(self._poll_timeout(busy)) if not busy or passes % 4 == 0 else ()
-            for fd, _ev in events:
-                if fd == sock_fd:
-                    self._on_request()
-                    kicks = self.kick
-                elif fd in kicks:
-                    drain_eventfd(fd)
-                    # New rx buffers: a frame held for room may go in now.
-                    backend_ready |= fd == kicks[RX_Q]
-                elif fd in self._watched:
-                    backend_ready = True
+            if not busy or passes % 4 == 0:
+                for fd, _ev in ep.poll(self._poll_timeout(busy)):
+                    if fd == sock_fd:
+                        self._on_request()
+                        kicks = self.kick
+                    elif fd in kicks:
+                        drain_eventfd(fd)
+                        # New rx buffers: a frame held for room may go in now.
+                        backend_ready |= fd == kicks[RX_Q]
+                    elif fd in self._watched:
+                        backend_ready = True
             dev = self.dev
             busy = False
             if dev is not None:
@@ -308,7 +330,7 @@ class PairLoop:
     def _poll_timeout(self, busy: bool) -> float:
         """epoll's timeout: 0 when busy, else until the next held interrupt is due."""
         if busy:
-            return 0
+            return 0.0
         if not self._coalescing:
             return IDLE_POLL
         due = [d for c in self.coalesce.values() if (d := c.deadline()) is not None]

@@ -14,6 +14,8 @@ import logging
 import os
 import select
 import time
+from collections.abc import Callable
+from typing import final
 
 from virtnet.net.driver import VirtnetDriver
 from virtnet.net.guest import RX, TX
@@ -26,6 +28,7 @@ TX_BUDGET = 64
 IDLE_TIMEOUT = 0.2  # seconds the loop sleeps with nothing to do (an interrupt wakes it)
 
 
+@final
 class PairDriver:
     """One queue pair's driver and its event loop: interrupts in, kicks out, the
     back-end's frames both ways. ``virtnet driver`` runs pair 0 in-process with one
@@ -41,19 +44,20 @@ class PairDriver:
         self.busy_poll = busy_poll
         self.stop = False  # set by a watched fd's callback: the loop returns
         self.broken = ""  # a queue the device broke (BAD_RING): why the session ended
-        self._ep = None
+        self._ep: select.epoll | None = None  # while run() runs
         self._tap_watched = True
 
     def _kick(self, q: int) -> None:
         os.eventfd_write(self.kick[q], 1)
 
-    def run(self, running, watch: dict[int, object]) -> None:
+    def run(self, running: Callable[[], bool], watch: dict[int, Callable[[], object]]) -> None:
         """Serve the pair while ``running()``; ``watch``: more fds and their callbacks."""
         drv = self.drv
         ep = self._ep = select.epoll()
         self._tap_watched = True
-        ep.register(self.call[RX], select.EPOLLIN)
-        ep.register(self.call[TX], select.EPOLLIN)
+        call_rx, call_tx = self.call[RX], self.call[TX]
+        ep.register(call_rx, select.EPOLLIN)
+        ep.register(call_tx, select.EPOLLIN)
         for fd in watch:
             ep.register(fd, select.EPOLLIN)
         bfd = self.backend.fileno()
@@ -72,25 +76,24 @@ class PairDriver:
                 passes += 1
                 # Busy: look at the fds only every few passes (see PairLoop._loop).
                 if not busy or passes % 4 == 0:
-                    events = ep.poll(0 if busy else IDLE_TIMEOUT)
+                    events = ep.poll(0.0 if busy else IDLE_TIMEOUT)
+                    if not events and not busy:
+                        rx_pending, quiet_at = self._check_lost_irq(quiet_at)
+                    for fd, _ in events:
+                        if fd == call_rx:
+                            _drain(fd)
+                            rx_pending = True
+                        elif fd == call_tx:
+                            _drain(fd)
+                            tx_ready = True
+                        elif fd == bfd:
+                            tx_ready = True
+                        elif fd in watch:
+                            watch[fd]()
                 else:
                     # Between looks, the used index says what an rx interrupt would:
                     # a tx-busy pair still drains rx every pass (as NAPI would).
-                    events = ()
                     rx_pending = rx_pending or drv.rvq.more_used()
-                if not events and not busy:
-                    rx_pending, quiet_at = self._check_lost_irq(quiet_at)
-                for fd, _ in events:
-                    if fd == self.call[RX]:
-                        _drain(fd)
-                        rx_pending = True
-                    elif fd == self.call[TX]:
-                        _drain(fd)
-                        tx_ready = True
-                    elif fd == bfd:
-                        tx_ready = True
-                    elif fd in watch:
-                        watch[fd]()
                 if self.stop:
                     break
                 if rx_pending:
@@ -125,7 +128,7 @@ class PairDriver:
                                f"{2 * IDLE_TIMEOUT:g} s with no interrupt")  # fmt: skip
         return True, -1
 
-    def _spin(self, ep) -> bool:
+    def _spin(self, ep: select.epoll) -> bool:
         """Busy-poll the rx used ring (callbacks off: the device need not signal)
         and our fds for a while; re-arm callbacks before giving up."""
         rvq = self.drv.rvq
@@ -160,7 +163,7 @@ class PairDriver:
         drv.svq.disable_cb()
         return True
 
-    def drain_tx(self, timeout: float, watch: dict[int, object]) -> None:
+    def drain_tx(self, timeout: float, watch: dict[int, Callable[[], object]]) -> None:
         """Wait (bounded) until the back-end has used every tx buffer sent.
 
         A clean stop then loses nothing in flight, and both ends count the same
@@ -199,12 +202,11 @@ class PairDriver:
         if drv.rx.xdp is not None:
             drv.rx.xdp.tx_enabled = False  # likewise XDP_TX
         drv.poll(1 << 16)  # what the device finished before stopping
-        if hasattr(self.backend, "release"):
-            self.backend.release(drv)
+        self.backend.release(drv)
         self.backend.close()
         drv.remove()
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, object]:
         return {"driver_stats": self.drv.stats.as_dict(), "backend": self.backend.stats(),
                 "cpu_seconds": time.process_time()}  # fmt: skip
 
