@@ -20,12 +20,23 @@ from typing import final
 from virtnet.net.driver import VirtnetDriver
 from virtnet.net.guest import RX, TX
 from virtnet.ports.backends import DriverBackend, LoopbackDriver
+from virtnet.virtio.ring.layout import VRING_PACKED_EVENT_F_WRAP_CTR
+from virtnet.virtio.ring.packed import PackedQueueDriver
+from virtnet.virtio.ring.split import SplitQueueDriver
 
 log = logging.getLogger("virtnet.driver")
 
 NAPI_BUDGET = 64
 TX_BUDGET = 64
 IDLE_TIMEOUT = 0.2  # seconds the loop sleeps with nothing to do (an interrupt wakes it)
+
+
+def used_position(vq: SplitQueueDriver | PackedQueueDriver) -> int:
+    """How far the driver has taken used buffers: a split ring's last_used_idx, a
+    packed ring's slot and wrap counter (as its enable_cb_prepare puts them)."""
+    if isinstance(vq, PackedQueueDriver):
+        return vq.last_used | vq.used_wrap << VRING_PACKED_EVENT_F_WRAP_CTR
+    return vq.last_used_idx
 
 
 @final
@@ -121,7 +132,7 @@ class PairDriver:
         rvq = self.drv.rvq
         if not rvq.more_used():
             return False, -1
-        idx = rvq.last_used_idx
+        idx = used_position(rvq)
         if quiet_at != idx:
             return False, idx
         self.drv.faults.report("irq_drop", f"vq {rvq.index}: used buffers waited "
