@@ -65,6 +65,10 @@ DATA_PLANE: tuple[str, ...] = (
     "virtnet.net.ctrl",
     "virtnet.net.guest",
     "virtnet.ports.synthetic",
+    "virtnet.ports.tapio",
+    "virtnet.ports.backends",
+    "virtnet.vhost_user.device_loop",
+    "virtnet.vhost_user.driver_loop",
 )
 
 _PACKAGE_DIR = Path(__file__).resolve().parent

@@ -21,12 +21,19 @@ from __future__ import annotations
 
 import errno
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeAlias, final
 
+from virtnet._mypyc import mypyc_attr
 from virtnet.net.constants import GOOD_COPY_LEN, MAX_GSO_FRAME, PAGE_SIZE
+from virtnet.net.device import VirtnetDevice
+from virtnet.net.driver import VirtnetDriver
 from virtnet.net.header import MRG_HDR_LEN
 from virtnet.net.skb import PageFrag, SkBuff
 from virtnet.ports.synthetic import FrameGen, FrameSink
+
+if TYPE_CHECKING:
+    from virtnet.ports.tap import Tap
 
 BACKENDS = ("sink", "gen:SIZE", "loopback", "tap:IFNAME", "tapfd:FD[,FD...]")
 
@@ -49,6 +56,30 @@ class BackendError(ValueError):
     """A --backend value that names nothing virtnet has."""
 
 
+class TapQueue(Protocol):
+    """What a back-end asks of one queue (fd) of a tap: ports.tap.Tap, or a test's double."""
+
+    multi_queue: bool
+
+    def fileno(self) -> int: ...
+
+    def set_offload(self, offloads: int) -> None: ...
+
+    def set_queue_enabled(self, enabled: bool) -> None: ...
+
+    def readv_into(self, buffers: Sequence[memoryview | bytearray]) -> int: ...
+
+    def writev(self, buffers: Sequence[memoryview | bytes | bytearray]) -> int: ...
+
+    def close(self) -> None: ...
+
+
+# Where the taps of a --backend tap: or tapfd: come from: (kind, arg, queues) -> one
+# per queue (open_taps, or a test's); the one-queue form is (kind, arg) -> one.
+TapFactory: TypeAlias = Callable[[str, str, int], Sequence[TapQueue]]
+OneTapFactory: TypeAlias = Callable[[str, str], TapQueue]
+
+
 def parse_backend(spec: str) -> tuple[str, str]:
     kind, _, arg = spec.partition(":")
     if kind in ("sink", "loopback") and not arg:
@@ -68,7 +99,7 @@ def parse_backend(spec: str) -> tuple[str, str]:
 
 def strip_hdr(views: Sequence[memoryview], hdr_len: int) -> list[memoryview]:
     """The frame without its virtio-net header, which may span segments."""
-    out = []
+    out: list[memoryview] = []
     skip = hdr_len
     for v in views:
         if skip >= len(v):
@@ -82,11 +113,12 @@ def strip_hdr(views: Sequence[memoryview], hdr_len: int) -> list[memoryview]:
 # -- device side (host) -------------------------------------------------------
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Backend:
     """What both ends share: a sink that checks what arrives, an optional fd to
     poll, the negotiated features, and the counters."""
 
-    name = ""
+    name: ClassVar[str] = ""
 
     def __init__(self) -> None:
         self.sink = FrameSink()
@@ -105,7 +137,7 @@ class Backend:
         detaches a stopped pair's queue, as QEMU does, so the kernel steers its flows
         to the queues still running)."""
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         st = self.sink.stats
         return {"sink_packets": st.packets, "sink_bytes": st.bytes, "sink_corrupt": st.corrupt,
                 "sink_lost": st.lost, "sink_reordered": st.reordered,
@@ -115,6 +147,7 @@ class Backend:
         pass
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class DeviceBackend(Backend):
     """The host end of a virtnet device."""
 
@@ -122,7 +155,7 @@ class DeviceBackend(Backend):
         """Whether host→guest frames are waiting without an fd to say so."""
         return False
 
-    def fill_rx(self, dev, budget: int) -> int:
+    def fill_rx(self, dev: VirtnetDevice, budget: int) -> int:
         """Deliver up to ``budget`` host→guest frames; returns how many."""
         return 0
 
@@ -136,12 +169,14 @@ class DeviceBackend(Backend):
         return True
 
 
+@final
 class SinkDevice(DeviceBackend):
-    name = "sink"
+    name: ClassVar[str] = "sink"
 
 
+@final
 class GenDevice(DeviceBackend):
-    name = "gen"
+    name: ClassVar[str] = "gen"
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -158,7 +193,7 @@ class GenDevice(DeviceBackend):
     def has_rx(self) -> bool:
         return True
 
-    def fill_rx(self, dev, budget: int) -> int:
+    def fill_rx(self, dev: VirtnetDevice, budget: int) -> int:
         gen = self.gen
         n = 0
         while n < budget and dev.has_room(gen.size):
@@ -167,14 +202,15 @@ class GenDevice(DeviceBackend):
             n += 1
         return n
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         return super().stats() | {"gen_packets": self.sent_before + self.gen.seq}
 
 
+@final
 class LoopbackDevice(DeviceBackend):
     """Echo: every tx frame (header included) is queued for the rx ring."""
 
-    name = "loopback"
+    name: ClassVar[str] = "loopback"
 
     def __init__(self) -> None:
         super().__init__()
@@ -198,7 +234,7 @@ class LoopbackDevice(DeviceBackend):
         self.sink.stats.bytes += frame_len
         return True
 
-    def fill_rx(self, dev, budget: int) -> int:
+    def fill_rx(self, dev: VirtnetDevice, budget: int) -> int:
         q = self.queue
         n = 0
         while q and n < budget:
@@ -211,18 +247,19 @@ class LoopbackDevice(DeviceBackend):
             n += 1
         return n
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         # Every echo is delivered, dropped (queue full) or still queued: nothing vanishes.
         return super().stats() | {"loopback_dropped": self.dropped,
                                   "loopback_queued": len(self.queue)}  # fmt: skip
 
 
+@final
 class TapDevice(DeviceBackend):
     """A TAP device: guest frames are written to it, its frames go to the guest."""
 
-    name = "tap"
+    name: ClassVar[str] = "tap"
 
-    def __init__(self, tap) -> None:
+    def __init__(self, tap: TapQueue) -> None:
         super().__init__()
         self.tap = tap
         self.tx_eagain = 0
@@ -260,7 +297,7 @@ class TapDevice(DeviceBackend):
         st.bytes += frame_len
         return True
 
-    def fill_rx(self, dev, budget: int) -> int:
+    def fill_rx(self, dev: VirtnetDevice, budget: int) -> int:
         readv = self.tap.readv_into
         n = 0
         while n < budget:
@@ -273,7 +310,7 @@ class TapDevice(DeviceBackend):
             n += 1
         return n
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         return super().stats() | {"tap_tx_eagain": self.tx_eagain, "tap_tx_errors": self.tx_errors}
 
     def close(self) -> None:
@@ -283,6 +320,7 @@ class TapDevice(DeviceBackend):
 # -- driver side (guest) ------------------------------------------------------
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # bench.rtt.EchoProbe, interpreted
 class DriverBackend(Backend):
     """The guest stack above a virtnet driver."""
 
@@ -293,9 +331,12 @@ class DriverBackend(Backend):
         self.sink.receive(skb.to_bytes())
         skb.free()
 
-    def produce(self, drv, budget: int) -> int:
+    def produce(self, drv: VirtnetDriver, budget: int) -> int:
         """Transmit up to ``budget`` guest→host frames; returns how many."""
         return 0
+
+    def release(self, drv: VirtnetDriver) -> None:
+        """The rings are stopped: give back what is held of the driver's pages."""
 
     def xdp_redirect(self, views: list[memoryview]) -> bool:
         """XDP_REDIRECT to this port: the frame without an skb (views valid only now)."""
@@ -303,13 +344,15 @@ class DriverBackend(Backend):
         return True
 
 
+@final
 class SinkDriver(DriverBackend):
-    name = "sink"
+    name: ClassVar[str] = "sink"
 
 
-def skb_from_gen(drv, gen: FrameGen) -> SkBuff | None:
+def skb_from_gen(drv: VirtnetDriver, gen: FrameGen) -> SkBuff | None:
     """Build the next frame the way a guest stack does: prefix in the head, data in pages."""
-    prefix, data = gen.peek()
+    prefix = gen.prefix()
+    data = gen.payload()
     if len(data) > GOOD_COPY_LEN and drv.pool.available < len(data) // PAGE_SIZE + 1:
         return None  # the socket's send buffer is full: wait for tx completions
     skb = drv.skbs.alloc(GOOD_COPY_LEN)
@@ -324,6 +367,7 @@ def skb_from_gen(drv, gen: FrameGen) -> SkBuff | None:
     alloc_page = drv.pool.alloc_page
     for off in range(0, len(data), PAGE_SIZE):
         page = alloc_page()
+        assert page is not None  # pool.available was checked above for a paged frame
         chunk = data[off : off + PAGE_SIZE]
         page.view[: len(chunk)] = chunk
         skb.add_frag(page, 0, len(chunk))
@@ -331,8 +375,9 @@ def skb_from_gen(drv, gen: FrameGen) -> SkBuff | None:
     return skb
 
 
+@final
 class GenDriver(DriverBackend):
-    name = "gen"
+    name: ClassVar[str] = "gen"
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -342,7 +387,7 @@ class GenDriver(DriverBackend):
     def has_tx(self) -> bool:
         return True
 
-    def produce(self, drv, budget: int) -> int:
+    def produce(self, drv: VirtnetDriver, budget: int) -> int:
         n = 0
         while n < budget:
             skb = self.pending or skb_from_gen(drv, self.gen)
@@ -355,7 +400,7 @@ class GenDriver(DriverBackend):
             n += 1
         return n
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         return super().stats() | {"gen_packets": self.gen.seq}
 
     def close(self) -> None:
@@ -364,14 +409,15 @@ class GenDriver(DriverBackend):
             self.pending = None
 
 
+@final
 class LoopbackDriver(DriverBackend):
     """The guest echoes every frame it receives (rx skb → tx, frags not copied)."""
 
-    name = "loopback"
+    name: ClassVar[str] = "loopback"
 
     def __init__(self) -> None:
         super().__init__()
-        self.drv = None
+        self.drv: VirtnetDriver | None = None  # set once the driver is built
         self.dropped = 0
 
     def netif_receive_skb(self, skb: SkBuff) -> None:
@@ -385,10 +431,11 @@ class LoopbackDriver(DriverBackend):
             self.dropped += 1
             skb.free()
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         return super().stats() | {"loopback_dropped": self.dropped}
 
 
+@final
 class TapDriver(DriverBackend):
     """A TAP device as the guest's stack: rx skbs are written to it, its frames sent.
 
@@ -397,9 +444,9 @@ class TapDriver(DriverBackend):
     contiguous runs — two or three tx descriptors, not 17.
     """
 
-    name = "tap"
+    name: ClassVar[str] = "tap"
 
-    def __init__(self, tap) -> None:
+    def __init__(self, tap: TapQueue) -> None:
         super().__init__()
         self.tap = tap
         self.hdr = bytearray(MRG_HDR_LEN)
@@ -438,7 +485,7 @@ class TapDriver(DriverBackend):
             self.rx_errors += 1
         skb.free()
 
-    def produce(self, drv, budget: int) -> int:
+    def produce(self, drv: VirtnetDriver, budget: int) -> int:
         n = 0
         if self.pending is not None:
             # The ring was full: send the held frame first, and read nothing more until
@@ -475,7 +522,7 @@ class TapDriver(DriverBackend):
     def has_tx(self) -> bool:
         return self.pending is not None  # retry it without waiting for the tap
 
-    def release(self, drv) -> None:
+    def release(self, drv: VirtnetDriver) -> None:
         if self.frag is not None:
             self.frag.release()
         if self.pending is not None:
@@ -486,21 +533,19 @@ class TapDriver(DriverBackend):
         self.tap.close()
 
 
-# A tap factory for N queue pairs: (kind, arg, queues) -> one Tap per queue.
-# device_backend/driver_backend keep the one-queue form: (kind, arg) -> Tap.
-
-
-def device_backend(spec: str, tap_factory=None) -> DeviceBackend:
+def device_backend(spec: str, tap_factory: OneTapFactory | None = None) -> DeviceBackend:
     """The backend of a one-queue-pair device."""
     return device_backends(spec, 1, _one_queue(tap_factory))[0]
 
 
-def driver_backend(spec: str, tap_factory=None) -> DriverBackend:
+def driver_backend(spec: str, tap_factory: OneTapFactory | None = None) -> DriverBackend:
     """The backend of a one-queue-pair driver."""
     return driver_backends(spec, 1, _one_queue(tap_factory))[0]
 
 
-def device_backends(spec: str, queues: int, tap_factory=None) -> list[DeviceBackend]:
+def device_backends(
+    spec: str, queues: int, tap_factory: TapFactory | None = None
+) -> list[DeviceBackend]:
     """One backend per queue pair, each for the worker that serves that pair.
 
     A tap gives each pair one queue (fd) of a multi-queue tap; the others each get an
@@ -517,7 +562,9 @@ def device_backends(spec: str, queues: int, tap_factory=None) -> list[DeviceBack
     return [LoopbackDevice() for _ in range(queues)]
 
 
-def driver_backends(spec: str, queues: int, tap_factory=None) -> list[DriverBackend]:
+def driver_backends(
+    spec: str, queues: int, tap_factory: TapFactory | None = None
+) -> list[DriverBackend]:
     """:func:`device_backends` for the driver's side."""
     kind, arg = parse_backend(spec)
     _check_queues(spec, queues)
@@ -530,7 +577,7 @@ def driver_backends(spec: str, queues: int, tap_factory=None) -> list[DriverBack
     return [LoopbackDriver() for _ in range(queues)]
 
 
-def open_taps(kind: str, arg: str, queues: int) -> list:
+def open_taps(kind: str, arg: str, queues: int) -> list[Tap]:
     """The taps of ``tap:IFNAME`` / ``tapfd:FD,...``: one per queue pair."""
     from virtnet.ports.tap import Tap, TapError, open_tap, open_tap_queues
 
@@ -584,7 +631,7 @@ def _check_queues(spec: str, queues: int) -> None:
         raise BackendError(f"--backend {spec}: {queues!r} queue pairs; at least 1 is needed")
 
 
-def _one_queue(tap_factory):
+def _one_queue(tap_factory: OneTapFactory | None) -> TapFactory | None:
     if tap_factory is None:
         return None
     return lambda kind, arg, queues: [tap_factory(kind, arg)]

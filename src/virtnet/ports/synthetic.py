@@ -11,7 +11,9 @@ only copy, as a NIC's DMA would be).
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final, final
 
 from virtnet.net.constants import ETH_HLEN
 from virtnet.net.header import (
@@ -20,16 +22,16 @@ from virtnet.net.header import (
     VIRTIO_NET_HDR_GSO_TCPV4,
 )
 
-ETH_P_LOCAL_EXP = 0x88B5
-SRC_MAC = bytes.fromhex("525400000002")
-DST_MAC = bytes.fromhex("525400000001")
-_ETH = struct.Struct("!6s6sH")
-_SEQ = struct.Struct("<Q")
-PREFIX_LEN = ETH_HLEN + _SEQ.size  # 22
-MIN_FRAME = PREFIX_LEN
-MAX_FRAME = 65536 + ETH_HLEN
-PATTERN = bytes(range(256)) * ((MAX_FRAME + 512) // 256)
-_PATTERN_VIEW = memoryview(PATTERN)
+ETH_P_LOCAL_EXP: Final = 0x88B5
+SRC_MAC: Final = bytes.fromhex("525400000002")
+DST_MAC: Final = bytes.fromhex("525400000001")
+_ETH: Final = struct.Struct("!6s6sH")
+_SEQ: Final = struct.Struct("<Q")
+PREFIX_LEN: Final = ETH_HLEN + _SEQ.size  # 22
+MIN_FRAME: Final = PREFIX_LEN
+MAX_FRAME: Final = 65536 + ETH_HLEN
+PATTERN: Final = bytes(range(256)) * ((MAX_FRAME + 512) // 256)
+_PATTERN_VIEW: Final = memoryview(PATTERN)
 # netperf TCP_STREAM over mtu 1500: MSS 1448, so GSO frames are cut in 1448-byte segments.
 TCP_MSS = 1448
 ACK_FRAME = 66  # Ethernet + IPv4 + TCP with timestamps, no payload
@@ -51,6 +53,7 @@ def pattern_view(seq: int, frame_len: int) -> memoryview:
     return _PATTERN_VIEW[off : off + frame_len - PREFIX_LEN]
 
 
+@final
 class FrameGen:
     """Frames of ``size`` bytes (>= 22), numbered from 0."""
 
@@ -63,9 +66,17 @@ class FrameGen:
         self.dst = dst
         self.hdr = vnet_hdr_for(size)
 
-    def peek(self) -> list:
+    def peek(self) -> list[bytes | memoryview]:
         """The next frame as [prefix, pattern view] without consuming it."""
-        return [frame_prefix(self.seq, self.src, self.dst), pattern_view(self.seq, self.size)]
+        return [self.prefix(), self.payload()]
+
+    def prefix(self) -> bytes:
+        """The next frame's Ethernet header and sequence number."""
+        return frame_prefix(self.seq, self.src, self.dst)
+
+    def payload(self) -> memoryview:
+        """The rest of the next frame: a view of the pattern."""
+        return pattern_view(self.seq, self.size)
 
     def advance(self) -> None:
         self.seq += 1
@@ -77,6 +88,7 @@ class FrameGen:
         dst[PREFIX_LEN : self.size] = pattern_view(seq, self.size)
 
 
+@final
 @dataclass
 class SinkStats:
     packets: int = 0
@@ -88,17 +100,18 @@ class SinkStats:
     errors: list[str] = field(default_factory=list)
 
 
+@final
 class FrameSink:
     """Checks every byte of every frame against the generator's pattern."""
 
-    MAX_ERRORS_KEPT = 10
+    MAX_ERRORS_KEPT: Final = 10
 
     def __init__(self, verify: bool = True) -> None:
         self.stats = SinkStats()
         self.expected = 0
         self.verify = verify
 
-    def receive(self, frame) -> bool:
+    def receive(self, frame: bytes | bytearray | Sequence[memoryview | bytes]) -> bool:
         """``frame`` is bytes or a list of views (header excluded); True if intact."""
         data = frame if isinstance(frame, (bytes, bytearray)) else b"".join(frame)
         st = self.stats
@@ -109,7 +122,7 @@ class FrameSink:
             return True
         if not self.verify:
             return True
-        seq = _SEQ.unpack_from(data, ETH_HLEN)[0]
+        seq: int = _SEQ.unpack_from(data, ETH_HLEN)[0]
         if seq != self.expected:
             if seq > self.expected:
                 st.lost += seq - self.expected

@@ -31,8 +31,9 @@ import fcntl
 import os
 import socket
 import struct
-from collections.abc import Sequence
 from types import TracebackType
+
+from virtnet.ports.tapio import TapIO
 
 TUN_PATH = "/dev/net/tun"
 
@@ -148,8 +149,22 @@ def offloads_for_host_features(features: int) -> int:
     return flags
 
 
-class Tap:
-    """An open, configured tap: one fd, one frame per read, vnet header first."""
+class Tap(TapIO):
+    """An open, configured tap: one fd, one frame per read, vnet header first.
+
+    Reading and writing frames (``readv_into``, ``writev``), ``fileno`` and
+    ``close`` are :class:`~virtnet.ports.tapio.TapIO`'s, compiled with the data
+    plane; opening and configuring it, here.
+    """
+
+    def __init__(
+        self, fd: int, name: str, vnet_hdr_size: int, offloads: int, *, multi_queue: bool = False
+    ) -> None:
+        super().__init__(fd, name)
+        self.vnet_hdr_size = vnet_hdr_size
+        self.offloads = offloads
+        self.multi_queue = multi_queue  # this fd is one queue of an IFF_MULTI_QUEUE tap
+        self.queue_enabled = True  # False: detached by set_queue_enabled, gets no frames
 
     @classmethod
     def from_fd(cls, fd: int) -> Tap:
@@ -161,12 +176,15 @@ class Tap:
             fcntl.ioctl(fd, TUNGETVNETHDRSZ, hdr)
         except OSError as e:
             raise TapError(e.errno, f"fd {fd} is not a tap: {e.strerror}") from None
+        name: bytes
+        flags: int
         name, flags = IFREQ.unpack(ifr)
         if not flags & IFF_VNET_HDR or flags & IFF_TUN:
             raise TapError(errno.EINVAL, f"fd {fd}: a tap without IFF_VNET_HDR ({flags:#x})")
         os.set_blocking(fd, False)
         # One fd of a multi-queue tap is one queue of it: adopt it like any other.
-        return cls(fd, name.rstrip(b"\0").decode(), INT.unpack(hdr)[0], -1,
+        hdr_size: int = INT.unpack(hdr)[0]
+        return cls(fd, name.rstrip(b"\0").decode(), hdr_size, -1,
                    multi_queue=bool(flags & IFF_MULTI_QUEUE))  # fmt: skip
 
     def set_offload(self, offloads: int) -> None:
@@ -195,53 +213,19 @@ class Tap:
             raise TapError(e.errno, f"tap {self.name}: TUNSETQUEUE {verb}: {e.strerror}") from None
         self.queue_enabled = enabled
 
-    def __init__(
-        self, fd: int, name: str, vnet_hdr_size: int, offloads: int, *, multi_queue: bool = False
-    ) -> None:
-        self._fd = fd
-        self.name = name
-        self.vnet_hdr_size = vnet_hdr_size
-        self.offloads = offloads
-        self.multi_queue = multi_queue  # this fd is one queue of an IFF_MULTI_QUEUE tap
-        self.queue_enabled = True  # False: detached by set_queue_enabled, gets no frames
-
-    def fileno(self) -> int:
-        if self._fd < 0:
-            raise ValueError(f"tap {self.name}: I/O on a closed tap")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def readv_into(self, buffers: Sequence[memoryview | bytearray]) -> int:
-        """Read one frame, vnet header first, into ``buffers``; return its length.
-
-        Raises BlockingIOError when no frame is queued (the fd is non-blocking).
-        """
-        return os.readv(self.fileno(), buffers)
-
-    def writev(self, buffers: Sequence[memoryview | bytes | bytearray]) -> int:
-        """Write one frame (vnet header in the first bytes) with a single syscall."""
-        return os.writev(self.fileno(), buffers)
-
     def flags(self) -> int:
         """The IFF_* flags the kernel holds for this tap (TUNGETIFF)."""
         ifr = bytearray(IFREQ.size)
         fcntl.ioctl(self.fileno(), TUNGETIFF, ifr)
-        return IFREQ.unpack(ifr)[1]
+        flags: int = IFREQ.unpack(ifr)[1]
+        return flags
 
     def kernel_vnet_hdr_size(self) -> int:
         """The vnet header size the kernel uses for this tap (TUNGETVNETHDRSZ)."""
         buf = bytearray(INT.size)
         fcntl.ioctl(self.fileno(), TUNGETVNETHDRSZ, buf)
-        return INT.unpack(buf)[0]
-
-    def close(self) -> None:
-        # Closing the last fd of a non-persistent tap deletes the device, wherever it lives.
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
+        size: int = INT.unpack(buf)[0]
+        return size
 
     def __enter__(self) -> Tap:
         return self
@@ -363,7 +347,8 @@ def _set_iff(fd: int, encoded: bytes, name: str, iff: int) -> str:
         fcntl.ioctl(fd, TUNSETIFF, ifr)
     except OSError as e:
         raise TapError(e.errno, _tunsetiff_reason(name, iff, e)) from None
-    return IFREQ.unpack(ifr)[0].rstrip(b"\0").decode()
+    name_field: bytes = IFREQ.unpack(ifr)[0]
+    return name_field.rstrip(b"\0").decode()
 
 
 def _tunsetiff_reason(name: str, iff: int, e: OSError) -> str:

@@ -1,0 +1,364 @@
+"""One queue pair's device loop: its kicks, its back-end, its interrupts.
+
+What vhost-net's worker thread does for a virtqueue pair (drivers/vhost/net.c
+``handle_tx`` / ``handle_rx``), run in a worker process of its own
+(``worker.spawn_worker``): epoll over the kick eventfds, the back-end's fd and
+the request socket from the control process, a budget of packets per ring per
+pass, and the call eventfds written when the driver asked for an interrupt
+(or held a while, ``--coalesce``).
+
+The requests (``do_*``) hand the loop its memory table, rings and eventfds;
+the control process keeps the vhost-user session and never touches guest
+memory itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, final
+
+from virtnet.net.coalesce import IrqCoalescer
+from virtnet.net.device import VirtnetDevice
+from virtnet.net.faults import FaultPlan
+from virtnet.net.guest import RX as RX_Q
+from virtnet.net.guest import TX as TX_Q
+from virtnet.net.guest import build_device
+from virtnet.net.mq import sum_stats
+from virtnet.ports.backends import DeviceBackend
+from virtnet.vhost_user.mapping import MappedMemory, MappingError
+from virtnet.vhost_user.messages import close_fds
+from virtnet.vhost_user.rings import RingSpec, ring_views
+from virtnet.vhost_user.workermsg import recv_msg, send_msg
+from virtnet.virtio.errors import MemoryAccessError
+from virtnet.virtio.memory import GuestMemory
+from virtnet.virtio.ring.layout import PackedViews, VringViews
+
+if TYPE_CHECKING:
+    from virtnet.ports.pcap import PcapWriter  # imported at the first --pcap (dpkt is slow)
+
+log = logging.getLogger("virtnet.device")
+
+BUDGET = 64  # packets per ring per loop pass (vhost-net's VHOST_NET_WEIGHT spirit)
+IDLE_POLL = 0.2  # seconds epoll waits with nothing due
+
+
+def signal_call(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError as e:
+            log.warning("call eventfd %d: %s", fd, e)
+
+
+def drain_eventfd(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+def ring_pair(
+    mem: GuestMemory, spec: RingSpec
+) -> tuple[VringViews, VringViews] | tuple[PackedViews, PackedViews]:
+    """The pair's rx and tx rings in the mapped memory, both of the spec's kind."""
+    rx, tx = (ring_views(mem, spec.packed, spec.index(q), num, addr)
+              for q, (num, addr) in enumerate(spec.rings))  # fmt: skip
+    if isinstance(rx, PackedViews) and isinstance(tx, PackedViews):
+        return rx, tx
+    if isinstance(rx, VringViews) and isinstance(tx, VringViews):
+        return rx, tx
+    raise ValueError("the rx and tx rings are of different kinds")  # one spec.packed: never
+
+
+@final
+class PairLoop:
+    """Serve one queue pair: its requests from the control process, its kicks, its back-end."""
+
+    def __init__(
+        self,
+        pair: int,
+        backend: DeviceBackend,
+        *,
+        coalesce: dict[str, int],
+        busy_poll: float = 0.0,
+        faults: FaultPlan | None = None,
+        capture_path: str | None = None,
+    ) -> None:
+        self.pair = pair
+        self.backend = backend
+        self.busy_poll = busy_poll
+        self.faults = faults
+        self.capture_path = capture_path
+        self.pcap: PcapWriter | None = None
+        self.coalesce: dict[int, IrqCoalescer] = {
+            RX_Q: IrqCoalescer(coalesce["rx-usecs"], coalesce["rx-frames"]),
+            TX_Q: IrqCoalescer(coalesce["tx-usecs"], coalesce["tx-frames"]),
+        }
+        self._coalescing = any(c.enabled for c in self.coalesce.values())
+        self.memory: MappedMemory | None = None
+        self.dev: VirtnetDevice | None = None
+        self.kick: list[int] = [-1, -1]  # [rx, tx] eventfds, -1: none
+        self.call: list[int] = [-1, -1]
+        self.totals: dict[str, int] = {}  # devices of earlier ring starts
+        self.running = True
+        self._ep = select.epoll()
+        self._sock: socket.socket | None = None
+        self._watched: set[int] = set()
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _on_request(self) -> None:
+        sock = self._sock
+        assert sock is not None  # serve() set it before it polls
+        try:
+            request, fds = recv_msg(sock)
+        except (EOFError, OSError):
+            self.running = False  # the control process is gone
+            return
+        assert isinstance(request, tuple)  # (command, args...): WorkerHandle.call's
+        name, *args = request
+        try:
+            value = getattr(self, "do_" + name)(*args, fds=fds)
+        except (MappingError, MemoryAccessError, ValueError, OSError) as e:
+            close_fds(fds)
+            send_msg(sock, ("error", str(e)))
+            return
+        send_msg(sock, ("ok", value))
+
+    def do_connect(self, fds: list[int]) -> None:
+        for coal in self.coalesce.values():
+            coal.owed = 0  # an interrupt held for the old rings means nothing now
+        self.backend.on_connect()
+
+    def do_features(self, features: int, fds: list[int]) -> None:
+        self.backend.on_features(features)
+
+    def do_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
+        """Map the front-end's memory table: (gpa, size, uva, mmap_offset) per fd."""
+        self.do_unmap(fds=[])
+        memory = MappedMemory()
+        try:
+            for (gpa, size, uva, offset), fd in zip(regions, fds, strict=True):
+                memory.add(fd, gpa, size, uva, offset)
+        except Exception:
+            memory.close()
+            raise
+        finally:
+            close_fds(fds)
+        self.memory = memory
+
+    def do_unmap(self, fds: list[int]) -> None:
+        self.do_stop(fds=[])
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+    def do_start(self, spec: RingSpec, fds: list[int]) -> None:
+        """Run the pair's device: ``fds`` are the kick/call eventfds ``spec.fd_mask`` names."""
+        self.do_stop(fds=[])
+        self._take_fds(spec.fd_mask, fds)
+        if self.memory is None:
+            raise ValueError("a ring start before any memory table")
+        mem = self.memory.memory
+        dev = build_device(mem, ring_pair(mem, spec), spec.features, spec.bases, spec.mtu)
+        if self.faults is not None:
+            self.faults.install(dev)
+        dev.capture = self._capture()
+        self.dev = dev
+        self.backend.on_queue_enabled(True)
+        self._rewatch()
+
+    def do_fds(self, fd_mask: tuple[bool, bool, bool, bool], fds: list[int]) -> None:
+        """New kick/call eventfds for a running pair (QEMU re-sends calls at run time)."""
+        self._take_fds(fd_mask, fds)
+        self._rewatch()
+
+    def do_stop(self, fds: list[int]) -> tuple[int, int] | None:
+        """Stop the device; where each ring stopped (GET_VRING_BASE), or None if idle."""
+        dev = self.dev
+        bases = None
+        if dev is not None:
+            dev.reset()
+            bases = dev.last_avail_idx
+            self.totals = sum_stats([self.totals, dev.stats.as_dict()])
+            self.dev = None
+            self.backend.on_queue_enabled(False)
+        self._take_fds((False,) * 4, [])
+        self._rewatch()
+        return bases
+
+    def do_stats(self, fds: list[int]) -> dict[str, object]:
+        dev = [self.dev.stats.as_dict()] if self.dev is not None else []
+        return {"device_stats": sum_stats([self.totals, *dev]),
+                "backend": self.backend.stats(),
+                "cpu_seconds": time.process_time()}  # fmt: skip
+
+    def do_exit(self, fds: list[int]) -> dict[str, object]:
+        self.do_unmap(fds=[])
+        self.running = False
+        return self.do_stats(fds=[])
+
+    def _take_fds(self, mask: tuple[bool, ...], fds: list[int]) -> None:
+        old = [fd for fd in (*self.kick, *self.call) if fd >= 0]
+        self._unwatch_all()
+        close_fds(old)
+        it = iter(fds)
+        new = [next(it) if present else -1 for present in mask]
+        self.kick, self.call = [new[0], new[2]], [new[1], new[3]]
+
+    def _capture(self) -> Callable[[Sequence[memoryview], int], None] | None:
+        if self.capture_path is None:
+            return None
+        if self.pcap is None:
+            from virtnet.net.header import MRG_HDR_LEN
+            from virtnet.ports.pcap import PcapWriter
+
+            self.pcap = PcapWriter(self.capture_path, MRG_HDR_LEN)
+        return self.pcap.write_views
+
+    # -- fds to watch -----------------------------------------------------------------
+
+    def _unwatch_all(self) -> None:
+        for fd in self._watched:
+            try:
+                self._ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        self._watched.clear()
+
+    def _rewatch(self) -> None:
+        self._unwatch_all()
+        if self.dev is None:
+            return
+        for fd in (*self.kick, self.backend.fileno()):
+            if fd is not None and fd >= 0:
+                self._ep.register(fd, select.EPOLLIN)
+                self._watched.add(fd)
+
+    # -- the data path ----------------------------------------------------------------
+
+    def serve(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._ep.register(sock.fileno(), select.EPOLLIN)
+        try:
+            self._loop(sock.fileno())
+        finally:
+            if self.dev is not None:
+                self.do_stop(fds=[])
+            if self.pcap is not None:
+                self.pcap.close()
+            self.backend.close()
+
+    def _loop(self, sock_fd: int) -> None:
+        busy = False
+        backend_ready = False
+        passes = 0
+        kicks = self.kick
+        ep = self._ep
+        while self.running:
+            passes += 1
+            # While the rings keep us busy, ask epoll only every few passes: kicks
+            # need no syscall to be seen (the avail index says it), and a level-
+            # triggered fd is still reported on the next look.
+            if not busy or passes % 4 == 0:
+                for fd, _ev in ep.poll(self._poll_timeout(busy)):
+                    if fd == sock_fd:
+                        self._on_request()
+                        kicks = self.kick
+                    elif fd in kicks:
+                        drain_eventfd(fd)
+                        # New rx buffers: a frame held for room may go in now.
+                        backend_ready |= fd == kicks[RX_Q]
+                    elif fd in self._watched:
+                        backend_ready = True
+            dev = self.dev
+            busy = False
+            if dev is not None:
+                busy |= self._run_tx(dev)
+                busy |= self._run_rx(dev, backend_ready)
+                backend_ready = busy and backend_ready
+                if not busy:
+                    busy = self._idle(dev)
+                self._expire_interrupts(dev, idle=not busy)
+
+    def _run_tx(self, dev: VirtnetDevice) -> bool:
+        """Consume tx chains; True if there may be more right away."""
+        dev.txq.disable_notify()
+        n = dev.process_tx(self.backend.xmit, BUDGET)
+        self._log_ring_error(dev)
+        if dev.flush_tx():
+            self._interrupt(dev, TX_Q, n)
+        return n == BUDGET  # kicks are re-armed in _idle, once nothing is left
+
+    def _run_rx(self, dev: VirtnetDevice, backend_ready: bool) -> bool:
+        if not (backend_ready or self.backend.has_rx()):
+            return False
+        dev.rxq.disable_notify()
+        n = self.backend.fill_rx(dev, BUDGET)
+        self._log_ring_error(dev)
+        if dev.flush_rx():
+            self._interrupt(dev, RX_Q, n)
+        if n == BUDGET:
+            return True
+        return self.backend.has_rx() and not dev.rx_starved
+
+    def _interrupt(self, dev: VirtnetDevice, q: int, packets: int) -> None:
+        """The driver asked for an interrupt: send it, or hold it (--coalesce)."""
+        if self.coalesce[q].want(packets, time.monotonic()):
+            self._signal(dev, q)
+
+    def _signal(self, dev: VirtnetDevice, q: int) -> None:
+        signal_call(self.call[q])
+        if q == RX_Q:
+            dev.stats.rx_irqs += 1
+        else:
+            dev.stats.tx_irqs += 1
+
+    def _expire_interrupts(self, dev: VirtnetDevice, idle: bool) -> None:
+        if not self._coalescing:
+            return
+        now = time.monotonic()
+        for q, coal in self.coalesce.items():
+            if coal.expire(now, idle):
+                self._signal(dev, q)
+
+    def _poll_timeout(self, busy: bool) -> float:
+        """epoll's timeout: 0 when busy, else until the next held interrupt is due."""
+        if busy:
+            return 0.0
+        if not self._coalescing:
+            return IDLE_POLL
+        due = [d for c in self.coalesce.values() if (d := c.deadline()) is not None]
+        if not due:
+            return IDLE_POLL
+        return max(0.0, min(due) - time.monotonic())
+
+    @staticmethod
+    def _log_ring_error(dev: VirtnetDevice) -> None:
+        """Name what the driver got wrong (the counters only say how often)."""
+        if dev.last_error:
+            log.error("%s (desc_errors %d)", dev.last_error, dev.stats.desc_errors)
+            dev.last_error = ""
+
+    def _idle(self, dev: VirtnetDevice) -> bool:
+        """Nothing to do: busy-poll a while if asked (no kicks needed meanwhile, like
+        vhost-net's busyloop_timeout), then re-arm kicks and recheck the race."""
+        if self.busy_poll and self._spin(dev):
+            return True
+        more = dev.txq.enable_notify()
+        if dev.rx_starved:
+            more |= dev.rxq.enable_notify()  # wake us when the driver posts buffers
+        return more
+
+    def _spin(self, dev: VirtnetDevice) -> bool:
+        end = time.perf_counter() + self.busy_poll
+        txq, rxq, poll = dev.txq, dev.rxq, self._ep.poll
+        while time.perf_counter() < end:
+            if txq.avail_pending() or dev.rx_starved and rxq.avail_pending() or poll(0):
+                return True  # level-triggered: the main poll sees the event again
+        return False
