@@ -405,7 +405,7 @@ class DeferredRx(RxStrategy):
         self._to_freed(plist)
 
     def _num_buffers(self, plist: PageList) -> int:
-        return NUM_BUFFERS.unpack_from(plist.page.view, 10)[0]
+        return NUM_BUFFERS.unpack_from(plist.page.view, NUM_BUFFERS_OFFSET)[0]
 
     def xdp_segments(self, plist: PageList, length: int, first: bool) -> list:
         skip = self.hdr_len if first else 0
@@ -601,6 +601,7 @@ class EwmaRx(DeferredRx):
         stats, hdr_len = self.stats, self.hdr_len
         if length < hdr_len + ETH_HLEN:  # virtio_net.c receive_buf(): "short packet"
             stats.rx_length_errors += 1
+            self._name_short(length)
             self._to_freed(buf)
             return
         page, off = buf.page, buf.offset
@@ -784,7 +785,7 @@ class PreallocRx(RxStrategy):
         self._recycle(skb)
 
     def _num_buffers(self, skb: SkBuff) -> int:
-        return NUM_BUFFERS.unpack_from(skb.frags[0][0].view, 10)[0]
+        return NUM_BUFFERS.unpack_from(skb.frags[0][0].view, NUM_BUFFERS_OFFSET)[0]
 
     def xdp_segments(self, skb: SkBuff, length: int, first: bool) -> list:
         skip = self.hdr_len if first else 0
