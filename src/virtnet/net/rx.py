@@ -103,15 +103,22 @@ class RxStrategy:
             self.stats.rx_length_errors += 1
             vi.faults.report("num_buffers_small", f"vq {vi.rvq.index}: num_buffers 0")
             return True
-        out = vi.num + length_hint(vi._burst) + 1  # posted + rest of the burst + this one
-        if self._pending is not None:  # XDP took the packet's buffers off the ring already
-            out += length_hint(self._pending)
+        out = self._bufs_out()
         if num_buf > out:
             self.stats.rx_length_errors += 1
             vi.faults.report("num_buffers_big", f"vq {vi.rvq.index}: num_buffers {num_buf} "
                              f"> {out} buffers posted")  # fmt: skip
             return True
         return False
+
+    def _bufs_out(self) -> int:
+        """The most buffers a packet may name: this one, the rest of the burst taken,
+        those still posted (and, on the XDP path, its buffers collected already)."""
+        vi = self.vi
+        out = vi.num + length_hint(vi._burst) + 1
+        if self._pending is not None:
+            out += length_hint(self._pending)
+        return out
 
     def _too_long(self, num_buf: int, limit: int = MAX_SKB_FRAGS) -> None:
         # More buffers than a 64 KiB packet can fill: num_buffers was a lie.
@@ -209,7 +216,10 @@ class RxStrategy:
         collected buffers). Malformed frames take the strategy's own error paths."""
         receive_buf = type(self).receive_buf
         num_buf = self._num_buffers(buf) if self.mergeable and length >= self.hdr_len else 1
-        if length < self.hdr_len + ETH_HLEN or num_buf == 0:
+        if length < self.hdr_len + ETH_HLEN or num_buf == 0 or num_buf > self._bufs_out():
+            # Short, or num_buffers a lie (_bad_num_buffers): checked before any further
+            # buffer is taken off the ring, and dropped, counted and named by the
+            # strategy's own path, exactly as without a program.
             receive_buf(self, buf, length)
             return
         bufs = [(buf, length), *self._more_bufs(num_buf)]
