@@ -146,8 +146,10 @@ class VirtnetDevice:
             return []
         try:
             chains = self.rxq.pop_burst(budget)
-        except AvailIndexError as e:
-            self._broken("rx", e)
+        except AvailIndexError as jump:
+            # Not "as e" like the handler below: compiled, one name is one typed
+            # variable, and a DescriptorError is no AvailIndexError.
+            self._broken("rx", jump)
             return []
         except DescriptorError as e:
             self.stats.desc_errors += 1
@@ -425,8 +427,8 @@ class VirtnetDevice:
         while n < budget and not self.tx_broken:
             try:
                 chains = txq.pop_burst(budget - n)
-            except AvailIndexError as e:
-                self._broken("tx", e)
+            except AvailIndexError as jump:
+                self._broken("tx", jump)
                 break
             except DescriptorError as e:
                 self._refuse(txq, e)

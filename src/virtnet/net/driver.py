@@ -229,8 +229,10 @@ class VirtnetDriver:
                     rvq.disable_cb()
                     continue
                 return received, kick
-        except UsedIndexError as e:
-            self.ring_broken(e)
+        except UsedIndexError as jump:
+            # Not "as e" like the handler above: compiled, one name is one typed
+            # variable, and a UsedIndexError is no UsedRingError.
+            self.ring_broken(jump)
             return received, kick
 
     def ring_broken(self, e: Exception, kind: str = "idx_jump") -> None:
@@ -298,8 +300,8 @@ class VirtnetDriver:
                 if e.token is None:
                     continue
                 done = [(e.token, 0)]
-            except UsedIndexError as e:
-                self.ring_broken(e)
+            except UsedIndexError as jump:
+                self.ring_broken(jump)
                 return n
             if not done:
                 return n

@@ -166,8 +166,8 @@ class RxStrategy:
         for k in range(num_buf - 1):
             try:
                 got = next_used()
-            except UsedIndexError as e:
-                vi.ring_broken(e)  # the packet so far is dropped by the caller
+            except UsedIndexError as jump:  # (each handler its own name: see driver.poll)
+                vi.ring_broken(jump)  # the packet so far is dropped by the caller
                 return
             except UsedRingError as e:
                 self.bad_used(e)
