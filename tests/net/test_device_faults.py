@@ -13,8 +13,9 @@ from virtnet.net.header import (
     hdr_error,
 )
 from virtnet.net.ratelimit import RATELIMIT_BURST, RateLimit
+from virtnet.net.xdp import XDP_PASS, XdpHook
 
-from .conftest import MRG, LyingDevice, frame, hdr, make_pair
+from .conftest import MRG, STRATEGY_FEATURES, LyingDevice, frame, hdr, make_pair
 
 
 def test_ratelimit_allows_a_burst_per_interval_and_says_how_many_it_suppressed():
@@ -96,3 +97,24 @@ def test_a_flood_of_one_lie_is_counted_in_full_and_logged_a_burst_at_a_time(capl
     assert sum("device fault short: vq 0: short packet 17" in r.message
                for r in caplog.records) == RATELIMIT_BURST  # fmt: skip
     p.teardown()
+
+
+@pytest.mark.parametrize("xdp", [False, True], ids=["plain", "xdp"])
+@pytest.mark.parametrize("strategy", list(STRATEGY_FEATURES))
+def test_every_strategy_names_a_short_packet(strategy, xdp):
+    # issue 18.3: the driver's fault counters equal the device's (docs/faults.md), so a
+    # short packet is fault_short on every strategy, with or without a program attached.
+    p = make_pair(strategy, STRATEGY_FEATURES[strategy])
+    if xdp:
+        p.drv.rx.attach_xdp(XdpHook(lambda data, frags: XDP_PASS, p.drv.stats))
+    liar = LyingDevice(p)
+    liar.buffer(hdr(1) + frame(5))  # 17 bytes: shorter than a header and an Ethernet header
+    liar.flush()
+    p.napi()
+    st = p.drv.stats
+    assert (st.fault_short, st.rx_length_errors, st.rx_packets) == (1, 1, 0)
+    p.send(frame(100))
+    p.napi()
+    assert p.frames == [frame(100)]
+    p.teardown()
+    assert p.drv.pool.outstanding == 0

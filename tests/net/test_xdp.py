@@ -18,7 +18,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.net.conftest import FEATURE_SETS, STRATEGY_FEATURES, Pair, frame, make_pair
+from tests.net.conftest import (
+    FEATURE_SETS,
+    MERGEABLE_STRATEGIES,
+    STRATEGY_FEATURES,
+    LyingDevice,
+    Pair,
+    frame,
+    make_pair,
+)
 from tests.net.test_teardown import ALL_CONFIGS, assert_all_back, ops_for, run_scenario
 from virtnet.net.header import MRG_HDR_LEN
 from virtnet.net.xdp import (
@@ -152,6 +160,32 @@ def test_the_program_decides_per_frame(pair_factory):
         p.send(data)
     p.napi()
     assert p.frames == [d for d in sent if not d[0] & 1]
+
+
+def lie_then_three_honest_frames(p: Pair) -> tuple[int, ...]:
+    """num_buffers 0xFFFF once, then three honest frames; the driver's verdict counters."""
+    LyingDevice(p).packet(frame(100), num_buffers=0xFFFF, nchains=1)
+    honest = [frame(300 + k, k) for k in range(3)]
+    for data in honest:
+        assert p.send(data)
+    p.napi()
+    assert p.frames == honest
+    st = p.drv.stats
+    return (st.rx_length_errors, st.rx_dropped, st.fault_num_buffers_big, st.rx_packets)
+
+
+@pytest.mark.parametrize("strategy", MERGEABLE_STRATEGIES)
+def test_xdp_does_not_take_num_buffers_on_trust(pair_factory, strategy):
+    # issue 18.1: the num_buffers check comes before any further buffer is taken off
+    # the ring, with a program attached as without one: the lying frame is dropped
+    # at once (the same counters, the same name) and the honest frames behind it live.
+    plain = pair_factory(strategy, STRATEGY_FEATURES[strategy])
+    expected = lie_then_three_honest_frames(plain)
+    assert expected == (1, 1, 1, 3)
+    p = pair_factory(strategy, STRATEGY_FEATURES[strategy])
+    attach(p, lambda data, frags: XDP_PASS)
+    assert lie_then_three_honest_frames(p) == expected
+    assert xdp_counts(p) == (3, 0, 0, 0, 0)  # the lie never reached the program
 
 
 # -- TX -----------------------------------------------------------------------------------------

@@ -11,24 +11,31 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Final, final
 
 from virtnet.net.constants import ETH_DATA_LEN, ETH_HLEN, MAX_GSO_FRAME, VLAN_HLEN
+from virtnet.net.faults import FaultyQueue
 from virtnet.net.features import VirtioNetF
 from virtnet.net.header import MRG_HDR_LEN, NUM_BUFFERS, NUM_BUFFERS_OFFSET
-from virtnet.net.stats import Stats, device_stats
+from virtnet.net.stats import DeviceStats, device_stats
 from virtnet.virtio.errors import AvailIndexError, DescriptorError
 from virtnet.virtio.ring.packed import PackedQueueDevice
 from virtnet.virtio.ring.split import Chain, SplitQueueDevice
 
-ZERO_HDR = bytes(MRG_HDR_LEN)
-FILTER_PEEK = 18  # what a receive filter reads: the MACs, a VLAN tag's TCI
-ONE_BUFFER = NUM_BUFFERS.pack(1)
+ZERO_HDR: Final = bytes(MRG_HDR_LEN)
+FILTER_PEEK: Final = 18  # what a receive filter reads: the MACs, a VLAN tag's TCI
+ONE_BUFFER: Final = NUM_BUFFERS.pack(1)
 # Chains taken off the rx ring per pop: enough for a 64 KiB frame in 4 KiB
 # buffers, or a NAPI budget of small frames, for one avail-index read.
-RX_POP_BURST = 64
+RX_POP_BURST: Final = 64
+
+# A frame's pieces as a source hands them over (bytes, or views into its buffers).
+Piece = bytes | memoryview
+# The device side of a ring; --faults puts a FaultyQueue in front of it (faults.install).
+DeviceQueue = SplitQueueDevice | PackedQueueDevice | FaultyQueue
 
 
-def scatter(srcs: Sequence, dsts: Sequence[memoryview]) -> int:
+def scatter(srcs: Sequence[Piece], dsts: Sequence[memoryview]) -> int:
     """Copy the concatenation of ``srcs`` into consecutive ``dsts``; bytes copied."""
     if len(dsts) == 1:
         return _copy_into(srcs, dsts[0])
@@ -36,9 +43,8 @@ def scatter(srcs: Sequence, dsts: Sequence[memoryview]) -> int:
     doff = 0
     total = 0
     ndst = len(dsts)
-    for src in srcs:
-        if not isinstance(src, memoryview):
-            src = memoryview(src).cast("B")
+    for piece in srcs:
+        src = piece if isinstance(piece, memoryview) else memoryview(piece).cast("B")
         soff = 0
         slen = len(src)
         while soff < slen:
@@ -56,7 +62,7 @@ def scatter(srcs: Sequence, dsts: Sequence[memoryview]) -> int:
     return total
 
 
-def gather(views: Sequence, offset: int, length: int) -> bytes:
+def gather(views: Sequence[Piece], offset: int, length: int) -> bytes:
     """``length`` bytes from ``offset`` of the concatenation of ``views`` (any layout)."""
     out = bytearray()
     for view in views:
@@ -71,7 +77,7 @@ def gather(views: Sequence, offset: int, length: int) -> bytes:
     return bytes(out)
 
 
-def _copy_into(srcs: Sequence, dst: memoryview) -> int:
+def _copy_into(srcs: Sequence[Piece], dst: memoryview) -> int:
     """The one-destination case (every frame that fits a page): plain appends."""
     off = 0
     cap = len(dst)
@@ -85,36 +91,37 @@ def _copy_into(srcs: Sequence, dst: memoryview) -> int:
     return off
 
 
+@final
 class VirtnetDevice:
     """One queue pair of a virtio-net device, device side."""
 
     def __init__(
         self,
-        rxq: SplitQueueDevice | PackedQueueDevice,
-        txq: SplitQueueDevice | PackedQueueDevice,
+        rxq: DeviceQueue,
+        txq: DeviceQueue,
         *,
         mergeable: bool = True,
         hdr_len: int = MRG_HDR_LEN,
-        stats: Stats | None = None,
+        stats: DeviceStats | None = None,
         guest_gso: bool = True,
         mtu: int = ETH_DATA_LEN,
     ) -> None:
-        self.rxq = rxq
+        self.rxq: DeviceQueue = rxq
         self.guest_gso = guest_gso
         # The largest frame a source may hand us for the guest (receive_from's room).
         self.mtu = mtu
         self.max_frame = MAX_GSO_FRAME if guest_gso else ETH_HLEN + VLAN_HLEN + mtu
-        self.txq = txq
+        self.txq: DeviceQueue = txq
         self.mergeable = mergeable
         self.hdr_len = hdr_len
-        self.stats = stats if stats is not None else device_stats()
+        self.stats: DeviceStats = stats if stats is not None else device_stats()
         self._rx_cache: deque[Chain] = deque()
         self._rx_cached = 0  # bytes of writable space in the cache
         # Set when the last rx attempt found too little room: the back-end should
         # stop reading its source and wait for the driver's next rx kick.
         # Optional tap on the data path (--pcap): called with a frame's views,
         # virtio-net header first, and its length including the header.
-        self.capture: Callable[[Sequence[memoryview], int], None] | None = None
+        self.capture: Callable[[Sequence[Piece], int | None], None] | None = None
         self.rx_starved = False
         # The control queue's receive filter (CTRL_RX / CTRL_MAC: QEMU receive_filter):
         # called with a frame's first bytes; None while promiscuous, the cheap default.
@@ -139,8 +146,10 @@ class VirtnetDevice:
             return []
         try:
             chains = self.rxq.pop_burst(budget)
-        except AvailIndexError as e:
-            self._broken("rx", e)
+        except AvailIndexError as jump:
+            # Not "as e" like the handler below: compiled, one name is one typed
+            # variable, and a DescriptorError is no AvailIndexError.
+            self._broken("rx", jump)
             return []
         except DescriptorError as e:
             self.stats.desc_errors += 1
@@ -161,7 +170,7 @@ class VirtnetDevice:
         else:
             self.tx_broken = True
 
-    def _refuse(self, q: SplitQueueDevice | PackedQueueDevice, e: DescriptorError) -> None:
+    def _refuse(self, q: DeviceQueue, e: DescriptorError) -> None:
         self.stats.desc_errors += 1
         self.last_error = str(e)
         if e.head is not None:
@@ -206,7 +215,7 @@ class VirtnetDevice:
         packet's own buffers stay consecutive in the used ring.
         """
         cache = self._rx_cache
-        chains = []
+        chains: list[Chain] = []
         have = 0
         while have < nbytes or not chains:
             chain = cache.popleft()
@@ -248,7 +257,7 @@ class VirtnetDevice:
         self._fill_cache(need)
         return bool(self._rx_cache)
 
-    def receive_packet(self, frame: Sequence, hdr: bytes = ZERO_HDR) -> bool:
+    def receive_packet(self, frame: Sequence[Piece], hdr: bytes = ZERO_HDR) -> bool:
         """Deliver one frame (views/bytes) with virtio-net header ``hdr`` to the guest.
 
         False (and rx_dropped) when the guest has not posted room for it —
@@ -362,6 +371,7 @@ class VirtnetDevice:
 
     def _deliver_pending(self) -> bool:
         data = self._pending
+        assert data is not None  # receive_from calls it with a frame kept
         frame = memoryview(data)[self.hdr_len :]
         if not self.has_room(len(frame)):
             return False
@@ -375,7 +385,7 @@ class VirtnetDevice:
         if len(first[0]) >= NUM_BUFFERS_OFFSET + 2:
             NUM_BUFFERS.pack_into(first[0], NUM_BUFFERS_OFFSET, num)
             return
-        flat = []
+        flat: list[memoryview] = []
         skip = NUM_BUFFERS_OFFSET
         for v in first:
             if skip >= len(v):
@@ -417,8 +427,8 @@ class VirtnetDevice:
         while n < budget and not self.tx_broken:
             try:
                 chains = txq.pop_burst(budget - n)
-            except AvailIndexError as e:
-                self._broken("tx", e)
+            except AvailIndexError as jump:
+                self._broken("tx", jump)
                 break
             except DescriptorError as e:
                 self._refuse(txq, e)

@@ -8,24 +8,34 @@ caller calls ``poll`` when the device signals.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final, cast, final
 
 from virtnet.net.constants import NAPI_POLL_WEIGHT, PAGE_SIZE
 from virtnet.net.header import MRG_HDR_LEN, hdr_error
 from virtnet.net.ratelimit import DeviceFaults
-from virtnet.net.rx import STRATEGIES, RxStrategy
-from virtnet.net.skb import PagePool, SkbAllocator, SkBuff
-from virtnet.net.stats import Stats
+from virtnet.net.rx import STRATEGIES, RxStrategy, Segment, Used
+from virtnet.net.skb import Page, PagePool, SkbAllocator, SkBuff
+from virtnet.net.stats import DriverStats
+from virtnet.net.xdp import XdpFrame
 from virtnet.virtio.errors import QueueFullError, UsedIndexError, UsedRingError
 from virtnet.virtio.ring.packed import PackedQueueDriver
 from virtnet.virtio.ring.split import SplitQueueDriver
 
 # A tx header slot: the virtio-net header followed by up to this much linear
 # skb data, so a small packet is one descriptor (virtio_net.c's can_push).
-TX_SLOT_SIZE = 256
+TX_SLOT_SIZE: Final = 256
+
+DriverQueue = SplitQueueDriver | PackedQueueDriver
+# What start_xmit sends: an skb, or a frame XDP_TX sends back from rx buffers.
+TxFrame = SkBuff | XdpFrame
+# A tx buffer's token on the ring: its header slot (address, view) and the frame.
+TxToken = tuple[int, memoryview, TxFrame]
+# --pcap's tap: a frame's pieces, virtio-net header first, and its length (None: all).
+Capture = Callable[[Sequence[bytes | memoryview], int | None], None]
 
 
-def coalesce(frags: list) -> list[tuple[int, int]]:
+def coalesce(frags: list[Segment]) -> list[tuple[int, int]]:
     """Frags as (address, length) segments, physically adjacent ones merged.
 
     A 64 KiB TSO frame is 17 page frags; when the pages are consecutive in guest
@@ -44,12 +54,13 @@ def coalesce(frags: list) -> list[tuple[int, int]]:
     return out
 
 
+@final
 class TxSlots:
     """Guest memory for tx headers: one ``TX_SLOT_SIZE`` slot per ring entry."""
 
     def __init__(self, pool: PagePool, num: int) -> None:
         per_page = PAGE_SIZE // TX_SLOT_SIZE
-        self.pages = []
+        self.pages: list[Page] = []
         self.free: list[tuple[int, memoryview]] = []
         for _ in range((num + per_page - 1) // per_page):
             page = pool.alloc_page()
@@ -67,49 +78,60 @@ class TxSlots:
         self.free = []
 
 
+def _free_skb(skb: SkBuff) -> None:
+    skb.free()
+
+
+@final
 class VirtnetDriver:
     """One queue pair of a virtio-net device, driver side (struct virtnet_info)."""
 
     def __init__(
         self,
-        rvq: SplitQueueDriver | PackedQueueDriver,
-        svq: SplitQueueDriver | PackedQueueDriver,
+        rvq: DriverQueue,
+        svq: DriverQueue,
         pool: PagePool,
         *,
         strategy: str = "deferred",
         hdr_len: int = MRG_HDR_LEN,
-        stats: Stats | None = None,
+        stats: DriverStats | None = None,
         netif_receive_skb: Callable[[SkBuff], None] | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown rx strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
+        if stats is None:
+            # The pool counts into the driver's stats (guest.build_driver gives it them).
+            if not isinstance(pool.stats, DriverStats):
+                raise TypeError(f"a driver counts into DriverStats, the pool has {pool.stats!r}")
+            stats = pool.stats
         self.rvq = rvq
         self.svq = svq
         self.pool = pool
-        self.stats = stats if stats is not None else pool.stats
+        self.stats: DriverStats = stats
         self.hdr_len = hdr_len
         self.skbs = SkbAllocator(pool, self.stats)
-        self.netif_receive_skb = netif_receive_skb or (lambda skb: skb.free())
+        self.netif_receive_skb: Callable[[SkBuff], None] = netif_receive_skb or _free_skb
         self.num = 0  # rx buffers posted and not yet returned (vi->num)
         self.max = 0
-        self.rx: RxStrategy = STRATEGIES[strategy](self)
-        # The used rx buffers of the current poll burst not yet received.
-        self._burst: Iterator = iter(())
+        # The used rx buffers of the current poll burst not yet received (set
+        # before the strategy, which reads it).
+        self._burst: Iterator[Used] = iter(())
         self.broken = ""  # why the device's rings can no longer be trusted, or ""
-        self.tx_slots = TxSlots(pool, svq.num)
         self.removed = False
         self.faults = DeviceFaults(self.stats)  # what the device got wrong, named
         # Optional tap on the data path (--pcap): a frame's views, header first.
-        self.capture: Callable[[list, int | None], None] | None = None
+        self.capture: Capture | None = None
+        self.rx: RxStrategy = STRATEGIES[strategy](self)
+        self.tx_slots = TxSlots(pool, svq.num)
 
     @property
     def strategy(self) -> str:
         return self.rx.name
 
-    def used_error(self, vq: SplitQueueDriver, e: UsedRingError) -> None:
+    def used_error(self, vq: DriverQueue, e: UsedRingError) -> None:
         """Name a used entry the ring refused; an id that is no buffer breaks the queue
         (virtio_ring.c detach_buf_split: BAD_RING "id %u out of range" / "is not a head!")."""
-        if getattr(e, "token", None) is not None:
+        if e.token is not None:
             self.faults.report("bad_len", str(e))
             return
         head = e.head
@@ -152,11 +174,11 @@ class VirtnetDriver:
             self.capture([skb.vnet_hdr, *skb.data_views()], None)
         self.netif_receive_skb(skb)
 
-    def next_used(self):
+    def next_used(self) -> Used | None:
         """The next used rx buffer as (token, len) — from the current poll burst,
         else the ring — or None (a packet's further buffers: receive_mergeable's
         virtqueue_get_buf). UsedRingError for an entry the ring refuses."""
-        got = next(self._burst, None)
+        got: Used | None = next(self._burst, None)
         if got is None:
             got = self.rvq.get_buf()
             if got is not None:
@@ -175,7 +197,7 @@ class VirtnetDriver:
         used up before poll returns; a packet's further buffers come from the
         same burst (one iterator, shared with ``next_used``).
         """
-        rvq, receive_buf, stats = self.rvq, self.rx.receive_buf, self.stats
+        rvq, rx, stats = self.rvq, self.rx, self.stats
         if self.broken:
             return 0, False
         rvq.disable_cb()  # skb_recv_done → napi_schedule_prep: no interrupts while polling
@@ -185,17 +207,21 @@ class VirtnetDriver:
             while True:
                 while received < budget:
                     try:
-                        burst = rvq.get_bufs(budget - received)
+                        burst: list[Used] = rvq.get_bufs(budget - received)
                     except UsedRingError as e:
-                        self.rx.bad_first_buf(e)
+                        rx.bad_first_buf(e)
                         continue
                     if not burst:
                         break
                     self.num -= len(burst)
                     stats.rx_bufs += len(burst)
                     self._burst = it = iter(burst)
+                    xdp = rx.xdp is not None  # a program sees each frame first
                     for token, length in it:
-                        receive_buf(token, length)
+                        if xdp:
+                            rx.receive_buf_xdp(token, length)
+                        else:
+                            rx.receive_buf(token, length)
                         received += 1
                 if self.num < self.max // 2 or self.num == 0:
                     kick |= self.try_fill_recv()
@@ -203,8 +229,10 @@ class VirtnetDriver:
                     rvq.disable_cb()
                     continue
                 return received, kick
-        except UsedIndexError as e:
-            self.ring_broken(e)
+        except UsedIndexError as jump:
+            # Not "as e" like the handler above: compiled, one name is one typed
+            # variable, and a UsedIndexError is no UsedRingError.
+            self.ring_broken(jump)
             return received, kick
 
     def ring_broken(self, e: Exception, kind: str = "idx_jump") -> None:
@@ -216,7 +244,7 @@ class VirtnetDriver:
 
     # -- transmit -----------------------------------------------------------
 
-    def start_xmit(self, skb: SkBuff) -> bool:
+    def start_xmit(self, skb: TxFrame) -> bool:
         """Queue ``skb`` (header in ``skb.vnet_hdr``, data in head + frags).
 
         Returns False when the tx ring is full (NETDEV_TX_BUSY: the caller
@@ -238,12 +266,12 @@ class VirtnetDriver:
         view[: self.hdr_len] = skb.vnet_hdr
         if head_len:
             view[self.hdr_len : self.hdr_len + head_len] = skb.linear()
+        token: TxToken = (gpa, view, skb)
         try:
             if skb.frags:
-                svq.add([(gpa, self.hdr_len + head_len), *coalesce(skb.frags)], (),
-                        (gpa, view, skb))  # fmt: skip
+                svq.add([(gpa, self.hdr_len + head_len), *coalesce(skb.frags)], (), token)
             else:  # all linear (can_push): one descriptor
-                svq.add_outbuf(gpa, self.hdr_len + head_len, (gpa, view, skb))
+                svq.add_outbuf(gpa, self.hdr_len + head_len, token)
         except QueueFullError:
             slots.append((gpa, view))
             return False
@@ -265,20 +293,20 @@ class VirtnetDriver:
         n = 0
         while True:
             try:
-                done = svq.get_bufs(svq.num)
+                done: list[Used] = svq.get_bufs(svq.num)
             except UsedRingError as e:
                 self.stats.tx_dropped += 1
                 self.used_error(svq, e)
-                token = getattr(e, "token", None)
-                if token is None:
+                if e.token is None:
                     continue
-                done = [(token, 0)]
-            except UsedIndexError as e:
-                self.ring_broken(e)
+                done = [(e.token, 0)]
+            except UsedIndexError as jump:
+                self.ring_broken(jump)
                 return n
             if not done:
                 return n
-            for (gpa, view, skb), _ in done:
+            for token, _ in done:
+                gpa, view, skb = cast(TxToken, token)
                 slots.append((gpa, view))
                 skb.free()
             n += len(done)
@@ -300,7 +328,7 @@ class VirtnetDriver:
             self.rx.free_unused_buf(buf)
             self.num -= 1
         while (tok := self.svq.detach_unused_buf()) is not None:
-            gpa, view, skb = tok
+            gpa, view, skb = cast(TxToken, tok)
             self.tx_slots.free.append((gpa, view))
             skb.free()
         self.rx.remove()

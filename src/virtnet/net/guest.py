@@ -7,14 +7,16 @@ way whatever carries the notifications.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Final
 
 from virtnet.net.constants import ETH_DATA_LEN, MAX_SKB_FRAGS, PAGE_SIZE
 from virtnet.net.device import VirtnetDevice
-from virtnet.net.driver import VirtnetDriver
+from virtnet.net.driver import DriverQueue, VirtnetDriver
 from virtnet.net.features import VirtioNetF
 from virtnet.net.header import MRG_HDR_LEN
-from virtnet.net.skb import PagePool
+from virtnet.net.skb import PagePool, SkBuff
 from virtnet.net.stats import device_stats, driver_stats
 from virtnet.virtio.features import VirtioF, has
 from virtnet.virtio.memory import GuestMemory
@@ -22,13 +24,21 @@ from virtnet.virtio.ring.layout import PackedAddrs, PackedViews, VringAddrs, Vri
 from virtnet.virtio.ring.packed import PackedQueueDevice, PackedQueueDriver
 from virtnet.virtio.ring.split import IndirectArea, SplitQueueDevice, SplitQueueDriver
 
+if TYPE_CHECKING:
+    from virtnet.net.ctrl import ControlDevice, ControlQueue
+
 # Linux caps indirect tables at the queue size; virtnet's tx needs 1 + MAX_SKB_FRAGS
 # and big rx MAX_SKB_FRAGS, so 20 entries per table is enough and keeps the area small.
-INDIRECT_MAX_DESCS = 20
-RX, TX = 0, 1
+INDIRECT_MAX_DESCS: Final = 20
+RX: Final = 0
+TX: Final = 1
 # A packed ring's vring base before anything moved: index 0, wrap counter 1 (2.8.1),
 # what QEMU and DPDK's virtio_user send in SET_VRING_BASE.
-FRESH_PACKED_BASE = 1 << 15
+FRESH_PACKED_BASE: Final = 1 << 15
+
+# Both rings of a queue pair, of one kind.
+RingAddrs = tuple[VringAddrs, VringAddrs] | tuple[PackedAddrs, PackedAddrs]
+RingViews = tuple[VringViews, VringViews] | tuple[PackedViews, PackedViews]
 
 
 def _page_align(x: int) -> int:
@@ -50,17 +60,21 @@ class GuestLayout:
     packed: bool = False
 
     @property
-    def rings(self) -> tuple[VringAddrs, VringAddrs] | tuple[PackedAddrs, PackedAddrs]:
-        addrs = PackedAddrs if self.packed else VringAddrs
-        rx = addrs.contiguous(self.base, self.queue_size)
-        tx = addrs.contiguous(_page_align(rx.end), self.queue_size)
-        return rx, tx
+    def rings(self) -> RingAddrs:
+        if self.packed:
+            prx = PackedAddrs.contiguous(self.base, self.queue_size)
+            return prx, PackedAddrs.contiguous(_page_align(prx.end), self.queue_size)
+        rx = VringAddrs.contiguous(self.base, self.queue_size)
+        return rx, VringAddrs.contiguous(_page_align(rx.end), self.queue_size)
 
-    def ring_views(self, memory) -> tuple[VringViews, VringViews] | tuple[PackedViews, PackedViews]:
+    def ring_views(self, memory: GuestMemory) -> RingViews:
         """The (rx, tx) rings' typed views in ``memory`` (in-process device side)."""
-        views = PackedViews if self.packed else VringViews
-        rx, tx = self.rings
-        return views.from_memory(memory, rx), views.from_memory(memory, tx)
+        rings = self.rings
+        if isinstance(rings[0], PackedAddrs) and isinstance(rings[1], PackedAddrs):
+            return (PackedViews.from_memory(memory, rings[0]),
+                    PackedViews.from_memory(memory, rings[1]))  # fmt: skip
+        assert isinstance(rings[0], VringAddrs) and isinstance(rings[1], VringAddrs)
+        return VringViews.from_memory(memory, rings[0]), VringViews.from_memory(memory, rings[1])
 
     def for_features(self, features: int) -> GuestLayout:
         """This layout with the ring kind the negotiated features say."""
@@ -81,7 +95,7 @@ class GuestLayout:
     def size(self) -> int:
         return self.pool_base - self.base + self.npages * PAGE_SIZE
 
-    def indirect_area(self, memory, q: int) -> IndirectArea:
+    def indirect_area(self, memory: GuestMemory, q: int) -> IndirectArea:
         gpa = self.indirect[q]
         size = IndirectArea.size(self.queue_size, INDIRECT_MAX_DESCS)
         return IndirectArea(gpa, memory.view(gpa, size), self.queue_size, INDIRECT_MAX_DESCS)
@@ -112,26 +126,23 @@ def build_driver(
     strategy: str = "deferred",
     *,
     page_limit: int | None = None,
-    netif_receive_skb=None,
+    netif_receive_skb: Callable[[SkBuff], None] | None = None,
 ) -> VirtnetDriver:
     """A driver over the rings at ``layout`` in ``memory``, for ``features``
     (packed rings when RING_PACKED was negotiated: ``layout.for_features``)."""
     event_idx = has(features, VirtioF.RING_EVENT_IDX)
     indirect = has(features, VirtioF.RING_INDIRECT_DESC)
     _check_kind(layout.packed, features)
-    ring_cls, views = (
-        (PackedQueueDriver, PackedViews) if layout.packed else (SplitQueueDriver, VringViews)
-    )
-    queues = []
-    for q, addrs in enumerate(layout.rings):
-        queues.append(
-            ring_cls(
-                views.from_memory(memory, addrs),
-                event_idx=event_idx,
-                indirect=layout.indirect_area(memory, q) if indirect else None,
-                index=q,
-            )
-        )
+    queues: list[DriverQueue] = []
+    rx_addrs, tx_addrs = layout.rings
+    for q, addrs in enumerate((rx_addrs, tx_addrs)):
+        area = layout.indirect_area(memory, q) if indirect else None
+        if isinstance(addrs, PackedAddrs):
+            ring = PackedViews.from_memory(memory, addrs)
+            queues.append(PackedQueueDriver(ring, event_idx=event_idx, indirect=area, index=q))
+        else:
+            split = VringViews.from_memory(memory, addrs)
+            queues.append(SplitQueueDriver(split, event_idx=event_idx, indirect=area, index=q))
     stats = driver_stats()
     pool = PagePool(memory, layout.pool_base, layout.npages, stats, limit=page_limit)
     return VirtnetDriver(
@@ -154,7 +165,7 @@ def _check_kind(packed: bool, features: int) -> None:
 
 def build_device(
     memory: GuestMemory,
-    rings: tuple[VringViews, VringViews] | tuple[PackedViews, PackedViews],
+    rings: RingViews,
     features: int,
     last_avail: tuple[int, int] | None = None,
     mtu: int = ETH_DATA_LEN,
@@ -167,12 +178,12 @@ def build_device(
     event_idx = has(features, VirtioF.RING_EVENT_IDX)
     packed = isinstance(rings[0], PackedViews)
     _check_kind(packed, features)
-    ring_cls = PackedQueueDevice if packed else SplitQueueDevice
     if last_avail is None:
         last_avail = (FRESH_PACKED_BASE, FRESH_PACKED_BASE) if packed else (0, 0)
+    rx_ring, tx_ring = rings
     rxq, txq = (
-        ring_cls(ring, memory, event_idx=event_idx, last_avail_idx=base, index=q)
-        for q, (ring, base) in enumerate(zip(rings, last_avail, strict=True))
+        _device_queue(ring, memory, event_idx, base, q)
+        for q, (ring, base) in enumerate(zip((rx_ring, tx_ring), last_avail, strict=True))
     )
     return VirtnetDevice(
         rxq,
@@ -185,8 +196,17 @@ def build_device(
     )
 
 
-CVQ_SIZE = 64  # control queue entries (Linux sizes it as the device says; 64 is QEMU's)
-CTRL_BUF_SIZE = 4096  # virtnet_send_command's struct control_buf, a page
+def _device_queue(
+    ring: VringViews | PackedViews, memory: GuestMemory, event_idx: bool, base: int, index: int
+) -> SplitQueueDevice | PackedQueueDevice:
+    if isinstance(ring, PackedViews):
+        return PackedQueueDevice(ring, memory, event_idx=event_idx, last_avail_idx=base,
+                                 index=index)  # fmt: skip
+    return SplitQueueDevice(ring, memory, event_idx=event_idx, last_avail_idx=base, index=index)
+
+
+CVQ_SIZE: Final = 64  # control queue entries (Linux sizes it as the device says; 64 is QEMU's)
+CTRL_BUF_SIZE: Final = 4096  # virtnet_send_command's struct control_buf, a page
 
 
 @dataclass(frozen=True)
@@ -211,21 +231,22 @@ class ControlArea:
 
 
 def build_control(memory: GuestMemory, area: ControlArea, features: int, index: int,
-                  max_pairs: int):  # fmt: skip
+                  max_pairs: int) -> tuple[ControlQueue, ControlDevice]:  # fmt: skip
     """Both ends of a control queue in one process: the driver's ControlQueue and the
     ControlDevice answering it, as DPDK's virtio_user shadows the control queue in
     the front-end (no vhost-user back-end serves one)."""
     from virtnet.net.ctrl import ControlDevice, ControlQueue
 
     event_idx = has(features, VirtioF.RING_EVENT_IDX)
-    if area.packed:
-        drv_cls, dev_cls, views, base = (PackedQueueDriver, PackedQueueDevice, PackedViews,
-                                         FRESH_PACKED_BASE)  # fmt: skip
-    else:
-        drv_cls, dev_cls, views, base = SplitQueueDriver, SplitQueueDevice, VringViews, 0
     ring = area.ring
-    vq = drv_cls(views.from_memory(memory, ring), event_idx=event_idx, index=index)
-    cvq = dev_cls(views.from_memory(memory, ring), memory, event_idx=event_idx,
-                  last_avail_idx=base, index=index)  # fmt: skip
+    vq: DriverQueue
+    if isinstance(ring, PackedAddrs):
+        pviews = PackedViews.from_memory(memory, ring)
+        vq = PackedQueueDriver(pviews, event_idx=event_idx, index=index)
+        cvq = _device_queue(pviews, memory, event_idx, FRESH_PACKED_BASE, index)
+    else:
+        views = VringViews.from_memory(memory, ring)
+        vq = SplitQueueDriver(views, event_idx=event_idx, index=index)
+        cvq = _device_queue(views, memory, event_idx, 0, index)
     ctrl = ControlQueue(vq, memory.view(area.buf, CTRL_BUF_SIZE), area.buf)
     return ctrl, ControlDevice(cvq, features, max_pairs)

@@ -11,12 +11,19 @@ allocation the seed promised as its follow-up.
 Every strategy posts buffers through ``add_recvbuf`` and handles one used
 buffer in ``receive_buf``; every error path converges on one place that
 gives the pages back (``_recycle`` / ``_drop``), like virtio_net.c's err_buf.
+
+A ring hands its tokens back as ``object``: each strategy knows what it posted
+(deferred and small a ``PageList``, big a list of them, ewma an ``MrgBuf``,
+prealloc an ``SkBuff``) and names it once per buffer, with a ``cast``, in a
+typed local. An entry on the ring always has its page (``assert page is not
+None``): the page leaves the entry only with the packet that filled it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from operator import length_hint
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, ClassVar, Final, Generic, Protocol, TypeVar, cast, final
 
 from virtnet.net.constants import (
     ETH_HLEN,
@@ -33,30 +40,36 @@ from virtnet.net.constants import (
     VLAN_HLEN,
 )
 from virtnet.net.header import NUM_BUFFERS, NUM_BUFFERS_OFFSET
-from virtnet.net.skb import Page, PageList, SkBuff
+from virtnet.net.skb import Page, PageList, PagePool, SkbAllocator, SkBuff
+from virtnet.net.stats import DriverStats
 from virtnet.net.xdp import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, XdpFrame, XdpHook, views_of
 from virtnet.virtio.errors import UsedIndexError, UsedRingError
 
 if TYPE_CHECKING:
     from virtnet.net.driver import VirtnetDriver
 
+# A used buffer as the ring returns it: (token, length written).
+Used = tuple[object, int]
+# A frame's bytes in guest memory: (page, offset, size), as skb frags are.
+Segment = tuple[Page, int, int]
+
 
 class RxStrategy:
     """The per-strategy half of the receive path."""
 
-    name = ""
-    mergeable = True
+    name: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True
 
     def __init__(self, vi: VirtnetDriver) -> None:
         self.vi = vi
-        self.stats = vi.stats
-        self.pool = vi.pool
-        self.skbs = vi.skbs
-        self.hdr_len = vi.hdr_len
+        self.stats: DriverStats = vi.stats
+        self.pool: PagePool = vi.pool
+        self.skbs: SkbAllocator = vi.skbs
+        self.hdr_len: int = vi.hdr_len
         self.xdp: XdpHook | None = None
         # A frame's further buffers already taken off the ring (the XDP path
         # collects them before the program runs); _more_bufs yields these first.
-        self._pending: Any = None
+        self._pending: Iterator[Used] | None = None
 
     def descs_per_buf(self) -> int:
         return 1
@@ -72,11 +85,11 @@ class RxStrategy:
             added += 1
         return added
 
-    def receive_buf(self, buf: Any, length: int) -> None:
+    def receive_buf(self, buf: object, length: int) -> None:
         """Turn the used buffer ``buf`` (and, mergeable, its followers) into a packet."""
         raise NotImplementedError
 
-    def free_unused_buf(self, buf: Any) -> None:
+    def free_unused_buf(self, buf: object) -> None:
         """Give back a buffer the device never used (teardown)."""
         raise NotImplementedError
 
@@ -103,15 +116,22 @@ class RxStrategy:
             self.stats.rx_length_errors += 1
             vi.faults.report("num_buffers_small", f"vq {vi.rvq.index}: num_buffers 0")
             return True
-        out = vi.num + length_hint(vi._burst) + 1  # posted + rest of the burst + this one
-        if self._pending is not None:  # XDP took the packet's buffers off the ring already
-            out += length_hint(self._pending)
+        out = self._bufs_out()
         if num_buf > out:
             self.stats.rx_length_errors += 1
             vi.faults.report("num_buffers_big", f"vq {vi.rvq.index}: num_buffers {num_buf} "
                              f"> {out} buffers posted")  # fmt: skip
             return True
         return False
+
+    def _bufs_out(self) -> int:
+        """The most buffers a packet may name: this one, the rest of the burst taken,
+        those still posted (and, on the XDP path, its buffers collected already)."""
+        vi = self.vi
+        out = vi.num + length_hint(vi._burst) + 1
+        if self._pending is not None:
+            out += length_hint(self._pending)
+        return out
 
     def _too_long(self, num_buf: int, limit: int = MAX_SKB_FRAGS) -> None:
         # More buffers than a 64 KiB packet can fill: num_buffers was a lie.
@@ -124,7 +144,7 @@ class RxStrategy:
         skb.put(view[offset : offset + copy])
         return copy
 
-    def _more_bufs(self, num_buf: int):
+    def _more_bufs(self, num_buf: int) -> Iterator[Used]:
         """Yield (buf, len) for the packet's remaining ``num_buf - 1`` buffers.
 
         Stops early (rx_length_errors) when the device returned fewer
@@ -146,8 +166,8 @@ class RxStrategy:
         for k in range(num_buf - 1):
             try:
                 got = next_used()
-            except UsedIndexError as e:
-                vi.ring_broken(e)  # the packet so far is dropped by the caller
+            except UsedIndexError as jump:  # (each handler its own name: see driver.poll)
+                vi.ring_broken(jump)  # the packet so far is dropped by the caller
                 return
             except UsedRingError as e:
                 self.bad_used(e)
@@ -162,10 +182,10 @@ class RxStrategy:
                 return
             yield got
 
-    def bad_used(self, e: UsedRingError) -> Any:
+    def bad_used(self, e: UsedRingError) -> object:
         """Count a used entry the ring refused; recycle its buffer if it names one."""
         self.stats.rx_length_errors += 1
-        token = getattr(e, "token", None)
+        token = e.token
         self.vi.used_error(self.vi.rvq, e)
         if token is not None:
             self.vi.num -= 1
@@ -179,40 +199,44 @@ class RxStrategy:
         belong to it, or they would be read as packets (virtio_net.c:
         receive_mergeable → err_skb → mergeable_buf_free).
         """
-        token = getattr(e, "token", None)
+        token = e.token
         num_buf = self._num_buffers(token) if token is not None and self.mergeable else 1
         self.bad_used(e)
         for buf, _ in self._more_bufs(num_buf):
             self.free_unused_buf(buf)
 
-    def _num_buffers(self, buf: Any) -> int:
+    def _num_buffers(self, buf: object) -> int:
         return 1
 
     # -- the XDP hook (net/xdp.py): before any skb exists ------------------------------------
 
     def attach_xdp(self, hook: XdpHook | None) -> None:
-        """Load (or, with None, unload) a program: every frame then goes through it."""
+        """Load (or, with None, unload) a program: every frame then goes through it
+        (virtnet_poll calls receive_buf_xdp instead of receive_buf while one is)."""
         self.xdp = hook
-        if hook is None:
-            self.__dict__.pop("receive_buf", None)
-        else:
-            self.receive_buf = self.receive_buf_xdp  # what virtnet_poll calls
 
-    def xdp_segments(self, buf: Any, length: int, first: bool) -> list[tuple[Page, int, int]]:
+    def xdp_segments(self, buf: object, length: int, first: bool) -> list[Segment]:
         """(page, offset, size) of the frame bytes ``buf`` holds (after the header)."""
         raise NotImplementedError
 
-    def receive_buf_xdp(self, buf: Any, length: int) -> None:
+    def receive_buf_xdp(self, buf: object, length: int) -> None:
         """virtnet_xdp_handler's place in receive_small / receive_mergeable: the whole
         frame's buffers are taken off the ring, the program runs on them, and only
         PASS goes on to build an skb (the strategy's own receive_buf, fed the
         collected buffers). Malformed frames take the strategy's own error paths."""
-        receive_buf = type(self).receive_buf
-        num_buf = self._num_buffers(buf) if self.mergeable and length >= self.hdr_len else 1
-        if length < self.hdr_len + ETH_HLEN or num_buf == 0:
-            receive_buf(self, buf, length)
+        hook = self.xdp
+        if hook is None:  # unloaded since the poll began
+            self.receive_buf(buf, length)
             return
-        bufs = [(buf, length), *self._more_bufs(num_buf)]
+        num_buf = self._num_buffers(buf) if self.mergeable and length >= self.hdr_len else 1
+        if length < self.hdr_len + ETH_HLEN or num_buf == 0 or num_buf > self._bufs_out():
+            # Short, or num_buffers a lie (_bad_num_buffers): checked before any further
+            # buffer is taken off the ring, and dropped, counted and named by the
+            # strategy's own path, exactly as without a program.
+            self.receive_buf(buf, length)
+            return
+        bufs: list[Used] = [(buf, length)]
+        bufs.extend(self._more_bufs(num_buf))
         if len(bufs) < num_buf:  # "buffers missing": counted by _more_bufs
             self.stats.rx_dropped += 1
             self._xdp_release(bufs)
@@ -220,17 +244,17 @@ class RxStrategy:
         segments = self.xdp_segments(buf, length, True)
         for b, n in bufs[1:]:
             segments += self.xdp_segments(b, n, False)
-        act = self.xdp.run(views_of(segments))
+        act = hook.run(views_of(segments))
         if act == XDP_PASS:
             self._pending = iter(bufs[1:])
             try:
-                receive_buf(self, buf, length)
+                self.receive_buf(buf, length)
             finally:
                 self._pending = None
         elif act == XDP_TX:
-            self._xdp_tx(bufs, segments)
+            self._xdp_tx(hook, bufs, segments)
         elif act == XDP_REDIRECT:
-            self._xdp_redirect(bufs, segments)
+            self._xdp_redirect(hook, bufs, segments)
         else:
             if act == XDP_DROP:
                 self.stats.rx_xdp_drops += 1
@@ -238,21 +262,20 @@ class RxStrategy:
                 self.stats.rx_xdp_aborted += 1
             self._xdp_release(bufs)
 
-    def _xdp_release(self, bufs: list[tuple[Any, int]]) -> None:
+    def _xdp_release(self, bufs: list[Used]) -> None:
         """The frame consumed without an skb: its buffers straight back to the lists."""
         for b, _ in bufs:
             self.free_unused_buf(b)
 
-    def _xdp_tx(self, bufs: list[tuple[Any, int]], segments: list) -> None:
+    def _xdp_tx(self, hook: XdpHook, bufs: list[Used], segments: list[Segment]) -> None:
         frame = XdpFrame(self.hdr_len, segments, lambda: self._xdp_release(bufs))
-        if self.xdp.tx_enabled and self.vi.start_xmit(frame):
+        if hook.tx_enabled and self.vi.start_xmit(frame):
             self.stats.rx_xdp_tx += 1
         else:  # tx ring full (or stopped): virtnet_xdp_xmit fails, the frame is dropped
             self.stats.rx_xdp_drops += 1
             frame.free()
 
-    def _xdp_redirect(self, bufs: list[tuple[Any, int]], segments: list) -> None:
-        hook = self.xdp
+    def _xdp_redirect(self, hook: XdpHook, bufs: list[Used], segments: list[Segment]) -> None:
         views = views_of(segments)
         try:
             if hook.redirect is None:
@@ -275,19 +298,72 @@ class RxStrategy:
         self._xdp_release(bufs)
 
 
-class DeferredRx(RxStrategy):
-    """The seed: raw pages on the ring, the skb allocated when a packet arrives."""
+class _PageSlot(Protocol):
+    """An entry of the seed's page lists: a page slot that outlives its page."""
 
-    name = "deferred"
+    page: Page | None
+
+
+E = TypeVar("E", bound=_PageSlot)
+
+
+class PageListRx(RxStrategy, Generic[E]):
+    """The seed's two page lists, kept by deferred (and small, big: ``PageList``
+    entries) and by ewma (``MrgBuf`` entries, sized buffers in shared pages)."""
 
     def __init__(self, vi: VirtnetDriver) -> None:
         super().__init__(vi)
         # list_head freed_pages (taken at the front, added at the tail) and
         # used_pages (only needed to find every page at remove time: an
         # insertion-ordered dict gives list_del in O(1)).
-        self.freed_pages: list[PageList] = []
+        self.freed_pages: list[E] = []
         self._freed_head = 0
-        self.used_pages: dict[PageList, None] = {}
+        self.used_pages: dict[E, None] = {}
+
+    def _to_freed(self, plist: E) -> None:
+        """list_move_tail(&plist->list, &vi->freed_pages)."""
+        del self.used_pages[plist]
+        freed = self.freed_pages
+        if self._freed_head > 64 and self._freed_head * 2 > len(freed):
+            del freed[: self._freed_head]  # compact the consumed front
+            self._freed_head = 0
+        freed.append(plist)
+
+    def add_recvbuf(self) -> bool:
+        return self.add_recvbufs(1) == 1
+
+    def _drain(self, num_buf: int) -> None:
+        """Recycle the rest of a dropped packet's buffers (their pages stay attached)."""
+        for buf, _ in self._more_bufs(num_buf):
+            self._to_freed(cast(E, buf))
+
+    def _drop(self, skb: SkBuff) -> None:
+        self.stats.rx_dropped += 1
+        skb.free()
+
+    def free_unused_buf(self, buf: object) -> None:
+        self._to_freed(cast(E, buf))
+
+    def remove(self) -> None:
+        """virtnet_remove: splice used_pages into freed_pages and free every page."""
+        for plist in list(self.used_pages):
+            self._to_freed(plist)
+        for plist in self.freed_pages[self._freed_head :]:
+            if plist.page is not None:
+                self.pool.put_page(plist.page)  # a page, or ewma's reference to a frag page
+                plist.page = None
+        self.freed_pages = []
+        self._freed_head = 0
+
+
+class DeferredRx(PageListRx[PageList]):
+    """The seed: raw pages on the ring, the skb allocated when a packet arrives."""
+
+    name: ClassVar[str] = "deferred"
+
+    def __init__(self, vi: VirtnetDriver) -> None:
+        super().__init__(vi)
+        self.buf_len = PAGE_SIZE  # add_recvbuf_mergeable: one page
 
     # -- get_a_free_page ----------------------------------------------------
 
@@ -309,33 +385,22 @@ class DeferredRx(RxStrategy):
         self.used_pages[plist] = None
         return plist
 
-    def _to_freed(self, plist: PageList) -> None:
-        """list_move_tail(&plist->list, &vi->freed_pages)."""
-        del self.used_pages[plist]
-        freed = self.freed_pages
-        if self._freed_head > 64 and self._freed_head * 2 > len(freed):
-            del freed[: self._freed_head]  # compact the consumed front
-            self._freed_head = 0
-        freed.append(plist)
-
     # -- the ring -----------------------------------------------------------
 
-    def add_recvbuf(self) -> bool:
-        return self.add_recvbufs(1) == 1
-
     def add_recvbufs(self, n: int) -> int:
-        bufs = []
-        get_a_free_page = self.get_a_free_page
+        bufs: list[tuple[int, int, object]] = []
+        get_a_free_page, buf_len = self.get_a_free_page, self.buf_len
         for _ in range(n):
             plist = get_a_free_page()
             if plist is None:
                 break
-            bufs.append((plist.page.gpa, self.buf_len, plist))
+            page = plist.page
+            assert page is not None
+            bufs.append((page.gpa, buf_len, plist))
         return self.vi.rvq.add_inbufs(bufs)
 
-    buf_len = PAGE_SIZE  # add_recvbuf_mergeable: one page
-
-    def receive_buf(self, plist: PageList, length: int) -> None:
+    def receive_buf(self, buf: object, length: int) -> None:
+        plist = cast(PageList, buf)
         hdr_len = self.hdr_len
         stats = self.stats
         if length < hdr_len + ETH_HLEN:  # virtio_net.c receive_buf(): "short packet"
@@ -345,6 +410,7 @@ class DeferredRx(RxStrategy):
             return
         skb = self.skbs.alloc(GOOD_COPY_LEN)
         page = plist.page
+        assert page is not None
         view = page.view
         num_buf = view[NUM_BUFFERS_OFFSET] | view[NUM_BUFFERS_OFFSET + 1] << 8
         if skb is None:
@@ -374,7 +440,8 @@ class DeferredRx(RxStrategy):
             self._drop(skb)
             return
         got = 1
-        for plist, length in self._more_bufs(num_buf):
+        for buf, length in self._more_bufs(num_buf):
+            plist = cast(PageList, buf)
             got += 1
             if len(skb.frags) >= MAX_SKB_FRAGS:
                 stats.rx_length_errors += 1  # "packet too long"
@@ -383,7 +450,9 @@ class DeferredRx(RxStrategy):
                 self._drain(num_buf - got + 1)
                 self._drop(skb)
                 return
-            skb.add_frag(plist.page, 0, length)
+            page = plist.page
+            assert page is not None
+            skb.add_frag(page, 0, length)
             plist.page = None
             self._to_freed(plist)
         if got < num_buf:
@@ -392,55 +461,42 @@ class DeferredRx(RxStrategy):
         stats.rx_truesize += num_buf * PAGE_SIZE
         self.vi.deliver(skb)
 
-    def _drain(self, num_buf: int) -> None:
-        """Recycle the rest of a dropped packet's buffers (their pages stay attached)."""
-        for plist, _ in self._more_bufs(num_buf):
-            self._to_freed(plist)
+    def _num_buffers(self, buf: object) -> int:
+        page = cast(PageList, buf).page
+        assert page is not None
+        num_buf: int = NUM_BUFFERS.unpack_from(page.view, NUM_BUFFERS_OFFSET)[0]
+        return num_buf
 
-    def _drop(self, skb: SkBuff) -> None:
-        self.stats.rx_dropped += 1
-        skb.free()
-
-    def free_unused_buf(self, plist: PageList) -> None:
-        self._to_freed(plist)
-
-    def _num_buffers(self, plist: PageList) -> int:
-        return NUM_BUFFERS.unpack_from(plist.page.view, 10)[0]
-
-    def xdp_segments(self, plist: PageList, length: int, first: bool) -> list:
+    def xdp_segments(self, buf: object, length: int, first: bool) -> list[Segment]:
+        page = cast(PageList, buf).page
+        assert page is not None
         skip = self.hdr_len if first else 0
-        return [(plist.page, skip, length - skip)]
-
-    def remove(self) -> None:
-        """virtnet_remove: splice used_pages into freed_pages and free every page."""
-        for plist in list(self.used_pages):
-            self._to_freed(plist)
-        for plist in self.freed_pages[self._freed_head :]:
-            if plist.page is not None:
-                self.pool.put_page(plist.page)  # a page, or ewma's reference to a frag page
-                plist.page = None
-        self.freed_pages = []
-        self._freed_head = 0
+        return [(page, skip, length - skip)]
 
 
+# ilog2(weight_rcp): the EWMA's shift
+EWMA_SHIFT: Final = EWMA_PKT_LEN_WEIGHT_RCP.bit_length() - 1
+
+
+@final
 class EwmaPktLen:
     """include/linux/average.h ``DECLARE_EWMA(pkt_len, 0, 64)``: precision 0,
     weight 1/64; the first sample is taken as is (an internal value of 0 means empty)."""
 
     __slots__ = ("internal",)
-    SHIFT = EWMA_PKT_LEN_WEIGHT_RCP.bit_length() - 1  # ilog2(weight_rcp)
 
     def __init__(self) -> None:
         self.internal = 0
 
     def add(self, val: int) -> None:
         i = self.internal
-        self.internal = (((i << self.SHIFT) - i) + val) >> self.SHIFT if i else val
+        self.internal = (((i << EWMA_SHIFT) - i) + val) >> EWMA_SHIFT if i else val
 
     def read(self) -> int:
         return self.internal
 
 
+@final
 class MrgBuf:
     """One posted mergeable buffer: ``len`` bytes at ``offset`` in a (compound)
     page it holds a reference on — Linux's buf pointer plus its ctx (truesize).
@@ -455,6 +511,7 @@ class MrgBuf:
         self.len = 0
 
 
+@final
 class AllocFrag:
     """struct page_frag as rq->alloc_frag: the page buffers are carved from, Linux's
     skb_page_frag_refill semantics (skb.PageFrag is the tap reader's page_frag_alloc).
@@ -478,7 +535,8 @@ def mergeable_min_buf_len(hdr_len: int, rq_size: int) -> int:
     return max(max(min_buf_len, hdr_len) - hdr_len, GOOD_PACKET_LEN)
 
 
-class EwmaRx(DeferredRx):
+@final
+class EwmaRx(PageListRx[MrgBuf]):
     """What came after the seed (virtio_net.c, 2013-14, "auto-tune mergeable rx
     buffer size" and "use skb_page_frag_refill"): mergeable buffers sized by an
     EWMA of received packet lengths and carved back to back from 32 KiB compound
@@ -490,7 +548,7 @@ class EwmaRx(DeferredRx):
     drops) — reused as they are while their size still fits the average.
     """
 
-    name = "ewma"
+    name: ClassVar[str] = "ewma"
 
     def __init__(self, vi: VirtnetDriver) -> None:
         super().__init__(vi)
@@ -545,8 +603,10 @@ class EwmaRx(DeferredRx):
         if not self.page_frag_refill(length):
             return False
         frag = self.alloc_frag
-        self.pool.get_page(frag.page)
-        buf.page, buf.offset = frag.page, frag.offset
+        page = frag.page
+        assert page is not None  # page_frag_refill found room
+        self.pool.get_page(page)
+        buf.page, buf.offset = page, frag.offset
         frag.offset += length
         hole = frag.size - frag.offset
         if hole < length:  # "add the remaining space to the current buffer"
@@ -580,30 +640,32 @@ class EwmaRx(DeferredRx):
         self.used_pages[buf] = None
         return buf
 
-    def add_recvbuf(self) -> bool:
-        return self.add_recvbufs(1) == 1
-
     def add_recvbufs(self, n: int) -> int:
         """One refill burst; the average cannot move during it, so one length for all."""
-        bufs = []
+        bufs: list[tuple[int, int, object]] = []
         get_a_free_buf = self.get_a_free_buf
         want = self.get_mergeable_buf_len()
         for _ in range(n):
             buf = get_a_free_buf(want)
             if buf is None:
                 break
-            bufs.append((buf.page.gpa + buf.offset, buf.len, buf))
+            page = buf.page
+            assert page is not None
+            bufs.append((page.gpa + buf.offset, buf.len, buf))
         return self.vi.rvq.add_inbufs(bufs)
 
     # -- receive_mergeable --------------------------------------------------------------
 
-    def receive_buf(self, buf: MrgBuf, length: int) -> None:
+    def receive_buf(self, token: object, length: int) -> None:
+        buf = cast(MrgBuf, token)
         stats, hdr_len = self.stats, self.hdr_len
         if length < hdr_len + ETH_HLEN:  # virtio_net.c receive_buf(): "short packet"
             stats.rx_length_errors += 1
+            self._name_short(length)
             self._to_freed(buf)
             return
         page, off = buf.page, buf.offset
+        assert page is not None
         view = page.view
         at = off + NUM_BUFFERS_OFFSET
         num_buf = view[at] | view[at + 1] << 8
@@ -634,7 +696,8 @@ class EwmaRx(DeferredRx):
             return
         got = 1
         frags = skb.frags
-        for buf, length in self._more_bufs(num_buf):
+        for token, length in self._more_bufs(num_buf):
+            buf = cast(MrgBuf, token)
             got += 1
             if got > self.max_bufs:
                 stats.rx_length_errors += 1  # "packet too long"
@@ -645,6 +708,7 @@ class EwmaRx(DeferredRx):
                 return
             truesize += buf.len
             page, off = buf.page, buf.offset
+            assert page is not None
             last = frags[-1] if frags else None
             if last is not None and last[0] is page and last[1] + last[2] == off:
                 # skb_can_coalesce: the buffer continues the last frag in the same page
@@ -663,10 +727,15 @@ class EwmaRx(DeferredRx):
         self.avg_pkt_len.add(skb.len)  # ewma_pkt_len_add(&rq->mrg_avg_pkt_len, head_skb->len)
         self.vi.deliver(skb)
 
-    def _num_buffers(self, buf: MrgBuf) -> int:
-        return NUM_BUFFERS.unpack_from(buf.page.view, buf.offset + NUM_BUFFERS_OFFSET)[0]
+    def _num_buffers(self, token: object) -> int:
+        buf = cast(MrgBuf, token)
+        assert buf.page is not None
+        num_buf: int = NUM_BUFFERS.unpack_from(buf.page.view, buf.offset + NUM_BUFFERS_OFFSET)[0]
+        return num_buf
 
-    def xdp_segments(self, buf: MrgBuf, length: int, first: bool) -> list:
+    def xdp_segments(self, token: object, length: int, first: bool) -> list[Segment]:
+        buf = cast(MrgBuf, token)
+        assert buf.page is not None
         skip = self.hdr_len if first else 0
         return [(buf.page, buf.offset + skip, length - skip)]
 
@@ -679,10 +748,11 @@ class EwmaRx(DeferredRx):
             frag.page = None
 
 
+@final
 class PreallocRx(RxStrategy):
     """The pre-patch code: an skb and a page allocated per posted buffer."""
 
-    name = "prealloc"
+    name: ClassVar[str] = "prealloc"
 
     def __init__(self, vi: VirtnetDriver) -> None:
         super().__init__(vi)
@@ -702,7 +772,7 @@ class PreallocRx(RxStrategy):
         return self.add_recvbufs(1) == 1
 
     def add_recvbufs(self, n: int) -> int:
-        bufs = []
+        bufs: list[tuple[int, int, object]] = []
         for _ in range(n):
             skb = self.skbs.alloc(GOOD_COPY_LEN)
             if skb is None:
@@ -717,7 +787,8 @@ class PreallocRx(RxStrategy):
             bufs.append((page.gpa, PAGE_SIZE, skb))
         return self.vi.rvq.add_inbufs(bufs)
 
-    def receive_buf(self, skb: SkBuff, length: int) -> None:
+    def receive_buf(self, buf: object, length: int) -> None:
+        skb = cast(SkBuff, buf)
         del self.recv[skb]  # __skb_unlink(skb, &vi->recv)
         page = skb.frags[0][0]
         hdr_len = self.hdr_len
@@ -746,7 +817,8 @@ class PreallocRx(RxStrategy):
             self._drop(skb)
             return
         got = 1
-        for nskb, length in self._more_bufs(num_buf):
+        for buf, length in self._more_bufs(num_buf):
+            nskb = cast(SkBuff, buf)
             got += 1
             del self.recv[nskb]
             if len(skb.frags) >= MAX_SKB_FRAGS:
@@ -754,8 +826,7 @@ class PreallocRx(RxStrategy):
                 self._too_long(num_buf)
                 self._recycle(nskb)
                 for rest, _ in self._more_bufs(num_buf - got + 1):
-                    del self.recv[rest]
-                    self._recycle(rest)
+                    self.free_unused_buf(rest)
                 self._drop(skb)
                 return
             # skb_shinfo(skb)->frags[i] = skb_shinfo(nskb)->frags[0]; kfree_skb(nskb)
@@ -779,16 +850,19 @@ class PreallocRx(RxStrategy):
         self.stats.rx_dropped += 1
         skb.free()
 
-    def free_unused_buf(self, skb: SkBuff) -> None:
+    def free_unused_buf(self, buf: object) -> None:
+        skb = cast(SkBuff, buf)
         del self.recv[skb]
         self._recycle(skb)
 
-    def _num_buffers(self, skb: SkBuff) -> int:
-        return NUM_BUFFERS.unpack_from(skb.frags[0][0].view, 10)[0]
+    def _num_buffers(self, buf: object) -> int:
+        view = cast(SkBuff, buf).frags[0][0].view
+        num_buf: int = NUM_BUFFERS.unpack_from(view, NUM_BUFFERS_OFFSET)[0]
+        return num_buf
 
-    def xdp_segments(self, skb: SkBuff, length: int, first: bool) -> list:
+    def xdp_segments(self, buf: object, length: int, first: bool) -> list[Segment]:
         skip = self.hdr_len if first else 0
-        return [(skb.frags[0][0], skip, length - skip)]
+        return [(cast(SkBuff, buf).frags[0][0], skip, length - skip)]
 
     def remove(self) -> None:
         for page in self.pages:
@@ -796,6 +870,7 @@ class PreallocRx(RxStrategy):
         self.pages = []
 
 
+@final
 class SmallRx(DeferredRx):
     """No MRG_RXBUF, no GSO: one buffer per packet, header + MAX_PACKET_LEN bytes.
 
@@ -803,14 +878,15 @@ class SmallRx(DeferredRx):
     the device can never write a frame larger than the MTU allows.
     """
 
-    name = "small"
-    mergeable = False
+    name: ClassVar[str] = "small"
+    mergeable: ClassVar[bool] = False
 
-    @property
-    def buf_len(self) -> int:  # add_recvbuf_small: header + MAX_PACKET_LEN
-        return self.hdr_len + MAX_PACKET_LEN
+    def __init__(self, vi: VirtnetDriver) -> None:
+        super().__init__(vi)
+        self.buf_len = self.hdr_len + MAX_PACKET_LEN  # add_recvbuf_small
 
-    def receive_buf(self, plist: PageList, length: int) -> None:
+    def receive_buf(self, buf: object, length: int) -> None:
+        plist = cast(PageList, buf)
         if self._short(length):
             self._to_freed(plist)
             return
@@ -820,6 +896,7 @@ class SmallRx(DeferredRx):
             self._to_freed(plist)
             return
         page = plist.page
+        assert page is not None
         view = page.view
         skb.vnet_hdr = bytes(view[: self.hdr_len])
         length -= self.hdr_len
@@ -832,36 +909,47 @@ class SmallRx(DeferredRx):
         self.vi.deliver(skb)
 
 
+# add_recvbuf_big: pages per buffer, enough for a 64 KiB frame
+BIG_PAGES: Final = MAX_SKB_FRAGS
+
+
+@final
 class BigRx(DeferredRx):
     """No MRG_RXBUF but GUEST_TSO/UFO: each buffer is a chain of pages big enough
     for a 64 KiB frame (add_recvbuf_big); the skb is allocated on receive and
     the pages the frame did not reach go straight back to the page lists.
     """
 
-    name = "big"
-    mergeable = False
-    PAGES = MAX_SKB_FRAGS
+    name: ClassVar[str] = "big"
+    mergeable: ClassVar[bool] = False
 
     def descs_per_buf(self) -> int:
-        return 1 if self.vi.rvq.indirect is not None else self.PAGES
+        return 1 if self.vi.rvq.indirect is not None else BIG_PAGES
 
-    add_recvbufs = RxStrategy.add_recvbufs  # a chain of pages each: one add() per buffer
+    def add_recvbufs(self, n: int) -> int:
+        # A chain of pages each: one add() per buffer, not one add_inbufs for all.
+        return RxStrategy.add_recvbufs(self, n)
 
     def add_recvbuf(self) -> bool:
         if self.vi.rvq.num_free < self.descs_per_buf():
             return False
-        plists = []
-        for _ in range(self.PAGES):
+        plists: list[PageList] = []
+        segments: list[tuple[int, int]] = []
+        for _ in range(BIG_PAGES):
             plist = self.get_a_free_page()
             if plist is None:
                 for p in plists:
                     self._to_freed(p)
                 return False
+            page = plist.page
+            assert page is not None
             plists.append(plist)
-        self.vi.rvq.add((), [(p.page.gpa, PAGE_SIZE) for p in plists], plists)
+            segments.append((page.gpa, PAGE_SIZE))
+        self.vi.rvq.add((), segments, plists)
         return True
 
-    def receive_buf(self, plists: list[PageList], length: int) -> None:
+    def receive_buf(self, buf: object, length: int) -> None:
+        plists = cast(list[PageList], buf)
         if self._short(length):
             self._release(plists)
             return
@@ -870,7 +958,9 @@ class BigRx(DeferredRx):
             self.stats.rx_dropped += 1
             self._release(plists)
             return
-        view = plists[0].page.view
+        first = plists[0].page
+        assert first is not None
+        view = first.view
         skb.vnet_hdr = bytes(view[: self.hdr_len])
         length -= self.hdr_len
         offset = self.hdr_len + self._copy_head(skb, view, self.hdr_len, length)
@@ -880,7 +970,9 @@ class BigRx(DeferredRx):
                 break
             size = min(length, PAGE_SIZE - offset)
             if size:
-                skb.add_frag(plist.page, offset, size)
+                page = plist.page
+                assert page is not None
+                skb.add_frag(page, offset, size)
                 plist.page = None
             length -= size
             offset = 0
@@ -888,13 +980,16 @@ class BigRx(DeferredRx):
         self.stats.rx_truesize += len(plists) * PAGE_SIZE
         self.vi.deliver(skb)
 
-    def xdp_segments(self, plists: list[PageList], length: int, first: bool) -> list:
-        out, offset = [], self.hdr_len
-        for plist in plists:
+    def xdp_segments(self, buf: object, length: int, first: bool) -> list[Segment]:
+        out: list[Segment] = []
+        offset = self.hdr_len
+        for plist in cast(list[PageList], buf):
             if length <= offset:
                 break
             size = min(length, PAGE_SIZE) - offset
-            out.append((plist.page, offset, size))
+            page = plist.page
+            assert page is not None
+            out.append((page, offset, size))
             length -= offset + size
             offset = 0
         return out
@@ -903,10 +998,16 @@ class BigRx(DeferredRx):
         for plist in plists:
             self._to_freed(plist)
 
-    def free_unused_buf(self, plists: list[PageList]) -> None:
-        self._release(plists)
+    def free_unused_buf(self, buf: object) -> None:
+        self._release(cast(list[PageList], buf))
 
 
+# By name, as --strategy spells them (each class's ``name``; spelled out, not read
+# from the classes, so the table is a plain literal the compiler needs no class for).
 STRATEGIES: dict[str, type[RxStrategy]] = {
-    cls.name: cls for cls in (DeferredRx, PreallocRx, EwmaRx, BigRx, SmallRx)
+    "deferred": DeferredRx,
+    "prealloc": PreallocRx,
+    "ewma": EwmaRx,
+    "big": BigRx,
+    "small": SmallRx,
 }
