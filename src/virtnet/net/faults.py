@@ -32,7 +32,7 @@ from virtnet.virtio.ring.packed import PackedQueueDevice
 from virtnet.virtio.ring.split import SplitQueueDevice
 
 if TYPE_CHECKING:
-    # Only for annotations: device.py imports this module (through stats.py).
+    # Only for annotations: device.py imports this module.
     from virtnet.net.device import VirtnetDevice
 
 # kind -> what the device does (``virtnet device --help`` prints these)
