@@ -47,6 +47,7 @@ DATA_PLANE: tuple[str, ...] = (
     "virtnet.virtio.memory",
     "virtnet.virtio.features",
     "virtnet.virtio.ring.layout",
+    "virtnet.virtio.ring.chain",
     "virtnet.virtio.ring.split",
     "virtnet.virtio.ring.packed",
     "virtnet.net.constants",

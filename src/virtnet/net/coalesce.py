@@ -13,8 +13,9 @@ sends the notification.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
-COALESCE_KEYS = ("rx-usecs", "rx-frames", "tx-usecs", "tx-frames")
+COALESCE_KEYS: Final = ("rx-usecs", "rx-frames", "tx-usecs", "tx-frames")
 
 
 class CoalesceError(ValueError):

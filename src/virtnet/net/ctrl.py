@@ -15,11 +15,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Final, Protocol, final
 
-from virtnet.net.device import gather
+from virtnet.net.device import VirtnetDevice, gather
 from virtnet.net.features import VirtioNetF
-from virtnet.net.stats import Stats, ctrl_stats
+from virtnet.net.stats import CtrlStats, ctrl_stats
 from virtnet.virtio.errors import (
     AvailIndexError,
     DescriptorError,
@@ -28,6 +28,9 @@ from virtnet.virtio.errors import (
     VirtioError,
 )
 from virtnet.virtio.features import bit
+from virtnet.virtio.ring.chain import Chain
+from virtnet.virtio.ring.packed import PackedQueueDevice, PackedQueueDriver
+from virtnet.virtio.ring.split import SplitQueueDevice, SplitQueueDriver
 
 # -- the wire (include/uapi/linux/virtio_net.h) --------------------------------------------
 
@@ -188,6 +191,7 @@ class RxMode:
     vlans: frozenset[int] | None = None
 
 
+@final
 @dataclass
 class ControlEvent:
     """One command the device answered, for logs and tests."""
@@ -198,6 +202,7 @@ class ControlEvent:
     reason: str = ""
 
 
+@final
 class ControlDevice:
     """The device's control queue: answers commands, keeps the state they set.
 
@@ -217,13 +222,15 @@ class ControlDevice:
 
     def __init__(
         self,
-        cvq: Any,
+        cvq: SplitQueueDevice | PackedQueueDevice | None,
         features: int,
         max_pairs: int = 1,
         *,
         mac: bytes = b"\x52\x54\x00\x12\x34\x56",
-        stats: Stats | None = None,
+        stats: CtrlStats | None = None,
     ) -> None:
+        """``cvq`` None: a device that only filters (rx_filter, handle) until ``reset``
+        gives it a queue."""
         if not 1 <= max_pairs <= VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX:
             raise ValueError(
                 f"max_pairs {max_pairs} outside {VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN}.."
@@ -244,10 +251,19 @@ class ControlDevice:
         self.on_rx_mode: Callable[[RxMode], bool | None] | None = None
         self.on_mac: Callable[[bytes], bool | None] | None = None
         self.on_announce_ack: Callable[[], bool | None] | None = None
+        # virtio_net_handle_ctrl's switch on the class (bound methods, made once).
+        self._handlers: dict[int, Callable[[int, bytes], tuple[int, str]]] = {
+            VIRTIO_NET_CTRL_RX: self._handle_rx_mode,
+            VIRTIO_NET_CTRL_MAC: self._handle_mac,
+            VIRTIO_NET_CTRL_VLAN: self._handle_vlan,
+            VIRTIO_NET_CTRL_ANNOUNCE: self._handle_announce,
+            VIRTIO_NET_CTRL_MQ: self._handle_mq,
+            VIRTIO_NET_CTRL_GUEST_OFFLOADS: self._handle_offloads,
+        }
 
-    LOG_LEN = 64
+    LOG_LEN: Final = 64
 
-    def reset(self, cvq: Any = None) -> None:
+    def reset(self, cvq: SplitQueueDevice | PackedQueueDevice | None = None) -> None:
         """Back to the state after a device reset (QEMU virtio_net_reset), optionally
         over a new queue; the counters keep counting."""
         if cvq is not None:
@@ -271,14 +287,17 @@ class ControlDevice:
         """Answer up to ``budget`` chains; how many were taken (refused ones count)."""
         n = 0
         cvq, stats = self.cvq, self.stats
+        if cvq is None:
+            raise ValueError("control device without a queue (reset(cvq) gives it one)")
         while n < budget and not self.broken:
             try:
                 chain = cvq.pop()
-            except AvailIndexError as e:
+            # One name per except clause: compiled, a name keeps the type of its first.
+            except AvailIndexError as stop:
                 # vhost's vq_err: the ring is impossible; stop until a reset.
                 stats.ctrl_desc_errors += 1
                 self.broken = True
-                self.last_error = f"control queue stopped: {e}"
+                self.last_error = f"control queue stopped: {stop}"
                 break
             except DescriptorError as e:
                 stats.ctrl_desc_errors += 1
@@ -296,7 +315,7 @@ class ControlDevice:
     def flush(self) -> bool:
         """Publish the answers; True if the driver wants an interrupt."""
         cvq = self.cvq
-        if not cvq.has_unflushed():
+        if cvq is None or not cvq.has_unflushed():
             return False
         cvq.flush_used()
         if cvq.needs_notify():
@@ -304,7 +323,7 @@ class ControlDevice:
             return True
         return False
 
-    def _handle_chain(self, chain: Any) -> int:
+    def _handle_chain(self, chain: Chain) -> int:
         """The used length for one chain: 1 (the ack) or 0 (refused unanswered)."""
         if chain.out_len < CTRL_HDR.size or not chain.in_len:
             # QEMU: "virtio-net ctrl missing headers" (it breaks the device; we
@@ -361,9 +380,9 @@ class ControlDevice:
         want = DATA_LEN.get((cls, cmd))
         if want is not None and len(data) != want:
             return VIRTIO_NET_ERR, f"{len(data)} bytes of data, the command takes {want}"
-        return self._HANDLERS[cls](self, cmd, data)
+        return self._handlers[cls](cmd, data)
 
-    def _call(self, callback: Callable | None, *args: Any) -> str:
+    def _call(self, callback: Callable[..., bool | None] | None, *args: object) -> str:
         """Run a back-end callback: "" if it accepted, else why not (False or raised)."""
         if callback is None:
             return ""
@@ -375,7 +394,8 @@ class ControlDevice:
 
     def _handle_rx_mode(self, cmd: int, data: bytes) -> tuple[int, str]:
         on = bool(data[0])
-        mode = replace(self.rx, **{_RX_FLAGS[cmd]: on})
+        change: dict[str, bool] = {_RX_FLAGS[cmd]: on}
+        mode = replace(self.rx, **change)  # type: ignore[arg-type]  # a bool field, by name
         return self._set_rx(mode)
 
     def _set_rx(self, mode: RxMode) -> tuple[int, str]:
@@ -444,15 +464,6 @@ class ControlDevice:
         self.guest_offloads = offloads
         return VIRTIO_NET_OK, ""
 
-    _HANDLERS: dict[int, Callable[[ControlDevice, int, bytes], tuple[int, str]]] = {
-        VIRTIO_NET_CTRL_RX: _handle_rx_mode,
-        VIRTIO_NET_CTRL_MAC: _handle_mac,
-        VIRTIO_NET_CTRL_VLAN: _handle_vlan,
-        VIRTIO_NET_CTRL_ANNOUNCE: _handle_announce,
-        VIRTIO_NET_CTRL_MQ: _handle_mq,
-        VIRTIO_NET_CTRL_GUEST_OFFLOADS: _handle_offloads,
-    }
-
     # -- the receive filter (QEMU receive_filter) ---------------------------------------------
 
     def rx_filter(self, frame: bytes | bytearray | memoryview) -> bool:
@@ -485,6 +496,7 @@ class ControlDevice:
 # -- driver side ----------------------------------------------------------------------------
 
 
+@final
 @dataclass
 class _Posted:
     cls: int
@@ -493,6 +505,7 @@ class _Posted:
     status: int | None = None
 
 
+@final
 class ControlQueueBroken(VirtioError):
     """The device broke the control ring (a used id naming no command, an impossible
     used index): like Linux's BAD_RING, no command is sent until a reset."""
@@ -503,6 +516,7 @@ class ControlQueueBroken(VirtioError):
 STATUS_UNSET = 0xFF
 
 
+@final
 class ControlQueue:
     """The driver's control queue (virtnet_send_command), one batch in flight.
 
@@ -514,7 +528,14 @@ class ControlQueue:
     the caller's (it owns the kick and the interrupt).
     """
 
-    def __init__(self, vq: Any, buf: memoryview, gpa: int, *, stats: Stats | None = None) -> None:
+    def __init__(
+        self,
+        vq: SplitQueueDriver | PackedQueueDriver,
+        buf: memoryview,
+        gpa: int,
+        *,
+        stats: CtrlStats | None = None,
+    ) -> None:
         if len(buf) < CTRL_HDR.size + CTRL_ACK.size:
             raise ValueError(f"control buffer of {len(buf)} bytes cannot hold a command")
         self.vq = vq
@@ -581,16 +602,16 @@ class ControlQueue:
                     e.token.status = self.buf[e.token.status_off]
                     continue
                 return self._fail_rest(str(e))  # an id naming no command
-            except UsedIndexError as e:
+            except UsedIndexError as lost:  # (not ``e``: see process)
                 self.stats.ctrl_desc_errors += 1
-                self.last_error = str(e)
-                return self._fail_rest(str(e))
+                self.last_error = str(lost)
+                return self._fail_rest(str(lost))
             if got is None:
-                if getattr(self.vq, "broken", False):
+                if self.vq.broken:
                     return self._fail_rest("the ring is broken")
                 return None
             posted, _length = got
-            if not any(p is posted for p in self._posted):
+            if not isinstance(posted, _Posted) or not any(p is posted for p in self._posted):
                 continue  # not this batch's (cannot happen unless the ring lies)
             # Linux reads ctrl->status whatever the used length: unset (0xFF) if unwritten.
             posted.status = self.buf[posted.status_off]
@@ -606,7 +627,10 @@ class ControlQueue:
         return self._finish()
 
     def _finish(self) -> int:
-        self.results = [(p.cls, p.cmd, p.status) for p in self._posted]
+        # Every status is set by now (complete waited for each, _fail_rest set the rest).
+        self.results = [
+            (p.cls, p.cmd, STATUS_UNSET if p.status is None else p.status) for p in self._posted
+        ]
         self._posted = []
         self._used_bytes = 0
         status = VIRTIO_NET_OK
@@ -695,7 +719,15 @@ class ControlQueue:
         return self.post(VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK)
 
 
-def serve_control(ctrl: ControlDevice, devices: Sequence, backends: Sequence) -> None:
+class OffloadsSink(Protocol):
+    """What serve_control tells a back-end (ports/backends.py's Backend does)."""
+
+    def on_guest_offloads(self, offloads: int) -> None: ...
+
+
+def serve_control(
+    ctrl: ControlDevice, devices: Sequence[VirtnetDevice], backends: Sequence[OffloadsSink]
+) -> None:
     """Let a ControlDevice's commands act on the device it answers for (one process:
     the driver meets virtnet's own device): the receive filter on every pair, the
     guest offloads re-applied to each pair and its back-end (a tap: TUNSETOFFLOAD,

@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, final
 
 from virtnet.net.constants import ETH_HLEN
 from virtnet.net.header import (
@@ -26,6 +26,14 @@ from virtnet.net.header import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
 )
+from virtnet.virtio.memory import GuestMemory
+from virtnet.virtio.ring.chain import Chain
+from virtnet.virtio.ring.packed import PackedQueueDevice
+from virtnet.virtio.ring.split import SplitQueueDevice
+
+if TYPE_CHECKING:
+    # Only for annotations: device.py imports this module.
+    from virtnet.net.device import VirtnetDevice
 
 # kind -> what the device does (``virtnet device --help`` prints these)
 FAULT_KINDS: dict[str, str] = {
@@ -129,10 +137,11 @@ class FaultPlan:
         rule.injected += 1
         return True
 
-    def install(self, dev: Any) -> None:
-        """Put the fault layer between ``dev`` (a VirtnetDevice) and its rings."""
-        dev.rxq = FaultyQueue(dev.rxq, self, dev, RX_Q)
-        dev.txq = FaultyQueue(dev.txq, self, dev, TX_Q)
+    def install(self, dev: VirtnetDevice) -> None:
+        """Put the fault layer between ``dev`` and its rings. A ring that has one
+        already gets this plan's instead: layers do not stack."""
+        dev.rxq = FaultyQueue(_ring_of(dev.rxq), self, dev, RX_Q)
+        dev.txq = FaultyQueue(_ring_of(dev.txq), self, dev, TX_Q)
 
 
 def rule_option(rule: FaultRule, opt: str) -> None:
@@ -184,25 +193,66 @@ def _read_at(views: Sequence[memoryview], offset: int, n: int) -> bytes:
     return out
 
 
+RingDevice = SplitQueueDevice | PackedQueueDevice  # what a FaultyQueue wraps
+
+
+def _ring_of(q: RingDevice | FaultyQueue) -> RingDevice:
+    return q.ring if isinstance(q, FaultyQueue) else q
+
+
+@final
 class FaultyQueue:
-    """A device-side ring that lies: wraps a SplitQueueDevice, forwards everything,
-    and changes used entries, headers, the used index and notifications per the plan.
+    """A device-side ring that lies: wraps a SplitQueueDevice or PackedQueueDevice,
+    forwards what the device and the vhost-user worker call, and changes used
+    entries, headers, the used index and notifications per the plan.
 
     Sans-I/O like the ring: it only edits what the device writes into guest memory
     and what ``needs_notify`` answers; the caller signals as usual.
     """
 
-    def __init__(self, q: Any, plan: FaultPlan, dev: Any, index: int) -> None:
+    def __init__(self, q: RingDevice, plan: FaultPlan, dev: VirtnetDevice, index: int) -> None:
         self._q = q
         self._plan = plan
         self._dev = dev  # for its stats (replaced at each session's accumulate) and hdr
         self._index = index
-        self._chains: dict[int, Any] = {}  # popped, not yet used: head -> Chain
+        self._chains: dict[int, Chain] = {}  # popped, not yet used: head -> Chain
         self._followers = 0  # buffers still to come of the packet being pushed
         self._late_due: float | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._q, name)
+    @property
+    def ring(self) -> RingDevice:
+        """The ring this layer lies in front of."""
+        return self._q
+
+    # -- the ring's interface, forwarded (the lies are in the methods further down) --
+
+    @property
+    def num(self) -> int:
+        return self._q.num
+
+    @property
+    def index(self) -> int:
+        return self._q.index
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self._q.memory
+
+    @property
+    def last_avail_idx(self) -> int:
+        return self._q.last_avail_idx
+
+    def avail_pending(self) -> int:
+        return self._q.avail_pending()
+
+    def vring_base(self, unpopped: int = 0) -> int:
+        return self._q.vring_base(unpopped)
+
+    def disable_notify(self) -> None:
+        self._q.disable_notify()
+
+    def enable_notify(self) -> bool:
+        return self._q.enable_notify()
 
     def _count(self, kind: str, what: str) -> None:
         stats = self._dev.stats
@@ -212,13 +262,13 @@ class FaultyQueue:
 
     # -- chains ------------------------------------------------------------------
 
-    def pop(self) -> Any:
+    def pop(self) -> Chain | None:
         chain = self._q.pop()
         if chain is not None:
             self._chains[chain.head] = chain
         return chain
 
-    def pop_burst(self, budget: int) -> list:
+    def pop_burst(self, budget: int) -> list[Chain]:
         chains = self._q.pop_burst(budget)
         for chain in chains:
             self._chains[chain.head] = chain
@@ -239,7 +289,7 @@ class FaultyQueue:
     def _push(self, head: int, length: int) -> None:
         plan, q, i = self._plan, self._q, self._index
         chain = self._chains.pop(head, None)
-        packet = None
+        packet: int | None = None  # buffers of the packet this one starts, if it does
         if i == RX_Q and chain is not None:
             if self._followers:
                 self._followers -= 1
@@ -257,17 +307,20 @@ class FaultyQueue:
             bad = chain.in_len + plan.rng.randint(1, 4096)
             self._count("bad_len", f"used id {head} len {bad} > buffer {chain.in_len}")
             length = bad
-        elif packet is not None:
+        elif packet is not None and chain is not None:  # (packet is only set with a chain)
             length = self._packet_fault(chain, head, length, packet)
         q.push_used(head, length)
 
-    def _packet_buffers(self, chain: Any) -> int:
+    def _packet_buffers(self, chain: Chain) -> int:
         if not self._dev.mergeable:
             return 1
         raw = _read_at(chain.writable, NUM_BUFFERS_OFFSET, 2)
-        return max(1, NUM_BUFFERS.unpack(raw)[0]) if len(raw) == 2 else 1
+        if len(raw) != 2:
+            return 1
+        (num,) = NUM_BUFFERS.unpack(raw)
+        return max(1, int(num))
 
-    def _packet_fault(self, chain: Any, head: int, length: int, num: int) -> int:
+    def _packet_fault(self, chain: Chain, head: int, length: int, num: int) -> int:
         """At most one lie about this packet (its first buffer is ``chain``); returns
         the used length to push for that buffer."""
         plan, mergeable = self._plan, self._dev.mergeable
@@ -290,7 +343,7 @@ class FaultyQueue:
         self._count("short", f"used id {head} len {short} (was {length})")
         return short
 
-    def _lie_num_buffers(self, kind: str, chain: Any, head: int, num: int) -> None:
+    def _lie_num_buffers(self, kind: str, chain: Chain, head: int, num: int) -> None:
         if kind == "num_buffers_big":  # beyond any buffer the driver can have posted
             lie = min(num + self._q.num + self._plan.rng.randrange(0, 64), 0xFFFF)
         else:
@@ -298,7 +351,7 @@ class FaultyQueue:
         _write_at(chain.writable, NUM_BUFFERS_OFFSET, NUM_BUFFERS.pack(lie))
         self._count(kind, f"used id {head}: num_buffers {lie} for {num} buffers")
 
-    def _lie_header(self, kind: str, chain: Any, head: int, length: int, num: int) -> None:
+    def _lie_header(self, kind: str, chain: Chain, head: int, length: int, num: int) -> None:
         views = chain.writable
         flags, gso, h_len, gso_size, start, off = HDR.unpack(_read_at(views, 0, HDR.size))
         if kind == "bad_csum":
@@ -318,7 +371,13 @@ class FaultyQueue:
 
     def flush_used(self) -> None:
         q = self._q
-        if q.has_unflushed() and self._plan.fire("idx_jump", self._index):
+        # A packed ring has no used index to jump: no opportunity there (q.used_idx
+        # would be an AttributeError).
+        if (
+            isinstance(q, SplitQueueDevice)
+            and q.has_unflushed()
+            and self._plan.fire("idx_jump", self._index)
+        ):
             jump = self._plan.rng.randint(q.num + 1, 0x7FFF)
             self._count("idx_jump", f"used idx {q.used_idx} -> {(q.used_idx + jump) & 0xFFFF} "
                         f"(+{jump}, ring of {q.num})")  # fmt: skip

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import ClassVar, final
 
 from virtnet.virtio.errors import FeatureError
 from virtnet.virtio.features import VirtioF, bit, feature_names
@@ -63,7 +63,7 @@ REQUIRES: dict[int, tuple[int, ...]] = {
     VirtioNetF.HASH_REPORT: (VirtioNetF.CTRL_VQ,),
 }
 # ECN needs TSO4 *or* TSO6.
-_EITHER = {
+_EITHER: dict[int, tuple[int, ...]] = {
     VirtioNetF.GUEST_ECN: (VirtioNetF.GUEST_TSO4, VirtioNetF.GUEST_TSO6),
     VirtioNetF.HOST_ECN: (VirtioNetF.HOST_TSO4, VirtioNetF.HOST_TSO6),
 }
@@ -158,14 +158,38 @@ VIRTIO_NET_S_ANNOUNCE = 2
 _CONFIG = struct.Struct("<6sHHH")
 
 
-@dataclass
+@final
 class NetConfig:
-    mac: bytes = b"\x52\x54\x00\x12\x34\x56"
-    status: int = VIRTIO_NET_S_LINK_UP
-    max_virtqueue_pairs: int = 1
-    mtu: int = 1500
+    """struct virtio_net_config's fields. A plain class, not a dataclass: compiled,
+    a dataclass makes ``SIZE`` a (read-only) field even as a ClassVar (mypyc 2.4)."""
 
-    SIZE = _CONFIG.size
+    SIZE: ClassVar[int] = _CONFIG.size
+
+    def __init__(
+        self,
+        mac: bytes = b"\x52\x54\x00\x12\x34\x56",
+        status: int = VIRTIO_NET_S_LINK_UP,
+        max_virtqueue_pairs: int = 1,
+        mtu: int = 1500,
+    ) -> None:
+        self.mac = mac
+        self.status = status
+        self.max_virtqueue_pairs = max_virtqueue_pairs
+        self.mtu = mtu
+
+    def _fields(self) -> tuple[bytes, int, int, int]:
+        return (self.mac, self.status, self.max_virtqueue_pairs, self.mtu)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NetConfig):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return (
+            f"NetConfig(mac={self.mac!r}, status={self.status!r}, "
+            f"max_virtqueue_pairs={self.max_virtqueue_pairs!r}, mtu={self.mtu!r})"
+        )
 
     def pack(self) -> bytes:
         return _CONFIG.pack(self.mac, self.status, self.max_virtqueue_pairs, self.mtu)

@@ -13,27 +13,31 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
 
 from virtnet.net.features import VirtioNetF
 from virtnet.virtio.features import VirtioF, has
 
-VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
-VIRTIO_NET_HDR_F_DATA_VALID = 2
-VIRTIO_NET_HDR_F_RSC_INFO = 4
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
-VIRTIO_NET_HDR_GSO_NONE = 0
-VIRTIO_NET_HDR_GSO_TCPV4 = 1
-VIRTIO_NET_HDR_GSO_UDP = 3
-VIRTIO_NET_HDR_GSO_TCPV6 = 4
-VIRTIO_NET_HDR_GSO_UDP_L4 = 5
-VIRTIO_NET_HDR_GSO_ECN = 0x80
+VIRTIO_NET_HDR_F_NEEDS_CSUM: Final = 1
+VIRTIO_NET_HDR_F_DATA_VALID: Final = 2
+VIRTIO_NET_HDR_F_RSC_INFO: Final = 4
 
-HDR = struct.Struct("<BBHHHH")
-MRG_HDR = struct.Struct("<BBHHHHH")
-HDR_LEN = HDR.size  # 10
-MRG_HDR_LEN = MRG_HDR.size  # 12
-NUM_BUFFERS = struct.Struct("<H")
-NUM_BUFFERS_OFFSET = HDR_LEN
+VIRTIO_NET_HDR_GSO_NONE: Final = 0
+VIRTIO_NET_HDR_GSO_TCPV4: Final = 1
+VIRTIO_NET_HDR_GSO_UDP: Final = 3
+VIRTIO_NET_HDR_GSO_TCPV6: Final = 4
+VIRTIO_NET_HDR_GSO_UDP_L4: Final = 5
+VIRTIO_NET_HDR_GSO_ECN: Final = 0x80
+
+HDR: Final = struct.Struct("<BBHHHH")
+MRG_HDR: Final = struct.Struct("<BBHHHHH")
+HDR_LEN: Final = HDR.size  # 10
+MRG_HDR_LEN: Final = MRG_HDR.size  # 12
+NUM_BUFFERS: Final = struct.Struct("<H")
+NUM_BUFFERS_OFFSET: Final = HDR_LEN
 
 
 @dataclass(slots=True)
@@ -57,7 +61,7 @@ class VirtioNetHdr:
             self.csum_start, self.csum_offset,
         )  # fmt: skip
 
-    def pack_into(self, buf, offset: int = 0, mergeable: bool = True) -> None:
+    def pack_into(self, buf: WriteableBuffer, offset: int = 0, mergeable: bool = True) -> None:
         if mergeable:
             MRG_HDR.pack_into(
                 buf, offset, self.flags, self.gso_type, self.hdr_len, self.gso_size,
@@ -70,7 +74,9 @@ class VirtioNetHdr:
             )  # fmt: skip
 
     @classmethod
-    def unpack(cls, buf, offset: int = 0, mergeable: bool = True) -> VirtioNetHdr:
+    def unpack(
+        cls, buf: bytes | bytearray | memoryview, offset: int = 0, mergeable: bool = True
+    ) -> VirtioNetHdr:
         need = MRG_HDR_LEN if mergeable else HDR_LEN
         if len(buf) - offset < need:
             raise ValueError(f"virtio-net header needs {need} bytes, got {len(buf) - offset}")
@@ -94,7 +100,7 @@ def hdr_len_for(features: int) -> int:
     return HDR_LEN
 
 
-_GSO_TYPES = (
+_GSO_TYPES: Final = (
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_UDP,
     VIRTIO_NET_HDR_GSO_TCPV6,

@@ -13,27 +13,28 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterable
+from typing import Final
 
-ETH_HLEN = 14
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
+ETH_HLEN: Final = 14
+ETH_P_IP: Final = 0x0800
+ETH_P_IPV6: Final = 0x86DD
 # 802.1Q and 802.1ad tags: the flow dissector skips up to two (QinQ).
-VLAN_TPIDS = (0x8100, 0x88A8)
-VLAN_HLEN = 4
-IPV6_HLEN = 40
+VLAN_TPIDS: Final = (0x8100, 0x88A8)
+VLAN_HLEN: Final = 4
+IPV6_HLEN: Final = 40
 # L4 protocols whose first four bytes are (source port, destination port).
-PORT_PROTOS = frozenset((6, 17, 33, 132, 136))  # TCP, UDP, DCCP, SCTP, UDP-Lite
-IP_MF = 0x2000
-IP_OFFSET = 0x1FFF
+PORT_PROTOS: Final = frozenset((6, 17, 33, 132, 136))  # TCP, UDP, DCCP, SCTP, UDP-Lite
+IP_MF: Final = 0x2000
+IP_OFFSET: Final = 0x1FFF
 
-_BE16 = struct.Struct(">H")
-_MAC_PAIR = struct.Struct("6s6s")
-_V4 = struct.Struct(">BxxxxxHxBxxII")  # ver/ihl, frag_off, protocol, saddr, daddr
-_V6 = struct.Struct(">6xBx16s16s")  # next header, saddr, daddr
-_PORTS = struct.Struct(">HH")
-_KEY4 = struct.Struct(">IIHHBx")
-_KEY6 = struct.Struct(">16s16sHHBx")
-_KEY_MAC = struct.Struct("6s6s")
+_BE16: Final = struct.Struct(">H")
+_MAC_PAIR: Final = struct.Struct("6s6s")
+_V4: Final = struct.Struct(">BxxxxxHxBxxII")  # ver/ihl, frag_off, protocol, saddr, daddr
+_V6: Final = struct.Struct(">6xBx16s16s")  # next header, saddr, daddr
+_PORTS: Final = struct.Struct(">HH")
+_KEY4: Final = struct.Struct(">IIHHBx")
+_KEY6: Final = struct.Struct(">16s16sHHBx")
+_KEY_MAC: Final = struct.Struct("6s6s")
 
 
 def reciprocal_scale(val: int, ep_ro: int) -> int:

@@ -14,17 +14,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Final, final
 
 from virtnet.net.faults import FAULT_KINDS
 from virtnet.net.stats import Stats
 
 # include/linux/ratelimit_types.h: DEFAULT_RATELIMIT_INTERVAL (5 * HZ), _BURST (10)
-RATELIMIT_INTERVAL = 5.0
-RATELIMIT_BURST = 10
+RATELIMIT_INTERVAL: Final = 5.0
+RATELIMIT_BURST: Final = 10
 
 log = logging.getLogger("virtnet.driver")
 
 
+@final
 class RateLimit:
     """``___ratelimit``: True for the first ``burst`` calls in each ``interval``."""
 
@@ -56,13 +58,23 @@ class RateLimit:
         return False, suppressed
 
 
+@final
 class DeviceFaults:
     """The driver's record of the device's lies: counted always, logged rate-limited."""
 
-    def __init__(self, stats: Stats, logger: logging.Logger = log, **ratelimit: float) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        logger: logging.Logger = log,
+        *,
+        interval: float = RATELIMIT_INTERVAL,
+        burst: int = RATELIMIT_BURST,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``interval`` / ``burst`` / ``clock``: each kind's RateLimit."""
         self.stats = stats
         self.log = logger
-        self._limits = {kind: RateLimit(**ratelimit) for kind in FAULT_KINDS}  # type: ignore[arg-type]
+        self._limits = {kind: RateLimit(interval, burst, clock) for kind in FAULT_KINDS}
         self.broken = ""  # why a queue was marked broken (BAD_RING), "" while none is
 
     def report(self, kind: str, text: str) -> None:

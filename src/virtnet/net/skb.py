@@ -3,22 +3,26 @@
 ``PagePool`` is the guest's page allocator (alloc_page / __free_pages) over a
 range of guest memory; ``PageList`` is the seed's ``struct page_list``;
 ``SkBuff`` a linear head of copied bytes plus page frags. Every allocation and
-free is counted in the driver's ``Stats`` because that is what the seed's
+free is counted in the driver's ``DriverStats`` because that is what the seed's
 argument is about.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final, final
 
 from virtnet.net.constants import GOOD_COPY_LEN, NET_IP_ALIGN, PAGE_SIZE, SKB_FRAG_PAGE_ORDER
-from virtnet.net.stats import Stats
+from virtnet.net.stats import DriverStats
+from virtnet.virtio.memory import GuestMemory
 
 
+@final
 class PoolError(Exception):
     """A page given back twice, or a page that is not the pool's."""
 
 
+@final
 class Page:
     """A 4 KiB page of guest memory (struct page), or a compound page of
     ``1 << order`` physically contiguous ones (``index`` is the first's).
@@ -42,6 +46,7 @@ class Page:
         return f"Page({self.index}, gpa={self.gpa:#x}{order})"
 
 
+@final
 class PagePool:
     """A free-list allocator of pages in [base, base + npages * PAGE_SIZE).
 
@@ -53,10 +58,10 @@ class PagePool:
 
     def __init__(
         self,
-        memory,
+        memory: GuestMemory,
         base: int,
         npages: int,
-        stats: Stats,
+        stats: DriverStats,
         *,
         limit: int | None = None,
     ) -> None:
@@ -125,9 +130,10 @@ class PagePool:
             page = cached.pop()
             self._compound_cached -= n
         else:
-            page = self._carve(order)
-            if page is None:
+            carved = self._carve(order)
+            if carved is None:
                 return None
+            page = carved
         self._compound[page.index] = page
         page.refs = 1
         self.stats.page_allocs += 1
@@ -201,6 +207,7 @@ class PagePool:
         self.stats.pages_outstanding -= n
 
 
+@final
 class PageFrag:
     """Buffers carved back to back from compound pages (Linux page_frag_alloc /
     skb_page_frag_refill): a 64 KiB frame lands in two or three physically
@@ -209,10 +216,12 @@ class PageFrag:
     page; the frag allocator holds one on the page it is carving.
     """
 
-    ORDER = SKB_FRAG_PAGE_ORDER  # 32 KiB
-    ALIGN = 64  # SMP_CACHE_BYTES: the next frag starts on a cache line
+    ORDER: Final = SKB_FRAG_PAGE_ORDER  # 32 KiB
+    ALIGN: Final = 64  # SMP_CACHE_BYTES: the next frag starts on a cache line
 
-    def __init__(self, pool: PagePool, order: int = ORDER) -> None:
+    # The default is SKB_FRAG_PAGE_ORDER, not ORDER: a class attribute is no default
+    # argument value in a compiled class (the class does not exist yet there).
+    def __init__(self, pool: PagePool, order: int = SKB_FRAG_PAGE_ORDER) -> None:
         self.pool = pool
         self.order = order
         self.size = PAGE_SIZE << order
@@ -242,7 +251,7 @@ class PageFrag:
 
     def commit(self, nbytes: int) -> list[tuple[Page, int, int]]:
         """Hand out the first ``nbytes`` of the room as frags (page, offset, size)."""
-        frags = []
+        frags: list[tuple[Page, int, int]] = []
         put_page = self.pool.put_page
         while nbytes > 0:
             page = self.pages[0]
@@ -268,6 +277,7 @@ class PageFrag:
         self.offset = 0
 
 
+@final
 class PageList:
     """The seed's ``struct page_list``: a page slot that outlives its page."""
 
@@ -277,6 +287,7 @@ class PageList:
         self.page: Page | None = None
 
 
+@final
 class SkBuff:
     """A received or transmitted packet: linear head + page frags.
 
@@ -302,7 +313,7 @@ class SkBuff:
     def tailroom(self) -> int:
         return len(self.head) - NET_IP_ALIGN - self.head_len
 
-    def put(self, data) -> None:
+    def put(self, data: bytes | bytearray | memoryview) -> None:
         """skb_put + memcpy: append ``data`` to the linear head."""
         n = len(data)
         start = NET_IP_ALIGN + self.head_len
@@ -338,10 +349,11 @@ class SkBuff:
         self._alloc.free(self)
 
 
+@final
 class SkbAllocator:
     """netdev_alloc_skb / kfree_skb, counted; ``fail`` injects failures."""
 
-    def __init__(self, pool: PagePool, stats: Stats) -> None:
+    def __init__(self, pool: PagePool, stats: DriverStats) -> None:
         self.pool = pool
         self.stats = stats
         self.fail: Callable[[int], bool] | None = None

@@ -32,9 +32,11 @@ import time
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import final
 
-from virtnet.net.stats import Stats
+from virtnet.net.skb import Page
+from virtnet.net.stats import DriverStats
 
 log = logging.getLogger("virtnet.xdp")
 
@@ -57,10 +59,12 @@ XdpProgram = Callable[[memoryview, tuple[memoryview, ...]], int]
 XdpRedirect = Callable[[list[memoryview]], bool]
 
 
+@final
 class XdpLoadError(Exception):
     """``--xdp MODULE:FUNCTION`` could not be loaded; the message says why."""
 
 
+@final
 class RateLimit:
     """net_ratelimit(): at most ``burst`` messages per ``interval`` seconds."""
 
@@ -84,13 +88,14 @@ class RateLimit:
         return False
 
 
+@final
 class XdpHook:
     """A loaded program, its redirect target and the counters (netdev's xdp_prog)."""
 
     def __init__(
         self,
         prog: XdpProgram,
-        stats: Stats,
+        stats: DriverStats,
         *,
         redirect: XdpRedirect | None = None,
         name: str | None = None,
@@ -100,7 +105,7 @@ class XdpHook:
         self.prog = prog
         self.stats = stats
         self.redirect = redirect
-        self.name = name or getattr(prog, "__qualname__", repr(prog))
+        self.name = name if name else str(getattr(prog, "__qualname__", repr(prog)))
         self.ratelimit = RateLimit()
         # False once the tx ring is stopped (teardown): XDP_TX frames are then drops.
         self.tx_enabled = True
@@ -117,19 +122,21 @@ class XdpHook:
         grew), or an export that stops ``release()`` (e.g. numpy.frombuffer).
         """
         self.stats.rx_xdp_packets += 1
-        mbufs = [gc.get_referents(v)[0] for v in views]
-        before = [sys.getrefcount(x) for x in (*views, *mbufs)]
+        before = _refcounts(views)
         frags = tuple(views[1:])
+        # What the program returned: anything, until XdpAction() says it is a verdict.
+        ret: object = None
+        problem: str | None = None
+        # Called as returning object: compiled, a call typed to return int checks the
+        # result first (a TypeError), and a non-verdict is told apart below instead.
+        prog: Callable[[memoryview, tuple[memoryview, ...]], object] = self.prog
         try:
-            act = self.prog(views[0], frags)
+            ret = prog(views[0], frags)
         except Exception as e:  # noqa: BLE001 — any failure of the program is its frame's
-            act = None
             problem = f"raised {type(e).__name__}: {e}"
             del e
-        else:
-            problem = None
         del frags
-        kept = [sys.getrefcount(x) for x in (*views, *mbufs)] != before
+        kept = _refcounts(views) != before
         exported = False
         for v in views:
             try:
@@ -140,15 +147,31 @@ class XdpHook:
             problem = "kept an export of the frame's buffer (numpy.frombuffer, ctypes from_buffer)"
         elif problem is None and kept:
             problem = "kept a reference to the frame's buffer after returning"
+        act = XDP_ABORTED
         if problem is None:
             try:
-                act = XdpAction(act)
+                # Whatever the program returned: XdpAction() raises ValueError unless
+                # it is a verdict, which is the check (so no isinstance first).
+                act = XdpAction(ret)  # type: ignore[arg-type]
             except ValueError:
-                problem = f"returned {act!r}, not an XDP action"
+                problem = f"returned {ret!r}, not an XDP action"
         if problem is not None:
             self.error(f"{problem}; frame aborted")
             act = XDP_ABORTED
         return act
+
+
+def _refcounts(views: list[memoryview]) -> list[int]:
+    """The reference counts of ``views`` and of the managed buffer behind each.
+
+    Counted in a function of its own, before and after the program: whatever
+    references the counting itself holds (a compiled build keeps its temporaries
+    differently from the interpreter) are the same both times and gone between.
+    """
+    counts = [sys.getrefcount(v) for v in views]
+    for v in views:
+        counts.append(sys.getrefcount(gc.get_referents(v)[0]))
+    return counts
 
 
 # -- the bench's programs -----------------------------------------------------------------------
@@ -186,15 +209,17 @@ def load_program(spec: str) -> XdpProgram:
             f"(or one of {', '.join(BUILTIN)})"
         )
     module = _import(spec, mod_name)
-    prog: Any = getattr(module, func, None)
+    prog: object = getattr(module, func, None)
     if prog is None:
         raise XdpLoadError(f"--xdp {spec!r}: {mod_name} has no attribute {func!r}")
     if not callable(prog):
         raise XdpLoadError(f"--xdp {spec!r}: {func!r} is a {type(prog).__name__}, not callable")
+    # A callable of the user's: what it takes and returns is checked when it runs
+    # (XdpHook.run contains whatever it does), not here.
     return prog
 
 
-def _import(spec: str, mod_name: str):
+def _import(spec: str, mod_name: str) -> ModuleType:
     if mod_name.endswith(".py"):
         path = Path(mod_name)
         if not path.is_file():
@@ -214,26 +239,28 @@ def _import(spec: str, mod_name: str):
         sys.path.insert(0, cwd)
     try:
         return importlib.import_module(mod_name)
-    except ImportError as e:
-        raise XdpLoadError(f"--xdp {spec!r}: cannot import {mod_name}: {e}") from e
+    except ImportError as missing:  # one name per clause: compiled, a name keeps one type
+        raise XdpLoadError(f"--xdp {spec!r}: cannot import {mod_name}: {missing}") from missing
     except Exception as e:
         raise XdpLoadError(f"--xdp {spec!r}: {mod_name} raised {e!r} on import") from e
 
 
+@final
 class XdpFrame:
     """A frame sent by XDP_TX: no skb, its rx buffers go out on the tx ring in place
     (virtnet_xdp_xmit's xdp_frame). Shaped like an ``SkBuff`` for ``start_xmit``;
     ``free`` (tx done, or teardown) gives the buffers back to the rx strategy."""
 
-    __slots__ = ("vnet_hdr", "frags", "len", "_release")
+    __slots__ = ("vnet_hdr", "frags", "len", "head_len", "_release")
 
-    head_len = 0
-
-    def __init__(self, hdr_len: int, frags: list, release: Callable[[], None]) -> None:
+    def __init__(
+        self, hdr_len: int, frags: list[tuple[Page, int, int]], release: Callable[[], None]
+    ) -> None:
         self.vnet_hdr = bytes(hdr_len)  # virtnet_xdp_xmit: a zeroed header
         self.frags = frags
         self.len = sum(size for _, _, size in frags)
-        self._release = release
+        self.head_len = 0  # no linear part: every byte is in the rx buffers
+        self._release: Callable[[], None] | None = release
 
     def linear(self) -> memoryview:
         return memoryview(b"")
@@ -247,5 +274,5 @@ class XdpFrame:
             release()
 
 
-def views_of(segments: Sequence[tuple[Any, int, int]]) -> list[memoryview]:
+def views_of(segments: Sequence[tuple[Page, int, int]]) -> list[memoryview]:
     return [page.view[off : off + size] for page, off, size in segments]

@@ -7,6 +7,7 @@ are the one definition of every bit virtnet negotiates.
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
+from typing import final
 
 from virtnet.virtio.errors import FeatureError
 
@@ -66,6 +67,7 @@ _INIT_ORDER = (
 _KNOWN = sum(int(flag) for flag in DeviceStatus)  # an int: ~ of an IntFlag keeps only its bits
 
 
+@final
 class StatusMachine:
     """The device status a driver walks through (3.1.1 "Driver Requirements").
 
@@ -74,7 +76,7 @@ class StatusMachine:
     """
 
     def __init__(self) -> None:
-        self.status = DeviceStatus(0)
+        self.status: DeviceStatus = DeviceStatus(0)
 
     def reset(self) -> None:
         self.status = DeviceStatus(0)
@@ -83,25 +85,27 @@ class StatusMachine:
         unknown = int(new) & ~_KNOWN
         if unknown:
             raise FeatureError(f"device status: unknown bits {unknown:#x} in {int(new):#x}")
-        new = DeviceStatus(new)
-        if new == 0:
+        # A new name, not ``new`` rebound: compiled, an ``int`` local keeps only the
+        # int of a DeviceStatus, and ``self.status`` takes only a DeviceStatus.
+        status = DeviceStatus(new)
+        if status == 0:
             self.reset()
             return
-        if new & DeviceStatus.NEEDS_RESET and not self.status & DeviceStatus.NEEDS_RESET:
+        if status & DeviceStatus.NEEDS_RESET and not self.status & DeviceStatus.NEEDS_RESET:
             raise FeatureError("device status: NEEDS_RESET is the device's to set (2.1)")
-        if self.status & DeviceStatus.FAILED and new & ~DeviceStatus.FAILED != self.status & ~(
+        if self.status & DeviceStatus.FAILED and status & ~DeviceStatus.FAILED != self.status & ~(
             DeviceStatus.FAILED
         ):
             raise FeatureError("device status: FAILED is set, only a reset may follow")
-        if new & self.status != self.status:
-            raise FeatureError(f"device status: {new!r} clears bits of {self.status!r} (reset)")
-        added = new & ~self.status & ~DeviceStatus.FAILED & ~DeviceStatus.NEEDS_RESET
+        if status & self.status != self.status:
+            raise FeatureError(f"device status: {status!r} clears bits of {self.status!r} (reset)")
+        added = status & ~self.status & ~DeviceStatus.FAILED & ~DeviceStatus.NEEDS_RESET
         for step, flag in enumerate(_INIT_ORDER):
             if added & flag:
-                missing = [f.name for f in _INIT_ORDER[:step] if not new & f]
+                missing = [f.name for f in _INIT_ORDER[:step] if not status & f]
                 if missing:
                     raise FeatureError(f"device status: {flag.name} set before {missing}")
-        self.status = new
+        self.status = status
 
     def device_needs_reset(self) -> None:
         """2.1.2: the device sets NEEDS_RESET after an error it can't recover from."""

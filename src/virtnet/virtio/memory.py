@@ -9,38 +9,45 @@ address or a length may be anything a u64/u32 can hold.
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, final
 
 from virtnet.virtio.errors import MemoryAccessError
 
-U64_MAX = (1 << 64) - 1
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+U64_MAX: Final = (1 << 64) - 1
+# What first_region gives for a memory with no region: its size of -1 keeps every
+# bounds check of an inlined fast path failing, so the view is never sliced.
+_NO_BUFFER: Final = memoryview(bytearray())
 
 
-@dataclass(eq=False)
+@final
 class MemoryRegion:
     """``size`` bytes of guest memory at guest-physical ``gpa``.
 
     ``uva`` is the address the front-end process sees the region at: vhost-user
     ring addresses are front-end virtual addresses (vhost-user.rst, "Memory
-    access"), descriptors carry guest-physical ones.
+    access"), descriptors carry guest-physical ones. ``buffer`` may be any
+    writable buffer; the region keeps a byte view of it.
     """
 
-    gpa: int
-    buffer: memoryview
-    uva: int = 0
-    size: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.buffer, memoryview):
-            self.buffer = memoryview(self.buffer)
-        if self.buffer.readonly:
-            raise ValueError(f"region at {self.gpa:#x}: buffer is read-only")
-        self.buffer = self.buffer.cast("B")
+    def __init__(self, gpa: int, buffer: memoryview | WriteableBuffer, uva: int = 0) -> None:
+        view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+        if view.readonly:
+            raise ValueError(f"region at {gpa:#x}: buffer is read-only")
+        self.gpa = gpa
+        self.buffer: memoryview = view.cast("B")
+        self.uva = uva
         self.size = self.buffer.nbytes
-        if self.gpa < 0 or self.gpa + self.size - 1 > U64_MAX:
-            raise ValueError(f"region at {self.gpa:#x} size {self.size:#x} leaves the u64 space")
+        if gpa < 0 or gpa + self.size - 1 > U64_MAX:
+            raise ValueError(f"region at {gpa:#x} size {self.size:#x} leaves the u64 space")
+
+    def __repr__(self) -> str:
+        return f"MemoryRegion(gpa={self.gpa:#x}, size={self.size:#x}, uva={self.uva:#x})"
 
 
+@final
 class GuestMemory:
     """A set of non-overlapping regions, looked up by address.
 
@@ -55,15 +62,16 @@ class GuestMemory:
             self.add_region(region)
 
     @classmethod
-    def from_buffer(cls, buffer, gpa: int = 0) -> GuestMemory:
+    def from_buffer(cls, buffer: WriteableBuffer, gpa: int = 0) -> GuestMemory:
         return cls([MemoryRegion(gpa, memoryview(buffer))])
 
     @property
-    def first_region(self) -> tuple[int, int, memoryview | None]:
+    def first_region(self) -> tuple[int, int, memoryview]:
         """(gpa, size, buffer) of the lowest region, for inlined fast paths; a miss
-        there must fall back to ``view`` (which also covers the other regions)."""
+        there must fall back to ``view`` (which also covers the other regions).
+        Without a region the size is -1: no access is inside it."""
         if not self._regions:
-            return (0, -1, None)
+            return (0, -1, _NO_BUFFER)
         r = self._regions[0]
         return (r.gpa, r.size, r.buffer)
 

@@ -19,38 +19,41 @@ from __future__ import annotations
 import sys
 import threading
 from dataclasses import dataclass
+from typing import Final, final
+
+from virtnet.virtio.memory import GuestMemory
 
 if sys.byteorder != "little":  # pragma: no cover - x86/arm64 are little-endian
     raise ImportError("virtnet's ring accessors need a little-endian host (virtio 1.x is LE)")
 
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
+VRING_DESC_F_NEXT: Final = 1
+VRING_DESC_F_WRITE: Final = 2
+VRING_DESC_F_INDIRECT: Final = 4
 
-VRING_AVAIL_F_NO_INTERRUPT = 1
-VRING_USED_F_NO_NOTIFY = 1
+VRING_AVAIL_F_NO_INTERRUPT: Final = 1
+VRING_USED_F_NO_NOTIFY: Final = 1
 
-DESC_SIZE = 16
-USED_ELEM_SIZE = 8
+DESC_SIZE: Final = 16
+USED_ELEM_SIZE: Final = 8
 # 2.7: "Queue Size ... the maximum Queue Size value is 32768".
-VIRTQUEUE_MAX_SIZE = 32768
+VIRTQUEUE_MAX_SIZE: Final = 32768
 # 2.7.5.2: "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes in total".
-MAX_CHAIN_BYTES = 1 << 32
+MAX_CHAIN_BYTES: Final = 1 << 32
 
-DESC_ALIGN = 16
-AVAIL_ALIGN = 2
-USED_ALIGN = 4
+DESC_ALIGN: Final = 16
+AVAIL_ALIGN: Final = 2
+USED_ALIGN: Final = 4
 
 # 2.8.1/2.8.10: packed descriptor flags besides NEXT/WRITE/INDIRECT, and the
 # event suppression structure each side writes for the other.
-VRING_PACKED_DESC_F_AVAIL = 1 << 7
-VRING_PACKED_DESC_F_USED = 1 << 15
-VRING_PACKED_EVENT_FLAG_ENABLE = 0
-VRING_PACKED_EVENT_FLAG_DISABLE = 1
-VRING_PACKED_EVENT_FLAG_DESC = 2  # only with VIRTIO_F_RING_EVENT_IDX
-VRING_PACKED_EVENT_F_WRAP_CTR = 15  # off_wrap bit 15: the wrap counter, bits 0-14: offset
-EVENT_SUPPRESS_SIZE = 4
-EVENT_SUPPRESS_ALIGN = 4
+VRING_PACKED_DESC_F_AVAIL: Final = 1 << 7
+VRING_PACKED_DESC_F_USED: Final = 1 << 15
+VRING_PACKED_EVENT_FLAG_ENABLE: Final = 0
+VRING_PACKED_EVENT_FLAG_DISABLE: Final = 1
+VRING_PACKED_EVENT_FLAG_DESC: Final = 2  # only with VIRTIO_F_RING_EVENT_IDX
+VRING_PACKED_EVENT_F_WRAP_CTR: Final = 15  # off_wrap bit 15: the wrap counter, bits 0-14: offset
+EVENT_SUPPRESS_SIZE: Final = 4
+EVENT_SUPPRESS_ALIGN: Final = 4
 
 
 def desc_table_size(num: int) -> int:
@@ -139,6 +142,7 @@ class PackedAddrs:
         return PackedAddrs.contiguous(0, num).end + DESC_ALIGN
 
 
+@final
 class PackedViews:
     """Typed views of one packed ring: descriptors and the two event areas."""
 
@@ -158,7 +162,7 @@ class PackedViews:
         self.device = device[:EVENT_SUPPRESS_SIZE].cast("H")
 
     @classmethod
-    def from_memory(cls, memory, addrs: PackedAddrs | VringAddrs) -> PackedViews:
+    def from_memory(cls, memory: GuestMemory, addrs: PackedAddrs | VringAddrs) -> PackedViews:
         num = addrs.num
         return cls(
             num,
@@ -197,6 +201,7 @@ def virtio_mb() -> None:
     _barrier_lock.release()
 
 
+@final
 class VringViews:
     """Typed views of one ring's three parts, shared by driver and device code."""
 
@@ -220,7 +225,7 @@ class VringViews:
         self.avail_event_view = used[4 + USED_ELEM_SIZE * num : used_ring_size(num)].cast("H")
 
     @classmethod
-    def from_memory(cls, memory, addrs: VringAddrs) -> VringViews:
+    def from_memory(cls, memory: GuestMemory, addrs: VringAddrs) -> VringViews:
         num = addrs.num
         return cls(
             num,

@@ -31,7 +31,7 @@ x86 keeps stores with stores and loads with loads in order (TSO).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Final, final
 
 from virtnet.virtio.errors import (
     AvailIndexError,
@@ -40,6 +40,7 @@ from virtnet.virtio.errors import (
     UsedRingError,
 )
 from virtnet.virtio.memory import GuestMemory
+from virtnet.virtio.ring.chain import Chain, IndirectArea, Segment
 from virtnet.virtio.ring.layout import (
     DESC_SIZE,
     MAX_CHAIN_BYTES,
@@ -55,21 +56,20 @@ from virtnet.virtio.ring.layout import (
     PackedViews,
     virtio_mb,
 )
-from virtnet.virtio.ring.split import Chain, IndirectArea, Segment
 
 # Flags as they sit in a descriptor's second 64-bit word.
-_NEXT = VRING_DESC_F_NEXT << 48
-_WRITE = VRING_DESC_F_WRITE << 48
-_INDIRECT = VRING_DESC_F_INDIRECT << 48
-_AVAIL = VRING_PACKED_DESC_F_AVAIL << 48
-_USED = VRING_PACKED_DESC_F_USED << 48
-_AU = _AVAIL | _USED
-_U32 = 0xFFFFFFFF
-_WRAP = 1 << VRING_PACKED_EVENT_F_WRAP_CTR
-_OFF = _WRAP - 1
+_NEXT: Final = VRING_DESC_F_NEXT << 48
+_WRITE: Final = VRING_DESC_F_WRITE << 48
+_INDIRECT: Final = VRING_DESC_F_INDIRECT << 48
+_AVAIL: Final = VRING_PACKED_DESC_F_AVAIL << 48
+_USED: Final = VRING_PACKED_DESC_F_USED << 48
+_AU: Final = _AVAIL | _USED
+_U32: Final = 0xFFFFFFFF
+_WRAP: Final = 1 << VRING_PACKED_EVENT_F_WRAP_CTR
+_OFF: Final = _WRAP - 1
 # An indirect table has no next field: its entries are walked in order, all of
 # them. Past 2^16 entries it is refused rather than walked (vhost's cap for split).
-_MAX_INDIRECT = 1 << 16
+_MAX_INDIRECT: Final = 1 << 16
 
 
 def _avail_bits(wrap: int) -> int:
@@ -96,20 +96,7 @@ def decode_base(base: int, num: int) -> tuple[int, int]:
     return pos, (base >> VRING_PACKED_EVENT_F_WRAP_CTR) & 1
 
 
-_new = object.__new__
-
-
-def _chain(head, readable, writable, segments, in_len, out_len) -> Chain:
-    c = _new(Chain)  # every slot set here: no __init__ lists to throw away
-    c.head = head
-    c.readable = readable
-    c.writable = writable
-    c.segments = segments
-    c.in_len = in_len
-    c.out_len = out_len
-    return c
-
-
+@final
 class PackedQueueDriver:
     """The driver's half of a packed virtqueue (Linux: struct vring_virtqueue, packed)."""
 
@@ -132,7 +119,7 @@ class PackedQueueDriver:
         self._device = ring.device  # the device's: available-buffer notification suppression
         # Shadow state, per buffer id: the free list, token, writable length, descriptors.
         self._next = list(range(1, num)) + [0]
-        self._token: list[Any] = [None] * num
+        self._token: list[object] = [None] * num  # None: the id is free
         self._in_len = [0] * num
         self._ndescs = [0] * num
         self.free_head = 0
@@ -163,15 +150,15 @@ class PackedQueueDriver:
             self._avail_bits ^= _AU
         return i
 
-    def add_inbuf(self, addr: int, length: int, token: Any) -> int:
+    def add_inbuf(self, addr: int, length: int, token: object) -> int:
         """One device-writable descriptor (virtqueue_add_inbuf with one sg); the buffer id."""
         return self._add_one(addr, (length & _U32) | _WRITE, length, token)
 
-    def add_outbuf(self, addr: int, length: int, token: Any) -> int:
+    def add_outbuf(self, addr: int, length: int, token: object) -> int:
         """One device-readable descriptor (virtqueue_add_outbuf with one sg); the buffer id."""
         return self._add_one(addr, length & _U32, 0, token)
 
-    def _add_one(self, addr: int, word: int, in_len: int, token: Any) -> int:
+    def _add_one(self, addr: int, word: int, in_len: int, token: object) -> int:
         if not self.num_free:
             raise QueueFullError(f"vq {self.index}: no free descriptor")
         if token is None:
@@ -194,7 +181,7 @@ class PackedQueueDriver:
         self.num_added += 1
         return bid
 
-    def add_inbufs(self, bufs: Sequence[tuple[int, int, Any]]) -> int:
+    def add_inbufs(self, bufs: Sequence[tuple[int, int, object]]) -> int:
         """Many one-descriptor writable buffers, (addr, length, token) each; how many fit."""
         n = min(len(bufs), self.num_free)
         if not n:
@@ -232,7 +219,7 @@ class PackedQueueDriver:
             raise ValueError(f"token must not be None (buffer {n} of the burst; {n} added)")
         return n
 
-    def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: Any) -> int:
+    def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: object) -> int:
         """A chain of readable ``out`` then writable ``in_`` segments (virtqueue_add_packed)."""
         total = len(out) + len(in_)
         if total == 0:
@@ -241,7 +228,7 @@ class PackedQueueDriver:
             raise ValueError("token must not be None")
         ind = self.indirect
         if ind is not None and 1 < total <= ind.max_descs and self.num_free:
-            return self._add_indirect(out, in_, token)
+            return self._add_indirect(ind, out, in_, token)
         if self.num_free < total:
             raise QueueFullError(
                 f"vq {self.index}: {total} descriptors wanted, {self.num_free} free"
@@ -281,8 +268,9 @@ class PackedQueueDriver:
         self._ndescs[bid] = total
         return bid
 
-    def _add_indirect(self, out: Sequence[Segment], in_: Sequence[Segment], token: Any) -> int:
-        ind = self.indirect
+    def _add_indirect(
+        self, ind: IndirectArea, out: Sequence[Segment], in_: Sequence[Segment], token: object
+    ) -> int:
         bid = self.free_head
         self.free_head = self._next[bid]
         self.num_free -= 1
@@ -346,7 +334,7 @@ class PackedQueueDriver:
             bid,
         )
 
-    def get_buf(self) -> tuple[Any, int] | None:
+    def get_buf(self) -> tuple[object, int] | None:
         """The next used buffer as (token, used length), or None (virtqueue_get_buf).
 
         A length larger than the buffer's writable part is raised after the
@@ -381,7 +369,7 @@ class PackedQueueDriver:
             )
         return token, length
 
-    def get_bufs(self, budget: int) -> list[tuple[Any, int]]:
+    def get_bufs(self, budget: int) -> list[tuple[object, int]]:
         """Up to ``budget`` used buffers as (token, length): ``get_buf``'s checks; a bad
         first entry raises as ``get_buf`` does, a bad one after good ones ends the burst."""
         if self.broken or budget <= 0:
@@ -390,7 +378,7 @@ class PackedQueueDriver:
         tokens, in_len, ndescs, nxt = self._token, self._in_len, self._ndescs, self._next
         pos, bits = self.last_used, self._used_bits
         free_head, freed = self.free_head, 0
-        out = []
+        out: list[tuple[object, int]] = []
         while len(out) < budget:
             word = desc[2 * pos + 1]
             if word & _AU != bits:
@@ -420,7 +408,7 @@ class PackedQueueDriver:
             self._driver[0] = pos | (self.used_wrap << VRING_PACKED_EVENT_F_WRAP_CTR)
         return out
 
-    def _detach_buf(self, bid: int) -> Any:
+    def _detach_buf(self, bid: int) -> object:
         token = self._token[bid]
         self._token[bid] = None
         self.num_free += self._ndescs[bid]
@@ -428,7 +416,7 @@ class PackedQueueDriver:
         self.free_head = bid
         return token
 
-    def detach_unused_buf(self) -> Any | None:
+    def detach_unused_buf(self) -> object | None:
         """One buffer the device never used, for teardown after reset, or None."""
         for bid in range(self.num):
             if self._token[bid] is not None:
@@ -484,6 +472,7 @@ class PackedQueueDriver:
         return self.num - self.num_free
 
 
+@final
 class _Consumed(Exception):
     """Internal: a refused chain whose extent is known, so it can be consumed.
 
@@ -507,6 +496,7 @@ def _plain(e: _Consumed) -> DescriptorError:
     return err
 
 
+@final
 class PackedQueueDevice:
     """The device's half of a packed virtqueue (DPDK vhost: struct vhost_virtqueue, packed)."""
 
@@ -628,8 +618,8 @@ class PackedQueueDevice:
                     if len(popped) > 2 * num:
                         del popped[:-num]
                     if word & _WRITE:
-                        return _chain(bid, [], [seg], [(addr, length, True)], length, 0)
-                    return _chain(bid, [seg], [], [(addr, length, False)], 0, length)
+                        return Chain(bid, [], [seg], [(addr, length, True)], length, 0)
+                    return Chain(bid, [seg], [], [(addr, length, False)], 0, length)
         try:
             chain, pos, wrap, slots = self._walk()
         except _Consumed as e:
@@ -667,9 +657,9 @@ class PackedQueueDevice:
             inflight[bid] = 1
             popped.append((bid, 1))
             if word & _WRITE:
-                chains.append(_chain(bid, [], [seg], [(addr, length, True)], length, 0))
+                chains.append(Chain(bid, [], [seg], [(addr, length, True)], length, 0))
             else:
-                chains.append(_chain(bid, [seg], [], [(addr, length, False)], 0, length))
+                chains.append(Chain(bid, [seg], [], [(addr, length, False)], 0, length))
         self.last_avail, self._avail_bits = pos, bits
         if len(popped) > 2 * num:
             del popped[:-num]
@@ -723,8 +713,8 @@ class PackedQueueDevice:
                         bid,
                     ).at((i, wrap, bid, 1)) from None
             if word & _WRITE:
-                return _chain(bid, [], [seg], [(addr, length, True)], length, 0), i, wrap, 1
-            return _chain(bid, [seg], [], [(addr, length, False)], 0, length), i, wrap, 1
+                return Chain(bid, [], [seg], [(addr, length, True)], length, 0), i, wrap, 1
+            return Chain(bid, [seg], [], [(addr, length, False)], 0, length), i, wrap, 1
         return self._walk_chain()
 
     def _bad_id(self, bid: int, start: int, resume: tuple[int, int, int, int]) -> _Consumed:
@@ -813,9 +803,19 @@ class PackedQueueDevice:
             raise _Consumed(
                 f"vq {self.index}: chain at descriptor {start} (ends at {last}): {err}", bid
             ).at((i, wrap, bid, slots))
-        return _chain(bid, readable, writable, segments, in_len, out_len), i, wrap, slots
+        return Chain(bid, readable, writable, segments, in_len, out_len), i, wrap, slots
 
-    def _indirect(self, i, addr, length, word, slots, readable, writable, segments) -> str:
+    def _indirect(
+        self,
+        i: int,
+        addr: int,
+        length: int,
+        word: int,
+        slots: int,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        segments: list[tuple[int, int, bool]],
+    ) -> str:
         """Walk the indirect table of descriptor ``i`` into the lists; the broken rule or ''."""
         if word & _NEXT:
             return f"descriptor {i}: INDIRECT together with NEXT (2.8.19)"

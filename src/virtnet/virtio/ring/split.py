@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Final, final
 
 from virtnet.virtio.errors import (
     AvailIndexError,
@@ -26,6 +26,7 @@ from virtnet.virtio.errors import (
     UsedRingError,
 )
 from virtnet.virtio.memory import GuestMemory
+from virtnet.virtio.ring.chain import Chain, IndirectArea, Segment
 from virtnet.virtio.ring.layout import (
     DESC_SIZE,
     MAX_CHAIN_BYTES,
@@ -39,34 +40,17 @@ from virtnet.virtio.ring.layout import (
     vring_need_event,
 )
 
-_WRITE = VRING_DESC_F_WRITE << 32
-_NEXT = VRING_DESC_F_NEXT << 32
-_INDIRECT = VRING_DESC_F_INDIRECT << 32
-_U32 = 0xFFFFFFFF
+# Chain, IndirectArea and Segment live in chain.py (the packed ring uses them too);
+# they are re-exported here, where they were first defined.
+__all__ = ["Chain", "IndirectArea", "Segment", "SplitQueueDevice", "SplitQueueDriver"]
 
-Segment = tuple[int, int]  # (guest-physical address, length)
-
-
-class IndirectArea:
-    """Guest memory for indirect tables: one slot of ``max_descs`` per head.
-
-    Linux kmallocs a table per buffer; a fixed slot per head id is the same
-    thing without an allocator, since a head owns at most one table.
-    """
-
-    def __init__(self, gpa: int, view: memoryview, num: int, max_descs: int) -> None:
-        if view.nbytes < num * max_descs * DESC_SIZE:
-            raise ValueError("indirect area is smaller than num * max_descs * 16")
-        self.gpa = gpa
-        self.max_descs = max_descs
-        self.stride = max_descs * DESC_SIZE
-        self.table = view[: num * self.stride].cast("Q")
-
-    @staticmethod
-    def size(num: int, max_descs: int) -> int:
-        return num * max_descs * DESC_SIZE
+_WRITE: Final = VRING_DESC_F_WRITE << 32
+_NEXT: Final = VRING_DESC_F_NEXT << 32
+_INDIRECT: Final = VRING_DESC_F_INDIRECT << 32
+_U32: Final = 0xFFFFFFFF
 
 
+@final
 class SplitQueueDriver:
     """The driver's half of a split virtqueue (Linux: struct vring_virtqueue)."""
 
@@ -91,7 +75,7 @@ class SplitQueueDriver:
         self._used_elems = ring.used_elems
         # Shadow state: desc_extra[].next, per-head token and writable length.
         self._next = list(range(1, num)) + [0]
-        self._token: list[Any] = [None] * num
+        self._token: list[object] = [None] * num  # None: the head is free
         self._in_len = [0] * num
         self._ndescs = [0] * num
         self.free_head = 0
@@ -110,15 +94,15 @@ class SplitQueueDriver:
 
     # -- adding buffers -------------------------------------------------------
 
-    def add_inbuf(self, addr: int, length: int, token: Any) -> int:
+    def add_inbuf(self, addr: int, length: int, token: object) -> int:
         """One device-writable descriptor (virtqueue_add_inbuf with one sg)."""
         return self._add_one(addr, (length & _U32) | _WRITE, length, token)
 
-    def add_outbuf(self, addr: int, length: int, token: Any) -> int:
+    def add_outbuf(self, addr: int, length: int, token: object) -> int:
         """One device-readable descriptor (virtqueue_add_outbuf with one sg)."""
         return self._add_one(addr, length & _U32, 0, token)
 
-    def _add_one(self, addr: int, word: int, in_len: int, token: Any) -> int:
+    def _add_one(self, addr: int, word: int, in_len: int, token: object) -> int:
         if not self.num_free:
             raise QueueFullError(f"vq {self.index}: no free descriptor")
         if token is None:
@@ -134,7 +118,7 @@ class SplitQueueDriver:
         self._publish(head)
         return head
 
-    def add_inbufs(self, bufs: Sequence[tuple[int, int, Any]]) -> int:
+    def add_inbufs(self, bufs: Sequence[tuple[int, int, object]]) -> int:
         """Many one-descriptor writable buffers, (addr, length, token) each, published
         with one avail-index store; returns how many fit (a refill burst)."""
         n = min(len(bufs), self.num_free)
@@ -168,7 +152,7 @@ class SplitQueueDriver:
             raise ValueError("token must not be None")
         return n
 
-    def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: Any) -> int:
+    def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: object) -> int:
         """A chain of readable ``out`` then writable ``in_`` segments (virtqueue_add)."""
         total = len(out) + len(in_)
         if total == 0:
@@ -177,7 +161,7 @@ class SplitQueueDriver:
             raise ValueError("token must not be None")
         ind = self.indirect
         if ind is not None and total > 1 and total <= ind.max_descs and self.num_free:
-            return self._add_indirect(out, in_, token)
+            return self._add_indirect(ind, out, in_, token)
         if self.num_free < total:
             raise QueueFullError(
                 f"vq {self.index}: {total} descriptors wanted, {self.num_free} free"
@@ -204,8 +188,9 @@ class SplitQueueDriver:
         self._publish(head)
         return head
 
-    def _add_indirect(self, out: Sequence[Segment], in_: Sequence[Segment], token: Any) -> int:
-        ind = self.indirect
+    def _add_indirect(
+        self, ind: IndirectArea, out: Sequence[Segment], in_: Sequence[Segment], token: object
+    ) -> int:
         head = self.free_head
         self.free_head = self._next[head]
         self.num_free -= 1
@@ -274,7 +259,7 @@ class SplitQueueDriver:
             )
         return n
 
-    def get_buf(self) -> tuple[Any, int] | None:
+    def get_buf(self) -> tuple[object, int] | None:
         """The next used buffer as (token, used length), or None (virtqueue_get_buf).
 
         A used entry naming an unknown id is skipped and raised; one whose
@@ -305,7 +290,7 @@ class SplitQueueDriver:
             )
         return token, length
 
-    def get_bufs(self, budget: int) -> list[tuple[Any, int]]:
+    def get_bufs(self, budget: int) -> list[tuple[object, int]]:
         """Up to ``budget`` used buffers as (token, length), one pass over the ring.
 
         The same checks as ``get_buf``: a bad first entry raises exactly as
@@ -319,7 +304,7 @@ class SplitQueueDriver:
         elems, mask, num = self._used_elems, self._mask, self.num
         tokens, in_len, ndescs, nxt = self._token, self._in_len, self._ndescs, self._next
         free_head = self.free_head
-        out = []
+        out: list[tuple[object, int]] = []
         for k in range(n):
             slot = ((last + k) & mask) << 1
             head = elems[slot]
@@ -337,13 +322,14 @@ class SplitQueueDriver:
             self.num_free += nd
         self.free_head = free_head
         if not out:
-            return [self.get_buf()]  # raises for the bad entry, as get_buf would
+            got = self.get_buf()  # raises for the bad entry, as get_buf would
+            return [] if got is None else [got]
         last = self.last_used_idx = (last + len(out)) & 0xFFFF
         if self.event_idx and not self.cb_disabled:
             self._avail[2 + num] = last
         return out
 
-    def _detach_buf(self, head: int) -> Any:
+    def _detach_buf(self, head: int) -> object:
         token = self._token[head]
         self._token[head] = None
         n = self._ndescs[head]
@@ -355,7 +341,7 @@ class SplitQueueDriver:
         self.num_free += n
         return token
 
-    def detach_unused_buf(self) -> Any | None:
+    def detach_unused_buf(self) -> object | None:
         """One buffer the device never used, for teardown after reset, or None."""
         # Teardown calls this until None: resume where the last call found one, so
         # detaching a whole ring is one pass, not one pass per buffer.
@@ -403,35 +389,7 @@ class SplitQueueDriver:
         return self.num - self.num_free
 
 
-class Chain:
-    """One available descriptor chain, validated and translated.
-
-    ``readable`` / ``writable`` are memoryviews into guest memory in chain
-    order; ``segments`` the raw (address, length, writable) triples.
-    """
-
-    __slots__ = ("head", "readable", "writable", "segments", "in_len", "out_len")
-
-    def __init__(
-        self,
-        head: int,
-        readable: list[memoryview] | None = None,
-        writable: list[memoryview] | None = None,
-        segments: list[tuple[int, int, bool]] | None = None,
-        in_len: int = 0,
-        out_len: int = 0,
-    ) -> None:
-        self.head = head
-        self.readable = [] if readable is None else readable
-        self.writable = [] if writable is None else writable
-        self.segments = [] if segments is None else segments
-        self.in_len = in_len
-        self.out_len = out_len
-
-    def __repr__(self) -> str:
-        return f"Chain(head={self.head}, out={self.out_len}, in={self.in_len})"
-
-
+@final
 class SplitQueueDevice:
     """The device's half of a split virtqueue (Linux vhost: struct vhost_virtqueue)."""
 
