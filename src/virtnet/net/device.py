@@ -121,7 +121,7 @@ class VirtnetDevice:
         # stop reading its source and wait for the driver's next rx kick.
         # Optional tap on the data path (--pcap): called with a frame's views,
         # virtio-net header first, and its length including the header.
-        self.capture: Callable[[Sequence[Piece], int | None], None] | None = None
+        self.capture: Callable[[Sequence[memoryview], int], None] | None = None
         self.rx_starved = False
         # The control queue's receive filter (CTRL_RX / CTRL_MAC: QEMU receive_filter):
         # called with a frame's first bytes; None while promiscuous, the cheap default.
