@@ -116,7 +116,8 @@ def ext_modules() -> list:
 
     try:
         exts = mypycify(
-            [source(m) for m in data_plane()],
+            # The control plane is not compiled: its imports are types, not builds.
+            ["--follow-imports=silent", *(source(m) for m in data_plane())],
             opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"),
             group_name="virtnet",
             multi_file=True,  # one C file per module, compiled in parallel (finalize_options)
