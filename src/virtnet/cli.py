@@ -6,6 +6,8 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from virtnet import __version__
 from virtnet._build import describe as describe_build
@@ -393,7 +395,7 @@ def cmd_bench(args) -> int:
         print(f"virtnet bench: {e}", file=sys.stderr)
         return 2
     machine = machine_description()
-    runner = None
+    runner: Callable[..., list[dict]] | None = None
     if args.mode == "vhost-user":
         from virtnet.bench.vhost_user import run_vhost_user_group as runner
     results = run_groups(groups, group_runner=runner)
@@ -644,7 +646,7 @@ def cmd_vhost_user(args) -> int:
     )
     try:
         make = device_backends if args.command == "device" else driver_backends
-        backends = make(args.backend, args.queues)
+        backends: list[Any] = make(args.backend, args.queues)  # the device's or the driver's
     except (BackendError, OSError) as e:
         print(f"virtnet {args.command}: {e}", file=sys.stderr)
         return 2
@@ -693,14 +695,17 @@ def cmd_vhost_user(args) -> int:
             return 2
         try:
             client.setup()
-            for pair in client.pairs if xdp_prog is not None else ():
-                pair.drv.rx.attach_xdp(XdpHook(xdp_prog, pair.drv.stats, name=args.xdp,
-                                               redirect=pair.backend.xdp_redirect))  # fmt: skip
+            if xdp_prog is not None:
+                for pair in client.pairs:
+                    pair.drv.rx.attach_xdp(XdpHook(xdp_prog, pair.drv.stats, name=args.xdp,
+                                                   redirect=pair.backend.xdp_redirect))  # fmt: skip
             if args.pcap:
                 from virtnet.ports.pcap import PcapWriter
 
-                pcap = PcapWriter(args.pcap, client.drv.hdr_len)
-                client.drv.capture = pcap.write_views
+                drv = client.drv
+                assert drv is not None  # setup() built queue pair 0
+                pcap = PcapWriter(args.pcap, drv.hdr_len)
+                drv.capture = pcap.write_views
             client.run(args.seconds)
         except (FrontendError, VhostUserProtocolError, OSError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)

@@ -190,10 +190,10 @@ class Rings:
         """GET_VRING_BASE of this pair's ring ``q`` (RX or TX)."""
         i = self.index[q]
         session.send(R.GET_VRING_BASE, VringState(i, 0))
-        msg = session.reply(R.GET_VRING_BASE)
-        if msg.payload.index != i:
-            raise CaseFailure(f"GET_VRING_BASE {i}: reply names vring {msg.payload.index}")
-        return msg.payload.num
+        state = session.reply(R.GET_VRING_BASE).payload_as(VringState)
+        if state.index != i:
+            raise CaseFailure(f"GET_VRING_BASE {i}: reply names vring {state.index}")
+        return state.num
 
     # -- traffic -----------------------------------------------------------------
 
@@ -232,7 +232,7 @@ class Rings:
 
     def wait_tx(self, n: int, timeout: float = WAIT) -> list[int]:
         """The used lengths of the next ``n`` tx buffers; fails if they do not come."""
-        got = []
+        got: list[int] = []
         svq = self.vqs[TX]
         deadline = time.monotonic() + timeout
         while len(got) < n:
