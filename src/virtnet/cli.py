@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from virtnet import __version__
 from virtnet._build import describe as describe_build
@@ -727,7 +728,7 @@ def cmd_vhost_user(args) -> int:
     )
     try:
         make = device_backends if args.command == "device" else driver_backends
-        backends = make(args.backend, args.queues)
+        backends: list[Any] = make(args.backend, args.queues)  # the device's or the driver's
     except (BackendError, OSError) as e:
         print(f"virtnet {args.command}: {e}", file=sys.stderr)
         return 2
@@ -776,14 +777,17 @@ def cmd_vhost_user(args) -> int:
             return 2
         try:
             client.setup()
-            for pair in client.pairs if xdp_prog is not None else ():
-                pair.drv.rx.attach_xdp(XdpHook(xdp_prog, pair.drv.stats, name=args.xdp,
-                                               redirect=pair.backend.xdp_redirect))  # fmt: skip
+            if xdp_prog is not None:
+                for pair in client.pairs:
+                    pair.drv.rx.attach_xdp(XdpHook(xdp_prog, pair.drv.stats, name=args.xdp,
+                                                   redirect=pair.backend.xdp_redirect))  # fmt: skip
             if args.pcap:
                 from virtnet.ports.pcap import PcapWriter
 
-                pcap = PcapWriter(args.pcap, client.drv.hdr_len)
-                client.drv.capture = pcap.write_views
+                drv = client.drv
+                assert drv is not None  # setup() built queue pair 0
+                pcap = PcapWriter(args.pcap, drv.hdr_len)
+                drv.capture = pcap.write_views
             client.run(args.seconds)
         except (FrontendError, VhostUserProtocolError, OSError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)

@@ -325,3 +325,32 @@ def test_a_backend_that_never_answers_fails_at_the_case_timeout(tmp_path):
     assert result["status"] == "failed"
     assert "no end within 2s" in result["detail"]
     assert result["seconds"] < 15
+
+
+# -- a back-end that is not set up for the data cases ----------------------------------
+
+
+def test_against_a_sink_the_report_says_the_data_cases_need_a_loopback(device_factory, tmp_path):
+    """``virtnet device --backend sink`` echoes nothing: the data cases fail with "0 of N
+    frames came back", and the report says why and what to start instead."""
+    sink = device_factory("sink", name="sink")
+    rc, doc, out = run_json(tmp_path, sink.socket_path, "handshake", "data-mergeable",
+                            "data-nonmergeable")  # fmt: skip
+    cases = {c["name"]: c for c in doc["cases"]}
+    assert rc == 1, out
+    assert cases["handshake"]["status"] == "passed" and cases["handshake"]["echoed"] is None
+    for name in ("data-mergeable", "data-nonmergeable"):
+        assert cases[name]["status"] == "failed" and cases[name]["echoed"] is False, out
+        assert cases[name]["detail"].startswith("0 of "), out
+        assert "frames came back on rx" in cases[name]["detail"]
+    (hint,) = doc["hints"]
+    assert "need a back-end that sends every frame it receives back" in hint
+    assert "virtnet device --socket-path P --backend loopback" in hint
+    assert "hint: No data case got a single frame back" in " ".join(out.split())
+
+
+def test_against_a_loopback_there_is_no_hint(loopback, tmp_path):
+    rc, doc, out = run_json(tmp_path, loopback.socket_path, "handshake", "data-mergeable")
+    assert rc == 0, out
+    assert doc["hints"] == [] and doc["cases"][1]["echoed"] is True
+    assert "hint:" not in out

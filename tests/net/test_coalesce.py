@@ -61,13 +61,23 @@ def test_a_wanted_interrupt_is_never_held_past_its_bound(usecs, frames, events):
     with frames-only moderation — none is forgotten."""
     c = IrqCoalescer(usecs=usecs, frames=frames)
     now = 0.0
+    held_since = None  # when the interrupt now held was first wanted, kept here
     for packets, gap_us, idle in events:
         now += gap_us / 1e6
         if c.expire(now, idle):
+            held_since = None
             continue
-        c.want(packets, now)
+        if c.want(packets, now):
+            held_since = None
+        elif held_since is None:
+            held_since = now
         if c.owed and usecs:
-            assert c.deadline() <= now + usecs / 1e6 + 1e-12
+            # The bound runs from the first held packet, not the latest; and a step
+            # that leaves the interrupt held is still inside it.
+            assert c.deadline() == held_since + usecs / 1e6
+            assert now - held_since < usecs / 1e6
+        if c.owed and frames:
+            assert c.owed < frames  # "frames" packets behind it would have sent it
     # The device goes idle and time passes: nothing may stay held.
     c.expire(now + 1.0, idle=True)
     assert c.owed == 0

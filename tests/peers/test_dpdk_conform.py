@@ -21,7 +21,8 @@ from dpdk import VhostPort
 
 from virtnet.conform.cases import CASES
 
-pytestmark = pytest.mark.peer
+# Every case against testpmd, restarted after each death, each run bounded by RUN_TIMEOUT.
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(1800)]
 
 RUN_TIMEOUT = 600
 CASE_TIMEOUT = "15"

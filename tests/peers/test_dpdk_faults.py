@@ -23,7 +23,8 @@ from test_dpdk_virtnet import (  # noqa: F401 -- virtnet is a fixture
     virtnet,
 )
 
-pytestmark = pytest.mark.peer
+# testpmd's start, traffic until counters settle, both ends' stop: minutes at worst.
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(900)]
 
 # irq_drop / irq_late have no opportunity here: the PMD polls and never asks for an
 # interrupt (VRING_AVAIL_F_NO_INTERRUPT), so needs_notify() never says yes.

@@ -53,7 +53,8 @@ from test_dpdk_virtnet import virtnet as virtnet_fixture
 
 virtnet = virtnet_fixture  # test_dpdk_virtnet's fixture, by the name the tests ask for
 
-pytestmark = pytest.mark.peer
+# testpmd's start, traffic until counters settle, both ends' stop: minutes at worst.
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(900)]
 
 QUEUES = 2
 TRAFFIC_SECONDS = 2.0

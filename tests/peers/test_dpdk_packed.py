@@ -44,7 +44,8 @@ from test_dpdk_virtnet import (
     _traffic,
 )
 
-pytestmark = pytest.mark.peer
+# testpmd's start, traffic until counters settle, both ends' stop: minutes at worst.
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(900)]
 virtnet = test_dpdk_virtnet.virtnet  # the fixture that runs ``virtnet driver|device``
 
 RING_PACKED = 34

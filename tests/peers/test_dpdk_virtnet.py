@@ -55,7 +55,8 @@ from dpdk import (
     virtio_user_features,
 )
 
-pytestmark = pytest.mark.peer
+# testpmd's start, traffic until counters settle, both ends' stop: minutes at worst.
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(900)]
 
 TRAFFIC_SECONDS = 2.5  # traffic after the first packets are seen; nothing asserts on time
 QUEUE_SIZE = 256  # both sides' virtqueue size (virtnet's default, virtio_user's queue_size)

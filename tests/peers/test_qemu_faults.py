@@ -22,7 +22,8 @@ from test_qemu_virtnet import (  # noqa: F401 -- lab is a fixture
     lab,
 )
 
-pytestmark = [pytest.mark.peer, pytest.mark.needs(MISSING)]
+# A guest boot, its transfers and power-off (BOOT_TIMEOUT each wait, several waits).
+pytestmark = [pytest.mark.peer, pytest.mark.needs(MISSING), pytest.mark.timeout(900)]
 
 FAULTY_PINGS = 40  # 0.2 s apart: the opportunities the faults are drawn from
 AFTER = 8  # rx used entries left alone first: boot chatter and the first ping pass

@@ -37,8 +37,10 @@ from virtnet.virtio.features import VirtioF, has
 lab_fixture = lab  # test_qemu_virtnet's fixture, by the name the tests ask for
 del lab
 
+# A guest boot, iperf3 on two queue pairs both ways (3 * BOOT_TIMEOUT to power off).
 pytestmark = [
     pytest.mark.peer,
+    pytest.mark.timeout(900),
     pytest.mark.needs(MISSING),
     pytest.mark.needs(None if shutil.which("iperf3") else "iperf3 not installed"),
     pytest.mark.needs(None if shutil.which("ethtool") else "ethtool not installed "

@@ -51,9 +51,10 @@ needs_iperf3 = pytest.mark.needs(
 
 
 def with_peers(test: Callable[..., None]) -> Callable[..., None]:
-    """peer-marked, needs root + QEMU + kernel + testpmd, and hugepages for testpmd."""
+    """peer-marked, needs root + QEMU + kernel + testpmd, and hugepages for testpmd; a
+    guest boot and its transfers get 900 s (pytest-timeout) instead of the default."""
     marks = (pytest.mark.peer, needs_root, needs_qemu, needs_testpmd,
-             pytest.mark.usefixtures("hugepages"))  # fmt: skip
+             pytest.mark.usefixtures("hugepages"), pytest.mark.timeout(900))  # fmt: skip
     for mark in marks:
         test = mark(test)
     return test

@@ -55,7 +55,8 @@ def _missing() -> str | None:
 
 MISSING = _missing()
 # A missing facility skips, or fails under VIRTNET_REQUIRE_PEERS=1 (tests/conftest.py).
-pytestmark = [pytest.mark.peer, pytest.mark.needs(MISSING)]
+# A guest boot, its transfers and power-off (BOOT_TIMEOUT each wait, several waits).
+pytestmark = [pytest.mark.peer, pytest.mark.needs(MISSING), pytest.mark.timeout(900)]
 # iperf3 is part of what these tests check (TCP through the guest's driver under load), not
 # an optional extra: without it they skip (or fail in CI), never pass on a lighter check.
 needs_iperf3 = pytest.mark.needs(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.conftest import skip_or_fail
 from tests.virtio.mock import MockSplitQueue
 from virtnet.virtio.errors import DescriptorError, VirtioError
 from virtnet.virtio.memory import MemoryRegion
@@ -322,7 +323,7 @@ def test_a_chain_longer_than_4_gib_is_refused():
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
         big = mmap.mmap(-1, size, flags=flags)
     except OSError as err:  # pragma: no cover - depends on the host
-        pytest.skip(f"no 2 GiB anonymous mapping: {err}")
+        skip_or_fail(f"no 2 GiB anonymous mapping: {err}")
     try:
         q = MockSplitQueue(8)
         big_gpa = 1 << 40

@@ -301,7 +301,7 @@ def print_report(results: list[dict], title: str, console: Console | None = None
 
 
 def write_json(results: list[dict], path: str | Path, meta: dict | None = None) -> None:
-    doc = {"results": results}
+    doc: dict[str, object] = {"results": results}
     if meta:
         doc["meta"] = meta
     Path(path).write_text(json.dumps(doc, indent=2) + "\n")

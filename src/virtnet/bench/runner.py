@@ -5,11 +5,18 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from virtnet.bench.embedded import Case, run_case
+
+
+class Labelled(Protocol):
+    """A case ``run_cases`` can run: an in-process ``Case`` or a ``TapCase``."""
+
+    def label(self) -> str: ...
 
 
 def machine_description() -> dict:
@@ -56,7 +63,7 @@ def run_groups(
     """Run each group of cases side by side (``run_interleaved`` or another), with progress."""
     from virtnet.bench.embedded import run_interleaved
 
-    group_runner = group_runner or run_interleaved
+    run: Callable[..., list[dict]] = group_runner or run_interleaved
     console = console or Console(stderr=True)
     results = []
     columns = (
@@ -71,7 +78,7 @@ def run_groups(
             label = f"{c.direction} {c.payload}B: " + " vs ".join(
                 dict.fromkeys(x.strategy for x in group))
             task = progress.add_task(label, total=1.0, rate="")
-            recs = group_runner(group, tick=lambda f, t=task: progress.update(t, completed=f))
+            recs = run(group, tick=lambda f, t=task: progress.update(t, completed=f))
             rate = " / ".join(f"{r['gbps'] * 1000:,.0f}" for r in recs) + " Mb/s"
             progress.update(task, completed=1.0, rate=rate)
             results += recs
@@ -79,7 +86,7 @@ def run_groups(
 
 
 def run_cases(
-    cases: Iterable[Case],
+    cases: Iterable[Labelled],
     runner: Callable[..., dict] = run_case,
     console: Console | None = None,
 ) -> list[dict]:

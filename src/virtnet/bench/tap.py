@@ -280,10 +280,11 @@ def _cpu_record(drv: dict, dev: dict, case: TapCase) -> dict:
     pair carried (the driver's tx for guest → host, rx for host → guest)."""
     q = "tx" if case.direction == GUEST_TO_HOST else "rx"
     stats = drv.get("driver_stats", {})
-    if case.queues == 1:
+    queues = case.queues or 1
+    if queues == 1:
         per_pair = [stats.get(f"{q}_packets", 0)]
     else:
-        per_pair = [stats.get(f"{q}_queue_{p}_packets", 0) for p in range(case.queues)]
+        per_pair = [stats.get(f"{q}_queue_{p}_packets", 0) for p in range(queues)]
     return {
         "driver_cpu_seconds": drv.get("cpu_seconds"),
         "device_cpu_seconds": dev.get("cpu_seconds"),

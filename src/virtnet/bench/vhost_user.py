@@ -53,6 +53,7 @@ def _one_turn(case: Case, seconds: float, tmp: str) -> tuple[dict, dict]:
                  "--json", dev_json, "--quiet", *pairs),
         stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
+    assert dev.stderr is not None  # stderr=PIPE
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(sock):

@@ -40,6 +40,7 @@ from virtnet.conform.session import (
     CaseFailure,
     CaseSkipped,
     Session,
+    ack_text,
     feature_names,
 )
 from virtnet.net.features import VirtioNetF
@@ -223,7 +224,7 @@ def reply_ack(ctx: Context) -> str:
     s.send(R.SET_VRING_NUM, VringState(0, QUEUE_SIZE))  # no NEED_REPLY: no reply
     s.expect_silence(R.SET_VRING_NUM)
     s.send(R.GET_FEATURES, need_reply=True)  # a reply body already: "no behavioural change"
-    if s.reply(R.GET_FEATURES).payload.value != s.offered:
+    if s.reply(R.GET_FEATURES).payload_as(U64).value != s.offered:
         raise CaseFailure("GET_FEATURES with NEED_REPLY: not the features")
     if s.get_u64(R.GET_FEATURES) != s.offered:
         raise CaseFailure("an extra reply followed GET_FEATURES with NEED_REPLY")
@@ -448,12 +449,12 @@ def survived(kind: str, what: str) -> str:
 def refused(s: Session, request: R, what: str) -> str:
     """After a request with NEED_REPLY the spec calls invalid: a failure ack, or hang-up."""
     kind, msg = s.outcome(request)
-    if kind == "reply" and isinstance(msg.payload, U64) and msg.payload.value == 0:
+    if msg is not None and isinstance(msg.payload, U64) and msg.payload.value == 0:
         raise CaseFailure(f"{what}: acked with 0 (success)")
     if kind == "silent":
         raise CaseFailure(f"{what}: no REPLY_ACK in 5s although NEED_REPLY was set")
-    if kind == "reply":
-        return f"refused (REPLY_ACK {msg.payload.value if isinstance(msg.payload, U64) else '?'})"
+    if msg is not None:
+        return f"refused ({ack_text(msg)})"
     return "closed the connection"
 
 
@@ -635,10 +636,10 @@ def mq_enable_unset_ring(ctx: Context) -> str:
         kind, msg = s.outcome(R.SET_VRING_ENABLE)
         if kind == "silent":
             raise CaseFailure(f"SET_VRING_ENABLE 1 on vring {unset}: no REPLY_ACK in 5s")
-        if kind == "closed":
+        if msg is None:  # "closed"
             raise CaseFailure(f"SET_VRING_ENABLE 1 on vring {unset} (a valid index): the "
                               "back-end closed the connection, pair 0 with it")  # fmt: skip
-        said = f"REPLY_ACK {msg.payload.value if isinstance(msg.payload, U64) else '?'}"
+        said = ack_text(msg)
     try:
         echo(rings, frames(10, [64, 1514, 300]), mergeable=mrg)
     except CaseFailure as e:
@@ -681,7 +682,7 @@ def mem_region_overflow(ctx: Context) -> str:
         s.send(R.SET_MEM_TABLE, MemoryTable((desc,)), [fd], need_reply=ack)
         if ack:
             kind, msg = s.outcome(R.SET_MEM_TABLE)
-            out.append(f"{label}: " + (f"REPLY_ACK {msg.payload.value}" if kind == "reply"
+            out.append(f"{label}: " + (ack_text(msg) if msg is not None
                                        else survived(kind, "")))  # fmt: skip
         else:
             out.append(f"{label}: sent")
@@ -859,7 +860,7 @@ def ring_in_unmapped_memory(ctx: Context) -> str:
     said = "sent"
     if ack:
         kind, msg = s.outcome(R.SET_VRING_ADDR)
-        said = f"REPLY_ACK {msg.payload.value}" if kind == "reply" else survived(kind, "")
+        said = ack_text(msg) if msg is not None else survived(kind, "")
         if kind == "closed":
             return said
     kick = s.eventfd()

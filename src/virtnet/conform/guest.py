@@ -48,6 +48,23 @@ WAIT = 5.0  # for the back-end to use what we posted
 RX_RING, TX_RING, INDIRECT_AREA, DATA, DATA_SIZE = 0x0, 0x4000, 0x8000, 0x10000, 1 << 20
 PAIR_SPAN = DATA + DATA_SIZE
 
+
+
+@dataclass
+class RxSeen:
+    """What this process's case waited for on rx and got (``Rings.receive``): a case
+    that waited and got nothing is how a back-end that does not echo shows."""
+
+    waits: int = 0
+    frames: int = 0
+
+    def echoed(self) -> bool | None:
+        """None: the case never waited for a frame; else whether one came back."""
+        return None if not self.waits else self.frames > 0
+
+
+rx_seen = RxSeen()  # each case runs in a process of its own: one case's count
+
 DESC = struct.Struct("<QIHH")
 LE16 = struct.Struct("<H")
 USED_ELEM = struct.Struct("<II")
@@ -190,10 +207,10 @@ class Rings:
         """GET_VRING_BASE of this pair's ring ``q`` (RX or TX)."""
         i = self.index[q]
         session.send(R.GET_VRING_BASE, VringState(i, 0))
-        msg = session.reply(R.GET_VRING_BASE)
-        if msg.payload.index != i:
-            raise CaseFailure(f"GET_VRING_BASE {i}: reply names vring {msg.payload.index}")
-        return msg.payload.num
+        state = session.reply(R.GET_VRING_BASE).payload_as(VringState)
+        if state.index != i:
+            raise CaseFailure(f"GET_VRING_BASE {i}: reply names vring {state.index}")
+        return state.num
 
     # -- traffic -----------------------------------------------------------------
 
@@ -232,7 +249,7 @@ class Rings:
 
     def wait_tx(self, n: int, timeout: float = WAIT) -> list[int]:
         """The used lengths of the next ``n`` tx buffers; fails if they do not come."""
-        got = []
+        got: list[int] = []
         svq = self.vqs[TX]
         deadline = time.monotonic() + timeout
         while len(got) < n:
@@ -274,6 +291,7 @@ class Rings:
         """The next ``n`` packets on rx, reassembled from num_buffers buffers (5.1.6.4)."""
         out: list[Packet] = []
         deadline = time.monotonic() + timeout
+        rx_seen.waits += 1
         while len(out) < n:
             first = self._next_rx(deadline)
             if first is None:
@@ -298,6 +316,7 @@ class Rings:
                 body += self.guest.memory.read(gpa, length)
                 self.free.append(gpa)
             out.append(Packet(hdr, body, count))
+            rx_seen.frames += 1
         return out
 
     def rx_used_within(self, seconds: float) -> int:

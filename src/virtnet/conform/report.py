@@ -11,6 +11,20 @@ from virtnet.conform.cases import Case
 from virtnet.conform.runner import FAILED, NOT_RUN, PASSED, SKIPPED, Result
 
 STYLE = {PASSED: "green", FAILED: "bold red", SKIPPED: "yellow", NOT_RUN: "dim"}
+NO_ECHO = (
+    "No data case got a single frame back on rx: the data cases need a back-end that "
+    "sends every frame it receives back (a loopback), not a sink. Start one with "
+    "`virtnet device --socket-path P --backend loopback` and run `virtnet conform P`."
+)
+
+
+def hints(results: Sequence[Result]) -> list[str]:
+    """What the run says about the set-up rather than the back-end: a back-end that
+    echoes nothing (every case that waited for a frame got none)."""
+    echoed = [r.echoed for r in results if r.echoed is not None]
+    if echoed and not any(echoed):
+        return [NO_ECHO]
+    return []
 
 
 def summary(results: Sequence[Result]) -> dict[str, int]:
@@ -32,7 +46,13 @@ def table(results: Sequence[Result], title: str):
                   r.detail)  # fmt: skip
     counts = summary(results)
     t.caption = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    return t
+    notes = hints(results)
+    if not notes:
+        return t
+    from rich.console import Group
+    from rich.text import Text
+
+    return Group(t, *(Text(f"hint: {note}", style="bold yellow") for note in notes))
 
 
 def list_table(cases: Sequence[Case]):
@@ -48,7 +68,7 @@ def list_table(cases: Sequence[Case]):
 
 
 def write_json(results: Sequence[Result], path: str, socket_path: str) -> None:
-    doc = {"socket": socket_path, "summary": summary(results),
+    doc = {"socket": socket_path, "summary": summary(results), "hints": hints(results),
            "cases": [r.as_dict() for r in results]}  # fmt: skip
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)

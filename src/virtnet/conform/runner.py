@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from virtnet.conform.cases import Case, Context, normal_session
+from virtnet.conform.guest import rx_seen
 from virtnet.conform.session import BackendGone, CaseFailure, CaseSkipped
 
 PASSED, FAILED, SKIPPED, NOT_RUN = "passed", "failed", "skipped", "not run"
@@ -31,6 +32,7 @@ class Result:
     detail: str
     seconds: float = 0.0
     rule: str = ""
+    echoed: bool | None = None  # None: no frame waited for; else whether one came back
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -38,22 +40,24 @@ class Result:
 
 def _child(fn: Callable[[str], str], path: str, conn) -> None:
     try:
-        conn.send((PASSED, fn(path)))
+        conn.send((PASSED, fn(path), rx_seen.echoed()))
     except CaseSkipped as e:
-        conn.send((SKIPPED, str(e)))
+        conn.send((SKIPPED, str(e), rx_seen.echoed()))
     except CaseFailure as e:
-        conn.send((FAILED, str(e)))
+        conn.send((FAILED, str(e), rx_seen.echoed()))
     except BackendGone as e:
-        conn.send(("gone", str(e)))
+        conn.send(("gone", str(e), rx_seen.echoed()))
     except Exception as e:  # noqa: BLE001 -- a bug on our side must not pass a case
         tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
-        conn.send((FAILED, f"conform error: {type(e).__name__}: {e} ({tb})"))
+        conn.send((FAILED, f"conform error: {type(e).__name__}: {e} ({tb})", rx_seen.echoed()))
     finally:
         conn.close()
 
 
-def _isolated(fn: Callable[[str], str], path: str, timeout: float) -> tuple[str, str]:
-    """(status, text) of ``fn(path)`` in a child process killed after ``timeout``."""
+def _isolated(fn: Callable[[str], str], path: str,
+              timeout: float) -> tuple[str, str, bool | None]:  # fmt: skip
+    """(status, text, echoed) of ``fn(path)`` in a child process killed after ``timeout``;
+    ``echoed`` as ``RxSeen.echoed`` says (None when the child gave no answer)."""
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(fn, path, child), daemon=True)
@@ -66,9 +70,9 @@ def _isolated(fn: Callable[[str], str], path: str, timeout: float) -> tuple[str,
             except EOFError:
                 pass
         else:
-            return FAILED, f"no end within {timeout:g}s (the back-end hangs on it)"
+            return FAILED, f"no end within {timeout:g}s (the back-end hangs on it)", None
         proc.join(1.0)
-        return FAILED, f"conform's case process died (exit {proc.exitcode})"
+        return FAILED, f"conform's case process died (exit {proc.exitcode})", None
     finally:
         if proc.is_alive():
             proc.kill()
@@ -96,7 +100,7 @@ def liveness(path: str, timeout: float) -> tuple[str, str]:
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        status, text = _isolated(normal_session, path, left)
+        status, text, _echoed = _isolated(normal_session, path, left)
         if status == PASSED:
             return "alive", text
         if status == "gone":
@@ -118,7 +122,7 @@ def run_cases(cases: Sequence[Case], path: str, *, timeout: float = DEFAULT_TIME
                 progress(result)
             continue
         started = time.monotonic()
-        status, detail = _run_case_isolated(case, path, timeout)
+        status, detail, echoed = _run_case_isolated(case, path, timeout)
         if status != SKIPPED:
             alive, text = liveness(path, timeout)
             if alive == "gone":
@@ -129,15 +133,15 @@ def run_cases(cases: Sequence[Case], path: str, *, timeout: float = DEFAULT_TIME
                 detail = f"afterwards the back-end did not serve a normal session: {text} " \
                          f"(case: {detail})"
         result = Result(case.name, case.group, status, detail,
-                        round(time.monotonic() - started, 3), case.rule)  # fmt: skip
+                        round(time.monotonic() - started, 3), case.rule, echoed)  # fmt: skip
         results.append(result)
         if progress:
             progress(result)
     return results
 
 
-def _run_case_isolated(case: Case, path: str, timeout: float) -> tuple[str, str]:
-    status, detail = _isolated(lambda p: _run_case(case, p), path, timeout)
+def _run_case_isolated(case: Case, path: str, timeout: float) -> tuple[str, str, bool | None]:
+    status, detail, echoed = _isolated(lambda p: _run_case(case, p), path, timeout)
     if status == "gone":
-        return FAILED, detail
-    return status, detail
+        return FAILED, detail, echoed
+    return status, detail, echoed

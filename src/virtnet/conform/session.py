@@ -50,6 +50,11 @@ class BackendGone(ConnectionError):
     """Nothing listens on the socket any more: the back-end process is gone."""
 
 
+def ack_text(msg: Message) -> str:
+    """A reply read as a REPLY_ACK: its status, or "?" when it does not carry a u64."""
+    return f"REPLY_ACK {msg.payload.value if isinstance(msg.payload, U64) else '?'}"
+
+
 class Session:
     """A vhost-user connection to the back-end under test."""
 
@@ -106,7 +111,7 @@ class Session:
 
     def reply(self, request: R, timeout: float = REPLY_TIMEOUT) -> Message:
         kind, msg = self.outcome(request, timeout)
-        if kind != "reply":
+        if msg is None:  # "closed" or "silent"
             what = "closed the connection" if kind == "closed" else f"no reply in {timeout:g}s"
             raise CaseFailure(f"{spec_name(request)}: {what}")
         close_fds(msg.fds)
@@ -114,7 +119,7 @@ class Session:
 
     def get_u64(self, request: R) -> int:
         self.send(request)
-        return self.reply(request).payload.value
+        return self.reply(request).payload_as(U64).value
 
     def request_ack(self, request: R, payload=b"", fds=()) -> int:
         """Send with NEED_REPLY; the REPLY_ACK status (0 = success)."""
@@ -137,7 +142,7 @@ class Session:
         """No reply is owed (NEED_REPLY clear): the next one must answer the next request."""
         self.send(R.GET_FEATURES)
         kind, msg = self.outcome(R.GET_FEATURES)
-        if kind != "reply":
+        if msg is None:
             raise CaseFailure(f"after {spec_name(after)}: GET_FEATURES got no reply ({kind})")
         close_fds(msg.fds)
 

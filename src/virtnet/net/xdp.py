@@ -154,7 +154,9 @@ class XdpHook:
                 # it is a verdict, which is the check (so no isinstance first).
                 act = XdpAction(ret)  # type: ignore[arg-type]
             except ValueError:
-                problem = f"returned {ret!r}, not an XDP action"
+                problem = (f"returned {ret!r}, not an XDP action (return an XdpAction "
+                           "member, e.g. XdpAction.PASS or XDP_DROP, or Linux's int 0-4: "
+                           "0 ABORTED, 1 DROP, 2 PASS, 3 TX, 4 REDIRECT)")
         if problem is not None:
             self.error(f"{problem}; frame aborted")
             act = XDP_ABORTED

@@ -20,7 +20,8 @@ import select
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from enum import IntEnum
+from typing import Protocol, cast
 
 from virtnet.net.device import VirtnetDevice
 from virtnet.net.faults import FaultPlan
@@ -42,6 +43,7 @@ from virtnet.vhost_user.messages import (
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
+    MemoryTable,
     Message,
     ProtocolFeature,
     VringAddr,
@@ -56,7 +58,7 @@ from virtnet.vhost_user.messages import (
 from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
-from virtnet.vhost_user.rings import RingError, RingSpec, ring_views
+from virtnet.vhost_user.rings import RingError, RingSpec, pair_views, ring_views
 from virtnet.vhost_user.runclock import RunClock
 from virtnet.vhost_user.worker import (
     IDLE_POLL,
@@ -149,7 +151,10 @@ class BackendSession:
 
     def handle(self, msg: Message) -> Message | None:
         """Apply one request; the reply to send, if one is owed."""
-        handler = getattr(self, "_" + msg.request.name.lower(), None)
+        request = msg.request
+        # A FrontendRequest (an IntEnum) names its handler; a bare number has none.
+        name = request.name.lower() if isinstance(request, IntEnum) else ""
+        handler = getattr(self, "_" + name, None) if name else None
         try:
             if handler is None:
                 close_fds(msg.fds)
@@ -185,7 +190,7 @@ class BackendSession:
         return reply(msg, U64(self.offered))
 
     def _set_features(self, msg: Message) -> None:
-        wanted = msg.payload.value
+        wanted = msg.payload_as(U64).value
         extra = wanted & ~self.offered
         if extra:
             raise BackendError(f"features {' '.join(names(extra))} were never offered")
@@ -219,7 +224,7 @@ class BackendSession:
         return reply(msg, U64(PROTOCOL_FEATURES))
 
     def _set_protocol_features(self, msg: Message) -> None:
-        value = msg.payload.value
+        value = msg.payload_as(U64).value
         if value & ~PROTOCOL_FEATURES:
             raise BackendError(f"protocol features {value & ~PROTOCOL_FEATURES:#x} not offered")
         self.protocol_features = value
@@ -237,14 +242,14 @@ class BackendSession:
         self.reset()
 
     def _net_set_mtu(self, msg: Message) -> None:
-        mtu = msg.payload.value
+        mtu = msg.payload_as(U64).value
         if not 68 <= mtu <= 65535:
             raise BackendError(f"MTU {mtu} outside 68..65535")
         self.config.mtu = mtu
 
     def _get_config(self, msg: Message) -> Message:
         space = self.config.pack().ljust(256, b"\0")
-        req = msg.payload
+        req = msg.payload_as(ConfigSpace)
         if req.offset + req.size > len(space):
             raise BackendError(f"config offset {req.offset} + size {req.size} > {len(space)}")
         data = space[req.offset : req.offset + req.size]
@@ -263,7 +268,7 @@ class BackendSession:
     # -- memory ---------------------------------------------------------------
 
     def _set_mem_table(self, msg: Message) -> None:
-        table = msg.payload
+        table = msg.payload_as(MemoryTable)
         self._stop_device()
         if self.memory is not None:
             self.memory.close()
@@ -300,7 +305,7 @@ class BackendSession:
         return self.vrings[index]
 
     def _set_vring_num(self, msg: Message) -> None:
-        st: VringState = msg.payload
+        st = msg.payload_as(VringState)
         vr = self._vring(st.index)
         try:
             (check_packed_queue_size if self.packed else check_queue_size)(st.num)
@@ -316,18 +321,18 @@ class BackendSession:
         # Packed: bits 0-14 the next avail index, bit 15 its wrap counter; bits 16-31
         # (used) are not needed: at a ring's start every buffer was returned, used ==
         # avail (DPDK's vhost reads it the same way). Checked against the size at start.
-        st: VringState = msg.payload
+        st = msg.payload_as(VringState)
         self._vring(st.index).base = st.num & 0xFFFF
 
     def _set_vring_addr(self, msg: Message) -> None:
-        addr: VringAddr = msg.payload
+        addr = msg.payload_as(VringAddr)
         vr = self._vring(addr.index)
         if self.memory is not None and vr.num:
             self._ring_views(addr.index, vr.num, addr)  # refuse the request that lies, now
         vr.addr = addr
 
     def _get_vring_base(self, msg: Message) -> Message:
-        st: VringState = msg.payload
+        st = msg.payload_as(VringState)
         vr = self._vring(st.index)
         self._stop_pair(st.index // 2)  # a pair needs both rings; the other restarts with it
         base = vr.base
@@ -338,7 +343,7 @@ class BackendSession:
         return reply(msg, VringState(st.index, base))
 
     def _set_vring_fd(self, msg: Message, attr: str) -> int:
-        u64: U64 = msg.payload
+        u64 = msg.payload_as(U64)
         try:
             vr = self._vring(u64.vring_index)
         except BackendError:
@@ -366,7 +371,7 @@ class BackendSession:
         self._set_vring_fd(msg, "err")
 
     def _set_vring_enable(self, msg: Message) -> None:
-        st: VringState = msg.payload
+        st = msg.payload_as(VringState)
         if not self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES) and self.features:
             raise BackendError("SET_VRING_ENABLE without PROTOCOL_FEATURES negotiated")
         vr = self._vring(st.index)
@@ -403,16 +408,22 @@ class BackendSession:
 
     def _start_pair(self, pair: int) -> None:
         rx, tx = self.vrings[2 * pair], self.vrings[2 * pair + 1]
-        rings = tuple(self._ring_views(2 * pair + q, vr.num, vr.addr)
-                      for q, vr in enumerate((rx, tx)))  # fmt: skip
+        memory = self.memory
+        # ready(pair): the memory table and both rings' addresses are in
+        assert memory is not None and rx.addr is not None and tx.addr is not None
+        described = ((rx.num, rx.addr), (tx.num, tx.addr))
+        try:
+            rings = pair_views(memory.memory, self.packed, pair, described)
+        except RingError as e:
+            raise BackendError(str(e)) from None
         bases = (rx.base, tx.base)
         if self.runner is not None:
-            spec = RingSpec(pair, self.features, self.config.mtu,
-                            ((rx.num, rx.addr), (tx.num, tx.addr)), bases,
-                            tuple(fd >= 0 for fd in self._pair_fds(pair)))  # fmt: skip
+            kick_rx, call_rx, kick_tx, call_tx = self._pair_fds(pair)
+            fd_mask = (kick_rx >= 0, call_rx >= 0, kick_tx >= 0, call_tx >= 0)
+            spec = RingSpec(pair, self.features, self.config.mtu, described, bases, fd_mask)
             self.runner.start(pair, spec, [fd for fd in self._pair_fds(pair) if fd >= 0])
         else:
-            dev = build_device(self.memory.memory, rings, self.features, bases, self.config.mtu)
+            dev = build_device(memory.memory, rings, self.features, bases, self.config.mtu)
             if self.faults is not None:
                 self.faults.install(dev)
             self.devices[pair] = dev
@@ -425,6 +436,7 @@ class BackendSession:
         return rx.kick, rx.call, tx.kick, tx.call
 
     def _ring_views(self, index: int, num: int, addr: VringAddr) -> VringViews | PackedViews:
+        assert self.memory is not None  # the caller checks: views need the memory table
         try:
             return ring_views(self.memory.memory, self.packed, index, num, addr)
         except RingError as e:
@@ -508,11 +520,9 @@ class DeviceServer:
         if faults is not None:
             # The injected lies (bogus ids, used index jumps) are written for split rings.
             self.offered &= ~bit(VirtioF.RING_PACKED)
-        self._loop_args = {
-            "coalesce": DEFAULT_COALESCE | (coalesce or {}),
-            "busy_poll": busy_poll_us / 1e6,
-            "faults": faults,
-        }
+        # What each worker's PairLoop runs with (faults: self.faults).
+        self._coalesce = DEFAULT_COALESCE | (coalesce or {})
+        self._busy_poll = busy_poll_us / 1e6
         self.pcap_path = pcap_path
         self.socket_path = socket_path
         self.printer = printer
@@ -542,7 +552,9 @@ class DeviceServer:
             capture = f"{root}.q{pair}.{ext}" if dot else f"{capture}.q{pair}"
         w = spawn_worker(
             pair,
-            lambda: PairLoop(pair, self.backends[pair], capture_path=capture, **self._loop_args),
+            lambda: PairLoop(pair, self.backends[pair], coalesce=self._coalesce,
+                             busy_poll=self._busy_poll, faults=self.faults,
+                             capture_path=capture),  # fmt: skip
             self._close_in_worker,
         )
         self._ep.register(w.pidfd, select.EPOLLIN)
@@ -644,6 +656,7 @@ class DeviceServer:
 
     def _on_socket(self) -> None:
         messages: list[Message] = []
+        assert self.channel is not None  # the loop polls its socket only while connected
         try:
             messages = self.channel.receive()
         except PeerClosed as e:
@@ -672,6 +685,7 @@ class DeviceServer:
 
     def _reply(self, answer: Message) -> bool:
         """Send a reply; a front-end that hung up meanwhile is a disconnect, not a crash."""
+        assert self.channel is not None  # replies go out only while connected
         try:
             self.channel.send(answer)
         except OSError as e:
@@ -680,8 +694,10 @@ class DeviceServer:
         return True
 
     def _serve(self, msg: Message) -> bool:
+        session = self.session
+        assert session is not None  # a connected channel always has its session
         try:
-            answer = self.session.handle(msg)
+            answer = session.handle(msg)
         except VhostUserProtocolError as e:
             self._protocol_error(e)
             return self.channel is not None
@@ -691,10 +707,10 @@ class DeviceServer:
             return False
         if answer is not None and not self._reply(answer):
             return False
-        if msg.request is Req.SET_FEATURES and self.session.features:
+        if msg.request is Req.SET_FEATURES and session.features:
             try:
                 for w in self.workers:
-                    self._call(w, "features", self.session.features)
+                    self._call(w, "features", session.features)
             except WorkerDied as e:
                 self._worker_died(e)
                 return False
@@ -750,7 +766,8 @@ class DeviceServer:
         keep each worker's last counters fresh, should it die later."""
         for w in list(self.workers):
             try:
-                w.last_stats = w.call("stats", timeout=WATCHDOG_TIMEOUT)
+                # "stats" and "exit" answer with PairLoop.do_stats' dict
+                w.last_stats = cast(dict, w.call("stats", timeout=WATCHDOG_TIMEOUT))
             except WorkerDied as e:
                 self._worker_died(e)
 
@@ -758,7 +775,7 @@ class DeviceServer:
         final = []
         for w in self.workers:
             try:
-                final.append(w.call("exit"))
+                final.append(cast(dict, w.call("exit")))
                 w.reap(block=True)
             except WorkerDied as e:
                 log.error("%s", e)
@@ -773,7 +790,7 @@ class DeviceServer:
             per_pair = []
             for w in self.workers:
                 try:
-                    w.last_stats = w.call("stats")
+                    w.last_stats = cast(dict, w.call("stats"))
                 except WorkerDied:
                     pass  # noticed, named and answered by the loop
                 per_pair.append(w.last_stats)

@@ -51,9 +51,9 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from enum import Enum, IntEnum
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, Protocol, TypeAlias, TypeVar
 
 from virtnet.vhost_user.errors import VhostUserProtocolError
 
@@ -259,6 +259,8 @@ class _Fixed:
     STRUCT: ClassVar[struct.Struct]
     DESCRIPTION: ClassVar[str]
     SIZE: ClassVar[int | None]
+    # Every subclass is a dataclass: declared so that ``fields(self)`` type-checks.
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -397,6 +399,7 @@ def _regions(buf: bytes, nregions: int) -> Iterable[MemoryRegionDesc]:
 
 
 _PADDING64 = struct.Struct("<Q")
+_SINGLE_REGION_SIZE = _PADDING64.size + _REGION_SIZE  # 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,7 +407,7 @@ class SingleMemoryRegion:
     """Spec "Single memory region description" (VhostUserMemRegMsg): ADD/REM_MEM_REG."""
 
     DESCRIPTION: ClassVar[str] = "single memory region description"
-    SIZE: ClassVar[int | None] = _PADDING64.size + _REGION_SIZE  # 40
+    SIZE: ClassVar[int | None] = _SINGLE_REGION_SIZE
     region: MemoryRegionDesc = MemoryRegionDesc()
 
     def pack(self) -> bytes:
@@ -412,7 +415,7 @@ class SingleMemoryRegion:
 
     @classmethod
     def unpack(cls, buf: bytes) -> SingleMemoryRegion:
-        _expect_size(cls.DESCRIPTION, buf, cls.SIZE)
+        _expect_size(cls.DESCRIPTION, buf, _SINGLE_REGION_SIZE)
         return cls(MemoryRegionDesc.unpack(buf[_PADDING64.size :]))
 
 
@@ -595,6 +598,17 @@ Payload: TypeAlias = (
 )
 
 
+class _Codec(Protocol):
+    """What every payload type of the table has: a name, a size (None: it varies)
+    and a decoder."""
+
+    DESCRIPTION: ClassVar[str]
+    SIZE: ClassVar[int | None]
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> Payload: ...
+
+
 # -- the table: what each request and reply carries ---------------------------------
 
 
@@ -624,7 +638,7 @@ class ReplyKind(Enum):
 class Shape:
     """Payload type(s) of one message, picked by size when several, and its fd rule."""
 
-    payloads: tuple[type, ...]
+    payloads: tuple[type[_Codec], ...]
     fds: FdRule = FdRule.NONE
 
 
@@ -726,6 +740,8 @@ REQUESTS: dict[type[IntEnum], dict[Any, RequestSpec]] = {
 
 # -- messages ----------------------------------------------------------------------
 
+_P = TypeVar("_P", bound="Payload")
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -761,6 +777,20 @@ class Message:
     def need_reply(self) -> bool:
         return bool(self.flags & VHOST_USER_NEED_REPLY_MASK)
 
+    def payload_as(self, cls: type[_P]) -> _P:
+        """``payload``, as the type the table gives this message (``cls``).
+
+        A decoded message always has it -- the codec picked the type from the
+        table -- so a mismatch is a caller's bug, raised as a ``TypeError``.
+        """
+        payload = self.payload
+        if not isinstance(payload, cls):
+            raise TypeError(
+                f"{spec_name(self.request)}: payload is {type(payload).__name__}, "
+                f"not {cls.__name__}"
+            )
+        return payload
+
 
 def close_fds(fds: Iterable[int]) -> None:
     """Close fds nobody will use (a refused message's, a dropped extra one).
@@ -786,7 +816,7 @@ def _request_error(
     )
 
 
-def _select(shape: Shape, size: int) -> type:
+def _select(shape: Shape, size: int) -> type[_Codec]:
     """The payload type a message of ``size`` bytes carries: exact size first."""
     for cls in shape.payloads:
         if cls.SIZE == size:
@@ -805,8 +835,10 @@ def _fd_bounds(rule: FdRule, payload: Payload, receiving: bool) -> tuple[int, in
     if rule is FdRule.ONE:
         return 1, 1
     if rule is FdRule.PER_REGION:
+        assert isinstance(payload, MemoryTable)  # the table's only PER_REGION payload
         return payload.nregions, payload.nregions
     if rule is FdRule.UNLESS_NOFD:
+        assert isinstance(payload, U64 | VringArea)  # the table's UNLESS_NOFD payloads
         return (0, 0) if payload.nofd else (1, 1)
     if rule is FdRule.OPTIONAL or (rule is FdRule.DROPPED and receiving):
         return 0, 1

@@ -24,36 +24,68 @@ class RingError(ValueError):
     """A ring whose addresses or size do not fit the memory; the text names the part."""
 
 
-def ring_views(
-    mem: GuestMemory, packed: bool, index: int, num: int, addr: VringAddr
-) -> VringViews | PackedViews:
-    """The ring's three parts in the mapped memory.
-
-    Packed: SET_VRING_ADDR's descriptor / avail / used addresses are the
-    descriptor ring, the driver and the device event suppression areas.
-    """
-    if packed:
-        parts = (
-            ("descriptor ring", addr.desc_user_addr, desc_table_size(num)),
-            ("driver event area", addr.avail_user_addr, EVENT_SUPPRESS_SIZE),
-            ("device event area", addr.used_user_addr, EVENT_SUPPRESS_SIZE),
-        )
-    else:
-        parts = (
-            ("descriptor table", addr.desc_user_addr, desc_table_size(num)),
-            ("available ring", addr.avail_user_addr, avail_ring_size(num)),
-            ("used ring", addr.used_user_addr, used_ring_size(num)),
-        )
+def _part_views(
+    mem: GuestMemory, index: int, parts: tuple[tuple[str, int, int], ...]
+) -> list[memoryview]:
     views = []
     for part, uva, size in parts:
         try:
             views.append(mem.view_uva(uva, size))
         except MemoryAccessError as e:
             raise RingError(f"vring {index} {part}: {e}") from None
+    return views
+
+
+def split_ring_views(mem: GuestMemory, index: int, num: int, addr: VringAddr) -> VringViews:
+    """A split ring's descriptor table, available and used rings in the mapped memory."""
+    desc, avail, used = _part_views(mem, index, (
+        ("descriptor table", addr.desc_user_addr, desc_table_size(num)),
+        ("available ring", addr.avail_user_addr, avail_ring_size(num)),
+        ("used ring", addr.used_user_addr, used_ring_size(num)),
+    ))  # fmt: skip
     try:
-        return (PackedViews if packed else VringViews)(num, *views)
+        return VringViews(num, desc, avail, used)
     except ValueError as e:
         raise RingError(f"vring {index}: {e}") from None
+
+
+def packed_ring_views(mem: GuestMemory, index: int, num: int, addr: VringAddr) -> PackedViews:
+    """A packed ring's parts: SET_VRING_ADDR's descriptor / avail / used addresses are
+    the descriptor ring, the driver and the device event suppression areas."""
+    desc, driver, device = _part_views(mem, index, (
+        ("descriptor ring", addr.desc_user_addr, desc_table_size(num)),
+        ("driver event area", addr.avail_user_addr, EVENT_SUPPRESS_SIZE),
+        ("device event area", addr.used_user_addr, EVENT_SUPPRESS_SIZE),
+    ))  # fmt: skip
+    try:
+        return PackedViews(num, desc, driver, device)
+    except ValueError as e:
+        raise RingError(f"vring {index}: {e}") from None
+
+
+def ring_views(
+    mem: GuestMemory, packed: bool, index: int, num: int, addr: VringAddr
+) -> VringViews | PackedViews:
+    """The ring's three parts in the mapped memory, of the kind negotiated."""
+    if packed:
+        return packed_ring_views(mem, index, num, addr)
+    return split_ring_views(mem, index, num, addr)
+
+
+def pair_views(
+    mem: GuestMemory,
+    packed: bool,
+    pair: int,
+    rings: tuple[tuple[int, VringAddr], tuple[int, VringAddr]],
+) -> tuple[VringViews, VringViews] | tuple[PackedViews, PackedViews]:
+    """Queue pair ``pair``'s rx and tx rings (vrings 2 * pair and + 1), both of one
+    kind, as ``build_device`` takes them; ``rings`` is (num, addr) of each."""
+    (rx_num, rx_addr), (tx_num, tx_addr) = rings
+    if packed:
+        return (packed_ring_views(mem, 2 * pair, rx_num, rx_addr),
+                packed_ring_views(mem, 2 * pair + 1, tx_num, tx_addr))  # fmt: skip
+    return (split_ring_views(mem, 2 * pair, rx_num, rx_addr),
+            split_ring_views(mem, 2 * pair + 1, tx_num, tx_addr))  # fmt: skip
 
 
 @dataclass(frozen=True)
