@@ -231,11 +231,10 @@ class VirtnetDevice:
         """Push the chains used for a ``nbytes`` packet (header included)."""
         if self.capture is not None:
             self.capture([v for chain in chains for v in chain.writable], nbytes)
-        push = self.rxq.push_used
         left = nbytes
         for chain in chains:
             n = min(left, chain.in_len)
-            push(chain.head, n)
+            self.rxq.push_used(chain.head, n)
             left -= n
         stats = self.stats
         stats.rx_packets += 1

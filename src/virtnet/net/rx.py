@@ -154,7 +154,7 @@ class RxStrategy:
         than ``num_buf`` and drops the packet.
         """
         vi = self.vi
-        next_used, stats = vi.next_used, self.stats
+        stats = self.stats
         pending = self._pending
         if pending is not None:  # XDP_PASS: the buffers were collected already
             for _ in range(num_buf - 1):
@@ -165,7 +165,7 @@ class RxStrategy:
             return
         for k in range(num_buf - 1):
             try:
-                got = next_used()
+                got = vi.next_used()
             except UsedIndexError as jump:  # (each handler its own name: see driver.poll)
                 vi.ring_broken(jump)  # the packet so far is dropped by the caller
                 return
@@ -389,9 +389,9 @@ class DeferredRx(PageListRx[PageList]):
 
     def add_recvbufs(self, n: int) -> int:
         bufs: list[tuple[int, int, object]] = []
-        get_a_free_page, buf_len = self.get_a_free_page, self.buf_len
+        buf_len = self.buf_len
         for _ in range(n):
-            plist = get_a_free_page()
+            plist = self.get_a_free_page()
             if plist is None:
                 break
             page = plist.page
@@ -643,10 +643,9 @@ class EwmaRx(PageListRx[MrgBuf]):
     def add_recvbufs(self, n: int) -> int:
         """One refill burst; the average cannot move during it, so one length for all."""
         bufs: list[tuple[int, int, object]] = []
-        get_a_free_buf = self.get_a_free_buf
         want = self.get_mergeable_buf_len()
         for _ in range(n):
-            buf = get_a_free_buf(want)
+            buf = self.get_a_free_buf(want)
             if buf is None:
                 break
             page = buf.page

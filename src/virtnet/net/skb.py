@@ -252,7 +252,6 @@ class PageFrag:
     def commit(self, nbytes: int) -> list[tuple[Page, int, int]]:
         """Hand out the first ``nbytes`` of the room as frags (page, offset, size)."""
         frags: list[tuple[Page, int, int]] = []
-        put_page = self.pool.put_page
         while nbytes > 0:
             page = self.pages[0]
             n = min(nbytes, self.size - self.offset)
@@ -262,11 +261,11 @@ class PageFrag:
             self.offset += n
             if self.offset >= self.size:
                 self.pages.pop(0)
-                put_page(page)
+                self.pool.put_page(page)
                 self.offset = 0
         self.offset = (self.offset + self.ALIGN - 1) & ~(self.ALIGN - 1)
         if self.pages and self.offset >= self.size:
-            put_page(self.pages.pop(0))
+            self.pool.put_page(self.pages.pop(0))
             self.offset = 0
         return frags
 
@@ -370,13 +369,12 @@ class SkbAllocator:
 
     def free(self, skb: SkBuff) -> None:
         if skb.frags:
-            free_page = self.pool.free_page
             # Last frag first: the free list is a stack, so the next allocations pop the
             # pages back in ascending order and a frame's pages stay one contiguous run.
             for page, _, _ in reversed(skb.frags):
                 page.refs -= 1  # put_page, inline: this runs once per page of every frame
                 if page.refs <= 0:
-                    free_page(page)
+                    self.pool.free_page(page)
             skb.frags = []
         self.stats.skb_frees += 1
         self.live -= 1

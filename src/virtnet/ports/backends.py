@@ -364,9 +364,8 @@ def skb_from_gen(drv: VirtnetDriver, gen: FrameGen) -> SkBuff | None:
         skb.put(data)  # a small frame is all linear, as a stack builds it
         gen.advance()
         return skb
-    alloc_page = drv.pool.alloc_page
     for off in range(0, len(data), PAGE_SIZE):
-        page = alloc_page()
+        page = drv.pool.alloc_page()
         assert page is not None  # pool.available was checked above for a paged frame
         chunk = data[off : off + PAGE_SIZE]
         page.view[: len(chunk)] = chunk
@@ -496,12 +495,12 @@ class TapDriver(DriverBackend):
             n = 1
         if self.frag is None:
             self.frag = PageFrag(drv.pool)
-        frag, readv = self.frag, self.tap.readv_into
+        frag = self.frag
         while n < budget:
             if not frag.refill(MAX_GSO_FRAME):
                 return n  # the socket's memory is exhausted until tx completes
             try:
-                got = readv([self.hdr, *frag.views()])
+                got = self.tap.readv_into([self.hdr, *frag.views()])
             except BlockingIOError:
                 return n
             frame_len = got - MRG_HDR_LEN

@@ -65,6 +65,10 @@ class FrameGen:
         self.src = src
         self.dst = dst
         self.hdr = vnet_hdr_for(size)
+        # Made once, not per frame: the Ethernet header, and the payload view for
+        # each of the pattern's 256 starting offsets (seq & 0xff picks one).
+        self._eth = _ETH.pack(dst, src, ETH_P_LOCAL_EXP)
+        self._payloads = [pattern_view(off, size) for off in range(256)]
 
     def peek(self) -> list[bytes | memoryview]:
         """The next frame as [prefix, pattern view] without consuming it."""
@@ -72,11 +76,11 @@ class FrameGen:
 
     def prefix(self) -> bytes:
         """The next frame's Ethernet header and sequence number."""
-        return frame_prefix(self.seq, self.src, self.dst)
+        return self._eth + _SEQ.pack(self.seq)
 
     def payload(self) -> memoryview:
         """The rest of the next frame: a view of the pattern."""
-        return pattern_view(self.seq, self.size)
+        return self._payloads[self.seq & 0xFF]
 
     def advance(self) -> None:
         self.seq += 1

@@ -357,8 +357,8 @@ class PairLoop:
 
     def _spin(self, dev: VirtnetDevice) -> bool:
         end = time.perf_counter() + self.busy_poll
-        txq, rxq, poll = dev.txq, dev.rxq, self._ep.poll
+        txq, rxq = dev.txq, dev.rxq
         while time.perf_counter() < end:
-            if txq.avail_pending() or dev.rx_starved and rxq.avail_pending() or poll(0):
+            if txq.avail_pending() or dev.rx_starved and rxq.avail_pending() or self._ep.poll(0):
                 return True  # level-triggered: the main poll sees the event again
         return False

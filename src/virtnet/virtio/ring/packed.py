@@ -602,7 +602,8 @@ class PackedQueueDevice:
             if bid < num and not self._inflight[bid]:
                 addr = desc[2 * pos]
                 length = word & _U32
-                base, rsize, rbuf = self.memory.first_region
+                mem = self.memory
+                base, rsize, rbuf = mem.first_gpa, mem.first_size, mem.first_buf
                 off = addr - base
                 if 0 <= off and off + length <= rsize:
                     seg = rbuf[off : off + length]
@@ -633,7 +634,8 @@ class PackedQueueDevice:
         raises as ``pop`` would; a bad chain after good ones ends the burst unconsumed."""
         chains: list[Chain] = []
         desc, num, inflight, popped = self._desc, self.num, self._inflight, self._popped
-        base, rsize, rbuf = self.memory.first_region
+        mem = self.memory
+        base, rsize, rbuf = mem.first_gpa, mem.first_size, mem.first_buf
         pos, bits = self.last_avail, self._avail_bits
         # The common case inline, as in pop: one direct descriptor, a free id, first region.
         while len(chains) < budget:
@@ -664,10 +666,9 @@ class PackedQueueDevice:
         if len(popped) > 2 * num:
             del popped[:-num]
         # Anything else (nothing available, a chain, indirect, a bad one) goes through pop.
-        pop = self.pop
         while len(chains) < budget:
             try:
-                chain = pop()
+                chain = self.pop()
             except AvailIndexError:
                 if chains:
                     break  # nothing was consumed: the next call raises it
@@ -700,7 +701,8 @@ class PackedQueueDevice:
                 raise self._bad_id(bid, start, (i, wrap, -1, 1))
             addr = desc[2 * start]
             length = word & _U32
-            base, rsize, rbuf = self.memory.first_region
+            mem = self.memory
+            base, rsize, rbuf = mem.first_gpa, mem.first_size, mem.first_buf
             off = addr - base
             if 0 <= off and off + length <= rsize:
                 seg = rbuf[off : off + length]
@@ -730,8 +732,8 @@ class PackedQueueDevice:
         i = start = self.last_avail
         wrap = self.avail_wrap
         want = self._avail_bits
-        view = self.memory.view
-        base, rsize, rbuf = self.memory.first_region
+        mem = self.memory
+        base, rsize, rbuf = mem.first_gpa, mem.first_size, mem.first_buf
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         segments: list[tuple[int, int, bool]] = []
@@ -775,7 +777,7 @@ class PackedQueueDevice:
                         seg = rbuf[off : off + length]
                     else:
                         try:
-                            seg = view(addr, length)
+                            seg = self.memory.view(addr, length)
                         except Exception as e:
                             err = f"descriptor {i}: {e}"
                     if not err:
@@ -831,7 +833,6 @@ class PackedQueueDevice:
             table = self.memory.view(addr, length).cast("Q")
         except Exception as e:
             return f"descriptor {i}: indirect table: {e}"
-        view = self.memory.view
         for j in range(n):
             a = table[2 * j]
             w = table[2 * j + 1]
@@ -839,7 +840,7 @@ class PackedQueueDevice:
                 return f"indirect entry {j}: nested indirect table (2.8.19)"
             ln = w & _U32
             try:
-                seg = view(a, ln)
+                seg = self.memory.view(a, ln)
             except Exception as e:
                 return f"indirect entry {j}: {e}"
             if w & _WRITE:

@@ -462,14 +462,14 @@ class SplitQueueDevice:
             self.avail_pending()  # raises AvailIndexError, nothing consumed
         if n > budget:
             n = budget
-        avail, mask, num, walk = self._avail, self._mask, self.num, self._walk
+        avail, mask, num = self._avail, self._mask, self.num
         chains = []
         try:
             for k in range(n):
                 head = avail[2 + ((last + k) & mask)]
                 if head >= num:
                     raise DescriptorError(f"vq {self.index}: avail ring names head {head} >= {num}")
-                chains.append(walk(head))
+                chains.append(self._walk(head))
         except DescriptorError:
             if not chains:
                 self.last_avail_idx = (last + 1) & 0xFFFF
@@ -484,7 +484,8 @@ class SplitQueueDevice:
             # One direct descriptor, the common case: same checks, no loop.
             addr = table[2 * head]
             length = word & _U32
-            base, rsize, rbuf = self.memory.first_region
+            mem = self.memory
+            base, rsize, rbuf = mem.first_gpa, mem.first_size, mem.first_buf
             off = addr - base
             if 0 <= off and off + length <= rsize:
                 seg = rbuf[off : off + length]
@@ -500,8 +501,8 @@ class SplitQueueDevice:
 
     def _walk_chain(self, head: int) -> Chain:
         chain = Chain(head)
-        view = self.memory.view
-        base, rsize, rbuf = self.memory.first_region
+        mem = self.memory
+        base, rsize, rbuf = mem.first_gpa, mem.first_size, mem.first_buf
         table = self._desc
         size = self.num
         ttl = size  # a chain can't be longer than its table: a loop simply runs out
@@ -534,7 +535,7 @@ class SplitQueueDevice:
                         head,
                     )
                 try:
-                    table = view(addr, length).cast("Q")
+                    table = self.memory.view(addr, length).cast("Q")
                 except Exception as e:
                     raise DescriptorError(f"descriptor {i}: indirect table: {e}", head) from None
                 # next is a le16: entries past 65535 are unreachable, and a loop in
@@ -551,7 +552,7 @@ class SplitQueueDevice:
                 seg = rbuf[off : off + length]  # the one-region fast path of memory.view
             else:
                 try:
-                    seg = view(addr, length)
+                    seg = self.memory.view(addr, length)
                 except Exception as e:
                     raise DescriptorError(f"descriptor {i}: {e}", head) from None
             if flags & VRING_DESC_F_WRITE:
