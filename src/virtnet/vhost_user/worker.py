@@ -108,7 +108,8 @@ class WorkerHandle:
                 self.kill()
                 raise WorkerDied(self.pair, f"did not answer {request[0]!r} within "
                                  f"{timeout:g}s and was killed")  # fmt: skip
-            ready, _, _ = select.select([self.sock, self.pidfd], [], [], left)
+            waitables: list[socket.socket | int] = [self.sock, self.pidfd]
+            ready, _, _ = select.select(waitables, [], [], left)
             if self.sock in ready:
                 try:
                     answer, extra = recv_msg(self.sock)
@@ -116,6 +117,8 @@ class WorkerHandle:
                     self.reap(block=True)
                     raise WorkerDied(self.pair, self.describe()) from None
                 close_fds(extra)
+                if not (isinstance(answer, tuple) and len(answer) == 2):
+                    raise WorkerError(f"a malformed reply to {request[0]!r}: {answer!r}")
                 kind, value = answer
                 if kind == "error":
                     raise WorkerError(value)
@@ -185,6 +188,6 @@ def _become_worker(pair: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for handler in logging.getLogger().handlers:
-        fmt = handler.formatter._fmt if handler.formatter else "%(message)s"
+        fmt = (handler.formatter._fmt if handler.formatter else None) or "%(message)s"
         handler.setFormatter(logging.Formatter(fmt.replace(
             "%(message)s", f"queue pair {pair}: %(message)s")))  # fmt: skip
