@@ -127,6 +127,13 @@ class WorkerHandle:
                 self.reap(block=True)
                 raise WorkerDied(self.pair, self.describe())
 
+    def call_dict(self, *request: object, timeout: float = RPC_TIMEOUT) -> dict:
+        """``call`` for a request answered by a dict (its stats); WorkerError if not."""
+        value = self.call(*request, timeout=timeout)
+        if not isinstance(value, dict):
+            raise WorkerError(f"{request[0]!r}: a {type(value).__name__} answer, not a dict")
+        return value
+
     def kill(self) -> None:
         if self.status is None:
             try:
