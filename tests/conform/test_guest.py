@@ -1,10 +1,25 @@
-"""conform's guest side: where ``Rings.for_pair`` puts each queue pair."""
+"""conform's guest side: where ``Rings.for_pair`` puts each queue pair, and what ``send``
+writes in the tx ring."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from virtnet.conform.guest import DATA_SIZE, INDIRECT_AREA, PAIR_SPAN, SLOT, Rings, one_region
+from virtnet.conform.guest import (
+    DATA_SIZE,
+    DESC,
+    INDIRECT_AREA,
+    PAIR_SPAN,
+    SLOT,
+    Rings,
+    frame,
+    one_region,
+)
+from virtnet.net.guest import TX
+from virtnet.net.header import MRG_HDR_LEN
+from virtnet.virtio.ring.layout import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
 from virtnet.virtio.ring.split import IndirectArea
 
 
@@ -38,3 +53,44 @@ def test_pairs_share_no_byte_and_fit_in_the_default_region(guest):
     assert taken[-1][1] <= guest.regions[0].size
     assert len(Rings.for_pair(guest, 1).free) == DATA_SIZE // SLOT
     assert min(Rings.for_pair(guest, 1).free) >= PAIR_SPAN
+
+
+def kickable(rings: Rings) -> Rings:
+    """``send`` kicks an eventfd; no back-end reads it here."""
+    rings.kick = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
+    return rings
+
+
+def chain(guest, addr: int, count: int) -> list[tuple[int, int, int, int]]:
+    return [DESC.unpack_from(guest.memory.read(addr + 16 * k, 16)) for k in range(count)]
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_send_indirect_puts_each_frame_in_an_indirect_table(guest, pieces):
+    rings = kickable(Rings.for_pair(guest, 0, indirect=True))
+    try:
+        f = frame(7, 100)
+        rings.send([f], pieces=pieces, indirect=True)
+        tx = rings.addrs[TX]
+        ((table, length, flags, _),) = chain(guest, tx.desc, 1)
+        assert flags == VRING_DESC_F_INDIRECT
+        assert length == 16 * pieces
+        assert INDIRECT_AREA <= table < INDIRECT_AREA + IndirectArea.size(rings.num, 8)
+        entries = chain(guest, table, pieces)
+        nexts = [e[2] & VRING_DESC_F_NEXT for e in entries]
+        assert nexts == [VRING_DESC_F_NEXT] * (pieces - 1) + [0]
+        data = b"".join(guest.memory.read(a, n) for a, n, _, _ in entries)
+        assert data == bytes(MRG_HDR_LEN) + f
+    finally:
+        for fd in rings.kick:
+            os.close(fd)
+
+
+def test_send_indirect_without_an_indirect_area_says_so(guest):
+    rings = kickable(Rings.for_pair(guest, 0))
+    try:
+        with pytest.raises(ValueError, match="no indirect area"):
+            rings.send([frame(0, 60)], indirect=True)
+    finally:
+        for fd in rings.kick:
+            os.close(fd)

@@ -12,6 +12,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from virtnet.conform.session import CaseFailure, Session
 from virtnet.net.guest import RX, TX
@@ -232,8 +233,11 @@ class Rings:
                 cuts = [0, MRG_HDR_LEN] + [MRG_HDR_LEN + len(f) * k // (pieces - 1)
                                            for k in range(1, pieces - 1)] + [len(data)]  # fmt: skip
                 segs = [(gpa + a, b - a) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
-            if indirect:
-                svq._add_indirect(segs, (), gpa)
+            if indirect:  # even a 1-segment frame, which add() would put in the ring
+                ind = svq.indirect
+                if ind is None:
+                    raise ValueError("send(indirect=True): the tx ring has no indirect area")
+                svq._add_indirect(ind, segs, (), gpa)
             else:
                 svq.add(segs, (), gpa)
         svq.kick_prepare()
@@ -255,7 +259,7 @@ class Rings:
         while len(got) < n:
             item = svq.get_buf()
             if item is not None:
-                self.free.append(item[0])
+                self.free.append(cast(int, item[0]))  # a tx token is its slot's gpa (send)
                 got.append(item[1])
             elif time.monotonic() >= deadline:
                 raise CaseFailure(f"the back-end used {len(got)} of {n} tx buffers in {timeout:g}s")
@@ -272,7 +276,7 @@ class Rings:
             if item is None:
                 time.sleep(0.005)
                 continue
-            self.free.append(item[0])
+            self.free.append(cast(int, item[0]))  # a tx token is its slot's gpa (send)
             n += 1
         return n
 
@@ -281,7 +285,8 @@ class Rings:
         while True:
             item = rvq.get_buf()
             if item is not None:
-                (gpa, size), length = item
+                token, length = item
+                gpa, size = cast(tuple[int, int], token)  # an rx token: (gpa, size) (post_rx)
                 return gpa, size, length
             if time.monotonic() >= deadline:
                 return None

@@ -16,10 +16,18 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 from virtnet.net.constants import PAGE_SIZE
-from virtnet.net.ctrl import CTRL_MQ, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
+from virtnet.net.ctrl import (
+    CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+    ControlDevice,
+    ControlQueue,
+)
 from virtnet.net.driver import VirtnetDriver
 from virtnet.net.features import (
     OFFERED,
@@ -76,6 +84,7 @@ from virtnet.vhost_user.worker import (
 )
 from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.memory import GuestMemory, MemoryRegion
+from virtnet.virtio.ring.layout import PackedAddrs, VringAddrs
 
 log = logging.getLogger("virtnet.driver")
 
@@ -123,7 +132,7 @@ class PairWorker:
 
     def serve(self, sock: socket.socket) -> None:
         self.sock = sock
-        watch = {sock.fileno(): self._on_request}
+        watch: dict[int, Callable[[], object]] = {sock.fileno(): self._on_request}
         self.pair.run(lambda: True, watch)
         if self.pair.broken:
             send_msg(sock, ("event", self.pair.broken))
@@ -132,12 +141,20 @@ class PairWorker:
                 return
 
     def _on_request(self) -> bool:
+        sock = self.sock
+        if sock is None:
+            raise RuntimeError("PairWorker: a request before serve()")
         try:
-            (name, *_args), fds = recv_msg(self.sock)
+            request, fds = recv_msg(sock)
         except (EOFError, OSError):
             self.pair.stop = True  # the control process is gone
             return False
         close_fds(fds)
+        # WorkerHandle.call sends (command, args...); anything else is the control
+        # process's bug, and ends this worker (the control process then sees it die).
+        if not (isinstance(request, tuple) and request):
+            raise TypeError(f"PairWorker: a malformed request {request!r}")
+        name = request[0]
         value = None
         if name == "stop":
             self.pair.stop = True
@@ -149,7 +166,7 @@ class PairWorker:
             value = self.pair.stats()
         elif name == "stats":
             value = self.pair.stats()
-        send_msg(self.sock, ("ok", value))
+        send_msg(sock, ("ok", value))
         return name != "finish"
 
 
@@ -178,8 +195,8 @@ class DriverClient:
         if not 1 <= self.combined <= self.queues:
             raise FrontendError(f"--combined {combined}: 1..{self.queues} (--queues) pairs")
         self.active = self.queues  # pairs enabled (VQ_PAIRS_SET)
-        self.ctrl = None  # the control queue (ControlQueue), shadowed here: see setup()
-        self.ctrl_dev = None
+        self.ctrl: ControlQueue | None = None  # the control queue, shadowed here: see setup()
+        self.ctrl_dev: ControlDevice | None = None
         self.strategy = strategy
         self.queue_size = queue_size
         self.wanted = wanted
@@ -244,8 +261,8 @@ class DriverClient:
             self.channel.send(msg)
             return
         answer = self.channel.request(msg)
-        if answer.payload.value != 0:
-            value = answer.payload.value
+        value = answer.payload_as(U64).value
+        if value != 0:
             raise FrontendError(f"back-end refused {request.name} (REPLY_ACK {value})")
 
     def _get(self, request: Req, payload=b"") -> Message:
@@ -255,7 +272,7 @@ class DriverClient:
         """The sequence QEMU and DPDK's virtio_user send, in their order."""
         try:
             self._send(Req.SET_OWNER)
-            offered = self._get(Req.GET_FEATURES).payload.value
+            offered = self._get(Req.GET_FEATURES).payload_as(U64).value
         except (PeerClosed, OSError) as e:
             # A vhost-user back-end serves one front-end at a time and turns others
             # away by closing at once: say so rather than "Broken pipe".
@@ -265,11 +282,11 @@ class DriverClient:
             ) from None
         pairs = 1
         if offered & bit(VHOST_USER_F_PROTOCOL_FEATURES):
-            pf = self._get(Req.GET_PROTOCOL_FEATURES).payload.value
+            pf = self._get(Req.GET_PROTOCOL_FEATURES).payload_as(U64).value
             self.protocol_features = pf & WANTED_PROTOCOL
             self._send(Req.SET_PROTOCOL_FEATURES, U64(self.protocol_features))
             if self.protocol_features & bit(ProtocolFeature.MQ):
-                pairs = self._get(Req.GET_QUEUE_NUM).payload.value
+                pairs = self._get(Req.GET_QUEUE_NUM).payload_as(U64).value
                 if pairs < 1:
                     raise FrontendError(f"back-end supports {pairs} queue pairs")
         self._check_queues(offered, pairs)
@@ -299,10 +316,11 @@ class DriverClient:
                 backend.drv = drv
             self.pairs.append(PairDriver(p, drv, backend, self.kick[2 * p : 2 * p + 2],
                                          self.call[2 * p : 2 * p + 2], self.busy_poll))  # fmt: skip
-        if self.drv.strategy != self.strategy:  # virtnet_probe's choice, from the features
+        strategy = self.pairs[0].drv.strategy
+        if strategy != self.strategy:  # virtnet_probe's choice, from the features
             mrg = "on" if self.features & bit(VirtioNetF.MRG_RXBUF) else "off"
             log.warning("rx strategy %s is not possible with MRG_RXBUF %s: using %s",
-                        self.strategy, mrg, self.drv.strategy)  # fmt: skip
+                        self.strategy, mrg, strategy)  # fmt: skip
         for p in range(self.queues):
             self._set_vrings(p, packed)
         if self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
@@ -320,21 +338,26 @@ class DriverClient:
         the pairs past the count. Linux's probe sends it (virtnet_set_queues)."""
         area = ControlArea(self.layout.size * self.queues,
                            packed=bool(self.features & bit(VirtioF.RING_PACKED)))  # fmt: skip
-        self.ctrl, self.ctrl_dev = build_control(self.guest.memory, area, self.features,
-                                                 2 * self.queues, self.queues)  # fmt: skip
-        self.ctrl_dev.on_queue_pairs = self._vq_pairs_set
+        ctrl, ctrl_dev = build_control(self.guest.memory, area, self.features,
+                                       2 * self.queues, self.queues)  # fmt: skip
+        self.ctrl, self.ctrl_dev = ctrl, ctrl_dev
+        ctrl_dev.on_queue_pairs = self._vq_pairs_set
         if self.features & bit(VirtioNetF.MQ) and not self.set_queues(self.combined):
-            why = self.ctrl.last_error or "refused"
+            why = ctrl.last_error or "refused"
             raise FrontendError(f"VQ_PAIRS_SET {self.combined}: {why}")
 
     def set_queues(self, pairs: int) -> bool:
         """virtnet_set_queues: the pairs in use, through the control queue."""
+        if self.ctrl is None:
+            raise FrontendError("no control queue: CTRL_VQ was not negotiated")
         return self.ctrl.send_command(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
                                       CTRL_MQ.pack(pairs), run=self._ctrl_turn)  # fmt: skip
 
     def _ctrl_turn(self, kick: bool) -> None:
-        self.ctrl_dev.process()
-        self.ctrl_dev.flush()
+        dev = self.ctrl_dev
+        assert dev is not None  # set with self.ctrl, whose send_command calls this
+        dev.process()
+        dev.flush()
 
     def _vq_pairs_set(self, pairs: int) -> None:
         for q in range(2 * self.queues):
@@ -357,7 +380,8 @@ class DriverClient:
 
     def _set_vrings(self, pair: int, packed: bool) -> None:
         uva = self.guest.uva
-        for q, addrs in enumerate(self.pair_layout(pair).rings):
+        rings: tuple[VringAddrs | PackedAddrs, ...] = self.pair_layout(pair).rings
+        for q, addrs in enumerate(rings):
             index = 2 * pair + q
             self._send(Req.SET_VRING_NUM, VringState(index, self.queue_size))
             # Packed: index 0, wrap counter 1, for avail (bits 0-15) and used (16-31), as QEMU.
@@ -394,7 +418,7 @@ class DriverClient:
     def _run_workers(self, clock: RunClock) -> None:
         """One worker process per pair; here, the session and the workers' health."""
         for pair in self.pairs[: self.active]:
-            self.workers.append(spawn_worker(pair.pair, lambda pair=pair: PairWorker(pair),
+            self.workers.append(spawn_worker(pair.pair, partial(PairWorker, pair),
                                              self._close_in_worker))  # fmt: skip
         ep = select.epoll()
         try:
@@ -418,7 +442,7 @@ class DriverClient:
     def _watchdog(self) -> None:
         for w in self.workers:
             try:
-                w.last_stats = w.call("stats", timeout=WATCHDOG_TIMEOUT)
+                w.last_stats = w.call_dict("stats", timeout=WATCHDOG_TIMEOUT)
             except WorkerDied as e:
                 self.broken = str(e)
                 log.error("%s", e)
@@ -431,10 +455,14 @@ class DriverClient:
                 log.error("%s", self.broken)
             elif fd == w.sock.fileno():
                 try:
-                    (kind, text), _ = recv_msg(w.sock)
+                    event, _ = recv_msg(w.sock)
                 except (EOFError, OSError):
                     continue  # its pidfd says how it ended
-                self.broken = f"queue pair {w.pair}: {text}"
+                # PairWorker.serve's ("event", why): the pair broke
+                if isinstance(event, tuple) and len(event) == 2:
+                    self.broken = f"queue pair {w.pair}: {event[1]}"
+                else:
+                    self.broken = f"queue pair {w.pair}: a malformed event {event!r}"
 
     def _close_in_worker(self) -> None:
         """In a fresh worker: the session is the control process's alone."""
@@ -460,7 +488,7 @@ class DriverClient:
         out = [p.stats() for p in self.pairs]  # pairs not in use: here, as set up
         for w in self.workers:
             try:
-                w.last_stats = w.call("stats")
+                w.last_stats = w.call_dict("stats")
             except WorkerDied:
                 pass  # the run loop names it
             out[w.pair] = w.last_stats
@@ -531,7 +559,7 @@ class DriverClient:
         for w in self.workers:
             if w in alive:
                 try:
-                    w.last_stats = w.call("finish")
+                    w.last_stats = w.call_dict("finish")
                     w.reap(block=True)
                 except WorkerDied as e:
                     log.error("%s", e)

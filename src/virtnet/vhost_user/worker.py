@@ -108,7 +108,8 @@ class WorkerHandle:
                 self.kill()
                 raise WorkerDied(self.pair, f"did not answer {request[0]!r} within "
                                  f"{timeout:g}s and was killed")  # fmt: skip
-            ready, _, _ = select.select([self.sock, self.pidfd], [], [], left)
+            waitables: list[socket.socket | int] = [self.sock, self.pidfd]
+            ready, _, _ = select.select(waitables, [], [], left)
             if self.sock in ready:
                 try:
                     answer, extra = recv_msg(self.sock)
@@ -116,6 +117,8 @@ class WorkerHandle:
                     self.reap(block=True)
                     raise WorkerDied(self.pair, self.describe()) from None
                 close_fds(extra)
+                if not (isinstance(answer, tuple) and len(answer) == 2):
+                    raise WorkerError(f"a malformed reply to {request[0]!r}: {answer!r}")
                 kind, value = answer
                 if kind == "error":
                     raise WorkerError(value)
@@ -123,6 +126,13 @@ class WorkerHandle:
             if self.pidfd in ready:
                 self.reap(block=True)
                 raise WorkerDied(self.pair, self.describe())
+
+    def call_dict(self, *request: object, timeout: float = RPC_TIMEOUT) -> dict:
+        """``call`` for a request answered by a dict (its stats); WorkerError if not."""
+        value = self.call(*request, timeout=timeout)
+        if not isinstance(value, dict):
+            raise WorkerError(f"{request[0]!r}: a {type(value).__name__} answer, not a dict")
+        return value
 
     def kill(self) -> None:
         if self.status is None:
@@ -185,6 +195,6 @@ def _become_worker(pair: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for handler in logging.getLogger().handlers:
-        fmt = handler.formatter._fmt if handler.formatter else "%(message)s"
+        fmt = (handler.formatter._fmt if handler.formatter else None) or "%(message)s"
         handler.setFormatter(logging.Formatter(fmt.replace(
             "%(message)s", f"queue pair {pair}: %(message)s")))  # fmt: skip
