@@ -297,7 +297,7 @@ class SkBuff:
     (skb_vnet_hdr: the seed keeps it in skb->cb).
     """
 
-    __slots__ = ("head", "head_len", "frags", "len", "data_len", "vnet_hdr", "_alloc")
+    __slots__ = ("head", "head_len", "frags", "len", "data_len", "vnet_hdr", "_alloc", "cached")
 
     def __init__(self, alloc: SkbAllocator, size: int) -> None:
         self._alloc = alloc
@@ -307,6 +307,7 @@ class SkBuff:
         self.len = 0
         self.data_len = 0
         self.vnet_hdr = b""
+        self.cached = False  # freed, waiting in its allocator's cache for reuse
 
     @property
     def tailroom(self) -> int:
@@ -348,9 +349,19 @@ class SkBuff:
         self._alloc.free(self)
 
 
+# napi_skb_cache's NAPI_SKB_CACHE_SIZE: freed skbs of the usual size kept for reuse.
+SKB_CACHE_SIZE: Final = 64
+
+
 @final
 class SkbAllocator:
-    """netdev_alloc_skb / kfree_skb, counted; ``fail`` injects failures."""
+    """netdev_alloc_skb / kfree_skb, counted; ``fail`` injects failures.
+
+    Like Linux's per-CPU napi skb cache, a freed skb of the usual head size
+    (GOOD_COPY_LEN) is kept and handed out again: a packet then costs no new
+    object and no new head buffer, only its counters (skb_allocs and skb_frees
+    count every alloc and free, cached or not).
+    """
 
     def __init__(self, pool: PagePool, stats: DriverStats) -> None:
         self.pool = pool
@@ -358,6 +369,7 @@ class SkbAllocator:
         self.fail: Callable[[int], bool] | None = None
         self._nalloc = 0
         self.live = 0
+        self._cache: list[SkBuff] = []
 
     def alloc(self, size: int = GOOD_COPY_LEN) -> SkBuff | None:
         self._nalloc += 1
@@ -365,6 +377,10 @@ class SkbAllocator:
             return None
         self.stats.skb_allocs += 1
         self.live += 1
+        if size == GOOD_COPY_LEN and self._cache:
+            skb = self._cache.pop()
+            skb.cached = False
+            return skb
         return SkBuff(self, size)
 
     def free(self, skb: SkBuff) -> None:
@@ -378,3 +394,12 @@ class SkbAllocator:
             skb.frags = []
         self.stats.skb_frees += 1
         self.live -= 1
+        if (
+            not skb.cached  # freed twice: never hand one skb out to two owners
+            and len(skb.head) == GOOD_COPY_LEN + NET_IP_ALIGN
+            and len(self._cache) < SKB_CACHE_SIZE
+        ):
+            skb.head_len = skb.len = skb.data_len = 0
+            skb.vnet_hdr = b""
+            skb.cached = True
+            self._cache.append(skb)

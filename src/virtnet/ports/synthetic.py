@@ -121,7 +121,7 @@ class FrameSink:
         st = self.stats
         st.packets += 1
         st.bytes += len(data)
-        if len(data) < PREFIX_LEN or data[12:14] != b"\x88\xb5":
+        if len(data) < PREFIX_LEN or data[12] != 0x88 or data[13] != 0xB5:  # EtherType
             st.foreign += 1
             return True
         if not self.verify:
@@ -134,8 +134,9 @@ class FrameSink:
                 st.reordered += 1
         self.expected = seq + 1
         off = seq & 0xFF
-        # bytes == bytes is one memcmp; a memoryview comparison goes item by item.
-        if data[PREFIX_LEN:] != PATTERN[off : off + len(data) - PREFIX_LEN]:
+        # One memcmp against the pattern in place, no slice of either copied
+        # (a memoryview == memoryview comparison would go item by item).
+        if not PATTERN.startswith(memoryview(data)[PREFIX_LEN:], off):
             st.corrupt += 1
             if len(st.errors) < self.MAX_ERRORS_KEPT:
                 st.errors.append(f"frame seq {seq} ({len(data)} bytes): payload differs")
