@@ -8,6 +8,11 @@ packets, one flush and notification decision per batch), the driver side
 as NAPI would (poll with a budget, refill below half). Both sides run in
 this process, so the figures are the sum of both sides' CPU per packet —
 the quantity the strategies differ in.
+
+This module is data plane (``virtnet._build.DATA_PLANE``): its loops and the
+callbacks the driver and device call per packet are part of the measured
+figure, so it is compiled with the rest. Hence concrete types, ``@final``
+classes, and no bound-method aliases or closures on the per-packet path.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final, final
 
 from virtnet._build import build_name
+from virtnet._mypyc import mypyc_attr
 from virtnet.net.constants import NAPI_POLL_WEIGHT
+from virtnet.net.device import VirtnetDevice
+from virtnet.net.driver import VirtnetDriver
 from virtnet.net.features import SUPPORTED
 from virtnet.net.guest import GuestLayout, build_device, build_driver
 from virtnet.net.skb import SkBuff
@@ -28,12 +37,18 @@ from virtnet.ports.synthetic import ACK_FRAME, FrameGen, FrameSink
 from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.memory import GuestMemory
 
-HOST_TO_GUEST = "host-to-guest"
-GUEST_TO_HOST = "guest-to-host"
-DIRECTIONS = (HOST_TO_GUEST, GUEST_TO_HOST)
-DEVICE_BATCH = 64  # packets per device-side notification, vhost-net's VHOST_NET_BATCH
+HOST_TO_GUEST: Final = "host-to-guest"
+GUEST_TO_HOST: Final = "guest-to-host"
+DIRECTIONS: Final = (HOST_TO_GUEST, GUEST_TO_HOST)
+DEVICE_BATCH: Final = 64  # packets per device-side notification, vhost-net's VHOST_NET_BATCH
+
+# A result record (the JSON ``results`` entry, schema in DESIGN.md): built once per case.
+Record = dict[str, object]
 
 
+# mypyc compiles a frozen dataclass as a native class (dataclasses.replace and
+# asdict, which bench/builds.py uses, work on it).
+@final
 @dataclass(frozen=True)
 class Case:
     strategy: str
@@ -56,7 +71,9 @@ class Case:
         return f"{self.strategy} {self.direction} {self.payload}B{xdp}{pairs}{build}"
 
 
-def make_pair(case: Case, netif_receive_skb: Callable[[SkBuff], None]):
+def make_pair(
+    case: Case, netif_receive_skb: Callable[[SkBuff], None]
+) -> tuple[VirtnetDriver, VirtnetDevice]:
     packed = case.ring == "packed"
     features = case.features | bit(VirtioF.RING_PACKED) if packed else case.features
     layout = GuestLayout(case.queue_size, GuestLayout.pages_for(case.queue_size), packed=packed)
@@ -67,11 +84,22 @@ def make_pair(case: Case, netif_receive_skb: Callable[[SkBuff], None]):
     return drv, dev
 
 
+def _discard(views: list[memoryview], frame_len: int) -> bool:
+    """The host's xmit at teardown: what is still in flight is consumed, unchecked."""
+    return True
+
+
+@final
 class EmbeddedRun:
     """The state of one running case: the pair, the generators, the sinks."""
 
     def __init__(self, case: Case) -> None:
         self.case = case
+        # What the per-packet path asks of the case, resolved once.
+        self.packets = case.packets  # > 0: count-based (frames to generate)
+        self.queue_size = case.queue_size
+        self.h2g = case.direction == HOST_TO_GUEST  # step(): which direction
+        self.xdp_tx = case.xdp == "tx"  # host-to-guest frames come back to the host
         self.rx_sink = FrameSink()  # what the guest received (data or ACKs)
         self.tx_sink = FrameSink()  # what the host received from the guest
         self.drv, self.dev = make_pair(case, self._netif_receive_skb)
@@ -80,13 +108,21 @@ class EmbeddedRun:
         self.sender = GenDriver(case.payload)  # the guest's stack, when it transmits
         self.sent = 0
         # Where the measured frames end up (XDP_TX: back at the host).
-        h2g = case.direction == HOST_TO_GUEST and case.xdp != "tx"
-        self.sink = self.rx_sink if h2g else self.tx_sink
+        self.sink = self.rx_sink if self.h2g and not self.xdp_tx else self.tx_sink
         if case.xdp:
             hook = XdpHook(XDP_BUILTIN[case.xdp], self.drv.stats, name=case.xdp)
             self.drv.rx.attach_xdp(hook)
         self.drv.try_fill_recv()
-        self.step = self.host_to_guest if case.direction == HOST_TO_GUEST else self.guest_to_host
+
+    def step(self) -> None:
+        """One device batch and the NAPI polls it calls for, in the case's direction.
+
+        A flag and an if, not a bound method chosen once: compiled, a direct call
+        of a native method costs far less than a call through a method object."""
+        if self.h2g:
+            self.host_to_guest()
+        else:
+            self.guest_to_host()
 
     def _netif_receive_skb(self, skb: SkBuff) -> None:
         self.rx_sink.receive(skb.to_bytes())
@@ -97,14 +133,14 @@ class EmbeddedRun:
         ``case.packets`` frames: two counts differenced then leave the per-packet
         cost alone, with no overshoot of a batch to blur it. ``held``: a frame
         already generated waits to be sent (it needs a turn of its own)."""
-        if not self.case.packets:
+        if not self.packets:
             return budget
-        return min(budget, self.case.packets - gen.seq + held)
+        return min(budget, self.packets - gen.seq + (1 if held else 0))
 
     def done(self, seconds: float) -> bool:
         """Whether the case has run its time (or, count-based, received its frames)."""
-        if self.case.packets:
-            return self.sink.stats.packets >= self.case.packets
+        if self.packets:
+            return self.sink.stats.packets >= self.packets
         return seconds >= self.case.seconds
 
     def napi(self) -> None:
@@ -121,8 +157,8 @@ class EmbeddedRun:
             gen.advance()
         dev.flush_rx()
         self.napi()
-        if self.case.xdp == "tx":  # the frames XDP_TX sent back: the host checks them
-            dev.process_tx(self._xdp_returned, budget=self.case.queue_size)
+        if self.xdp_tx:  # the frames XDP_TX sent back: the host checks them
+            dev.process_tx(self._xdp_returned, budget=self.queue_size)
             dev.flush_tx()
             self.drv.free_old_xmit_skbs()
 
@@ -133,10 +169,10 @@ class EmbeddedRun:
     def guest_to_host(self) -> None:
         drv, dev = self.drv, self.dev
         sender = self.sender
-        sender.produce(drv, self._allowed(self.case.queue_size, sender.gen,
+        sender.produce(drv, self._allowed(self.queue_size, sender.gen,
                                           sender.pending is not None))  # fmt: skip
         drv.tx_kick()
-        dev.process_tx(self._host_xmit, budget=self.case.queue_size)
+        dev.process_tx(self._host_xmit, budget=self.queue_size)
         dev.flush_tx()
         dev.flush_rx()
         self.napi()
@@ -145,9 +181,9 @@ class EmbeddedRun:
         self.tx_sink.receive(strip_hdr(views, self.dev.hdr_len))
         self.sent += 1
         # TCP's reverse stream: one ACK-sized frame for every two segments.
-        acks = self.acks
-        if self.sent % 2 == 0 and self.dev.has_room(acks.size):
-            self.dev.receive_packet(acks.peek(), acks.hdr)
+        acks, dev = self.acks, self.dev
+        if self.sent % 2 == 0 and dev.has_room(acks.size):
+            dev.receive_packet(acks.peek(), acks.hdr)
             acks.advance()
         return True
 
@@ -169,7 +205,7 @@ class EmbeddedRun:
         """Let the device finish what is in flight, then tear both sides down."""
         drv, dev = self.drv, self.dev
         self.sender.close()  # frees a frame the full ring refused
-        dev.process_tx(lambda views, n: True, budget=1 << 16)
+        dev.process_tx(_discard, budget=1 << 16)
         dev.flush_tx()
         dev.flush_rx()
         drv.free_old_xmit_skbs()
@@ -178,9 +214,12 @@ class EmbeddedRun:
         drv.remove()
 
 
-SLICE = 0.05  # seconds a run gets before the next run of its group takes a turn
+SLICE: Final = 0.05  # seconds a run gets before the next run of its group takes a turn
 
 
+# A Python class, not a native one: mypyc's native classes can derive from
+# Exception but not from RuntimeError, which the CLI catches it as.
+@mypyc_attr(native_class=False)
 class EmbeddedStall(RuntimeError):
     """A count-based case whose frames stopped arriving before its count."""
 
@@ -191,14 +230,12 @@ def _fraction(run: EmbeddedRun, seconds: float) -> float:
     return min(1.0, done)
 
 
-def run_case(case: Case, tick: Callable[[float], None] | None = None) -> dict:
+def run_case(case: Case, tick: Callable[[float], None] | None = None) -> Record:
     """Run one case alone; ``tick(fraction_done)`` is called for progress bars."""
     return run_interleaved([case], tick)[0]
 
 
-def run_interleaved(
-    cases: list[Case], tick: Callable[[float], None] | None = None
-) -> list[dict]:
+def run_interleaved(cases: list[Case], tick: Callable[[float], None] | None = None) -> list[Record]:
     """Run ``cases`` side by side in short alternating slices.
 
     This 2-core machine is shared and noisy: a strategy measured a few
@@ -217,12 +254,12 @@ def run_interleaved(
             break
         for i in pending:
             run = runs[i]
-            step, case, received = run.step, run.case, run.sink.stats.packets
+            case, received = run.case, run.sink.stats.packets
             t0, c0 = time.perf_counter(), time.process_time()
             end = t0 + (SLICE if case.packets else min(SLICE, case.seconds - wall[i]))
             while True:
                 for _ in range(4):
-                    step()
+                    run.step()
                 now = time.perf_counter()
                 if now >= end or (case.packets and run.done(0.0)):
                     break
@@ -233,7 +270,7 @@ def run_interleaved(
                                     f"({received} of {case.packets})")  # fmt: skip
         if tick is not None:
             tick(sum(map(_fraction, runs, wall)) / len(runs))
-    out = []
+    out: list[Record] = []
     for i, run in enumerate(runs):
         run.finish()
         rec = result_record(run.case, "embedded", wall[i], run.result_sink(), run)
@@ -242,7 +279,9 @@ def run_interleaved(
     return out
 
 
-def result_record(case: Case, mode: str, elapsed: float, sink: FrameSink, run) -> dict:
+def result_record(
+    case: Case, mode: str, elapsed: float, sink: FrameSink, run: EmbeddedRun
+) -> Record:
     """One entry of the JSON ``results`` list (schema in DESIGN.md)."""
     st = sink.stats
     return {
