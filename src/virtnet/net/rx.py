@@ -412,7 +412,8 @@ class DeferredRx(PageListRx[PageList]):
         page = plist.page
         assert page is not None
         view = page.view
-        num_buf = view[NUM_BUFFERS_OFFSET] | view[NUM_BUFFERS_OFFSET + 1] << 8
+        vnet_hdr = view[:hdr_len].tobytes()  # one copy, then num_buffers from it
+        num_buf = vnet_hdr[NUM_BUFFERS_OFFSET] | vnet_hdr[NUM_BUFFERS_OFFSET + 1] << 8
         if skb is None:
             # The seed drops here and recycles the page; it forgot the
             # packet's other buffers, which would then be parsed as packets.
@@ -420,7 +421,7 @@ class DeferredRx(PageListRx[PageList]):
             self._to_freed(plist)
             self._drain(num_buf)
             return
-        skb.vnet_hdr = view[:hdr_len].tobytes()
+        skb.vnet_hdr = vnet_hdr
         length -= hdr_len
         copy = length if length < GOOD_COPY_LEN else GOOD_COPY_LEN  # a fresh skb's tailroom
         skb.put(view[hdr_len : hdr_len + copy])
@@ -666,16 +667,16 @@ class EwmaRx(PageListRx[MrgBuf]):
         page, off = buf.page, buf.offset
         assert page is not None
         view = page.view
-        at = off + NUM_BUFFERS_OFFSET
-        num_buf = view[at] | view[at + 1] << 8
+        data = off + hdr_len
+        vnet_hdr = view[off:data].tobytes()  # one copy, then num_buffers from it
+        num_buf = vnet_hdr[NUM_BUFFERS_OFFSET] | vnet_hdr[NUM_BUFFERS_OFFSET + 1] << 8
         skb = self.skbs.alloc(GOOD_COPY_LEN)
         if skb is None:
             stats.rx_dropped += 1
             self._to_freed(buf)
             self._drain(num_buf)
             return
-        data = off + hdr_len
-        skb.vnet_hdr = view[off:data].tobytes()
+        skb.vnet_hdr = vnet_hdr
         truesize = buf.len
         length -= hdr_len
         copy = length if length < GOOD_COPY_LEN else GOOD_COPY_LEN  # a fresh skb's tailroom
@@ -798,8 +799,8 @@ class PreallocRx(RxStrategy):
             return
         view = page.view
         skb.frags = []
-        skb.vnet_hdr = view[:hdr_len].tobytes()
-        num_buf = view[NUM_BUFFERS_OFFSET] | view[NUM_BUFFERS_OFFSET + 1] << 8
+        skb.vnet_hdr = vnet_hdr = view[:hdr_len].tobytes()
+        num_buf = vnet_hdr[NUM_BUFFERS_OFFSET] | vnet_hdr[NUM_BUFFERS_OFFSET + 1] << 8
         length -= hdr_len
         copy = length if length < GOOD_COPY_LEN else GOOD_COPY_LEN  # the skb's tailroom
         skb.put(view[hdr_len : hdr_len + copy])
