@@ -297,11 +297,15 @@ class SkBuff:
     (skb_vnet_hdr: the seed keeps it in skb->cb).
     """
 
-    __slots__ = ("head", "head_len", "frags", "len", "data_len", "vnet_hdr", "_alloc", "cached")
+    __slots__ = (
+        "head", "_head_view", "head_len", "frags", "len", "data_len", "vnet_hdr", "_alloc",
+        "cached",
+    )  # fmt: skip
 
     def __init__(self, alloc: SkbAllocator, size: int) -> None:
         self._alloc = alloc
         self.head = bytearray(size + NET_IP_ALIGN)  # skb_reserve(skb, NET_IP_ALIGN)
+        self._head_view = memoryview(self.head)  # made once: a cached skb keeps its head
         self.head_len = 0
         self.frags: list[tuple[Page, int, int]] = []
         self.len = 0
@@ -317,6 +321,8 @@ class SkBuff:
         """skb_put + memcpy: append ``data`` to the linear head."""
         n = len(data)
         start = NET_IP_ALIGN + self.head_len
+        if start + n > len(self.head):  # skb_over_panic: the head never grows
+            raise ValueError(f"skb_put of {n} bytes past the head ({self.tailroom} left)")
         self.head[start : start + n] = data
         self.head_len += n
         self.len += n
@@ -331,7 +337,7 @@ class SkBuff:
         return len(self.frags)
 
     def linear(self) -> memoryview:
-        return memoryview(self.head)[NET_IP_ALIGN : NET_IP_ALIGN + self.head_len]
+        return self._head_view[NET_IP_ALIGN : NET_IP_ALIGN + self.head_len]
 
     def data_views(self) -> list[memoryview]:
         """The packet as views, head first: what one writev sends, no copy."""
