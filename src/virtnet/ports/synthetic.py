@@ -117,7 +117,13 @@ class FrameSink:
 
     def receive(self, frame: bytes | bytearray | Sequence[memoryview | bytes]) -> bool:
         """``frame`` is bytes or a list of views (header excluded); True if intact."""
-        data = frame if isinstance(frame, (bytes, bytearray)) else b"".join(frame)
+        data: bytes | bytearray | memoryview
+        if isinstance(frame, (bytes, bytearray)):
+            data = frame
+        elif len(frame) == 1:  # one piece (every frame that fits a buffer): no join
+            data = frame[0]
+        else:
+            data = b"".join(frame)
         st = self.stats
         st.packets += 1
         st.bytes += len(data)
