@@ -45,7 +45,7 @@ class Chain:
     ``push_used`` takes back.
     """
 
-    __slots__ = ("head", "readable", "writable", "segments", "in_len", "out_len")
+    __slots__ = ("head", "readable", "writable", "_segments", "_addr", "in_len", "out_len")
 
     def __init__(
         self,
@@ -55,13 +55,30 @@ class Chain:
         segments: list[tuple[int, int, bool]] | None = None,
         in_len: int = 0,
         out_len: int = 0,
+        direct_addr: int | None = None,
     ) -> None:
         self.head = head
         self.readable: list[memoryview] = [] if readable is None else readable
         self.writable: list[memoryview] = [] if writable is None else writable
-        self.segments: list[tuple[int, int, bool]] = [] if segments is None else segments
+        # ``direct_addr``: a chain of one direct descriptor at that address, whose
+        # segments list is made only if someone asks (the data path never does: the
+        # rings' fast paths would otherwise build a list and a tuple per chain).
+        self._addr = 0 if direct_addr is None else direct_addr
+        self._segments: list[tuple[int, int, bool]] | None = (
+            segments if segments is not None else None if direct_addr is not None else []
+        )
         self.in_len = in_len
         self.out_len = out_len
+
+    @property
+    def segments(self) -> list[tuple[int, int, bool]]:
+        """The raw (address, length, writable) triples, in chain order."""
+        segs = self._segments
+        if segs is None:
+            write = bool(self.writable)
+            segs = [(self._addr, self.in_len if write else self.out_len, write)]
+            self._segments = segs
+        return segs
 
     def __repr__(self) -> str:
         return f"Chain(head={self.head}, out={self.out_len}, in={self.in_len})"

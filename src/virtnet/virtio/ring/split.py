@@ -495,8 +495,8 @@ class SplitQueueDevice:
                 except Exception as e:
                     raise DescriptorError(f"descriptor {head}: {e}", head) from None
             if word & _WRITE:
-                return Chain(head, [], [seg], [(addr, length, True)], length, 0)
-            return Chain(head, [seg], [], [(addr, length, False)], 0, length)
+                return Chain(head, [], [seg], None, length, 0, addr)
+            return Chain(head, [seg], [], None, 0, length, addr)
         return self._walk_chain(head)
 
     def _walk_chain(self, head: int) -> Chain:
