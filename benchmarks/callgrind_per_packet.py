@@ -60,10 +60,12 @@ class Config:
     payload: int
     queue_size: int
     build: str = ""  # "pure" or "compiled": the child's (virtnet.bench.builds); "": as ours
+    ring: str = "split"  # the ring layout both sides use (bench --ring)
 
     def label(self) -> str:
         build = f" {self.build}" if self.build else ""
-        return f"{self.strategy} {self.direction} {self.payload}B q{self.queue_size}{build}"
+        return (f"{self.strategy} {self.direction} {self.payload}B q{self.queue_size} "
+                f"{self.ring}{build}")  # fmt: skip
 
 
 @dataclass
@@ -113,12 +115,12 @@ def run_one(config: Config, packets: int, workdir: str) -> tuple[int, str]:
     from virtnet.bench.builds import check, child_env
 
     tag = (f"{config.strategy}-{config.direction}-{config.payload}-{config.queue_size}-"
-           f"{packets}-{config.build}")  # fmt: skip
+           f"{packets}-{config.build}-{config.ring}")  # fmt: skip
     out = os.path.join(workdir, f"callgrind.{tag}")
     argv = [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
         sys.executable, __file__, "--one", config.strategy, config.direction,
-        str(config.payload), str(config.queue_size), str(packets),
+        str(config.payload), str(config.queue_size), str(packets), config.ring,
     ]  # fmt: skip
     env = (child_env(config.build) or dict(os.environ)) | {"PYTHONHASHSEED": "0"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
@@ -138,7 +140,8 @@ def run_one(config: Config, packets: int, workdir: str) -> tuple[int, str]:
     return int(match.group(1)), build
 
 
-def one(strategy: str, direction: str, payload: int, queue_size: int, packets: int) -> int:
+def one(strategy: str, direction: str, payload: int, queue_size: int, packets: int,
+        ring: str = "split") -> int:
     """The child: one count-based case, every frame checked; prints its build (a line of
     its own), then the frames received.
 
@@ -151,7 +154,7 @@ def one(strategy: str, direction: str, payload: int, queue_size: int, packets: i
     from virtnet.bench.embedded import Case, EmbeddedRun
 
     run = EmbeddedRun(Case(strategy, direction, payload, queue_size=queue_size,
-                           packets=packets))  # fmt: skip
+                           packets=packets, ring=ring))  # fmt: skip
     sink = run.sink.stats
     while not run.done(0.0):
         before = sink.packets
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--one"]:
         s, d, p, q, n = argv[1:6]
-        return one(s, d, int(p), int(q), int(n))
+        return one(s, d, int(p), int(q), int(n), *argv[6:7])
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strategies", type=_list(str), default=["prealloc", "deferred"])
@@ -272,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                          "65536: 300:1300)")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=1,
                     help="valgrind processes at once (counts do not depend on it)")
+    ap.add_argument("--ring", choices=("split", "packed"), default="split",
+                    help="ring layout of every case (default split, the counts' history; "
+                         "the bench and both ends negotiate packed)")
     ap.add_argument("--json", metavar="FILE", help="write every total and figure as JSON")
     ap.add_argument("--build", type=_list(str), default=None, metavar="pure,compiled",
                     help="count every case on these builds of this install, in children "
@@ -295,15 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rich.console import Console
 
-    configs = [Config(s, d, p, q, b) for d in args.directions for p in args.payloads
+    configs = [Config(s, d, p, q, b, args.ring) for d in args.directions for p in args.payloads
                for s in args.strategies for q in args.queue_sizes
                for b in builds or [""]]  # fmt: skip
     console = Console(width=None if sys.stdout.isatty() else 120)
     measures = measure(configs, args.counts, args.jobs, Console(stderr=True))
     commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short",
                              "HEAD"], capture_output=True, text=True).stdout.strip()  # fmt: skip
-    title = (f"instructions per packet (callgrind, in-process, driver + device) — "
-             f"commit {commit or '?'}, Python {platform.python_version()}")  # fmt: skip
+    title = (f"instructions per packet (callgrind, in-process, driver + device, {args.ring} "
+             f"rings) — commit {commit or '?'}, Python {platform.python_version()}")  # fmt: skip
     for tag in builds or [""]:  # a table per build, its name (as the children said) in the title
         mine = [m for m in measures if m.config.build == tag]
         names = ", ".join(dict.fromkeys(m.build for m in mine))

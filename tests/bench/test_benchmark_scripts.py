@@ -54,10 +54,11 @@ def test_counts_are_parsed_or_refused(text, ok):
             cg._counts_arg(text)
 
 
-def test_the_child_runs_exactly_its_count_and_checks_every_frame():
+@pytest.mark.parametrize("ring", [[], ["packed"]], ids=["split", "packed"])
+def test_the_child_runs_exactly_its_count_and_checks_every_frame(ring):
     # What runs under valgrind: one count-based case, the frame count printed last.
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "callgrind_per_packet.py"), "--one",
-                           "deferred", "guest-to-host", "1500", "64", "123"],
+                           "deferred", "guest-to-host", "1500", "64", "123", *ring],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-1] == "123"
