@@ -100,6 +100,17 @@ class BuildDataPlane(build_ext):
         say(f"compiled {len(modules)} data-plane modules with mypyc {mypyc_version}")
 
 
+def remove_inplace_build() -> None:
+    """Drop what an earlier editable compiled build left in src/ (its .so files and
+    build record): a pure build must not leave them to be imported."""
+    left = [*(HERE / "src").glob("virtnet__mypyc*.so"), *(HERE / "src/virtnet").rglob("*.so")]
+    record = HERE / "src/virtnet/_build_info.json"
+    for path in [*left, record]:
+        path.unlink(missing_ok=True)
+    if left:
+        say(f"removed {len(left)} compiled modules an earlier build left in src/")
+
+
 # Commands that build what gets installed; metadata-only runs (egg_info, dist_info,
 # sdist) need no extensions, and mypyc type-checks the data plane each time it runs.
 BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"}
@@ -111,6 +122,7 @@ def ext_modules() -> list:
     reason = why_pure()
     if reason:
         say(f"installing pure Python: {reason}")
+        remove_inplace_build()
         return []
     from mypyc.build import mypycify
 

@@ -98,3 +98,19 @@ def test_an_edited_source_is_never_shadowed_by_its_older_compiled_module(tmp_pat
     file, name, _ = _loaded_from("virtnet.virtio.ring.split", path=tmp_path)
     assert file.endswith(".so")
     assert json.loads((tmp_path / "virtnet" / "_build_info.json").read_text())["mypyc"] in name
+
+
+def test_compiled_modules_with_no_build_record_are_never_imported(tmp_path: Path):
+    # A .so beside its source but no _build_info.json (left by an earlier compiled build
+    # under a pure install): nothing says which source it came from, so it is never
+    # loaded. The stand-in .so is not even a shared object: importing it would fail.
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    pkg = tmp_path / "virtnet"
+    shutil.copytree(PACKAGE, pkg, ignore=shutil.ignore_patterns("*.so", "_build_info.json"))
+    split = pkg / "virtio" / "ring" / "split.py"
+    (split.parent / ("split" + EXTENSION_SUFFIXES[0])).write_bytes(b"not a shared object")
+    file, name, err = _loaded_from("virtnet.virtio.ring.split", path=tmp_path)
+    assert file == str(split)
+    assert name == "pure Python"
+    assert "no build record" in err

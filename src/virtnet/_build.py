@@ -98,6 +98,12 @@ def read_info(package_dir: Path = _PACKAGE_DIR) -> dict[str, object] | None:
     return info if isinstance(info, dict) else None
 
 
+def _leftover_compiled(package_dir: Path = _PACKAGE_DIR) -> bool:
+    """Whether a compiled data-plane module lies beside its source (one is enough)."""
+    ring = package_dir / "virtio" / "ring"
+    return any(ring.glob("split.*.so"))
+
+
 def stale_modules(info: dict[str, object], package_dir: Path = _PACKAGE_DIR) -> list[str]:
     """Compiled modules whose source differs from the one they were built from."""
     built = info.get("sources")
@@ -131,8 +137,19 @@ def choose() -> None:
     global _reason
     info = read_info()
     if info is None:
-        return
-    if os.environ.get(PURE_ENV) == "1":
+        if not _leftover_compiled():
+            return
+        # Compiled modules with no record of their build: left by an earlier compiled
+        # install under a pure one (``VIRTNET_BUILD=pure pip install -e .`` over an
+        # in-place build). Nothing says which sources they came from: never use them.
+        _reason = "compiled modules with no build record (left by an earlier build)"
+        warnings.warn(
+            f"virtnet: running the pure modules ({_reason}); remove src/virtnet's *.so "
+            "files or rebuild with `pip install .`",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    elif os.environ.get(PURE_ENV) == "1":
         _reason = f"{PURE_ENV}=1"
     else:
         stale = stale_modules(info)
