@@ -36,36 +36,24 @@ STARTS = [0, 0x10000 - 3]
 # -- helpers: one call or the other, until the ring says there is nothing more -------------
 
 
-def take(drv, call: str) -> list:
-    """Every used buffer the split or packed driver gives, one call at a time or in bursts."""
+def _drain(one, burst, call: str) -> list:
+    """Everything ``one()`` (None when empty) or ``burst(64)`` ([] when empty) gives."""
     out = []
     while True:
-        if call == "single":
-            got = drv.get_buf()
-            if got is None:
-                return out
-            out.append(got)
-        else:
-            burst = drv.get_bufs(64)
-            if not burst:
-                return out
-            out += burst
+        got = [x for x in [one()] if x is not None] if call == "single" else burst(64)
+        if not got:
+            return out
+        out += got
+
+
+def take(drv, call: str) -> list:
+    """Every used buffer the split or packed driver gives, one call at a time or in bursts."""
+    return _drain(drv.get_buf, drv.get_bufs, call)
 
 
 def pop(dev, call: str) -> list:
     """Every chain the split or packed device takes, by ``pop`` or by ``pop_burst``."""
-    out = []
-    while True:
-        if call == "single":
-            chain = dev.pop()
-            if chain is None:
-                return out
-            out.append(chain)
-        else:
-            burst = dev.pop_burst(64)
-            if not burst:
-                return out
-            out += burst
+    return _drain(dev.pop, dev.pop_burst, call)
 
 
 def split_in_flight(q: MockSplitQueue):
