@@ -7,7 +7,7 @@ tables, used the same way by both drivers. ``split`` re-exports all three names.
 
 from __future__ import annotations
 
-from typing import final
+from typing import Final, final
 
 from virtnet.virtio.ring.layout import DESC_SIZE
 
@@ -33,6 +33,11 @@ class IndirectArea:
     @staticmethod
     def size(num: int, max_descs: int) -> int:
         return num * max_descs * DESC_SIZE
+
+
+# The empty side of a one-descriptor chain, shared: a popped chain's lists are read,
+# never appended to, so the fast paths make one list per chain instead of two.
+NO_SEGMENTS: Final[list[memoryview]] = []
 
 
 @final

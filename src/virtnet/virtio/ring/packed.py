@@ -40,7 +40,7 @@ from virtnet.virtio.errors import (
     UsedRingError,
 )
 from virtnet.virtio.memory import GuestMemory
-from virtnet.virtio.ring.chain import Chain, IndirectArea, Segment
+from virtnet.virtio.ring.chain import NO_SEGMENTS, Chain, IndirectArea, Segment
 from virtnet.virtio.ring.layout import (
     DESC_SIZE,
     MAX_CHAIN_BYTES,
@@ -619,8 +619,8 @@ class PackedQueueDevice:
                     if len(popped) > 2 * num:
                         del popped[:-num]
                     if word & _WRITE:
-                        return Chain(bid, [], [seg], None, length, 0, addr)
-                    return Chain(bid, [seg], [], None, 0, length, addr)
+                        return Chain(bid, NO_SEGMENTS, [seg], None, length, 0, addr)
+                    return Chain(bid, [seg], NO_SEGMENTS, None, 0, length, addr)
         try:
             chain, pos, wrap, slots = self._walk()
         except _Consumed as e:
@@ -659,9 +659,9 @@ class PackedQueueDevice:
             inflight[bid] = 1
             popped.append((bid, 1))
             if word & _WRITE:
-                chains.append(Chain(bid, [], [seg], None, length, 0, addr))
+                chains.append(Chain(bid, NO_SEGMENTS, [seg], None, length, 0, addr))
             else:
-                chains.append(Chain(bid, [seg], [], None, 0, length, addr))
+                chains.append(Chain(bid, [seg], NO_SEGMENTS, None, 0, length, addr))
         self.last_avail, self._avail_bits = pos, bits
         if len(popped) > 2 * num:
             del popped[:-num]
@@ -715,8 +715,8 @@ class PackedQueueDevice:
                         bid,
                     ).at((i, wrap, bid, 1)) from None
             if word & _WRITE:
-                return Chain(bid, [], [seg], None, length, 0, addr), i, wrap, 1
-            return Chain(bid, [seg], [], None, 0, length, addr), i, wrap, 1
+                return Chain(bid, NO_SEGMENTS, [seg], None, length, 0, addr), i, wrap, 1
+            return Chain(bid, [seg], NO_SEGMENTS, None, 0, length, addr), i, wrap, 1
         return self._walk_chain()
 
     def _bad_id(self, bid: int, start: int, resume: tuple[int, int, int, int]) -> _Consumed:

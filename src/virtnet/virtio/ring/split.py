@@ -26,7 +26,7 @@ from virtnet.virtio.errors import (
     UsedRingError,
 )
 from virtnet.virtio.memory import GuestMemory
-from virtnet.virtio.ring.chain import Chain, IndirectArea, Segment
+from virtnet.virtio.ring.chain import NO_SEGMENTS, Chain, IndirectArea, Segment
 from virtnet.virtio.ring.layout import (
     DESC_SIZE,
     MAX_CHAIN_BYTES,
@@ -73,11 +73,16 @@ class SplitQueueDriver:
         self._avail = ring.avail
         self._used = ring.used
         self._used_elems = ring.used_elems
+        self._used_q = ring.used_q
         # Shadow state: desc_extra[].next, per-head token and writable length.
         self._next = list(range(1, num)) + [0]
         self._token: list[object] = [None] * num  # None: the head is free
         self._in_len = [0] * num
         self._ndescs = [0] * num
+        # The len/flags/next word last written to each descriptor: a refill of the
+        # same kind of buffer (every rx page) rewrites only the address. Trusted
+        # over the table, which the device can write too (like desc_extra).
+        self._words = [-1] * num
         self.free_head = 0
         self.num_free = num
         self.avail_idx_shadow = 0
@@ -111,7 +116,9 @@ class SplitQueueDriver:
         self.free_head = self._next[head]
         self.num_free -= 1
         self._desc[2 * head] = addr
-        self._desc[2 * head + 1] = word
+        if self._words[head] != word:  # tx slots of one frame size: the same word
+            self._desc[2 * head + 1] = word
+            self._words[head] = word
         self._token[head] = token
         self._in_len[head] = in_len
         self._ndescs[head] = 1
@@ -124,8 +131,8 @@ class SplitQueueDriver:
         n = min(len(bufs), self.num_free)
         if not n:
             return 0
-        desc, nxt, tokens, in_len, ndescs = (
-            self._desc, self._next, self._token, self._in_len, self._ndescs
+        desc, nxt, tokens, in_len, ndescs, words = (
+            self._desc, self._next, self._token, self._in_len, self._ndescs, self._words
         )
         avail, mask = self._avail, self._mask
         head = self.free_head
@@ -136,7 +143,10 @@ class SplitQueueDriver:
                 n = k  # what was written so far is published below
                 break
             desc[2 * head] = addr
-            desc[2 * head + 1] = (length & _U32) | _WRITE
+            word = (length & _U32) | _WRITE
+            if words[head] != word:
+                desc[2 * head + 1] = word
+                words[head] = word
             tokens[head] = token
             in_len[head] = length
             ndescs[head] = 1
@@ -166,7 +176,7 @@ class SplitQueueDriver:
             raise QueueFullError(
                 f"vq {self.index}: {total} descriptors wanted, {self.num_free} free"
             )
-        desc, nxt = self._desc, self._next
+        desc, nxt, words = self._desc, self._next, self._words
         head = i = self.free_head
         in_len = 0
         n = 0
@@ -175,7 +185,7 @@ class SplitQueueDriver:
                 n += 1
                 flags = wflag if n == total else wflag | _NEXT
                 desc[2 * i] = addr
-                desc[2 * i + 1] = (length & _U32) | flags | (nxt[i] << 48)
+                desc[2 * i + 1] = words[i] = (length & _U32) | flags | (nxt[i] << 48)
                 if wflag:
                     in_len += length
                 last = i
@@ -208,7 +218,7 @@ class SplitQueueDriver:
                     in_len += length
                 j += 1
         self._desc[2 * head] = ind.gpa + head * ind.stride
-        self._desc[2 * head + 1] = (total * DESC_SIZE) | _INDIRECT
+        self._desc[2 * head + 1] = self._words[head] = (total * DESC_SIZE) | _INDIRECT
         self._token[head] = token
         self._in_len[head] = in_len
         self._ndescs[head] = 1
@@ -301,14 +311,14 @@ class SplitQueueDriver:
         if not n:
             return []
         last = self.last_used_idx
-        elems, mask, num = self._used_elems, self._mask, self.num
+        elems, mask, num = self._used_q, self._mask, self.num
         tokens, in_len, ndescs, nxt = self._token, self._in_len, self._ndescs, self._next
         free_head = self.free_head
         out: list[tuple[object, int]] = []
         for k in range(n):
-            slot = ((last + k) & mask) << 1
-            head = elems[slot]
-            length = elems[slot + 1]
+            elem = elems[(last + k) & mask]  # one load: id | len << 32
+            head = elem & _U32
+            length = elem >> 32
             if head >= num or tokens[head] is None or length > in_len[head]:
                 break
             out.append((tokens[head], length))
@@ -412,6 +422,7 @@ class SplitQueueDevice:
         self._avail = ring.avail
         self._used = ring.used
         self._used_elems = ring.used_elems
+        self._used_q = ring.used_q
         self.last_avail_idx = last_avail_idx & 0xFFFF
         # vhost_vq_init_access: continue from what the ring already says.
         self.used_idx = self._used[1]
@@ -495,8 +506,8 @@ class SplitQueueDevice:
                 except Exception as e:
                     raise DescriptorError(f"descriptor {head}: {e}", head) from None
             if word & _WRITE:
-                return Chain(head, [], [seg], None, length, 0, addr)
-            return Chain(head, [seg], [], None, 0, length, addr)
+                return Chain(head, NO_SEGMENTS, [seg], None, length, 0, addr)
+            return Chain(head, [seg], NO_SEGMENTS, None, 0, length, addr)
         return self._walk_chain(head)
 
     def _walk_chain(self, head: int) -> Chain:
@@ -584,9 +595,9 @@ class SplitQueueDevice:
 
     def push_used(self, head: int, length: int) -> None:
         """Queue one used entry; ``flush_used`` makes the batch visible."""
-        slot = self.used_idx & self._mask
-        self._used_elems[2 * slot] = head
-        self._used_elems[2 * slot + 1] = length
+        # One store of the whole element: id | len << 32 (both le32, range-checked
+        # by the typed view: a length past 2^32 is an OverflowError, not a wrap).
+        self._used_q[self.used_idx & self._mask] = head | length << 32
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         if self.used_idx == self.signalled_used:
             # A whole 16-bit turn since needs_notify: [old, new) would be empty
@@ -595,12 +606,10 @@ class SplitQueueDevice:
 
     def push_used_burst(self, used: Sequence[tuple[int, int]]) -> None:
         """Queue many (head, length) used entries; ``flush_used`` publishes them."""
-        elems, mask = self._used_elems, self._mask
+        elems, mask = self._used_q, self._mask
         idx = self.used_idx
         for head, length in used:
-            slot = (idx & mask) << 1
-            elems[slot] = head
-            elems[slot + 1] = length
+            elems[idx & mask] = head | length << 32
             idx += 1
         n = len(used)
         # used_idx passed signalled_used somewhere in the burst: see push_used.
