@@ -261,7 +261,7 @@ class VirtnetDevice:
         self._fill_cache(need)
         return bool(self._rx_cache)
 
-    def receive_packet(self, frame: Sequence[Piece], hdr: bytes = ZERO_HDR) -> bool:
+    def receive_packet(self, frame: list[Piece], hdr: bytes = ZERO_HDR) -> bool:
         """Deliver one frame (views/bytes) with virtio-net header ``hdr`` to the guest.
 
         False (and rx_dropped) when the guest has not posted room for it —

@@ -412,7 +412,12 @@ class DeferredRx(PageListRx[PageList]):
         page = plist.page
         assert page is not None
         view = page.view
-        vnet_hdr = view[:hdr_len].tobytes()  # one copy, then num_buffers from it
+        length -= hdr_len
+        copy = length if length < GOOD_COPY_LEN else GOOD_COPY_LEN  # a fresh skb's tailroom
+        # One copy out of the page: the header and what goes into the skb's head
+        # (page_to_skb's memcpy), then num_buffers and the head taken from it.
+        raw = view[: hdr_len + copy].tobytes()
+        vnet_hdr = raw[:hdr_len]
         num_buf = vnet_hdr[NUM_BUFFERS_OFFSET] | vnet_hdr[NUM_BUFFERS_OFFSET + 1] << 8
         if skb is None:
             # The seed drops here and recycles the page; it forgot the
@@ -422,9 +427,7 @@ class DeferredRx(PageListRx[PageList]):
             self._drain(num_buf)
             return
         skb.vnet_hdr = vnet_hdr
-        length -= hdr_len
-        copy = length if length < GOOD_COPY_LEN else GOOD_COPY_LEN  # a fresh skb's tailroom
-        skb.put(view[hdr_len : hdr_len + copy])
+        skb.put(raw[hdr_len:])
         length -= copy
         if length:
             skb.add_frag(page, hdr_len + copy, length)

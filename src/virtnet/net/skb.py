@@ -323,7 +323,8 @@ class SkBuff:
         start = NET_IP_ALIGN + self.head_len
         if start + n > len(self.head):  # skb_over_panic: the head never grows
             raise ValueError(f"skb_put of {n} bytes past the head ({self.tailroom} left)")
-        self.head[start : start + n] = data
+        # Through the view: a memoryview slice store is a third of a bytearray's.
+        self._head_view[start : start + n] = data
         self.head_len += n
         self.len += n
 
