@@ -436,7 +436,7 @@ def test_used_descriptors_are_batched_until_flush_and_skip_each_chains_slots():
 
 
 class RecordingDesc:
-    """The descriptor ring's u64 view, recording the order of the stores."""
+    """A view of the descriptor ring, recording the order of the stores."""
 
     def __init__(self, view) -> None:
         self.view = view
@@ -459,10 +459,10 @@ def test_a_flushed_batch_becomes_visible_with_its_first_descriptor_stored_last()
         q.post([(q.data(bid), 8, WRITE)], bid=bid)
     chains = [dev.pop() for _ in range(4)]
     dev.push_used_burst([(c.head, 8) for c in chains])
-    rec = dev._desc = RecordingDesc(dev._desc)
+    rec = dev._desc32 = RecordingDesc(dev._desc32)
     dev.flush_used()
-    flag_words = [i for i in rec.stores if i % 2]  # the len|id|flags word of each slot
-    assert flag_words == [3, 5, 7, 1]
+    # Per slot the length (32-bit word 4*slot+2), then id | flags (4*slot+3) last.
+    assert rec.stores == [4 * s + k for s in (1, 2, 3, 0) for k in (2, 3)]
     assert all(q.is_used(slot, 1) for slot in range(4))
 
 

@@ -146,7 +146,7 @@ class PackedAddrs:
 class PackedViews:
     """Typed views of one packed ring: descriptors and the two event areas."""
 
-    __slots__ = ("num", "desc", "driver", "device")
+    __slots__ = ("num", "desc", "desc32", "driver", "device")
 
     def __init__(self, num: int, desc: memoryview, driver: memoryview, device: memoryview) -> None:
         check_packed_queue_size(num)
@@ -157,6 +157,11 @@ class PackedViews:
         self.num = num
         # desc[2*i] = addr, desc[2*i+1] = len | id << 32 | flags << 48
         self.desc = desc[: desc_table_size(num)].cast("Q")
+        # desc32[4*i+2] = len, desc32[4*i+3] = id | flags << 16: the hot paths read
+        # flags and length as 32-bit words, which stay machine ints when compiled
+        # (the 64-bit word with USED, bit 63, set would not: every operation on it
+        # would go through arbitrary-precision arithmetic).
+        self.desc32 = desc[: desc_table_size(num)].cast("I")
         # driver[0] / device[0] = off_wrap, [1] = flags
         self.driver = driver[:EVENT_SUPPRESS_SIZE].cast("H")
         self.device = device[:EVENT_SUPPRESS_SIZE].cast("H")
@@ -172,7 +177,7 @@ class PackedViews:
         )
 
     def release(self) -> None:
-        for v in (self.desc, self.driver, self.device):
+        for v in (self.desc, self.desc32, self.driver, self.device):
             v.release()
 
 

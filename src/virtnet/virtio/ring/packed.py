@@ -64,6 +64,11 @@ _INDIRECT: Final = VRING_DESC_F_INDIRECT << 48
 _AVAIL: Final = VRING_PACKED_DESC_F_AVAIL << 48
 _USED: Final = VRING_PACKED_DESC_F_USED << 48
 _AU: Final = _AVAIL | _USED
+# The same flags in the 32-bit id | flags << 16 word (PackedViews.desc32).
+_AU32: Final = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) << 16
+_NEXT32: Final = VRING_DESC_F_NEXT << 16
+_WRITE32: Final = VRING_DESC_F_WRITE << 16
+_INDIRECT32: Final = VRING_DESC_F_INDIRECT << 16
 _U32: Final = 0xFFFFFFFF
 _WRAP: Final = 1 << VRING_PACKED_EVENT_F_WRAP_CTR
 _OFF: Final = _WRAP - 1
@@ -115,6 +120,7 @@ class PackedQueueDriver:
         self.event_idx = event_idx
         self.indirect = indirect
         self._desc = ring.desc
+        self._desc32 = ring.desc32
         self._driver = ring.driver  # ours: used-buffer notification suppression
         self._device = ring.device  # the device's: available-buffer notification suppression
         # Shadow state, per buffer id: the free list, token, writable length, descriptors.
@@ -186,13 +192,13 @@ class PackedQueueDriver:
         n = min(len(bufs), self.num_free)
         if not n:
             return 0
-        desc, nxt, tokens, in_len, ndescs = (
-            self._desc, self._next, self._token, self._in_len, self._ndescs
+        desc, desc32, nxt, tokens, in_len, ndescs = (
+            self._desc, self._desc32, self._next, self._token, self._in_len, self._ndescs
         )  # fmt: skip
         num = self.num
         bid = self.free_head
         i = self.next_avail
-        bits = self._avail_bits | _WRITE
+        bits32 = (self._avail_bits >> 32) | _WRITE32
         bad = False
         for k in range(n):
             addr, length, token = bufs[k]
@@ -200,7 +206,10 @@ class PackedQueueDriver:
                 n, bad = k, True  # the ones before are in
                 break
             desc[2 * i] = addr
-            desc[2 * i + 1] = (length & _U32) | (bid << 32) | bits
+            desc32[4 * i + 2] = length & _U32
+            # id and flags last, as virtqueue_add_packed stores flags after the rest
+            # (x86 keeps stores in order): 32-bit words stay machine ints compiled.
+            desc32[4 * i + 3] = bid | bits32
             tokens[bid] = token
             in_len[bid] = length
             ndescs[bid] = 1
@@ -210,7 +219,7 @@ class PackedQueueDriver:
                 i = 0
                 self.avail_wrap ^= 1
                 self._avail_bits ^= _AU
-                bits ^= _AU
+                bits32 ^= _AU32
         self.free_head = bid
         self.num_free -= n
         self.next_avail = i
@@ -374,17 +383,17 @@ class PackedQueueDriver:
         first entry raises as ``get_buf`` does, a bad one after good ones ends the burst."""
         if self.broken or budget <= 0:
             return []
-        desc, num = self._desc, self.num
+        desc32, num = self._desc32, self.num
         tokens, in_len, ndescs, nxt = self._token, self._in_len, self._ndescs, self._next
-        pos, bits = self.last_used, self._used_bits
+        pos, bits32 = self.last_used, self._used_bits >> 32
         free_head, freed = self.free_head, 0
         out: list[tuple[object, int]] = []
         while len(out) < budget:
-            word = desc[2 * pos + 1]
-            if word & _AU != bits:
+            idf = desc32[4 * pos + 3]  # id | flags << 16: the flags first
+            if idf & _AU32 != bits32:
                 break
-            bid = (word >> 32) & 0xFFFF
-            length = word & _U32 if word & _WRITE else 0
+            bid = idf & 0xFFFF
+            length = desc32[4 * pos + 2] if idf & _WRITE32 else 0
             if bid >= num or tokens[bid] is None or length > in_len[bid]:
                 break
             out.append((tokens[bid], length))
@@ -395,12 +404,12 @@ class PackedQueueDriver:
             pos += ndescs[bid]
             if pos >= num:
                 pos -= num
-                bits ^= _AU
+                bits32 ^= _AU32
                 self.used_wrap ^= 1
         self.free_head = free_head
         self.num_free += freed
         self.last_used = pos
-        self._used_bits = bits
+        self._used_bits = bits32 << 32
         if not out:
             got = self.get_buf()  # None, or raises for the bad entry as get_buf would
             return [] if got is None else [got]
@@ -518,6 +527,7 @@ class PackedQueueDevice:
         self.index = index
         self.event_idx = event_idx
         self._desc = ring.desc
+        self._desc32 = ring.desc32
         self._driver = ring.driver  # the driver's: used-buffer notification suppression
         self._device = ring.device  # ours: available-buffer notification suppression
         pos, wrap = decode_base(last_avail_idx, self.num)
@@ -633,20 +643,21 @@ class PackedQueueDevice:
         """Up to ``budget`` chains, validated exactly as ``pop`` does: a bad first chain
         raises as ``pop`` would; a bad chain after good ones ends the burst unconsumed."""
         chains: list[Chain] = []
-        desc, num, inflight, popped = self._desc, self.num, self._inflight, self._popped
+        desc, desc32, num = self._desc, self._desc32, self.num
+        inflight, popped = self._inflight, self._popped
         mem = self.memory
         base, rsize, rbuf = mem.first_gpa, mem.first_size, mem.first_buf
-        pos, bits = self.last_avail, self._avail_bits
+        pos, bits32 = self.last_avail, self._avail_bits >> 32
         # The common case inline, as in pop: one direct descriptor, a free id, first region.
         while len(chains) < budget:
-            word = desc[2 * pos + 1]
-            if word & _AU != bits or word & (_NEXT | _INDIRECT):
+            idf = desc32[4 * pos + 3]  # id | flags << 16: the flags first
+            if idf & _AU32 != bits32 or idf & (_NEXT32 | _INDIRECT32):
                 break
-            bid = (word >> 32) & 0xFFFF
+            bid = idf & 0xFFFF
             if bid >= num or inflight[bid]:
                 break
             addr = desc[2 * pos]
-            length = word & _U32
+            length = desc32[4 * pos + 2]
             off = addr - base
             if not (0 <= off and off + length <= rsize):
                 break
@@ -655,14 +666,14 @@ class PackedQueueDevice:
             if pos == num:
                 pos = 0
                 self.avail_wrap ^= 1
-                bits ^= _AU
+                bits32 ^= _AU32
             inflight[bid] = 1
             popped.append((bid, 1))
-            if word & _WRITE:
+            if idf & _WRITE32:
                 chains.append(Chain(bid, NO_SEGMENTS, [seg], None, length, 0, addr))
             else:
                 chains.append(Chain(bid, [seg], NO_SEGMENTS, None, 0, length, addr))
-        self.last_avail, self._avail_bits = pos, bits
+        self.last_avail, self._avail_bits = pos, bits32 << 32
         if len(popped) > 2 * num:
             del popped[:-num]
         # Anything else (nothing available, a chain, indirect, a bad one) goes through pop.
@@ -895,31 +906,37 @@ class PackedQueueDevice:
         return bool(self._shadow)
 
     def flush_used(self) -> None:
-        """Write the queued used descriptors, each one 8-byte store of len|id|flags.
+        """Write the queued used descriptors: length, then id | flags (32-bit stores).
 
         The batch's first descriptor is stored last (DPDK's
         flush_shadow_used_ring_packed does the same): the driver reads used
         descriptors in order, so it sees the whole batch or none of it — never
-        the first buffers of a mergeable packet without the rest.
+        the first buffers of a mergeable packet without the rest. Within a
+        descriptor the flags go last too, after its length (x86 keeps stores in
+        order); 32-bit words stay machine ints when compiled, the 64-bit one with
+        USED (bit 63) set would not.
         """
-        desc, num, shadow = self._desc, self.num, self._shadow
+        desc32, num, shadow = self._desc32, self.num, self._shadow
         if not shadow:
             return
         pos, wrap = self.used_pos, self.used_wrap
-        bits = _used_bits(wrap)
+        bits32 = _used_bits(wrap) >> 32
         start = pos
-        first = shadow[0][0] | bits
+        first = shadow[0][0]
+        first_idf = (first >> 32) | bits32
         laps = 0
         for k, (word, slots) in enumerate(shadow):
             if k:
-                desc[2 * pos + 1] = word | bits
+                desc32[4 * pos + 2] = word & _U32
+                desc32[4 * pos + 3] = (word >> 32) | bits32
             pos += slots
             if pos >= num:
                 pos -= num
                 wrap ^= 1
-                bits ^= _AU
+                bits32 ^= _AU32
                 laps += 1
-        desc[2 * start + 1] = first  # stores stay in order on x86 (TSO): no barrier
+        desc32[4 * start + 2] = first & _U32
+        desc32[4 * start + 3] = first_idf  # stores stay in order on x86 (TSO): no barrier
         shadow.clear()
         self.used_pos, self.used_wrap = pos, wrap
         self._since_signal += pos - start + laps * num
