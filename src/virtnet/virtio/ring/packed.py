@@ -346,7 +346,7 @@ class PackedQueueDriver:
         return UsedIndexError(
             f"vq {self.index}: descriptor {self.last_used} has AVAIL={a:d} USED={u:d} with "
             f"{self.num - self.num_free} slots in flight and used wrap counter "
-            f"{self.used_wrap}: written for the other lap (queue stopped)"
+            f"{self.used_wrap}: written for the other lap"
         )
 
     def get_buf(self) -> tuple[object, int] | None:
