@@ -46,6 +46,7 @@ from virtnet.ports.netns import (
     stop_process,
     unique_ifname,
 )
+from virtnet.ports.synthetic import SINK_COUNTS
 
 START_TIMEOUT = 10.0  # seconds for a process's socket / tap / the path to appear
 H2G, G2H = "host-to-guest", "guest-to-host"
@@ -168,8 +169,7 @@ def gen_sink_row(direction: str, size: int, seconds: float) -> dict:
         "gbps": sink.get("sink_bytes", 0) * 8 / secs / 1e9,
         "kpps": sink.get("sink_packets", 0) / secs / 1e3,
         "driver_cpu_seconds": driver.get("cpu_seconds"),
-        "integrity": {k: sink.get(f"sink_{k}", 0) for k in ("corrupt", "lost", "reordered",
-                                                             "foreign")},  # fmt: skip
+        "integrity": {k: sink.get(f"sink_{k}", 0) for k in SINK_COUNTS},
         "driver_stats": driver.get("driver_stats", {}),
         "device_stats": device.get("device_stats", {}),
     }  # fmt: skip

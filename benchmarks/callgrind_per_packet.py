@@ -163,8 +163,7 @@ def one(strategy: str, direction: str, payload: int, queue_size: int, packets: i
         if sink.packets == before:
             print(f"stalled at {before} of {packets} frames", file=sys.stderr)
             return 1
-    bad = {k: getattr(sink, k) for k in ("corrupt", "lost", "reordered", "foreign")
-           if getattr(sink, k)}  # fmt: skip
+    bad = {k: n for k, n in sink.counts().items() if n}
     if bad:
         print(f"integrity: {bad} {sink.errors}", file=sys.stderr)
         return 1

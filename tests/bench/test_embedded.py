@@ -18,13 +18,16 @@ from virtnet.bench.embedded import (
     Case,
     EmbeddedRun,
     make_pair,
+    result_record,
     run_case,
     run_interleaved,
     strip_hdr,
 )
+from virtnet.bench.report import integrity_problems
 from virtnet.cli import main
 from virtnet.net.features import GUEST_OFFLOADS, SUPPORTED, VirtioNetF
 from virtnet.net.stats import DEVICE_STATS, DRIVER_STATS
+from virtnet.ports.synthetic import SINK_COUNTS, FrameGen
 from virtnet.virtio.features import bit
 
 # virtnet_probe: no MRG_RXBUF but GUEST_TSO → big buffers; neither → small ones.
@@ -199,3 +202,58 @@ def test_xdp_drop_at_64_bytes_allocates_nothing_per_packet():
         assert (st.skb_allocs, st.page_allocs) == posted
         run.finish()
         assert run.drv.pool.outstanding == 0
+
+
+def _bad_frame(fault: str, gen: FrameGen) -> bytes:
+    """One frame of ``gen``'s stream (or not) with ``fault`` done to it, as a device that
+    cuts, grows, repeats or reorders frames would hand it to the guest."""
+    if fault == "reordered":  # the next frame skipped here, sent after the following one
+        late = _whole(gen)
+        gen.advance()
+        return late
+    if fault == "duplicated":
+        gen.seq -= 1
+        again = _whole(gen)
+        gen.advance()
+        return again
+    frame = _whole(gen)
+    if fault == "foreign":  # an IPv4 frame: no place in the stream
+        return frame[:12] + b"\x08\x00" + frame[14:]
+    gen.advance()
+    if fault == "short":
+        return frame[:1000] if len(frame) > 1000 else frame[:30]
+    assert fault == "long"
+    return frame + bytes(16)
+
+
+def _whole(gen: FrameGen) -> bytes:
+    return b"".join(bytes(v) for v in gen.peek())
+
+
+@pytest.mark.parametrize("ring", ["split", "packed"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("fault", ["short", "long", "duplicated", "reordered", "foreign"])
+def test_a_frame_the_sink_flags_fails_the_run(fault, direction, ring):
+    """issue 18.4: one bad frame among good ones reaches the guest's sink — the measured
+    stream host-to-guest, the ACK stream guest-to-host — and the record names it."""
+    case = Case("deferred", direction, 1500, queue_size=64, ring=ring)
+    run = EmbeddedRun(case)
+    gen = run.gen if direction == HOST_TO_GUEST else run.acks
+    for _ in range(3):
+        run.step()
+    bad = _bad_frame(fault, gen)
+    if fault == "reordered":  # the frame after the skipped one goes first
+        assert run.dev.receive_packet(gen.peek(), gen.hdr)
+        gen.advance()
+    assert run.dev.receive_packet([memoryview(bad)], gen.hdr)
+    run.dev.flush_rx()
+    run.napi()
+    for _ in range(3):
+        run.step()
+    run.finish()
+    rec = result_record(case, "embedded", 1.0, run.result_sink(), run)
+    integrity = rec["integrity"]
+    assert {k: integrity[k] for k in SINK_COUNTS if integrity[k]} == {fault: 1}, integrity
+    (problem,) = integrity_problems([rec])
+    assert f"{fault}=1" in problem
+    assert rec["driver_stats"]["pages_outstanding"] == 0

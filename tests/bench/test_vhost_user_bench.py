@@ -13,7 +13,7 @@ from virtnet.bench.report import integrity_problems
 from virtnet.bench.vhost_user import _accumulate, _record, run_vhost_user_group
 from virtnet.net.header import MRG_HDR_LEN
 from virtnet.ports.backends import SinkDevice
-from virtnet.ports.synthetic import FrameGen
+from virtnet.ports.synthetic import SINK_COUNTS, FrameGen
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -26,8 +26,8 @@ def test_a_group_runs_both_strategies_over_vhost_user_intact(direction):
         # Every count the receiving sink kept, none a constant: corrupt, lost, a frame
         # going backwards (duplicated or reordered), a frame that is not the stream's.
         # And each queue pair's count the same at both ends (queue_mismatch).
-        assert rec["integrity"] == {"corrupt": 0, "lost": 0, "reordered": 0, "foreign": 0,
-                                    "queue_mismatch": 0, "messages": []}  # fmt: skip
+        assert rec["integrity"] == {**dict.fromkeys(SINK_COUNTS, 0), "queue_mismatch": 0,
+                                    "messages": []}  # fmt: skip
         drv = rec["driver_stats"]
         assert drv["pages_outstanding"] == 0 and drv["skb_allocs"] == drv["skb_frees"]
         key = "rx_packets" if direction == "host-to-guest" else "tx_packets"
@@ -74,10 +74,63 @@ def test_a_duplicated_and_a_foreign_frame_fail_the_run():
     acc: dict = {}
     _accumulate(acc, driver, device)
     rec = _record(Case("deferred", GUEST_TO_HOST, 1500), acc)
-    assert rec["integrity"]["reordered"] == 1 and rec["integrity"]["foreign"] == 1
+    assert rec["integrity"]["duplicated"] == 1 and rec["integrity"]["foreign"] == 1
     assert rec["integrity"]["corrupt"] == rec["integrity"]["lost"] == 0
     problems = integrity_problems([rec])
-    assert len(problems) == 1 and "reordered=1" in problems[0] and "foreign=1" in problems[0]
+    assert len(problems) == 1 and "duplicated=1" in problems[0] and "foreign=1" in problems[0]
+
+
+def _cut(frames: list[bytes]) -> list[bytes]:
+    return [frames[0], frames[1][:1000], frames[2]]
+
+
+def _runt(frames: list[bytes]) -> list[bytes]:
+    return [frames[0], frames[1][:20], frames[2]]
+
+
+def _grown(frames: list[bytes]) -> list[bytes]:
+    return [frames[0], frames[1] + bytes(8), frames[2]]
+
+
+def _late(frames: list[bytes]) -> list[bytes]:
+    return [frames[0], frames[2], frames[1]]
+
+
+def _corrupted(frames: list[bytes]) -> list[bytes]:
+    return [frames[0], frames[1][:-1] + b"!", frames[2]]
+
+
+def _skipped(frames: list[bytes]) -> list[bytes]:
+    return [frames[0], frames[2]]
+
+
+@pytest.mark.parametrize(
+    ("damage", "counts"),
+    [
+        (_cut, {"short": 1}),
+        (_runt, {"short": 1, "lost": 1}),  # cut before its sequence number
+        (_grown, {"long": 1}),
+        (_late, {"reordered": 1}),
+        (_corrupted, {"corrupt": 1}),
+        (_skipped, {"lost": 1}),
+    ],
+)  # fmt: skip
+def test_each_count_of_the_receiving_sink_fails_the_run(damage, counts):
+    # issue 18.4: through the processes' accounting (backend stats -> JSON ->
+    # _accumulate -> _record -> integrity_problems) each sink count reaches the verdict.
+    sink, gen, frames = SinkDevice(), FrameGen(1500), []
+    for _ in range(3):
+        frames.append(b"".join(bytes(v) for v in gen.peek()))
+        gen.advance()
+    for frame in damage(frames):
+        _device_xmit(sink, frame)
+    acc: dict = {}
+    _accumulate(acc, {"seconds": 1.0, "cpu_seconds": 1.0, "driver_stats": {}, "backend": {}},
+                {"device_stats": {}, "backend": sink.stats()})  # fmt: skip
+    rec = _record(Case("deferred", GUEST_TO_HOST, 1500), acc)
+    assert {k: n for k in SINK_COUNTS if (n := rec["integrity"][k])} == counts
+    (problem,) = integrity_problems([rec])
+    assert all(f"{k}={n}" in problem for k, n in counts.items())
 
 
 def test_an_intact_stream_through_the_same_accounting_passes():
@@ -98,7 +151,7 @@ def test_the_round_trip_is_timed_through_the_device_loopback_and_every_echo_chec
     rtt = round_trip("deferred", seconds=0.3)
     assert rtt["received"] > 0 and rtt["sent"] - rtt["received"] in (0, 1)  # one in flight
     assert 0 < rtt["min_ms"] <= rtt["avg_ms"] <= rtt["max_ms"]
-    assert rtt["integrity"] == {"corrupt": 0, "lost": 0, "reordered": 0, "foreign": 0}
+    assert rtt["integrity"] == dict.fromkeys(SINK_COUNTS, 0)
 
 
 def test_a_bad_echo_fails_the_run():

@@ -29,7 +29,6 @@ from virtnet.net.header import MRG_HDR_LEN, VirtioNetHdr
 from virtnet.net.skb import SkBuff
 from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.memory import GuestMemory
-from virtnet.virtio.ring.layout import VringViews
 from virtnet.virtio.ring.split import Chain
 
 # -- feature sets: one per path virtnet_probe can pick ---------------------------------------
@@ -184,17 +183,20 @@ def make_pair(
     page_limit: int | None = None,
     fill: bool = True,
     hold: bool = False,
+    packed: bool = False,
 ) -> Pair:
-    """A driver+device pair over one bytearray; ``fill`` posts the rx ring (probe does)."""
-    layout = GuestLayout(queue_size, npages or GuestLayout.pages_for(queue_size))
+    """A driver+device pair over one bytearray; ``fill`` posts the rx ring (probe does);
+    ``packed``: RING_PACKED negotiated, packed rings."""
+    layout = GuestLayout(queue_size, npages or GuestLayout.pages_for(queue_size), packed=packed)
     memory = GuestMemory.from_buffer(bytearray(layout.size))
+    if packed:
+        features |= bit(VirtioF.RING_PACKED)
     pair_box: list[Pair] = []
     drv = build_driver(
         memory, layout, features, strategy, page_limit=page_limit,
         netif_receive_skb=lambda skb: pair_box[0].netif_receive_skb(skb),
     )  # fmt: skip
-    rings = tuple(VringViews.from_memory(memory, a) for a in layout.rings)
-    dev = build_device(memory, rings, features)
+    dev = build_device(memory, layout.ring_views(memory), features)
     pair = Pair(memory, layout, features, drv, dev, hold=hold)
     pair_box.append(pair)
     if fill:

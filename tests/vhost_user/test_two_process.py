@@ -334,10 +334,10 @@ def test_xdp_tx_sends_the_stream_back_to_the_device_intact(tmp_path, device_fact
 XDP_MODULE = """
 from virtnet.net.xdp import XDP_PASS, XDP_REDIRECT
 
-SEQ_AT = 14  # the generator's sequence number follows the Ethernet header
+SEQ_LSB = 21  # the generator's frame: Ethernet header, length, seq (network order) at 18
 
 def pass_even_redirect_odd(data, frags):
-    return XDP_REDIRECT if data[SEQ_AT] & 1 else XDP_PASS
+    return XDP_REDIRECT if data[SEQ_LSB] & 1 else XDP_PASS
 """
 
 

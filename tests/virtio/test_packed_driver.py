@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.virtio.mock import P_AVAIL, P_USED, MockPackedQueue, avail_flags, used_flags
-from virtnet.virtio.errors import QueueFullError, UsedRingError
+from virtnet.virtio.errors import QueueFullError, UsedIndexError, UsedRingError
 from virtnet.virtio.ring.layout import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
@@ -251,3 +251,48 @@ def test_disable_and_enable_cb_write_the_driver_event_area():
     assert drv2.enable_cb() is True
     assert q2.driver_event[1] == VRING_PACKED_EVENT_FLAG_ENABLE
     assert (P_AVAIL, P_USED) == (1 << 7, 1 << 15)  # the mock's wire bits are the spec's (2.8.1)
+
+
+# -- a used descriptor of the other lap (issue 18.7: the packed ring's idx_jump) ------------
+
+
+@pytest.mark.parametrize("lie", [0, P_USED], ids=["both-0", "swapped"])
+def test_a_descriptor_of_the_other_lap_where_a_buffer_is_in_flight_breaks_the_queue(lie):
+    q = MockPackedQueue(4)
+    drv = q.driver()
+    for k in range(3):
+        drv.add_inbuf(q.data(k), 64, k)
+    q.mark_used(0, 64)
+    assert drv.get_buf() == (0, 64)
+    # Slot 1 holds buffer 1, made available in this lap (AVAIL=1 USED=0). Anything but
+    # that or "used in this lap" (both 1) at the driver's position is the other lap's.
+    q.set_flags(1, lie)
+    with pytest.raises(UsedIndexError, match=r"vq 0: descriptor 1 has AVAIL=0 USED=\d .*lap"):
+        drv.get_buf()
+    assert drv.broken and drv.get_buf() is None and drv.get_bufs(4) == []
+    assert not drv.more_used()
+
+
+def test_the_other_lap_is_caught_by_a_burst_after_the_good_entries():
+    q = MockPackedQueue(4)
+    drv = q.driver()
+    for k in range(3):
+        drv.add_inbuf(q.data(k), 64, k)
+    q.mark_used(0, 64)
+    q.set_flags(1, 0)  # AVAIL = USED = 0: lap 0's mark, this is lap 1
+    assert drv.get_bufs(4) == [(0, 64)]  # the good one first, as a burst ends before a bad one
+    with pytest.raises(UsedIndexError):
+        drv.get_bufs(4)
+    assert drv.broken
+
+
+def test_with_nothing_in_flight_an_old_lap_in_the_slot_is_no_lie():
+    q = MockPackedQueue(2)
+    drv = q.driver()
+    assert drv.get_buf() is None  # a fresh ring: flags 0 (AVAIL = USED = 0) everywhere
+    for lap in range(3):  # whole laps: the slot at last_used holds the lap before's mark
+        ids = [drv.add_inbuf(q.data(k), 64, (lap, k)) for k in range(2)]
+        for bid in ids:
+            q.mark_used(bid, 64)
+        assert drv.get_bufs(4) == [((lap, 0), 64), ((lap, 1), 64)]
+        assert drv.get_buf() is None and not drv.broken

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from virtnet._build import PURE
 from virtnet.bench.ping import rtt_text
+from virtnet.ports.synthetic import SINK_COUNTS
 
 # The seed's two columns: "w/o patch" is the pre-patch code, "w/i patch" the seed;
 # "ewma" is what virtio_net grew after it (EWMA-sized buffers from page frags).
@@ -18,7 +19,7 @@ BASELINE, PATCHED, SUCCESSOR = "prealloc", "deferred", "ewma"
 LINEAGE = (BASELINE, PATCHED, SUCCESSOR)
 # What a sink counts against its stream; any of them non-zero fails the run.
 # queue_mismatch (--mode vhost-user): queue pairs whose count differs between the ends.
-INTEGRITY_COUNTS = ("corrupt", "lost", "reordered", "foreign", "queue_mismatch")
+INTEGRITY_COUNTS = (*SINK_COUNTS, "queue_mismatch")
 SEED_LABEL = {"guest-to-host": "guest to host", "host-to-guest": "host to guest"}
 
 

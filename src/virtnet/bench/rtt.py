@@ -22,7 +22,7 @@ import time
 from virtnet.net.skb import SkBuff
 from virtnet.ports.backends import DriverBackend, skb_from_gen
 from virtnet.ports.netns import stop_process
-from virtnet.ports.synthetic import FrameGen
+from virtnet.ports.synthetic import SINK_COUNTS, FrameGen
 
 RTT_SECONDS = 1.0  # ping-pong time per strategy
 RTT_FRAME = 64
@@ -131,8 +131,7 @@ def round_trip(strategy: str, queue_size: int = 256, seconds: float = RTT_SECOND
             stop_process(dev)
     sink = stats.get("backend", {})
     return rtt_summary(probe.rtts_ns, probe.gen.seq) | {
-        "integrity": {k: sink.get(f"sink_{k}", 0) for k in ("corrupt", "lost", "reordered",
-                                                             "foreign")},  # fmt: skip
+        "integrity": {k: sink.get(f"sink_{k}", 0) for k in SINK_COUNTS},
         "frame": RTT_FRAME,
         "path": "driver -> vhost-user -> device loopback -> driver",
     }

@@ -6,7 +6,9 @@ names (driver_stats, net/ratelimit.py), so a run is checked by comparing the two
 
 ``FaultyQueue`` sits between the device and its ring (sans-I/O, like the ring): it
 forwards everything and, when the seeded plan says so, changes a used entry, the
-packet header the device just wrote, the used index, or the answer to needs_notify.
+packet header the device just wrote, the used index (a packed ring's: the wrap
+counter a batch is written with), or the answer to needs_notify. Every kind lies on
+split and packed rings alike.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ FAULT_KINDS: dict[str, str] = {
     "bad_id": "an extra used entry with an id beyond the ring",
     "dup_id": "a used id returned twice in a row",
     "bad_len": "a used length beyond the buffer (rx)",
-    "idx_jump": "the used index jumps over a ring's worth ahead",
+    "idx_jump": "the used index jumps over a ring's worth ahead (packed: a batch "
+    "written with the other lap's wrap counter)",
     "num_buffers_big": "num_buffers beyond every buffer posted",
     "num_buffers_small": "num_buffers one less than used (0 if one)",
     "short": "a packet shorter than header + Ethernet header",
@@ -299,10 +302,12 @@ class FaultyQueue:
         if plan.fire("bad_id", i):
             bogus = plan.rng.randrange(q.num, 0x10000)
             self._count("bad_id", f"used id {bogus} (no such descriptor) before id {head}")
-            q.push_used(bogus, length)
+            self._push_lie(bogus, length)
         elif plan.fire("dup_id", i):
             self._count("dup_id", f"used id {head} len {length} returned twice")
             q.push_used(head, length)
+            self._push_lie(head, length)
+            return
         elif chain is not None and i == RX_Q and plan.fire("bad_len", i):
             bad = chain.in_len + plan.rng.randint(1, 4096)
             self._count("bad_len", f"used id {head} len {bad} > buffer {chain.in_len}")
@@ -310,6 +315,15 @@ class FaultyQueue:
         elif packet is not None and chain is not None:  # (packet is only set with a chain)
             length = self._packet_fault(chain, head, length, packet)
         q.push_used(head, length)
+
+    def _push_lie(self, head: int, length: int) -> None:
+        """A used entry for an id that is no buffer in flight. A split ring writes any
+        id; a packed ring refuses one it did not hand out, so the lie goes round it."""
+        q = self._q
+        if isinstance(q, PackedQueueDevice):
+            q.push_used_unchecked(head, length)
+        else:
+            q.push_used(head, length)
 
     def _packet_buffers(self, chain: Chain) -> int:
         if not self._dev.mergeable:
@@ -371,18 +385,24 @@ class FaultyQueue:
 
     def flush_used(self) -> None:
         q = self._q
-        # A packed ring has no used index to jump: no opportunity there (q.used_idx
-        # would be an AttributeError).
-        if (
-            isinstance(q, SplitQueueDevice)
-            and q.has_unflushed()
-            and self._plan.fire("idx_jump", self._index)
-        ):
+        if not q.has_unflushed() or not self._plan.fire("idx_jump", self._index):
+            q.flush_used()
+        elif isinstance(q, SplitQueueDevice):
             jump = self._plan.rng.randint(q.num + 1, 0x7FFF)
             self._count("idx_jump", f"used idx {q.used_idx} -> {(q.used_idx + jump) & 0xFFFF} "
                         f"(+{jump}, ring of {q.num})")  # fmt: skip
             q.used_idx = (q.used_idx + jump) & 0xFFFF
-        q.flush_used()
+            q.flush_used()
+        else:
+            # A packed ring has no used index: its jump is the wrap counter's. This batch
+            # is written with the other lap's AVAIL/USED bits, as if the used position
+            # were a ring's worth ahead; the counter is put back for the notification.
+            lap = q.used_wrap ^ 1
+            self._count("idx_jump", f"used descriptors from {q.used_pos} written with wrap "
+                        f"counter {lap}, not {q.used_wrap} (ring of {q.num})")  # fmt: skip
+            q.used_wrap ^= 1
+            q.flush_used()
+            q.used_wrap ^= 1
 
     # -- notifications -----------------------------------------------------------
 

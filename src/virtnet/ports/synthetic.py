@@ -1,11 +1,16 @@
 """Synthetic traffic: a generator of verifiable frames and a sink that checks them.
 
 Every frame is an Ethernet header (EtherType 0x88B5, IEEE "local
-experimental"), a 64-bit sequence number, then a slice of a fixed pattern
-that starts at ``seq & 0xff``: any lost, duplicated, reordered or corrupted
-byte is caught by one comparison, and the generator never builds a frame —
+experimental"), the frame's own length and its 32-bit sequence number (network
+order, 22 bytes in all), then a slice of a fixed pattern that starts at
+``seq & 0xff``. The sink reads those three fields with one unpack and compares
+the rest in place: a frame cut short or grown, duplicated, reordered, lost or
+corrupted is counted under its own name. The generator never builds a frame —
 it hands out views of the pattern (the device's copy into guest memory is the
 only copy, as a NIC's DMA would be).
+
+A sink checks one stream, the frames of one generator: with N queue pairs every
+pair has a generator and a sink of its own, so sequence numbers never mix.
 """
 
 from __future__ import annotations
@@ -26,8 +31,12 @@ ETH_P_LOCAL_EXP: Final = 0x88B5
 SRC_MAC: Final = bytes.fromhex("525400000002")
 DST_MAC: Final = bytes.fromhex("525400000001")
 _ETH: Final = struct.Struct("!6s6sH")
-_SEQ: Final = struct.Struct("<Q")
-PREFIX_LEN: Final = ETH_HLEN + _SEQ.size  # 22
+_TAG: Final = struct.Struct("!I")  # the frame's length, after the Ethernet header
+_PREFIX: Final = struct.Struct("!18sI")  # Ethernet header + length (made once), seq
+_HEADER: Final = struct.Struct("!12xHII")  # what the sink reads: EtherType, length, seq
+PREFIX_LEN: Final = _PREFIX.size  # 22
+SEQ_MASK: Final = 0xFFFFFFFF  # sequence numbers wrap at 2^32 (a multiple of the pattern's 256)
+_SEQ_HALF: Final = 1 << 31  # a number this far ahead or more is behind (RFC 1982)
 MIN_FRAME: Final = PREFIX_LEN
 MAX_FRAME: Final = 65536 + ETH_HLEN
 PATTERN: Final = bytes(range(256)) * ((MAX_FRAME + 512) // 256)
@@ -44,8 +53,20 @@ def vnet_hdr_for(frame_len: int) -> bytes:
     return MRG_HDR.pack(0, VIRTIO_NET_HDR_GSO_TCPV4, 66, TCP_MSS, 0, 0, 0)
 
 
-def frame_prefix(seq: int, src: bytes = SRC_MAC, dst: bytes = DST_MAC) -> bytes:
-    return _ETH.pack(dst, src, ETH_P_LOCAL_EXP) + _SEQ.pack(seq)
+# What the sink counts against its stream, each a way a frame can be wrong; in the
+# backends' stats as sink_KIND, in a bench record's "integrity": any of them fails a run.
+SINK_COUNTS: Final = ("corrupt", "lost", "short", "long", "duplicated", "reordered", "foreign")
+
+
+def frame_head(frame_len: int, src: bytes = SRC_MAC, dst: bytes = DST_MAC) -> bytes:
+    """The first 18 bytes of every frame of this length: Ethernet header, length."""
+    return _ETH.pack(dst, src, ETH_P_LOCAL_EXP) + _TAG.pack(frame_len)
+
+
+def frame_prefix(
+    seq: int, frame_len: int, src: bytes = SRC_MAC, dst: bytes = DST_MAC
+) -> bytes:
+    return _PREFIX.pack(frame_head(frame_len, src, dst), seq & SEQ_MASK)
 
 
 def pattern_view(seq: int, frame_len: int) -> memoryview:
@@ -65,9 +86,9 @@ class FrameGen:
         self.src = src
         self.dst = dst
         self.hdr = vnet_hdr_for(size)
-        # Made once, not per frame: the Ethernet header, and the payload view for
-        # each of the pattern's 256 starting offsets (seq & 0xff picks one).
-        self._eth = _ETH.pack(dst, src, ETH_P_LOCAL_EXP)
+        # Made once, not per frame: the Ethernet header and length, and the payload
+        # view for each of the pattern's 256 starting offsets (seq & 0xff picks one).
+        self._head = frame_head(size, src, dst)
         self._payloads = [pattern_view(off, size) for off in range(256)]
 
     def peek(self) -> list[bytes | memoryview]:
@@ -75,8 +96,8 @@ class FrameGen:
         return [self.prefix(), self.payload()]
 
     def prefix(self) -> bytes:
-        """The next frame's Ethernet header and sequence number."""
-        return self._eth + _SEQ.pack(self.seq)
+        """The next frame's Ethernet header, length and sequence number."""
+        return _PREFIX.pack(self._head, self.seq & SEQ_MASK)
 
     def payload(self) -> memoryview:
         """The rest of the next frame: a view of the pattern."""
@@ -87,7 +108,7 @@ class FrameGen:
 
     def write_into(self, dst: memoryview, seq: int) -> None:
         """Write frame ``seq`` into ``dst`` (a guest page run), for guest-side senders."""
-        prefix = frame_prefix(seq, self.src, self.dst)
+        prefix = frame_prefix(seq, self.size, self.src, self.dst)
         dst[:PREFIX_LEN] = prefix
         dst[PREFIX_LEN : self.size] = pattern_view(seq, self.size)
 
@@ -97,23 +118,42 @@ class FrameGen:
 class SinkStats:
     packets: int = 0
     bytes: int = 0
-    corrupt: int = 0
-    lost: int = 0  # sequence numbers skipped
-    reordered: int = 0
+    corrupt: int = 0  # the payload differs from the pattern
+    lost: int = 0  # sequence numbers skipped and not seen since
+    short: int = 0  # fewer bytes than the frame's header says (or not even a header)
+    long: int = 0  # more bytes than the frame's header says
+    duplicated: int = 0  # a sequence number seen before
+    reordered: int = 0  # a sequence number skipped earlier that came late
     foreign: int = 0  # frames that are not ours (counted, not checked)
     errors: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """SINK_COUNTS by name."""
+        return {"corrupt": self.corrupt, "lost": self.lost, "short": self.short,
+                "long": self.long, "duplicated": self.duplicated,
+                "reordered": self.reordered, "foreign": self.foreign}  # fmt: skip
 
 
 @final
 class FrameSink:
-    """Checks every byte of every frame against the generator's pattern."""
+    """Checks every frame of one generator's stream: its length against its header,
+    its sequence number against the stream's, every byte against the pattern."""
 
     MAX_ERRORS_KEPT: Final = 10
+    # Gaps remembered, so that a frame that comes late is told from a duplicate; past
+    # this many the oldest is forgotten (a frame of it is then counted duplicated).
+    MAX_GAPS: Final = 64
 
     def __init__(self, verify: bool = True) -> None:
         self.stats = SinkStats()
-        self.expected = 0
+        self.expected = 0  # the next sequence number, counted from the stream's start
+        self.gaps: list[tuple[int, int]] = []  # [lo, hi) skipped, oldest first
         self.verify = verify
+
+    def restart(self) -> None:
+        """A new stream: a new front-end's generator starts again at frame 0."""
+        self.expected = 0
+        self.gaps.clear()
 
     def receive(self, frame: bytes | bytearray | Sequence[memoryview | bytes]) -> bool:
         """``frame`` is bytes or a list of views (header excluded); True if intact."""
@@ -125,26 +165,74 @@ class FrameSink:
         else:
             data = b"".join(frame)
         st = self.stats
+        n = len(data)
         st.packets += 1
-        st.bytes += len(data)
-        if len(data) < PREFIX_LEN or data[12] != 0x88 or data[13] != 0xB5:  # EtherType
+        st.bytes += n
+        if n < PREFIX_LEN:
+            return self._runt(data, n)
+        ethertype, length, seq = _HEADER.unpack_from(data)
+        if ethertype != ETH_P_LOCAL_EXP:
             st.foreign += 1
             return True
         if not self.verify:
             return True
-        seq: int = _SEQ.unpack_from(data, ETH_HLEN)[0]
-        if seq != self.expected:
-            if seq > self.expected:
-                st.lost += seq - self.expected
+        ok = True
+        if seq == self.expected & SEQ_MASK:
+            self.expected += 1
+        else:
+            ok = self._out_of_order(seq, n)
+        if n != length:
+            if n < length:
+                st.short += 1
             else:
-                st.reordered += 1
-        self.expected = seq + 1
-        off = seq & 0xFF
+                st.long += 1
+            self._error(f"frame seq {seq}: {n} bytes, its header says {length}")
+            return False
         # One memcmp against the pattern in place, no slice of either copied
         # (a memoryview == memoryview comparison would go item by item).
-        if not PATTERN.startswith(memoryview(data)[PREFIX_LEN:], off):
+        if not PATTERN.startswith(memoryview(data)[PREFIX_LEN:], seq & 0xFF):
             st.corrupt += 1
-            if len(st.errors) < self.MAX_ERRORS_KEPT:
-                st.errors.append(f"frame seq {seq} ({len(data)} bytes): payload differs")
+            self._error(f"frame seq {seq} ({n} bytes): payload differs")
             return False
-        return True
+        return ok
+
+    def _error(self, message: str) -> None:
+        if len(self.stats.errors) < self.MAX_ERRORS_KEPT:
+            self.stats.errors.append(message)
+
+    def _runt(self, data: bytes | bytearray | memoryview, n: int) -> bool:
+        """A frame too short for our header: ours cut short when it says our EtherType
+        or is not even an Ethernet header (nobody's frame is that short), else foreign."""
+        if n >= ETH_HLEN and (data[12] << 8 | data[13]) != ETH_P_LOCAL_EXP:
+            self.stats.foreign += 1
+            return True
+        self.stats.short += 1
+        self._error(f"a {n}-byte frame: cut before its {PREFIX_LEN}-byte header ends")
+        return False
+
+    def _out_of_order(self, seq: int, n: int) -> bool:
+        """``seq`` is not the next one: ahead (the frames between are lost, unless they
+        come late), a skipped one coming late (reordered), or one seen (duplicated)."""
+        st, expected = self.stats, self.expected
+        ahead = (seq - expected) & SEQ_MASK
+        if ahead < _SEQ_HALF:
+            st.lost += ahead
+            gaps = self.gaps
+            gaps.append((expected, expected + ahead))
+            if len(gaps) > self.MAX_GAPS:
+                del gaps[0]
+            self.expected = expected + ahead + 1
+            return True
+        behind = expected - (SEQ_MASK + 1 - ahead)  # the frame's place in the stream
+        gaps = self.gaps
+        for k in range(len(gaps) - 1, -1, -1):
+            lo, hi = gaps[k]
+            if lo <= behind < hi:
+                gaps[k : k + 1] = [g for g in ((lo, behind), (behind + 1, hi)) if g[0] < g[1]]
+                st.lost -= 1
+                st.reordered += 1
+                self._error(f"frame seq {seq} ({n} bytes): late, after seq {expected - 1}")
+                return False
+        st.duplicated += 1
+        self._error(f"frame seq {seq} ({n} bytes): seen before (after seq {expected - 1})")
+        return False

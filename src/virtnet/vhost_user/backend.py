@@ -517,9 +517,6 @@ class DeviceServer:
             raise ValueError(f"--queues {self.queues}: 1..{MAX_QUEUE_PAIRS} queue pairs")
         self.faults = faults
         self.offered = offered_features(self.queues) & ~features_off
-        if faults is not None:
-            # The injected lies (bogus ids, used index jumps) are written for split rings.
-            self.offered &= ~bit(VirtioF.RING_PACKED)
         # What each worker's PairLoop runs with (faults: self.faults).
         self._coalesce = DEFAULT_COALESCE | (coalesce or {})
         self._busy_poll = busy_poll_us / 1e6

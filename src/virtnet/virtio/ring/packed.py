@@ -37,6 +37,7 @@ from virtnet.virtio.errors import (
     AvailIndexError,
     DescriptorError,
     QueueFullError,
+    UsedIndexError,
     UsedRingError,
 )
 from virtnet.virtio.memory import GuestMemory
@@ -343,6 +344,20 @@ class PackedQueueDriver:
             bid,
         )
 
+    def _wrap_lie(self, word: int) -> UsedIndexError:
+        # With buffers in flight the slot at last_used holds what the driver made
+        # available in this lap (AVAIL = used_wrap, USED = its inverse) or what the device
+        # marked used in it (both = used_wrap); the other two flag states name the other
+        # lap: the device's used position a ring's worth off (split: used idx > num ahead).
+        self.broken = True
+        a = (word >> 48) & VRING_PACKED_DESC_F_AVAIL != 0
+        u = (word >> 48) & VRING_PACKED_DESC_F_USED != 0
+        return UsedIndexError(
+            f"vq {self.index}: descriptor {self.last_used} has AVAIL={a:d} USED={u:d} with "
+            f"{self.num - self.num_free} slots in flight and used wrap counter "
+            f"{self.used_wrap}: written for the other lap"
+        )
+
     def get_buf(self) -> tuple[object, int] | None:
         """The next used buffer as (token, used length), or None (virtqueue_get_buf).
 
@@ -355,6 +370,8 @@ class PackedQueueDriver:
         pos = self.last_used
         word = self._desc[2 * pos + 1]
         if word & _AU != self._used_bits:
+            if word & _AU != self._used_bits ^ _USED and self.num_free < self.num:
+                raise self._wrap_lie(word)
             return None
         bid = (word >> 32) & 0xFFFF
         # 2.8.4: the length is meaningful only with WRITE set in the used descriptor.
@@ -900,6 +917,13 @@ class PackedQueueDevice:
                 raise ValueError(f"vq {self.index}: push_used of buffer id {head}, not in flight")
             inflight[head] = 0
             shadow.append(((length & _U32) | (head << 32) | (_WRITE if length else 0), slots))
+
+    def push_used_unchecked(self, head: int, length: int) -> None:
+        """A used descriptor naming ``head`` whether it is in flight or not (an id out
+        of range, one already used): a lie only ``virtnet device --faults`` tells, one
+        slot long (net/faults.py)."""
+        word = (length & _U32) | ((head & 0xFFFF) << 32) | (_WRITE if length else 0)
+        self._shadow.append((word, 1))
 
     def has_unflushed(self) -> bool:
         """Whether ``push_used`` queued buffers that ``flush_used`` has not written."""
