@@ -125,7 +125,7 @@ class EmbeddedRun:
             self.guest_to_host()
 
     def _netif_receive_skb(self, skb: SkBuff) -> None:
-        self.rx_sink.receive(skb.to_bytes())
+        self.rx_sink.check(skb.to_bytes())
         skb.free()
 
     def _allowed(self, budget: int, gen: FrameGen, held: bool = False) -> int:
