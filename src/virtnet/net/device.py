@@ -31,6 +31,9 @@ RX_POP_BURST: Final = 64
 
 # A frame's pieces as a source hands them over (bytes, or views into its buffers).
 Piece = bytes | memoryview
+# A first frame piece up to this long is joined to the virtio-net header before the
+# copy into guest memory (receive_packet), not stored after it on its own.
+HEADER_MERGE_MAX: Final = 128
 # The device side of a ring; --faults puts a FaultyQueue in front of it (faults.install).
 DeviceQueue = SplitQueueDevice | PackedQueueDevice | FaultyQueue
 
@@ -291,9 +294,20 @@ class VirtnetDevice:
                 if hdr is not self._hdr_seen:
                     self._hdr_seen = hdr
                     self._hdr_one = hdr[:NUM_BUFFERS_OFFSET] + ONE_BUFFER
-                off = self.hdr_len
-                dst[:off] = self._hdr_one
-                for v in frame:
+                first = frame[0]
+                if isinstance(first, bytes) and len(first) <= HEADER_MERGE_MAX:
+                    # Header and a short first piece (a stack's headers) in one
+                    # store: a bytes concatenation is cheaper than a slice store.
+                    piece = self._hdr_one + first
+                    off = len(piece)
+                    dst[:off] = piece
+                    rest = 1
+                else:
+                    off = self.hdr_len
+                    dst[:off] = self._hdr_one
+                    rest = 0
+                for k in range(rest, len(frame)):
+                    v = frame[k]
                     end = off + len(v)
                     dst[off:end] = v
                     off = end

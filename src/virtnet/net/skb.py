@@ -348,7 +348,8 @@ class SkBuff:
 
     def to_bytes(self) -> bytes:
         if not self.frags:  # a small packet: all of it was copied into the head
-            return bytes(self.head[NET_IP_ALIGN : NET_IP_ALIGN + self.head_len])
+            # .tobytes(): compiled, bytes() of a view or a bytearray is a generic call.
+            return self._head_view[NET_IP_ALIGN : NET_IP_ALIGN + self.head_len].tobytes()
         return b"".join(self.data_views())
 
     def free(self) -> None:

@@ -353,7 +353,7 @@ class SinkDriver(DriverBackend):
 
 def skb_from_gen(drv: VirtnetDriver, gen: FrameGen) -> SkBuff | None:
     """Build the next frame the way a guest stack does: prefix in the head, data in pages."""
-    prefix = gen.prefix()
+    whole = gen.whole()
     data = gen.payload()
     if len(data) > GOOD_COPY_LEN and drv.pool.available < len(data) // PAGE_SIZE + 1:
         return None  # the socket's send buffer is full: wait for tx completions
@@ -361,7 +361,11 @@ def skb_from_gen(drv: VirtnetDriver, gen: FrameGen) -> SkBuff | None:
     if skb is None:
         return None
     skb.vnet_hdr = gen.hdr
-    skb.put(prefix)
+    if whole is not None:  # a small frame in one piece: all linear, one copy
+        skb.put(whole)
+        gen.advance()
+        return skb
+    skb.put(gen.prefix())
     if len(data) <= skb.tailroom:
         skb.put(data)  # a small frame is all linear, as a stack builds it
         gen.advance()

@@ -6,9 +6,10 @@ order, 22 bytes in all), then a slice of a fixed pattern that starts at
 ``seq & 0xff``. The sink copies a frame out of guest memory once, reads those
 three fields and compares the rest with the pattern (one memcmp): a frame cut
 short or grown, duplicated, reordered, lost or
-corrupted is counted under its own name. The generator never builds a frame —
-it hands out views of the pattern (the device's copy into guest memory is the
-only copy, as a NIC's DMA would be).
+corrupted is counted under its own name. The generator never builds a large
+frame — it hands out views of the pattern (the device's copy into guest memory
+is the only copy, as a NIC's DMA would be); a small one (up to 128 bytes: 64 B,
+an ACK) it hands out whole, as one bytes object, which costs less than two pieces.
 
 A sink checks one stream, the frames of one generator: with N queue pairs every
 pair has a generator and a sink of its own, so sequence numbers never mix.
@@ -38,6 +39,8 @@ PREFIX_LEN: Final = _PREFIX.size  # 22
 SEQ_MASK: Final = 0xFFFFFFFF  # sequence numbers wrap at 2^32 (a multiple of the pattern's 256)
 _SEQ_HALF: Final = 1 << 31  # a number this far ahead or more is behind (RFC 1982)
 MIN_FRAME: Final = PREFIX_LEN
+WHOLE_FRAME_MAX: Final = 128  # FrameGen hands out frames up to this size as one piece
+_BYTE: Final = [bytes((i,)) for i in range(256)]
 MAX_FRAME: Final = 65536 + ETH_HLEN
 PATTERN: Final = bytes(range(256)) * ((MAX_FRAME + 512) // 256)
 _PATTERN_VIEW: Final = memoryview(PATTERN)
@@ -90,14 +93,37 @@ class FrameGen:
         # view for each of the pattern's 256 starting offsets (seq & 0xff picks one).
         self._head = frame_head(size, src, dst)
         self._payloads = [pattern_view(off, size) for off in range(256)]
+        # A small frame (64 B, an ACK) is handed out whole, one bytes object: one
+        # copy of its few bytes costs less than a second piece to store.
+        self._whole = (
+            [bytes(v) for v in self._payloads] if size <= WHOLE_FRAME_MAX else None
+        )
+        # The prefix but its last byte, remade once every 256 frames.
+        self._upper = b""
+        self._upper_seq = -1
 
     def peek(self) -> list[bytes | memoryview]:
-        """The next frame as [prefix, pattern view] without consuming it."""
+        """The next frame without consuming it: [prefix, pattern view], or for a
+        small frame [the whole frame]."""
+        whole = self.whole()
+        if whole is not None:
+            return [whole]
         return [self.prefix(), self.payload()]
+
+    def whole(self) -> bytes | None:
+        """The next frame as one bytes object if it is small (None if not)."""
+        payloads = self._whole
+        if payloads is None:
+            return None
+        return self.prefix() + payloads[self.seq & 0xFF]
 
     def prefix(self) -> bytes:
         """The next frame's Ethernet header, length and sequence number."""
-        return self._head + (self.seq & SEQ_MASK).to_bytes(4, "big")  # _PREFIX's seq
+        seq = self.seq & SEQ_MASK
+        if seq >> 8 != self._upper_seq:
+            self._upper_seq = seq >> 8
+            self._upper = self._head + (seq >> 8).to_bytes(3, "big")  # _PREFIX's seq
+        return self._upper + _BYTE[seq & 0xFF]
 
     def payload(self) -> memoryview:
         """The rest of the next frame: a view of the pattern."""
