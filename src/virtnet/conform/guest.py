@@ -205,6 +205,20 @@ class Rings:
                    packed=bool(features & bit(VirtioF.RING_PACKED)),
                    event_idx=bool(features & bit(VirtioF.RING_EVENT_IDX)))  # fmt: skip
 
+    def split_addrs(self, q: int) -> VringAddrs:
+        """Ring ``q``'s addresses, for a raw writer of split rings."""
+        addrs = self.addrs[q]
+        if not isinstance(addrs, VringAddrs):
+            raise ValueError(f"ring {q} is packed")
+        return addrs
+
+    def packed_addrs(self, q: int) -> PackedAddrs:
+        """Ring ``q``'s addresses, for a raw writer of packed rings."""
+        addrs = self.addrs[q]
+        if not isinstance(addrs, PackedAddrs):
+            raise ValueError(f"ring {q} is split")
+        return addrs
+
     # -- set-up ------------------------------------------------------------------
 
     def start_base(self) -> int:
