@@ -316,7 +316,8 @@ virtnet as a vhost-user front-end, case by case, against the back-end listening 
 SOCKET: conformance (QEMU's message order, features, REPLY_ACK, several memory
 regions, ring stop/restart, GET_VRING_BASE, SET_VRING_ENABLE, frames echoed intact
 with correct headers, mergeable and not) and robustness (malformed messages, wrong
-fd counts, hostile descriptor chains, a shrunk memfd, a front-end that stops reading).
+fd counts, hostile split and packed descriptor chains, checksum requests past the
+frame, control-queue bounds, a shrunk memfd, a front-end that stops reading).
 
 The data cases run once per ring kind (split, packed) and EVENT_IDX setting (on, off):
 "data-mergeable/packed/event-idx-on"; --ring and --event-idx choose the cells.
@@ -347,9 +348,11 @@ def _add_conform(sub) -> None:
     p.add_argument("--timeout", type=float, default=20.0, metavar="S",
                    help="seconds per case before it counts as a hang (default 20)")  # fmt: skip
     p.add_argument("--ring", type=_str_list(("split", "packed")), default=["split", "packed"],
+                   metavar="KINDS",
                    help="ring kinds the data cases run on (default: split,packed; a kind "
                         "the back-end does not offer is reported 'not offered')")  # fmt: skip
     p.add_argument("--event-idx", type=_str_list(("on", "off")), default=["on", "off"],
+                   metavar="SETTINGS",
                    help="EVENT_IDX settings the data cases run with (default: on,off)")
     p.set_defaults(conform_parser=p)
 
