@@ -137,10 +137,18 @@ def csum_past_frame(ctx: Context) -> str:
                               f"gso_type {p.hdr.gso_type}, GUEST_CSUM not negotiated "
                               "(5.1.6.4.1: flags MUST be 0)")  # fmt: skip
         back[k] = p.frame
+    changed = []
     for k in range(len(bad)):
         if k in back and back[k] != sent[k]:
-            raise CaseFailure(f"frame {k} (csum_start {bad[k][0]}, csum_offset {bad[k][1]}, "
-                              f"{n} bytes) came back changed")  # fmt: skip
+            got = back[k]
+            at = [i for i in range(min(len(got), n)) if got[i] != sent[k][i]]
+            changed.append(f"frame {k} (csum_start {bad[k][0]}, csum_offset {bad[k][1]}, "
+                           f"{n} bytes) came back changed: {len(got)} bytes, bytes {at} "
+                           f"differ ({bytes(got[i] for i in at).hex()} for "
+                           f"{bytes(sent[k][i] for i in at).hex()})")  # fmt: skip
+    if changed:
+        fine = [k for k in range(len(bad)) if k not in back or back[k] == sent[k]]
+        raise CaseFailure("; ".join(changed) + f" (frames {fine}: dropped or unchanged)")
     dropped = [k for k in range(len(bad)) if k not in back]
     valid = back.get(10)
     if valid is None:
