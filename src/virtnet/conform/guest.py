@@ -524,7 +524,7 @@ class RawPackedRing:
         """(id, len) of the used descriptors from slot ``start`` in the lap with wrap
         counter ``wrap`` (a used descriptor: AVAIL = USED = wrap; 2.8.1), stepping by the
         slots each named buffer took and flipping the lap at the ring's end; it stops at an
-        id never made available (where the next used descriptor is is then unknown)."""
+        id never made available (where the next used descriptor is, is then unknown)."""
         out: list[tuple[int, int]] = []
         pos, num = start, self.addrs.num
         while len(out) < num:
@@ -532,9 +532,13 @@ class RawPackedRing:
             _addr, length, bid, flags = PACKED_DESC.unpack(raw)
             if flags & (P_AVAIL | P_USED) != (P_AVAIL | P_USED if wrap else 0):
                 break
-            out.append((bid, length))
             if bid not in self.ndescs:
+                # Lap 1: a used descriptor naming an id never made available (reported).
+                # Lap 2: AVAIL = USED = 0 is also a slot nobody wrote yet: not reported.
+                if wrap:
+                    out.append((bid, length))
                 break
+            out.append((bid, length))
             pos += self.ndescs[bid]
             if pos >= num:
                 pos -= num
