@@ -9,6 +9,9 @@ conformance cases need a back-end that echoes tx frames to rx unchanged, each qu
 to itself: ``virtnet device --backend loopback --queues 2``, DPDK testpmd
 ``--forward-mode=io --rxq=2 --txq=2`` on a single port with ``queues=2``. The multiqueue
 cases (``mq-*``) are skipped unless the back-end has PROTOCOL_F_MQ and two queue pairs.
+The data cases run once per cell of a matrix (``Cell``): split or packed rings, EVENT_IDX
+acked or not; a cell the back-end does not offer is "not offered". cases_packed.py and
+cases_net.py add their cases to the same list.
 robustness cases need nothing from the back-end but to survive them: each one is
 something a hostile or broken front-end sends, and what the back-end answers is
 reported; they fail only where the spec leaves no choice (a REPLY_ACK success for a
