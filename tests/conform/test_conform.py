@@ -1,7 +1,13 @@
 """``virtnet conform`` as a user runs it: a subprocess against a real ``virtnet device``.
 
-* every case passes against ``virtnet device --backend loopback --queues 2`` (the
-  multiqueue cases need two pairs); with ``--queues 1`` they are skipped, saying why;
+* every case passes (or, where the spec defines no answer, survives) against ``virtnet
+  device --backend loopback --queues 2``, every data case on split and packed rings with
+  EVENT_IDX on and off (the multiqueue cases need two pairs); with ``--queues 1`` they are
+  skipped, saying why; a device that offers neither RING_PACKED nor EVENT_IDX gets those
+  cells "not offered";
+* a device with a planted bug fails: one that loses the packed wrap counter, one that
+  signals the wrong call eventfd (no rx notification with EVENT_IDX), one that echoes a
+  NEEDS_CSUM header to a guest without GUEST_CSUM (main before the fix);
 * a memfd that allows no seals, shrunk under the device, kills only a queue pair's worker
   (its own test says so);
 * exit status 1 when the back-end answers one message wrong, and when it dies mid-run
@@ -29,14 +35,24 @@ from pathlib import Path
 import pytest
 
 from tests.vhost_user.conftest import DeviceProcess
-from virtnet.conform.cases import CASES
+from virtnet.conform.cases import CASES, RING_KINDS, cells, expand
 from virtnet.vhost_user.messages import HEADER, FrontendRequest, VringState
 
 CONFORM = [sys.executable, "-m", "virtnet", "conform"]
 RUN_TIMEOUT = 300  # the whole run; every case has its own --timeout inside
-ALL = [c.name for c in CASES]
+ALL = [c.name for c in expand(CASES)]  # the matrix cases once per ring kind x EVENT_IDX
+FAMILIES = [c.name for c in CASES]
 UNSEALABLE = "memfd-shrunk-unsealable"
 MQ_CASES = ["mq-pairs", "mq-enable-unset-ring"]
+DM_ONE = "data-mergeable/split/event-idx-off"  # one cell, where a test needs one case
+# virtnet device keeps the control queue to the front-end (as QEMU): vring 2N is refused.
+EXPECTED_SKIPS = {"ctrl-bounds"}
+
+
+def expected_status(c) -> str:
+    if c.family in EXPECTED_SKIPS:
+        return "skipped"
+    return "survived" if c.survive else "passed"
 
 
 def conform(*args: str) -> tuple[int, str, str]:
@@ -61,13 +77,29 @@ def loopback(device_factory) -> DeviceProcess:
 
 
 def test_every_case_passes_against_virtnet_device(loopback, tmp_path):
-    rc, doc, out = run_json(tmp_path, loopback.socket_path, *ALL)
+    """The default run: every case, each data case in each of the 4 cells."""
+    rc, doc, out = run_json(tmp_path, loopback.socket_path)
     statuses = {c["name"]: c["status"] for c in doc["cases"]}
-    assert statuses == dict.fromkeys(ALL, "passed"), f"{out}\ndevice:\n{loopback.stderr()}"
+    want = {c.name: expected_status(c) for c in expand(CASES)}
+    assert statuses == want, f"{out}\ndevice:\n{loopback.stderr()}"
     assert rc == 0
     details = {c["name"]: c["detail"] for c in doc["cases"]}
-    assert details["mq-pairs"].startswith("2 queue pairs; pairs 0 and 1 echo")
+    for ring in RING_KINDS:
+        for ei in ("on", "off"):
+            cell = f"{ring}/event-idx-{ei}"
+            assert details[f"mq-pairs/{cell}"].startswith("2 queue pairs; pairs 0 and 1 echo")
+            assert "bad frames dropped [0, 1, 2, 3, 4]" in details[f"csum-past-frame/{cell}"]
+            assert "completed (a valid UDP checksum)" in details[f"csum-past-frame/{cell}"]
     assert details["vring-index-out-of-range"].startswith("vring 4 (2 queue pairs)")
+    assert "vring 4 (the control queue) is refused" in details["ctrl-bounds"]
+    matrix = [c for c in expand(CASES) if c.cell is not None]
+    per_cell = {f"{r}/event-idx-{e}": {"passed": sum(not c.survive for c in matrix) // 4,
+                                    "survived": sum(c.survive for c in matrix) // 4}
+             for r in RING_KINDS for e in ("on", "off")}  # fmt: skip
+    assert doc["cells"] == per_cell
+    row = next(c for c in doc["cases"] if c["name"] == "data-mergeable/packed/event-idx-on")
+    assert (row["case"], row["ring"], row["event_idx"]) == ("data-mergeable", "packed", True)
+    assert "note: survived: the spec says nothing" in " ".join(out.split())
     assert "device running: queue pair 1" in loopback.stderr()
     assert loopback.alive()
     assert "Traceback" not in loopback.stderr()
@@ -78,7 +110,9 @@ def test_with_one_queue_pair_the_mq_cases_are_skipped_saying_why(device_factory,
     rc, doc, out = run_json(tmp_path, one.socket_path, *MQ_CASES, "vring-index-out-of-range")
     cases = {c["name"]: c for c in doc["cases"]}
     assert rc == 0, out
-    for name in MQ_CASES:
+    mq = [n for n in cases if n.split("/")[0] in MQ_CASES]
+    assert len(mq) == 5  # mq-pairs in each of its 4 cells, mq-enable-unset-ring
+    for name in mq:
         assert cases[name]["status"] == "skipped", out
         assert cases[name]["detail"] == "GET_QUEUE_NUM 1: fewer than 2 queue pairs"
     oor = cases["vring-index-out-of-range"]
@@ -91,7 +125,7 @@ def test_an_unsealable_memfd_shrunk_under_it_kills_only_a_worker(loopback, tmp_p
     memory: the device names it, fails that session and serves the next front-end."""
     rc, doc, out = run_json(tmp_path, loopback.socket_path, UNSEALABLE)
     (result,) = doc["cases"]
-    assert rc == 0 and result["status"] == "passed", out
+    assert rc == 0 and result["status"] == "survived", out
     err = loopback.stderr()
     assert "F_SEAL_SHRINK refused" in err
     assert "queue pair 0: its worker" in err and "was killed by SIGBUS" in err, err
@@ -101,7 +135,7 @@ def test_an_unsealable_memfd_shrunk_under_it_kills_only_a_worker(loopback, tmp_p
 def test_list_names_every_case_and_help_explains(tmp_path):
     rc, stdout, _ = conform("--list")
     assert rc == 0
-    for name in ALL:
+    for name in FAMILIES:
         assert name in stdout
     rc, stdout, _ = conform("--help")
     assert rc == 0 and "--junit-xml" in stdout and "loopback" in stdout
@@ -116,6 +150,41 @@ def test_usage_errors_exit_2(argv):
     assert "virtnet conform" in stderr
 
 
+def test_ring_and_event_idx_choose_the_cells(loopback, tmp_path):
+    """--case names a whole matrix case or one cell; --ring / --event-idx cut the matrix."""
+    rc, doc, out = run_json(tmp_path, loopback.socket_path, "data-mergeable", "desc-loop",
+                            "tx-chains/split/event-idx-on")  # fmt: skip
+    assert rc == 0, out
+    assert [c["name"] for c in doc["cases"]] == [
+        *(f"data-mergeable/{r}/event-idx-{e}" for r in RING_KINDS for e in ("on", "off")),
+        "tx-chains/split/event-idx-on", "desc-loop"]
+    out_json = tmp_path / "cut.json"
+    rc, _, err = conform(loopback.socket_path, "--ring", "packed", "--event-idx", "off",
+                         "--case", "data-nonmergeable", "--json", str(out_json))  # fmt: skip
+    assert rc == 0, err
+    assert [c["name"] for c in json.loads(out_json.read_text())["cases"]] == [
+        "data-nonmergeable/packed/event-idx-off"]
+    rc, _, err = conform(loopback.socket_path, "--ring", "ring", "--case", "desc-loop")
+    assert rc == 2 and "choose from split, packed" in err
+
+
+def test_cells_a_device_does_not_offer_are_not_offered_not_failed(device_factory, tmp_path):
+    plain = device_factory("loopback", name="plain",
+                           extra=("--features-off", "RING_PACKED,RING_EVENT_IDX"))  # fmt: skip
+    rc, doc, out = run_json(tmp_path, plain.socket_path, "data-mergeable", "packed-id-in-flight")
+    assert rc == 0, out
+    statuses = {c["name"]: c["status"] for c in doc["cases"]}
+    assert statuses == {"data-mergeable/split/event-idx-on": "not offered",
+                        "data-mergeable/split/event-idx-off": "passed",
+                        "data-mergeable/packed/event-idx-on": "not offered",
+                        "data-mergeable/packed/event-idx-off": "not offered",
+                        "packed-id-in-flight": "not offered"}, out  # fmt: skip
+    detail = {c["name"]: c["detail"] for c in doc["cases"]}
+    assert detail["data-mergeable/packed/event-idx-off"] == \
+        "the back-end does not offer RING_PACKED (packed/event-idx-off)"
+    assert doc["summary"]["not offered"] == 4
+
+
 # -- broken back-ends ----------------------------------------------------------------
 
 
@@ -128,9 +197,12 @@ class FaultyProxy:
     """
 
     def __init__(self, path: str, upstream: str, *, corrupt: int = 0, die_at: int = 0,
-                 rewrite: Callable[[bytes], bytes] | None = None) -> None:  # fmt: skip
+                 rewrite: Callable[[bytes], bytes] | None = None,
+                 swap_fds: Callable[[bytes, list[int]], list[int]] | None = None,
+                 ) -> None:  # fmt: skip
         self.path, self.upstream = path, upstream
         self.corrupt, self.die_at, self.rewrite = corrupt, die_at, rewrite
+        self.swap_fds = swap_fds
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(4)
@@ -153,8 +225,9 @@ class FaultyProxy:
             up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             up.connect(self.upstream)
             flip = self.connections == self.corrupt
-            for a, b, f, rw in ((conn, up, False, self.rewrite), (up, conn, flip, None)):
-                t = threading.Thread(target=_pump, args=(a, b, f, rw), daemon=True)
+            for a, b, f, rw, sw in ((conn, up, False, self.rewrite, self.swap_fds),
+                                    (up, conn, flip, None, None)):  # fmt: skip
+                t = threading.Thread(target=_pump, args=(a, b, f, rw, sw), daemon=True)
                 t.start()
                 self.threads.append(t)
 
@@ -167,7 +240,8 @@ class FaultyProxy:
 
 
 def _pump(src: socket.socket, dst: socket.socket, flip: bool,
-          rewrite: Callable[[bytes], bytes] | None = None) -> None:  # fmt: skip
+          rewrite: Callable[[bytes], bytes] | None = None,
+          swap_fds: Callable[[bytes, list[int]], list[int]] | None = None) -> None:  # fmt: skip
     fd_space = socket.CMSG_SPACE(16 * 4)
     try:
         while True:
@@ -186,9 +260,10 @@ def _pump(src: socket.socket, dst: socket.socket, flip: bool,
                 flip = False
             if rewrite is not None:
                 data = rewrite(data)
-            anc_out = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-            dst.sendmsg([data], anc_out if fds else [])
-            for fd in fds:
+            sent = swap_fds(data, fds) if swap_fds is not None and fds else fds
+            anc_out = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", sent).tobytes())]
+            dst.sendmsg([data], anc_out if sent else [])
+            for fd in fds:  # what we received; what swap_fds sent instead is its own
                 os.close(fd)
     except OSError:
         pass
@@ -228,22 +303,22 @@ def test_the_backend_dying_fails_that_case_and_the_rest_are_not_run(proxy_factor
     # Connections: 1 handshake, 2 its liveness check, 3 reply-ack -> the back-end goes.
     proxy = proxy_factory(die_at=3)
     xml = tmp_path / "conform.xml"
-    rc, doc, out = run_json(tmp_path, proxy.path, "handshake", "reply-ack", "data-mergeable",
-                            "desc-loop")  # fmt: skip
+    rc, doc, out = run_json(tmp_path, proxy.path, "handshake", "reply-ack", DM_ONE, "desc-loop")
     statuses = [c["status"] for c in doc["cases"]]
     assert rc == 1, out
     assert statuses == ["passed", "failed", "not run", "not run"]
     assert "the back-end died" in doc["cases"][1]["detail"]
-    assert doc["summary"] == {"passed": 1, "failed": 1, "skipped": 0, "not run": 2}
+    assert doc["summary"] == {"passed": 1, "survived": 0, "failed": 1, "skipped": 0,
+                              "not offered": 0, "not run": 2}  # fmt: skip
     # The same run as JUnit XML: one testcase per case, the failure with its reason.
     proxy2 = proxy_factory(die_at=3)
     rc, _, _ = conform(proxy2.path, "--junit-xml", str(xml), "--case", "handshake",
-                       "--case", "reply-ack", "--case", "data-mergeable")  # fmt: skip
+                       "--case", "reply-ack", "--case", DM_ONE)  # fmt: skip
     assert rc == 1
     suite = ET.parse(xml).getroot()
     assert suite.tag == "testsuite" and suite.get("tests") == "3"
     cases = suite.findall("testcase")
-    assert [c.get("name") for c in cases] == ["handshake", "reply-ack", "data-mergeable"]
+    assert [c.get("name") for c in cases] == ["handshake", "reply-ack", DM_ONE]
     assert cases[0].find("failure") is None and cases[0].find("skipped") is None
     assert "the back-end died" in cases[1].find("failure").get("message")
     assert "not run" in cases[2].find("skipped").get("message")
@@ -267,7 +342,7 @@ def keep_pair_1_enabled(data: bytes) -> bytes:
 
 def test_mq_pairs_fails_a_backend_that_ignores_disabling_a_pair(proxy_factory, tmp_path):
     proxy = proxy_factory(rewrite=keep_pair_1_enabled)
-    rc, doc, out = run_json(tmp_path, proxy.path, "mq-pairs")
+    rc, doc, out = run_json(tmp_path, proxy.path, "mq-pairs/split/event-idx-off")
     (result,) = doc["cases"]
     assert rc == 1, out
     assert result["status"] == "failed"
@@ -295,10 +370,75 @@ def test_mq_enable_unset_ring_fails_a_backend_that_hangs_up(proxy_factory, tmp_p
     assert "the back-end closed the connection, pair 0 with it" in result["detail"], out
 
 
+def each_request(data: bytes, request: FrontendRequest, size: int):
+    """The offsets of the payloads of ``request`` messages of ``size`` bytes in ``data``
+    (messages are walked header by header; conform sends whole ones)."""
+    at = 0
+    while at + HEADER.size <= len(data):
+        req, _flags, n = HEADER.unpack_from(data, at)
+        if req == request and n == size:
+            yield at + HEADER.size
+        at += HEADER.size + n
+
+
+def lose_packed_wrap_counter(data: bytes) -> bytes:
+    """SET_VRING_BASE arrives with bit 15 clear: a packed ring starts in the wrong lap
+    (wrap counter 0), as a back-end that drops the wrap counter would."""
+    out = bytearray(data)
+    for body in each_request(out, FrontendRequest.SET_VRING_BASE, VringState.STRUCT.size):
+        index, num = VringState.STRUCT.unpack_from(out, body)
+        VringState.STRUCT.pack_into(out, body, index, num & 0x7FFF)
+    return bytes(out)
+
+
+def test_a_device_that_loses_the_wrap_counter_fails_on_packed_rings(proxy_factory, tmp_path):
+    proxy = proxy_factory(rewrite=lose_packed_wrap_counter)
+    rc, doc, out = run_json(tmp_path, proxy.path, "data-mergeable", "packed-not-available")
+    statuses = {c["name"]: c["status"] for c in doc["cases"]}
+    assert rc == 1, out
+    assert statuses == {"data-mergeable/split/event-idx-on": "passed",  # a split base is < 2^15
+                        "data-mergeable/split/event-idx-off": "passed",
+                        "data-mergeable/packed/event-idx-on": "failed",
+                        "data-mergeable/packed/event-idx-off": "failed",
+                        "packed-not-available": "failed"}, out  # fmt: skip
+
+
+def test_a_device_that_signals_the_wrong_eventfd_fails_with_event_idx(proxy_factory, tmp_path):
+    """rx's SET_VRING_CALL reaches the device with another eventfd: the frames still echo
+    (conform polls), but with EVENT_IDX the device passed used_event without a word."""
+    spare: list[int] = []
+
+    def other_call_fd(data: bytes, fds: list[int]) -> list[int]:
+        if any(True for _ in each_request(data, FrontendRequest.SET_VRING_CALL, 8)) and \
+                int.from_bytes(data[HEADER.size:HEADER.size + 8], "little") & 0xFF == 0:
+            spare.append(os.eventfd(0, os.EFD_NONBLOCK))
+            return [spare[-1]]
+        return fds
+
+    proxy = proxy_factory(swap_fds=other_call_fd)
+    try:
+        rc, doc, out = run_json(tmp_path, proxy.path, "data-mergeable")
+    finally:
+        for fd in spare:
+            os.close(fd)
+    statuses = {c["name"]: c["status"] for c in doc["cases"]}
+    assert rc == 1, out
+    assert statuses == {"data-mergeable/split/event-idx-on": "failed",
+                        "data-mergeable/split/event-idx-off": "passed",
+                        "data-mergeable/packed/event-idx-on": "failed",
+                        "data-mergeable/packed/event-idx-off": "passed"}, out  # fmt: skip
+    failed = [c["detail"] for c in doc["cases"] if c["status"] == "failed"]
+    assert "used past the driver's used_event, no notification" in failed[0]
+    assert "used past the driver's event descriptor (off_wrap), no notification" in failed[1]
+
+
 def test_junit_xml_of_a_full_run_has_one_testcase_per_case(loopback, tmp_path):
     xml = tmp_path / "all.xml"
-    cases = [n for n in ALL if n != UNSEALABLE]
-    argv = [loopback.socket_path, "--junit-xml", str(xml)]
+    # One cell (the matrix runs in full above): every case family, split, EVENT_IDX off.
+    one_cell = expand(CASES, cells(["split"], ["off"]))
+    cases = [c.name for c in one_cell if c.family != UNSEALABLE]
+    argv = [loopback.socket_path, "--junit-xml", str(xml), "--ring", "split",
+            "--event-idx", "off"]  # fmt: skip
     for n in cases:
         argv += ["--case", n]
     rc, out, err = conform(*argv)
@@ -334,12 +474,12 @@ def test_against_a_sink_the_report_says_the_data_cases_need_a_loopback(device_fa
     """``virtnet device --backend sink`` echoes nothing: the data cases fail with "0 of N
     frames came back", and the report says why and what to start instead."""
     sink = device_factory("sink", name="sink")
-    rc, doc, out = run_json(tmp_path, sink.socket_path, "handshake", "data-mergeable",
-                            "data-nonmergeable")  # fmt: skip
+    rc, doc, out = run_json(tmp_path, sink.socket_path, "handshake", DM_ONE,
+                            "data-nonmergeable/split/event-idx-off")  # fmt: skip
     cases = {c["name"]: c for c in doc["cases"]}
     assert rc == 1, out
     assert cases["handshake"]["status"] == "passed" and cases["handshake"]["echoed"] is None
-    for name in ("data-mergeable", "data-nonmergeable"):
+    for name in (DM_ONE, "data-nonmergeable/split/event-idx-off"):
         assert cases[name]["status"] == "failed" and cases[name]["echoed"] is False, out
         assert cases[name]["detail"].startswith("0 of "), out
         assert "frames came back on rx" in cases[name]["detail"]

@@ -11,14 +11,18 @@ from virtnet.conform.guest import (
     DATA_SIZE,
     DESC,
     INDIRECT_AREA,
+    P_AVAIL,
+    P_USED,
     PAIR_SPAN,
     SLOT,
+    RawPackedRing,
     Rings,
     frame,
     one_region,
 )
 from virtnet.net.guest import TX
 from virtnet.net.header import MRG_HDR_LEN
+from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.ring.layout import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
 from virtnet.virtio.ring.split import IndirectArea
 
@@ -94,3 +98,28 @@ def test_send_indirect_without_an_indirect_area_says_so(guest):
     finally:
         for fd in rings.kick:
             os.close(fd)
+
+
+# -- packed rings ------------------------------------------------------------------------------
+
+
+def test_packed_rings_start_at_wrap_1_and_read_bases_as_index_and_wrap(guest):
+    rings = Rings.for_pair(guest, features=bit(VirtioF.RING_PACKED))
+    assert rings.packed and rings.start_base() == 0x8000  # index 0, wrap counter 1 (2.8.1)
+    assert rings.consumed(0x8003) == 3  # 3 descriptors taken in the first lap
+    assert rings.consumed(0x0002) == rings.num + 2  # the wrap counter flipped: lap 2
+    split = Rings.for_pair(guest, 1)
+    assert not split.packed and split.start_base() == 0 and split.consumed(3) == 3
+
+
+def test_the_raw_packed_reader_follows_used_descriptors_across_the_end(guest):
+    rings = Rings.for_pair(guest, features=bit(VirtioF.RING_PACKED))
+    raw = RawPackedRing(guest, rings.packed_addrs(TX))
+    num = rings.num
+    raw.ndescs.update({7: 3, 8: 1})
+    # As a device writes them: id 7 (3 slots) used at num - 2 in lap 1, id 8 at slot 1 in lap 2.
+    raw.desc(num - 2, 0, 0, 7, P_AVAIL | P_USED)
+    raw.desc(1, 0, 0, 8, 0)
+    assert raw.used(num - 2) == [(7, 0), (8, 0)]  # slot 2 (never written) is not "used"
+    raw.desc(num - 2, 0, 0, 99, P_AVAIL | P_USED)  # an id never made available: reported
+    assert raw.used(num - 2) == [(99, 0)]

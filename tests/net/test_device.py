@@ -491,3 +491,74 @@ def test_scatter_stops_when_the_destinations_are_full():
 def test_num_buffers_sits_at_its_offset():
     assert NUM_BUFFERS_OFFSET == 10 and MRG_HDR_LEN == 12
     assert hdr(0x1234)[NUM_BUFFERS_OFFSET:] == b"\x34\x12"
+
+
+# -- a partial checksum for a guest without GUEST_CSUM ---------------------------------------
+
+
+def udp_frame_with_seed() -> tuple[bytes, int]:
+    """An Ethernet/IPv4/UDP frame whose UDP checksum field holds the pseudo-header sum (as a
+    driver with CSUM leaves it), and the checksum a full computation gives."""
+    payload = bytes(range(41))  # odd: the sum pads a byte
+    udp_len = 8 + len(payload)
+    src, dst = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
+
+    def fold(data: bytes) -> int:
+        data += b"\0" * (len(data) % 2)
+        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        return total
+
+    pseudo = src + dst + struct.pack("!BBH", 0, 17, udp_len)
+    udp = struct.pack("!HHHH", 40000, 40001, udp_len, 0) + payload
+    full = ~fold(pseudo + udp) & 0xFFFF
+    seeded = udp[:6] + struct.pack("!H", fold(pseudo)) + udp[8:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 1, 0, 64, 17, 0, src, dst)
+    return bytes(12) + b"\x08\x00" + ip + seeded, full
+
+
+@pytest.mark.parametrize("start, offset", [(None, 6), (None, 41 + 8 - 1), (100, 0),
+                                           (0xFFFF, 0xFFFF), (34, 0xFFF0)])  # fmt: skip
+def test_without_guest_csum_a_partial_checksum_is_completed_or_the_frame_dropped(start, offset):
+    """5.1.6.4.1: without GUEST_CSUM the rx header's flags MUST be 0 -- a loopback that
+    echoes a tx header with NEEDS_CSUM must finish the checksum (a valid UDP checksum, flags
+    0) or, when csum_start + csum_offset lies past the frame (CVE-2024-11614's class), drop
+    it with nothing read or written outside the frame."""
+    rxq, txq = MockSplitQueue(16), MockSplitQueue(16)
+    dev = VirtnetDevice(rxq.device(), txq.device(), guest_csum=False)
+    for head in range(4):
+        rxq.desc(head, rxq.data(head), PAGE_SIZE, WRITE)
+        rxq.make_available(head)
+    f, full = udp_frame_with_seed()
+    start = 34 if start is None else start
+    inside = start + offset + 2 <= len(f)
+    h = VirtioNetHdr(flags=1, csum_start=start, csum_offset=offset).pack()
+    dev.receive_packet([f], h)
+    dev.flush_rx()
+    if not inside:
+        assert rxq.used_entries(0) == [] and dev.stats.rx_dropped == 1
+        return
+    (used,) = rxq.used_entries(0)
+    got = rxq.read(rxq.data(0), used[1])
+    assert VirtioNetHdr.unpack(got[:MRG_HDR_LEN]).flags == 0
+    body = got[MRG_HDR_LEN:]
+    assert len(body) == len(f)
+    at = start + offset
+    if offset == 6:
+        assert struct.unpack_from("!H", body, at)[0] == full
+    assert body[:at] == f[:at] and body[at + 2:] == f[at + 2:]
+
+
+def test_with_guest_csum_a_partial_checksum_reaches_the_guest_as_sent():
+    rxq, txq = MockSplitQueue(16), MockSplitQueue(16)
+    dev = VirtnetDevice(rxq.device(), txq.device())  # guest_csum: the default
+    rxq.desc(0, rxq.data(0), PAGE_SIZE, WRITE)
+    rxq.make_available(0)
+    f, _ = udp_frame_with_seed()
+    h = VirtioNetHdr(flags=1, csum_start=34, csum_offset=6).pack()
+    dev.receive_packet([f], h)
+    dev.flush_rx()
+    (used,) = rxq.used_entries(0)
+    got = rxq.read(rxq.data(0), used[1])
+    assert VirtioNetHdr.unpack(got[:MRG_HDR_LEN]).flags == 1 and got[MRG_HDR_LEN:] == f

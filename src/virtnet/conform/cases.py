@@ -9,6 +9,9 @@ conformance cases need a back-end that echoes tx frames to rx unchanged, each qu
 to itself: ``virtnet device --backend loopback --queues 2``, DPDK testpmd
 ``--forward-mode=io --rxq=2 --txq=2`` on a single port with ``queues=2``. The multiqueue
 cases (``mq-*``) are skipped unless the back-end has PROTOCOL_F_MQ and two queue pairs.
+The data cases run once per cell of a matrix (``Cell``): split or packed rings, EVENT_IDX
+acked or not; a cell the back-end does not offer is "not offered". cases_packed.py and
+cases_net.py add their cases to the same list.
 robustness cases need nothing from the back-end but to survive them: each one is
 something a hostile or broken front-end sends, and what the back-end answers is
 reported; they fail only where the spec leaves no choice (a REPLY_ACK success for a
@@ -21,7 +24,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from virtnet.conform.guest import (
     DATA,
@@ -38,6 +41,7 @@ from virtnet.conform.guest import (
 from virtnet.conform.session import (
     BASE_FEATURES,
     CaseFailure,
+    CaseNotOffered,
     CaseSkipped,
     Session,
     ack_text,
@@ -79,6 +83,28 @@ MQ_FEATURES = bit(VirtioNetF.MQ) | bit(VirtioNetF.CTRL_VQ)
 MQ_PROTOCOL = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.MQ)
 
 
+RING_KINDS = ("split", "packed")
+EVENT_IDX_SETTINGS = ("on", "off")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the data-case matrix: the ring kind and whether EVENT_IDX is acked."""
+
+    ring: str  # "split" or "packed"
+    event_idx: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.ring}/event-idx-{'on' if self.event_idx else 'off'}"
+
+    @property
+    def features(self) -> int:
+        """What the cell acks on top of the case's own features (and must be offered)."""
+        return (bit(VirtioF.RING_PACKED) if self.ring == "packed" else 0) | \
+            (bit(VirtioF.RING_EVENT_IDX) if self.event_idx else 0)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -86,26 +112,69 @@ class Case:
     summary: str  # one line: what is sent and what must happen
     rule: str  # where the spec says so
     run: Callable[[Context], str]
+    matrix: bool = False  # run once per Cell (ring kind x EVENT_IDX)
+    # Nothing in the spec says what the back-end must answer: the case checks only that
+    # it survives (reported as "survived", not "passed").
+    survive: bool = False
+    cell: Cell | None = None  # set on the expanded copies of a matrix case
+    base: str = ""  # a matrix cell's case name without the cell
+
+    @property
+    def family(self) -> str:
+        return self.base or self.name
 
 
 CASES: list[Case] = []
 
 
-def case(name: str, group: str, summary: str, rule: str):
+def case(name: str, group: str, summary: str, rule: str, *, matrix: bool = False,
+         survive: bool = False):  # fmt: skip
     def register(fn: Callable[[Context], str]) -> Callable[[Context], str]:
-        CASES.append(Case(name, group, summary, rule, fn))
+        CASES.append(Case(name, group, summary, rule, fn, matrix=matrix, survive=survive))
         return fn
 
     return register
 
 
+def cells(rings: tuple[str, ...] | list[str] = RING_KINDS,
+          event_idx: tuple[str, ...] | list[str] = EVENT_IDX_SETTINGS) -> list[Cell]:  # fmt: skip
+    return [Cell(r, e == "on") for r in rings for e in event_idx]
+
+
+def expand(cases: list[Case], matrix: list[Cell] | None = None) -> list[Case]:
+    """Each matrix case once per cell (named ``case/ring/event-idx-on|off``), the rest as
+    they are."""
+    matrix = cells() if matrix is None else matrix
+    out: list[Case] = []
+    for c in cases:
+        if not c.matrix:
+            out.append(c)
+            continue
+        out += [replace(c, name=f"{c.name}/{cell.name}", cell=cell, base=c.name)
+                for cell in matrix]  # fmt: skip
+    return out
+
+
 class Context:
     """What a case may open; everything is closed by ``close()`` (the runner's)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, cell: Cell | None = None) -> None:
         self.path = path
+        self.cell = cell
         self._sessions: list[Session] = []
         self._guests: list[Guest] = []
+
+    def negotiate(self, s: Session, want: int = BASE_FEATURES, *,
+                  require: int = BASE_FEATURES, **kw: int) -> int:  # fmt: skip
+        """``s.negotiate`` with the cell's ring kind and EVENT_IDX setting on top: a cell
+        the back-end does not offer is "not offered", not failed."""
+        extra = self.cell.features if self.cell is not None else 0
+        try:
+            return s.negotiate(want | extra, require=require | extra, **kw)
+        except CaseNotOffered as e:
+            if self.cell is not None:
+                raise CaseNotOffered(f"{e} ({self.cell.name})") from None
+            raise
 
     def session(self) -> Session:
         s = Session(self.path)
@@ -122,10 +191,10 @@ class Context:
                 rx_count: int = QUEUE_SIZE) -> tuple[Session, Rings]:  # fmt: skip
         """A session with memory mapped, both rings running and rx buffers posted."""
         s = self.session()
-        s.negotiate(want, require=require)
+        self.negotiate(s, want, require=require)
         g = self.guest()
         g.set_mem_table(s)
-        rings = Rings.for_pair(g, 0, indirect=bool(s.features & INDIRECT))
+        rings = Rings.for_pair(g, 0, indirect=bool(s.features & INDIRECT), features=s.features)
         rings.setup(s)
         rings.post_rx(rx_count, rx_size)
         return s, rings
@@ -142,10 +211,15 @@ class Context:
 
 def echo(rings: Rings, frames: list[bytes], *, mergeable: bool, pieces: int = 1,
          indirect: bool = False) -> list[int]:  # fmt: skip
-    """Send ``frames``; they must come back on rx intact, plain headers; buffers per frame."""
+    """Send ``frames``; they must come back on rx intact, plain headers; buffers per frame.
+    With EVENT_IDX, rx asks for a notification at the next used buffer: one must come."""
+    if rings.event_idx:
+        rings.arm_rx_call()
     rings.send(frames, pieces=pieces, indirect=indirect)
     rings.wait_tx(len(frames))
     packets = rings.receive(len(frames), mergeable=mergeable)
+    if rings.event_idx:
+        notified(rings, len(packets))
     for k, (sent, got) in enumerate(zip(frames, packets, strict=True)):
         if got.frame != sent:
             how = "different" if len(got.frame) == len(sent) else "cut"
@@ -160,6 +234,29 @@ def echo(rings: Rings, frames: list[bytes], *, mergeable: bool, pieces: int = 1,
             raise CaseFailure(f"frame {k}: num_buffers {h.num_buffers} without MRG_RXBUF "
                               "(5.1.6.4: MUST be 1)")  # fmt: skip
     return [p.buffers for p in packets]
+
+
+def notified(rings: Rings, used: int) -> None:
+    """The device passed rx's used_event (split) / event descriptor (packed): it MUST have
+    signalled the call eventfd. It may signal just after the used index moves: 0.2 s."""
+    deadline = time.monotonic() + 0.2
+    while not rings.rx_calls():
+        if time.monotonic() >= deadline:
+            where = "event descriptor (off_wrap)" if rings.packed else "used_event"
+            raise CaseFailure(f"rx: {used} buffers used past the driver's {where}, no "
+                              "notification on the call eventfd (EVENT_IDX: 2.7.10, "
+                              "2.8.10: the device MUST notify)")  # fmt: skip
+        time.sleep(0.005)
+
+
+def seq_of(f: bytes) -> int:
+    """The sequence number ``guest.frame`` put after the Ethernet header (-1: too short)."""
+    return int.from_bytes(f[14:18], "big") if len(f) >= 18 else -1
+
+
+def echo_seqs(rings: Rings, mergeable: bool, seconds: float = 0.3) -> list[int]:
+    """The sequence numbers of the frames that come back on rx within ``seconds``."""
+    return [seq_of(p.frame) for p in rings.drain_rx(seconds, mergeable=mergeable)]
 
 
 def frames(first: int, sizes: list[int]) -> list[bytes]:
@@ -234,14 +331,15 @@ def reply_ack(ctx: Context) -> str:
 @case("mem-regions", "conformance",
       "SET_MEM_TABLE with 3 memfds (adjacent and behind a hole, non-zero mmap_offset), "
       "rx ring in region 2, tx ring and buffers in region 3: frames echo intact",
-      "vhost-user.rst Memory regions description, SET_MEM_TABLE")  # fmt: skip
+      "vhost-user.rst Memory regions description, SET_MEM_TABLE", matrix=True)  # fmt: skip
 def mem_regions(ctx: Context) -> str:
     s = ctx.session()
-    s.negotiate(BASE_FEATURES | MRG)
+    ctx.negotiate(s, BASE_FEATURES | MRG)
     g = ctx.guest(Guest([Region(0x0, 1 << 20), Region(0x10_0000, 1 << 20, offset=0x1_0000),
                          Region(0x100_0000, 2 << 20, offset=0x20_0000)]))  # fmt: skip
     g.set_mem_table(s)
-    rings = Rings(g, (0x10_1000, 0x100_0000), 0x100_0000 + 0x1_0000, 1 << 20)
+    rings = Rings(g, (0x10_1000, 0x100_0000), 0x100_0000 + 0x1_0000, 1 << 20,
+                  packed=s.has(VirtioF.RING_PACKED), event_idx=s.has(VirtioF.RING_EVENT_IDX))
     rings.setup(s)
     rings.post_rx(QUEUE_SIZE)
     echo(rings, frames(0, [60, 1514, 200, 1000]), mergeable=s.has(VirtioNetF.MRG_RXBUF))
@@ -251,7 +349,7 @@ def mem_regions(ctx: Context) -> str:
 @case("data-mergeable", "conformance",
       "MRG_RXBUF: 1 KiB rx buffers, frames of 60..1514 bytes echo intact, num_buffers = "
       "buffers used, header flags/gso_type 0",
-      "VIRTIO 1.2 5.1.6.3.1, 5.1.6.4 (num_buffers)")  # fmt: skip
+      "VIRTIO 1.2 5.1.6.3.1, 5.1.6.4 (num_buffers)", matrix=True)  # fmt: skip
 def data_mergeable(ctx: Context) -> str:
     s, rings = ctx.running(BASE_FEATURES | MRG, require=BASE_FEATURES | MRG, rx_size=1024)
     sizes = [60, 64, 500, 1012, 1013, 1514, 1514, 128]
@@ -261,7 +359,7 @@ def data_mergeable(ctx: Context) -> str:
 
 @case("data-nonmergeable", "conformance",
       "no MRG_RXBUF: 2 KiB rx buffers, frames echo intact, num_buffers 1, header 12 bytes",
-      "VIRTIO 1.2 5.1.6.4: num_buffers MUST be 1 without MRG_RXBUF")  # fmt: skip
+      "VIRTIO 1.2 5.1.6.4: num_buffers MUST be 1 without MRG_RXBUF", matrix=True)  # fmt: skip
 def data_nonmergeable(ctx: Context) -> str:
     s, rings = ctx.running(BASE_FEATURES)
     if s.has(VirtioNetF.MRG_RXBUF):
@@ -274,7 +372,8 @@ def data_nonmergeable(ctx: Context) -> str:
 @case("tx-chains", "conformance",
       "tx frames as 3-descriptor chains (header alone first) and, if offered, through an "
       "indirect table: echo intact",
-      "VIRTIO 1.2 2.7.4, 2.7.5.3 (indirect), 5.1.6.2 (no layout assumption)")  # fmt: skip
+      "VIRTIO 1.2 2.7.4, 2.7.5.3 (indirect), 5.1.6.2 (no layout assumption)",
+      matrix=True)  # fmt: skip
 def tx_chains(ctx: Context) -> str:
     s, rings = ctx.running(BASE_FEATURES | MRG | INDIRECT)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
@@ -285,20 +384,46 @@ def tx_chains(ctx: Context) -> str:
     return "3-descriptor chains and indirect tables echo"
 
 
+@case("ring-wrap", "conformance",
+      "6 batches of frames, 1- and 3-descriptor chains (300 tx descriptors, 180 rx buffers): "
+      "both rings go round several times, packed chains cross the ring's end; every frame "
+      "echoes intact (with EVENT_IDX: every kick the device asks for, no more, and rx "
+      "notified each batch)",
+      "VIRTIO 1.2 2.7.13 (split ring indices wrap), 2.8.1 (packed wrap counters flip at the "
+      "end), 2.7.10 / 2.8.10 (event suppression)", matrix=True)  # fmt: skip
+def ring_wrap(ctx: Context) -> str:
+    s, rings = ctx.running(BASE_FEATURES | MRG)
+    mrg = s.has(VirtioNetF.MRG_RXBUF)
+    descs = frames_sent = 0
+    for batch in range(6):
+        pieces, count = (3, 20) if batch % 2 else (1, 40)  # 60 or 40 slots of 64
+        sizes = [60 + (37 * k) % 1450 for k in range(count)]
+        echo(rings, frames(100 * batch, sizes), mergeable=mrg, pieces=pieces)
+        rings.post_rx(QUEUE_SIZE)
+        descs += pieces * count
+        frames_sent += count
+    return (f"{frames_sent} frames echoed, {descs} tx descriptors: the tx ring went round "
+            f"{descs // QUEUE_SIZE} times, rx {frames_sent // QUEUE_SIZE}")
+
+
 @case("get-vring-base", "conformance",
       "GET_VRING_BASE stops the ring and returns the next avail index: tx base = frames "
       "used, a frame kicked afterwards is not used until the ring is set up again",
-      "vhost-user.rst GET_VRING_BASE, Ring states (stopped)")  # fmt: skip
+      "vhost-user.rst GET_VRING_BASE, Ring states (stopped)", matrix=True)  # fmt: skip
 def get_vring_base(ctx: Context) -> str:
     s, rings = ctx.running(BASE_FEATURES | MRG)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
     echo(rings, frames(0, [100, 200, 300]), mergeable=mrg)
-    tx_base = rings.vring_base(s, TX)
+    tx_raw = rings.vring_base(s, TX)
+    tx_base = rings.consumed(tx_raw)
     if tx_base != 3:
-        raise CaseFailure(f"GET_VRING_BASE tx: {tx_base}, 3 chains were used")
-    rx_base = rings.vring_base(s, RX)
+        raise CaseFailure(f"GET_VRING_BASE tx: {tx_raw:#x} ({tx_base} descriptors), 3 "
+                          "chains were used")  # fmt: skip
+    rx_raw = rings.vring_base(s, RX)
+    rx_base = rings.consumed(rx_raw)
     if not 3 <= rx_base <= QUEUE_SIZE:
-        raise CaseFailure(f"GET_VRING_BASE rx: {rx_base}, 3 buffers were used of {QUEUE_SIZE}")
+        raise CaseFailure(f"GET_VRING_BASE rx: {rx_raw:#x} ({rx_base} descriptors), 3 "
+                          f"buffers were used of {QUEUE_SIZE}")  # fmt: skip
     rings.send([frame(9, 64)])
     if rings.tx_used_within(QUIET):
         raise CaseFailure("a tx frame kicked after GET_VRING_BASE was used: the ring did not stop")
@@ -308,7 +433,7 @@ def get_vring_base(ctx: Context) -> str:
 @case("ring-restart", "conformance",
       "set up, echo, GET_VRING_BASE both, set up again from those bases (QEMU's stop/start), "
       "echo again",
-      "vhost-user.rst Starting and stopping rings, SET_VRING_BASE")  # fmt: skip
+      "vhost-user.rst Starting and stopping rings, SET_VRING_BASE", matrix=True)  # fmt: skip
 def ring_restart(ctx: Context) -> str:
     s, rings = ctx.running(BASE_FEATURES | MRG)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
@@ -318,24 +443,26 @@ def ring_restart(ctx: Context) -> str:
     rings.post_rx(4)
     echo(rings, frames(2, [64, 1514, 800]), mergeable=mrg)
     bases2 = (rings.vring_base(s, RX), rings.vring_base(s, TX))
-    if bases2[TX] != 5:
-        raise CaseFailure(f"GET_VRING_BASE tx after restart: {bases2[TX]}, expected 5")
-    return f"bases {bases} then {bases2}; echo before and after the restart"
+    if rings.consumed(bases2[TX]) != 5:
+        raise CaseFailure(f"GET_VRING_BASE tx after restart: {bases2[TX]:#x}, expected 5 "
+                          "descriptors taken")  # fmt: skip
+    return (f"bases ({bases[0]:#x}, {bases[1]:#x}) then ({bases2[0]:#x}, {bases2[1]:#x}); "
+            "echo before and after the restart")
 
 
 @case("vring-enable", "conformance",
       "with PROTOCOL_FEATURES rings start disabled: no rx before SET_VRING_ENABLE 1, echo "
       "after; SET_VRING_ENABLE 0 on rx stops rx, 1 resumes it",
-      "vhost-user.rst Ring states, SET_VRING_ENABLE")  # fmt: skip
+      "vhost-user.rst Ring states, SET_VRING_ENABLE", matrix=True)  # fmt: skip
 def vring_enable(ctx: Context) -> str:
     s = ctx.session()
-    s.negotiate(BASE_FEATURES | MRG)
+    ctx.negotiate(s, BASE_FEATURES | MRG)
     if not s.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
         raise CaseSkipped("PROTOCOL_FEATURES not offered: rings start enabled")
     mrg = s.has(VirtioNetF.MRG_RXBUF)
     g = ctx.guest()
     g.set_mem_table(s)
-    rings = Rings.for_pair(g)
+    rings = Rings.for_pair(g, features=s.features)
     rings.setup(s, enable=False)
     rings.post_rx(QUEUE_SIZE)
     rings.send(frames(0, [64, 64]))
@@ -365,7 +492,7 @@ def mq_guest(ctx: Context, want: int) -> tuple[Session, Guest, int]:
     """A session with MQ negotiated and memory mapped, no ring set up: (session, guest,
     queue pairs). Skipped unless the back-end has at least two pairs."""
     s = ctx.session()
-    s.negotiate(want | MQ_FEATURES, protocol=MQ_PROTOCOL)
+    ctx.negotiate(s, want | MQ_FEATURES, protocol=MQ_PROTOCOL)
     if not s.has_protocol(ProtocolFeature.MQ):
         raise CaseSkipped("PROTOCOL_F_MQ not offered: one queue pair")
     pairs = s.get_u64(R.GET_QUEUE_NUM)
@@ -402,11 +529,11 @@ def echo_on(pairs: list[Rings], p: int, sent: list[bytes], mergeable: bool) -> N
       "2 and 3: pair 0 still echoes, pair 1 uses no rx buffer; 1 again: pair 1 echoes again "
       "(frames it held may come first)",
       "vhost-user.rst Multiple queue support, Ring states, SET_VRING_ENABLE; VIRTIO 1.2 "
-      "5.1.6.5.5 (receive steering in multiqueue mode)")  # fmt: skip
+      "5.1.6.5.5 (receive steering in multiqueue mode)", matrix=True)  # fmt: skip
 def mq_pairs(ctx: Context) -> str:
     s, g, n = mq_guest(ctx, BASE_FEATURES | MRG)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
-    pairs = [Rings.for_pair(g, p) for p in range(2)]
+    pairs = [Rings.for_pair(g, p, features=s.features) for p in range(2)]
     for rings in pairs:
         rings.setup(s)
         rings.post_rx(QUEUE_SIZE)
@@ -466,7 +593,7 @@ def need_reply_ack(s: Session, protocol: int = bit(ProtocolFeature.REPLY_ACK)) -
 
 @case("truncated-header", "robustness",
       "7 of the 12 header bytes, then the front-end shuts its side",
-      "vhost-user.rst Message Specification")  # fmt: skip
+      "vhost-user.rst Message Specification", survive=True)  # fmt: skip
 def truncated_header(ctx: Context) -> str:
     s = ctx.session()
     s.send_raw(b"\x01\x00\x00\x00\x01\x00\x00")
@@ -476,7 +603,7 @@ def truncated_header(ctx: Context) -> str:
 
 @case("truncated-payload", "robustness",
       "SET_FEATURES whose header says 8 payload bytes, 3 sent, then shutdown",
-      "vhost-user.rst Message Specification")  # fmt: skip
+      "vhost-user.rst Message Specification", survive=True)  # fmt: skip
 def truncated_payload(ctx: Context) -> str:
     s = ctx.session()
     s.send_raw(HEADER.pack(R.SET_FEATURES, VHOST_USER_VERSION, 8) + b"\0\0\0")
@@ -486,7 +613,7 @@ def truncated_payload(ctx: Context) -> str:
 
 @case("bad-version", "robustness",
       "GET_FEATURES with version bits 0 and 2 (flags 0x0, 0x2)",
-      "vhost-user.rst Header: version")  # fmt: skip
+      "vhost-user.rst Header: version", survive=True)  # fmt: skip
 def bad_version(ctx: Context) -> str:
     out = []
     for flags in (0x0, 0x2):
@@ -499,7 +626,8 @@ def bad_version(ctx: Context) -> str:
 
 @case("oversized-payload", "robustness",
       "a header claiming a 1 GiB payload, and a SET_FEATURES with 64 KiB of payload",
-      "vhost-user.rst Message Specification (payload is a union, at most a page)")  # fmt: skip
+      "vhost-user.rst Message Specification (payload is a union, at most a page)",
+      survive=True)  # fmt: skip
 def oversized_payload(ctx: Context) -> str:
     s = ctx.session()
     s.send_raw(HEADER.pack(R.SET_MEM_TABLE, NEED_REPLY, 1 << 30))
@@ -514,7 +642,7 @@ def oversized_payload(ctx: Context) -> str:
 
 @case("too-many-fds", "robustness",
       "SET_VRING_CALL carrying 12 fds (a message may carry 8)",
-      "vhost-user.rst Communication")  # fmt: skip
+      "vhost-user.rst Communication", survive=True)  # fmt: skip
 def too_many_fds(ctx: Context) -> str:
     s = ctx.session()
     s.negotiate()
@@ -525,7 +653,7 @@ def too_many_fds(ctx: Context) -> str:
 
 @case("wrong-fd-count", "robustness",
       "SET_VRING_CALL (NEED_REPLY) with 3 fds instead of 1",
-      "vhost-user.rst SET_VRING_CALL")  # fmt: skip
+      "vhost-user.rst SET_VRING_CALL", survive=True)  # fmt: skip
 def wrong_fd_count(ctx: Context) -> str:
     s = ctx.session()
     need_reply_ack(s)
@@ -624,7 +752,7 @@ def vring_index_out_of_range(ctx: Context) -> str:
 def mq_enable_unset_ring(ctx: Context) -> str:
     s, g, _ = mq_guest(ctx, BASE_FEATURES | MRG)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
-    rings = Rings.for_pair(g, 0)
+    rings = Rings.for_pair(g, 0, features=s.features)
     rings.setup(s)
     rings.post_rx(QUEUE_SIZE)
     echo(rings, frames(0, [64, 1514]), mergeable=mrg)
@@ -664,7 +792,7 @@ def queue_size(ctx: Context) -> str:
 
 @case("mem-region-overflow", "robustness",
       "SET_MEM_TABLE regions whose gpa + size or uva + size pass 2^64, and one larger than "
-      "its file", "vhost-user.rst Memory regions description")  # fmt: skip
+      "its file", "vhost-user.rst Memory regions description", survive=True)  # fmt: skip
 def mem_region_overflow(ctx: Context) -> str:
     out = []
     for label, desc, file_size in (
@@ -703,7 +831,7 @@ def hostile_tx(ctx: Context, write: Callable[[RawRing, Guest], list[int]],
     g.set_mem_table(s)
     rings = Rings.for_pair(g)
     rings.setup(s)
-    raw = RawRing(g, rings.addrs[TX])
+    raw = RawRing(g, rings.split_addrs(TX))
     heads = write(raw, g)
     raw.publish(*heads)
     os.eventfd_write(rings.kick[TX], 1)
@@ -721,7 +849,7 @@ DATA_GPA = DATA + 0x1000
 
 @case("desc-loop", "robustness",
       "a tx chain whose NEXT fields loop (0 -> 1 -> 0), then a good frame",
-      "VIRTIO 1.2 2.7.5.3.1 (device MUST handle loops); rust-vmm ttl")  # fmt: skip
+      "VIRTIO 1.2 2.7.5.3.1 (device MUST handle loops); rust-vmm ttl", survive=True)  # fmt: skip
 def desc_loop(ctx: Context) -> str:
     def write(raw: RawRing, g: Guest) -> list[int]:
         raw.desc(0, DATA_GPA, 64, VRING_DESC_F_NEXT, 1)
@@ -733,7 +861,8 @@ def desc_loop(ctx: Context) -> str:
 
 @case("desc-out-of-range", "robustness",
       "tx descriptors at 1 TiB (no region), at the end of memory (crossing it), and naming "
-      "next index 200 >= queue size", "VIRTIO 1.2 2.7.5 (addresses are guest memory)")  # fmt: skip
+      "next index 200 >= queue size", "VIRTIO 1.2 2.7.5 (addresses are guest memory)",
+      survive=True)  # fmt: skip
 def desc_out_of_range(ctx: Context) -> str:
     def write(raw: RawRing, g: Guest) -> list[int]:
         end = g.regions[-1].gpa + g.regions[-1].size
@@ -747,7 +876,7 @@ def desc_out_of_range(ctx: Context) -> str:
 
 @case("desc-overflow", "robustness",
       "tx descriptors whose addr + len pass 2^64, and a 0xFFFFFFFF length; chains summing "
-      "past 2^32", "VIRTIO 1.2 2.7.5.2 (chain at most 2^32 bytes)")  # fmt: skip
+      "past 2^32", "VIRTIO 1.2 2.7.5.2 (chain at most 2^32 bytes)", survive=True)  # fmt: skip
 def desc_overflow(ctx: Context) -> str:
     def write(raw: RawRing, g: Guest) -> list[int]:
         raw.desc(0, (1 << 64) - 16, 64)
@@ -762,7 +891,7 @@ def desc_overflow(ctx: Context) -> str:
 
 @case("head-out-of-range", "robustness",
       "the avail ring names head 65535 (queue size 64), then a good frame",
-      "VIRTIO 1.2 2.7.6 (avail ring entries are descriptor heads)")  # fmt: skip
+      "VIRTIO 1.2 2.7.6 (avail ring entries are descriptor heads)", survive=True)  # fmt: skip
 def head_out_of_range(ctx: Context) -> str:
     def write(raw: RawRing, g: Guest) -> list[int]:
         good_chain(raw, 1, DATA_GPA + SLOT, 1)
@@ -789,7 +918,7 @@ def avail_index_jump(ctx: Context) -> str:
 
 @case("indirect-nested", "robustness",
       "an indirect table whose entry is itself INDIRECT",
-      "VIRTIO 1.2 2.7.5.3.1 (MUST NOT nest)")  # fmt: skip
+      "VIRTIO 1.2 2.7.5.3.1 (MUST NOT nest)", survive=True)  # fmt: skip
 def indirect_nested(ctx: Context) -> str:
     def write(raw: RawRing, g: Guest) -> list[int]:
         table = DATA + 0x8000
@@ -802,7 +931,7 @@ def indirect_nested(ctx: Context) -> str:
 
 @case("indirect-bad-length", "robustness",
       "indirect descriptors with length 0, 24 (not a multiple of 16), 2^31, and "
-      "INDIRECT|NEXT together", "VIRTIO 1.2 2.7.5.3.1")  # fmt: skip
+      "INDIRECT|NEXT together", "VIRTIO 1.2 2.7.5.3.1", survive=True)  # fmt: skip
 def indirect_bad_length(ctx: Context) -> str:
     def write(raw: RawRing, g: Guest) -> list[int]:
         table = DATA + 0x8000
@@ -819,7 +948,7 @@ def indirect_bad_length(ctx: Context) -> str:
 
 @case("indirect-misaligned", "robustness",
       "an indirect table at an address not 16-byte aligned, and one outside guest memory",
-      "VIRTIO 1.2 2.7.5.3 (table in guest memory)")  # fmt: skip
+      "VIRTIO 1.2 2.7.5.3 (table in guest memory)", survive=True)  # fmt: skip
 def indirect_misaligned(ctx: Context) -> str:
     def write(raw: RawRing, g: Guest) -> list[int]:
         table = DATA + 0x8000 + 8
@@ -833,7 +962,7 @@ def indirect_misaligned(ctx: Context) -> str:
 
 @case("readable-after-writable", "robustness",
       "a tx chain with a device-writable descriptor before a readable one",
-      "VIRTIO 1.2 2.7.4.2 (readable before writable)")  # fmt: skip
+      "VIRTIO 1.2 2.7.4.2 (readable before writable)", survive=True)  # fmt: skip
 def readable_after_writable(ctx: Context) -> str:
     def write(raw: RawRing, g: Guest) -> list[int]:
         raw.desc(0, DATA_GPA, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1)
@@ -845,7 +974,8 @@ def readable_after_writable(ctx: Context) -> str:
 
 @case("ring-in-unmapped-memory", "robustness",
       "SET_VRING_ADDR naming addresses in no region (NEED_REPLY), then KICK/CALL/ENABLE "
-      "and a kick", "vhost-user.rst SET_VRING_ADDR (front-end virtual addresses)")  # fmt: skip
+      "and a kick", "vhost-user.rst SET_VRING_ADDR (front-end virtual addresses)",
+      survive=True)  # fmt: skip
 def ring_in_unmapped_memory(ctx: Context) -> str:
     s = ctx.session()
     s.negotiate()
@@ -884,7 +1014,7 @@ def shrink_then_kick(ctx: Context, sealing: bool) -> str:
     g.set_mem_table(s)
     rings = Rings(g, (0x0, 0x800), 0x10000, 1 << 16, num=16)  # both rings in page 0
     rings.setup(s)
-    raw = RawRing(g, rings.addrs[TX])
+    raw = RawRing(g, rings.split_addrs(TX))
     good_chain(raw, 0, 0x2_0000, 0)
     try:
         os.ftruncate(g.regions[0].fd, 4096)  # from here on we touch only page 0
@@ -901,7 +1031,8 @@ def shrink_then_kick(ctx: Context, sealing: bool) -> str:
       "the front-end truncates its memfd (made with MFD_ALLOW_SEALING, like QEMU's "
       "memory-backend-memfd) to one page after SET_MEM_TABLE, then kicks a tx buffer past "
       "the new end; a back-end that seals the memfd is immune",
-      "vhost-user.rst Memory access (the back-end maps what the front-end shares)")  # fmt: skip
+      "vhost-user.rst Memory access (the back-end maps what the front-end shares)",
+      survive=True)  # fmt: skip
 def memfd_shrunk(ctx: Context) -> str:
     return shrink_then_kick(ctx, sealing=True)
 
@@ -909,14 +1040,15 @@ def memfd_shrunk(ctx: Context) -> str:
 @case("memfd-shrunk-unsealable", "robustness",
       "the same with a memfd that allows no seals (a hostile front-end's): only a back-end "
       "that contains the SIGBUS (or never touches the page) survives",
-      "vhost-user.rst Memory access")  # fmt: skip
+      "vhost-user.rst Memory access", survive=True)  # fmt: skip
 def memfd_shrunk_unsealable(ctx: Context) -> str:
     return shrink_then_kick(ctx, sealing=False)
 
 
 @case("frontend-stops-reading", "robustness",
       "the front-end sends GET_FEATURES for 2 s without reading a reply, then leaves",
-      "vhost-user.rst Communication (a back-end must not hang on one front-end)")  # fmt: skip
+      "vhost-user.rst Communication (a back-end must not hang on one front-end)",
+      survive=True)  # fmt: skip
 def frontend_stops_reading(ctx: Context) -> str:
     s = ctx.session()
     s.send(R.SET_OWNER)
@@ -938,7 +1070,8 @@ def frontend_stops_reading(ctx: Context) -> str:
 @case("rx-never-drained", "robustness",
       "a guest that stops taking rx: 2 rx buffers posted, 48 frames sent to be echoed; "
       "the control channel must still answer (GET_VRING_BASE) and the session end cleanly",
-      "vhost-user.rst GET_VRING_BASE; VIRTIO 1.2 5.1.6.3 (rx buffers belong to the driver)")
+      "vhost-user.rst GET_VRING_BASE; VIRTIO 1.2 5.1.6.3 (rx buffers belong to the driver)",
+      matrix=True, survive=True)
 def rx_never_drained(ctx: Context) -> str:
     s, rings = ctx.running(BASE_FEATURES | MRG, rx_count=2)
     rx_posted = rings.vqs[RX].num - rings.vqs[RX].num_free
@@ -954,7 +1087,7 @@ def rx_never_drained(ctx: Context) -> str:
 
 @case("disconnect-mid-setup", "robustness",
       "memory mapped, one ring half set up (no kick), then the front-end disconnects",
-      "vhost-user.rst (a disconnected front-end's state is dropped)")  # fmt: skip
+      "vhost-user.rst (a disconnected front-end's state is dropped)", survive=True)  # fmt: skip
 def disconnect_mid_setup(ctx: Context) -> str:
     s = ctx.session()
     s.negotiate()
@@ -974,6 +1107,10 @@ def by_name(name: str) -> Case:
         if c.name == name:
             return c
     raise KeyError(name)
+
+
+# The cases of the other modules register themselves here, after this module's own.
+from virtnet.conform import cases_net, cases_packed  # noqa: E402, F401
 
 
 # Used by the liveness check and tests: what a normal front-end does.

@@ -16,9 +16,14 @@ from dataclasses import asdict, dataclass
 
 from virtnet.conform.cases import Case, Context, normal_session
 from virtnet.conform.guest import rx_seen
-from virtnet.conform.session import BackendGone, CaseFailure, CaseSkipped
+from virtnet.conform.session import BackendGone, CaseFailure, CaseNotOffered, CaseSkipped
 
 PASSED, FAILED, SKIPPED, NOT_RUN = "passed", "failed", "skipped", "not run"
+# SURVIVED: a case whose every check held, but that checks only that the back-end lives
+# on (the spec defines no answer); NOT_OFFERED: a feature the case or its matrix cell
+# needs is not offered. Neither is a failure.
+SURVIVED, NOT_OFFERED = "survived", "not offered"
+STATUSES = (PASSED, SURVIVED, FAILED, SKIPPED, NOT_OFFERED, NOT_RUN)
 DEFAULT_TIMEOUT = 20.0
 LIVENESS_ATTEMPTS = 10  # a back-end may need a moment to drop the last connection
 LIVENESS_PAUSE = 0.3
@@ -33,6 +38,9 @@ class Result:
     seconds: float = 0.0
     rule: str = ""
     echoed: bool | None = None  # None: no frame waited for; else whether one came back
+    case: str = ""  # the case without its matrix cell ("data-mergeable")
+    ring: str | None = None  # a matrix cell's ring kind, "split" or "packed"
+    event_idx: bool | None = None  # a matrix cell's EVENT_IDX setting
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +49,8 @@ class Result:
 def _child(fn: Callable[[str], str], path: str, conn) -> None:
     try:
         conn.send((PASSED, fn(path), rx_seen.echoed()))
+    except CaseNotOffered as e:
+        conn.send((NOT_OFFERED, str(e), rx_seen.echoed()))
     except CaseSkipped as e:
         conn.send((SKIPPED, str(e), rx_seen.echoed()))
     except CaseFailure as e:
@@ -81,7 +91,7 @@ def _isolated(fn: Callable[[str], str], path: str,
 
 
 def _run_case(case: Case, path: str) -> str:
-    ctx = Context(path)
+    ctx = Context(path, case.cell)
     try:
         return case.run(ctx)
     finally:
@@ -117,13 +127,14 @@ def run_cases(cases: Sequence[Case], path: str, *, timeout: float = DEFAULT_TIME
     for case in cases:
         if dead:
             result = Result(case.name, case.group, NOT_RUN, dead, rule=case.rule)
+            _name_cell(result, case)
             results.append(result)
             if progress:
                 progress(result)
             continue
         started = time.monotonic()
         status, detail, echoed = _run_case_isolated(case, path, timeout)
-        if status != SKIPPED:
+        if status not in (SKIPPED, NOT_OFFERED):
             alive, text = liveness(path, timeout)
             if alive == "gone":
                 status, detail = FAILED, f"the back-end died: {text} (case: {detail})"
@@ -132,12 +143,21 @@ def run_cases(cases: Sequence[Case], path: str, *, timeout: float = DEFAULT_TIME
                 status = FAILED
                 detail = f"afterwards the back-end did not serve a normal session: {text} " \
                          f"(case: {detail})"
+        if status == PASSED and case.survive:
+            status = SURVIVED
         result = Result(case.name, case.group, status, detail,
                         round(time.monotonic() - started, 3), case.rule, echoed)  # fmt: skip
+        _name_cell(result, case)
         results.append(result)
         if progress:
             progress(result)
     return results
+
+
+def _name_cell(result: Result, case: Case) -> None:
+    result.case = case.family
+    if case.cell is not None:
+        result.ring, result.event_idx = case.cell.ring, case.cell.event_idx
 
 
 def _run_case_isolated(case: Case, path: str, timeout: float) -> tuple[str, str, bool | None]:

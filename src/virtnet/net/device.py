@@ -16,7 +16,13 @@ from typing import Final, final
 from virtnet.net.constants import ETH_DATA_LEN, ETH_HLEN, MAX_GSO_FRAME, VLAN_HLEN
 from virtnet.net.faults import FaultyQueue
 from virtnet.net.features import VirtioNetF
-from virtnet.net.header import MRG_HDR_LEN, NUM_BUFFERS, NUM_BUFFERS_OFFSET
+from virtnet.net.header import (
+    MRG_HDR_LEN,
+    NUM_BUFFERS,
+    NUM_BUFFERS_OFFSET,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    complete_csum,
+)
 from virtnet.net.stats import DeviceStats, device_stats
 from virtnet.virtio.errors import AvailIndexError, DescriptorError
 from virtnet.virtio.ring.packed import PackedQueueDevice
@@ -108,9 +114,11 @@ class VirtnetDevice:
         stats: DeviceStats | None = None,
         guest_gso: bool = True,
         mtu: int = ETH_DATA_LEN,
+        guest_csum: bool = True,
     ) -> None:
         self.rxq: DeviceQueue = rxq
         self.guest_gso = guest_gso
+        self.guest_csum = guest_csum  # GUEST_CSUM: a partial checksum may reach the guest
         # The largest frame a source may hand us for the guest (receive_from's room).
         self.mtu = mtu
         self.max_frame = MAX_GSO_FRAME if guest_gso else ETH_HLEN + VLAN_HLEN + mtu
@@ -282,6 +290,14 @@ class VirtnetDevice:
             # send a gso_type the guest has no GUEST_* bit for).
             self.stats.rx_dropped += 1
             return False
+        if hdr[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM and not self.guest_csum:
+            # 5.1.6.4.1: without GUEST_CSUM the flags MUST be 0 (a loopback echoes the
+            # tx header): finish the checksum here, or drop a request past the frame.
+            done = complete_csum(gather(frame, 0, frame_len), hdr)
+            if done is None:
+                self.stats.rx_dropped += 1
+                return False
+            frame, hdr = [done[0]], done[1]
         cache = self._rx_cache
         if self.mergeable and cache and self.capture is None:
             chain = cache[0]
@@ -431,6 +447,7 @@ class VirtnetDevice:
         bits); without GUEST_TSO4/6 the device sends it no GSO frame (5.1.6.2)."""
         self.guest_gso = any(offloads >> f & 1 for f in (VirtioNetF.GUEST_TSO4,
                                                           VirtioNetF.GUEST_TSO6))  # fmt: skip
+        self.guest_csum = bool(offloads >> VirtioNetF.GUEST_CSUM & 1)
         self.max_frame = MAX_GSO_FRAME if self.guest_gso else ETH_HLEN + VLAN_HLEN + self.mtu
 
     # -- tx: guest → host ---------------------------------------------------

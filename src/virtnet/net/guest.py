@@ -193,6 +193,7 @@ def build_device(
         stats=device_stats(),
         guest_gso=any(has(features, f) for f in (VirtioNetF.GUEST_TSO4, VirtioNetF.GUEST_TSO6)),
         mtu=mtu,
+        guest_csum=has(features, VirtioNetF.GUEST_CSUM),
     )
 
 
