@@ -16,7 +16,12 @@ flushed at the same points. What must hold, whatever the bytes:
 * every chain is well formed: its id < num and not in flight, every segment inside one
   region, the views exactly its bytes, readable before writable, at most 2^32 bytes and
   no longer than the ring or its indirect table;
+* a chain is exactly what the ring slots it took say, read through the mock (NEXT on
+  all but the last, the id in the last, direct descriptors one segment each or one
+  INDIRECT descriptor alone and its table's entries);
 * a refusal names an id < num that was not in flight, or none;
+* a ring an honest driver wrote (a fifth of the examples) is taken whole, refusing
+  nothing: chains across the ring's end, indirect tables, every size and start;
 * single and burst give one transcript, the same device state and the same ring bytes.
 
 Short profile in CI; the long run is in docs/conformance.md ("Fuzzing").
@@ -31,7 +36,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from tests.fuzz.conftest import fuzz_settings
-from tests.virtio.mock import DATA_SLOT, MockPackedQueue, avail_flags, used_flags
+from tests.virtio.mock import DATA_SLOT, PDESC, MockPackedQueue, avail_flags, used_flags
 from virtnet.virtio.errors import AvailIndexError, DescriptorError
 from virtnet.virtio.memory import MemoryRegion
 from virtnet.virtio.ring.layout import (
@@ -75,12 +80,14 @@ def _len(rng: random.Random) -> int:
 
 def _id(rng: random.Random, num: int, fresh: int) -> int:
     choice = rng.randrange(10)
-    if choice < 7:
+    if choice < 6:
         return fresh
-    if choice == 7:
+    if choice == 6:
         return rng.randrange(num)  # maybe one in flight
+    if choice == 7:
+        return num  # the first id out of range
     if choice == 8:
-        return rng.choice([num, num + 1, 0x7FFF, 0x8000, 0xFFFF])
+        return rng.choice([num + 1, 0x7FFF, 0x8000, 0xFFFF])
     return rng.getrandbits(16)
 
 
@@ -115,7 +122,9 @@ def _table_entry(rng: random.Random, q: MockPackedQueue, extra: int | None, chao
 def hostile_packed_rings(draw):
     num = draw(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 16, 17, 32, 64, 256]))
     rng = random.Random(draw(st.integers(0, 1 << 64)))
-    chaos = draw(st.sampled_from([0.02, 0.1, 0.3, 1.0]))
+    # 0: an honest driver, whose every chain must be taken (the check that the
+    # walk refuses nothing it should take, wrap and ring end included).
+    chaos = draw(st.sampled_from([0.0, 0.02, 0.1, 0.3, 1.0]))
     start = (rng.randrange(num), rng.randrange(2))
     q = MockPackedQueue(num, data_slots=DATA_SLOTS, guard=64, start=start)
     second = draw(st.sampled_from(["none", "adjacent", "hole"]))
@@ -126,19 +135,25 @@ def hostile_packed_rings(draw):
     # Indirect tables in data slots 0..2 (slot 2 misaligned by 8).
     tables = []
     for slot in range(3):
-        n = rng.randrange(0, MAX_TABLE + 1)
+        n = rng.randrange(0, MAX_TABLE + 1) if rng.random() < 0.8 else 0
         gpa = q.data(slot, 8 if slot == 2 else 0)
-        q.table(gpa, [_table_entry(rng, q, extra, chaos) for _ in range(n)])
+        # Table 0 well formed (readable entries first), the others as chaotic as the ring.
+        table_chaos = chaos if slot else 0.0
+        entries = [_table_entry(rng, q, extra, table_chaos) for _ in range(n)]
+        if not table_chaos:
+            entries.sort(key=lambda e: e[3] & VRING_DESC_F_WRITE)
+        q.table(gpa, entries)
         tables.append((gpa, n))
     # Chains from the start slot, up to a ring's worth of slots.
     pos, wrap = start
     budget = rng.randrange(1, num + 1) if rng.random() < 0.95 else 0
-    fresh = 0
+    fresh = chains = 0
     while budget > 0:
         length = min(budget, rng.choice([1, 1, 1, 2, 3, 4, num]))
         budget -= length
         bid = _id(rng, num, fresh) if rng.random() < chaos else fresh
         fresh = (fresh + 1) % num
+        chains += 1
         writing = False
         for k in range(length):
             last = k + 1 == length
@@ -152,15 +167,24 @@ def hostile_packed_rings(draw):
                 bits |= VRING_DESC_F_NEXT  # a chain that runs on into what follows
             if rng.random() < chaos:
                 addr, ln = _addr(rng, q, extra), _len(rng)
+                if bits & VRING_DESC_F_INDIRECT and rng.random() < 0.7:
+                    gpa, n = rng.choice(tables)
+                    addr = gpa
+                    ln = DESC_SIZE * n + rng.choice([0, 0, 0, 0, 8, 16])
+                    if rng.random() < 0.02:
+                        ln = DESC_SIZE * ((1 << 16) + 1)  # more entries than anyone walks
             else:  # a well-formed descriptor: chains get long, ids get reused
                 addr, ln = q.data(rng.randrange(3, DATA_SLOTS)), rng.randrange(0, 2048)
                 bits &= ~VRING_DESC_F_INDIRECT
-            if bits & VRING_DESC_F_INDIRECT and rng.random() < 0.7:
-                gpa, n = rng.choice(tables)
-                addr = gpa
-                ln = DESC_SIZE * n + rng.choice([0, 0, 0, 0, 8, 16])
-                if rng.random() < 0.02:
-                    ln = DESC_SIZE * ((1 << 16) + 1)  # more entries than anyone walks
+                if length == 1 and tables[0][1] and rng.random() < 0.2:
+                    addr, ln = tables[0][0], DESC_SIZE * tables[0][1]  # the good table
+                    bits = (bits & ~VRING_DESC_F_WRITE) | VRING_DESC_F_INDIRECT
+            if chaos and rng.random() < chaos * 0.1 and tables[0][1]:
+                # The good table where 2.8.19 forbids it: in a chain, or of length 0.
+                addr, ln = tables[0][0], rng.choice([0, DESC_SIZE * tables[0][1]])
+                bits = (bits & ~VRING_DESC_F_NEXT) | VRING_DESC_F_INDIRECT
+                if not last:
+                    bits |= VRING_DESC_F_NEXT
             # 2.8.6: the id is in the last descriptor; the others' ids are anything.
             d_id = bid if last or rng.random() < 0.5 else rng.getrandbits(16)
             q.desc(pos, addr, ln & 0xFFFF_FFFF, d_id, bits | _lap_bits(rng, wrap, chaos))
@@ -169,7 +193,7 @@ def hostile_packed_rings(draw):
                 pos = 0
                 if rng.random() >= chaos * 0.1:  # else: a driver that forgets to flip
                     wrap ^= 1
-    return q, extra
+    return q, extra, chains if chaos == 0.0 else None
 
 
 def _kind(text: str) -> str:
@@ -277,9 +301,30 @@ def drain_burst(d: Drain, budgets: list[int]) -> None:
         raise AssertionError(f"{d.q.num + 2} bursts and the ring is not drained")
 
 
+def check_slots(q: MockPackedQueue, chain, start: int, end: int) -> None:
+    """The chain is exactly what the ring slots it took say (2.8.6, 2.8.19), read
+    through the mock: NEXT on all but the last, the id in the last, and either
+    direct descriptors one segment each or one INDIRECT descriptor and its table."""
+    slots = [(start + k) % q.num for k in range(((end - start) % q.num) or q.num)]
+    descs = [q.read_desc(i) for i in slots]
+    assert all(d.flags & VRING_DESC_F_NEXT for d in descs[:-1])
+    assert not descs[-1].flags & VRING_DESC_F_NEXT
+    assert chain.head == descs[-1].id
+    if descs[0].flags & VRING_DESC_F_INDIRECT:
+        assert len(descs) == 1, "INDIRECT in a chain of several descriptors"
+        raw = q.memory.read(descs[0].addr, descs[0].len)  # maybe in the second region
+        table = [PDESC.unpack_from(raw, j) for j in range(0, len(raw), DESC_SIZE)]
+        want = [(a, n, bool(f & VRING_DESC_F_WRITE)) for a, n, _id, f in table]
+    else:
+        assert not any(d.flags & VRING_DESC_F_INDIRECT for d in descs)
+        want = [(d.addr, d.len, bool(d.flags & VRING_DESC_F_WRITE)) for d in descs]
+    assert chain.segments == want
+
+
 def drain_single(d: Drain, ends: list[int]) -> None:
     ends_at = set(ends)
     for _ in range(d.q.num + 2):
+        start = d.dev.last_avail
         try:
             chain = d.dev.pop()
         except AvailIndexError as e:
@@ -291,6 +336,7 @@ def drain_single(d: Drain, ends: list[int]) -> None:
             if chain is None:
                 break
             d.chain(chain)
+            check_slots(d.q, chain, start, d.dev.last_avail)
         if len(d.out) in ends_at:
             d.end()
     else:
@@ -301,7 +347,7 @@ def drain_single(d: Drain, ends: list[int]) -> None:
 @fuzz_settings()
 @given(hostile_packed_rings(), st.integers(0, 1 << 32))
 def test_packed_walk_single_and_burst_over_hostile_rings(ring, seed):
-    q, extra = ring
+    q, extra, honest = ring
     rng = random.Random(seed)
     budgets = [rng.choice([1, 2, 3, 4, 7, 16, 64, q.num, q.num + 1, 0xFFFF]) for _ in range(8)]
     push = [rng.random() < 0.7 for _ in range(16)]
@@ -319,6 +365,8 @@ def test_packed_walk_single_and_burst_over_hostile_rings(ring, seed):
     assert single.state() == burst.state()
     assert bytes(q.backing) == after
     assert q.guards_intact()
+    if honest is not None:
+        assert [item[0] for item in single.out] == ["chain"] * honest, single.out
     chains = sum(item[0] == "chain" for item in single.out)
     event(f"chains: {min(chains, 4)}{'+' if chains > 4 else ''}")
     for item in single.out:
