@@ -15,6 +15,7 @@ by ``get_bufs`` with random budgets. What must hold, whatever the device wrote:
 * a token returned is one in flight, returned once, its length within its buffer's
   writable part; an error's token is the buffer its id named, detached;
 * after ``UsedIndexError`` or a packed bad id the queue is broken and returns nothing;
+  a drained queue re-armed (``enable_cb_prepare`` / ``poll``) sees nothing pending;
 * the free count is what is not in flight, and refilling the ring to full hands out
   ids that are all free (the free list was not corrupted);
 * single and burst give one transcript.
@@ -138,6 +139,9 @@ def drain(drv, model: Model, burst: bool, budgets: list[int]) -> list[tuple]:
         if not got:
             if not drv.broken:
                 assert not drv.more_used()
+                # The race check of virtnet_poll's re-arm agrees: nothing pending here
+                # (a wrap counter out of step with the ring would see an old lap's entry).
+                assert not drv.poll(drv.enable_cb_prepare())
             break
     else:
         raise AssertionError(f"{q.num + 3} calls and the used ring is not drained")
