@@ -4,7 +4,9 @@ CI runs the short profile (``VIRTNET_FUZZ_EXAMPLES`` unset: 300 per test). The l
 run (docs/conformance.md, "Fuzzing") sets it to hundreds of thousands per test:
 
     VIRTNET_FUZZ_EXAMPLES=250000 nice -n 10 flock /tmp/virtnet-heavy.lock \\
-        .venv/bin/python -m pytest tests/fuzz -q --hypothesis-show-statistics
+        .venv/bin/python -m pytest tests/fuzz -q --timeout=3000 --hypothesis-show-statistics
+
+(``--timeout``: a long run of one test outlasts the suite's 300 s per test.)
 """
 
 from __future__ import annotations

@@ -138,6 +138,25 @@ def _inside(q: MockSplitQueue, extra: int | None, addr: int, length: int) -> boo
     return extra is not None and extra <= addr and addr + length <= extra + EXTRA_SIZE
 
 
+def check_chain(q: MockSplitQueue, extra: int | None, chain) -> None:
+    """A popped chain is well formed: in range, in guest memory, views = its bytes."""
+    assert 0 <= chain.head < q.num
+    assert chain.out_len + chain.in_len <= MAX_CHAIN_BYTES
+    # No longer than the direct table plus one indirect table (a loop runs out).
+    assert len(chain.segments) <= q.num + 24
+    views = chain.readable + chain.writable
+    assert len(views) == len(chain.segments)
+    readable = [s for s in chain.segments if not s[2]]
+    writable = [s for s in chain.segments if s[2]]
+    assert chain.segments == readable + writable  # 2.7.4.2: readable first
+    assert chain.out_len == sum(s[1] for s in readable)
+    assert chain.in_len == sum(s[1] for s in writable)
+    for (addr, length, _w), view in zip(readable + writable, views, strict=True):
+        assert _inside(q, extra, addr, length)
+        assert view.nbytes == length
+        assert bytes(view) == q.memory.read(addr, length)
+
+
 def _kind(text: str) -> str:
     """The kind of refusal, without the numbers (hypothesis counts events by text)."""
     return re.sub(r"0x[0-9a-f]+|\d+", "N", text.split(": ", 1)[-1])[:60]
@@ -168,18 +187,6 @@ def test_chain_walk_over_hostile_rings(ring):
             break
         consumed += 1
         event(f"chain of {min(len(chain.segments), 4)}{'+' if len(chain.segments) > 4 else ''}")
-        assert 0 <= chain.head < q.num
-        assert chain.out_len + chain.in_len <= MAX_CHAIN_BYTES
-        # No longer than the direct table plus one indirect table (a loop runs out).
-        assert len(chain.segments) <= q.num + 24
-        views = chain.readable + chain.writable
-        assert len(views) == len(chain.segments)
-        readable = [s for s in chain.segments if not s[2]]
-        writable = [s for s in chain.segments if s[2]]
-        assert chain.segments == readable + writable  # 2.7.4.2: readable first
-        for (addr, length, _w), view in zip(readable + writable, views, strict=True):
-            assert _inside(q, extra, addr, length)
-            assert view.nbytes == length
-            assert bytes(view) == q.memory.read(addr, length)
+        check_chain(q, extra, chain)
     assert (dev.last_avail_idx - start) & 0xFFFF == consumed
     assert q.guards_intact()

@@ -210,6 +210,21 @@ def test_split_device_takes_a_chain_of_the_whole_table_and_refuses_a_loop(call):
         take_one()
 
 
+@pytest.mark.parametrize("call", CALLS)
+def test_split_device_stops_a_loop_of_the_whole_table_before_reading_a_descriptor_twice(call):
+    # 0 -> 1 -> ... -> N-1 -> 0, readable then writable: the N-th step ends the walk (a
+    # chain is never longer than its table). One step more would read descriptor 0 again
+    # and refuse it for another rule, readable after writable.
+    q = MockSplitQueue(N)
+    for i in range(N):
+        q.desc(i, q.data(i), 16, (WRITE if i == N - 1 else 0) | NEXT, next=(i + 1) % N)
+    q.make_available(0)
+    dev = q.device()
+    take_one = dev.pop if call == "single" else lambda: dev.pop_burst(64)[0]
+    with pytest.raises(DescriptorError, match=f"loop or chain longer than its table \\({N} "):
+        take_one()
+
+
 # -- split: used ids at the queue size (driver) ----------------------------------------------
 
 
