@@ -31,7 +31,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from tests.fuzz.conftest import fuzz_settings
-from tests.virtio.mock import DATA_SLOT, MockPackedQueue, MockSplitQueue, used_flags
+from tests.virtio.mock import DATA_SLOT, P_AVAIL, MockPackedQueue, MockSplitQueue, used_flags
 from virtnet.virtio.errors import QueueFullError, UsedIndexError, UsedRingError
 
 U32_MAX = 0xFFFF_FFFF
@@ -112,6 +112,11 @@ def drain(drv, model: Model, burst: bool, budgets: list[int]) -> list[tuple]:
             and not drv.broken
             and ((q.used_idx - drv.last_used_idx) & 0xFFFF) > q.num
         )
+        # Its packed form: with buffers in flight, the slot at last_used marked AVAIL for
+        # the other lap (neither this lap's used mark nor the driver's own avail mark).
+        if isinstance(q, MockPackedQueue) and not drv.broken and drv.num_free < q.num:
+            flags = q.read_desc(drv.last_used).flags
+            jumped = bool(flags & P_AVAIL) != bool(drv.used_wrap)
         try:
             if burst:
                 budget = budgets[k % len(budgets)]
