@@ -205,13 +205,19 @@ def split_scenario(seed: int, burst: bool) -> list[tuple]:
     q = MockSplitQueue(num, event_idx=rng.random() < 0.5, data_slots=4, start_idx=start,
                        indirect_max=rng.choice([0, 4]), guard=64)  # fmt: skip
     chaos = rng.choice([0.0, 0.05, 0.2, 1.0])
+    return scenario(rng, q, _split_lie, chaos, burst)
+
+
+def scenario(rng: random.Random, q, lie, chaos: float, burst: bool) -> list[tuple]:
+    """Post, let the device ``lie``, drain, a few times; the transcript of what came out."""
+    num = q.num
     drv = q.driver()
     model = Model(q, drv)
     budgets = [rng.choice([1, 2, 3, 8, 64, num, num + 1]) for _ in range(8)]
     out: list[tuple] = []
     for _ in range(rng.randrange(1, 4)):
         model.post(rng)
-        _split_lie(rng, q, model, chaos)
+        lie(rng, q, model, chaos)
         if rng.random() < 0.3:
             drv.disable_cb()
         elif rng.random() < 0.3:
@@ -266,23 +272,7 @@ def packed_scenario(seed: int, burst: bool) -> list[tuple]:
     q = MockPackedQueue(num, event_idx=rng.random() < 0.5, data_slots=4, start=start,
                         indirect_max=rng.choice([0, 4]), guard=64)  # fmt: skip
     chaos = rng.choice([0.0, 0.02, 0.1, 1.0])  # one bad id stops the queue: lie rarely
-    drv = q.driver()
-    model = Model(q, drv)
-    budgets = [rng.choice([1, 2, 3, 8, 64, num, num + 1]) for _ in range(8)]
-    out: list[tuple] = []
-    for _ in range(rng.randrange(1, 4)):
-        model.post(rng)
-        _packed_lie(rng, q, model, chaos)
-        if rng.random() < 0.3:
-            drv.disable_cb()
-        elif rng.random() < 0.3:
-            drv.enable_cb_prepare()
-        out += drain(drv, model, burst, budgets)
-        if drv.broken:
-            break
-    refill_check(drv, model)
-    assert q.guards_intact()
-    return out
+    return scenario(rng, q, _packed_lie, chaos, burst)
 
 
 @fuzz_settings()
