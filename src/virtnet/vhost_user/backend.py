@@ -104,7 +104,7 @@ def offered_features(queues: int) -> int:
     return BACKEND_FEATURES
 
 
-class BackendError(Exception):
+class RequestRefused(Exception):
     """A request this back-end refuses; the text names the request and the field."""
 
 
@@ -158,9 +158,9 @@ class BackendSession:
         try:
             if handler is None:
                 close_fds(msg.fds)
-                raise BackendError(f"{spec_name(msg.request)} is not supported")
+                raise RequestRefused(f"{spec_name(msg.request)} is not supported")
             result = handler(msg)
-        except (BackendError, MappingError, MemoryAccessError, ValueError, WorkerError) as e:
+        except (RequestRefused, MappingError, MemoryAccessError, ValueError, WorkerError) as e:
             if msg.request is Req.SET_FEATURES and not needs_reply(msg):
                 # QEMU sends it without NEED_REPLY: it cannot learn of the refusal, and a
                 # device on other features than the driver's is a silently broken link.
@@ -193,11 +193,11 @@ class BackendSession:
         wanted = msg.payload_as(U64).value
         extra = wanted & ~self.offered
         if extra:
-            raise BackendError(f"features {' '.join(names(extra))} were never offered")
+            raise RequestRefused(f"features {' '.join(names(extra))} were never offered")
         if not wanted & (bit(VirtioF.VERSION_1) | bit(VirtioNetF.MRG_RXBUF)):
             # 5.1.6: only a legacy driver without MRG_RXBUF uses the 10-byte header
             # (QEMU disable-modern=on,mrg_rxbuf=off); the data path is 12 bytes throughout.
-            raise BackendError(
+            raise RequestRefused(
                 "a legacy driver (no VERSION_1) without MRG_RXBUF needs the 10-byte "
                 "virtio_net_hdr, which this device does not implement: use mrg_rxbuf=on "
                 "or the modern interface (QEMU disable-modern=off)"
@@ -226,7 +226,7 @@ class BackendSession:
     def _set_protocol_features(self, msg: Message) -> None:
         value = msg.payload_as(U64).value
         if value & ~PROTOCOL_FEATURES:
-            raise BackendError(f"protocol features {value & ~PROTOCOL_FEATURES:#x} not offered")
+            raise RequestRefused(f"protocol features {value & ~PROTOCOL_FEATURES:#x} not offered")
         self.protocol_features = value
 
     def _get_queue_num(self, msg: Message) -> Message:
@@ -244,23 +244,23 @@ class BackendSession:
     def _net_set_mtu(self, msg: Message) -> None:
         mtu = msg.payload_as(U64).value
         if not 68 <= mtu <= 65535:
-            raise BackendError(f"MTU {mtu} outside 68..65535")
+            raise RequestRefused(f"MTU {mtu} outside 68..65535")
         self.config.mtu = mtu
 
     def _get_config(self, msg: Message) -> Message:
         space = self.config.pack().ljust(256, b"\0")
         req = msg.payload_as(ConfigSpace)
         if req.offset + req.size > len(space):
-            raise BackendError(f"config offset {req.offset} + size {req.size} > {len(space)}")
+            raise RequestRefused(f"config offset {req.offset} + size {req.size} > {len(space)}")
         data = space[req.offset : req.offset + req.size]
         return reply(msg, ConfigSpace(req.offset, req.flags, data))
 
     def _set_config(self, msg: Message) -> None:
-        raise BackendError("the virtio-net config space is read-only here")
+        raise RequestRefused("the virtio-net config space is read-only here")
 
     def _set_log_base(self, msg: Message) -> None:
         close_fds(msg.fds)
-        raise BackendError("dirty logging (live migration) is not supported")
+        raise RequestRefused("dirty logging (live migration) is not supported")
 
     def _set_backend_req_fd(self, msg: Message) -> None:
         close_fds(msg.fds)  # no back-end → front-end requests are ever sent
@@ -298,7 +298,7 @@ class BackendSession:
 
     def _vring(self, index: int) -> Vring:
         if not 0 <= index < len(self.vrings):
-            raise BackendError(
+            raise RequestRefused(
                 f"vring index {index} out of range (this device has {len(self.vrings)}: "
                 f"{self.queues} queue pair{'s' if self.queues > 1 else ''})"
             )
@@ -310,7 +310,7 @@ class BackendSession:
         try:
             (check_packed_queue_size if self.packed else check_queue_size)(st.num)
         except ValueError as e:
-            raise BackendError(f"vring {st.index}: {e}") from None
+            raise RequestRefused(f"vring {st.index}: {e}") from None
         vr.num = st.num
 
     @property
@@ -346,7 +346,7 @@ class BackendSession:
         u64 = msg.payload_as(U64)
         try:
             vr = self._vring(u64.vring_index)
-        except BackendError:
+        except RequestRefused:
             close_fds(msg.fds)
             raise
         old = getattr(vr, attr)
@@ -373,7 +373,7 @@ class BackendSession:
     def _set_vring_enable(self, msg: Message) -> None:
         st = msg.payload_as(VringState)
         if not self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES) and self.features:
-            raise BackendError("SET_VRING_ENABLE without PROTOCOL_FEATURES negotiated")
+            raise RequestRefused("SET_VRING_ENABLE without PROTOCOL_FEATURES negotiated")
         vr = self._vring(st.index)
         if st.num and (vr.num == 0 or vr.addr is None) and self.memory is not None:
             # QEMU enables only rings it set up; a front-end that enables one it never
@@ -415,7 +415,7 @@ class BackendSession:
         try:
             rings = pair_views(memory.memory, self.packed, pair, described)
         except RingError as e:
-            raise BackendError(str(e)) from None
+            raise RequestRefused(str(e)) from None
         bases = (rx.base, tx.base)
         if self.runner is not None:
             kick_rx, call_rx, kick_tx, call_tx = self._pair_fds(pair)
@@ -440,7 +440,7 @@ class BackendSession:
         try:
             return ring_views(self.memory.memory, self.packed, index, num, addr)
         except RingError as e:
-            raise BackendError(str(e)) from None
+            raise RequestRefused(str(e)) from None
 
     def _stop_pair(self, pair: int) -> None:
         if pair not in self.running:
@@ -592,7 +592,7 @@ class DeviceServer:
         try:
             return w.call(*request, fds=fds)
         except WorkerError as e:
-            raise BackendError(f"queue pair {w.pair}: {e}") from None
+            raise RequestRefused(f"queue pair {w.pair}: {e}") from None
 
     def _worker_died(self, e: WorkerDied) -> None:
         """Name it, fail the session (its rings' state died with it), start a fresh one."""
