@@ -123,7 +123,7 @@ MUTANTS = [
            "split get_bufs: a used length one past the buffer is believed"),
     # -- packed ring ------------------------------------------------------------------------
     Mutant("packed-pop-burst-wrap", PACKED,
-           "                self.avail_wrap ^= 1\n                bits ^= _AU\n"
+           "                self.avail_wrap ^= 1\n                bits32 ^= _AU32\n"
            "            inflight[bid] = 1",
            "                self.avail_wrap ^= 1\n"
            "            inflight[bid] = 1",
@@ -159,8 +159,8 @@ MUTANTS = [
            "        length = word & _U32\n        if bid >= self.num",
            "packed get_buf: a used length without WRITE counts (2.8.4)"),
     Mutant("packed-get-bufs-used-wrap", PACKED,
-           "                bits ^= _AU\n                self.used_wrap ^= 1",
-           "                bits ^= _AU",
+           "                bits32 ^= _AU32\n                self.used_wrap ^= 1",
+           "                bits32 ^= _AU32",
            "packed get_bufs: past the ring's end the used wrap counter stays"),
     # -- rx ----------------------------------------------------------------------------------
     Mutant("rx-deferred-short-no-eth", RX,
