@@ -146,10 +146,6 @@ class VirtnetDriver:
         return self.rq.broken
 
     @property
-    def netif_receive_skb(self) -> Callable[[SkBuff], None]:
-        return self.rq.netif_receive_skb
-
-    @property
     def capture(self) -> Capture | None:
         return self._capture
 

@@ -23,13 +23,17 @@ from operator import length_hint
 from typing import ClassVar, Final
 
 from virtnet.net.constants import ETH_HLEN, MAX_SKB_FRAGS
-from virtnet.net.rx.queue import RxQueue, Segment, Used
+from virtnet.net.rx.queue import EwmaPktLen, RxQueue, Segment, Used
 from virtnet.net.skb import Page, PagePool, SkbAllocator, SkBuff
 from virtnet.net.stats import DriverStats
 from virtnet.net.xdp import XdpHook
 from virtnet.virtio.errors import UsedIndexError, UsedRingError
 
-__all__ = ["NO_BUF_LIMIT", "RxStrategy", "Segment", "Used"]
+__all__ = ["NO_BUF_LIMIT", "HeadBuf", "RxStrategy", "Segment", "Used"]
+
+# head_skb's answer: the skb a packet is built in (None: out of memory), and where
+# its first buffer's bytes are, as buf_frag says (page, offset, truesize).
+HeadBuf = tuple[SkBuff | None, Page, int, int]
 
 # No bound on a packet's buffers but num_buffers' own, a le16 (for a strategy
 # bounded by skb frags instead).
@@ -53,6 +57,8 @@ class RxStrategy:
         # which Linux chains a frag list) and buffers (ewma bounds those instead).
         self.max_frags = MAX_SKB_FRAGS
         self.max_bufs = NO_BUF_LIMIT
+        # rq->mrg_avg_pkt_len when the strategy reads it (ewma), fed by receive_mergeable.
+        self.avg_pkt_len: EwmaPktLen | None = None
         # A frame's further buffers already taken off the ring (the XDP path
         # collects them before the program runs); _more_bufs yields these first.
         self._pending: Iterator[Used] | None = None
@@ -85,8 +91,9 @@ class RxStrategy:
         """Where a posted buffer's bytes are: (page, offset, truesize)."""
         raise NotImplementedError
 
-    def head_skb(self, buf: object) -> SkBuff | None:
-        """The skb the packet starting in ``buf`` is built in; None: out of memory."""
+    def head_skb(self, buf: object) -> HeadBuf:
+        """The skb the packet starting in ``buf`` is built in (None: out of memory),
+        and ``buf_frag(buf)``: one call for the first buffer."""
         raise NotImplementedError
 
     def put_head(self, buf: object, page: Page, in_skb: bool) -> None:

@@ -18,9 +18,9 @@ from typing import ClassVar, Generic, Protocol, TypeVar, cast, final
 
 from virtnet.net.constants import ETH_HLEN, GOOD_COPY_LEN, PAGE_SIZE
 from virtnet.net.header import NUM_BUFFERS, NUM_BUFFERS_OFFSET
-from virtnet.net.rx.base import RxStrategy, Segment
+from virtnet.net.rx.base import HeadBuf, RxStrategy, Segment
 from virtnet.net.rx.queue import RxQueue
-from virtnet.net.skb import Page, PageList, SkBuff
+from virtnet.net.skb import Page, PageList
 
 
 class _PageSlot(Protocol):
@@ -116,9 +116,9 @@ def receive_mergeable(rx: RxStrategy, buf: object, length: int) -> None:
     (``num_buffers``); up to GOOD_COPY_LEN bytes are copied into the skb's head,
     the rest of each buffer's page becomes an skb frag, and a buffer whose bytes
     were all copied keeps its page — the seed's small-packet win. The hooks say
-    where a buffer's bytes are (``buf_frag``), which skb the packet goes into
-    (``head_skb``: the seed's ``netdev_alloc_skb``) and what becomes of each
-    buffer (``put_head``, ``consume``, ``free_unused_buf`` on every error path).
+    which skb the packet goes into (``head_skb``: the seed's ``netdev_alloc_skb``),
+    where a buffer's bytes are (``buf_frag``) and what becomes of each buffer
+    (``put_head``, ``consume``, ``free_unused_buf`` on every error path).
     """
     stats, hdr_len = rx.stats, rx.hdr_len
     if length < hdr_len + ETH_HLEN:  # virtio_net.c receive_buf(): "short packet"
@@ -126,16 +126,17 @@ def receive_mergeable(rx: RxStrategy, buf: object, length: int) -> None:
         rx._name_short(length)
         rx.free_unused_buf(buf)
         return
-    page, off, truesize = rx.buf_frag(buf)
+    skb, page, off, truesize = rx.head_skb(buf)
     data = off + hdr_len
     length -= hdr_len
     copy = length if length < GOOD_COPY_LEN else GOOD_COPY_LEN  # a fresh skb's tailroom
     # One copy out of the page: the header and what goes into the skb's head
-    # (page_to_skb's memcpy), then num_buffers and the head taken from it.
-    raw = page.view[off : data + copy].tobytes()
+    # (page_to_skb's memcpy), then num_buffers and the head taken from it. (No
+    # start for a buffer at the page's start: compiled, a start is a boxed int.)
+    view = page.view
+    raw = (view[off : data + copy] if off else view[: data + copy]).tobytes()
     vnet_hdr = raw[:hdr_len]
     num_buf = vnet_hdr[NUM_BUFFERS_OFFSET] | vnet_hdr[NUM_BUFFERS_OFFSET + 1] << 8
-    skb = rx.head_skb(buf)
     if skb is None:
         # The seed drops here and recycles the page; it forgot the
         # packet's other buffers, which would then be parsed as packets.
@@ -149,10 +150,11 @@ def receive_mergeable(rx: RxStrategy, buf: object, length: int) -> None:
     if length:
         skb.add_frag(page, data + copy, length)
     rx.put_head(buf, page, length != 0)
-    rq = rx.rq
+    rq, avg = rx.rq, rx.avg_pkt_len
     if num_buf == 1:  # the common case: one buffer, nothing to merge
         stats.rx_truesize += truesize
-        rq.mrg_avg_pkt_len.add(skb.len)  # ewma_pkt_len_add(&rq->mrg_avg_pkt_len, ...)
+        if avg is not None:  # ewma_pkt_len_add(&rq->mrg_avg_pkt_len, head_skb->len)
+            avg.add(skb.len)
         rq.deliver(skb)
         return
     if rx._bad_num_buffers(num_buf):
@@ -188,7 +190,8 @@ def receive_mergeable(rx: RxStrategy, buf: object, length: int) -> None:
         rx._drop(skb)
         return
     stats.rx_truesize += truesize
-    rq.mrg_avg_pkt_len.add(skb.len)
+    if avg is not None:
+        avg.add(skb.len)
     rq.deliver(skb)
 
 
@@ -206,9 +209,11 @@ class DeferredRx(PageRx):
         assert page is not None
         return page, 0, PAGE_SIZE
 
-    def head_skb(self, buf: object) -> SkBuff | None:
+    def head_skb(self, buf: object) -> HeadBuf:
+        page = cast(PageList, buf).page
+        assert page is not None
         # skb = netdev_alloc_skb(vi->dev, GOOD_COPY_LEN + NET_IP_ALIGN)
-        return self.skbs.alloc(GOOD_COPY_LEN)
+        return self.skbs.alloc(GOOD_COPY_LEN), page, 0, PAGE_SIZE
 
     def put_head(self, buf: object, page: Page, in_skb: bool) -> None:
         plist = cast(PageList, buf)

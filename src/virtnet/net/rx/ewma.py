@@ -22,10 +22,10 @@ from virtnet.net.constants import (
     VLAN_HLEN,
 )
 from virtnet.net.header import NUM_BUFFERS, NUM_BUFFERS_OFFSET
-from virtnet.net.rx.base import Segment
+from virtnet.net.rx.base import HeadBuf, Segment
 from virtnet.net.rx.deferred import PageListRx, receive_mergeable
 from virtnet.net.rx.queue import EWMA_SHIFT, EwmaPktLen, RxQueue
-from virtnet.net.skb import Page, SkBuff
+from virtnet.net.skb import Page
 
 __all__ = ["EWMA_SHIFT", "AllocFrag", "EwmaPktLen", "EwmaRx", "MrgBuf", "mergeable_min_buf_len"]
 
@@ -86,7 +86,7 @@ class EwmaRx(PageListRx[MrgBuf]):
 
     def __init__(self, rq: RxQueue) -> None:
         super().__init__(rq)
-        self.avg_pkt_len = rq.mrg_avg_pkt_len
+        self.avg_pkt_len = rq.mrg_avg_pkt_len  # fed by receive_mergeable
         self.min_buf_len = mergeable_min_buf_len(self.hdr_len, rq.vq.num)
         self.alloc_frag = AllocFrag()
         # Linux chains a frag_list skb past MAX_SKB_FRAGS; an SkBuff has no frag
@@ -108,7 +108,7 @@ class EwmaRx(PageListRx[MrgBuf]):
             # whole pages, so a frame is in as few buffers as possible (the average is
             # only fed by packets that reach the stack).
             return PAGE_SIZE
-        return self._buf_len(self.avg_pkt_len.internal)
+        return self._buf_len(self.rq.mrg_avg_pkt_len.internal)
 
     def page_frag_refill(self, sz: int) -> bool:
         """skb_page_frag_refill: room for ``sz`` bytes in ``alloc_frag``, or a new page
@@ -199,8 +199,11 @@ class EwmaRx(PageListRx[MrgBuf]):
         assert page is not None
         return page, buf.offset, buf.len  # truesize: the buffer's length (its ctx)
 
-    def head_skb(self, buf: object) -> SkBuff | None:
-        return self.skbs.alloc(GOOD_COPY_LEN)
+    def head_skb(self, token: object) -> HeadBuf:
+        buf = cast(MrgBuf, token)
+        page = buf.page
+        assert page is not None
+        return self.skbs.alloc(GOOD_COPY_LEN), page, buf.offset, buf.len
 
     def put_head(self, token: object, page: Page, in_skb: bool) -> None:
         buf = cast(MrgBuf, token)

@@ -12,7 +12,7 @@ from typing import ClassVar, cast, final
 
 from virtnet.net.constants import GOOD_COPY_LEN, PAGE_SIZE
 from virtnet.net.header import NUM_BUFFERS, NUM_BUFFERS_OFFSET
-from virtnet.net.rx.base import RxStrategy, Segment
+from virtnet.net.rx.base import HeadBuf, RxStrategy, Segment
 from virtnet.net.rx.deferred import receive_mergeable
 from virtnet.net.rx.queue import RxQueue
 from virtnet.net.skb import Page, SkBuff
@@ -62,12 +62,13 @@ class PreallocRx(RxStrategy):
     def buf_frag(self, buf: object) -> Segment:
         return cast(SkBuff, buf).frags[0][0], 0, PAGE_SIZE
 
-    def head_skb(self, buf: object) -> SkBuff | None:
+    def head_skb(self, buf: object) -> HeadBuf:
         """The buffer's own skb: unlinked from vi->recv, its page no frag of it yet."""
         skb = cast(SkBuff, buf)
+        page = skb.frags[0][0]
         del self.recv[skb]  # __skb_unlink(skb, &vi->recv)
         skb.frags = []
-        return skb
+        return skb, page, 0, PAGE_SIZE
 
     def put_head(self, buf: object, page: Page, in_skb: bool) -> None:
         if not in_skb:  # give_a_page(vi, skb_shinfo(skb)->frags[0].page)

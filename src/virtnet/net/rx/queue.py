@@ -85,7 +85,7 @@ class RxQueue:
         # The used buffers of the current poll burst not yet received: a packet's
         # further buffers come from here first (next_used).
         self.burst: Iterator[Used] = iter(())
-        self.mrg_avg_pkt_len = EwmaPktLen()  # fed by every mergeable packet, read by ewma
+        self.mrg_avg_pkt_len = EwmaPktLen()  # what ewma sizes buffers by
         self.broken = ""  # why the device's rings can no longer be trusted, or ""
         self.faults = DeviceFaults(stats)  # what the device got wrong, named
         self.capture: Capture | None = None  # --pcap's tap on delivered frames
