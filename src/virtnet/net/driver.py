@@ -16,18 +16,19 @@ from virtnet.net.header import MRG_HDR_LEN
 from virtnet.net.ratelimit import DeviceFaults
 from virtnet.net.rx import STRATEGIES
 from virtnet.net.rx.base import RxStrategy
-from virtnet.net.rx.queue import Capture, DriverQueue, RxQueue, Segment, Used
+from virtnet.net.rx.queue import Capture, RxQueue, Segment, Used
 from virtnet.net.rx.xdp import receive_buf_xdp
 from virtnet.net.skb import Page, PagePool, SkbAllocator, SkBuff
 from virtnet.net.stats import DriverStats
 from virtnet.net.xdp import XdpFrame
 from virtnet.virtio.errors import QueueFullError, UsedIndexError, UsedRingError
+from virtnet.virtio.ring.queue import RingDriver
 
 # A tx header slot: the virtio-net header followed by up to this much linear
 # skb data, so a small packet is one descriptor (virtio_net.c's can_push).
 TX_SLOT_SIZE: Final = 256
 
-__all__ = ["TX_SLOT_SIZE", "Capture", "DriverQueue", "TxSlots", "VirtnetDriver", "coalesce"]
+__all__ = ["TX_SLOT_SIZE", "Capture", "TxSlots", "VirtnetDriver", "coalesce"]
 
 # What start_xmit sends: an skb, or a frame XDP_TX sends back from rx buffers.
 TxFrame = SkBuff | XdpFrame
@@ -84,8 +85,8 @@ class VirtnetDriver:
 
     def __init__(
         self,
-        rvq: DriverQueue,
-        svq: DriverQueue,
+        rvq: RingDriver,
+        svq: RingDriver,
         pool: PagePool,
         *,
         strategy: str = "deferred",
@@ -120,7 +121,7 @@ class VirtnetDriver:
     # The receive queue's state, read where the driver's callers always found it.
 
     @property
-    def rvq(self) -> DriverQueue:
+    def rvq(self) -> RingDriver:
         return self.rq.vq
 
     @property
@@ -153,7 +154,7 @@ class VirtnetDriver:
     def capture(self, tap: Capture | None) -> None:
         self._capture = self.rq.capture = tap
 
-    def used_error(self, vq: DriverQueue, e: UsedRingError) -> None:
+    def used_error(self, vq: RingDriver, e: UsedRingError) -> None:
         """Name a used entry the ring refused (RxQueue.used_error, for either queue)."""
         self.rq.used_error(vq, e)
 

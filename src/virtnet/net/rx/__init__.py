@@ -26,11 +26,11 @@ from virtnet.net.rx.ewma import (
 )
 from virtnet.net.rx.nonmergeable import BIG_PAGES, BigRx, SmallRx
 from virtnet.net.rx.prealloc import PreallocRx
-from virtnet.net.rx.queue import DriverQueue, RxQueue, Segment, Used
+from virtnet.net.rx.queue import RxQueue, Segment, Used
 from virtnet.net.rx.xdp import receive_buf_xdp
 
 __all__ = [
-    "BIG_PAGES", "EWMA_SHIFT", "STRATEGIES", "AllocFrag", "BigRx", "DeferredRx", "DriverQueue",
+    "BIG_PAGES", "EWMA_SHIFT", "STRATEGIES", "AllocFrag", "BigRx", "DeferredRx",
     "EwmaPktLen", "EwmaRx", "MrgBuf", "PageListRx", "PageRx", "PreallocRx", "RxQueue",
     "RxStrategy", "Segment", "SmallRx", "Used", "mergeable_min_buf_len", "receive_buf_xdp",
     "receive_mergeable",

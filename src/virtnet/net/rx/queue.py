@@ -19,10 +19,8 @@ from virtnet.net.skb import Page, PagePool, SkbAllocator, SkBuff
 from virtnet.net.stats import DriverStats
 from virtnet.net.xdp import XdpFrame
 from virtnet.virtio.errors import UsedRingError
-from virtnet.virtio.ring.packed import PackedQueueDriver
-from virtnet.virtio.ring.split import SplitQueueDriver
+from virtnet.virtio.ring.queue import RingDriver
 
-DriverQueue = SplitQueueDriver | PackedQueueDriver
 # A used buffer as the ring returns it: (token, length written).
 Used = tuple[object, int]
 # A frame's bytes in guest memory: (page, offset, size), as skb frags are.
@@ -67,7 +65,7 @@ class RxQueue:
 
     def __init__(
         self,
-        vq: DriverQueue,
+        vq: RingDriver,
         pool: PagePool,
         stats: DriverStats,
         hdr_len: int,
@@ -165,7 +163,7 @@ class RxQueue:
 
     # -- faults ----------------------------------------------------------------------------
 
-    def used_error(self, vq: DriverQueue, e: UsedRingError) -> None:
+    def used_error(self, vq: RingDriver, e: UsedRingError) -> None:
         """Name a used entry the ring refused; an id that is no buffer breaks the queue
         (virtio_ring.c detach_buf_split: BAD_RING "id %u out of range" / "is not a head!")."""
         if e.token is not None:
