@@ -8,7 +8,6 @@ address or a length may be anything a u64/u32 can hold.
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from typing import TYPE_CHECKING, Final, final
 
 from virtnet.virtio.errors import MemoryAccessError
@@ -52,7 +51,12 @@ class GuestMemory:
     """A set of non-overlapping regions, looked up by address.
 
     ``view(addr, length)`` is the hot path of every descriptor: one region is
-    the common case (a memfd), so it is tried first without a bisect.
+    the common case (a memfd), so it is tried first; with more (DIMMs, NUMA
+    nodes, ADD_MEM_REG: up to hundreds), a binary search over the sorted start
+    addresses, written out so the compiled build runs it on native ints.
+
+    Regions come and go at run time (ADD_MEM_REG / REM_MEM_REG): the rings hold
+    this object, not a copy of its table, so a change is seen by the next access.
     """
 
     def __init__(self, regions: list[MemoryRegion] | None = None) -> None:
@@ -102,6 +106,14 @@ class GuestMemory:
         self._regions.sort(key=lambda r: r.gpa)
         self._regions_changed()
 
+    def find_region(self, gpa: int, size: int, uva: int) -> MemoryRegion | None:
+        """The region with exactly this guest address, size and front-end address
+        (how REM_MEM_REG names one), or None."""
+        for region in self._regions:
+            if region.gpa == gpa and region.size == size and region.uva == uva:
+                return region
+        return None
+
     def remove_region(self, gpa: int) -> MemoryRegion:
         for i, region in enumerate(self._regions):
             if region.gpa == gpa:
@@ -122,10 +134,18 @@ class GuestMemory:
         if len(regions) == 1:
             region = regions[0]
         else:
-            i = bisect_right(self._starts, addr) - 1
-            if i < 0:
+            # The last region starting at or below addr (bisect_right - 1), inline.
+            starts = self._starts
+            lo, hi = 0, len(starts)
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if starts[mid] <= addr:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo == 0:
                 raise MemoryAccessError(addr, length)
-            region = regions[i]
+            region = regions[lo - 1]
         offset = addr - region.gpa
         if offset < 0 or offset + length > region.size:
             raise MemoryAccessError(addr, length)
