@@ -330,3 +330,23 @@ def test_closing_the_connection_unmaps_every_region(device):
     c.close()
     c.log("front-end gone")
     assert settled(device, before) == before
+
+
+def test_the_same_region_added_twice_is_counted_not_mapped_twice(case):
+    """QEMU 7.2 sends each ADD_MEM_REG once per queue pair (and as many REM_MEM_REG):
+    the region is mapped once and unmapped with its last removal."""
+    before = footprint(case.dev)
+    fd = case.memfd()
+    assert add(case, 0, MEM_SIZE, UVA, fd) == 0
+    again = os.dup(fd)  # another fd of the same file, as each QEMU message carries
+    case.fds.append(again)
+    assert add(case, 0, MEM_SIZE, UVA, again) == 0
+    case.log("added again (2 references)")
+    assert [m for _f, m in footprint(case.dev)] == [m + 1 for _f, m in before]
+    assert add(case, 0, MEM_SIZE, UVA, case.memfd()) != 0  # same addresses, another file
+    case.log("overlaps MemoryRegion(gpa=0x0")
+    assert rem(case, 0, MEM_SIZE, UVA) == 0
+    assert [m for _f, m in footprint(case.dev)] == [m + 1 for _f, m in before]
+    assert rem(case, 0, MEM_SIZE, UVA) == 0
+    assert [m for _f, m in footprint(case.dev)] == [m for _f, m in before]
+    assert rem(case, 0, MEM_SIZE, UVA) != 0

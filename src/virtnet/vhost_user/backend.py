@@ -330,8 +330,13 @@ class BackendSession:
         self.memory = memory
         for why in memory.unsealed[unsealed:]:
             log.warning("%s: a front-end that shrinks it can crash this process", why)
-        log.info("memory region added: gpa %#x+%#x (%d mapped)", r.guest_phys_addr,
-                 r.memory_size, len(memory))  # fmt: skip
+        refs = memory.refs(r.guest_phys_addr)
+        if refs > 1:  # QEMU < 8.0: once per queue pair (MappedMemory.add)
+            log.info("memory region gpa %#x+%#x added again (%d references)",
+                     r.guest_phys_addr, r.memory_size, refs)  # fmt: skip
+        else:
+            log.info("memory region added: gpa %#x+%#x (%d mapped)", r.guest_phys_addr,
+                     r.memory_size, len(memory))  # fmt: skip
         self._update_device()
 
     def _rem_mem_reg(self, msg: Message) -> None:
@@ -343,11 +348,17 @@ class BackendSession:
             mapped = ", ".join(map(repr, self.memory.memory.regions)) if self.memory else ""
             raise RequestRefused(f"no region at gpa {gpa:#x} size {size:#x} uva {uva:#x} "
                                  f"(mapped: {mapped or 'none'})")  # fmt: skip
-        self._check_unused(gpa, size, uva)
+        if self.memory.refs(gpa) == 1:  # this removal unmaps it
+            self._check_unused(gpa, size, uva)
         if self.runner is not None:
             self.runner.rem_region((gpa, size, uva))
         self.memory.remove(gpa, size, uva)
-        log.info("memory region removed: gpa %#x+%#x (%d mapped)", gpa, size, len(self.memory))
+        refs = self.memory.refs(gpa)
+        if refs:
+            log.info("memory region gpa %#x+%#x released (%d references left)", gpa, size, refs)
+        else:
+            log.info("memory region removed: gpa %#x+%#x (%d mapped)", gpa, size,
+                     len(self.memory))  # fmt: skip
 
     def _check_unused(self, gpa: int, size: int, uva: int) -> None:
         """Refuse to unmap a region a running ring lies in: the device would lose its

@@ -75,14 +75,33 @@ class MappedMemory:
     def __init__(self) -> None:
         self.memory = GuestMemory()
         self._maps: dict[int, mmap.mmap] = {}  # by guest address
+        # By guest address: how often the region was added, and what it was added as
+        # (size, uva, mmap_offset, the file's st_dev and st_ino).
+        self._refs: dict[int, int] = {}
+        self._ident: dict[int, tuple[int, int, int, int, int]] = {}
         self._busy: list[mmap.mmap] = []  # unmapped regions a view still pins: closed later
         self.unsealed: list[str] = []  # regions a front-end could still shrink, and why
 
     def __len__(self) -> int:
         return len(self._maps)
 
+    def refs(self, gpa: int) -> int:
+        """How often the region at ``gpa`` was added and not yet removed (0: not mapped)."""
+        return self._refs.get(gpa, 0)
+
     def add(self, fd: int, gpa: int, size: int, uva: int, mmap_offset: int) -> MemoryRegion:
-        """Map one region; the fd is not kept (the mapping holds the memory)."""
+        """Map one region; the fd is not kept (the mapping holds the memory).
+
+        The same region again (same addresses, offset and file) only counts one more
+        reference: QEMU before 8.0 sends each ADD_MEM_REG once per queue pair's vhost
+        device over the one connection (its fix: "vhost-user: Skip unnecessary
+        duplicated VHOST_USER_ADD/REM_MEM_REG requests"), and as many REM_MEM_REG.
+        """
+        ident = (size, uva, mmap_offset, *_file_id(fd, gpa))
+        known = self.memory.find_region(gpa, size, uva)
+        if known is not None and self._ident.get(gpa) == ident:
+            self._refs[gpa] += 1
+            return known
         self._check_new(gpa, size, uva, mmap_offset)
         length = _map_length(fd, mmap_offset, size)
         why = seal_shrink(fd)  # before the size check: nothing can shrink it after
@@ -104,6 +123,7 @@ class MappedMemory:
             mm.close()
             raise MappingError(0, str(e)) from None
         self._maps[gpa] = mm
+        self._refs[gpa], self._ident[gpa] = 1, ident
         return region
 
     def _check_new(self, gpa: int, size: int, uva: int, mmap_offset: int) -> None:
@@ -136,8 +156,15 @@ class MappedMemory:
             known = ", ".join(map(repr, self.memory.regions)) or "none"
             raise MappingError(0, f"no region at gpa {gpa:#x} size {size:#x} uva {uva:#x} "
                                f"(mapped: {known})")  # fmt: skip
+        self._refs[gpa] -= 1
+        if self._refs[gpa]:
+            return  # added more than once: still in use by the other adders
+        del self._refs[gpa], self._ident[gpa]
         self.memory.remove_region(gpa)
-        region.buffer.release()
+        try:
+            region.buffer.release()
+        except BufferError:
+            pass  # exported (a ctypes or numpy view of it): its mmap waits in _busy
         self._busy.append(self._maps.pop(gpa))
         self._close_unpinned()
 
@@ -161,8 +188,18 @@ class MappedMemory:
         self.memory.release()
         self._busy.extend(self._maps.values())
         self._maps.clear()
+        self._refs.clear()
+        self._ident.clear()
         self._close_unpinned()
         self._busy.clear()  # still pinned: the map goes when its last view does
+
+
+def _file_id(fd: int, gpa: int) -> tuple[int, int]:
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise MappingError(e.errno, f"region at gpa {gpa:#x}: fd {fd}: {e.strerror}") from None
+    return st.st_dev, st.st_ino
 
 
 def _check_file_size(fd: int, gpa: int, size: int, mmap_offset: int) -> None:
