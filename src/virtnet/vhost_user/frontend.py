@@ -129,9 +129,13 @@ class GuestMemfd:
         anchor = ctypes.c_char.from_buffer(self.map)
         self.uva = ctypes.addressof(anchor)  # what a C front-end would put in the table
         del anchor
-        if cuts:
-            for (gpa, size), fd in zip(spans, self.fds, strict=True):
+        try:
+            for (gpa, size), fd in zip(spans, self.fds, strict=True) if cuts else ():
                 _mmap_fixed(self.uva + gpa, size, fd)
+        except OSError:
+            self.map.close()
+            close_fds(self.fds)
+            raise
         self.regions = [(MemoryRegionDesc(gpa, size, self.uva + gpa, 0), fd)
                         for (gpa, size), fd in zip(spans, self.fds, strict=True)]  # fmt: skip
         self.memory = GuestMemory([MemoryRegion(0, memoryview(self.map), uva=self.uva)])
