@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.vhost_user.conftest import DeviceProcess, run_driver, start_device
+from tests.vhost_user.conftest import DeviceProcess, RawFrontend, run_driver, start_device
 from tests.vhost_user.test_hostile_frontend import MEM_SIZE, UVA, Case, RunningRings
 from virtnet.net.guest import RX, TX, GuestLayout
 from virtnet.net.header import MRG_HDR_LEN
@@ -189,6 +189,12 @@ def test_region_added_while_rings_run_carries_a_frame_then_goes(slot_rings):
 @pytest.fixture(scope="module")
 def device(tmp_path_factory) -> Iterator[DeviceProcess]:
     dev = start_device(tmp_path_factory.mktemp("slots"), "sink")
+    # One session first: the workers have answered a request, so they have closed what
+    # they inherited from the fork, and the footprint the cases compare is the idle one.
+    fe = RawFrontend.connect(dev.socket_path)
+    fe.handshake()
+    fe.close()
+    dev.wait_for_log("front-end gone")
     try:
         yield dev
     finally:

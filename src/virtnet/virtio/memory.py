@@ -8,6 +8,7 @@ address or a length may be anything a u64/u32 can hold.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import TYPE_CHECKING, Final, final
 
 from virtnet.virtio.errors import MemoryAccessError
@@ -51,9 +52,10 @@ class GuestMemory:
     """A set of non-overlapping regions, looked up by address.
 
     ``view(addr, length)`` is the hot path of every descriptor: one region is
-    the common case (a memfd), so it is tried first; with more (DIMMs, NUMA
-    nodes, ADD_MEM_REG: up to hundreds), a binary search over the sorted start
-    addresses, written out so the compiled build runs it on native ints.
+    the common case (a memfd), so it is tried first, then two (RAM below and
+    above 4 GiB) with one compare; with more (DIMMs, NUMA nodes, ADD_MEM_REG: up
+    to hundreds), a bisect over the sorted start addresses (callgrind, per view:
+    a loop written out costs 20-40 % more than bisect's C in the pure build).
 
     Regions come and go at run time (ADD_MEM_REG / REM_MEM_REG): the rings hold
     this object, not a copy of its table, so a change is seen by the next access.
@@ -131,21 +133,16 @@ class GuestMemory:
         if length < 0 or addr < 0:
             raise MemoryAccessError(addr, length, "is negative")
         regions = self._regions
-        if len(regions) == 1:
+        n = len(regions)
+        if n == 1:
             region = regions[0]
+        elif n == 2:  # RAM below and above 4 GiB, or a DIMM: one compare
+            region = regions[1] if addr >= self._starts[1] else regions[0]
         else:
-            # The last region starting at or below addr (bisect_right - 1), inline.
-            starts = self._starts
-            lo, hi = 0, len(starts)
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if starts[mid] <= addr:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            if lo == 0:
+            i = bisect_right(self._starts, addr) - 1
+            if i < 0:
                 raise MemoryAccessError(addr, length)
-            region = regions[lo - 1]
+            region = regions[i]
         offset = addr - region.gpa
         if offset < 0 or offset + length > region.size:
             raise MemoryAccessError(addr, length)
