@@ -36,18 +36,23 @@ TxFrame = SkBuff | XdpFrame
 TxToken = tuple[int, memoryview, TxFrame]
 
 
-def coalesce(frags: list[Segment]) -> list[tuple[int, int]]:
+NO_BREAKS: Final[frozenset[int]] = frozenset()
+
+
+def coalesce(frags: list[Segment], breaks: frozenset[int] = NO_BREAKS) -> list[tuple[int, int]]:
     """Frags as (address, length) segments, physically adjacent ones merged.
 
     A 64 KiB TSO frame is 17 page frags; when the pages are consecutive in guest
     memory (the pool hands out ascending runs, see SkbAllocator.free) it goes out as
-    one descriptor instead of 17 — what Linux gets from compound pages.
+    one descriptor instead of 17 — what Linux gets from compound pages. Never across
+    one of ``breaks``, where a memory region starts: the device maps each region on
+    its own, so one access cannot span two.
     """
     out: list[tuple[int, int]] = []
     end = -1
     for page, off, size in frags:
         addr = page.gpa + off
-        if addr == end:
+        if addr == end and addr not in breaks:
             out[-1] = (out[-1][0], out[-1][1] + size)
         else:
             out.append((addr, size))
@@ -113,6 +118,9 @@ class VirtnetDriver:
         self.rx: RxStrategy = STRATEGIES[strategy](self.rq)
         self.tx_slots = TxSlots(pool, svq.num)
         self.rq.xdp_xmit = self.start_xmit  # XDP_TX goes out on this pair's tx queue
+        # Guest addresses where a memory region starts (virtnet driver --mem-regions):
+        # tx never merges adjacent frags across one.
+        self.memory_breaks: frozenset[int] = NO_BREAKS
 
     @property
     def strategy(self) -> str:
@@ -253,7 +261,8 @@ class VirtnetDriver:
         token: TxToken = (gpa, view, skb)
         try:
             if skb.frags:
-                svq.add([(gpa, self.hdr_len + head_len), *coalesce(skb.frags)], (), token)
+                svq.add([(gpa, self.hdr_len + head_len), *coalesce(skb.frags, self.memory_breaks)],
+                        (), token)  # fmt: skip
             else:  # all linear (can_push): one descriptor
                 svq.add_outbuf(gpa, self.hdr_len + head_len, token)
         except QueueFullError:

@@ -38,7 +38,7 @@ from virtnet.net.mq import per_queue_stats, sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.errors import VhostUserProtocolError
-from virtnet.vhost_user.mapping import MappedMemory, MappingError
+from virtnet.vhost_user.mapping import MAX_MEM_SLOTS, MappedMemory, MappingError
 from virtnet.vhost_user.messages import (
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -46,6 +46,7 @@ from virtnet.vhost_user.messages import (
     MemoryTable,
     Message,
     ProtocolFeature,
+    SingleMemoryRegion,
     VringAddr,
     VringState,
     ack,
@@ -90,6 +91,7 @@ PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.NET_MTU)
     | bit(ProtocolFeature.CONFIG)
     | bit(ProtocolFeature.RESET_DEVICE)
+    | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
 )
 # ethtool -C defaults for `virtnet device` (--coalesce overrides): no moderation.
 DEFAULT_COALESCE = {"rx-usecs": 0, "rx-frames": 0, "tx-usecs": 0, "tx-frames": 0}
@@ -304,6 +306,87 @@ class BackendSession:
             f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in table.regions))  # fmt: skip
         self._update_device()
 
+    # Memory slots (PROTOCOL_F_CONFIGURE_MEM_SLOTS): one region at a time, at any time.
+    # QEMU then sends every table change so, the first one included, and waits for
+    # each REPLY_ACK; a worker maps (or unmaps) before the control process replies.
+
+    def _need_mem_slots(self, msg: Message) -> None:
+        if not self.protocol_features & bit(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+            close_fds(msg.fds)
+            raise RequestRefused(
+                f"{spec_name(msg.request)} without "
+                "VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS negotiated"
+            )
+
+    def _get_max_mem_slots(self, msg: Message) -> Message:
+        return reply(msg, U64(MAX_MEM_SLOTS))
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        self._need_mem_slots(msg)
+        r = msg.payload_as(SingleMemoryRegion).region
+        region = (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        memory = self.memory if self.memory is not None else MappedMemory()
+        unsealed = len(memory.unsealed)
+        try:
+            memory.add(msg.fds[0], *region)
+            if self.runner is not None:
+                try:
+                    self.runner.add_region(region, msg.fds[0])
+                except Exception:
+                    memory.remove(*region[:3])
+                    raise
+        finally:
+            close_fds(msg.fds)  # the mappings keep the memory
+        self.memory = memory
+        for why in memory.unsealed[unsealed:]:
+            log.warning("%s: a front-end that shrinks it can crash this process", why)
+        refs = memory.refs(r.guest_phys_addr)
+        if refs > 1:  # QEMU < 8.0: once per queue pair (MappedMemory.add)
+            log.info("memory region gpa %#x+%#x added again (%d references)",
+                     r.guest_phys_addr, r.memory_size, refs)  # fmt: skip
+        else:
+            log.info("memory region added: gpa %#x+%#x (%d mapped)", r.guest_phys_addr,
+                     r.memory_size, len(memory))  # fmt: skip
+        self._update_device()
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        close_fds(msg.fds)  # QEMU sends the region's fd along: "MUST close it"
+        self._need_mem_slots(msg)
+        r = msg.payload_as(SingleMemoryRegion).region
+        gpa, size, uva = r.guest_phys_addr, r.memory_size, r.userspace_addr
+        if self.memory is None or self.memory.memory.find_region(gpa, size, uva) is None:
+            mapped = ", ".join(map(repr, self.memory.memory.regions)) if self.memory else ""
+            raise RequestRefused(f"no region at gpa {gpa:#x} size {size:#x} uva {uva:#x} "
+                                 f"(mapped: {mapped or 'none'})")  # fmt: skip
+        if self.memory.refs(gpa) == 1:  # this removal unmaps it
+            self._check_unused(gpa, size, uva)
+        if self.runner is not None:
+            self.runner.rem_region((gpa, size, uva))
+        self.memory.remove(gpa, size, uva)
+        refs = self.memory.refs(gpa)
+        if refs:
+            log.info("memory region gpa %#x+%#x released (%d references left)", gpa, size, refs)
+        else:
+            log.info("memory region removed: gpa %#x+%#x (%d mapped)", gpa, size,
+                     len(self.memory))  # fmt: skip
+
+    def _check_unused(self, gpa: int, size: int, uva: int) -> None:
+        """Refuse to unmap a region a running ring lies in: the device would lose its
+        ring mid-burst (vhost-user.rst leaves it to the front-end never to do so;
+        QEMU only removes memory the guest has offlined)."""
+        for pair in sorted(self.running):
+            for index in (2 * pair, 2 * pair + 1):
+                addr = self.vrings[index].addr
+                if addr is None:
+                    continue
+                for name, at in (("descriptor table", addr.desc_user_addr),
+                                 ("available ring", addr.avail_user_addr),
+                                 ("used ring", addr.used_user_addr)):  # fmt: skip
+                    if uva <= at < uva + size:
+                        raise RequestRefused(
+                            f"region at gpa {gpa:#x} size {size:#x} is in use: vring {index}'s "
+                            f"{name} (uva {at:#x}) lies in it while queue pair {pair} runs")
+
     # -- vrings ---------------------------------------------------------------
 
     def _vring(self, index: int) -> Vring:
@@ -496,6 +579,8 @@ class PairRunner(Protocol):
 
     def set_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None: ...
     def unmap(self) -> None: ...
+    def add_region(self, region: tuple[int, int, int, int], fd: int) -> None: ...
+    def rem_region(self, region: tuple[int, int, int]) -> None: ...
     def start(self, pair: int, spec: RingSpec, fds: list[int]) -> None: ...
     def update_fds(self, pair: int, fds: tuple[int, int, int, int]) -> None: ...
     def stop(self, pair: int) -> tuple[int, int] | None: ...
@@ -581,6 +666,22 @@ class DeviceServer:
     def set_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
         for w in self.workers:
             self._call(w, "memory", regions, fds=fds)
+
+    def add_region(self, region: tuple[int, int, int, int], fd: int) -> None:
+        """Every worker maps it, or none keeps it."""
+        done: list[WorkerHandle] = []
+        try:
+            for w in self.workers:
+                self._call(w, "add_region", region, fds=[fd])
+                done.append(w)
+        except RequestRefused:
+            for w in done:
+                self._call(w, "rem_region", region[:3])
+            raise
+
+    def rem_region(self, region: tuple[int, int, int]) -> None:
+        for w in self.workers:
+            self._call(w, "rem_region", region)
 
     def unmap(self) -> None:
         for w in self.workers:

@@ -152,6 +152,32 @@ class PairLoop:
             close_fds(fds)
         self.memory = memory
 
+    def do_add_region(self, region: tuple[int, int, int, int], fds: list[int]) -> None:
+        """ADD_MEM_REG: map one more region (gpa, size, uva, mmap_offset) of ``fds[0]``.
+
+        Requests are served between bursts, so a running device sees it from its next
+        descriptor on: before the control process replies, hence before the front-end
+        can point a descriptor into it.
+        """
+        gpa, size, uva, offset = region
+        if self.memory is None:
+            self.memory = MappedMemory()
+        try:
+            (fd,) = fds
+            self.memory.add(fd, gpa, size, uva, offset)
+        finally:
+            close_fds(fds)  # the mapping keeps the memory
+            fds.clear()  # not closed again by _on_request: the number may be reused
+
+    def do_rem_region(self, region: tuple[int, int, int], fds: list[int]) -> None:
+        """REM_MEM_REG: unmap the region (gpa, size, uva); the control process has
+        checked that no ring of a running pair lies in it."""
+        close_fds(fds)
+        fds.clear()
+        if self.memory is None:
+            raise ValueError(f"no region at gpa {region[0]:#x}: no memory is mapped")
+        self.memory.remove(*region)
+
     def do_unmap(self, fds: list[int]) -> None:
         self.do_stop(fds=[])
         if self.memory is not None:
