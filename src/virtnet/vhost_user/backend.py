@@ -817,16 +817,16 @@ class DeviceServer:
             close_fds(msg.fds)
             self._worker_died(e)
             return False
-        if answer is not None and not self._reply(answer):
-            return False
         if msg.request is Req.SET_FEATURES and session.features:
+            # Before the reply: QEMU acks VHOST_F_LOG_ALL with NEED_REPLY and copies guest
+            # memory once the ack is in, so every worker must be logging by then.
             try:
                 for w in self.workers:
                     self._call(w, "features", session.features)
             except WorkerDied as e:
                 self._worker_died(e)
                 return False
-        return True
+        return answer is None or self._reply(answer)
 
     def _protocol_error(self, e: VhostUserProtocolError) -> None:
         log.error("protocol error: %s", e)

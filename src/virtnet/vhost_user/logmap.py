@@ -25,7 +25,7 @@ from virtnet.virtio.dirtylog import DirtyLog, SetWord
 
 log = logging.getLogger("virtnet.device")
 
-__ATOMIC_SEQ_CST = 5
+ATOMIC_SEQ_CST = 5
 
 
 def _libatomic_fetch_or_8() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -86,7 +86,7 @@ class MappedLog:
             return None
 
         def set_word(word: int, mask: int) -> None:
-            fetch_or(base + 8 * word, mask, __ATOMIC_SEQ_CST)
+            fetch_or(base + 8 * word, mask, ATOMIC_SEQ_CST)
 
         return set_word
 
