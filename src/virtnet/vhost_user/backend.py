@@ -765,6 +765,8 @@ class DeviceServer:
                 session.close()
             except WorkerDied as e:
                 self._worker_died(e)
+            except RequestRefused as e:  # a worker that failed its stop: the session is over
+                log.error("closing the session: %s", e)
 
     def _on_socket(self) -> None:
         messages: list[Message] = []

@@ -295,7 +295,10 @@ class PairLoop:
             bases = dev.last_avail_idx
             self.totals = sum_stats([self.totals, dev.stats.as_dict()])
             self.dev = None
-            self.backend.on_queue_enabled(False)
+            try:
+                self.backend.on_queue_enabled(False)
+            except OSError as e:  # the rings did stop: GET_VRING_BASE still gets its bases
+                log.warning("stopping the port's queue: %s", e)
         self._take_fds((False,) * 4, [])
         self._rewatch()
         return bases
