@@ -44,6 +44,7 @@ PURE = "pure Python"
 # of bench, conform, netns) is control plane and stays interpreted.
 DATA_PLANE: tuple[str, ...] = (
     "virtnet.virtio.errors",
+    "virtnet.virtio.dirtylog",
     "virtnet.virtio.memory",
     "virtnet.virtio.features",
     "virtnet.virtio.ring.layout",

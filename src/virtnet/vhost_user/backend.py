@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol, cast
 
+from virtnet.net.announce import mac_of_rarp, rarp_frame
 from virtnet.net.device import VirtnetDevice
 from virtnet.net.faults import FaultPlan
 from virtnet.net.features import (
@@ -38,11 +39,14 @@ from virtnet.net.mq import per_queue_stats, sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.errors import VhostUserProtocolError
-from virtnet.vhost_user.mapping import MAX_MEM_SLOTS, MappedMemory, MappingError
+from virtnet.vhost_user.logmap import MappedLog, check_log
+from virtnet.vhost_user.mapping import MAX_MEM_SLOTS, MappedMemory, MappingError, seal_shrink
 from virtnet.vhost_user.messages import (
     U64,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
+    LogDesc,
     MemoryTable,
     Message,
     ProtocolFeature,
@@ -59,7 +63,7 @@ from virtnet.vhost_user.messages import (
 from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
-from virtnet.vhost_user.rings import RingError, RingSpec, pair_views, ring_views
+from virtnet.vhost_user.rings import RingError, RingSpec, log_addrs, pair_views, ring_views
 from virtnet.vhost_user.runclock import RunClock
 from virtnet.vhost_user.worker import (
     IDLE_POLL,
@@ -84,9 +88,12 @@ log = logging.getLogger("virtnet.device")
 
 NUM_QUEUES = 2  # vrings of one pair: 0 = receiveq1 (device → driver), 1 = transmitq1
 MAX_QUEUE_PAIRS = 64  # --queues: far past the cores that could serve them
-BACKEND_FEATURES = OFFERED | bit(VHOST_USER_F_PROTOCOL_FEATURES)
+# VHOST_F_LOG_ALL: dirty logging for live migration (vhost-user.rst "Migration").
+BACKEND_FEATURES = OFFERED | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VHOST_F_LOG_ALL)
 PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ)
+    | bit(ProtocolFeature.LOG_SHMFD)
+    | bit(ProtocolFeature.RARP)
     | bit(ProtocolFeature.REPLY_ACK)
     | bit(ProtocolFeature.NET_MTU)
     | bit(ProtocolFeature.CONFIG)
@@ -100,9 +107,12 @@ DEFAULT_COALESCE = {"rx-usecs": 0, "rx-frames": 0, "tx-usecs": 0, "tx-frames": 0
 def offered_features(queues: int) -> int:
     """What ``virtnet device --queues N`` offers: with more than one pair, MQ and the
     CTRL_VQ it needs. The control queue is the front-end's to serve (QEMU's virtio-net,
-    DPDK's virtio_user shadow queue): it tells us the pairs in use by SET_VRING_ENABLE."""
+    DPDK's virtio_user shadow queue): it tells us the pairs in use by SET_VRING_ENABLE.
+    GUEST_ANNOUNCE rides on it: after a migration QEMU asks the guest to announce
+    itself (VIRTIO_NET_S_ANNOUNCE, acked by CTRL_ANNOUNCE_ACK) instead of SEND_RARP."""
     if queues > 1:
-        return BACKEND_FEATURES | bit(VirtioNetF.MQ) | bit(VirtioNetF.CTRL_VQ)
+        return (BACKEND_FEATURES | bit(VirtioNetF.MQ) | bit(VirtioNetF.CTRL_VQ)
+                | bit(VirtioNetF.GUEST_ANNOUNCE))  # fmt: skip
     return BACKEND_FEATURES
 
 
@@ -154,6 +164,9 @@ class BackendSession:
     running: set[int] = field(default_factory=set)  # the queue pairs started
     owner: bool = False
     faults: FaultPlan | None = None  # --faults: the device lies on purpose
+    log: MappedLog | None = None  # SET_LOG_BASE's, in-process only (workers map their own)
+    log_set: bool = False  # a log was given (SET_LOG_BASE): logging can start
+    rarps: list[bytes] = field(default_factory=list)  # SEND_RARP frames, in-process only
 
     def __post_init__(self) -> None:
         self.vrings = [Vring() for _ in range(2 * self.queues)]
@@ -225,12 +238,24 @@ class BackendSession:
             # would run the device on stale features. Act as if the orphans were off.
             log.warning("features lack requirements, ignored: %s", "; ".join(problems))
             wanted = sanitize(wanted | cvq) & ~cvq
+        if wanted & bit(VHOST_F_LOG_ALL) and not self.log_set:
+            # QEMU sends SET_LOG_BASE first (vhost_dev_set_log); without a log there is
+            # nowhere to log to, and a guest migrated so would arrive corrupted.
+            log.warning("VHOST_F_LOG_ALL acked before SET_LOG_BASE: nothing is logged "
+                        "until a log arrives")  # fmt: skip
         self.features = wanted
         if not wanted & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             for vr in self.vrings:  # "rings are enabled immediately"
                 vr.enabled = True
-        log.info("features %#x: %s", wanted, " ".join(names(wanted)))
+        log.info("features %#x: %s%s", wanted, " ".join(names(wanted)),
+                 " (dirty logging on)" if self.logging else "")  # fmt: skip
+        self._apply_log()
         self._update_device()
+
+    @property
+    def logging(self) -> bool:
+        """VHOST_F_LOG_ALL negotiated: every guest page the device writes is logged."""
+        return bool(self.features & bit(VHOST_F_LOG_ALL))
 
     def _get_protocol_features(self, msg: Message) -> Message:
         return reply(msg, U64(PROTOCOL_FEATURES))
@@ -270,9 +295,71 @@ class BackendSession:
     def _set_config(self, msg: Message) -> None:
         raise RequestRefused("the virtio-net config space is read-only here")
 
-    def _set_log_base(self, msg: Message) -> None:
+    def _set_log_base(self, msg: Message) -> Message:
+        """vhost-user.rst "Migration": the log memfd, checked against its file, mapped
+        by every worker; the reply is the u64 status QEMU waits for."""
+        fds = list(msg.fds)
+        try:
+            if not self.protocol_features & bit(ProtocolFeature.LOG_SHMFD):
+                raise RequestRefused("SET_LOG_BASE without PROTOCOL_F_LOG_SHMFD negotiated "
+                                     "(the log must come as a memfd)")  # fmt: skip
+            if len(fds) != 1:
+                raise RequestRefused(f"SET_LOG_BASE with {len(fds)} fds: the log memfd "
+                                     "is needed")  # fmt: skip
+            desc = msg.payload_as(LogDesc)
+            why = seal_shrink(fds[0])
+            check_log(fds[0], desc.mmap_size, desc.mmap_offset)
+            if self.runner is not None:
+                self.runner.set_log(desc.mmap_size, desc.mmap_offset, fds)
+            else:
+                new = MappedLog(fds[0], desc.mmap_size, desc.mmap_offset)
+                old, self.log = self.log, new
+                self._apply_log()
+                if old is not None:
+                    old.close()
+        finally:
+            close_fds(fds)
+        self.log_set = True
+        if why is not None:
+            log.warning("dirty log: %s: a front-end that shrinks it kills a worker", why)
+        log.info("dirty log: %d bytes at offset %#x (%d MiB of guest memory)",
+                 desc.mmap_size, desc.mmap_offset, desc.mmap_size * 8 * 4096 >> 20)  # fmt: skip
+        return ack(msg)
+
+    def _set_log_fd(self, msg: Message) -> None:
+        # An eventfd to signal after logging (kernel vhost's log_ctx); QEMU never sends it
+        # and nothing here waits for it: taken and closed, as DPDK does.
         close_fds(msg.fds)
-        raise RequestRefused("dirty logging (live migration) is not supported")
+
+    def _send_rarp(self, msg: Message) -> None:
+        if not self.protocol_features & bit(ProtocolFeature.RARP):
+            raise RequestRefused("SEND_RARP without PROTOCOL_F_RARP negotiated")
+        mac = mac_of_rarp(msg.payload_as(U64).value)
+        frame = rarp_frame(mac)
+        sent = self.runner.send_rarp(frame) if self.runner is not None else True
+        if self.runner is None:
+            self.rarps.append(frame)
+        log.info("SEND_RARP: RARP for %s %s", mac.hex(":"),
+                 "sent out of the port" if sent else "refused by the port (full)")  # fmt: skip
+
+    def _apply_log(self) -> None:
+        """In-process: attach the log to every running device while logging is on."""
+        for pair, dev in self.devices.items():
+            if dev.dirty is not None:
+                dev.dirty.flush()
+            rx, tx = self.vrings[2 * pair].addr, self.vrings[2 * pair + 1].addr
+            if not (self.logging and self.log is not None and self.memory is not None
+                    and rx is not None and tx is not None):  # fmt: skip
+                dev.set_dirty_log(None, (0, 0), (0, 0))
+                continue
+            mem = self.memory.memory
+            dev.set_dirty_log(self.log.dirty_log(), log_addrs(mem, rx), log_addrs(mem, tx))
+
+    def sync_log(self) -> None:
+        """In-process: flush what the devices cached (the worker does it every pass)."""
+        for dev in self.devices.values():
+            if dev.dirty is not None:
+                dev.dirty.flush()
 
     def _set_backend_req_fd(self, msg: Message) -> None:
         close_fds(msg.fds)  # no back-end → front-end requests are ever sent
@@ -423,6 +510,14 @@ class BackendSession:
         if self.memory is not None and vr.num:
             self._ring_views(addr.index, vr.num, addr)  # refuse the request that lies, now
         vr.addr = addr
+        pair = addr.index // 2
+        if pair in self.running:
+            # QEMU re-sends a running ring's addresses to set (or clear) VHOST_VRING_F_LOG
+            # and log_guest_addr when logging starts (ends): the worker logs by them.
+            if self.runner is not None:
+                self.runner.vring_addr(pair, addr.index % 2, addr)
+            else:
+                self._apply_log()
 
     def _get_vring_base(self, msg: Message) -> Message:
         st = msg.payload_as(VringState)
@@ -521,6 +616,7 @@ class BackendSession:
                 self.faults.install(dev)
             self.devices[pair] = dev
         self.running.add(pair)
+        self._apply_log()
         log.info("device running: queue pair %d, queue sizes %d/%d, bases %s",
                  pair, rx.num, tx.num, bases)  # fmt: skip
 
@@ -543,6 +639,9 @@ class BackendSession:
             bases = self.runner.stop(pair)
         else:
             dev = self.devices.pop(pair)
+            if dev.dirty is not None:
+                dev.dirty.flush()
+                dev.set_dirty_log(None, (0, 0), (0, 0))
             dev.reset()
             bases = dev.last_avail_idx
         if bases is not None:
@@ -567,6 +666,9 @@ class BackendSession:
 
     def close(self) -> None:
         self.reset()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None
@@ -584,6 +686,9 @@ class PairRunner(Protocol):
     def start(self, pair: int, spec: RingSpec, fds: list[int]) -> None: ...
     def update_fds(self, pair: int, fds: tuple[int, int, int, int]) -> None: ...
     def stop(self, pair: int) -> tuple[int, int] | None: ...
+    def set_log(self, size: int, offset: int, fds: list[int]) -> None: ...
+    def vring_addr(self, pair: int, q: int, addr: VringAddr) -> None: ...
+    def send_rarp(self, frame: bytes) -> bool: ...
 
 
 class DeviceServer:
@@ -698,6 +803,16 @@ class DeviceServer:
     def stop(self, pair: int) -> tuple[int, int] | None:
         return self._call(self.workers[pair], "stop")
 
+    def set_log(self, size: int, offset: int, fds: list[int]) -> None:
+        for w in self.workers:  # every pair logs: each worker maps the log itself
+            self._call(w, "log", size, offset, fds=fds)
+
+    def vring_addr(self, pair: int, q: int, addr: VringAddr) -> None:
+        self._call(self.workers[pair], "vring_addr", q, addr)
+
+    def send_rarp(self, frame: bytes) -> bool:
+        return bool(self._call(self.workers[0], "rarp", frame))  # queue pair 0's port
+
     @staticmethod
     def _call(w: WorkerHandle, *request, fds=()):
         try:
@@ -768,6 +883,8 @@ class DeviceServer:
                 session.close()
             except WorkerDied as e:
                 self._worker_died(e)
+            except RequestRefused as e:  # a worker that failed its stop: the session is over
+                log.error("closing the session: %s", e)
 
     def _on_socket(self) -> None:
         messages: list[Message] = []
@@ -820,16 +937,16 @@ class DeviceServer:
             close_fds(msg.fds)
             self._worker_died(e)
             return False
-        if answer is not None and not self._reply(answer):
-            return False
         if msg.request is Req.SET_FEATURES and session.features:
+            # Before the reply: QEMU acks VHOST_F_LOG_ALL with NEED_REPLY and copies guest
+            # memory once the ack is in, so every worker must be logging by then.
             try:
                 for w in self.workers:
                     self._call(w, "features", session.features)
             except WorkerDied as e:
                 self._worker_died(e)
                 return False
-        return True
+        return answer is None or self._reply(answer)
 
     def _protocol_error(self, e: VhostUserProtocolError) -> None:
         log.error("protocol error: %s", e)
@@ -914,8 +1031,10 @@ class DeviceServer:
         for pair, d in enumerate(device):
             totals |= per_queue_stats(pair, d)
         backend = sum_stats([p.get("backend", {}) for p in per_pair + self.lost])
+        dirty_log = sum_stats([p.get("dirty_log", {}) for p in per_pair + self.lost])
         cpu = self.cpu_seconds + sum(p.get("cpu_seconds", 0.0) for p in per_pair + self.lost)
-        return {"device_stats": totals, "backend": backend, "queues": self.queues,
+        return {"device_stats": totals, "backend": backend, "dirty_log": dirty_log,
+                "queues": self.queues,
                 "sessions": self.sessions, "worker_deaths": self.worker_deaths,
                 "seconds": round(self.run_seconds, 4),
                 "cpu_seconds": round(cpu, 4),
