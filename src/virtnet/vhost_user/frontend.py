@@ -582,7 +582,6 @@ class DriverClient:
         cfg = self.config
         return {"driver_stats": totals,
                 "backend": sum_stats([p.get("backend", {}) for p in per_pair]),
-                "device_status": self.status,
                 # What GET_CONFIG said (with PROTOCOL_F_CONFIG), else null.
                 "device_config": None if cfg is None else {
                     "mac": cfg.mac.hex(":"), "link_up": bool(cfg.status & VIRTIO_NET_S_LINK_UP),
