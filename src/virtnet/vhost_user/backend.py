@@ -299,8 +299,8 @@ class BackendSession:
         """Status 0, a device reset (VIRTIO 1.2, 2.4): every ring stops, and nothing runs
         on until the front-end starts it again with new kick fds and SET_VRING_BASE.
         Where each ring stopped is kept for GET_VRING_BASE: QEMU 7.2 sends SET_STATUS 0
-        before it (vhost_user_dev_start), and restarts a VM that was only paused at the
-        index it reads there."""
+        before it (vhost_user_dev_start; seen with 7.2.22), and resumes a VM that was only
+        paused at the index it reads there."""
         self._stop_device()
         for vr in self.vrings:
             vr.started = False
