@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.vhost_user.conftest import run_driver
 from tests.vhost_user.test_backend_session import (
     LAYOUT,
     WITH_PF,
@@ -164,3 +165,27 @@ def test_reset_clears_the_status(setup, session, request_):
     session.handle(msg(R.SET_STATUS, U64(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)))
     session.handle(msg(request_))
     assert get_status(session) == 0
+
+
+# -- over the real socket: virtnet driver <-> virtnet device -----------------------------------
+
+
+@pytest.mark.parametrize("config_space", [False, True], ids=["default", "config-space"])
+def test_driver_reads_config_where_offered_and_walks_status(tmp_path, device_factory,
+                                                           config_space):  # fmt: skip
+    dev = device_factory("gen:64", extra=("--config-space",) if config_space else ())
+    run = run_driver(tmp_path, dev, "sink", seconds=0.5, extra=("-v",))
+    assert run.stats["rx_packets"] > 0
+    if config_space:
+        assert run.result["device_config"] == {
+            "mac": "52:54:00:12:34:56", "link_up": True, "mtu": 1500, "max_virtqueue_pairs": 1}
+        assert "device config: mac 52:54:00:12:34:56, link up, mtu 1500" in run.stderr
+    else:
+        assert run.result["device_config"] is None
+    for line in ("device status 0xb: ACKNOWLEDGE DRIVER FEATURES_OK",
+                 "device status 0xf: ACKNOWLEDGE DRIVER DRIVER_OK FEATURES_OK",
+                 "device status 0: device reset"):  # fmt: skip
+        dev.wait_for_log(line)
+    err = dev.stderr()
+    assert err.index("device status 0xf") < err.index("device status 0: device reset")
+    dev.stop()
