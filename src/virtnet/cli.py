@@ -789,7 +789,8 @@ def cmd_vhost_user(args) -> int:
                                   pcap_path=args.pcap, client=args.client,
                                   config_space=args.config_space)  # fmt: skip
         except OSError as e:
-            print(f"virtnet device: cannot listen on {args.socket_path}: {e}", file=sys.stderr)
+            verb = "connect to" if args.client else "listen on"
+            print(f"virtnet device: cannot {verb} {args.socket_path}: {e}", file=sys.stderr)
             return 2
         result = server.serve(args.seconds)
     else:

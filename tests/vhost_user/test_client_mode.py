@@ -217,3 +217,23 @@ def test_front_end_that_vanishes_before_mem_table_in_a_loop(tmp_path, client_dev
     drivers.append(drv := ServerDriver(tmp_path, sock, "drv", seconds=1.0))
     check_traffic(drv.wait(dev))
     assert dev.stop()["sessions"] == accepted + 1
+
+
+def test_device_with_its_front_end_away_runs_to_seconds(tmp_path):
+    """Never a front-end: the device waits its --seconds out, names the wait once, exits 0."""
+    sock, json_path = str(tmp_path / "nobody.sock"), tmp_path / "dev.json"
+    done = subprocess.run([*VIRTNET, "device", "--client", "--socket-path", sock,
+                           "--seconds", "2", "--json", str(json_path), "--quiet"],
+                          capture_output=True, text=True, timeout=START_TIMEOUT + 10)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count(WAITING) == 1, done.stderr
+    assert "No such file or directory" in done.stderr
+    assert json.loads(json_path.read_text())["sessions"] == 0
+
+
+def test_client_socket_path_too_long_is_refused_at_once(tmp_path):
+    sock = "/tmp/" + "x" * 120
+    done = subprocess.run([*VIRTNET, "device", "--client", "--socket-path", sock],
+                          capture_output=True, text=True, timeout=START_TIMEOUT)  # fmt: skip
+    assert done.returncode == 2
+    assert "cannot connect to" in done.stderr and "longer than a unix socket path" in done.stderr

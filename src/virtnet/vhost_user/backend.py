@@ -102,6 +102,7 @@ STATUS_BITS = 0xFF  # VIRTIO 1.2, 2.1: the device status field is one byte
 RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 2.0
 CONNECT_TIMEOUT = 5.0  # one connect(): a listener whose backlog is full holds it
+SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
 # ethtool -C defaults for `virtnet device` (--coalesce overrides): no moderation.
 DEFAULT_COALESCE = {"rx-usecs": 0, "rx-frames": 0, "tx-usecs": 0, "tx-frames": 0}
 
@@ -611,6 +612,9 @@ class DeviceServer:
         self.protocol_offered = PROTOCOL_FEATURES | (CONFIG_PROTOCOL if config_space else 0)
         self.client = client
         self.listener: socket.socket | None = None
+        if client and len(os.fsencode(socket_path)) > SUN_PATH_MAX:
+            # connect() would refuse it at every try: say so once, now
+            raise OSError(f"longer than a unix socket path may be ({SUN_PATH_MAX} bytes)")
         if not client:
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             if os.path.exists(socket_path):
