@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from virtnet import __version__
@@ -380,305 +378,6 @@ def _add_conform(sub) -> None:
     p.set_defaults(conform_parser=p)
 
 
-def _console():
-    from rich.console import Console
-
-    # Piped output (CI logs, README snippets) gets a width the tables fit in.
-    return Console(width=None if sys.stdout.isatty() else 120)
-
-
-def cmd_bench(args) -> int:
-
-    from virtnet.bench.embedded import Case
-    from virtnet.bench.report import integrity_problems, print_report, write_json, write_plot
-    from virtnet.bench.runner import machine_description, run_groups
-
-    problem = _packets_problem(args)
-    if args.tap and args.xdp:
-        problem = "--xdp runs on the synthetic streams, not with --tap"
-    if args.queues and not args.tap and args.mode != "vhost-user":
-        # The in-process pair is one driver and one device in one thread: nothing to spread.
-        problem = "--queues is for --mode vhost-user or --tap (the in-process bench has one pair)"
-    args.build = list(dict.fromkeys(args.build)) if args.build else None  # pure,pure: once
-    problem = problem or _build_problem(args)
-    if problem:
-        print(f"virtnet bench: {problem}", file=sys.stderr)
-        return 2
-    if args.tap:
-        return cmd_bench_tap(args)
-    args.seconds = 3.0 if args.seconds is None else args.seconds
-    args.runs = 1 if args.runs is None else args.runs
-    if args.seconds <= 0 or args.runs < 1:
-        print("virtnet bench: --seconds must be > 0 and --runs >= 1", file=sys.stderr)
-        return 2
-    if args.directions is None:
-        args.directions = ["host-to-guest"] if args.xdp else ["host-to-guest", "guest-to-host"]
-    if args.xdp and args.directions != ["host-to-guest"]:
-        print("virtnet bench: --xdp measures the receive path: --directions host-to-guest",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    if args.xdp == "drop" and args.packets:
-        print("virtnet bench: --packets counts frames a sink received; --xdp drop has none",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    packets = args.packets or 0
-    try:
-        rings = args.ring or ["packed"]  # virtnet's two ends both offer RING_PACKED
-        groups = [
-            [
-                Case(s, d, p, seconds=args.seconds, queue_size=args.queue_size, packets=packets,
-                     xdp=args.xdp, ring=r, queues=q, build=b)  # fmt: skip
-                for _ in range(args.runs)
-                for r in rings
-                for s in args.strategies
-                for q in args.queues or [1]
-                for b in args.build or [""]
-            ]
-            for d in args.directions
-            for p in args.payloads
-        ]
-        from virtnet.ports.synthetic import FrameGen
-
-        for p in args.payloads:
-            FrameGen(p)  # validates the size
-        from virtnet.virtio.ring.layout import check_packed_queue_size, check_queue_size
-
-        for r in rings:
-            (check_packed_queue_size if r == "packed" else check_queue_size)(args.queue_size)
-    except ValueError as e:
-        print(f"virtnet bench: {e}", file=sys.stderr)
-        return 2
-    machine = machine_description()
-    runner: Callable[..., list[dict]] | None = None
-    if args.mode == "vhost-user":
-        from virtnet.bench.vhost_user import run_vhost_user_group as runner
-    elif args.build:  # in-process, but in a child per build
-        from virtnet.bench.builds import run_inproc_group as runner
-    from virtnet.bench.builds import BuildError
-
-    try:
-        results = run_groups(groups, group_runner=runner)
-    except BuildError as e:
-        print(f"virtnet bench: {e}", file=sys.stderr)
-        return 1
-    per_case = f"{packets} packets/case" if packets else f"{args.seconds:g}s/case"
-    title = (
-        f"virtnet bench ({args.mode}, {'/'.join(rings)} rings, queue {args.queue_size}, "
-        f"{per_case}) — "
-        f"{machine['cpu']}, {machine['cores']} cores, Python {machine['python']}"
-    )
-    console = _console()
-    shown = results
-    if len(rings) > 1:  # side by side: one column per strategy and ring
-        shown = [dict(r, strategy=f"{r['strategy']} {r['ring']}") for r in shown]
-    if args.queues:  # and one per number of queue pairs
-        shown = [dict(r, strategy=f"{r['strategy']} {r['queues']}q") for r in shown]
-    from virtnet.bench.report import build_table, by_build, queues_table
-
-    builds = by_build(shown)
-    for label, recs in builds.items():  # the build in every title: one set of tables each
-        print_report(recs, f"{title}, {label}", console)
-        if args.queues:
-            console.print(queues_table([r for r in results if r["build"] == label],
-                                       "queue pairs: aggregate rate, CPU seconds of each side "
-                                       f"(its processes) and per packet (both), {label}"))
-    if len(builds) > 1:
-        console.print(build_table(shown, BUILDS_TITLE))
-    if args.mode == "vhost-user":
-        _round_trips(results, args, console)
-    if args.json:
-        write_json(results, args.json, _json_meta(machine))
-    if args.plot:
-        plotted = shown
-        if len(builds) > 1:
-            plotted = [dict(r, strategy=f"{r['strategy']} {_tag(r)}") for r in shown]
-        write_plot(plotted, args.plot, "virtnet bench: " + " vs ".join(args.strategies))
-    return 1 if integrity_problems(results) else 0
-
-
-BUILDS_TITLE = "compiled / pure: each case on both builds, in the same run"
-
-
-def _build_problem(args) -> str | None:
-    """Why a build ``--build`` names cannot run on this install, or None."""
-    from virtnet.bench.builds import unavailable
-
-    for tag in args.build or ():
-        why = unavailable(tag)
-        if why:
-            return f"--build {tag}: {why}"
-    return None
-
-
-def _tag(rec: dict) -> str:
-    from virtnet.bench.builds import tag_of
-
-    return tag_of(rec["build"])
-
-
-def _json_meta(machine: dict) -> dict:
-    from virtnet._build import build_name
-
-    # build: this process's; each record says the build that ran its case.
-    return {"machine": machine, "argv": sys.argv[1:], "build": build_name()}
-
-
-def _round_trips(results: list[dict], args, console) -> None:
-    """The latency next to the rates: a ping-pong per strategy (and build), added to its
-    records. With --build, the driver that times it runs in a child of each build."""
-    from virtnet.bench import builds
-    from virtnet.bench.report import round_trip_table
-    from virtnet.bench.rtt import round_trip
-
-    rtts = {}
-    for tag in args.build or [""]:
-        for s in args.strategies:
-            rtts[s, tag] = (builds.round_trip(s, args.queue_size, tag) if tag
-                            else round_trip(s, args.queue_size))  # fmt: skip
-    for rec in results:
-        tag = _tag(rec) if args.build else ""
-        rec["rtt_ms"] = rtts[rec["strategy"], tag]  # integrity_problems checks its echoes too
-    console.print(round_trip_table({f"{s} {tag}".rstrip(): r for (s, tag), r in rtts.items()}))
-
-
-def _packets_problem(args) -> str | None:
-    """Why ``--packets`` cannot be used as given, or None."""
-    if args.packets is None:
-        return None
-    if args.packets < 1:
-        return "--packets must be >= 1"
-    if args.seconds is not None:
-        return "--packets and --seconds exclude each other (a case runs for one or the other)"
-    if args.tap:
-        # iperf3 decides how many segments TCP sends; the path cannot count them out.
-        return "--packets is for the in-process bench, not --tap (iperf3 runs for a time)"
-    if args.mode != "inproc":
-        # The two processes each run for --seconds; stopping them at a frame count
-        # would need the count in virtnet device/driver themselves.
-        return "--packets is for the in-process bench (--mode inproc), not --mode vhost-user"
-    return None
-
-
-def cmd_bench_tap(args) -> int:
-
-    from virtnet.bench.report import integrity_problems, tap_table, write_json, write_plot
-    from virtnet.bench.runner import machine_description, run_cases
-    from virtnet.bench.tap import TapBenchError, run_tap_case, tap_cases, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        print(f"virtnet bench --tap: {reason}", file=sys.stderr)
-        return 2
-    seconds = 5.0 if args.seconds is None else args.seconds
-    runs = 2 if args.runs is None else args.runs
-    if seconds <= 0 or runs < 1:
-        print("virtnet bench: --seconds must be > 0 and --runs >= 1", file=sys.stderr)
-        return 2
-    machine = machine_description()
-    from virtnet.bench.builds import BuildError
-
-    try:
-        cases = tap_cases(args.strategies, seconds, runs, queues=args.queues, builds=args.build)
-        results = run_cases(cases, runner=run_tap_case)
-    except (TapBenchError, BuildError, OSError, RuntimeError) as e:
-        print(f"virtnet bench --tap: {e}", file=sys.stderr)
-        return 1
-    title = (
-        f"virtnet bench --tap (iperf3, mtu 1500, TSO on, {seconds:g}s/case) — "
-        f"{machine['cpu']}, {machine['cores']} cores"
-    )
-    if args.queues:
-        from virtnet.bench.tap import MQ_STREAMS
-
-        title = title.replace("(iperf3,", f"(iperf3 -P {MQ_STREAMS},")
-    from virtnet.bench.report import build_table, by_build, queues_table
-
-    console = _console()
-    shown = results
-    if args.queues:  # the queues table has a column for the pairs
-        shown = [dict(r, strategy=f"{r['strategy']} {r['queues']}q") if r["queues"] else r
-                 for r in results]  # fmt: skip
-    builds = by_build(results, shared=("veth", "relay"))  # the baselines: with each build
-    for label, recs in builds.items():
-        console.print((queues_table if args.queues else tap_table)(recs, f"{title}, {label}"))
-    if len(builds) > 1:
-        console.print(build_table(shown, BUILDS_TITLE))
-    if args.json:
-        write_json(results, args.json, _json_meta(machine))
-    if args.plot:
-        plotted = results
-        if len(builds) > 1:
-            plotted = [dict(r, strategy=f"{r['strategy']} {_tag(r)}")
-                       if r["strategy"] not in ("veth", "relay") else r for r in results]
-        write_plot(plotted, args.plot, "virtnet bench --tap: real TCP/UDP through virtnet")
-    return 1 if integrity_problems(results) else 0
-
-
-def cmd_stats(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    try:
-        doc = json.loads(open(args.file).read())
-    except (OSError, ValueError) as e:
-        print(f"virtnet stats: cannot read {args.file}: {e}", file=sys.stderr)
-        return 2
-    blocks = []
-    for key in ("driver_stats", "device_stats"):
-        if key in doc:
-            blocks.append((key, doc[key]))
-    for i, r in enumerate(doc.get("results", [])):
-        label = f"{r.get('strategy')} {r.get('direction')} {r.get('payload')}B"
-        for key in ("driver_stats", "device_stats"):
-            if key in r:
-                blocks.append((f"[{i}] {label} {key}", r[key]))
-    if not blocks:
-        print(f"virtnet stats: {args.file} has no driver_stats/device_stats", file=sys.stderr)
-        return 2
-    console = Console()
-    for title, stats in blocks:
-        per_queue = split_per_queue(stats)
-        table = Table(title=title)
-        table.add_column("counter")
-        table.add_column("value", justify="right")
-        for k, v in stats.items():
-            if not QUEUE_STAT.match(k):
-                table.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
-        console.print(table)
-        if per_queue:
-            console.print(_per_queue_table(f"{title} per queue", per_queue))
-    return 0
-
-
-QUEUE_STAT = re.compile(r"(rx|tx)_queue_(\d+)_(.+)")
-
-
-def split_per_queue(stats: dict) -> dict[str, dict[int, int]]:
-    """``rx_queue_1_packets`` → {"rx_packets": {1: n}}: the per-queue counters by name."""
-    out: dict[str, dict[int, int]] = {}
-    for k, v in stats.items():
-        m = QUEUE_STAT.match(k)
-        if m:
-            side, q, name = m.groups()
-            out.setdefault(f"{side}_{name}", {})[int(q)] = v
-    return out
-
-
-def _per_queue_table(title: str, per_queue: dict[str, dict[int, int]]):
-    """One row per counter, one column per queue: ``ethtool -S`` read across."""
-    from rich.table import Table
-
-    queues = sorted({q for by_q in per_queue.values() for q in by_q})
-    table = Table(title=title)
-    table.add_column("counter")
-    for q in queues:
-        table.add_column(f"queue {q}", justify="right")
-    for name, by_q in per_queue.items():
-        if any(by_q.values()):
-            table.add_row(name, *(f"{by_q.get(q, 0):,}" for q in queues))
-    return table
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -686,83 +385,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.command == "bench":
-        return cmd_bench(args)
+        from virtnet.bench.command import bench
+
+        return bench(args)
     if args.command == "stats":
-        return cmd_stats(args)
+        from virtnet.statsview import print_stats_file
+
+        return print_stats_file(args.file)
     if args.command == "conform":
-        return cmd_conform(args.conform_parser, args)
+        from virtnet.conform.command import conform
+
+        return conform(args.conform_parser, args)
     return cmd_vhost_user(args)
-
-
-def cmd_conform(parser: argparse.ArgumentParser, args) -> int:
-    from virtnet.conform.cases import CASES, cells, expand
-    from virtnet.conform.report import list_table, table, write_json, write_junit
-    from virtnet.conform.runner import FAILED, run_cases
-
-    console = _console()
-    if args.list:
-        console.print(list_table(CASES))
-        return 0
-    if not args.socket:
-        parser.error("SOCKET is required (or --list)")
-    if args.timeout <= 0:
-        parser.error("--timeout must be > 0")
-    # --case names a case (every cell of a matrix case) or one cell ("case/packed/event-idx-on").
-    matrix = expand(CASES, cells(args.ring, args.event_idx))
-    every = expand(CASES)
-    names = {c.name for c in every} | {c.family for c in every}
-    unknown = [n for n in args.case or () if n not in names]
-    if unknown:
-        parser.error(f"unknown case {', '.join(unknown)} (--list shows them)")
-    cases = [c for c in matrix if not args.case or c.name in args.case or c.family in args.case]
-    if not cases:
-        parser.error(f"no cell of {', '.join(args.case)} with --ring {','.join(args.ring)} "
-                     f"--event-idx {','.join(args.event_idx)}")  # fmt: skip
-
-    def progress(r) -> None:
-        print(f"{r.status:>8}  {r.name}: {r.detail}", file=sys.stderr, flush=True)
-
-    results = run_cases(cases, args.socket, timeout=args.timeout, progress=progress)
-    console.print(table(results, f"virtnet conform {args.socket}"))
-    if args.json:
-        write_json(results, args.json, args.socket)
-    if args.junit_xml:
-        write_junit(results, args.junit_xml)
-    return 1 if any(r.status == FAILED for r in results) else 0
-
-
-def _printer(args):
-    if args.quiet:
-        return None
-    last = {}
-
-    def show(stats: dict) -> None:
-        s = stats.get("driver_stats") or stats.get("device_stats") or {}
-        now = {k: s.get(k, 0) for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")}
-        d = {k: now[k] - last.get(k, 0) for k in now}
-        last.update(now)
-        per_queue = split_per_queue(s)
-        queues = ""
-        if len(per_queue.get("rx_packets", {})) > 1:  # --queues N: each pair's share
-            now_q = {f"{side}{q}": n for side in ("rx", "tx")
-                     for q, n in per_queue.get(f"{side}_packets", {}).items()}  # fmt: skip
-            queues = " | pps per queue " + " ".join(
-                f"{k} {n - last.get(k, 0):,}" for k, n in sorted(now_q.items()))
-            last.update(now_q)
-        print(
-            f"rx {d['rx_packets']:>9,} pps {d['rx_bytes'] * 8 / 1e6:>9,.1f} Mb/s | "
-            f"tx {d['tx_packets']:>9,} pps {d['tx_bytes'] * 8 / 1e6:>9,.1f} Mb/s | "
-            f"total rx {now['rx_packets']:,} tx {now['tx_packets']:,}{queues}",
-            file=sys.stderr, flush=True,
-        )  # fmt: skip
-
-    return show
 
 
 def cmd_vhost_user(args) -> int:
     import logging
 
     from virtnet.ports.backends import BackendError, device_backends, driver_backends
+    from virtnet.statsview import rate_printer
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -782,7 +423,7 @@ def cmd_vhost_user(args) -> int:
         try:
             if args.faults is not None:
                 args.faults.reseed(args.seed)
-            server = DeviceServer(args.socket_path, backends, printer=_printer(args),
+            server = DeviceServer(args.socket_path, backends, printer=rate_printer(args.quiet),
                                   busy_poll_us=args.busy_poll,
                                   coalesce=args.coalesce, faults=args.faults,
                                   features_off=args.features_off,
@@ -815,7 +456,8 @@ def cmd_vhost_user(args) -> int:
                                   queue_size=args.queue_size,
                                   wanted=OFFERED & ~args.features_off,
                                   busy_poll_us=args.busy_poll, combined=args.combined,
-                                  printer=_printer(args), server=args.server)  # fmt: skip
+                                  printer=rate_printer(args.quiet),
+                                  server=args.server)  # fmt: skip
         except (FrontendError, OSError, ValueError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)
             return 2

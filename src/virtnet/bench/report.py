@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from rich import box
@@ -21,6 +22,12 @@ LINEAGE = (BASELINE, PATCHED, SUCCESSOR)
 # queue_mismatch (--mode vhost-user): queue pairs whose count differs between the ends.
 INTEGRITY_COUNTS = (*SINK_COUNTS, "queue_mismatch")
 SEED_LABEL = {"guest-to-host": "guest to host", "host-to-guest": "host to guest"}
+
+
+def wide_console() -> Console:
+    """A console for the tables; piped output (CI logs, README snippets) gets a width
+    the tables fit in."""
+    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 def _by_key(results: list[dict]) -> dict[tuple, list[dict]]:

@@ -40,6 +40,7 @@ from virtnet.virtio.ring.layout import (
     VringViews,
 )
 from virtnet.virtio.ring.packed import PackedQueueDriver, encode_base
+from virtnet.virtio.ring.queue import RingDriver
 from virtnet.virtio.ring.split import IndirectArea, SplitQueueDriver
 
 R = FrontendRequest
@@ -152,7 +153,6 @@ class Packet:
     buffers: int
 
 
-Driver = SplitQueueDriver | PackedQueueDriver
 
 
 class Rings:
@@ -173,14 +173,14 @@ class Rings:
         layout = PackedAddrs if packed else VringAddrs
         self.addrs: list[VringAddrs | PackedAddrs] = [layout.contiguous(g, num)
                                                       for g in ring_gpas]  # fmt: skip
-        self.vqs: list[Driver] = []
+        self.vqs: list[RingDriver] = []
         for q, addrs in enumerate(self.addrs):
             indirect = None
             if indirect_gpa is not None and q == TX:
                 size = IndirectArea.size(num, 8)
                 view = guest.memory.view(indirect_gpa, size)
                 indirect = IndirectArea(indirect_gpa, view, num, 8)
-            vq: Driver
+            vq: RingDriver
             if isinstance(addrs, PackedAddrs):
                 vq = PackedQueueDriver(PackedViews.from_memory(guest.memory, addrs),
                                        event_idx=event_idx, indirect=indirect,

@@ -29,8 +29,7 @@ from virtnet.virtio.errors import (
 )
 from virtnet.virtio.features import bit
 from virtnet.virtio.ring.chain import Chain
-from virtnet.virtio.ring.packed import PackedQueueDevice, PackedQueueDriver
-from virtnet.virtio.ring.split import SplitQueueDevice, SplitQueueDriver
+from virtnet.virtio.ring.queue import RingDevice, RingDriver
 
 # -- the wire (include/uapi/linux/virtio_net.h) --------------------------------------------
 
@@ -222,7 +221,7 @@ class ControlDevice:
 
     def __init__(
         self,
-        cvq: SplitQueueDevice | PackedQueueDevice | None,
+        cvq: RingDevice | None,
         features: int,
         max_pairs: int = 1,
         *,
@@ -263,7 +262,7 @@ class ControlDevice:
 
     LOG_LEN: Final = 64
 
-    def reset(self, cvq: SplitQueueDevice | PackedQueueDevice | None = None) -> None:
+    def reset(self, cvq: RingDevice | None = None) -> None:
         """Back to the state after a device reset (QEMU virtio_net_reset), optionally
         over a new queue; the counters keep counting."""
         if cvq is not None:
@@ -530,7 +529,7 @@ class ControlQueue:
 
     def __init__(
         self,
-        vq: SplitQueueDriver | PackedQueueDriver,
+        vq: RingDriver,
         buf: memoryview,
         gpa: int,
         *,

@@ -24,8 +24,8 @@ from virtnet.net.header import (
 )
 from virtnet.net.stats import DeviceStats, device_stats
 from virtnet.virtio.errors import AvailIndexError, DescriptorError
-from virtnet.virtio.ring.packed import PackedQueueDevice
-from virtnet.virtio.ring.split import Chain, SplitQueueDevice
+from virtnet.virtio.ring.chain import Chain
+from virtnet.virtio.ring.queue import RingDevice
 
 ZERO_HDR: Final = bytes(MRG_HDR_LEN)
 FILTER_PEEK: Final = 18  # what a receive filter reads: the MACs, a VLAN tag's TCI
@@ -40,7 +40,7 @@ Piece = bytes | memoryview
 # copy into guest memory (receive_packet), not stored after it on its own.
 HEADER_MERGE_MAX: Final = 128
 # The device side of a ring; --faults puts a FaultyQueue in front of it (faults.install).
-DeviceQueue = SplitQueueDevice | PackedQueueDevice | FaultyQueue
+DeviceQueue = RingDevice | FaultyQueue
 
 
 def scatter(srcs: Sequence[Piece], dsts: Sequence[memoryview]) -> int:

@@ -19,14 +19,12 @@ from virtnet.net.skb import Page, PagePool, SkbAllocator, SkBuff
 from virtnet.net.stats import DriverStats
 from virtnet.net.xdp import XdpFrame
 from virtnet.virtio.errors import QueueFullError, UsedIndexError, UsedRingError
-from virtnet.virtio.ring.packed import PackedQueueDriver
-from virtnet.virtio.ring.split import SplitQueueDriver
+from virtnet.virtio.ring.queue import RingDriver
 
 # A tx header slot: the virtio-net header followed by up to this much linear
 # skb data, so a small packet is one descriptor (virtio_net.c's can_push).
 TX_SLOT_SIZE: Final = 256
 
-DriverQueue = SplitQueueDriver | PackedQueueDriver
 # What start_xmit sends: an skb, or a frame XDP_TX sends back from rx buffers.
 TxFrame = SkBuff | XdpFrame
 # A tx buffer's token on the ring: its header slot (address, view) and the frame.
@@ -88,8 +86,8 @@ class VirtnetDriver:
 
     def __init__(
         self,
-        rvq: DriverQueue,
-        svq: DriverQueue,
+        rvq: RingDriver,
+        svq: RingDriver,
         pool: PagePool,
         *,
         strategy: str = "deferred",
@@ -128,7 +126,7 @@ class VirtnetDriver:
     def strategy(self) -> str:
         return self.rx.name
 
-    def used_error(self, vq: DriverQueue, e: UsedRingError) -> None:
+    def used_error(self, vq: RingDriver, e: UsedRingError) -> None:
         """Name a used entry the ring refused; an id that is no buffer breaks the queue
         (virtio_ring.c detach_buf_split: BAD_RING "id %u out of range" / "is not a head!")."""
         if e.token is not None:

@@ -31,6 +31,7 @@ from virtnet.net.header import (
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.chain import Chain
 from virtnet.virtio.ring.packed import PackedQueueDevice
+from virtnet.virtio.ring.queue import RingDevice
 from virtnet.virtio.ring.split import SplitQueueDevice
 
 if TYPE_CHECKING:
@@ -194,9 +195,6 @@ def _read_at(views: Sequence[memoryview], offset: int, n: int) -> bytes:
         if len(out) == n:
             break
     return out
-
-
-RingDevice = SplitQueueDevice | PackedQueueDevice  # what a FaultyQueue wraps
 
 
 def _ring_of(q: RingDevice | FaultyQueue) -> RingDevice:

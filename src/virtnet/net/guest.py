@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final
 
 from virtnet.net.constants import ETH_DATA_LEN, MAX_SKB_FRAGS, PAGE_SIZE
 from virtnet.net.device import VirtnetDevice
-from virtnet.net.driver import DriverQueue, VirtnetDriver
+from virtnet.net.driver import VirtnetDriver
 from virtnet.net.features import VirtioNetF
 from virtnet.net.header import MRG_HDR_LEN
 from virtnet.net.skb import PagePool, SkBuff
@@ -22,6 +22,7 @@ from virtnet.virtio.features import VirtioF, has
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.layout import PackedAddrs, PackedViews, VringAddrs, VringViews
 from virtnet.virtio.ring.packed import PackedQueueDevice, PackedQueueDriver
+from virtnet.virtio.ring.queue import RingDevice, RingDriver
 from virtnet.virtio.ring.split import IndirectArea, SplitQueueDevice, SplitQueueDriver
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def build_driver(
     event_idx = has(features, VirtioF.RING_EVENT_IDX)
     indirect = has(features, VirtioF.RING_INDIRECT_DESC)
     _check_kind(layout.packed, features)
-    queues: list[DriverQueue] = []
+    queues: list[RingDriver] = []
     rx_addrs, tx_addrs = layout.rings
     for q, addrs in enumerate((rx_addrs, tx_addrs)):
         area = layout.indirect_area(memory, q) if indirect else None
@@ -199,7 +200,7 @@ def build_device(
 
 def _device_queue(
     ring: VringViews | PackedViews, memory: GuestMemory, event_idx: bool, base: int, index: int
-) -> SplitQueueDevice | PackedQueueDevice:
+) -> RingDevice:
     if isinstance(ring, PackedViews):
         return PackedQueueDevice(ring, memory, event_idx=event_idx, last_avail_idx=base,
                                  index=index)  # fmt: skip
@@ -240,7 +241,7 @@ def build_control(memory: GuestMemory, area: ControlArea, features: int, index: 
 
     event_idx = has(features, VirtioF.RING_EVENT_IDX)
     ring = area.ring
-    vq: DriverQueue
+    vq: RingDriver
     if isinstance(ring, PackedAddrs):
         pviews = PackedViews.from_memory(memory, ring)
         vq = PackedQueueDriver(pviews, event_idx=event_idx, index=index)

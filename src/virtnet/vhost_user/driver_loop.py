@@ -22,7 +22,7 @@ from virtnet.net.guest import RX, TX
 from virtnet.ports.backends import DriverBackend, LoopbackDriver
 from virtnet.virtio.ring.layout import VRING_PACKED_EVENT_F_WRAP_CTR
 from virtnet.virtio.ring.packed import PackedQueueDriver
-from virtnet.virtio.ring.split import SplitQueueDriver
+from virtnet.virtio.ring.queue import RingDriver
 
 log = logging.getLogger("virtnet.driver")
 
@@ -31,7 +31,7 @@ TX_BUDGET = 64
 IDLE_TIMEOUT = 0.2  # seconds the loop sleeps with nothing to do (an interrupt wakes it)
 
 
-def used_position(vq: SplitQueueDriver | PackedQueueDriver) -> int:
+def used_position(vq: RingDriver) -> int:
     """How far the driver has taken used buffers: a split ring's last_used_idx, a
     packed ring's slot and wrap counter (as its enable_cb_prepare puts them)."""
     if isinstance(vq, PackedQueueDriver):

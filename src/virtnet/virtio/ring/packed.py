@@ -36,7 +36,6 @@ from typing import Final, final
 from virtnet.virtio.errors import (
     AvailIndexError,
     DescriptorError,
-    QueueFullError,
     UsedIndexError,
     UsedRingError,
 )
@@ -57,6 +56,7 @@ from virtnet.virtio.ring.layout import (
     PackedViews,
     virtio_mb,
 )
+from virtnet.virtio.ring.shadow import VringShadow
 
 # Flags as they sit in a descriptor's second 64-bit word.
 _NEXT: Final = VRING_DESC_F_NEXT << 48
@@ -103,7 +103,7 @@ def decode_base(base: int, num: int) -> tuple[int, int]:
 
 
 @final
-class PackedQueueDriver:
+class PackedQueueDriver(VringShadow):
     """The driver's half of a packed virtqueue (Linux: struct vring_virtqueue, packed)."""
 
     def __init__(
@@ -115,34 +115,21 @@ class PackedQueueDriver:
         index: int = 0,
     ) -> None:
         num = ring.num
+        super().__init__(num, event_idx=event_idx, indirect=indirect, index=index)
         self.ring = ring
-        self.num = num
-        self.index = index
-        self.event_idx = event_idx
-        self.indirect = indirect
         self._desc = ring.desc
         self._desc32 = ring.desc32
         self._driver = ring.driver  # ours: used-buffer notification suppression
         self._device = ring.device  # the device's: available-buffer notification suppression
-        # Shadow state, per buffer id: the free list, token, writable length, descriptors.
-        self._next = list(range(1, num)) + [0]
-        self._token: list[object] = [None] * num  # None: the id is free
-        self._in_len = [0] * num
-        self._ndescs = [0] * num
-        self.free_head = 0
-        self.num_free = num
-        self.num_added = 0  # descriptors made available since the last kick_prepare
         self.next_avail = 0
         self.avail_wrap = 1  # 2.8.1: both wrap counters start at 1
         self._avail_bits = _avail_bits(1)
         self.last_used = 0
         self.used_wrap = 1
         self._used_bits = _used_bits(1)
-        self.cb_disabled = False
         self._event_flags = VRING_PACKED_EVENT_FLAG_ENABLE
-        # BAD_RING: a used descriptor naming no buffer in flight says nothing of how
-        # many slots to skip; the queue gives nothing more back (vq->broken).
-        self.broken = False
+        # broken (BAD_RING): a used descriptor naming no buffer in flight says nothing
+        # of how many slots to skip.
         self._desc.cast("B")[:] = bytes(DESC_SIZE * num)  # flags 0: nothing available
         self._driver[0] = 0
         self._driver[1] = VRING_PACKED_EVENT_FLAG_ENABLE
@@ -166,10 +153,8 @@ class PackedQueueDriver:
         return self._add_one(addr, length & _U32, 0, token)
 
     def _add_one(self, addr: int, word: int, in_len: int, token: object) -> int:
-        if not self.num_free:
-            raise QueueFullError(f"vq {self.index}: no free descriptor")
-        if token is None:
-            raise ValueError("token must not be None")
+        if not self.num_free or token is None:
+            self._refuse_one(token)
         bid = self.free_head
         self.free_head = self._next[bid]
         self.num_free -= 1
@@ -232,17 +217,13 @@ class PackedQueueDriver:
     def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: object) -> int:
         """A chain of readable ``out`` then writable ``in_`` segments (virtqueue_add_packed)."""
         total = len(out) + len(in_)
-        if total == 0:
-            raise ValueError("a buffer needs at least one segment")
-        if token is None:
-            raise ValueError("token must not be None")
+        if total == 0 or token is None:
+            self._refuse_chain(total)
         ind = self.indirect
         if ind is not None and 1 < total <= ind.max_descs and self.num_free:
             return self._add_indirect(ind, out, in_, token)
         if self.num_free < total:
-            raise QueueFullError(
-                f"vq {self.index}: {total} descriptors wanted, {self.num_free} free"
-            )
+            self._refuse_room(total)
         desc, num = self._desc, self.num
         bid = self.free_head
         self.free_head = self._next[bid]
@@ -489,13 +470,6 @@ class PackedQueueDriver:
         bits = _used_bits(last_used_idx >> VRING_PACKED_EVENT_F_WRAP_CTR)
         return self._desc[2 * pos + 1] & _AU == bits
 
-    def enable_cb(self) -> bool:
-        """Re-enable callbacks; False if buffers are already pending (poll again)."""
-        return not self.poll(self.enable_cb_prepare())
-
-    @property
-    def in_flight(self) -> int:
-        return self.num - self.num_free
 
 
 @final

@@ -21,7 +21,6 @@ from typing import Final, final
 from virtnet.virtio.errors import (
     AvailIndexError,
     DescriptorError,
-    QueueFullError,
     UsedIndexError,
     UsedRingError,
 )
@@ -39,6 +38,7 @@ from virtnet.virtio.ring.layout import (
     virtio_mb,
     vring_need_event,
 )
+from virtnet.virtio.ring.shadow import VringShadow
 
 # Chain, IndirectArea and Segment live in chain.py (the packed ring uses them too);
 # they are re-exported here, where they were first defined.
@@ -51,7 +51,7 @@ _U32: Final = 0xFFFFFFFF
 
 
 @final
-class SplitQueueDriver:
+class SplitQueueDriver(VringShadow):
     """The driver's half of a split virtqueue (Linux: struct vring_virtqueue)."""
 
     def __init__(
@@ -63,35 +63,20 @@ class SplitQueueDriver:
         index: int = 0,
     ) -> None:
         num = ring.num
+        super().__init__(num, event_idx=event_idx, indirect=indirect, index=index)
         self.ring = ring
-        self.num = num
-        self.index = index
-        self.event_idx = event_idx
-        self.indirect = indirect
         self._mask = num - 1
         self._desc = ring.desc
         self._avail = ring.avail
         self._used = ring.used
         self._used_elems = ring.used_elems
         self._used_q = ring.used_q
-        # Shadow state: desc_extra[].next, per-head token and writable length.
-        self._next = list(range(1, num)) + [0]
-        self._token: list[object] = [None] * num  # None: the head is free
-        self._in_len = [0] * num
-        self._ndescs = [0] * num
         # The len/flags/next word last written to each descriptor: a refill of the
         # same kind of buffer (every rx page) rewrites only the address. Trusted
         # over the table, which the device can write too (like desc_extra).
         self._words = [-1] * num
-        self.free_head = 0
-        self.num_free = num
         self.avail_idx_shadow = 0
-        self.num_added = 0
         self.last_used_idx = 0
-        self.cb_disabled = False
-        # BAD_RING: the device broke a rule no single entry can be refused for;
-        # the queue gives nothing more back until it is rebuilt (vq->broken).
-        self.broken = False
         self._detach_cursor = 0  # detach_unused_buf's scan position
         self._avail[0] = 0
         self._avail[1] = 0
@@ -108,10 +93,8 @@ class SplitQueueDriver:
         return self._add_one(addr, length & _U32, 0, token)
 
     def _add_one(self, addr: int, word: int, in_len: int, token: object) -> int:
-        if not self.num_free:
-            raise QueueFullError(f"vq {self.index}: no free descriptor")
-        if token is None:
-            raise ValueError("token must not be None")
+        if not self.num_free or token is None:
+            self._refuse_one(token)
         head = self.free_head
         self.free_head = self._next[head]
         self.num_free -= 1
@@ -165,17 +148,13 @@ class SplitQueueDriver:
     def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: object) -> int:
         """A chain of readable ``out`` then writable ``in_`` segments (virtqueue_add)."""
         total = len(out) + len(in_)
-        if total == 0:
-            raise ValueError("a buffer needs at least one segment")
-        if token is None:
-            raise ValueError("token must not be None")
+        if total == 0 or token is None:
+            self._refuse_chain(total)
         ind = self.indirect
         if ind is not None and total > 1 and total <= ind.max_descs and self.num_free:
             return self._add_indirect(ind, out, in_, token)
         if self.num_free < total:
-            raise QueueFullError(
-                f"vq {self.index}: {total} descriptors wanted, {self.num_free} free"
-            )
+            self._refuse_room(total)
         desc, nxt, words = self._desc, self._next, self._words
         head = i = self.free_head
         in_len = 0
@@ -390,13 +369,6 @@ class SplitQueueDriver:
         virtio_mb()
         return not self.broken and last_used_idx != self._used[1]
 
-    def enable_cb(self) -> bool:
-        """Re-enable callbacks; False if buffers are already pending (poll again)."""
-        return not self.poll(self.enable_cb_prepare())
-
-    @property
-    def in_flight(self) -> int:
-        return self.num - self.num_free
 
 
 @final
