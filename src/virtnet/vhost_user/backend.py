@@ -37,6 +37,7 @@ from virtnet.net.guest import build_device
 from virtnet.net.mq import per_queue_stats, sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.channel import Channel, PeerClosed
+from virtnet.vhost_user.device_loop import signal_call
 from virtnet.vhost_user.errors import VhostUserProtocolError
 from virtnet.vhost_user.mapping import MappedMemory, MappingError
 from virtnet.vhost_user.messages import (
@@ -509,6 +510,12 @@ class BackendSession:
                 self.faults.install(dev)
             self.devices[pair] = dev
         self.running.add(pair)
+        # One interrupt per ring at every start: a device that died (or was stopped) after
+        # publishing used entries but before their interrupt leaves the driver's used_event
+        # behind the used index, so with EVENT_IDX no later entry would ever interrupt it
+        # and the guest's rx stalls for good. Spurious interrupts are harmless (2.7.7.2).
+        signal_call(rx.call)
+        signal_call(tx.call)
         log.info("device running: queue pair %d, queue sizes %d/%d, bases %s",
                  pair, rx.num, tx.num, bases)  # fmt: skip
 
