@@ -1110,7 +1110,7 @@ def by_name(name: str) -> Case:
 
 
 # The cases of the other modules register themselves here, after this module's own.
-from virtnet.conform import cases_net, cases_packed  # noqa: E402, F401
+from virtnet.conform import cases_lifecycle, cases_net, cases_packed  # noqa: E402, F401
 
 
 # Used by the liveness check and tests: what a normal front-end does.

@@ -122,6 +122,16 @@ def offered_features(queues: int) -> int:
     return BACKEND_FEATURES
 
 
+ACCEPT_DRAIN = 64  # messages of the connected front-end read before a new one is judged
+
+
+def _readable(fd: int) -> bool:
+    """Whether ``fd`` has data or a hang-up to read now (poll, no wait)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
+
+
 class RequestRefused(Exception):
     """A request this back-end refuses; the text names the request and the field."""
 
@@ -728,6 +738,13 @@ class DeviceServer:
     def _accept(self) -> None:
         assert self.listener is not None  # polled only in server mode
         sock, _ = self.listener.accept()
+        # A front-end that reconnects at once (QEMU reconnect=, a restart) closed its
+        # old socket in the same epoll pass: read that first, so its close is seen
+        # before the new one is taken for a second front-end.
+        for _ in range(ACCEPT_DRAIN):
+            if self.channel is None or not _readable(self.channel.fileno()):
+                break
+            self._on_socket()
         if self.channel is not None:
             log.warning("refusing a second front-end while one is connected")
             sock.close()
