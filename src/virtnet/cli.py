@@ -131,11 +131,19 @@ The device listens on --socket-path and serves one front-end at a time, then the
   dpdk-testpmd ... --vdev net_virtio_user0,path=PATH,mrg_rxbuf=1 (see docs/dpdk.md)
 With --queues N: QEMU -netdev vhost-user,...,queues=N -device virtio-net-pci,...,mq=on;
 testpmd net_virtio_user0,...,queues=N --rxq=N --txq=N (docs/multiqueue.md).
+With --client the front-end listens and the device connects to it, then reconnects
+(backoff 0.1 s doubling to 2 s) whenever it is not there or its session ends, so either
+side may restart; the device exits only on a signal or --seconds:
+  qemu-system-x86_64 ... -chardev socket,id=c0,path=PATH,server=on,wait=off ...
+  dpdk-testpmd ... --vdev net_virtio_user0,path=PATH,server=1,mrg_rxbuf=1
+  virtnet driver --server --socket-path PATH
 """
 
 DRIVER_EPILOG = """\
 The driver connects to a listening back-end at --socket-path, e.g. `virtnet device` or
-DPDK testpmd with --vdev net_vhost0,iface=PATH (see docs/dpdk.md).
+DPDK testpmd with --vdev net_vhost0,iface=PATH (see docs/dpdk.md). With --server it
+listens there and waits for the back-end to connect: `virtnet device --client` or
+testpmd --vdev net_vhost0,iface=PATH,client=1.
 """
 
 
@@ -175,6 +183,17 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                         "with its own back-end: one queue of a multi-queue tap, or its "
                         "own sink/gen/loopback (default 1)")  # fmt: skip
     if name == "device":
+        p.add_argument("--client", action="store_true",
+                       help="connect to a front-end listening on --socket-path (QEMU "
+                            "-chardev socket,...,server=on,wait=off) instead of listening; "
+                            "retry with backoff while it is not there, and reconnect, "
+                            "negotiating afresh, whenever its session ends (default: "
+                            "listen)")  # fmt: skip
+        p.add_argument("--config-space", action="store_true",
+                       help="offer VHOST_USER_PROTOCOL_F_CONFIG (GET_CONFIG: MAC, link "
+                            "status, MTU) to front-ends that read it, as `virtnet driver` "
+                            "does. Off by default: QEMU's virtio-net does not use it and "
+                            "warns at start when it is offered")  # fmt: skip
         p.add_argument("--coalesce", type=_coalesce, default={}, metavar="K=N,...",
                        help="interrupt moderation, ethtool -C words: rx-usecs, rx-frames, "
                             "tx-usecs, tx-frames (VIRTIO_NET_F_NOTF_COAL's max_usecs / "
@@ -187,6 +206,10 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                        help="seed of the --faults draws: the same seed and traffic "
                             "repeat a run (default 0)")  # fmt: skip
     if name == "driver":
+        p.add_argument("--server", action="store_true",
+                       help="listen on --socket-path and wait for the back-end to connect "
+                            "(`virtnet device --client`, DPDK net_vhost0,...,client=1) "
+                            "instead of connecting to it")  # fmt: skip
         p.add_argument("--strategy", default="deferred", choices=tuple(STRATEGIES),
                        help="rx strategy (without MRG_RXBUF: big or small, as Linux)")  # fmt: skip
         p.add_argument("--queue-size", type=int, default=256,
@@ -410,9 +433,11 @@ def cmd_vhost_user(args) -> int:
                                   busy_poll_us=args.busy_poll,
                                   coalesce=args.coalesce, faults=args.faults,
                                   features_off=args.features_off,
-                                  pcap_path=args.pcap)  # fmt: skip
+                                  pcap_path=args.pcap, client=args.client,
+                                  config_space=args.config_space)  # fmt: skip
         except OSError as e:
-            print(f"virtnet device: cannot listen on {args.socket_path}: {e}", file=sys.stderr)
+            verb = "connect to" if args.client else "listen on"
+            print(f"virtnet device: cannot {verb} {args.socket_path}: {e}", file=sys.stderr)
             return 2
         result = server.serve(args.seconds)
     else:
@@ -438,7 +463,8 @@ def cmd_vhost_user(args) -> int:
                                   wanted=OFFERED & ~args.features_off,
                                   busy_poll_us=args.busy_poll, combined=args.combined,
                                   mem_regions=args.mem_regions,
-                                  printer=rate_printer(args.quiet))  # fmt: skip
+                                  printer=rate_printer(args.quiet),
+                                  server=args.server)  # fmt: skip
         except (FrontendError, OSError, ValueError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)
             return 2

@@ -38,6 +38,7 @@ from virtnet.net.guest import build_device
 from virtnet.net.mq import per_queue_stats, sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.channel import Channel, PeerClosed
+from virtnet.vhost_user.device_loop import signal_call
 from virtnet.vhost_user.errors import VhostUserProtocolError
 from virtnet.vhost_user.logmap import MappedLog, check_log
 from virtnet.vhost_user.mapping import MAX_MEM_SLOTS, MappedMemory, MappingError, seal_shrink
@@ -76,7 +77,7 @@ from virtnet.vhost_user.worker import (
     spawn_worker,
 )
 from virtnet.virtio.errors import MemoryAccessError
-from virtnet.virtio.features import VirtioF, bit
+from virtnet.virtio.features import DeviceStatus, VirtioF, bit
 from virtnet.virtio.ring.layout import (
     PackedViews,
     VringViews,
@@ -96,12 +97,29 @@ PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.RARP)
     | bit(ProtocolFeature.REPLY_ACK)
     | bit(ProtocolFeature.NET_MTU)
-    | bit(ProtocolFeature.CONFIG)
     | bit(ProtocolFeature.RESET_DEVICE)
     | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | bit(ProtocolFeature.STATUS)
 )
+# Offered on request only (`virtnet device --config-space`): QEMU's vhost_user_backend_init
+# warns "vhost-user backend supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not" for
+# every back-end offering it to a device without config ops, virtio-net among them, and
+# GET_PROTOCOL_FEATURES comes before anything that would tell QEMU from another front-end.
+CONFIG_PROTOCOL = bit(ProtocolFeature.CONFIG)
+STATUS_BITS = 0xFF  # VIRTIO 1.2, 2.1: the device status field is one byte
+# Client mode (`virtnet device --client`): the waits between tries to reach a front-end
+# that is not listening, doubling from the first to the cap (never a busy loop).
+RECONNECT_FIRST = 0.1
+RECONNECT_MAX = 2.0
+CONNECT_TIMEOUT = 5.0  # one connect(): a listener whose backlog is full holds it
+SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
 # ethtool -C defaults for `virtnet device` (--coalesce overrides): no moderation.
 DEFAULT_COALESCE = {"rx-usecs": 0, "rx-frames": 0, "tx-usecs": 0, "tx-frames": 0}
+
+
+def status_names(status: int) -> str:
+    """``ACKNOWLEDGE DRIVER FEATURES_OK DRIVER_OK``: the bits of a device status."""
+    return " ".join(str(f.name) for f in DeviceStatus if status & f) or "0"
 
 
 def offered_features(queues: int) -> int:
@@ -167,6 +185,10 @@ class BackendSession:
     log: MappedLog | None = None  # SET_LOG_BASE's, in-process only (workers map their own)
     log_set: bool = False  # a log was given (SET_LOG_BASE): logging can start
     rarps: list[bytes] = field(default_factory=list)  # SEND_RARP frames, in-process only
+    protocol_offered: int = PROTOCOL_FEATURES  # | CONFIG_PROTOCOL with --config-space
+    status: int = 0  # the device status the front-end set (PROTOCOL_F_STATUS)
+    features_refused: str = ""  # why the last SET_FEATURES was refused: FEATURES_OK stays off
+    mem_tables: int = 0  # SET_MEM_TABLEs taken: a session that saw none was cut short
 
     def __post_init__(self) -> None:
         self.vrings = [Vring() for _ in range(2 * self.queues)]
@@ -215,7 +237,14 @@ class BackendSession:
         return reply(msg, U64(self.offered))
 
     def _set_features(self, msg: Message) -> None:
-        wanted = msg.payload_as(U64).value
+        try:
+            self._take_features(msg.payload_as(U64).value)
+        except RequestRefused as e:
+            self.features_refused = str(e)
+            raise
+        self.features_refused = ""
+
+    def _take_features(self, wanted: int) -> None:
         extra = wanted & ~self.offered
         if extra:
             raise RequestRefused(f"features {' '.join(names(extra))} were never offered")
@@ -258,13 +287,65 @@ class BackendSession:
         return bool(self.features & bit(VHOST_F_LOG_ALL))
 
     def _get_protocol_features(self, msg: Message) -> Message:
-        return reply(msg, U64(PROTOCOL_FEATURES))
+        return reply(msg, U64(self.protocol_offered))
 
     def _set_protocol_features(self, msg: Message) -> None:
         value = msg.payload_as(U64).value
-        if value & ~PROTOCOL_FEATURES:
-            raise RequestRefused(f"protocol features {value & ~PROTOCOL_FEATURES:#x} not offered")
+        extra = value & ~self.protocol_offered
+        if extra:
+            hint = ""
+            if extra & CONFIG_PROTOCOL:
+                hint = " (CONFIG: virtnet device --config-space offers it)"
+            raise RequestRefused(f"protocol features {extra:#x} not offered{hint}")
         self.protocol_features = value
+
+    # -- device status (PROTOCOL_F_STATUS) ------------------------------------
+
+    def _set_status(self, msg: Message) -> None:
+        # QEMU (vhost_user_add_status) sets FEATURES_OK alone after SET_FEATURES, then
+        # ACKNOWLEDGE | DRIVER | DRIVER_OK at start; DPDK's virtio_user walks 3.1.1 in
+        # order. The device records what it is told and checks only what is its to
+        # check: FEATURES_OK on features it refused stays clear (3.1.1 step 6: the driver
+        # re-reads the status to learn that), as DPDK's vhost_user_set_status does.
+        value = msg.payload_as(U64).value
+        if value & ~STATUS_BITS:
+            raise RequestRefused(f"device status {value:#x} is wider than the status byte")
+        if value == 0:
+            self._reset_status()
+            return
+        status = DeviceStatus(value)
+        if status & DeviceStatus.FEATURES_OK and not self.status & DeviceStatus.FEATURES_OK:
+            why = self._features_problem()
+            if why:
+                log.error("FEATURES_OK refused: %s", why)
+                status &= ~DeviceStatus.FEATURES_OK
+        if status & DeviceStatus.FAILED and not self.status & DeviceStatus.FAILED:
+            log.warning("the driver set FAILED: it gave up on this device")
+        self.status = int(status)
+        log.info("device status %#x: %s", self.status, status_names(self.status))
+
+    def _features_problem(self) -> str:
+        if self.features_refused:
+            return f"SET_FEATURES was refused ({self.features_refused})"
+        if not self.features:
+            return "no SET_FEATURES before it"
+        return ""
+
+    def _get_status(self, msg: Message) -> Message:
+        return reply(msg, U64(self.status))
+
+    def _reset_status(self) -> None:
+        """Status 0, a device reset (VIRTIO 1.2, 2.4): every ring stops, and nothing runs
+        on until the front-end starts it again with new kick fds and SET_VRING_BASE.
+        Where each ring stopped is kept for GET_VRING_BASE: QEMU 7.2 sends SET_STATUS 0
+        before it (vhost_user_dev_start; seen with 7.2.22), and resumes a VM that was only
+        paused at the index it reads there."""
+        self._stop_device()
+        for vr in self.vrings:
+            vr.started = False
+            vr.close_fds()
+        self.status = 0
+        log.info("device status 0: device reset, rings stopped")
 
     def _get_queue_num(self, msg: Message) -> Message:
         return reply(msg, U64(self.queues))  # queue *pairs*, as QEMU's net reads it
@@ -387,6 +468,7 @@ class BackendSession:
         finally:
             close_fds(msg.fds)  # the mappings keep the memory
         self.memory = memory
+        self.mem_tables += 1
         for why in memory.unsealed:
             log.warning("%s: a front-end that shrinks it can crash this process", why)
         log.info("memory table: %s", ", ".join(
@@ -617,6 +699,12 @@ class BackendSession:
             self.devices[pair] = dev
         self.running.add(pair)
         self._apply_log()
+        # One interrupt per ring at every start: a device that died (or was stopped) after
+        # publishing used entries but before their interrupt leaves the driver's used_event
+        # behind the used index, so with EVENT_IDX no later entry would ever interrupt it
+        # and the guest's rx stalls for good. Spurious interrupts are harmless (2.7.7.2).
+        signal_call(rx.call)
+        signal_call(tx.call)
         log.info("device running: queue pair %d, queue sizes %d/%d, bases %s",
                  pair, rx.num, tx.num, bases)  # fmt: skip
 
@@ -663,6 +751,7 @@ class BackendSession:
             vr.close_fds()
         self.vrings = [Vring() for _ in range(2 * self.queues)]
         self.features = 0
+        self.status = 0
 
     def close(self) -> None:
         self.reset()
@@ -692,7 +781,9 @@ class PairRunner(Protocol):
 
 
 class DeviceServer:
-    """Listen on ``socket_path`` and run the device for one front-end at a time.
+    """Listen on ``socket_path`` and run the device for one front-end at a time;
+    with ``client``, connect to the front-end listening there instead, and again
+    (with backoff) whenever it is not there or its session ends.
 
     This process keeps the vhost-user session; each queue pair's data path runs
     in a worker process of its own (vhost_user/worker.py), with its own traffic
@@ -710,6 +801,8 @@ class DeviceServer:
         faults: FaultPlan | None = None,
         features_off: int = 0,
         pcap_path: str | None = None,
+        client: bool = False,
+        config_space: bool = False,
     ) -> None:
         self.backends = backends if isinstance(backends, list) else [backends]
         self.queues = len(self.backends)
@@ -723,18 +816,29 @@ class DeviceServer:
         self.pcap_path = pcap_path
         self.socket_path = socket_path
         self.printer = printer
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(socket_path):
-            os.unlink(socket_path)
-        self.listener.bind(socket_path)
-        self.listener.listen(1)
+        self.protocol_offered = PROTOCOL_FEATURES | (CONFIG_PROTOCOL if config_space else 0)
+        self.client = client
+        self.listener: socket.socket | None = None
+        if client and len(os.fsencode(socket_path)) > SUN_PATH_MAX:
+            # connect() would refuse it at every try: say so once, now
+            raise OSError(f"longer than a unix socket path may be ({SUN_PATH_MAX} bytes)")
+        if not client:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            if os.path.exists(socket_path):
+                os.unlink(socket_path)
+            self.listener.bind(socket_path)
+            self.listener.listen(1)
+        self._retry_in = RECONNECT_FIRST  # client mode: the next wait, doubling to the cap
+        self._retry_at = 0.0  # client mode: when to try the front-end next
+        self._waiting_for = ""  # client mode: why the front-end is out of reach, logged once
         self.channel: Channel | None = None
         self.session: BackendSession | None = None
         self.sessions = 0
         self.lost: list[dict] = []  # the last stats of workers that died
         self.worker_deaths = 0
         self._ep = select.epoll()
-        self._ep.register(self.listener.fileno(), select.EPOLLIN)
+        if self.listener is not None:
+            self._ep.register(self.listener.fileno(), select.EPOLLIN)
         self.workers: list[WorkerHandle] = []
         for pair in range(self.queues):
             self.workers.append(self._spawn(pair))
@@ -760,7 +864,8 @@ class DeviceServer:
     def _close_in_worker(self) -> None:
         """In a fresh worker: what belongs to the control process alone."""
         self._ep.close()
-        self.listener.close()
+        if self.listener is not None:
+            self.listener.close()
         if self.channel is not None:
             self.channel.close()
         for w in self.workers:
@@ -847,6 +952,7 @@ class DeviceServer:
     # -- connections ------------------------------------------------------------
 
     def _accept(self) -> None:
+        assert self.listener is not None  # polled only in server mode
         sock, _ = self.listener.accept()
         # A front-end that reconnects at once (QEMU reconnect=, a restart) closed its
         # old socket in the same epoll pass: read that first, so its close is seen
@@ -859,9 +965,38 @@ class DeviceServer:
             log.warning("refusing a second front-end while one is connected")
             sock.close()
             return
+        self._attach(sock)
+
+    def _connect_frontend(self) -> None:
+        """Client mode: one try to reach the front-end listening on socket_path (QEMU
+        -chardev socket,server=on; DPDK net_virtio_user,server=1; virtnet driver
+        --server); when it is not there, the next try after a doubled wait."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as e:
+            sock.close()
+            why = e.strerror or str(e)
+            if why != self._waiting_for:  # once per outage, not once per try
+                log.warning("no front-end listening on %s (%s): retrying every %g s at most",
+                            self.socket_path, why, RECONNECT_MAX)  # fmt: skip
+                self._waiting_for = why
+            self._retry_later()
+            return
+        sock.settimeout(None)
+        self._waiting_for = ""
+        self._attach(sock)
+
+    def _retry_later(self) -> None:
+        self._retry_at = time.monotonic() + self._retry_in
+        self._retry_in = min(2 * self._retry_in, RECONNECT_MAX)
+
+    def _attach(self, sock: socket.socket) -> None:
         self.channel = Channel(sock, replies=False)
         self.session = BackendSession(faults=self.faults, offered=self.offered,
-                                      queues=self.queues, runner=self)  # fmt: skip
+                                      queues=self.queues, runner=self,
+                                      protocol_offered=self.protocol_offered)  # fmt: skip
         self.sessions += 1
         self._ep.register(sock.fileno(), select.EPOLLIN)
         log.info("front-end connected (session %d)", self.sessions)
@@ -872,8 +1007,17 @@ class DeviceServer:
             self._worker_died(e)
 
     def _disconnect(self, why: str) -> None:
-        log.info("front-end gone: %s", why)
         channel, session = self.channel, self.session
+        if session is not None and not session.mem_tables:
+            # Connected and gone before any memory: a front-end dying in its start-up,
+            # or one that connects in a loop. Named; in client mode the waits between
+            # reconnects keep doubling (a session that got memory starts them afresh).
+            log.warning("front-end gone before SET_MEM_TABLE: %s", why)
+        else:
+            log.info("front-end gone: %s", why)
+            self._retry_in = RECONNECT_FIRST
+        if self.client:
+            self._retry_later()
         self.channel = self.session = None
         if channel is not None:
             self._ep.unregister(channel.fileno())
@@ -978,9 +1122,12 @@ class DeviceServer:
     def _loop(self, clock: RunClock) -> None:
         pidfds = {w.pidfd for w in self.workers}
         next_check = time.monotonic() + WATCHDOG_EVERY
+        listener = self.listener.fileno() if self.listener is not None else -1
         while clock.running():
-            for fd, _ev in self._ep.poll(IDLE_POLL):
-                if fd == self.listener.fileno():
+            if self.client and self.channel is None and time.monotonic() >= self._retry_at:
+                self._connect_frontend()
+            for fd, _ev in self._ep.poll(self._poll_timeout()):
+                if fd == listener:
                     self._accept()
                 elif self.channel is not None and fd == self.channel.fileno():
                     self._on_socket()
@@ -991,6 +1138,11 @@ class DeviceServer:
                 self._watchdog()
                 pidfds = {w.pidfd for w in self.workers}
                 next_check = time.monotonic() + WATCHDOG_EVERY
+
+    def _poll_timeout(self) -> float:
+        if self.client and self.channel is None:
+            return max(0.0, min(IDLE_POLL, self._retry_at - time.monotonic()))
+        return IDLE_POLL
 
     def _watchdog(self) -> None:
         """Every worker must answer: one that hangs (stopped, stuck) would stall its
@@ -1044,10 +1196,11 @@ class DeviceServer:
 
     def close(self) -> None:
         self._ep.close()
-        self.listener.close()
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
+        if self.listener is not None:  # client mode: the socket is the front-end's
+            self.listener.close()
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
         for backend in self.backends:
             backend.close()

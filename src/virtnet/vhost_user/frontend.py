@@ -17,6 +17,7 @@ import mmap
 import os
 import select
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -34,6 +35,8 @@ from virtnet.net.driver import VirtnetDriver
 from virtnet.net.features import (
     OFFERED,
     SUPPORTED,
+    VIRTIO_NET_S_LINK_UP,
+    NetConfig,
     VirtioNetF,
     missing_requirements,
     names,
@@ -63,6 +66,7 @@ from virtnet.vhost_user.messages import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_VERSION,
+    ConfigSpace,
     MemoryRegionDesc,
     MemoryTable,
     Message,
@@ -86,16 +90,19 @@ from virtnet.vhost_user.worker import (
     send_msg,
     spawn_worker,
 )
-from virtnet.virtio.features import VirtioF, bit
+from virtnet.virtio.features import DeviceStatus, VirtioF, bit
 from virtnet.virtio.memory import GuestMemory, MemoryRegion
 from virtnet.virtio.ring.layout import PackedAddrs, VringAddrs
 
 log = logging.getLogger("virtnet.driver")
 
 WANTED_PROTOCOL = (
-    bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
+    bit(ProtocolFeature.MQ)
+    | bit(ProtocolFeature.REPLY_ACK)
     | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
-)  # fmt: skip
+    | bit(ProtocolFeature.CONFIG)  # GET_CONFIG: the device's MAC, link status, MTU
+    | bit(ProtocolFeature.STATUS)  # SET_STATUS / GET_STATUS, as DPDK's virtio_user
+)
 MAP_FIXED = 0x10  # <sys/mman.h>; the mmap module does not export it
 TX_DRAIN_TIMEOUT = 2.0  # close(): how long the back-end gets to use what was sent
 
@@ -236,11 +243,13 @@ class DriverClient:
         busy_poll_us: int = 0,
         combined: int | None = None,
         mem_regions: int = 1,
+        server: bool = False,
     ) -> None:
         if mem_regions < 1:
             raise FrontendError(f"--mem-regions {mem_regions}: at least 1")
         self.mem_regions = mem_regions
         self.busy_poll = busy_poll_us / 1e6
+        self.server = server
         self.socket_path = socket_path
         self.backends = backends if isinstance(backends, list) else [backends]
         self.backend = self.backends[0]
@@ -262,7 +271,8 @@ class DriverClient:
         # Each pair has its own rings, indirect tables and pages, one after the other.
         pow2 = queue_size > 0 and not queue_size & (queue_size - 1)
         self.layout = GuestLayout(queue_size, GuestLayout.pages_for(queue_size), packed=not pow2)
-        self.channel = Channel(self._connect(connect_timeout), replies=True)
+        sock = self._wait_for_backend() if server else self._connect(connect_timeout)
+        self.channel = Channel(sock, replies=True)
         size = self.layout.size * self.queues
         if self.queues > 1:
             size += ControlArea(size).size + PAGE_SIZE  # its ring may be packed: same room
@@ -272,6 +282,8 @@ class DriverClient:
         self.call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nrings)]
         self.features = 0
         self.protocol_features = 0
+        self.status = 0  # the device status, as sent (PROTOCOL_F_STATUS)
+        self.config: NetConfig | None = None  # GET_CONFIG's answer (PROTOCOL_F_CONFIG)
         self.pairs: list[PairDriver] = []
         self.workers: list[WorkerHandle] = []
         self.peer_gone = False
@@ -302,6 +314,27 @@ class DriverClient:
                         f"cannot connect to {self.socket_path} within {timeout:g}s: {e}"
                     ) from None
                 time.sleep(0.05)
+
+    def _wait_for_backend(self) -> socket.socket:
+        """--server: listen on socket_path until one back-end connects (virtnet device
+        --client, DPDK net_vhost,client=1), then stop listening: one session."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if os.path.exists(self.socket_path) and stat.S_ISSOCK(
+                os.stat(self.socket_path).st_mode
+            ):
+                os.unlink(self.socket_path)  # an earlier run's, left by a kill
+            listener.bind(self.socket_path)
+            listener.listen(1)
+            log.info("listening on %s for a back-end", self.socket_path)
+            sock, _ = listener.accept()
+            return sock
+        finally:
+            listener.close()
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
 
     # -- setup --------------------------------------------------------------------
 
@@ -361,6 +394,8 @@ class DriverClient:
             self.guest.close()
             self.guest = GuestMemfd(self.guest.size, cuts=self._region_cuts())
         self._send(Req.SET_FEATURES, U64(self.features))
+        self._features_ok()
+        self._get_config()
         for backend in self.backends:
             backend.on_features(self.features)
         self._set_mem_table()
@@ -389,6 +424,44 @@ class DriverClient:
                 pair._kick(RX)
         if self.features & bit(VirtioNetF.CTRL_VQ):
             self._setup_control()
+        self._add_status(DeviceStatus.DRIVER_OK)
+
+    def _add_status(self, status: int) -> None:
+        """SET_STATUS where the back-end took PROTOCOL_F_STATUS (DPDK virtio_user's
+        virtio_user_dev_set_status; NEED_REPLY with REPLY_ACK, as it sends it)."""
+        if not self.protocol_features & bit(ProtocolFeature.STATUS):
+            return
+        self.status |= int(status)
+        self._send(Req.SET_STATUS, U64(self.status), ack=True)
+
+    def _features_ok(self) -> None:
+        """3.1.1 steps 1-6: FEATURES_OK, then read it back: a device that clears it
+        refused the features."""
+        if not self.protocol_features & bit(ProtocolFeature.STATUS):
+            return
+        self._add_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK)
+        got = self._get(Req.GET_STATUS).payload_as(U64).value
+        if not got & DeviceStatus.FEATURES_OK:
+            raise FrontendError(
+                f"the back-end cleared FEATURES_OK (status {got:#x}): it refused features "
+                f"{self.features:#x}"
+            )
+
+    def _get_config(self) -> None:
+        """The device's virtio_net_config (5.1.4) where it offers PROTOCOL_F_CONFIG: MAC,
+        link status (with VIRTIO_NET_F_STATUS), MTU (with VIRTIO_NET_F_MTU)."""
+        if not self.protocol_features & bit(ProtocolFeature.CONFIG):
+            return
+        answer = self._get(Req.GET_CONFIG, ConfigSpace(0, 0, bytes(NetConfig.SIZE)))
+        try:
+            data = answer.payload_as(ConfigSpace).data
+            self.config = NetConfig.unpack(data)
+        except (VhostUserProtocolError, ValueError) as e:
+            raise FrontendError(f"GET_CONFIG: {e}") from None
+        cfg = self.config
+        log.info("device config: mac %s, link %s, mtu %d, %d queue pairs", cfg.mac.hex(":"),
+                 "up" if cfg.status & VIRTIO_NET_S_LINK_UP else "down", cfg.mtu,
+                 cfg.max_virtqueue_pairs)  # fmt: skip
 
     def _setup_control(self) -> None:
         """The control queue, answered here as DPDK's virtio_user does (a vhost-user
@@ -602,8 +675,13 @@ class DriverClient:
         cpu = self.cpu_seconds
         if self.queues > 1:  # the pairs ran in worker processes: their CPU too
             cpu += sum(p.get("cpu_seconds", 0.0) for p in per_pair)
+        cfg = self.config
         return {"driver_stats": totals,
                 "backend": sum_stats([p.get("backend", {}) for p in per_pair]),
+                # What GET_CONFIG said (with PROTOCOL_F_CONFIG), else null.
+                "device_config": None if cfg is None else {
+                    "mac": cfg.mac.hex(":"), "link_up": bool(cfg.status & VIRTIO_NET_S_LINK_UP),
+                    "mtu": cfg.mtu, "max_virtqueue_pairs": cfg.max_virtqueue_pairs},
                 "features": self.features, "queues": self.queues,
                 "strategy": self.drv.strategy if self.drv else self.strategy,
                 "seconds": round(self.run_seconds, 4),
@@ -672,4 +750,10 @@ class DriverClient:
                 self._get(Req.GET_VRING_BASE, VringState(q, 0))
             except (VhostUserProtocolError, OSError) as e:
                 log.warning("GET_VRING_BASE %d: %s", q, e)
-                break
+                return
+        if self.status:  # then the reset, after the rings stopped (as QEMU 8.1 on)
+            self.status = 0
+            try:
+                self._send(Req.SET_STATUS, U64(0), ack=True)
+            except (VhostUserProtocolError, FrontendError, OSError) as e:
+                log.warning("SET_STATUS 0: %s", e)
