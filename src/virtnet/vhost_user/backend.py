@@ -188,7 +188,7 @@ class BackendSession:
     protocol_offered: int = PROTOCOL_FEATURES  # | CONFIG_PROTOCOL with --config-space
     status: int = 0  # the device status the front-end set (PROTOCOL_F_STATUS)
     features_refused: str = ""  # why the last SET_FEATURES was refused: FEATURES_OK stays off
-    mem_tables: int = 0  # SET_MEM_TABLEs taken: a session that saw none was cut short
+    mem_tables: int = 0  # SET_MEM_TABLEs / ADD_MEM_REGs taken: with none, cut short
 
     def __post_init__(self) -> None:
         self.vrings = [Vring() for _ in range(2 * self.queues)]
@@ -507,6 +507,7 @@ class BackendSession:
         finally:
             close_fds(msg.fds)  # the mappings keep the memory
         self.memory = memory
+        self.mem_tables += 1  # memory by memory slots counts as a table for _disconnect
         for why in memory.unsealed[unsealed:]:
             log.warning("%s: a front-end that shrinks it can crash this process", why)
         refs = memory.refs(r.guest_phys_addr)
@@ -1012,7 +1013,8 @@ class DeviceServer:
             # Connected and gone before any memory: a front-end dying in its start-up,
             # or one that connects in a loop. Named; in client mode the waits between
             # reconnects keep doubling (a session that got memory starts them afresh).
-            log.warning("front-end gone before SET_MEM_TABLE: %s", why)
+            log.warning("front-end gone before any guest memory (SET_MEM_TABLE or "
+                        "ADD_MEM_REG): %s", why)  # fmt: skip
         else:
             log.info("front-end gone: %s", why)
             self._retry_in = RECONNECT_FIRST
