@@ -25,8 +25,6 @@ from tests.vhost_user.conftest import (
     driver_argv,
 )
 
-# The driver's one pair runs in its own process: nothing else to kill (it passes already).
-KILLS_WORKERS = pytest.mark.xfail(strict=True, reason="issue 17: the group SIGTERM kills workers")
 RUN = 60.0  # --seconds of the end not stopped by the test: far past the test's own stop
 
 
@@ -55,7 +53,6 @@ def wait_running(dev: DeviceProcess, queues: int) -> None:
     time.sleep(0.5)  # let packets flow
 
 
-@KILLS_WORKERS
 @pytest.mark.parametrize("queues", [1, 2])
 def test_sigterm_to_the_device_group_stops_it_cleanly(tmp_path, queues: int) -> None:
     sock, out, err = tmp_path / "dev.sock", tmp_path / "dev.json", tmp_path / "dev.stderr"
@@ -86,7 +83,7 @@ def test_sigterm_to_the_device_group_stops_it_cleanly(tmp_path, queues: int) -> 
     check_counters(result["device_stats"], queues)
 
 
-@pytest.mark.parametrize("queues", [1, pytest.param(2, marks=KILLS_WORKERS)])
+@pytest.mark.parametrize("queues", [1, 2])
 def test_sigterm_to_the_driver_group_stops_it_cleanly(device_factory, tmp_path,
                                                       queues: int) -> None:  # fmt: skip
     dev = device_factory("sink", extra=("--queues", str(queues)))

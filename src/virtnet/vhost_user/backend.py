@@ -21,7 +21,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol, cast
+from typing import Protocol, TypeVar
 
 from virtnet.net.device import VirtnetDevice
 from virtnet.net.faults import FaultPlan
@@ -34,9 +34,9 @@ from virtnet.net.features import (
     sanitize,
 )
 from virtnet.net.guest import build_device
-from virtnet.net.mq import per_queue_stats, sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.channel import Channel, PeerClosed
+from virtnet.vhost_user.device_loop import IDLE_POLL, PairLoop
 from virtnet.vhost_user.errors import VhostUserProtocolError
 from virtnet.vhost_user.mapping import MappedMemory, MappingError
 from virtnet.vhost_user.messages import (
@@ -61,14 +61,23 @@ from virtnet.vhost_user.messages import (
 from virtnet.vhost_user.rings import RingError, RingSpec, pair_views, ring_views
 from virtnet.vhost_user.runclock import RunClock
 from virtnet.vhost_user.worker import (
-    IDLE_POLL,
-    WATCHDOG_EVERY,
-    WATCHDOG_TIMEOUT,
-    PairLoop,
     WorkerDied,
     WorkerError,
     WorkerHandle,
-    spawn_worker,
+    WorkerSet,
+    pair_totals,
+)
+from virtnet.vhost_user.workermsg import (
+    Connect,
+    Exit,
+    Fds,
+    Features,
+    Memory,
+    Request,
+    Start,
+    Stats,
+    Stop,
+    Unmap,
 )
 from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import VirtioF, bit
@@ -80,6 +89,8 @@ from virtnet.virtio.ring.layout import (
 )
 
 log = logging.getLogger("virtnet.device")
+
+T = TypeVar("T")
 
 NUM_QUEUES = 2  # vrings of one pair: 0 = receiveq1 (device → driver), 1 = transmitq1
 MAX_QUEUE_PAIRS = 64  # --queues: far past the cores that could serve them
@@ -531,13 +542,11 @@ class DeviceServer:
         self.channel: Channel | None = None
         self.session: BackendSession | None = None
         self.sessions = 0
-        self.lost: list[dict] = []  # the last stats of workers that died
-        self.worker_deaths = 0
         self._ep = select.epoll()
         self._ep.register(self.listener.fileno(), select.EPOLLIN)
-        self.workers: list[WorkerHandle] = []
+        self.workers = WorkerSet(self._ep, log, self._worker_died, self._worker_event)
         for pair in range(self.queues):
-            self.workers.append(self._spawn(pair))
+            self._spawn(pair)
         self.run_seconds = self.cpu_seconds = 0.0
 
     # -- workers ----------------------------------------------------------------
@@ -547,15 +556,17 @@ class DeviceServer:
         if capture is not None and pair:
             root, dot, ext = capture.rpartition(".")
             capture = f"{root}.q{pair}.{ext}" if dot else f"{capture}.q{pair}"
-        w = spawn_worker(
+        return self.workers.start(
             pair,
             lambda: PairLoop(pair, self.backends[pair], coalesce=self._coalesce,
                              busy_poll=self._busy_poll, faults=self.faults,
                              capture_path=capture),  # fmt: skip
             self._close_in_worker,
         )
-        self._ep.register(w.pidfd, select.EPOLLIN)
-        return w
+
+    @property
+    def worker_deaths(self) -> int:
+        return self.workers.deaths
 
     def _close_in_worker(self) -> None:
         """In a fresh worker: what belongs to the control process alone."""
@@ -563,60 +574,48 @@ class DeviceServer:
         self.listener.close()
         if self.channel is not None:
             self.channel.close()
-        for w in self.workers:
-            w.close()
+        self.workers.close_all()
 
     # PairRunner: what the session asks of the workers.
 
     def set_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
         for w in self.workers:
-            self._call(w, "memory", regions, fds=fds)
+            self._call(w, Memory(tuple(regions)), fds=fds)
 
     def unmap(self) -> None:
         for w in self.workers:
             if w.status is None:
-                self._call(w, "unmap")
+                self._call(w, Unmap())
 
     def start(self, pair: int, spec: RingSpec, fds: list[int]) -> None:
-        self._call(self.workers[pair], "start", spec, fds=fds)
+        self._call(self.workers[pair], Start(spec), fds=fds)
 
     def update_fds(self, pair: int, fds: tuple[int, int, int, int]) -> None:
-        mask = tuple(fd >= 0 for fd in fds)
-        self._call(self.workers[pair], "fds", mask, fds=[fd for fd in fds if fd >= 0])
+        mask = (fds[0] >= 0, fds[1] >= 0, fds[2] >= 0, fds[3] >= 0)
+        self._call(self.workers[pair], Fds(mask), fds=[fd for fd in fds if fd >= 0])
 
     def stop(self, pair: int) -> tuple[int, int] | None:
-        return self._call(self.workers[pair], "stop")
+        return self._call(self.workers[pair], Stop())
 
     @staticmethod
-    def _call(w: WorkerHandle, *request, fds=()):
+    def _call(w: WorkerHandle, request: Request[T], fds: list[int] | tuple[int, ...] = ()) -> T:
         try:
-            return w.call(*request, fds=fds)
+            return w.call(request, fds=fds)
         except WorkerError as e:
             raise RequestRefused(f"queue pair {w.pair}: {e}") from None
 
     def _worker_died(self, e: WorkerDied) -> None:
-        """Name it, fail the session (its rings' state died with it), start a fresh one."""
-        w = self.workers[e.pair]
-        w.kill()  # reaps it; kills it first if it only stopped answering
-        self.worker_deaths += 1
-        log.error("%s", e)
-        self.lost.append(w.last_stats)
-        try:
-            self._ep.unregister(w.pidfd)
-        except (OSError, ValueError):
-            pass
-        w.close()
+        """WorkerSet named and reaped it: fail the session (its rings' state died with
+        it), start a fresh one."""
         if self.session is not None:
             self.session.pair_lost(e.pair)
-        self.workers[e.pair] = self._spawn(e.pair)
+        self._spawn(e.pair)
         if self.channel is not None:
             self._disconnect(f"{e}: failing the session (its rings' state is lost)")
 
-    def _on_worker_exit(self, fd: int) -> None:
-        for w in self.workers:
-            if w.pidfd == fd and w.reap():
-                self._worker_died(WorkerDied(w.pair, w.describe()))
-                return
+    @staticmethod
+    def _worker_event(pair: int, why: str) -> None:
+        log.warning("queue pair %d: %s", pair, why)  # a device's worker sends none today
 
     # -- connections ------------------------------------------------------------
 
@@ -634,9 +633,9 @@ class DeviceServer:
         log.info("front-end connected (session %d)", self.sessions)
         try:
             for w in self.workers:
-                self._call(w, "connect")
+                self._call(w, Connect())
         except WorkerDied as e:
-            self._worker_died(e)
+            self.workers.died(e)
 
     def _disconnect(self, why: str) -> None:
         log.info("front-end gone: %s", why)
@@ -649,7 +648,7 @@ class DeviceServer:
             try:
                 session.close()
             except WorkerDied as e:
-                self._worker_died(e)
+                self.workers.died(e)
 
     def _on_socket(self) -> None:
         messages: list[Message] = []
@@ -700,16 +699,16 @@ class DeviceServer:
             return self.channel is not None
         except WorkerDied as e:
             close_fds(msg.fds)
-            self._worker_died(e)
+            self.workers.died(e)
             return False
         if answer is not None and not self._reply(answer):
             return False
         if msg.request is Req.SET_FEATURES and session.features:
             try:
                 for w in self.workers:
-                    self._call(w, "features", session.features)
+                    self._call(w, Features(session.features))
             except WorkerDied as e:
-                self._worker_died(e)
+                self.workers.died(e)
                 return False
         return True
 
@@ -728,82 +727,44 @@ class DeviceServer:
     def serve(self, seconds: float = 0) -> dict:
         """Run until ``seconds`` pass (0: until SIGTERM/SIGINT)."""
         started, cpu0 = time.monotonic(), time.process_time()
-        try:
-            with RunClock(seconds, self.printer, self.stats) as clock:
+        final: list[Stats] = []
+        # The clock's stop signals stay caught through the teardown: a second SIGTERM
+        # or ^C while the workers are stopped must not cut it short.
+        with RunClock(seconds, self.printer, self.stats) as clock:
+            try:
                 self._loop(clock)
-        finally:
-            self.run_seconds = time.monotonic() - started
-            self.cpu_seconds = time.process_time() - cpu0
-            if self.channel is not None:
-                self._disconnect("stopping")
-            final = self._stop_workers()
-            self.close()
+            finally:
+                self.run_seconds = time.monotonic() - started
+                self.cpu_seconds = time.process_time() - cpu0
+                if self.channel is not None:
+                    self._disconnect("stopping")
+                final = self.workers.finish(Exit())
+                self.close()
         return self.stats(final)
 
     def _loop(self, clock: RunClock) -> None:
-        pidfds = {w.pidfd for w in self.workers}
-        next_check = time.monotonic() + WATCHDOG_EVERY
         while clock.running():
             for fd, _ev in self._ep.poll(IDLE_POLL):
                 if fd == self.listener.fileno():
                     self._accept()
                 elif self.channel is not None and fd == self.channel.fileno():
                     self._on_socket()
-                elif fd in pidfds:
-                    self._on_worker_exit(fd)
-                pidfds = {w.pidfd for w in self.workers}
-            if time.monotonic() >= next_check:
-                self._watchdog()
-                pidfds = {w.pidfd for w in self.workers}
-                next_check = time.monotonic() + WATCHDOG_EVERY
+                elif self.workers.owns(fd):
+                    self.workers.on_ready(fd)
+            # Every worker must answer: one that hangs is killed, named, its session
+            # failed; the answers keep each worker's last counters fresh.
+            self.workers.watchdog()
 
-    def _watchdog(self) -> None:
-        """Every worker must answer: one that hangs (stopped, stuck) would stall its
-        pair silently, so it is killed, named, and its session failed. The answers
-        keep each worker's last counters fresh, should it die later."""
-        for w in list(self.workers):
-            try:
-                # "stats" and "exit" answer with PairLoop.do_stats' dict
-                w.last_stats = cast(dict, w.call("stats", timeout=WATCHDOG_TIMEOUT))
-            except WorkerDied as e:
-                self._worker_died(e)
-
-    def _stop_workers(self) -> list[dict]:
-        final = []
-        for w in self.workers:
-            try:
-                final.append(cast(dict, w.call("exit")))
-                w.reap(block=True)
-            except WorkerDied as e:
-                log.error("%s", e)
-                final.append(w.last_stats)
-            w.close()
-        return final
-
-    def stats(self, final: list[dict] | None = None) -> dict:
+    def stats(self, final: list[Stats] | None = None) -> dict:
         """Every queue pair's counters, summed and per queue (``rx_queue_0_packets``...)."""
-        per_pair = final
-        if per_pair is None:
-            per_pair = []
-            for w in self.workers:
-                try:
-                    w.last_stats = cast(dict, w.call("stats"))
-                except WorkerDied:
-                    pass  # noticed, named and answered by the loop
-                per_pair.append(w.last_stats)
-        device = [p.get("device_stats", {}) for p in per_pair]
-        totals = sum_stats(device + [p.get("device_stats", {}) for p in self.lost])
-        for pair, d in enumerate(device):
-            totals |= per_queue_stats(pair, d)
-        backend = sum_stats([p.get("backend", {}) for p in per_pair + self.lost])
-        cpu = self.cpu_seconds + sum(p.get("cpu_seconds", 0.0) for p in per_pair + self.lost)
-        return {"device_stats": totals, "backend": backend, "queues": self.queues,
-                "sessions": self.sessions, "worker_deaths": self.worker_deaths,
+        per_pair = self.workers.stats() if final is None else final
+        out = pair_totals(per_pair, "device_stats", lost=self.workers.lost)
+        return {"device_stats": out["device_stats"], "backend": out["backend"],
+                "queues": self.queues, "sessions": self.sessions,
+                "worker_deaths": self.worker_deaths,
                 "seconds": round(self.run_seconds, 4),
-                "cpu_seconds": round(cpu, 4),
-                # Each pair's worker alone (cpu_seconds less these: the control process).
-                "worker_cpu_seconds": [round(p.get("cpu_seconds", 0.0), 4)
-                                       for p in per_pair]}  # fmt: skip
+                "cpu_seconds": round(self.cpu_seconds + out["cpu_seconds"], 4),
+                "worker_cpu_seconds": out["worker_cpu_seconds"]}  # fmt: skip
 
     def close(self) -> None:
         self._ep.close()
