@@ -28,9 +28,25 @@ from tests.vhost_user.conftest import (
 RUN = 60.0  # --seconds of the end not stopped by the test: far past the test's own stop
 
 
-def stop_group(proc: subprocess.Popen) -> int:
-    """SIGTERM to the process group ``proc`` leads; its exit status."""
-    os.killpg(proc.pid, signal.SIGTERM)
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def stop_group(proc: subprocess.Popen, order: str = "group") -> int:
+    """SIGTERM to the process group ``proc`` leads; its exit status. ``order``: "group"
+    (one killpg), "twice" (a second while it stops), "workers-first" (each worker, a
+    moment before the control process)."""
+    if order == "workers-first":
+        for pid in children(proc.pid):
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        if order == "twice":
+            time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGTERM)
     try:
         return proc.wait(timeout=STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -53,8 +69,9 @@ def wait_running(dev: DeviceProcess, queues: int) -> None:
     time.sleep(0.5)  # let packets flow
 
 
-@pytest.mark.parametrize("queues", [1, 2])
-def test_sigterm_to_the_device_group_stops_it_cleanly(tmp_path, queues: int) -> None:
+@pytest.mark.parametrize(("queues", "order"), [(1, "group"), (2, "group"), (2, "twice"),
+                                               (2, "workers-first")])  # fmt: skip
+def test_sigterm_to_the_device_group_stops_it_cleanly(tmp_path, queues: int, order: str) -> None:
     sock, out, err = tmp_path / "dev.sock", tmp_path / "dev.json", tmp_path / "dev.stderr"
     with open(err, "wb") as f:
         dev_proc = subprocess.Popen(
@@ -69,7 +86,7 @@ def test_sigterm_to_the_device_group_stops_it_cleanly(tmp_path, queues: int) -> 
     drv = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_running(dev, queues)
-        rc = stop_group(dev_proc)
+        rc = stop_group(dev_proc, order)
     finally:
         for p in (drv, dev_proc):
             if p.poll() is None:
@@ -83,9 +100,10 @@ def test_sigterm_to_the_device_group_stops_it_cleanly(tmp_path, queues: int) -> 
     check_counters(result["device_stats"], queues)
 
 
-@pytest.mark.parametrize("queues", [1, 2])
+@pytest.mark.parametrize(("queues", "order"), [(1, "group"), (2, "group"), (2, "twice"),
+                                               (2, "workers-first")])  # fmt: skip
 def test_sigterm_to_the_driver_group_stops_it_cleanly(device_factory, tmp_path,
-                                                      queues: int) -> None:  # fmt: skip
+                                                      queues: int, order: str) -> None:  # fmt: skip
     dev = device_factory("sink", extra=("--queues", str(queues)))
     out = tmp_path / "drv.json"
     argv = driver_argv(dev.socket_path, "gen:64", out, seconds=RUN,
@@ -94,7 +112,7 @@ def test_sigterm_to_the_driver_group_stops_it_cleanly(device_factory, tmp_path,
                            text=True, start_new_session=True)  # fmt: skip
     try:
         wait_running(dev, queues)
-        rc = stop_group(drv)
+        rc = stop_group(drv, order)
         log = drv.stderr.read() if drv.stderr else ""
     finally:
         if drv.poll() is None:

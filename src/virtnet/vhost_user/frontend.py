@@ -209,6 +209,7 @@ class DriverClient:
         self.run_seconds = 0.0
         self.cpu_seconds = 0.0
         self._final: list[dict] = []
+        self._clock: RunClock | None = None  # from run() to close()
 
     @property
     def drv(self) -> VirtnetDriver | None:
@@ -384,8 +385,10 @@ class DriverClient:
     # -- running ------------------------------------------------------------------
 
     def run(self, seconds: float = 0) -> dict:
+        """Run until ``seconds`` pass (0: until SIGTERM/SIGINT). The stop signals stay
+        caught until close(): a second one while the pairs stop must not cut it short."""
         started, cpu0 = time.monotonic(), time.process_time()
-        clock = RunClock(seconds, self.printer, self.stats).install()
+        clock = self._clock = RunClock(seconds, self.printer, self.stats).install()
         try:
             if self.queues == 1:
                 pair = self.pairs[0]
@@ -396,7 +399,6 @@ class DriverClient:
         finally:
             self.run_seconds = time.monotonic() - started
             self.cpu_seconds = time.process_time() - cpu0
-            clock.restore()
         return self.stats()
 
     def _run_workers(self, clock: RunClock) -> None:
@@ -478,6 +480,9 @@ class DriverClient:
             os.close(fd)
         self.pairs = []
         self.guest.close()
+        if self._clock is not None:
+            self._clock.restore()
+            self._clock = None
         return stats
 
     def _close_in_process(self) -> None:

@@ -110,6 +110,7 @@ class WorkerHandle:
         self.pidfd = os.pidfd_open(pid)
         self.last_stats: Stats = {}  # what it said last: kept if it dies
         self.status: int | None = None
+        self.events_closed = False
         self._seq = 0
 
     def call(self, request: Request[T], fds: list[int] | tuple[int, ...] = (),
@@ -162,12 +163,16 @@ class WorkerHandle:
         return cast(T, reply.value)
 
     def read_events(self) -> list[str]:
-        """What the worker said on its own (its pair broke: why); [] once it closed."""
+        """What the worker said on its own (its pair broke: why); ``events_closed``
+        once it closed its end (it is exiting: its pidfd says how)."""
         out: list[str] = []
         while True:
             try:
                 event, fds = recv_msg(self.events)
-            except (BlockingIOError, EOFError, OSError):
+            except BlockingIOError:
+                return out
+            except (EOFError, OSError):
+                self.events_closed = True
                 return out
             close_fds(fds)
             out.append(event.why if isinstance(event, Event) else f"a malformed event {event!r}")
@@ -322,6 +327,8 @@ class WorkerSet:
             return
         for why in w.read_events():
             self.on_event(w.pair, why)
+        if w.events_closed:  # readable for good now: stop watching it
+            self._unwatch(fd)
 
     def died(self, e: WorkerDied) -> None:
         """A worker is dead or as good as dead: kill it if need be, reap it, name it."""
@@ -336,12 +343,15 @@ class WorkerSet:
 
     def _forget(self, w: WorkerHandle) -> None:
         for fd in (w.pidfd, w.events.fileno()):
-            if self._fds.pop(fd, None) is not None:
-                try:
-                    self.ep.unregister(fd)
-                except (OSError, ValueError):
-                    pass
+            self._unwatch(fd)
         w.close()
+
+    def _unwatch(self, fd: int) -> None:
+        if self._fds.pop(fd, None) is not None:
+            try:
+                self.ep.unregister(fd)
+            except (OSError, ValueError):
+                pass  # closed already (a driver's run is over)
 
     def watchdog(self) -> None:
         """Every worker must answer, every WATCHDOG_EVERY: one that hangs (stopped,
