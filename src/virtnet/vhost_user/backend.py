@@ -535,18 +535,26 @@ class DeviceServer:
         self.socket_path = socket_path
         self.printer = printer
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(socket_path):
-            os.unlink(socket_path)
-        self.listener.bind(socket_path)
-        self.listener.listen(1)
         self.channel: Channel | None = None
         self.session: BackendSession | None = None
         self.sessions = 0
         self._ep = select.epoll()
-        self._ep.register(self.listener.fileno(), select.EPOLLIN)
         self.workers = WorkerSet(self._ep, log, self._worker_died, self._worker_event)
         for pair in range(self.queues):
             self._spawn(pair)
+        # The socket appears once every worker runs and this process holds only its
+        # own fds: whoever waits for it finds the server as it will serve.
+        try:
+            if os.path.exists(socket_path):
+                os.unlink(socket_path)
+            self.listener.bind(socket_path)
+            self.listener.listen(1)
+        except OSError:
+            self.workers.finish(Exit())
+            self._ep.close()
+            self.listener.close()
+            raise
+        self._ep.register(self.listener.fileno(), select.EPOLLIN)
         self.run_seconds = self.cpu_seconds = 0.0
 
     # -- workers ----------------------------------------------------------------
