@@ -34,7 +34,9 @@ UNIT = ("tests/virtio", "tests/fuzz", "tests/net", "tests/ports")
 NET_FIRST = ("tests/net", "tests/virtio", "tests/fuzz", "tests/ports")  # -x: fail fast
 SPLIT = "src/virtnet/virtio/ring/split.py"
 PACKED = "src/virtnet/virtio/ring/packed.py"
-RX = "src/virtnet/net/rx.py"
+RX = "src/virtnet/net/rx/base.py"  # the shared error paths
+RX_SEED = "src/virtnet/net/rx/deferred.py"  # receive_mergeable
+RX_XDP = "src/virtnet/net/rx/xdp.py"
 SINK = "src/virtnet/ports/synthetic.py"
 TIMEOUT = 1800  # seconds for one mutant's whole run; pytest-timeout names a hang sooner
 
@@ -65,16 +67,15 @@ MUTANTS = [
            "        if num_buf > out:",
            "        if num_buf > out + 1:",
            "rx: num_buffers one more than the buffers out is believed", tests=NET_FIRST),
-    Mutant("rx-xdp-before-num-buffers", RX,
-           "num_buf == 0 or num_buf > self._bufs_out():",
+    Mutant("rx-xdp-before-num-buffers", RX_XDP,
+           "num_buf == 0 or num_buf > rx._bufs_out():",
            "num_buf == 0:",
            "rx XDP: the buffers are taken before num_buffers is checked", tests=NET_FIRST),
-    Mutant("rx-ewma-short-not-named", RX,
-           "            self._name_short(length)\n            self._to_freed(buf)\n"
-           "            return\n        page, off = buf.page, buf.offset",
-           "            self._to_freed(buf)\n"
-           "            return\n        page, off = buf.page, buf.offset",
-           "ewma: a short packet counted but not named (fault_short)", tests=NET_FIRST),
+    Mutant("rx-mergeable-short-not-named", RX_SEED,
+           "        rx._name_short(length)\n        rx.free_unused_buf(buf)\n        return",
+           "        rx.free_unused_buf(buf)\n        return",
+           "receive_mergeable: a short packet counted but not named (fault_short)",
+           tests=NET_FIRST),
     # The sink's length check (the frame carries its own length since issue 18.4): the
     # test in FrameSink of the bytes received against the length the frame says.
     Mutant("sink-ignores-truncation", SINK,
@@ -163,21 +164,17 @@ MUTANTS = [
            "                bits32 ^= _AU32",
            "packed get_bufs: past the ring's end the used wrap counter stays"),
     # -- rx ----------------------------------------------------------------------------------
-    Mutant("rx-deferred-short-no-eth", RX,
-           "        if length < hdr_len + ETH_HLEN:  # virtio_net.c receive_buf(): \"short packet\""
-           "\n            stats.rx_length_errors += 1\n            self._name_short(length)"
-           "\n            self._to_freed(plist)",
-           "        if length < hdr_len:  # virtio_net.c receive_buf(): \"short packet\""
-           "\n            stats.rx_length_errors += 1\n            self._name_short(length)"
-           "\n            self._to_freed(plist)",
+    Mutant("rx-deferred-short-no-eth", RX_SEED,
+           "    if length < hdr_len + ETH_HLEN:  # virtio_net.c receive_buf(): \"short packet\"",
+           "    if length < hdr_len:  # virtio_net.c receive_buf(): \"short packet\"",
            "deferred: a frame shorter than an Ethernet header is not short", tests=NET_FIRST),
     Mutant("rx-num-buffers-0", RX,
            "        if num_buf == 0:",
            "        if num_buf < 0:",
            "rx: num_buffers 0 is not refused (5.1.6.4)", tests=NET_FIRST),
     Mutant("rx-bufs-out+1", RX,
-           "        out = vi.num + length_hint(vi._burst) + 1",
-           "        out = vi.num + length_hint(vi._burst) + 2",
+           "        out = rq.num + length_hint(rq.burst) + 1",
+           "        out = rq.num + length_hint(rq.burst) + 2",
            "rx: one buffer more than the driver has out may be named", tests=NET_FIRST),
 ]  # fmt: skip
 

@@ -44,6 +44,7 @@ PURE = "pure Python"
 # of bench, conform, netns) is control plane and stays interpreted.
 DATA_PLANE: tuple[str, ...] = (
     "virtnet.virtio.errors",
+    "virtnet.virtio.dirtylog",
     "virtnet.virtio.memory",
     "virtnet.virtio.features",
     "virtnet.virtio.ring.layout",
@@ -60,7 +61,13 @@ DATA_PLANE: tuple[str, ...] = (
     "virtnet.net.faults",
     "virtnet.net.ratelimit",
     "virtnet.net.xdp",
-    "virtnet.net.rx",
+    "virtnet.net.rx.queue",
+    "virtnet.net.rx.base",
+    "virtnet.net.rx.deferred",
+    "virtnet.net.rx.prealloc",
+    "virtnet.net.rx.ewma",
+    "virtnet.net.rx.nonmergeable",
+    "virtnet.net.rx.xdp",
     "virtnet.net.driver",
     "virtnet.net.device",
     "virtnet.net.coalesce",

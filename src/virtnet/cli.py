@@ -197,6 +197,12 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                             "front-end answers itself as DPDK's virtio_user does, "
                             "disabling the other pairs with SET_VRING_ENABLE "
                             "(default: all N)")  # fmt: skip
+        p.add_argument("--mem-regions", type=int, default=1, metavar="N",
+                       help="split the guest memory into N memfds, each its own memory "
+                            "region (as a QEMU guest with DIMMs): added one by one with "
+                            "ADD_MEM_REG where the back-end offers "
+                            "PROTOCOL_F_CONFIGURE_MEM_SLOTS (up to its GET_MAX_MEM_SLOTS), "
+                            "else at most 8 in SET_MEM_TABLE (default 1)")  # fmt: skip
         p.add_argument("--features-off", type=_feature_bits, default=0, metavar="NAMES",
                        help="feature bits not to ack, e.g. MRG_RXBUF (big buffers) or "
                             "MRG_RXBUF,GUEST_TSO4,GUEST_TSO6 (small ones), RING_PACKED "
@@ -431,6 +437,7 @@ def cmd_vhost_user(args) -> int:
                                   queue_size=args.queue_size,
                                   wanted=OFFERED & ~args.features_off,
                                   busy_poll_us=args.busy_poll, combined=args.combined,
+                                  mem_regions=args.mem_regions,
                                   printer=rate_printer(args.quiet))  # fmt: skip
         except (FrontendError, OSError, ValueError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)

@@ -141,7 +141,7 @@ def test_remove_keeps_the_seeds_bug_on_for_every_strategy(strategy):
     # BUG_ON(vi->num != 0), which the seed dropped for mergeable buffers: a posted buffer
     # remove() cannot account for is raised, not left as a silent leak.
     p = make_pair(strategy, STRATEGY_FEATURES[strategy])
-    p.drv.num += 1  # one more buffer counted as posted than the ring gives back
+    p.drv.rq.num += 1  # one more buffer counted as posted than the ring gives back
     p.dev.reset()
     with pytest.raises(AssertionError, match="1 rx buffers unaccounted for"):
         p.drv.remove()

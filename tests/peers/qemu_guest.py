@@ -572,6 +572,8 @@ class QemuGuest:
         mtu: int | None = None,
         script_timeout: int = 120,
         memory_mb: int = 256,
+        memory_slots: int = 0,
+        maxmem_mb: int = 0,
         append: str = "",
         qemu_args: Sequence[str] = (),
         smp: int = 1,
@@ -593,6 +595,10 @@ class QemuGuest:
             + (f" {append}" if append else "")
         )
         self.memory_mb = memory_mb
+        # DIMM slots and the ceiling they may grow the guest to (-m SIZE,slots=N,maxmem=M):
+        # pc-dimm devices (cold-plugged in qemu_args, or hot-plugged over QMP) need both.
+        self.memory_slots = memory_slots
+        self.maxmem_mb = maxmem_mb
         self.qemu_args = list(qemu_args)
         self.smp = smp
         self.queues = queues  # vhost-user queue pairs (the device needs mq=on to use them)
@@ -630,7 +636,8 @@ class QemuGuest:
             "-M", "pc,memory-backend=mem",
             # share=on is what lets the backend mmap guest RAM from the fds vhost-user sends.
             "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
-            "-m", mem,
+            "-m", mem + (f",slots={self.memory_slots},maxmem={self.maxmem_mb}M"
+                         if self.memory_slots else ""),
             "-smp", str(self.smp),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-serial", f"file:{self.console_log}",

@@ -403,6 +403,38 @@ def test_virtnet_driver_stream_echoed_by_testpmd_io(testpmd, virtnet, sock_dir: 
     )
 
 
+def test_virtnet_driver_in_eight_regions_echoed_by_testpmd_io(testpmd, virtnet,
+                                                             sock_dir: Path) -> None:  # fmt: skip
+    """``--mem-regions 8`` against a back-end without CONFIGURE_MEM_SLOTS (net_vhost): all
+    eight memfds in one SET_MEM_TABLE, the spec's baseline; the stream comes back intact."""
+    sock = sock_dir / "vh.sock"
+    cpus, vn_cpu = _driver_cpus()
+    pmd = testpmd(VhostPort(sock), cpus=cpus, forward_mode="io", extra_app=NO_FLUSH)
+    drv = virtnet("driver", sock, "gen:1500", cpu=vn_cpu, extra=[*SPLIT, "--mem-regions", "8"])
+    _traffic(pmd, rx=True)
+    result = drv.stop()
+    final = pmd.stop()
+    _assert_driver_clean(drv, result)
+    assert pmd.log_text().count("guest memory region size") == 8, pmd.log_text()[-3000:]
+    st, sink, fwd = result["driver_stats"], result["backend"], final.port(0)
+    assert st["tx_packets"] == fwd.rx_packets > 0
+    assert sink["sink_packets"] == st["rx_packets"] == fwd.tx_packets > 0
+    assert sink["sink_corrupt"] == 0 and sink["sink_foreign"] == 0
+
+
+def test_virtnet_driver_in_nine_regions_needs_mem_slots(testpmd, virtnet, sock_dir: Path) -> None:
+    """More than 8 regions against net_vhost (no CONFIGURE_MEM_SLOTS): a clear error."""
+    sock = sock_dir / "vh.sock"
+    cpus, vn_cpu = _driver_cpus()
+    testpmd(VhostPort(sock), cpus=cpus, forward_mode="io")
+    drv = virtnet("driver", sock, "sink", cpu=vn_cpu, extra=[*SPLIT, "--mem-regions", "9"])
+    drv.wait_exit(60)
+    assert drv.proc.returncode != 0
+    log = drv.log_path.read_text()
+    assert "--mem-regions 9: the back-end does not offer" in log, log
+    assert "VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS" in log, log
+
+
 def test_virtnet_driver_when_testpmd_leaves_first(testpmd, virtnet, sock_dir: Path) -> None:
     """The back-end goes away mid-traffic: the driver says so (exit 1), still writes its
     JSON, returns every page, and its count still matches testpmd's exactly (testpmd stops

@@ -388,7 +388,8 @@ def test_new_mem_table_stops_and_restarts_the_device(setup, session, guest):
 def test_unsupported_requests(session, caplog):
     before = open_fds()
     log_fd = os.memfd_create("log")
-    refused(session, msg(R.SET_LOG_BASE, LogDesc(4096, 0), [log_fd]), caplog, "dirty logging")
+    refused(session, msg(R.SET_LOG_BASE, LogDesc(4096, 0), [log_fd]), caplog,
+            "SET_LOG_BASE without PROTOCOL_F_LOG_SHMFD negotiated")  # fmt: skip
     refused(session, msg(R.SET_CONFIG, ConfigSpace(0, 0, b"\0" * 6), need_reply=True), caplog,
             "read-only")  # fmt: skip
     refused(session, msg(R.SET_VRING_ENDIAN, VringState(0, 1), need_reply=True), caplog,

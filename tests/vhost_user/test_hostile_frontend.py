@@ -111,14 +111,15 @@ class Case:
         self.log(text)
         self.log("front-end gone")
 
-    def negotiate(self, features: int = FEATURES) -> None:
+    def negotiate(self, features: int = FEATURES, protocol: int = 0) -> None:
+        """``protocol``: protocol features beside REPLY_ACK."""
         fe = self.fe
         fe.send(R.SET_OWNER)
         fe.send(R.GET_FEATURES)
         assert fe.recv_u64(R.GET_FEATURES) & features == features
         fe.send(R.GET_PROTOCOL_FEATURES)
         assert fe.recv_u64(R.GET_PROTOCOL_FEATURES) & bit(ProtocolFeature.REPLY_ACK)
-        fe.send(R.SET_PROTOCOL_FEATURES, U64(bit(ProtocolFeature.REPLY_ACK)))
+        fe.send(R.SET_PROTOCOL_FEATURES, U64(bit(ProtocolFeature.REPLY_ACK) | protocol))
         fe.send(R.SET_FEATURES, U64(features), need_reply=True)
         assert self.ack(R.SET_FEATURES) == 0
 
@@ -414,12 +415,12 @@ RING_LAYOUT = GuestLayout(QSIZE, 64)
 class RunningRings:
     """A hand-made front-end with real rings in a memfd and the device running on them."""
 
-    def __init__(self, case: Case, seal: bool = True) -> None:
+    def __init__(self, case: Case, seal: bool = True, protocol: int = 0) -> None:
         self.case = case
         self.guest = GuestMemfd(RING_LAYOUT.size, seal=seal)
         g, fe = self.guest, case.fe
         self.drv = build_driver(g.memory, RING_LAYOUT, RING_FEATURES, "deferred")
-        case.negotiate(RING_FEATURES)
+        case.negotiate(RING_FEATURES, protocol)
         assert case.set_mem_table(MemoryRegionDesc(0, g.size, g.uva, 0), fds=(g.fd,)) == 0
         self.kick = [case.eventfd() for _ in range(2)]
         for q, a in enumerate(RING_LAYOUT.rings):

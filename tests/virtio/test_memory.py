@@ -136,6 +136,38 @@ def test_a_region_can_be_removed_and_then_is_gone():
         mem.remove_region(0x8000)
 
 
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 40), addr=st.integers(0, 90 * PAGE), length=st.integers(0, 2 * PAGE))
+def test_many_regions_find_the_one_an_access_is_in(n, addr, length):
+    """Memory slots: up to hundreds of regions, every other page a hole; the lookup
+    (a binary search) agrees with a scan of every region."""
+    bufs = [bytearray([i]) * PAGE for i in range(n)]
+    # Added out of order, as ADD_MEM_REG may: the table sorts them.
+    mem = GuestMemory([MemoryRegion(2 * i * PAGE, bufs[i]) for i in reversed(range(n))])
+    inside = [i for i in range(n) if 2 * i * PAGE <= addr and addr + length <= (2 * i + 1) * PAGE]
+    if not inside:
+        with pytest.raises(MemoryAccessError):
+            mem.view(addr, length)
+        return
+    view = mem.view(addr, length)
+    assert len(view) == length
+    assert bytes(view) == bytes([inside[0]]) * length
+
+
+def test_a_region_added_and_removed_at_run_time_is_seen_by_the_next_access():
+    mem = GuestMemory([MemoryRegion(0, bytearray(PAGE))])
+    with pytest.raises(MemoryAccessError):
+        mem.view(0x10000, 1)
+    mem.add_region(MemoryRegion(0x10000, bytearray(b"x" * PAGE), uva=0x7000))
+    assert mem.read(0x10000, 1) == b"x"
+    assert mem.find_region(0x10000, PAGE, 0x7000) is not None
+    assert mem.find_region(0x10000, PAGE, 0x8000) is None  # REM names all three
+    mem.remove_region(0x10000)
+    with pytest.raises(MemoryAccessError):
+        mem.view(0x10000, 1)
+    assert (mem.first_gpa, mem.first_size) == (0, PAGE)
+
+
 def test_release_drops_every_region():
     mem, _, _ = two_regions()
     mem.release()

@@ -163,6 +163,7 @@ class Context:
         self.cell = cell
         self._sessions: list[Session] = []
         self._guests: list[Guest] = []
+        self._closers: list[Callable[[], None]] = []
 
     def negotiate(self, s: Session, want: int = BASE_FEATURES, *,
                   require: int = BASE_FEATURES, **kw: int) -> int:  # fmt: skip
@@ -199,11 +200,17 @@ class Context:
         rings.post_rx(rx_count, rx_size)
         return s, rings
 
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` at ``close()``, after the sessions (a log memfd, ...)."""
+        self._closers.append(fn)
+
     def close(self) -> None:
         for s in self._sessions:
             s.close()
         for g in self._guests:
             g.close()
+        for fn in self._closers:
+            fn()
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -1110,7 +1117,12 @@ def by_name(name: str) -> Case:
 
 
 # The cases of the other modules register themselves here, after this module's own.
-from virtnet.conform import cases_net, cases_packed  # noqa: E402, F401
+from virtnet.conform import (  # noqa: E402, F401
+    cases_lifecycle,
+    cases_migration,
+    cases_net,
+    cases_packed,
+)
 
 
 # Used by the liveness check and tests: what a normal front-end does.

@@ -23,6 +23,7 @@ from virtnet.net.header import (
     complete_csum,
 )
 from virtnet.net.stats import DeviceStats, device_stats
+from virtnet.virtio.dirtylog import DirtyLog
 from virtnet.virtio.errors import AvailIndexError, DescriptorError
 from virtnet.virtio.ring.chain import Chain
 from virtnet.virtio.ring.queue import RingDevice
@@ -201,6 +202,41 @@ class VirtnetDevice:
         self.rx_broken = False
         self.tx_broken = False
         self.last_error = ""
+        # Dirty logging (live migration, VHOST_F_LOG_ALL): None while off, so the rx
+        # path pays one attribute test per frame; the owner flushes it per burst.
+        self.dirty: DirtyLog | None = None
+
+    def set_dirty_log(
+        self, log: DirtyLog | None, rx: tuple[int, int], tx: tuple[int, int]
+    ) -> None:
+        """Log every guest page this queue pair writes into ``log`` (None: stop);
+        ``rx`` / ``tx`` are each ring's (descriptor area, used area) guest-physical
+        addresses for its own writes (``set_dirty_log`` of the ring)."""
+        self.dirty = log
+        self.rxq.set_dirty_log(log, rx[0], rx[1])
+        self.txq.set_dirty_log(log, tx[0], tx[1])
+
+    def _log_chain(self, chain: Chain, nbytes: int) -> None:
+        """Log the first ``nbytes`` the device wrote into ``chain``'s writable buffers
+        (vhost's vhost_log_write over the chain's log entries)."""
+        log = self.dirty
+        assert log is not None  # the callers test it
+        for addr, length, writable in chain.segments:
+            if nbytes <= 0:
+                return
+            if writable:
+                n = length if length < nbytes else nbytes
+                log.log_write(addr, n)
+                nbytes -= n
+
+    def _log_offered(self, nbytes: int) -> None:
+        """Log a read of ``nbytes`` into the cached chains (receive_from's views) that
+        did not end as a used packet: its buffers were written all the same."""
+        for chain in self._rx_cache if self.mergeable else (self._rx_cache.front(),):
+            if nbytes <= 0:
+                return
+            self._log_chain(chain, nbytes)
+            nbytes -= chain.in_len
 
     # -- rx: host → guest ---------------------------------------------------
 
@@ -305,6 +341,8 @@ class VirtnetDevice:
         for chain in chains:
             n = min(left, chain.in_len)
             self.rxq.push_used(chain.head, n)
+            if self.dirty is not None:
+                self._log_chain(chain, n)
             left -= n
         stats = self.stats
         stats.rx_packets += 1
@@ -382,6 +420,8 @@ class VirtnetDevice:
                     dst[off:end] = v
                     off = end
                 self.rxq.push_used(chain.head, need)
+                if self.dirty is not None:
+                    self._log_chain(chain, need)
                 stats = self.stats
                 stats.rx_packets += 1
                 stats.rx_bytes += frame_len
@@ -432,12 +472,16 @@ class VirtnetDevice:
         if n <= 0:
             return 0
         if n > room:
+            if self.dirty is not None:
+                self._log_offered(room)
             self._spilled(views, n)
             return n
         if self.rx_filter is not None and not self.rx_filter(
             gather(views, self.hdr_len, FILTER_PEEK)
         ):
             self.stats.rx_filtered += 1
+            if self.dirty is not None:
+                self._log_offered(n)
             return n  # the buffers stay posted: the next read overwrites them
         chains = self._take(n)
         self._set_num_buffers(chains, len(chains))

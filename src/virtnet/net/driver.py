@@ -8,13 +8,16 @@ caller calls ``poll`` when the device signals.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from typing import Final, cast, final
 
 from virtnet.net.constants import NAPI_POLL_WEIGHT, PAGE_SIZE
-from virtnet.net.header import MRG_HDR_LEN, hdr_error
+from virtnet.net.header import MRG_HDR_LEN
 from virtnet.net.ratelimit import DeviceFaults
-from virtnet.net.rx import STRATEGIES, RxStrategy, Segment, Used
+from virtnet.net.rx import STRATEGIES
+from virtnet.net.rx.base import RxStrategy
+from virtnet.net.rx.queue import Capture, RxQueue, Segment, Used
+from virtnet.net.rx.xdp import receive_buf_xdp
 from virtnet.net.skb import Page, PagePool, SkbAllocator, SkBuff
 from virtnet.net.stats import DriverStats
 from virtnet.net.xdp import XdpFrame
@@ -25,26 +28,31 @@ from virtnet.virtio.ring.queue import RingDriver
 # skb data, so a small packet is one descriptor (virtio_net.c's can_push).
 TX_SLOT_SIZE: Final = 256
 
+__all__ = ["TX_SLOT_SIZE", "Capture", "TxSlots", "VirtnetDriver", "coalesce"]
+
 # What start_xmit sends: an skb, or a frame XDP_TX sends back from rx buffers.
 TxFrame = SkBuff | XdpFrame
 # A tx buffer's token on the ring: its header slot (address, view) and the frame.
 TxToken = tuple[int, memoryview, TxFrame]
-# --pcap's tap: a frame's pieces, virtio-net header first, and its length (None: all).
-Capture = Callable[[Sequence[bytes | memoryview], int | None], None]
 
 
-def coalesce(frags: list[Segment]) -> list[tuple[int, int]]:
+NO_BREAKS: Final[frozenset[int]] = frozenset()
+
+
+def coalesce(frags: list[Segment], breaks: frozenset[int] = NO_BREAKS) -> list[tuple[int, int]]:
     """Frags as (address, length) segments, physically adjacent ones merged.
 
     A 64 KiB TSO frame is 17 page frags; when the pages are consecutive in guest
     memory (the pool hands out ascending runs, see SkbAllocator.free) it goes out as
-    one descriptor instead of 17 — what Linux gets from compound pages.
+    one descriptor instead of 17 — what Linux gets from compound pages. Never across
+    one of ``breaks``, where a memory region starts: the device maps each region on
+    its own, so one access cannot span two.
     """
     out: list[tuple[int, int]] = []
     end = -1
     for page, off, size in frags:
         addr = page.gpa + off
-        if addr == end:
+        if addr == end and addr not in breaks:
             out[-1] = (out[-1][0], out[-1][1] + size)
         else:
             out.append((addr, size))
@@ -76,10 +84,6 @@ class TxSlots:
         self.free = []
 
 
-def _free_skb(skb: SkBuff) -> None:
-    skb.free()
-
-
 @final
 class VirtnetDriver:
     """One queue pair of a virtio-net device, driver side (struct virtnet_info)."""
@@ -102,39 +106,65 @@ class VirtnetDriver:
             if not isinstance(pool.stats, DriverStats):
                 raise TypeError(f"a driver counts into DriverStats, the pool has {pool.stats!r}")
             stats = pool.stats
-        self.rvq = rvq
         self.svq = svq
         self.pool = pool
         self.stats: DriverStats = stats
         self.hdr_len = hdr_len
-        self.skbs = SkbAllocator(pool, self.stats)
-        self.netif_receive_skb: Callable[[SkBuff], None] = netif_receive_skb or _free_skb
-        self.num = 0  # rx buffers posted and not yet returned (vi->num)
-        self.max = 0
-        # The used rx buffers of the current poll burst not yet received (set
-        # before the strategy, which reads it).
-        self._burst: Iterator[Used] = iter(())
-        self.broken = ""  # why the device's rings can no longer be trusted, or ""
+        # The receive queue: its ring, buffers out (vi->num), poll burst, faults.
+        self.rq = RxQueue(rvq, pool, stats, hdr_len, netif_receive_skb=netif_receive_skb)
         self.removed = False
-        self.faults = DeviceFaults(self.stats)  # what the device got wrong, named
         # Optional tap on the data path (--pcap): a frame's views, header first.
-        self.capture: Capture | None = None
-        self.rx: RxStrategy = STRATEGIES[strategy](self)
+        self._capture: Capture | None = None
+        self.rx: RxStrategy = STRATEGIES[strategy](self.rq)
         self.tx_slots = TxSlots(pool, svq.num)
+        self.rq.xdp_xmit = self.start_xmit  # XDP_TX goes out on this pair's tx queue
+        # Guest addresses where a memory region starts (virtnet driver --mem-regions):
+        # tx never merges adjacent frags across one.
+        self.memory_breaks: frozenset[int] = NO_BREAKS
 
     @property
     def strategy(self) -> str:
         return self.rx.name
 
+    # The receive queue's state, read where the driver's callers always found it.
+
+    @property
+    def rvq(self) -> RingDriver:
+        return self.rq.vq
+
+    @property
+    def skbs(self) -> SkbAllocator:
+        return self.rq.skbs
+
+    @property
+    def num(self) -> int:
+        """rx buffers posted and not yet returned (vi->num; the RxQueue's to change)."""
+        return self.rq.num
+
+    @property
+    def max(self) -> int:
+        return self.rq.max
+
+    @property
+    def faults(self) -> DeviceFaults:
+        return self.rq.faults
+
+    @property
+    def broken(self) -> str:
+        """Why the device's rings can no longer be trusted, or ""."""
+        return self.rq.broken
+
+    @property
+    def capture(self) -> Capture | None:
+        return self._capture
+
+    @capture.setter
+    def capture(self, tap: Capture | None) -> None:
+        self._capture = self.rq.capture = tap
+
     def used_error(self, vq: RingDriver, e: UsedRingError) -> None:
-        """Name a used entry the ring refused; an id that is no buffer breaks the queue
-        (virtio_ring.c detach_buf_split: BAD_RING "id %u out of range" / "is not a head!")."""
-        if e.token is not None:
-            self.faults.report("bad_len", str(e))
-            return
-        head = e.head
-        vq.broken = True
-        self.ring_broken(e, "bad_id" if head is None or head >= vq.num else "dup_id")
+        """Name a used entry the ring refused (RxQueue.used_error, for either queue)."""
+        self.rq.used_error(vq, e)
 
     # -- receive ------------------------------------------------------------
 
@@ -144,45 +174,13 @@ class VirtnetDriver:
         One refill is one burst: the strategy fills as many buffers as the ring
         has room for and the ring publishes them with one avail-index store.
         """
-        rvq = self.rvq
-        added = self.rx.add_recvbufs(rvq.num_free // self.rx.descs_per_buf())
-        self.num += added
-        if self.num > self.max:
-            self.max = self.num
-        if added and rvq.kick_prepare():
+        rq, rx = self.rq, self.rx
+        added = rx.add_recvbufs(rq.vq.num_free // rx.descs_per_buf())
+        rq.posted(added)
+        if added and rq.vq.kick_prepare():
             self.stats.rx_kicks += 1
             return True
         return False
-
-    def deliver(self, skb: SkBuff) -> None:
-        """The end of receive_buf: check the header, count, hand the skb up the stack."""
-        hdr = skb.vnet_hdr
-        if hdr[0] or hdr[1]:  # flags or gso: only then is there anything to check
-            bad = hdr_error(hdr, skb.len)
-            if bad:
-                # virtio_net.c: virtio_net_hdr_to_skb() failed -> "bad gso", frame_err
-                self.faults.report(bad[0], f"vq {self.rvq.index}: {bad[1]}")
-                self.stats.rx_length_errors += 1
-                self.stats.rx_dropped += 1
-                skb.free()
-                return
-        self.stats.rx_packets += 1
-        self.stats.rx_bytes += skb.len
-        if self.capture is not None:
-            self.capture([skb.vnet_hdr, *skb.data_views()], None)
-        self.netif_receive_skb(skb)
-
-    def next_used(self) -> Used | None:
-        """The next used rx buffer as (token, len) — from the current poll burst,
-        else the ring — or None (a packet's further buffers: receive_mergeable's
-        virtqueue_get_buf). UsedRingError for an entry the ring refuses."""
-        got: Used | None = next(self._burst, None)
-        if got is None:
-            got = self.rvq.get_buf()
-            if got is not None:
-                self.num -= 1
-                self.stats.rx_bufs += 1
-        return got
 
     def poll(self, budget: int = NAPI_POLL_WEIGHT) -> tuple[int, bool]:
         """virtnet_poll: receive up to ``budget`` packets, refill, re-arm.
@@ -193,11 +191,12 @@ class VirtnetDriver:
         the race the seed's ``again:`` label closes. Used buffers are taken in
         bursts of at most what the budget still allows, so a burst is always
         used up before poll returns; a packet's further buffers come from the
-        same burst (one iterator, shared with ``next_used``).
+        same burst (one iterator, the RxQueue's, shared with ``next_used``).
         """
-        rvq, rx, stats = self.rvq, self.rx, self.stats
-        if self.broken:
+        rq, rx = self.rq, self.rx
+        if rq.broken:
             return 0, False
+        rvq = rq.vq
         rvq.disable_cb()  # skb_recv_done → napi_schedule_prep: no interrupts while polling
         received = 0
         kick = False
@@ -205,23 +204,21 @@ class VirtnetDriver:
             while True:
                 while received < budget:
                     try:
-                        burst: list[Used] = rvq.get_bufs(budget - received)
+                        burst = rq.get_bufs(budget - received)
                     except UsedRingError as e:
                         rx.bad_first_buf(e)
                         continue
-                    if not burst:
+                    if burst is None:
                         break
-                    self.num -= len(burst)
-                    stats.rx_bufs += len(burst)
-                    self._burst = it = iter(burst)
-                    xdp = rx.xdp is not None  # a program sees each frame first
-                    for token, length in it:
-                        if xdp:
-                            rx.receive_buf_xdp(token, length)
-                        else:
+                    if rx.xdp is not None:  # a program sees each frame first
+                        for token, length in burst:
+                            receive_buf_xdp(rx, token, length)
+                            received += 1
+                    else:
+                        for token, length in burst:
                             rx.receive_buf(token, length)
-                        received += 1
-                if self.num < self.max // 2 or self.num == 0:
+                            received += 1
+                if rq.needs_refill():
                     kick |= self.try_fill_recv()
                 if received < budget and not rvq.enable_cb():
                     rvq.disable_cb()
@@ -230,15 +227,12 @@ class VirtnetDriver:
         except UsedIndexError as jump:
             # Not "as e" like the handler above: compiled, one name is one typed
             # variable, and a UsedIndexError is no UsedRingError.
-            self.ring_broken(jump)
+            rq.ring_broken(jump)
             return received, kick
 
     def ring_broken(self, e: Exception, kind: str = "idx_jump") -> None:
-        """BAD_RING: the device broke the ring itself; nothing more is taken from it.
-        Named (fault ``kind``) and kept as the reason the session ends."""
-        self.faults.bad_ring(kind, str(e))
-        if not self.broken:
-            self.broken = self.faults.broken
+        """BAD_RING on either queue (RxQueue.ring_broken keeps the reason)."""
+        self.rq.ring_broken(e, kind)
 
     # -- transmit -----------------------------------------------------------
 
@@ -267,7 +261,8 @@ class VirtnetDriver:
         token: TxToken = (gpa, view, skb)
         try:
             if skb.frags:
-                svq.add([(gpa, self.hdr_len + head_len), *coalesce(skb.frags)], (), token)
+                svq.add([(gpa, self.hdr_len + head_len), *coalesce(skb.frags, self.memory_breaks)],
+                        (), token)  # fmt: skip
             else:  # all linear (can_push): one descriptor
                 svq.add_outbuf(gpa, self.hdr_len + head_len, token)
         except QueueFullError:
@@ -275,8 +270,9 @@ class VirtnetDriver:
             return False
         self.stats.tx_packets += 1
         self.stats.tx_bytes += skb.len
-        if self.capture is not None:
-            self.capture([skb.vnet_hdr, *skb.data_views()], None)
+        capture = self._capture
+        if capture is not None:
+            capture([skb.vnet_hdr, *skb.data_views()], None)
         return True
 
     def tx_kick(self) -> bool:
@@ -320,17 +316,17 @@ class VirtnetDriver:
         if self.removed:
             return
         self.removed = True
-        for buf, _ in self._burst:  # taken off the ring, not received
-            self.rx.free_unused_buf(buf)
-        while (buf := self.rvq.detach_unused_buf()) is not None:
-            self.rx.free_unused_buf(buf)
-            self.num -= 1
+        rq, rx = self.rq, self.rx
+        for buf, _ in rq.burst:  # taken off the ring, not received
+            rx.free_unused_buf(buf)
+        while (buf := rq.detach_unused_buf()) is not None:
+            rx.free_unused_buf(buf)
         while (tok := self.svq.detach_unused_buf()) is not None:
             gpa, view, skb = cast(TxToken, tok)
             self.tx_slots.free.append((gpa, view))
             skb.free()
-        self.rx.remove()
+        rx.remove()
         self.tx_slots.release(self.pool)
-        if self.num != 0:
-            raise AssertionError(f"virtnet_remove: {self.num} rx buffers unaccounted for")
+        if rq.num != 0:
+            raise AssertionError(f"virtnet_remove: {rq.num} rx buffers unaccounted for")
         self.stats.pages_outstanding = self.pool.outstanding

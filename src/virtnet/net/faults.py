@@ -28,6 +28,7 @@ from virtnet.net.header import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
 )
+from virtnet.virtio.dirtylog import DirtyLog
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.chain import Chain
 from virtnet.virtio.ring.packed import PackedQueueDevice
@@ -251,6 +252,13 @@ class FaultyQueue:
 
     def disable_notify(self) -> None:
         self._q.disable_notify()
+
+    @property
+    def dirty(self) -> DirtyLog | None:
+        return self._q.dirty
+
+    def set_dirty_log(self, log: DirtyLog | None, desc_gpa: int, used_gpa: int) -> None:
+        self._q.set_dirty_log(log, desc_gpa, used_gpa)  # its lies are logged by the ring
 
     def enable_notify(self) -> bool:
         return self._q.enable_notify()

@@ -21,8 +21,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
+from virtnet.net.announce import mac_of_rarp, rarp_frame
 from virtnet.net.device import VirtnetDevice
 from virtnet.net.faults import FaultPlan
 from virtnet.net.features import (
@@ -34,18 +35,23 @@ from virtnet.net.features import (
     sanitize,
 )
 from virtnet.net.guest import build_device
+from virtnet.net.mq import sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.device_loop import IDLE_POLL, PairLoop
 from virtnet.vhost_user.errors import VhostUserProtocolError
-from virtnet.vhost_user.mapping import MappedMemory, MappingError
+from virtnet.vhost_user.logmap import MappedLog, check_log
+from virtnet.vhost_user.mapping import MAX_MEM_SLOTS, MappedMemory, MappingError, seal_shrink
 from virtnet.vhost_user.messages import (
     U64,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
+    LogDesc,
     MemoryTable,
     Message,
     ProtocolFeature,
+    SingleMemoryRegion,
     VringAddr,
     VringState,
     ack,
@@ -58,7 +64,7 @@ from virtnet.vhost_user.messages import (
 from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
-from virtnet.vhost_user.rings import RingError, RingSpec, pair_views, ring_views
+from virtnet.vhost_user.rings import RingError, RingSpec, log_addrs, pair_views, ring_views
 from virtnet.vhost_user.runclock import RunClock
 from virtnet.vhost_user.worker import (
     WorkerDied,
@@ -68,16 +74,21 @@ from virtnet.vhost_user.worker import (
     pair_totals,
 )
 from virtnet.vhost_user.workermsg import (
+    AddRegion,
     Connect,
     Exit,
     Fds,
     Features,
+    Log,
     Memory,
+    Rarp,
+    RemRegion,
     Request,
     Start,
     Stats,
     Stop,
     Unmap,
+    VringAddrUpdate,
 )
 from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import VirtioF, bit
@@ -94,13 +105,17 @@ T = TypeVar("T")
 
 NUM_QUEUES = 2  # vrings of one pair: 0 = receiveq1 (device → driver), 1 = transmitq1
 MAX_QUEUE_PAIRS = 64  # --queues: far past the cores that could serve them
-BACKEND_FEATURES = OFFERED | bit(VHOST_USER_F_PROTOCOL_FEATURES)
+# VHOST_F_LOG_ALL: dirty logging for live migration (vhost-user.rst "Migration").
+BACKEND_FEATURES = OFFERED | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VHOST_F_LOG_ALL)
 PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ)
+    | bit(ProtocolFeature.LOG_SHMFD)
+    | bit(ProtocolFeature.RARP)
     | bit(ProtocolFeature.REPLY_ACK)
     | bit(ProtocolFeature.NET_MTU)
     | bit(ProtocolFeature.CONFIG)
     | bit(ProtocolFeature.RESET_DEVICE)
+    | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
 )
 # ethtool -C defaults for `virtnet device` (--coalesce overrides): no moderation.
 DEFAULT_COALESCE = {"rx-usecs": 0, "rx-frames": 0, "tx-usecs": 0, "tx-frames": 0}
@@ -109,10 +124,23 @@ DEFAULT_COALESCE = {"rx-usecs": 0, "rx-frames": 0, "tx-usecs": 0, "tx-frames": 0
 def offered_features(queues: int) -> int:
     """What ``virtnet device --queues N`` offers: with more than one pair, MQ and the
     CTRL_VQ it needs. The control queue is the front-end's to serve (QEMU's virtio-net,
-    DPDK's virtio_user shadow queue): it tells us the pairs in use by SET_VRING_ENABLE."""
+    DPDK's virtio_user shadow queue): it tells us the pairs in use by SET_VRING_ENABLE.
+    GUEST_ANNOUNCE rides on it: after a migration QEMU asks the guest to announce
+    itself (VIRTIO_NET_S_ANNOUNCE, acked by CTRL_ANNOUNCE_ACK) instead of SEND_RARP."""
     if queues > 1:
-        return BACKEND_FEATURES | bit(VirtioNetF.MQ) | bit(VirtioNetF.CTRL_VQ)
+        return (BACKEND_FEATURES | bit(VirtioNetF.MQ) | bit(VirtioNetF.CTRL_VQ)
+                | bit(VirtioNetF.GUEST_ANNOUNCE))  # fmt: skip
     return BACKEND_FEATURES
+
+
+ACCEPT_DRAIN = 64  # messages of the connected front-end read before a new one is judged
+
+
+def _readable(fd: int) -> bool:
+    """Whether ``fd`` has data or a hang-up to read now (poll, no wait)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 class RequestRefused(Exception):
@@ -153,6 +181,9 @@ class BackendSession:
     running: set[int] = field(default_factory=set)  # the queue pairs started
     owner: bool = False
     faults: FaultPlan | None = None  # --faults: the device lies on purpose
+    log: MappedLog | None = None  # SET_LOG_BASE's, in-process only (workers map their own)
+    log_set: bool = False  # a log was given (SET_LOG_BASE): logging can start
+    rarps: list[bytes] = field(default_factory=list)  # SEND_RARP frames, in-process only
 
     def __post_init__(self) -> None:
         self.vrings = [Vring() for _ in range(2 * self.queues)]
@@ -224,12 +255,24 @@ class BackendSession:
             # would run the device on stale features. Act as if the orphans were off.
             log.warning("features lack requirements, ignored: %s", "; ".join(problems))
             wanted = sanitize(wanted | cvq) & ~cvq
+        if wanted & bit(VHOST_F_LOG_ALL) and not self.log_set:
+            # QEMU sends SET_LOG_BASE first (vhost_dev_set_log); without a log there is
+            # nowhere to log to, and a guest migrated so would arrive corrupted.
+            log.warning("VHOST_F_LOG_ALL acked before SET_LOG_BASE: nothing is logged "
+                        "until a log arrives")  # fmt: skip
         self.features = wanted
         if not wanted & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             for vr in self.vrings:  # "rings are enabled immediately"
                 vr.enabled = True
-        log.info("features %#x: %s", wanted, " ".join(names(wanted)))
+        log.info("features %#x: %s%s", wanted, " ".join(names(wanted)),
+                 " (dirty logging on)" if self.logging else "")  # fmt: skip
+        self._apply_log()
         self._update_device()
+
+    @property
+    def logging(self) -> bool:
+        """VHOST_F_LOG_ALL negotiated: every guest page the device writes is logged."""
+        return bool(self.features & bit(VHOST_F_LOG_ALL))
 
     def _get_protocol_features(self, msg: Message) -> Message:
         return reply(msg, U64(PROTOCOL_FEATURES))
@@ -269,9 +312,71 @@ class BackendSession:
     def _set_config(self, msg: Message) -> None:
         raise RequestRefused("the virtio-net config space is read-only here")
 
-    def _set_log_base(self, msg: Message) -> None:
+    def _set_log_base(self, msg: Message) -> Message:
+        """vhost-user.rst "Migration": the log memfd, checked against its file, mapped
+        by every worker; the reply is the u64 status QEMU waits for."""
+        fds = list(msg.fds)
+        try:
+            if not self.protocol_features & bit(ProtocolFeature.LOG_SHMFD):
+                raise RequestRefused("SET_LOG_BASE without PROTOCOL_F_LOG_SHMFD negotiated "
+                                     "(the log must come as a memfd)")  # fmt: skip
+            if len(fds) != 1:
+                raise RequestRefused(f"SET_LOG_BASE with {len(fds)} fds: the log memfd "
+                                     "is needed")  # fmt: skip
+            desc = msg.payload_as(LogDesc)
+            why = seal_shrink(fds[0])
+            check_log(fds[0], desc.mmap_size, desc.mmap_offset)
+            if self.runner is not None:
+                self.runner.set_log(desc.mmap_size, desc.mmap_offset, fds)
+            else:
+                new = MappedLog(fds[0], desc.mmap_size, desc.mmap_offset)
+                old, self.log = self.log, new
+                self._apply_log()
+                if old is not None:
+                    old.close()
+        finally:
+            close_fds(fds)
+        self.log_set = True
+        if why is not None:
+            log.warning("dirty log: %s: a front-end that shrinks it kills a worker", why)
+        log.info("dirty log: %d bytes at offset %#x (%d MiB of guest memory)",
+                 desc.mmap_size, desc.mmap_offset, desc.mmap_size * 8 * 4096 >> 20)  # fmt: skip
+        return ack(msg)
+
+    def _set_log_fd(self, msg: Message) -> None:
+        # An eventfd to signal after logging (kernel vhost's log_ctx); QEMU never sends it
+        # and nothing here waits for it: taken and closed, as DPDK does.
         close_fds(msg.fds)
-        raise RequestRefused("dirty logging (live migration) is not supported")
+
+    def _send_rarp(self, msg: Message) -> None:
+        if not self.protocol_features & bit(ProtocolFeature.RARP):
+            raise RequestRefused("SEND_RARP without PROTOCOL_F_RARP negotiated")
+        mac = mac_of_rarp(msg.payload_as(U64).value)
+        frame = rarp_frame(mac)
+        sent = self.runner.send_rarp(frame) if self.runner is not None else True
+        if self.runner is None:
+            self.rarps.append(frame)
+        log.info("SEND_RARP: RARP for %s %s", mac.hex(":"),
+                 "sent out of the port" if sent else "refused by the port (full)")  # fmt: skip
+
+    def _apply_log(self) -> None:
+        """In-process: attach the log to every running device while logging is on."""
+        for pair, dev in self.devices.items():
+            if dev.dirty is not None:
+                dev.dirty.flush()
+            rx, tx = self.vrings[2 * pair].addr, self.vrings[2 * pair + 1].addr
+            if not (self.logging and self.log is not None and self.memory is not None
+                    and rx is not None and tx is not None):  # fmt: skip
+                dev.set_dirty_log(None, (0, 0), (0, 0))
+                continue
+            mem = self.memory.memory
+            dev.set_dirty_log(self.log.dirty_log(), log_addrs(mem, rx), log_addrs(mem, tx))
+
+    def sync_log(self) -> None:
+        """In-process: flush what the devices cached (the worker does it every pass)."""
+        for dev in self.devices.values():
+            if dev.dirty is not None:
+                dev.dirty.flush()
 
     def _set_backend_req_fd(self, msg: Message) -> None:
         close_fds(msg.fds)  # no back-end → front-end requests are ever sent
@@ -304,6 +409,87 @@ class BackendSession:
         log.info("memory table: %s", ", ".join(
             f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in table.regions))  # fmt: skip
         self._update_device()
+
+    # Memory slots (PROTOCOL_F_CONFIGURE_MEM_SLOTS): one region at a time, at any time.
+    # QEMU then sends every table change so, the first one included, and waits for
+    # each REPLY_ACK; a worker maps (or unmaps) before the control process replies.
+
+    def _need_mem_slots(self, msg: Message) -> None:
+        if not self.protocol_features & bit(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+            close_fds(msg.fds)
+            raise RequestRefused(
+                f"{spec_name(msg.request)} without "
+                "VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS negotiated"
+            )
+
+    def _get_max_mem_slots(self, msg: Message) -> Message:
+        return reply(msg, U64(MAX_MEM_SLOTS))
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        self._need_mem_slots(msg)
+        r = msg.payload_as(SingleMemoryRegion).region
+        region = (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        memory = self.memory if self.memory is not None else MappedMemory()
+        unsealed = len(memory.unsealed)
+        try:
+            memory.add(msg.fds[0], *region)
+            if self.runner is not None:
+                try:
+                    self.runner.add_region(region, msg.fds[0])
+                except Exception:
+                    memory.remove(*region[:3])
+                    raise
+        finally:
+            close_fds(msg.fds)  # the mappings keep the memory
+        self.memory = memory
+        for why in memory.unsealed[unsealed:]:
+            log.warning("%s: a front-end that shrinks it can crash this process", why)
+        refs = memory.refs(r.guest_phys_addr)
+        if refs > 1:  # QEMU < 8.0: once per queue pair (MappedMemory.add)
+            log.info("memory region gpa %#x+%#x added again (%d references)",
+                     r.guest_phys_addr, r.memory_size, refs)  # fmt: skip
+        else:
+            log.info("memory region added: gpa %#x+%#x (%d mapped)", r.guest_phys_addr,
+                     r.memory_size, len(memory))  # fmt: skip
+        self._update_device()
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        close_fds(msg.fds)  # QEMU sends the region's fd along: "MUST close it"
+        self._need_mem_slots(msg)
+        r = msg.payload_as(SingleMemoryRegion).region
+        gpa, size, uva = r.guest_phys_addr, r.memory_size, r.userspace_addr
+        if self.memory is None or self.memory.memory.find_region(gpa, size, uva) is None:
+            mapped = ", ".join(map(repr, self.memory.memory.regions)) if self.memory else ""
+            raise RequestRefused(f"no region at gpa {gpa:#x} size {size:#x} uva {uva:#x} "
+                                 f"(mapped: {mapped or 'none'})")  # fmt: skip
+        if self.memory.refs(gpa) == 1:  # this removal unmaps it
+            self._check_unused(gpa, size, uva)
+        if self.runner is not None:
+            self.runner.rem_region((gpa, size, uva))
+        self.memory.remove(gpa, size, uva)
+        refs = self.memory.refs(gpa)
+        if refs:
+            log.info("memory region gpa %#x+%#x released (%d references left)", gpa, size, refs)
+        else:
+            log.info("memory region removed: gpa %#x+%#x (%d mapped)", gpa, size,
+                     len(self.memory))  # fmt: skip
+
+    def _check_unused(self, gpa: int, size: int, uva: int) -> None:
+        """Refuse to unmap a region a running ring lies in: the device would lose its
+        ring mid-burst (vhost-user.rst leaves it to the front-end never to do so;
+        QEMU only removes memory the guest has offlined)."""
+        for pair in sorted(self.running):
+            for index in (2 * pair, 2 * pair + 1):
+                addr = self.vrings[index].addr
+                if addr is None:
+                    continue
+                for name, at in (("descriptor table", addr.desc_user_addr),
+                                 ("available ring", addr.avail_user_addr),
+                                 ("used ring", addr.used_user_addr)):  # fmt: skip
+                    if uva <= at < uva + size:
+                        raise RequestRefused(
+                            f"region at gpa {gpa:#x} size {size:#x} is in use: vring {index}'s "
+                            f"{name} (uva {at:#x}) lies in it while queue pair {pair} runs")
 
     # -- vrings ---------------------------------------------------------------
 
@@ -341,6 +527,14 @@ class BackendSession:
         if self.memory is not None and vr.num:
             self._ring_views(addr.index, vr.num, addr)  # refuse the request that lies, now
         vr.addr = addr
+        pair = addr.index // 2
+        if pair in self.running:
+            # QEMU re-sends a running ring's addresses to set (or clear) VHOST_VRING_F_LOG
+            # and log_guest_addr when logging starts (ends): the worker logs by them.
+            if self.runner is not None:
+                self.runner.vring_addr(pair, addr.index % 2, addr)
+            else:
+                self._apply_log()
 
     def _get_vring_base(self, msg: Message) -> Message:
         st = msg.payload_as(VringState)
@@ -439,6 +633,7 @@ class BackendSession:
                 self.faults.install(dev)
             self.devices[pair] = dev
         self.running.add(pair)
+        self._apply_log()
         log.info("device running: queue pair %d, queue sizes %d/%d, bases %s",
                  pair, rx.num, tx.num, bases)  # fmt: skip
 
@@ -461,6 +656,9 @@ class BackendSession:
             bases = self.runner.stop(pair)
         else:
             dev = self.devices.pop(pair)
+            if dev.dirty is not None:
+                dev.dirty.flush()
+                dev.set_dirty_log(None, (0, 0), (0, 0))
             dev.reset()
             bases = dev.last_avail_idx
         if bases is not None:
@@ -485,6 +683,9 @@ class BackendSession:
 
     def close(self) -> None:
         self.reset()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None
@@ -497,9 +698,14 @@ class PairRunner(Protocol):
 
     def set_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None: ...
     def unmap(self) -> None: ...
+    def add_region(self, region: tuple[int, int, int, int], fd: int) -> None: ...
+    def rem_region(self, region: tuple[int, int, int]) -> None: ...
     def start(self, pair: int, spec: RingSpec, fds: list[int]) -> None: ...
     def update_fds(self, pair: int, fds: tuple[int, int, int, int]) -> None: ...
     def stop(self, pair: int) -> tuple[int, int] | None: ...
+    def set_log(self, size: int, offset: int, fds: list[int]) -> None: ...
+    def vring_addr(self, pair: int, q: int, addr: VringAddr) -> None: ...
+    def send_rarp(self, frame: bytes) -> bool: ...
 
 
 class DeviceServer:
@@ -590,6 +796,22 @@ class DeviceServer:
         for w in self.workers:
             self._call(w, Memory(tuple(regions)), fds=fds)
 
+    def add_region(self, region: tuple[int, int, int, int], fd: int) -> None:
+        """Every worker maps it, or none keeps it."""
+        done: list[WorkerHandle] = []
+        try:
+            for w in self.workers:
+                self._call(w, AddRegion(region), fds=[fd])
+                done.append(w)
+        except RequestRefused:
+            for w in done:
+                self._call(w, RemRegion(region[:3]))
+            raise
+
+    def rem_region(self, region: tuple[int, int, int]) -> None:
+        for w in self.workers:
+            self._call(w, RemRegion(region))
+
     def unmap(self) -> None:
         for w in self.workers:
             if w.status is None:
@@ -604,6 +826,16 @@ class DeviceServer:
 
     def stop(self, pair: int) -> tuple[int, int] | None:
         return self._call(self.workers[pair], Stop())
+
+    def set_log(self, size: int, offset: int, fds: list[int]) -> None:
+        for w in self.workers:  # every pair logs: each worker maps the log itself
+            self._call(w, Log(size, offset), fds=fds)
+
+    def vring_addr(self, pair: int, q: int, addr: VringAddr) -> None:
+        self._call(self.workers[pair], VringAddrUpdate(q, addr))
+
+    def send_rarp(self, frame: bytes) -> bool:
+        return self._call(self.workers[0], Rarp(frame))  # queue pair 0's port
 
     @staticmethod
     def _call(w: WorkerHandle, request: Request[T], fds: list[int] | tuple[int, ...] = ()) -> T:
@@ -629,6 +861,13 @@ class DeviceServer:
 
     def _accept(self) -> None:
         sock, _ = self.listener.accept()
+        # A front-end that reconnects at once (QEMU reconnect=, a restart) closed its
+        # old socket in the same epoll pass: read that first, so its close is seen
+        # before the new one is taken for a second front-end.
+        for _ in range(ACCEPT_DRAIN):
+            if self.channel is None or not _readable(self.channel.fileno()):
+                break
+            self._on_socket()
         if self.channel is not None:
             log.warning("refusing a second front-end while one is connected")
             sock.close()
@@ -657,6 +896,8 @@ class DeviceServer:
                 session.close()
             except WorkerDied as e:
                 self.workers.died(e)
+            except RequestRefused as e:  # a worker that failed its stop: the session is over
+                log.error("closing the session: %s", e)
 
     def _on_socket(self) -> None:
         messages: list[Message] = []
@@ -709,16 +950,16 @@ class DeviceServer:
             close_fds(msg.fds)
             self.workers.died(e)
             return False
-        if answer is not None and not self._reply(answer):
-            return False
         if msg.request is Req.SET_FEATURES and session.features:
+            # Before the reply: QEMU acks VHOST_F_LOG_ALL with NEED_REPLY and copies guest
+            # memory once the ack is in, so every worker must be logging by then.
             try:
                 for w in self.workers:
                     self._call(w, Features(session.features))
             except WorkerDied as e:
                 self.workers.died(e)
                 return False
-        return True
+        return answer is None or self._reply(answer)
 
     def _protocol_error(self, e: VhostUserProtocolError) -> None:
         log.error("protocol error: %s", e)
@@ -767,8 +1008,10 @@ class DeviceServer:
         """Every queue pair's counters, summed and per queue (``rx_queue_0_packets``...)."""
         per_pair = self.workers.stats() if final is None else final
         out = pair_totals(per_pair, "device_stats", lost=self.workers.lost)
+        dirty_log = sum_stats([cast(dict, p.get("dirty_log", {}))
+                               for p in per_pair + self.workers.lost])  # fmt: skip
         return {"device_stats": out["device_stats"], "backend": out["backend"],
-                "queues": self.queues, "sessions": self.sessions,
+                "dirty_log": dirty_log, "queues": self.queues, "sessions": self.sessions,
                 "worker_deaths": self.worker_deaths,
                 "seconds": round(self.run_seconds, 4),
                 "cpu_seconds": round(self.cpu_seconds + out["cpu_seconds"], 4),

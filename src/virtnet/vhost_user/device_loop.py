@@ -30,24 +30,32 @@ from virtnet.net.guest import TX as TX_Q
 from virtnet.net.guest import build_device
 from virtnet.net.mq import sum_stats
 from virtnet.ports.backends import DeviceBackend
+from virtnet.vhost_user.logmap import MappedLog
 from virtnet.vhost_user.mapping import MappedMemory, MappingError
-from virtnet.vhost_user.messages import close_fds
+from virtnet.vhost_user.messages import VHOST_F_LOG_ALL, VringAddr, close_fds
 from virtnet.vhost_user.polling import busy_poll, drain_eventfd, look_at_epoll
-from virtnet.vhost_user.rings import RingSpec, ring_views
+from virtnet.vhost_user.rings import RingSpec, log_addrs, ring_views
 from virtnet.vhost_user.workermsg import (
+    AddRegion,
     Connect,
     Dispatcher,
     Exit,
     Fds,
     Features,
+    Log,
     Memory,
+    Rarp,
+    RemRegion,
     Start,
     Stats,
     StatsRequest,
     Stop,
     Unmap,
+    VringAddrUpdate,
 )
+from virtnet.virtio.dirtylog import DirtyLog
 from virtnet.virtio.errors import MemoryAccessError
+from virtnet.virtio.features import bit
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.layout import PackedViews, VringViews
 
@@ -58,6 +66,9 @@ log = logging.getLogger("virtnet.device")
 
 BUDGET = 64  # packets per ring per loop pass (vhost-net's VHOST_NET_WEIGHT spirit)
 IDLE_POLL = 0.2  # seconds epoll waits with nothing due
+# A planted bug for the tests that show the dirty-log check can fail: "1" logs nothing,
+# "rx-data" no rx frame data, "used" no ring writes (used entries, index, descriptors).
+DEBUG_NO_DIRTY_LOG = "VIRTNET_DEBUG_NO_DIRTY_LOG"
 
 
 def signal_call(fd: int) -> None:
@@ -115,6 +126,14 @@ class PairLoop:
         self._ep = select.epoll()
         self._rpc: Dispatcher | None = None  # serve() makes it
         self._watched: set[int] = set()
+        # Dirty logging: the log SET_LOG_BASE mapped, whether VHOST_F_LOG_ALL is on, the
+        # rings' addresses for it (SET_VRING_ADDR may change their log flag at run time).
+        self.log: MappedLog | None = None
+        self.logging = False
+        self.dirty: DirtyLog | None = None
+        self._ring_addrs: list[VringAddr | None] = [None, None]
+        self.log_totals = {"log_pages": 0, "log_flushes": 0, "log_beyond": 0}
+        self._no_log = os.environ.get(DEBUG_NO_DIRTY_LOG, "")
 
     # -- requests ---------------------------------------------------------------------
 
@@ -129,6 +148,11 @@ class PairLoop:
         rpc.on(Stop, self.do_stop)
         rpc.on(StatsRequest, self.do_stats)
         rpc.on(Exit, self.do_exit)
+        rpc.on(AddRegion, self.do_add_region)
+        rpc.on(RemRegion, self.do_rem_region)
+        rpc.on(Log, self.do_log)
+        rpc.on(VringAddrUpdate, self.do_vring_addr)
+        rpc.on(Rarp, self.do_rarp)
         return rpc
 
     def _on_request(self) -> None:
@@ -144,6 +168,89 @@ class PairLoop:
 
     def do_features(self, req: Features, fds: list[int]) -> None:
         self.backend.on_features(req.features)
+        self.logging = bool(req.features & bit(VHOST_F_LOG_ALL))  # at any time, mid-stream too
+        self._apply_log()
+
+    # -- dirty logging ----------------------------------------------------------------
+
+    def do_log(self, req: Log, fds: list[int]) -> None:
+        """SET_LOG_BASE: map the new log (QEMU sends a bigger one as memory grows); the
+        old one is flushed and dropped once the device logs to the new one."""
+        if len(fds) != 1:
+            close_fds(fds)
+            raise ValueError(f"SET_LOG_BASE: {len(fds)} fds, expected the log's one")
+        try:
+            new = MappedLog(fds[0], req.size, req.offset)
+        finally:
+            close_fds(fds)
+        if new.unsealed is not None:
+            log.warning("dirty log: %s: a front-end that shrinks it kills this worker",
+                        new.unsealed)  # fmt: skip
+        old, self.log = self.log, new
+        self._apply_log()
+        if old is not None:
+            old.close()
+
+    def do_vring_addr(self, req: VringAddrUpdate, fds: list[int]) -> None:
+        """SET_VRING_ADDR of a running ring: QEMU re-sends it to set VHOST_VRING_F_LOG
+        and log_guest_addr when logging starts and to clear them when it ends."""
+        self._ring_addrs[req.q] = req.addr
+        self._apply_log()
+
+    def _flush_log(self) -> None:
+        dirty = self.dirty
+        if dirty is not None:
+            dirty.flush()
+
+    def _apply_log(self) -> None:
+        """Attach the log to the device while logging is on and a log is mapped; detach
+        it otherwise. Whatever the device cached for the old state is flushed first."""
+        self._flush_log()
+        old, dev, mapped = self.dirty, self.dev, self.log
+        want = self.logging and mapped is not None and dev is not None
+        dirty = mapped.dirty_log() if want and mapped is not None else None
+        if old is not None and old is not dirty:
+            self._count_log(old)
+        self.dirty = dirty
+        if dev is None:
+            return
+        rx_addr, tx_addr = self._ring_addrs
+        if dirty is None or rx_addr is None or tx_addr is None or self.memory is None:
+            dev.set_dirty_log(None, (0, 0), (0, 0))
+            return
+        mem = self.memory.memory
+        dev.set_dirty_log(dirty, log_addrs(mem, rx_addr), log_addrs(mem, tx_addr))
+        if self._no_log in ("1", "all"):
+            dev.set_dirty_log(None, (0, 0), (0, 0))  # the planted bug: log nothing
+        elif self._no_log == "rx-data":
+            dev.dirty = None
+        elif self._no_log == "used":
+            dev.rxq.set_dirty_log(None, 0, 0)
+            dev.txq.set_dirty_log(None, 0, 0)
+
+    def _count_log(self, dirty: DirtyLog) -> None:
+        """Move a log's counters into the totals (it is being replaced or detached)."""
+        t = self.log_totals
+        t["log_pages"] += dirty.pages_logged
+        t["log_flushes"] += dirty.flushes
+        t["log_beyond"] += dirty.beyond
+        dirty.pages_logged = dirty.flushes = dirty.beyond = 0
+
+    def log_stats(self) -> dict[str, int]:
+        t = dict(self.log_totals)
+        if self.dirty is not None:
+            t["log_pages"] += self.dirty.pages_logged
+            t["log_flushes"] += self.dirty.flushes
+            t["log_beyond"] += self.dirty.beyond
+        return t
+
+    def do_rarp(self, req: Rarp, fds: list[int]) -> bool:
+        """SEND_RARP: ``frame`` out of this pair's port, as a frame the guest sent
+        (virtio-net header first, zeroed); False if the port pushed back."""
+        from virtnet.net.header import MRG_HDR_LEN
+
+        return self.backend.xmit([memoryview(bytes(MRG_HDR_LEN)), memoryview(req.frame)],
+                                 len(req.frame))  # fmt: skip
 
     def do_memory(self, req: Memory, fds: list[int]) -> None:
         """Map the front-end's memory table: (gpa, size, uva, mmap_offset) per fd."""
@@ -163,11 +270,37 @@ class PairLoop:
             close_fds(fds)
         self.memory = memory
 
+    def do_add_region(self, req: AddRegion, fds: list[int]) -> None:
+        """ADD_MEM_REG: map one more region (gpa, size, uva, mmap_offset) of ``fds[0]``.
+
+        Requests are served between bursts, so a running device sees it from its next
+        descriptor on: before the control process replies, hence before the front-end
+        can point a descriptor into it.
+        """
+        gpa, size, uva, offset = req.region
+        if self.memory is None:
+            self.memory = MappedMemory()
+        try:
+            (fd,) = fds
+            self.memory.add(fd, gpa, size, uva, offset)
+        finally:
+            close_fds(fds)  # the mapping keeps the memory
+
+    def do_rem_region(self, req: RemRegion, fds: list[int]) -> None:
+        """REM_MEM_REG: unmap the region (gpa, size, uva); the control process has
+        checked that no ring of a running pair lies in it."""
+        if self.memory is None:
+            raise ValueError(f"no region at gpa {req.region[0]:#x}: no memory is mapped")
+        self.memory.remove(*req.region)
+
     def do_unmap(self, req: Unmap, fds: list[int]) -> None:
         self._unmap()
 
     def _unmap(self) -> None:
         self._stop()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None
@@ -187,6 +320,9 @@ class PairLoop:
             self.faults.install(dev)
         dev.capture = self._capture()
         self.dev = dev
+        self.logging = bool(spec.features & bit(VHOST_F_LOG_ALL))
+        self._ring_addrs = [spec.rings[0][1], spec.rings[1][1]]
+        self._apply_log()
         self.backend.on_queue_enabled(True)
         self._rewatch()
 
@@ -203,11 +339,19 @@ class PairLoop:
         dev = self.dev
         bases = None
         if dev is not None:
+            self._flush_log()  # before GET_VRING_BASE's reply: QEMU's last sync follows it
+            dev.set_dirty_log(None, (0, 0), (0, 0))
+            if self.dirty is not None:
+                self._count_log(self.dirty)
+                self.dirty = None
             dev.reset()
             bases = dev.last_avail_idx
             self.totals = sum_stats([self.totals, dev.stats.as_dict()])
             self.dev = None
-            self.backend.on_queue_enabled(False)
+            try:
+                self.backend.on_queue_enabled(False)
+            except OSError as e:  # the rings did stop: GET_VRING_BASE still gets its bases
+                log.warning("stopping the port's queue: %s", e)
         self._take_fds((False,) * 4, [])
         self._rewatch()
         return bases
@@ -219,6 +363,7 @@ class PairLoop:
         dev = [self.dev.stats.as_dict()] if self.dev is not None else []
         return {"device_stats": sum_stats([self.totals, *dev]),
                 "backend": self.backend.stats(),
+                "dirty_log": self.log_stats(),
                 "cpu_seconds": time.process_time()}  # fmt: skip
 
     def do_exit(self, req: Exit, fds: list[int]) -> Stats:
@@ -305,6 +450,8 @@ class PairLoop:
                 if not busy:
                     busy = self._idle(dev)
                 self._expire_interrupts(dev, idle=not busy)
+                if self.dirty is not None:
+                    self.dirty.flush()  # the pass's pages, one OR per bitmap word
 
     def _run_tx(self, dev: VirtnetDevice) -> bool:
         """Consume tx chains; True if there may be more right away."""

@@ -1,7 +1,9 @@
 """``virtnet driver``: a vhost-user front-end running the virtnet driver.
 
 Like DPDK's virtio_user: the guest memory is a memfd we create and share
-with the back-end (SET_MEM_TABLE), the rings live in it (GuestLayout), and
+with the back-end (SET_MEM_TABLE, or one ADD_MEM_REG per region where the
+back-end offers CONFIGURE_MEM_SLOTS; ``--mem-regions N`` makes it N memfds, as
+a QEMU guest with DIMMs has), the rings live in it (GuestLayout), and
 kicks / interrupts are eventfds. Works against any back-end: a virtnet
 device, DPDK's net_vhost, ...
 """
@@ -19,7 +21,7 @@ import time
 from dataclasses import replace
 from functools import partial
 
-from virtnet.net.constants import PAGE_SIZE
+from virtnet.net.constants import PAGE_SIZE, SKB_FRAG_PAGE_ORDER
 from virtnet.net.ctrl import (
     CTRL_MQ,
     VIRTIO_NET_CTRL_MQ,
@@ -55,6 +57,7 @@ from virtnet.vhost_user.driver_loop import (  # noqa: F401 - their old home: re-
 from virtnet.vhost_user.errors import VhostUserProtocolError
 from virtnet.vhost_user.messages import (
     U64,
+    VHOST_MEMORY_BASELINE_NREGIONS,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_VERSION,
@@ -62,8 +65,10 @@ from virtnet.vhost_user.messages import (
     MemoryTable,
     Message,
     ProtocolFeature,
+    SingleMemoryRegion,
     VringAddr,
     VringState,
+    close_fds,
 )
 from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
@@ -77,7 +82,11 @@ from virtnet.virtio.ring.layout import PackedAddrs, VringAddrs
 
 log = logging.getLogger("virtnet.driver")
 
-WANTED_PROTOCOL = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
+WANTED_PROTOCOL = (
+    bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
+    | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+)  # fmt: skip
+MAP_FIXED = 0x10  # <sys/mman.h>; the mmap module does not export it
 TX_DRAIN_TIMEOUT = 2.0  # close(): how long the back-end gets to use what was sent
 
 
@@ -86,21 +95,50 @@ class FrontendError(Exception):
 
 
 class GuestMemfd:
-    """The guest's memory: a memfd mapped here, shared with the back-end by fd."""
+    """The guest's memory: memfds mapped here, shared with the back-end by fd.
 
-    def __init__(self, size: int, seal: bool = True) -> None:
+    ``cuts`` split it into ``len(cuts) + 1`` memfds at those guest addresses, each a
+    memory region of its own (as QEMU's DIMMs on memory-backend-memfd), mapped back to
+    back so that this side sees one contiguous guest-physical space, as a guest does.
+    ``regions`` is the table the back-end gets: (region, fd) in address order.
+    """
+
+    def __init__(self, size: int, seal: bool = True, cuts: tuple[int, ...] = ()) -> None:
         self.size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        self.fd = os.memfd_create("virtnet-guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(self.fd, self.size)
-        if seal:
-            # As QEMU's memory-backend-memfd (seal=on): the size is fixed for good, so
-            # no back-end mapping it can be made to fault by a truncate.
-            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED)
+        bounds = (0, *cuts, self.size)
+        spans = [(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False)]  # (gpa, size)
+        if any(size <= 0 or gpa % mmap.PAGESIZE for gpa, size in spans):
+            raise ValueError(f"region cuts {cuts} are not page-aligned addresses in "
+                             f"(0, {self.size:#x}) in increasing order")  # fmt: skip
+        self.fds = [self._memfd(size, seal) for _gpa, size in spans]
+        self.fd = self.fds[0]
+        # With cuts, one address range (an anonymous mapping owns it, and unmaps it at
+        # close once no view pins it), each memfd then mapped over its part.
+        fd = self.fd if not cuts else -1
+        self.map = mmap.mmap(fd, self.size, mmap.MAP_SHARED)
         anchor = ctypes.c_char.from_buffer(self.map)
         self.uva = ctypes.addressof(anchor)  # what a C front-end would put in the table
         del anchor
+        try:
+            for (gpa, size), fd in zip(spans, self.fds, strict=True) if cuts else ():
+                _mmap_fixed(self.uva + gpa, size, fd)
+        except OSError:
+            self.map.close()
+            close_fds(self.fds)
+            raise
+        self.regions = [(MemoryRegionDesc(gpa, size, self.uva + gpa, 0), fd)
+                        for (gpa, size), fd in zip(spans, self.fds, strict=True)]  # fmt: skip
         self.memory = GuestMemory([MemoryRegion(0, memoryview(self.map), uva=self.uva)])
+
+    @staticmethod
+    def _memfd(size: int, seal: bool) -> int:
+        fd = os.memfd_create("virtnet-guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        if seal:
+            # As QEMU's memory-backend-memfd (seal=on): the size is fixed for good, so
+            # no back-end mapping it can be made to fault by a truncate.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        return fd
 
     def close(self) -> None:
         self.memory.release()
@@ -108,7 +146,20 @@ class GuestMemfd:
             self.map.close()
         except BufferError:
             pass  # views still alive; the mapping goes with them
-        os.close(self.fd)
+        close_fds(self.fds)
+
+
+def _mmap_fixed(addr: int, length: int, fd: int) -> None:
+    """mmap(2) ``fd`` at exactly ``addr`` (over our own reservation there)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)  # fmt: skip
+    got = libc.mmap(addr, length, mmap.PROT_READ | mmap.PROT_WRITE,
+                    mmap.MAP_SHARED | MAP_FIXED, fd, 0)  # fmt: skip
+    if got != addr:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of a guest memory region at {addr:#x}: {os.strerror(err)}")
 
 
 class PairWorker:
@@ -169,7 +220,11 @@ class DriverClient:
         printer=None,
         busy_poll_us: int = 0,
         combined: int | None = None,
+        mem_regions: int = 1,
     ) -> None:
+        if mem_regions < 1:
+            raise FrontendError(f"--mem-regions {mem_regions}: at least 1")
+        self.mem_regions = mem_regions
         self.busy_poll = busy_poll_us / 1e6
         self.socket_path = socket_path
         self.backends = backends if isinstance(backends, list) else [backends]
@@ -196,7 +251,7 @@ class DriverClient:
         size = self.layout.size * self.queues
         if self.queues > 1:
             size += ControlArea(size).size + PAGE_SIZE  # its ring may be packed: same room
-        self.guest = GuestMemfd(size)
+        self.guest = GuestMemfd(size)  # split into --mem-regions once the layout is final
         nrings = 2 * self.queues
         self.kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nrings)]
         self.call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nrings)]
@@ -288,6 +343,9 @@ class DriverClient:
                 "and RING_PACKED was not negotiated"
             )
         self.layout = self.layout.for_features(self.features)
+        if self.mem_regions > 1:  # nothing views it yet: the split needs the final layout
+            self.guest.close()
+            self.guest = GuestMemfd(self.guest.size, cuts=self._region_cuts())
         self._send(Req.SET_FEATURES, U64(self.features))
         for backend in self.backends:
             backend.on_features(self.features)
@@ -297,6 +355,7 @@ class DriverClient:
                 self.guest.memory, self.pair_layout(p), self.features, self.strategy,
                 netif_receive_skb=backend.netif_receive_skb,
             )  # fmt: skip
+            drv.memory_breaks = frozenset(r.guest_phys_addr for r, _fd in self.guest.regions[1:])
             if isinstance(backend, LoopbackDriver):
                 backend.drv = drv
             self.pairs.append(PairDriver(p, drv, backend, self.kick[2 * p : 2 * p + 2],
@@ -377,10 +436,50 @@ class DriverClient:
             self._send(Req.SET_VRING_KICK, U64(index), [self.kick[index]])
             self._send(Req.SET_VRING_CALL, U64(index), [self.call[index]])
 
+    def _region_cuts(self) -> tuple[int, ...]:
+        """Where --mem-regions N splits the guest memory: N - 1 addresses spread evenly,
+        none inside a ring, an indirect table, the control area or a compound page
+        (32 KiB, SKB_FRAG_PAGE_ORDER: ewma's buffers), since the back-end maps each
+        region on its own and no access may straddle two."""
+        step = PAGE_SIZE << SKB_FRAG_PAGE_ORDER
+        points: list[int] = []
+        for p in range(self.queues):
+            lay = self.pair_layout(p)
+            if p:
+                points.append(lay.base)
+            points.extend(range(lay.pool_base + step, lay.base + lay.size, step))
+        if self.queues > 1:
+            points.append(self.layout.size * self.queues)  # the control area
+        n, size = self.mem_regions, self.guest.size
+        cuts: list[int] = []
+        for i in range(1, n):
+            at = next((c for c in points if c >= i * size // n and (not cuts or c > cuts[-1])),
+                      None)  # fmt: skip
+            if at is None:
+                raise FrontendError(f"--mem-regions {n}: this guest memory ({size} bytes) "
+                                    f"has room for at most {len(points) + 1} regions")  # fmt: skip
+            cuts.append(at)
+        return tuple(cuts)
+
     def _set_mem_table(self) -> None:
-        g = self.guest
-        region = MemoryRegionDesc(0, g.size, g.uva, 0)
-        self._send(Req.SET_MEM_TABLE, MemoryTable((region,)), [g.fd], ack=True)
+        regions = self.guest.regions
+        if self.protocol_features & bit(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+            # As QEMU: with memory slots, every table change is one region a message.
+            slots = self._get(Req.GET_MAX_MEM_SLOTS).payload_as(U64).value
+            if len(regions) > slots:
+                raise FrontendError(f"--mem-regions {len(regions)}: the back-end has "
+                                    f"{slots} memory slots (GET_MAX_MEM_SLOTS)")  # fmt: skip
+            for region, fd in regions:
+                self._send(Req.ADD_MEM_REG, SingleMemoryRegion(region), [fd], ack=True)
+            return
+        if len(regions) > VHOST_MEMORY_BASELINE_NREGIONS:
+            raise FrontendError(
+                f"--mem-regions {len(regions)}: the back-end does not offer "
+                "VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS, and SET_MEM_TABLE carries at "
+                f"most {VHOST_MEMORY_BASELINE_NREGIONS} regions"
+            )
+        table = MemoryTable(tuple(region for region, _fd in regions))
+        self._send(Req.SET_MEM_TABLE, table, [fd for _region, fd in regions], ack=True)
 
     # -- running ------------------------------------------------------------------
 

@@ -75,6 +75,7 @@ __all__ = [
     "VHOST_USER_VRING_IDX_MASK",
     "VHOST_USER_VRING_NOFD_MASK",
     "VHOST_VRING_F_LOG",
+    "VHOST_F_LOG_ALL",
     "BackendRequest",
     "ConfigSpace",
     "DeviceStateTransfer",
@@ -132,6 +133,7 @@ MAX_PAYLOAD_SIZE = 4096
 VHOST_MEMORY_BASELINE_NREGIONS = 8  # regions (and fds) in one SET_MEM_TABLE
 VHOST_USER_MAX_CONFIG_SIZE = 256  # "Virtio device config space"
 VHOST_USER_F_PROTOCOL_FEATURES = 30  # the reused UNUSED virtio feature bit
+VHOST_F_LOG_ALL = 26  # "Migration": log every guest page the back-end writes
 
 # SET_VRING_KICK/CALL/ERR: "Bits (0-7) of the payload contain the vring index.
 # Bit 8 is the invalid FD flag."

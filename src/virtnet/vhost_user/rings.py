@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from virtnet.vhost_user.messages import VringAddr
+from virtnet.vhost_user.messages import VHOST_VRING_F_LOG, VringAddr
 from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.memory import GuestMemory
@@ -86,6 +86,27 @@ def pair_views(
                 packed_ring_views(mem, 2 * pair + 1, tx_num, tx_addr))  # fmt: skip
     return (split_ring_views(mem, 2 * pair, rx_num, rx_addr),
             split_ring_views(mem, 2 * pair + 1, tx_num, tx_addr))  # fmt: skip
+
+
+def log_addrs(mem: GuestMemory, addr: VringAddr) -> tuple[int, int]:
+    """Guest-physical (descriptor area, used area) of a ring, for its dirty log.
+
+    The used area is ``log_guest_addr`` when VHOST_VRING_F_LOG is set (vhost-user.rst
+    "Migration": ring addresses are front-end virtual, the log is guest-physical); else,
+    as for the descriptor area (a packed ring's used descriptors), the memory table
+    translates. An address in no region logs nothing that matters: -1 pages are past
+    any log, counted as ``beyond``.
+    """
+    try:
+        desc = mem.uva_to_gpa(addr.desc_user_addr)
+    except MemoryAccessError:
+        desc = -(1 << 63)
+    if addr.flags & bit(VHOST_VRING_F_LOG):
+        return desc, addr.log_guest_addr
+    try:
+        return desc, mem.uva_to_gpa(addr.used_user_addr)
+    except MemoryAccessError:
+        return desc, -(1 << 63)
 
 
 @dataclass(frozen=True)

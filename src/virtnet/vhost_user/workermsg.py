@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
-from virtnet.vhost_user.messages import close_fds
+from virtnet.vhost_user.messages import VringAddr, close_fds
 from virtnet.vhost_user.rings import RingSpec
 
 MAX_MSG = 1 << 16
@@ -115,6 +115,51 @@ class Fds(Request[None]):
     name = "fds"
     takes_fds = True
     mask: tuple[bool, bool, bool, bool]
+
+
+@dataclass(frozen=True)
+class AddRegion(Request[None]):
+    """ADD_MEM_REG: map one more region (gpa, size, uva, mmap_offset) of the fd sent."""
+
+    name = "add_region"
+    takes_fds = True
+    region: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class RemRegion(Request[None]):
+    """REM_MEM_REG: unmap the region (gpa, size, uva)."""
+
+    name = "rem_region"
+    region: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Log(Request[None]):
+    """SET_LOG_BASE: map the dirty log (``size`` bytes at ``offset`` of the fd sent)."""
+
+    name = "log"
+    takes_fds = True
+    size: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class VringAddrUpdate(Request[None]):
+    """SET_VRING_ADDR of a running ring ``q`` (0 rx, 1 tx): its log flag and address."""
+
+    name = "vring_addr"
+    q: int
+    addr: VringAddr
+
+
+@dataclass(frozen=True)
+class Rarp(Request[bool]):
+    """SEND_RARP: send ``frame`` out of the pair's port; False if the port pushed back."""
+
+    name = "rarp"
+    answers = (bool,)
+    frame: bytes
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,13 @@ class GuestMemory:
     """A set of non-overlapping regions, looked up by address.
 
     ``view(addr, length)`` is the hot path of every descriptor: one region is
-    the common case (a memfd), so it is tried first without a bisect.
+    the common case (a memfd), so it is tried first, then two (RAM below and
+    above 4 GiB) with one compare; with more (DIMMs, NUMA nodes, ADD_MEM_REG: up
+    to hundreds), a bisect over the sorted start addresses (callgrind, per view:
+    a loop written out costs 20-40 % more than bisect's C in the pure build).
+
+    Regions come and go at run time (ADD_MEM_REG / REM_MEM_REG): the rings hold
+    this object, not a copy of its table, so a change is seen by the next access.
     """
 
     def __init__(self, regions: list[MemoryRegion] | None = None) -> None:
@@ -102,6 +108,14 @@ class GuestMemory:
         self._regions.sort(key=lambda r: r.gpa)
         self._regions_changed()
 
+    def find_region(self, gpa: int, size: int, uva: int) -> MemoryRegion | None:
+        """The region with exactly this guest address, size and front-end address
+        (how REM_MEM_REG names one), or None."""
+        for region in self._regions:
+            if region.gpa == gpa and region.size == size and region.uva == uva:
+                return region
+        return None
+
     def remove_region(self, gpa: int) -> MemoryRegion:
         for i, region in enumerate(self._regions):
             if region.gpa == gpa:
@@ -119,8 +133,11 @@ class GuestMemory:
         if length < 0 or addr < 0:
             raise MemoryAccessError(addr, length, "is negative")
         regions = self._regions
-        if len(regions) == 1:
+        n = len(regions)
+        if n == 1:
             region = regions[0]
+        elif n == 2:  # RAM below and above 4 GiB, or a DIMM: one compare
+            region = regions[1] if addr >= self._starts[1] else regions[0]
         else:
             i = bisect_right(self._starts, addr) - 1
             if i < 0:

@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final, final
 
+from virtnet.virtio.dirtylog import DirtyLog
 from virtnet.virtio.errors import (
     AvailIndexError,
     DescriptorError,
@@ -43,6 +44,7 @@ from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.chain import NO_SEGMENTS, Chain, IndirectArea, Segment
 from virtnet.virtio.ring.layout import (
     DESC_SIZE,
+    EVENT_SUPPRESS_SIZE,
     MAX_CHAIN_BYTES,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
@@ -530,6 +532,31 @@ class PackedQueueDevice:
         self._shadow: list[tuple[int, int]] = []  # (len|id|WRITE word, slots) pushed, unflushed
         self._since_signal = 0  # slots marked used since the last needs_notify
         self.signalled_used_valid = False
+        # Dirty logging (live migration): None while off, one attribute test per flush.
+        self.dirty: DirtyLog | None = None
+        self._log_desc_gpa = 0
+        self._log_device_gpa = 0
+
+    def set_dirty_log(self, log: DirtyLog | None, desc_gpa: int, used_gpa: int) -> None:
+        """Log this ring's writes into ``log`` (None: stop): used descriptors written
+        back in the descriptor ring at guest-physical ``desc_gpa``, and the device event
+        area at ``used_gpa`` (QEMU's ``log_guest_addr`` for a packed ring: its used_phys)."""
+        self.dirty = log
+        self._log_desc_gpa = desc_gpa
+        self._log_device_gpa = used_gpa
+
+    def _log_descs(self, start: int, slots: int) -> None:
+        """Log ``slots`` descriptors from slot ``start`` on, wrapping at the ring's end."""
+        log = self.dirty
+        assert log is not None  # the caller tests it
+        num, gpa = self.num, self._log_desc_gpa
+        if slots >= num:
+            log.log_write(gpa, num * DESC_SIZE)
+        elif start + slots <= num:
+            log.log_write(gpa + start * DESC_SIZE, slots * DESC_SIZE)
+        else:
+            log.log_write(gpa + start * DESC_SIZE, (num - start) * DESC_SIZE)
+            log.log_write(gpa, (start + slots - num) * DESC_SIZE)
 
     def _set_avail(self, pos: int, wrap: int) -> None:
         self.last_avail = pos
@@ -938,6 +965,8 @@ class PackedQueueDevice:
         shadow.clear()
         self.used_pos, self.used_wrap = pos, wrap
         self._since_signal += pos - start + laps * num
+        if self.dirty is not None:
+            self._log_descs(start, pos - start + laps * num)
 
     def needs_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was flushed (vhost_vring_call_packed)."""
@@ -962,6 +991,8 @@ class PackedQueueDevice:
     def disable_notify(self) -> None:
         if self._device[1] != VRING_PACKED_EVENT_FLAG_DISABLE:
             self._device[1] = VRING_PACKED_EVENT_FLAG_DISABLE
+            if self.dirty is not None:
+                self.dirty.log_write(self._log_device_gpa, EVENT_SUPPRESS_SIZE)
 
     def enable_notify(self) -> bool:
         """Ask for kicks again; True if a chain arrived meanwhile (vhost_enable_notify)."""
@@ -970,5 +1001,7 @@ class PackedQueueDevice:
             self._device[1] = VRING_PACKED_EVENT_FLAG_DESC
         else:
             self._device[1] = VRING_PACKED_EVENT_FLAG_ENABLE
+        if self.dirty is not None:
+            self.dirty.log_write(self._log_device_gpa, EVENT_SUPPRESS_SIZE)
         virtio_mb()
         return self._desc[2 * self.last_avail + 1] & _AU == self._avail_bits

@@ -18,6 +18,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Final, final
 
+from virtnet.virtio.dirtylog import DirtyLog
 from virtnet.virtio.errors import (
     AvailIndexError,
     DescriptorError,
@@ -29,6 +30,7 @@ from virtnet.virtio.ring.chain import NO_SEGMENTS, Chain, IndirectArea, Segment
 from virtnet.virtio.ring.layout import (
     DESC_SIZE,
     MAX_CHAIN_BYTES,
+    USED_ELEM_SIZE,
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
@@ -43,6 +45,8 @@ from virtnet.virtio.ring.shadow import VringShadow
 # Chain, IndirectArea and Segment live in chain.py (the packed ring uses them too);
 # they are re-exported here, where they were first defined.
 __all__ = ["Chain", "IndirectArea", "Segment", "SplitQueueDevice", "SplitQueueDriver"]
+
+USED_RING_OFFSET: Final = 4  # struct vring_used: le16 flags, le16 idx, then the ring
 
 _WRITE: Final = VRING_DESC_F_WRITE << 32
 _NEXT: Final = VRING_DESC_F_NEXT << 32
@@ -400,6 +404,34 @@ class SplitQueueDevice:
         self.used_idx = self._used[1]
         self.signalled_used = self.used_idx
         self.signalled_used_valid = False
+        # Dirty logging (live migration): None while off, so the data path pays one
+        # attribute test per flush; the used ring's guest-physical address for the log.
+        self.dirty: DirtyLog | None = None
+        self._log_used_gpa = 0
+
+    def set_dirty_log(self, log: DirtyLog | None, desc_gpa: int, used_gpa: int) -> None:
+        """Log this ring's writes into ``log`` (None: stop). The device writes only the
+        used ring, at guest-physical ``used_gpa`` (vhost-user's ``log_guest_addr``)."""
+        self.dirty = log
+        self._log_used_gpa = used_gpa
+
+    def _log_used(self, old: int, new: int) -> None:
+        """Log the used entries [old, new) and the flags/idx word (vhost_log_used)."""
+        log = self.dirty
+        assert log is not None  # the callers test it
+        gpa = self._log_used_gpa
+        num = self.num
+        n = (new - old) & 0xFFFF
+        start = old & self._mask
+        ring = gpa + USED_RING_OFFSET
+        if n >= num:
+            log.log_write(ring, num * USED_ELEM_SIZE)
+        elif start + n <= num:
+            log.log_write(ring + start * USED_ELEM_SIZE, n * USED_ELEM_SIZE)
+        else:
+            log.log_write(ring + start * USED_ELEM_SIZE, (num - start) * USED_ELEM_SIZE)
+            log.log_write(ring, (start + n - num) * USED_ELEM_SIZE)
+        log.log_write(gpa, USED_RING_OFFSET)
 
     # -- taking chains ---------------------------------------------------------
 
@@ -595,6 +627,8 @@ class SplitQueueDevice:
 
     def flush_used(self) -> None:
         # Entries before idx: stores stay ordered on x86 (vhost: smp_wmb()).
+        if self.dirty is not None:
+            self._log_used(self._used[1], self.used_idx)
         self._used[1] = self.used_idx
 
     def needs_notify(self) -> bool:
@@ -615,6 +649,8 @@ class SplitQueueDevice:
     def disable_notify(self) -> None:
         if not self.event_idx:
             self._used[0] = VRING_USED_F_NO_NOTIFY
+            if self.dirty is not None:
+                self.dirty.log_write(self._log_used_gpa, 2)  # used->flags
 
     def enable_notify(self) -> bool:
         """Ask for kicks again; True if chains arrived meanwhile (vhost_enable_notify)."""
@@ -622,5 +658,8 @@ class SplitQueueDevice:
             self.ring.avail_event_view[0] = self.last_avail_idx
         else:
             self._used[0] = 0
+        if self.dirty is not None:  # used->avail_event after the ring, or used->flags
+            at = USED_RING_OFFSET + self.num * USED_ELEM_SIZE if self.event_idx else 0
+            self.dirty.log_write(self._log_used_gpa + at, 2)
         virtio_mb()
         return self._avail[1] != self.last_avail_idx

@@ -1,0 +1,139 @@
+"""Lifecycle cases: how a back-end lives through its front-end restarting things.
+
+What QEMU does when a guest reboots (vhost_dev_stop: GET_VRING_BASE of every ring; then,
+when the new kernel's driver starts, SET_FEATURES and fresh zeroed rings from base 0),
+when the guest driver is reloaded (the same, without a reboot), when QEMU itself goes
+away mid-stream and a new one connects, and when a front-end connects and vanishes
+before it has said anything useful. A back-end that keeps an index, a mapping or a
+worker from before fails one of these.
+"""
+
+from __future__ import annotations
+
+from virtnet.conform.cases import (
+    BASE_FEATURES,
+    MRG,
+    QUEUE_SIZE,
+    Context,
+    case,
+    echo,
+    frames,
+)
+from virtnet.conform.guest import DATA, Guest, Rings
+from virtnet.conform.session import CaseFailure, Session
+from virtnet.net.features import VirtioNetF
+from virtnet.net.guest import RX, TX
+from virtnet.vhost_user.messages import U64, FrontendRequest, ProtocolFeature
+from virtnet.virtio.features import bit
+
+R = FrontendRequest
+REBOOTS = 20  # issue 20's "ring stop/start repeated (a reboot, 20 times)"
+VANISHING = 10  # front-ends that connect and go away before SET_MEM_TABLE
+
+
+def fresh_rings(s: Session, g: Guest) -> Rings:
+    """A new driver's rings for pair 0: its ring memory zeroed first, as a freshly
+    allocated (booted) guest's is, so nothing of the last ring is left to read."""
+    g.memory.view(0, DATA)[:] = bytes(DATA)
+    rings = Rings.for_pair(g, 0, features=s.features)
+    rings.setup(s)
+    rings.post_rx(QUEUE_SIZE)
+    return rings
+
+
+def stop(s: Session, rings: Rings, sent: int) -> None:
+    """vhost_dev_stop: GET_VRING_BASE both rings; tx's base must be what was used."""
+    tx = rings.consumed(rings.vring_base(s, TX))
+    rings.vring_base(s, RX)
+    if tx != sent:
+        raise CaseFailure(f"GET_VRING_BASE tx: {tx} descriptors taken, {sent} frames were "
+                          "sent on this ring")  # fmt: skip
+
+
+@case("guest-reboot", "conformance",
+      f"{REBOOTS} reboots: stop both rings (GET_VRING_BASE), SET_FEATURES again, fresh "
+      "zeroed rings from base 0, echo; each boot's bases count only that boot's frames",
+      "vhost-user.rst Starting and stopping rings, GET_VRING_BASE; QEMU vhost_dev_stop / "
+      "vhost_dev_start", matrix=True)  # fmt: skip
+def guest_reboot(ctx: Context) -> str:
+    s = ctx.session()
+    ctx.negotiate(s, BASE_FEATURES | MRG)
+    mrg = s.has(VirtioNetF.MRG_RXBUF)
+    g = ctx.guest()
+    g.set_mem_table(s)
+    total = 0
+    for boot in range(REBOOTS):
+        rings = fresh_rings(s, g)
+        sizes = [64, 1514] if boot % 2 else [100]
+        try:
+            echo(rings, frames(100 * boot, sizes), mergeable=mrg)
+        except CaseFailure as e:
+            raise CaseFailure(f"boot {boot + 1} of {REBOOTS}: {e}") from None
+        stop(s, rings, len(sizes))
+        total += len(sizes)
+        s.must_ack(R.SET_FEATURES, U64(s.features))  # the new kernel's driver negotiates
+    return f"{REBOOTS} boots, {total} frames echoed; every boot started from base 0"
+
+
+@case("reset-device", "conformance",
+      "RESET_DEVICE (or RESET_OWNER without PROTOCOL_F_RESET_DEVICE) mid-stream, then "
+      "negotiate, map memory and start fresh rings: echo, and GET_VRING_BASE counts only "
+      "the new rings' frames",
+      "vhost-user.rst RESET_DEVICE, RESET_OWNER, GET_VRING_BASE", matrix=True)  # fmt: skip
+def reset_device(ctx: Context) -> str:
+    s = ctx.session()
+    wanted = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.RESET_DEVICE)
+    ctx.negotiate(s, BASE_FEATURES | MRG, protocol=wanted)
+    mrg = s.has(VirtioNetF.MRG_RXBUF)
+    g = ctx.guest()
+    g.set_mem_table(s)
+    rings = fresh_rings(s, g)
+    echo(rings, frames(0, [64, 200, 1514]), mergeable=mrg)
+    how = R.RESET_DEVICE if s.has_protocol(ProtocolFeature.RESET_DEVICE) else R.RESET_OWNER
+    s.send(how)
+    ctx.negotiate(s, BASE_FEATURES | MRG, protocol=s.protocol)
+    g.set_mem_table(s)
+    rings = fresh_rings(s, g)
+    echo(rings, frames(10, [64, 800]), mergeable=mrg)
+    stop(s, rings, 2)
+    return f"{how.name} after 3 frames; the new rings echoed 2 and count 2"
+
+
+@case("reconnect", "conformance",
+      "a front-end that goes away mid-stream (its socket closed, rings running) and a new "
+      "one that connects, negotiates and starts fresh rings in new memory: echo",
+      "vhost-user.rst Communication (reconnect); QEMU reconnect=, OVS dpdkvhostuserclient",
+      matrix=True)  # fmt: skip
+def reconnect(ctx: Context) -> str:
+    s, rings = ctx.running(BASE_FEATURES | MRG)
+    mrg = s.has(VirtioNetF.MRG_RXBUF)
+    echo(rings, frames(0, [64, 1514]), mergeable=mrg)
+    rings.send(frames(5, [64] * 8))  # in flight when the front-end dies
+    s.close()
+    s2 = ctx.session()
+    ctx.negotiate(s2, BASE_FEATURES | MRG)
+    g = ctx.guest()
+    g.set_mem_table(s2)
+    rings2 = fresh_rings(s2, g)
+    echo(rings2, frames(20, [64, 1514, 300]), mergeable=s2.has(VirtioNetF.MRG_RXBUF))
+    stop(s2, rings2, 3)
+    return "the second front-end's rings echoed 3 frames, from base 0"
+
+
+@case("vanishing-frontends", "robustness",
+      f"{VANISHING} front-ends connect and go away before SET_MEM_TABLE (after nothing, "
+      "after SET_OWNER, after SET_FEATURES); then a normal session echoes",
+      "vhost-user.rst Communication; issue: a back-end must outlive its front-ends",
+      survive=True)  # fmt: skip
+def vanishing_frontends(ctx: Context) -> str:
+    for k in range(VANISHING):
+        s = Session(ctx.path)
+        if k % 3 >= 1:
+            s.send(R.SET_OWNER)
+        if k % 3 == 2:
+            s.get_u64(R.GET_FEATURES)
+            s.send(R.SET_FEATURES, U64(s.get_u64(R.GET_FEATURES) & BASE_FEATURES))
+        s.close()
+    s, rings = ctx.running(BASE_FEATURES | MRG)
+    echo(rings, frames(0, [64, 1514]), mergeable=s.has(VirtioNetF.MRG_RXBUF))
+    return f"survived: {VANISHING} vanishing front-ends, then a session echoed"
