@@ -77,6 +77,7 @@ DATA_PLANE: tuple[str, ...] = (
     "virtnet.ports.synthetic",
     "virtnet.ports.tapio",
     "virtnet.ports.backends",
+    "virtnet.vhost_user.polling",
     "virtnet.vhost_user.device_loop",
     "virtnet.vhost_user.driver_loop",
     "virtnet.bench.embedded",  # the in-process bench's loops are part of what it measures

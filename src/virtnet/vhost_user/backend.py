@@ -21,7 +21,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol, cast
+from typing import Protocol, TypeVar, cast
 
 from virtnet.net.announce import mac_of_rarp, rarp_frame
 from virtnet.net.device import VirtnetDevice
@@ -35,10 +35,10 @@ from virtnet.net.features import (
     sanitize,
 )
 from virtnet.net.guest import build_device
-from virtnet.net.mq import per_queue_stats, sum_stats
+from virtnet.net.mq import sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.channel import Channel, PeerClosed
-from virtnet.vhost_user.device_loop import signal_call
+from virtnet.vhost_user.device_loop import IDLE_POLL, PairLoop, signal_call
 from virtnet.vhost_user.errors import VhostUserProtocolError
 from virtnet.vhost_user.logmap import MappedLog, check_log
 from virtnet.vhost_user.mapping import MAX_MEM_SLOTS, MappedMemory, MappingError, seal_shrink
@@ -67,14 +67,28 @@ from virtnet.vhost_user.messages import (
 from virtnet.vhost_user.rings import RingError, RingSpec, log_addrs, pair_views, ring_views
 from virtnet.vhost_user.runclock import RunClock
 from virtnet.vhost_user.worker import (
-    IDLE_POLL,
-    WATCHDOG_EVERY,
-    WATCHDOG_TIMEOUT,
-    PairLoop,
     WorkerDied,
     WorkerError,
     WorkerHandle,
-    spawn_worker,
+    WorkerSet,
+    pair_totals,
+)
+from virtnet.vhost_user.workermsg import (
+    AddRegion,
+    Connect,
+    Exit,
+    Fds,
+    Features,
+    Log,
+    Memory,
+    Rarp,
+    RemRegion,
+    Request,
+    Start,
+    Stats,
+    Stop,
+    Unmap,
+    VringAddrUpdate,
 )
 from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import DeviceStatus, VirtioF, bit
@@ -86,6 +100,8 @@ from virtnet.virtio.ring.layout import (
 )
 
 log = logging.getLogger("virtnet.device")
+
+T = TypeVar("T")
 
 NUM_QUEUES = 2  # vrings of one pair: 0 = receiveq1 (device → driver), 1 = transmitq1
 MAX_QUEUE_PAIRS = 64  # --queues: far past the cores that could serve them
@@ -825,24 +841,30 @@ class DeviceServer:
             raise OSError(f"longer than a unix socket path may be ({SUN_PATH_MAX} bytes)")
         if not client:
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            if os.path.exists(socket_path):
-                os.unlink(socket_path)
-            self.listener.bind(socket_path)
-            self.listener.listen(1)
         self._retry_in = RECONNECT_FIRST  # client mode: the next wait, doubling to the cap
         self._retry_at = 0.0  # client mode: when to try the front-end next
         self._waiting_for = ""  # client mode: why the front-end is out of reach, logged once
         self.channel: Channel | None = None
         self.session: BackendSession | None = None
         self.sessions = 0
-        self.lost: list[dict] = []  # the last stats of workers that died
-        self.worker_deaths = 0
         self._ep = select.epoll()
-        if self.listener is not None:
-            self._ep.register(self.listener.fileno(), select.EPOLLIN)
-        self.workers: list[WorkerHandle] = []
+        self.workers = WorkerSet(self._ep, log, self._worker_died, self._worker_event)
         for pair in range(self.queues):
-            self.workers.append(self._spawn(pair))
+            self._spawn(pair)
+        # The socket appears once every worker runs and this process holds only its
+        # own fds: whoever waits for it finds the server as it will serve.
+        if self.listener is not None:  # client mode: the socket is the front-end's
+            try:
+                if os.path.exists(socket_path):
+                    os.unlink(socket_path)
+                self.listener.bind(socket_path)
+                self.listener.listen(1)
+            except OSError:
+                self.workers.finish(Exit())
+                self._ep.close()
+                self.listener.close()
+                raise
+            self._ep.register(self.listener.fileno(), select.EPOLLIN)
         self.run_seconds = self.cpu_seconds = 0.0
 
     # -- workers ----------------------------------------------------------------
@@ -852,15 +874,17 @@ class DeviceServer:
         if capture is not None and pair:
             root, dot, ext = capture.rpartition(".")
             capture = f"{root}.q{pair}.{ext}" if dot else f"{capture}.q{pair}"
-        w = spawn_worker(
+        return self.workers.start(
             pair,
             lambda: PairLoop(pair, self.backends[pair], coalesce=self._coalesce,
                              busy_poll=self._busy_poll, faults=self.faults,
                              capture_path=capture),  # fmt: skip
             self._close_in_worker,
         )
-        self._ep.register(w.pidfd, select.EPOLLIN)
-        return w
+
+    @property
+    def worker_deaths(self) -> int:
+        return self.workers.deaths
 
     def _close_in_worker(self) -> None:
         """In a fresh worker: what belongs to the control process alone."""
@@ -869,86 +893,74 @@ class DeviceServer:
             self.listener.close()
         if self.channel is not None:
             self.channel.close()
-        for w in self.workers:
-            w.close()
+        self.workers.close_all()
 
     # PairRunner: what the session asks of the workers.
 
     def set_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
         for w in self.workers:
-            self._call(w, "memory", regions, fds=fds)
+            self._call(w, Memory(tuple(regions)), fds=fds)
 
     def add_region(self, region: tuple[int, int, int, int], fd: int) -> None:
         """Every worker maps it, or none keeps it."""
         done: list[WorkerHandle] = []
         try:
             for w in self.workers:
-                self._call(w, "add_region", region, fds=[fd])
+                self._call(w, AddRegion(region), fds=[fd])
                 done.append(w)
         except RequestRefused:
             for w in done:
-                self._call(w, "rem_region", region[:3])
+                self._call(w, RemRegion(region[:3]))
             raise
 
     def rem_region(self, region: tuple[int, int, int]) -> None:
         for w in self.workers:
-            self._call(w, "rem_region", region)
+            self._call(w, RemRegion(region))
 
     def unmap(self) -> None:
         for w in self.workers:
             if w.status is None:
-                self._call(w, "unmap")
+                self._call(w, Unmap())
 
     def start(self, pair: int, spec: RingSpec, fds: list[int]) -> None:
-        self._call(self.workers[pair], "start", spec, fds=fds)
+        self._call(self.workers[pair], Start(spec), fds=fds)
 
     def update_fds(self, pair: int, fds: tuple[int, int, int, int]) -> None:
-        mask = tuple(fd >= 0 for fd in fds)
-        self._call(self.workers[pair], "fds", mask, fds=[fd for fd in fds if fd >= 0])
+        mask = (fds[0] >= 0, fds[1] >= 0, fds[2] >= 0, fds[3] >= 0)
+        self._call(self.workers[pair], Fds(mask), fds=[fd for fd in fds if fd >= 0])
 
     def stop(self, pair: int) -> tuple[int, int] | None:
-        return self._call(self.workers[pair], "stop")
+        return self._call(self.workers[pair], Stop())
 
     def set_log(self, size: int, offset: int, fds: list[int]) -> None:
         for w in self.workers:  # every pair logs: each worker maps the log itself
-            self._call(w, "log", size, offset, fds=fds)
+            self._call(w, Log(size, offset), fds=fds)
 
     def vring_addr(self, pair: int, q: int, addr: VringAddr) -> None:
-        self._call(self.workers[pair], "vring_addr", q, addr)
+        self._call(self.workers[pair], VringAddrUpdate(q, addr))
 
     def send_rarp(self, frame: bytes) -> bool:
-        return bool(self._call(self.workers[0], "rarp", frame))  # queue pair 0's port
+        return self._call(self.workers[0], Rarp(frame))  # queue pair 0's port
 
     @staticmethod
-    def _call(w: WorkerHandle, *request, fds=()):
+    def _call(w: WorkerHandle, request: Request[T], fds: list[int] | tuple[int, ...] = ()) -> T:
         try:
-            return w.call(*request, fds=fds)
+            return w.call(request, fds=fds)
         except WorkerError as e:
             raise RequestRefused(f"queue pair {w.pair}: {e}") from None
 
     def _worker_died(self, e: WorkerDied) -> None:
-        """Name it, fail the session (its rings' state died with it), start a fresh one."""
-        w = self.workers[e.pair]
-        w.kill()  # reaps it; kills it first if it only stopped answering
-        self.worker_deaths += 1
-        log.error("%s", e)
-        self.lost.append(w.last_stats)
-        try:
-            self._ep.unregister(w.pidfd)
-        except (OSError, ValueError):
-            pass
-        w.close()
+        """WorkerSet named and reaped it: fail the session (its rings' state died with
+        it), start a fresh one."""
         if self.session is not None:
             self.session.pair_lost(e.pair)
-        self.workers[e.pair] = self._spawn(e.pair)
+        self._spawn(e.pair)
         if self.channel is not None:
             self._disconnect(f"{e}: failing the session (its rings' state is lost)")
 
-    def _on_worker_exit(self, fd: int) -> None:
-        for w in self.workers:
-            if w.pidfd == fd and w.reap():
-                self._worker_died(WorkerDied(w.pair, w.describe()))
-                return
+    @staticmethod
+    def _worker_event(pair: int, why: str) -> None:
+        log.warning("queue pair %d: %s", pair, why)  # a device's worker sends none today
 
     # -- connections ------------------------------------------------------------
 
@@ -1003,9 +1015,9 @@ class DeviceServer:
         log.info("front-end connected (session %d)", self.sessions)
         try:
             for w in self.workers:
-                self._call(w, "connect")
+                self._call(w, Connect())
         except WorkerDied as e:
-            self._worker_died(e)
+            self.workers.died(e)
 
     def _disconnect(self, why: str) -> None:
         channel, session = self.channel, self.session
@@ -1028,7 +1040,7 @@ class DeviceServer:
             try:
                 session.close()
             except WorkerDied as e:
-                self._worker_died(e)
+                self.workers.died(e)
             except RequestRefused as e:  # a worker that failed its stop: the session is over
                 log.error("closing the session: %s", e)
 
@@ -1081,16 +1093,16 @@ class DeviceServer:
             return self.channel is not None
         except WorkerDied as e:
             close_fds(msg.fds)
-            self._worker_died(e)
+            self.workers.died(e)
             return False
         if msg.request is Req.SET_FEATURES and session.features:
             # Before the reply: QEMU acks VHOST_F_LOG_ALL with NEED_REPLY and copies guest
             # memory once the ack is in, so every worker must be logging by then.
             try:
                 for w in self.workers:
-                    self._call(w, "features", session.features)
+                    self._call(w, Features(session.features))
             except WorkerDied as e:
-                self._worker_died(e)
+                self.workers.died(e)
                 return False
         return answer is None or self._reply(answer)
 
@@ -1109,21 +1121,22 @@ class DeviceServer:
     def serve(self, seconds: float = 0) -> dict:
         """Run until ``seconds`` pass (0: until SIGTERM/SIGINT)."""
         started, cpu0 = time.monotonic(), time.process_time()
-        try:
-            with RunClock(seconds, self.printer, self.stats) as clock:
+        final: list[Stats] = []
+        # The clock's stop signals stay caught through the teardown: a second SIGTERM
+        # or ^C while the workers are stopped must not cut it short.
+        with RunClock(seconds, self.printer, self.stats) as clock:
+            try:
                 self._loop(clock)
-        finally:
-            self.run_seconds = time.monotonic() - started
-            self.cpu_seconds = time.process_time() - cpu0
-            if self.channel is not None:
-                self._disconnect("stopping")
-            final = self._stop_workers()
-            self.close()
+            finally:
+                self.run_seconds = time.monotonic() - started
+                self.cpu_seconds = time.process_time() - cpu0
+                if self.channel is not None:
+                    self._disconnect("stopping")
+                final = self.workers.finish(Exit())
+                self.close()
         return self.stats(final)
 
     def _loop(self, clock: RunClock) -> None:
-        pidfds = {w.pidfd for w in self.workers}
-        next_check = time.monotonic() + WATCHDOG_EVERY
         listener = self.listener.fileno() if self.listener is not None else -1
         while clock.running():
             if self.client and self.channel is None and time.monotonic() >= self._retry_at:
@@ -1133,68 +1146,29 @@ class DeviceServer:
                     self._accept()
                 elif self.channel is not None and fd == self.channel.fileno():
                     self._on_socket()
-                elif fd in pidfds:
-                    self._on_worker_exit(fd)
-                pidfds = {w.pidfd for w in self.workers}
-            if time.monotonic() >= next_check:
-                self._watchdog()
-                pidfds = {w.pidfd for w in self.workers}
-                next_check = time.monotonic() + WATCHDOG_EVERY
+                elif self.workers.owns(fd):
+                    self.workers.on_ready(fd)
+            # Every worker must answer: one that hangs is killed, named, its session
+            # failed; the answers keep each worker's last counters fresh.
+            self.workers.watchdog()
 
     def _poll_timeout(self) -> float:
         if self.client and self.channel is None:
             return max(0.0, min(IDLE_POLL, self._retry_at - time.monotonic()))
         return IDLE_POLL
 
-    def _watchdog(self) -> None:
-        """Every worker must answer: one that hangs (stopped, stuck) would stall its
-        pair silently, so it is killed, named, and its session failed. The answers
-        keep each worker's last counters fresh, should it die later."""
-        for w in list(self.workers):
-            try:
-                # "stats" and "exit" answer with PairLoop.do_stats' dict
-                w.last_stats = cast(dict, w.call("stats", timeout=WATCHDOG_TIMEOUT))
-            except WorkerDied as e:
-                self._worker_died(e)
-
-    def _stop_workers(self) -> list[dict]:
-        final = []
-        for w in self.workers:
-            try:
-                final.append(cast(dict, w.call("exit")))
-                w.reap(block=True)
-            except WorkerDied as e:
-                log.error("%s", e)
-                final.append(w.last_stats)
-            w.close()
-        return final
-
-    def stats(self, final: list[dict] | None = None) -> dict:
+    def stats(self, final: list[Stats] | None = None) -> dict:
         """Every queue pair's counters, summed and per queue (``rx_queue_0_packets``...)."""
-        per_pair = final
-        if per_pair is None:
-            per_pair = []
-            for w in self.workers:
-                try:
-                    w.last_stats = cast(dict, w.call("stats"))
-                except WorkerDied:
-                    pass  # noticed, named and answered by the loop
-                per_pair.append(w.last_stats)
-        device = [p.get("device_stats", {}) for p in per_pair]
-        totals = sum_stats(device + [p.get("device_stats", {}) for p in self.lost])
-        for pair, d in enumerate(device):
-            totals |= per_queue_stats(pair, d)
-        backend = sum_stats([p.get("backend", {}) for p in per_pair + self.lost])
-        dirty_log = sum_stats([p.get("dirty_log", {}) for p in per_pair + self.lost])
-        cpu = self.cpu_seconds + sum(p.get("cpu_seconds", 0.0) for p in per_pair + self.lost)
-        return {"device_stats": totals, "backend": backend, "dirty_log": dirty_log,
-                "queues": self.queues,
-                "sessions": self.sessions, "worker_deaths": self.worker_deaths,
+        per_pair = self.workers.stats() if final is None else final
+        out = pair_totals(per_pair, "device_stats", lost=self.workers.lost)
+        dirty_log = sum_stats([cast(dict, p.get("dirty_log", {}))
+                               for p in per_pair + self.workers.lost])  # fmt: skip
+        return {"device_stats": out["device_stats"], "backend": out["backend"],
+                "dirty_log": dirty_log, "queues": self.queues, "sessions": self.sessions,
+                "worker_deaths": self.worker_deaths,
                 "seconds": round(self.run_seconds, 4),
-                "cpu_seconds": round(cpu, 4),
-                # Each pair's worker alone (cpu_seconds less these: the control process).
-                "worker_cpu_seconds": [round(p.get("cpu_seconds", 0.0), 4)
-                                       for p in per_pair]}  # fmt: skip
+                "cpu_seconds": round(self.cpu_seconds + out["cpu_seconds"], 4),
+                "worker_cpu_seconds": out["worker_cpu_seconds"]}  # fmt: skip
 
     def close(self) -> None:
         self._ep.close()

@@ -7,9 +7,9 @@ the request socket from the control process, a budget of packets per ring per
 pass, and the call eventfds written when the driver asked for an interrupt
 (or held a while, ``--coalesce``).
 
-The requests (``do_*``) hand the loop its memory table, rings and eventfds;
-the control process keeps the vhost-user session and never touches guest
-memory itself.
+The requests (``workermsg``, served by its ``Dispatcher``: ``do_*`` here) hand
+the loop its memory table, rings and eventfds; the control process keeps the
+vhost-user session and never touches guest memory itself.
 """
 
 from __future__ import annotations
@@ -33,8 +33,26 @@ from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.logmap import MappedLog
 from virtnet.vhost_user.mapping import MappedMemory, MappingError
 from virtnet.vhost_user.messages import VHOST_F_LOG_ALL, VringAddr, close_fds
+from virtnet.vhost_user.polling import busy_poll, drain_eventfd, look_at_epoll
 from virtnet.vhost_user.rings import RingSpec, log_addrs, ring_views
-from virtnet.vhost_user.workermsg import recv_msg, send_msg
+from virtnet.vhost_user.workermsg import (
+    AddRegion,
+    Connect,
+    Dispatcher,
+    Exit,
+    Fds,
+    Features,
+    Log,
+    Memory,
+    Rarp,
+    RemRegion,
+    Start,
+    Stats,
+    StatsRequest,
+    Stop,
+    Unmap,
+    VringAddrUpdate,
+)
 from virtnet.virtio.dirtylog import DirtyLog
 from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import bit
@@ -59,13 +77,6 @@ def signal_call(fd: int) -> None:
             os.eventfd_write(fd, 1)
         except OSError as e:
             log.warning("call eventfd %d: %s", fd, e)
-
-
-def drain_eventfd(fd: int) -> None:
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        pass
 
 
 def ring_pair(
@@ -113,7 +124,7 @@ class PairLoop:
         self.totals: dict[str, int] = {}  # devices of earlier ring starts
         self.running = True
         self._ep = select.epoll()
-        self._sock: socket.socket | None = None
+        self._rpc: Dispatcher | None = None  # serve() makes it
         self._watched: set[int] = set()
         # Dirty logging: the log SET_LOG_BASE mapped, whether VHOST_F_LOG_ALL is on, the
         # rings' addresses for it (SET_VRING_ADDR may change their log flag at run time).
@@ -126,44 +137,50 @@ class PairLoop:
 
     # -- requests ---------------------------------------------------------------------
 
-    def _on_request(self) -> None:
-        sock = self._sock
-        assert sock is not None  # serve() set it before it polls
-        try:
-            request, fds = recv_msg(sock)
-        except (EOFError, OSError):
-            self.running = False  # the control process is gone
-            return
-        assert isinstance(request, tuple)  # (command, args...): WorkerHandle.call's
-        name, *args = request
-        try:
-            value = getattr(self, "do_" + name)(*args, fds=fds)
-        except (MappingError, MemoryAccessError, ValueError, OSError) as e:
-            close_fds(fds)
-            send_msg(sock, ("error", str(e)))
-            return
-        send_msg(sock, ("ok", value))
+    def _dispatcher(self, sock: socket.socket, events: socket.socket) -> Dispatcher:
+        rpc = Dispatcher(sock, events, (MappingError, MemoryAccessError, ValueError, OSError))
+        rpc.on(Connect, self.do_connect)
+        rpc.on(Features, self.do_features)
+        rpc.on(Memory, self.do_memory)
+        rpc.on(Unmap, self.do_unmap)
+        rpc.on(Start, self.do_start)
+        rpc.on(Fds, self.do_fds)
+        rpc.on(Stop, self.do_stop)
+        rpc.on(StatsRequest, self.do_stats)
+        rpc.on(Exit, self.do_exit)
+        rpc.on(AddRegion, self.do_add_region)
+        rpc.on(RemRegion, self.do_rem_region)
+        rpc.on(Log, self.do_log)
+        rpc.on(VringAddrUpdate, self.do_vring_addr)
+        rpc.on(Rarp, self.do_rarp)
+        return rpc
 
-    def do_connect(self, fds: list[int]) -> None:
+    def _on_request(self) -> None:
+        rpc = self._rpc
+        assert rpc is not None  # serve() made it before it polls
+        if not rpc.serve_one():
+            self.running = False  # the control process is gone
+
+    def do_connect(self, req: Connect, fds: list[int]) -> None:
         for coal in self.coalesce.values():
             coal.owed = 0  # an interrupt held for the old rings means nothing now
         self.backend.on_connect()
 
-    def do_features(self, features: int, fds: list[int]) -> None:
-        self.backend.on_features(features)
-        self.logging = bool(features & bit(VHOST_F_LOG_ALL))  # at any time, mid-stream too
+    def do_features(self, req: Features, fds: list[int]) -> None:
+        self.backend.on_features(req.features)
+        self.logging = bool(req.features & bit(VHOST_F_LOG_ALL))  # at any time, mid-stream too
         self._apply_log()
 
     # -- dirty logging ----------------------------------------------------------------
 
-    def do_log(self, size: int, offset: int, fds: list[int]) -> None:
+    def do_log(self, req: Log, fds: list[int]) -> None:
         """SET_LOG_BASE: map the new log (QEMU sends a bigger one as memory grows); the
         old one is flushed and dropped once the device logs to the new one."""
         if len(fds) != 1:
             close_fds(fds)
             raise ValueError(f"SET_LOG_BASE: {len(fds)} fds, expected the log's one")
         try:
-            new = MappedLog(fds[0], size, offset)
+            new = MappedLog(fds[0], req.size, req.offset)
         finally:
             close_fds(fds)
         if new.unsealed is not None:
@@ -174,10 +191,10 @@ class PairLoop:
         if old is not None:
             old.close()
 
-    def do_vring_addr(self, q: int, addr: VringAddr, fds: list[int]) -> None:
+    def do_vring_addr(self, req: VringAddrUpdate, fds: list[int]) -> None:
         """SET_VRING_ADDR of a running ring: QEMU re-sends it to set VHOST_VRING_F_LOG
         and log_guest_addr when logging starts and to clear them when it ends."""
-        self._ring_addrs[q] = addr
+        self._ring_addrs[req.q] = req.addr
         self._apply_log()
 
     def _flush_log(self) -> None:
@@ -227,20 +244,24 @@ class PairLoop:
             t["log_beyond"] += self.dirty.beyond
         return t
 
-    def do_rarp(self, frame: bytes, fds: list[int]) -> bool:
+    def do_rarp(self, req: Rarp, fds: list[int]) -> bool:
         """SEND_RARP: ``frame`` out of this pair's port, as a frame the guest sent
         (virtio-net header first, zeroed); False if the port pushed back."""
         from virtnet.net.header import MRG_HDR_LEN
 
-        return self.backend.xmit([memoryview(bytes(MRG_HDR_LEN)), memoryview(frame)],
-                                 len(frame))  # fmt: skip
+        return self.backend.xmit([memoryview(bytes(MRG_HDR_LEN)), memoryview(req.frame)],
+                                 len(req.frame))  # fmt: skip
 
-    def do_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
+    def do_memory(self, req: Memory, fds: list[int]) -> None:
         """Map the front-end's memory table: (gpa, size, uva, mmap_offset) per fd."""
-        self.do_unmap(fds=[])
+        try:
+            self._unmap()
+        except BaseException:
+            close_fds(fds)
+            raise
         memory = MappedMemory()
         try:
-            for (gpa, size, uva, offset), fd in zip(regions, fds, strict=True):
+            for (gpa, size, uva, offset), fd in zip(req.regions, fds, strict=True):
                 memory.add(fd, gpa, size, uva, offset)
         except Exception:
             memory.close()
@@ -249,14 +270,14 @@ class PairLoop:
             close_fds(fds)
         self.memory = memory
 
-    def do_add_region(self, region: tuple[int, int, int, int], fds: list[int]) -> None:
+    def do_add_region(self, req: AddRegion, fds: list[int]) -> None:
         """ADD_MEM_REG: map one more region (gpa, size, uva, mmap_offset) of ``fds[0]``.
 
         Requests are served between bursts, so a running device sees it from its next
         descriptor on: before the control process replies, hence before the front-end
         can point a descriptor into it.
         """
-        gpa, size, uva, offset = region
+        gpa, size, uva, offset = req.region
         if self.memory is None:
             self.memory = MappedMemory()
         try:
@@ -264,19 +285,19 @@ class PairLoop:
             self.memory.add(fd, gpa, size, uva, offset)
         finally:
             close_fds(fds)  # the mapping keeps the memory
-            fds.clear()  # not closed again by _on_request: the number may be reused
 
-    def do_rem_region(self, region: tuple[int, int, int], fds: list[int]) -> None:
+    def do_rem_region(self, req: RemRegion, fds: list[int]) -> None:
         """REM_MEM_REG: unmap the region (gpa, size, uva); the control process has
         checked that no ring of a running pair lies in it."""
-        close_fds(fds)
-        fds.clear()
         if self.memory is None:
-            raise ValueError(f"no region at gpa {region[0]:#x}: no memory is mapped")
-        self.memory.remove(*region)
+            raise ValueError(f"no region at gpa {req.region[0]:#x}: no memory is mapped")
+        self.memory.remove(*req.region)
 
-    def do_unmap(self, fds: list[int]) -> None:
-        self.do_stop(fds=[])
+    def do_unmap(self, req: Unmap, fds: list[int]) -> None:
+        self._unmap()
+
+    def _unmap(self) -> None:
+        self._stop()
         if self.log is not None:
             self.log.close()
             self.log = None
@@ -284,10 +305,13 @@ class PairLoop:
             self.memory.close()
             self.memory = None
 
-    def do_start(self, spec: RingSpec, fds: list[int]) -> None:
+    def do_start(self, req: Start, fds: list[int]) -> None:
         """Run the pair's device: ``fds`` are the kick/call eventfds ``spec.fd_mask`` names."""
-        self.do_stop(fds=[])
-        self._take_fds(spec.fd_mask, fds)
+        spec = req.spec
+        try:
+            self._stop()
+        finally:
+            self._take_fds(spec.fd_mask, fds)
         if self.memory is None:
             raise ValueError("a ring start before any memory table")
         mem = self.memory.memory
@@ -302,12 +326,15 @@ class PairLoop:
         self.backend.on_queue_enabled(True)
         self._rewatch()
 
-    def do_fds(self, fd_mask: tuple[bool, bool, bool, bool], fds: list[int]) -> None:
+    def do_fds(self, req: Fds, fds: list[int]) -> None:
         """New kick/call eventfds for a running pair (QEMU re-sends calls at run time)."""
-        self._take_fds(fd_mask, fds)
+        self._take_fds(req.mask, fds)
         self._rewatch()
 
-    def do_stop(self, fds: list[int]) -> tuple[int, int] | None:
+    def do_stop(self, req: Stop, fds: list[int]) -> tuple[int, int] | None:
+        return self._stop()
+
+    def _stop(self) -> tuple[int, int] | None:
         """Stop the device; where each ring stopped (GET_VRING_BASE), or None if idle."""
         dev = self.dev
         bases = None
@@ -329,17 +356,20 @@ class PairLoop:
         self._rewatch()
         return bases
 
-    def do_stats(self, fds: list[int]) -> dict[str, object]:
+    def do_stats(self, req: StatsRequest, fds: list[int]) -> Stats:
+        return self.stats()
+
+    def stats(self) -> Stats:
         dev = [self.dev.stats.as_dict()] if self.dev is not None else []
         return {"device_stats": sum_stats([self.totals, *dev]),
                 "backend": self.backend.stats(),
                 "dirty_log": self.log_stats(),
                 "cpu_seconds": time.process_time()}  # fmt: skip
 
-    def do_exit(self, fds: list[int]) -> dict[str, object]:
-        self.do_unmap(fds=[])
+    def do_exit(self, req: Exit, fds: list[int]) -> Stats:
+        self._unmap()
         self.running = False
-        return self.do_stats(fds=[])
+        return self.stats()
 
     def _take_fds(self, mask: tuple[bool, ...], fds: list[int]) -> None:
         old = [fd for fd in (*self.kick, *self.call) if fd >= 0]
@@ -380,14 +410,14 @@ class PairLoop:
 
     # -- the data path ----------------------------------------------------------------
 
-    def serve(self, sock: socket.socket) -> None:
-        self._sock = sock
+    def serve(self, sock: socket.socket, events: socket.socket) -> None:
+        self._rpc = self._dispatcher(sock, events)
         self._ep.register(sock.fileno(), select.EPOLLIN)
         try:
             self._loop(sock.fileno())
         finally:
             if self.dev is not None:
-                self.do_stop(fds=[])
+                self._stop()
             if self.pcap is not None:
                 self.pcap.close()
             self.backend.close()
@@ -400,10 +430,7 @@ class PairLoop:
         ep = self._ep
         while self.running:
             passes += 1
-            # While the rings keep us busy, ask epoll only every few passes: kicks
-            # need no syscall to be seen (the avail index says it), and a level-
-            # triggered fd is still reported on the next look.
-            if not busy or passes % 4 == 0:
+            if look_at_epoll(busy, passes):
                 for fd, _ev in ep.poll(self._poll_timeout(busy)):
                     if fd == sock_fd:
                         self._on_request()
@@ -496,9 +523,9 @@ class PairLoop:
         return more
 
     def _spin(self, dev: VirtnetDevice) -> bool:
-        end = time.perf_counter() + self.busy_poll
         txq, rxq = dev.txq, dev.rxq
-        while time.perf_counter() < end:
-            if txq.avail_pending() or dev.rx_starved and rxq.avail_pending() or self._ep.poll(0):
-                return True  # level-triggered: the main poll sees the event again
-        return False
+
+        def ready() -> bool:  # the driver sent, or posted rx buffers we wait for
+            return bool(txq.avail_pending() or dev.rx_starved and rxq.avail_pending())
+
+        return busy_poll(self._ep, self.busy_poll, ready)

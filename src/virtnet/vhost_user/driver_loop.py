@@ -20,6 +20,7 @@ from typing import final
 from virtnet.net.driver import VirtnetDriver
 from virtnet.net.guest import RX, TX
 from virtnet.ports.backends import DriverBackend, LoopbackDriver
+from virtnet.vhost_user.polling import busy_poll, drain_eventfd, look_at_epoll
 from virtnet.virtio.ring.layout import VRING_PACKED_EVENT_F_WRAP_CTR
 from virtnet.virtio.ring.packed import PackedQueueDriver
 from virtnet.virtio.ring.queue import RingDriver
@@ -85,17 +86,16 @@ class PairDriver:
                 if not busy and self.busy_poll:
                     busy = rx_pending = self._spin(ep)
                 passes += 1
-                # Busy: look at the fds only every few passes (see PairLoop._loop).
-                if not busy or passes % 4 == 0:
+                if look_at_epoll(busy, passes):
                     events = ep.poll(0.0 if busy else IDLE_TIMEOUT)
                     if not events and not busy:
                         rx_pending, quiet_at = self._check_lost_irq(quiet_at)
                     for fd, _ in events:
                         if fd == call_rx:
-                            _drain(fd)
+                            drain_eventfd(fd)
                             rx_pending = True
                         elif fd == call_tx:
-                            _drain(fd)
+                            drain_eventfd(fd)
                             tx_ready = True
                         elif fd == bfd:
                             tx_ready = True
@@ -144,10 +144,8 @@ class PairDriver:
         and our fds for a while; re-arm callbacks before giving up."""
         rvq = self.drv.rvq
         rvq.disable_cb()
-        end = time.perf_counter() + self.busy_poll
-        while time.perf_counter() < end:
-            if rvq.more_used() or ep.poll(0):
-                return True  # poll() re-arms callbacks when it drains the ring
+        if busy_poll(ep, self.busy_poll, rvq.more_used):
+            return True  # poll() re-arms callbacks when it drains the ring
         return not rvq.enable_cb()
 
     def _watch_tap(self, on: bool) -> None:
@@ -199,7 +197,7 @@ class PairDriver:
                 continue
             ready, _, _ = select.select([self.call[TX], *watch], [], [], min(left, 0.05))
             if self.call[TX] in ready:
-                _drain(self.call[TX])
+                drain_eventfd(self.call[TX])
             for fd in ready:
                 if fd in watch:
                     watch[fd]()
@@ -220,10 +218,3 @@ class PairDriver:
     def stats(self) -> dict[str, object]:
         return {"driver_stats": self.drv.stats.as_dict(), "backend": self.backend.stats(),
                 "cpu_seconds": time.process_time()}  # fmt: skip
-
-
-def _drain(fd: int) -> None:
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        pass

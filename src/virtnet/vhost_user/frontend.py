@@ -19,7 +19,6 @@ import select
 import socket
 import stat
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
@@ -50,7 +49,6 @@ from virtnet.net.guest import (
     build_control,
     build_driver,
 )
-from virtnet.net.mq import per_queue_stats, sum_stats
 from virtnet.ports.backends import DriverBackend, LoopbackDriver
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.driver_loop import (  # noqa: F401 - their old home: re-exported
@@ -80,16 +78,8 @@ from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
 from virtnet.vhost_user.runclock import RunClock
-from virtnet.vhost_user.worker import (
-    RPC_TIMEOUT,
-    WATCHDOG_EVERY,
-    WATCHDOG_TIMEOUT,
-    WorkerDied,
-    WorkerHandle,
-    recv_msg,
-    send_msg,
-    spawn_worker,
-)
+from virtnet.vhost_user.worker import RPC_TIMEOUT, WorkerDied, WorkerSet, pair_totals
+from virtnet.vhost_user.workermsg import Dispatcher, Drain, Finish, Stats, StatsRequest, Stop
 from virtnet.virtio.features import DeviceStatus, VirtioF, bit
 from virtnet.virtio.memory import GuestMemory, MemoryRegion
 from virtnet.virtio.ring.layout import PackedAddrs, VringAddrs
@@ -185,46 +175,41 @@ class PairWorker:
 
     def __init__(self, pair: PairDriver) -> None:
         self.pair = pair
-        self.sock: socket.socket | None = None
+        self.finished = False
+        self._rpc: Dispatcher | None = None
 
-    def serve(self, sock: socket.socket) -> None:
-        self.sock = sock
-        watch: dict[int, Callable[[], object]] = {sock.fileno(): self._on_request}
-        self.pair.run(lambda: True, watch)
+    def serve(self, sock: socket.socket, events: socket.socket) -> None:
+        rpc = self._rpc = Dispatcher(sock, events)
+        rpc.on(Stop, self._stop)
+        rpc.on(Drain, self._drain)
+        rpc.on(Finish, self._finish)
+        rpc.on(StatsRequest, self._stats)
+        self.pair.run(lambda: True, {sock.fileno(): self._on_request})
         if self.pair.broken:
-            send_msg(sock, ("event", self.pair.broken))
-        while True:  # stopped (or broken): the rest is the control process's sequence
-            if not self._on_request():
-                return
+            rpc.event(self.pair.broken)
+        # Stopped (or broken): the rest is the control process's sequence.
+        while not self.finished and rpc.serve_one():
+            pass
 
-    def _on_request(self) -> bool:
-        sock = self.sock
-        if sock is None:
-            raise RuntimeError("PairWorker: a request before serve()")
-        try:
-            request, fds = recv_msg(sock)
-        except (EOFError, OSError):
+    def _on_request(self) -> None:
+        assert self._rpc is not None  # serve() made it before it runs the loop
+        if not self._rpc.serve_one():
             self.pair.stop = True  # the control process is gone
-            return False
-        close_fds(fds)
-        # WorkerHandle.call sends (command, args...); anything else is the control
-        # process's bug, and ends this worker (the control process then sees it die).
-        if not (isinstance(request, tuple) and request):
-            raise TypeError(f"PairWorker: a malformed request {request!r}")
-        name = request[0]
-        value = None
-        if name == "stop":
-            self.pair.stop = True
-        elif name == "drain":
-            self.pair.stop = False
-            self.pair.drain_tx(TX_DRAIN_TIMEOUT, {})
-        elif name == "finish":
-            self.pair.finish()
-            value = self.pair.stats()
-        elif name == "stats":
-            value = self.pair.stats()
-        send_msg(sock, ("ok", value))
-        return name != "finish"
+
+    def _stop(self, req: Stop, fds: list[int]) -> None:
+        self.pair.stop = True
+
+    def _drain(self, req: Drain, fds: list[int]) -> None:
+        self.pair.stop = False
+        self.pair.drain_tx(TX_DRAIN_TIMEOUT, {})
+
+    def _finish(self, req: Finish, fds: list[int]) -> Stats:
+        self.pair.finish()
+        self.finished = True
+        return self.pair.stats()
+
+    def _stats(self, req: StatsRequest, fds: list[int]) -> Stats:
+        return self.pair.stats()
 
 
 class DriverClient:
@@ -285,12 +270,13 @@ class DriverClient:
         self.status = 0  # the device status, as sent (PROTOCOL_F_STATUS)
         self.config: NetConfig | None = None  # GET_CONFIG's answer (PROTOCOL_F_CONFIG)
         self.pairs: list[PairDriver] = []
-        self.workers: list[WorkerHandle] = []
+        self.workers: WorkerSet | None = None  # with more than one pair: see run()
         self.peer_gone = False
         self.broken = ""  # a queue the device broke (BAD_RING), or a worker died: why
         self.run_seconds = 0.0
         self.cpu_seconds = 0.0
         self._final: list[dict] = []
+        self._clock: RunClock | None = None  # from run() to close()
 
     @property
     def drv(self) -> VirtnetDriver | None:
@@ -571,8 +557,10 @@ class DriverClient:
     # -- running ------------------------------------------------------------------
 
     def run(self, seconds: float = 0) -> dict:
+        """Run until ``seconds`` pass (0: until SIGTERM/SIGINT). The stop signals stay
+        caught until close(): a second one while the pairs stop must not cut it short."""
         started, cpu0 = time.monotonic(), time.process_time()
-        clock = RunClock(seconds, self.printer, self.stats).install()
+        clock = self._clock = RunClock(seconds, self.printer, self.stats).install()
         try:
             if self.queues == 1:
                 pair = self.pairs[0]
@@ -583,63 +571,39 @@ class DriverClient:
         finally:
             self.run_seconds = time.monotonic() - started
             self.cpu_seconds = time.process_time() - cpu0
-            clock.restore()
         return self.stats()
 
     def _run_workers(self, clock: RunClock) -> None:
         """One worker process per pair; here, the session and the workers' health."""
-        for pair in self.pairs[: self.active]:
-            self.workers.append(spawn_worker(pair.pair, partial(PairWorker, pair),
-                                             self._close_in_worker))  # fmt: skip
         ep = select.epoll()
+        workers = self.workers = WorkerSet(ep, log, self._worker_died, self._worker_event)
+        for pair in self.pairs[: self.active]:
+            workers.start(pair.pair, partial(PairWorker, pair), self._close_in_worker)
         try:
             ep.register(self.channel.fileno(), select.EPOLLIN)
-            for w in self.workers:
-                ep.register(w.pidfd, select.EPOLLIN)
-                ep.register(w.sock.fileno(), select.EPOLLIN)
-            next_check = time.monotonic() + WATCHDOG_EVERY
             while clock.running() and not self.peer_gone and not self.broken:
                 for fd, _ in ep.poll(IDLE_TIMEOUT):
                     if fd == self.channel.fileno():
                         self._on_socket()
                     else:
-                        self._on_worker(fd)
-                if time.monotonic() >= next_check and not self.broken:
-                    self._watchdog()  # a hung worker would stall its pair silently
-                    next_check = time.monotonic() + WATCHDOG_EVERY
+                        workers.on_ready(fd)
+                if not self.broken:
+                    workers.watchdog()  # a hung worker would stall its pair silently
         finally:
             ep.close()
 
-    def _watchdog(self) -> None:
-        for w in self.workers:
-            try:
-                w.last_stats = w.call_dict("stats", timeout=WATCHDOG_TIMEOUT)
-            except WorkerDied as e:
-                self.broken = str(e)
-                log.error("%s", e)
-                return
+    def _worker_died(self, e: WorkerDied) -> None:
+        self.broken = self.broken or str(e)
 
-    def _on_worker(self, fd: int) -> None:
-        for w in self.workers:
-            if fd == w.pidfd and w.reap():
-                self.broken = str(WorkerDied(w.pair, w.describe()))
-                log.error("%s", self.broken)
-            elif fd == w.sock.fileno():
-                try:
-                    event, _ = recv_msg(w.sock)
-                except (EOFError, OSError):
-                    continue  # its pidfd says how it ended
-                # PairWorker.serve's ("event", why): the pair broke
-                if isinstance(event, tuple) and len(event) == 2:
-                    self.broken = f"queue pair {w.pair}: {event[1]}"
-                else:
-                    self.broken = f"queue pair {w.pair}: a malformed event {event!r}"
+    def _worker_event(self, pair: int, why: str) -> None:
+        """PairWorker.serve's event: the pair broke (BAD_RING), and why."""
+        self.broken = self.broken or f"queue pair {pair}: {why}"
 
     def _close_in_worker(self) -> None:
         """In a fresh worker: the session is the control process's alone."""
         self.channel.close()
-        for w in self.workers:
-            w.close()
+        if self.workers is not None:
+            self.workers.close_all()
 
     def _on_socket(self) -> None:
         try:
@@ -653,31 +617,20 @@ class DriverClient:
         for msg in msgs:
             log.warning("unexpected message from the back-end: %s", msg.request)
 
-    def _pair_stats(self) -> list[dict]:
+    def _pair_stats(self) -> list[Stats]:
         if self._final:
             return self._final
         out = [p.stats() for p in self.pairs]  # pairs not in use: here, as set up
-        for w in self.workers:
-            try:
-                w.last_stats = w.call_dict("stats")
-            except WorkerDied:
-                pass  # the run loop names it
-            out[w.pair] = w.last_stats
+        if self.workers is not None:
+            out[: len(self.workers)] = self.workers.stats()
         return out
 
     def stats(self) -> dict:
-        per_pair = self._pair_stats() if self.pairs else []
-        drv = [p.get("driver_stats", {}) for p in per_pair]
-        totals = sum_stats(drv)
-        if self.queues > 1:
-            for pair, d in enumerate(drv):
-                totals |= per_queue_stats(pair, d)
-        cpu = self.cpu_seconds
-        if self.queues > 1:  # the pairs ran in worker processes: their CPU too
-            cpu += sum(p.get("cpu_seconds", 0.0) for p in per_pair)
+        workers = self.queues > 1  # one pair runs in this process
+        out = pair_totals(self._pair_stats() if self.pairs else [], "driver_stats",
+                          per_queue=workers, workers=workers)  # fmt: skip
         cfg = self.config
-        return {"driver_stats": totals,
-                "backend": sum_stats([p.get("backend", {}) for p in per_pair]),
+        return {"driver_stats": out["driver_stats"], "backend": out["backend"],
                 # What GET_CONFIG said (with PROTOCOL_F_CONFIG), else null.
                 "device_config": None if cfg is None else {
                     "mac": cfg.mac.hex(":"), "link_up": bool(cfg.status & VIRTIO_NET_S_LINK_UP),
@@ -685,10 +638,8 @@ class DriverClient:
                 "features": self.features, "queues": self.queues,
                 "strategy": self.drv.strategy if self.drv else self.strategy,
                 "seconds": round(self.run_seconds, 4),
-                "cpu_seconds": round(cpu, 4),
-                # Each pair's worker alone; one pair runs in this process: none.
-                "worker_cpu_seconds": [round(p.get("cpu_seconds", 0.0), 4)
-                                       for p in per_pair] if self.queues > 1 else []}  # fmt: skip
+                "cpu_seconds": round(self.cpu_seconds + out["cpu_seconds"], 4),
+                "worker_cpu_seconds": out["worker_cpu_seconds"]}  # fmt: skip
 
     # -- teardown -----------------------------------------------------------------
 
@@ -696,8 +647,8 @@ class DriverClient:
         """Stop the rings (GET_VRING_BASE), reclaim every buffer, free every page."""
         stats = {}
         if self.pairs:
-            if self.workers:
-                self._close_workers()
+            if self.workers is not None:
+                self._close_workers(self.workers)
             else:
                 self._close_in_process()
             stats = self.stats()
@@ -706,6 +657,9 @@ class DriverClient:
             os.close(fd)
         self.pairs = []
         self.guest.close()
+        if self._clock is not None:
+            self._clock.restore()
+            self._clock = None
         return stats
 
     def _close_in_process(self) -> None:
@@ -716,33 +670,18 @@ class DriverClient:
             self._stop_rings()
         pair.finish()
 
-    def _close_workers(self) -> None:
-        alive = [w for w in self.workers if not w.reap()]
-        for step, timeout in (("stop", RPC_TIMEOUT), ("drain", TX_DRAIN_TIMEOUT + RPC_TIMEOUT)):
-            for w in list(alive):
-                if step == "drain" and self.peer_gone:
-                    break
-                try:
-                    w.call(step, timeout=timeout)
-                except WorkerDied as e:
-                    log.error("%s", e)
-                    alive.remove(w)
+    def _close_workers(self, workers: WorkerSet) -> None:
+        """Stop the loops, drain tx, stop the rings (GET_VRING_BASE), then each worker
+        takes what the device finished and frees every page."""
+        workers.each(Stop())
         if not self.peer_gone:
+            workers.each(Drain(), TX_DRAIN_TIMEOUT + RPC_TIMEOUT)
             self._stop_rings()
-        final = []
-        for pair in self.pairs[len(self.workers) :]:  # never ran: their buffers are here
+        ran = len(workers)
+        for pair in self.pairs[ran:]:  # never ran: their buffers are here
             pair.finish()
-        for w in self.workers:
-            if w in alive:
-                try:
-                    w.last_stats = w.call_dict("finish")
-                    w.reap(block=True)
-                except WorkerDied as e:
-                    log.error("%s", e)
-            final.append(w.last_stats)
-            w.close()
-        self._final = final + [p.stats() for p in self.pairs[len(self.workers) :]]
-        self.workers = []
+        self._final = workers.finish(Finish()) + [p.stats() for p in self.pairs[ran:]]
+        self.workers = None
 
     def _stop_rings(self) -> None:
         for q in range(2 * self.queues):
