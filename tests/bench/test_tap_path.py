@@ -212,6 +212,14 @@ def test_tcp_arrives_intact_with_tso_frames(strategy: str, direction: str, tmp_p
 UDP_CASES = [("deferred", 64), ("small", 16)]
 
 
+def udp_drops(netns: str) -> int:
+    """Datagrams the kernel of ``netns`` dropped at its UDP sockets (RcvbufErrors)."""
+    snmp = run_in_netns(netns, ["cat", "/proc/net/snmp"], capture_output=True, text=True,
+                        timeout=10).stdout.splitlines()  # fmt: skip
+    names, values = (line.split()[1:] for line in snmp if line.startswith("Udp:"))
+    return int(dict(zip(names, values, strict=True))["RcvbufErrors"])
+
+
 @pytest.mark.parametrize(("strategy", "queue_size"), UDP_CASES)
 def test_udp_flood_drops_are_counted(strategy: str, queue_size: int) -> None:
     with checked_path(strategy, queue_size=queue_size) as path:
@@ -219,15 +227,18 @@ def test_udp_flood_drops_are_counted(strategy: str, queue_size: int) -> None:
         client = start_client(path.topo, path.guest, HOST_IP, UDP_SECONDS, udp=True,
                               bitrate=UDP_RATE, extra=("-R",))  # fmt: skip
         result = client.result()
+        guest_udp = udp_drops(path.guest)
         drv_doc, dev_doc = path.stop()
         taps = path.tap_stats()
 
     assert result.lost_percent is not None and result.lost_percent > 0
     drv, dev = drv_doc["driver_stats"], dev_doc["device_stats"]
     assert drv["rx_packets"] > 0
-    # The guest's ring was empty while frames kept coming: the device leaves them in the
-    # host tap (vhost-net's way), whose full queue drops them and counts it.
-    assert taps["host"]["tx_dropped"] + dev["rx_dropped"] > 0
+    # Every lost datagram was dropped where it is counted: the guest's ring was empty while
+    # frames kept coming and the device left them in the host tap (vhost-net's way), whose
+    # full queue drops them; or the driver kept up and the guest's UDP socket buffer
+    # overflowed (which of the two depends on how fast this build and machine are).
+    assert taps["host"]["tx_dropped"] + dev["rx_dropped"] + guest_udp > 0
     assert_counters_add_up(drv_doc, dev_doc, taps)
 
 
