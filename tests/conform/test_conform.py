@@ -52,6 +52,8 @@ EXPECTED_SKIPS = {"ctrl-bounds"}
 def expected_status(c) -> str:
     if c.family in EXPECTED_SKIPS:
         return "skipped"
+    if c.family == "stale-vring-base" and c.cell.ring == "packed":
+        return "skipped"  # a packed ring has no used index to continue from
     return "survived" if c.survive else "passed"
 
 
@@ -93,9 +95,10 @@ def test_every_case_passes_against_virtnet_device(loopback, tmp_path):
     assert details["vring-index-out-of-range"].startswith("vring 4 (2 queue pairs)")
     assert "vring 4 (the control queue) is refused" in details["ctrl-bounds"]
     matrix = [c for c in expand(CASES) if c.cell is not None]
-    per_cell = {f"{r}/event-idx-{e}": {"passed": sum(not c.survive for c in matrix) // 4,
-                                    "survived": sum(c.survive for c in matrix) // 4}
-             for r in RING_KINDS for e in ("on", "off")}  # fmt: skip
+    per_cell: dict[str, dict[str, int]] = {}
+    for c in matrix:
+        counts = per_cell.setdefault(c.cell.name, {})
+        counts[expected_status(c)] = counts.get(expected_status(c), 0) + 1
     assert doc["cells"] == per_cell
     row = next(c for c in doc["cases"] if c["name"] == "data-mergeable/packed/event-idx-on")
     assert (row["case"], row["ring"], row["event_idx"]) == ("data-mergeable", "packed", True)
@@ -523,8 +526,11 @@ def test_the_lifecycle_cases_pass_and_a_stale_index_fails_them(loopback, proxy_f
     rc, doc, out = run_json(tmp_path, proxy.path, "guest-reboot")
     cases = {c["name"]: c for c in doc["cases"]}
     assert rc == 1, out
-    assert {c["status"] for c in cases.values()} == {"failed"}, out
-    # The proxy counts starts across connections: the first cell's first boot is intact.
-    assert "boot 2 of 20: the back-end used 0 of 2 tx buffers" in \
-        cases["guest-reboot/split/event-idx-on"]["detail"], out  # fmt: skip
+    # A split ring has its used index in memory: the device continues from it rather than
+    # from a base that disagrees (stale-vring-base). A packed ring has none to go by.
+    status = {name: c["status"] for name, c in cases.items()}
+    assert status == {f"guest-reboot/{ring}/event-idx-{on}": "passed" if ring == "split"
+                      else "failed" for ring in ("split", "packed") for on in ("on", "off")}, out
+    assert "the back-end used 0 of 1 tx buffers" in \
+        cases["guest-reboot/packed/event-idx-on"]["detail"], out  # fmt: skip
     assert loopback.alive()

@@ -405,6 +405,22 @@ def test_a_device_picks_up_where_the_ring_says_on_reconnect():
     assert q.used_idx == 6 and q.used_elem(5) == (2, 1)
 
 
+@pytest.mark.parametrize("stale", [3, 7, 0xFFFE])  # behind, ahead, behind across the wrap
+def test_a_stale_base_continues_from_the_used_index(stale):
+    # QEMU after a back-end crash: SET_VRING_BASE from a used->idx read before the dead
+    # back-end's last writes. Popping from it would return chains the driver has back.
+    q = MockSplitQueue(8)
+    q.set_used_idx(5)
+    q.set_avail_idx(5)
+    q.desc(4, q.data(4), 1, WRITE)
+    q.make_available(4)  # avail slot 5
+    dev = q.device(last_avail_idx=stale)
+    assert dev.sync_last_avail_to_used() == stale
+    assert dev.last_avail_idx == 5 and dev.pop().head == 4
+    dev.unpop()
+    assert dev.sync_last_avail_to_used() is None  # agreeing: nothing changes
+
+
 def test_needs_notify_follows_no_interrupt_without_event_idx():
     q = MockSplitQueue(8)
     dev = q.device()

@@ -14,13 +14,15 @@ from virtnet.conform.cases import (
     BASE_FEATURES,
     MRG,
     QUEUE_SIZE,
+    QUIET,
     Context,
     case,
     echo,
+    echo_seqs,
     frames,
 )
 from virtnet.conform.guest import DATA, Guest, Rings
-from virtnet.conform.session import CaseFailure, Session
+from virtnet.conform.session import CaseFailure, CaseSkipped, Session
 from virtnet.net.features import VirtioNetF
 from virtnet.net.guest import RX, TX
 from virtnet.vhost_user.messages import U64, FrontendRequest, ProtocolFeature
@@ -118,6 +120,48 @@ def reconnect(ctx: Context) -> str:
     echo(rings2, frames(20, [64, 1514, 300]), mergeable=s2.has(VirtioNetF.MRG_RXBUF))
     stop(s2, rings2, 3)
     return "the second front-end's rings echoed 3 frames, from base 0"
+
+
+STALE_BY = 2  # how far behind its used index a stale-vring-base ring is set up again
+
+
+@case("stale-vring-base", "robustness",
+      f"a split ring stopped and set up again with SET_VRING_BASE {STALE_BY} behind its used "
+      "index (what QEMU hands a back-end it restarts after a crash: it reads used->idx, and "
+      "the dead back-end's last writes can come after): the device continues from the used "
+      "index, sends no tx frame twice and returns no rx buffer the driver already has back",
+      "vhost-user.rst SET_VRING_BASE; QEMU virtio_queue_restore_last_avail_idx; DPDK "
+      "translate_ring_addresses (last_used_idx and used->idx mismatch)",
+      matrix=True)  # fmt: skip
+def stale_vring_base(ctx: Context) -> str:
+    s, rings = ctx.running(BASE_FEATURES | MRG)
+    if rings.packed:
+        raise CaseSkipped("packed rings have no used index to continue from")
+    mrg = s.has(VirtioNetF.MRG_RXBUF)
+    echo(rings, frames(0, [100, 200, 300]), mergeable=mrg)
+    rings.vring_base(s, RX)
+    rings.vring_base(s, TX)
+    # The driver took every used entry: its last_used_idx is the ring's used->idx.
+    used = [rings.vqs[q].last_used_idx for q in (RX, TX)]
+    stale = ((used[RX] - STALE_BY) & 0xFFFF, (used[TX] - STALE_BY) & 0xFFFF)
+    rings.setup(s, bases=stale)
+    rings.post_rx(4)
+    # A device that took the stale bases pops the tx chains of frames 1 and 2 again and
+    # rx buffers the driver has back (its get_buf raises "not a buffer in flight").
+    echo(rings, frames(3, [64, 800]), mergeable=mrg)
+    again = rings.tx_used_within(QUIET)
+    if again:
+        raise CaseFailure(f"{again} more tx buffers used after the 2 sent: the device went "
+                          f"on from the stale base {stale[TX]}, not the used index {used[TX]}")
+    extra = echo_seqs(rings, mrg)
+    if extra:
+        raise CaseFailure(f"frames {extra} came back again: sent twice from the stale base")
+    tx = rings.consumed(rings.vring_base(s, TX))
+    if tx != used[TX] + 2:
+        raise CaseFailure(f"GET_VRING_BASE tx: {tx}, expected {used[TX] + 2} (the used index "
+                          "the ring restarted from, and 2 frames)")  # fmt: skip
+    return (f"set up again {STALE_BY} behind the used index (rx {used[RX]}, tx {used[TX]}): "
+            f"continued from it; tx base {tx}")
 
 
 @case("vanishing-frontends", "robustness",

@@ -58,6 +58,7 @@ from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import bit
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.layout import PackedViews, VringViews
+from virtnet.virtio.ring.split import SplitQueueDevice
 
 if TYPE_CHECKING:
     from virtnet.ports.pcap import PcapWriter  # imported at the first --pcap (dpkt is slow)
@@ -90,6 +91,19 @@ def ring_pair(
     if isinstance(rx, VringViews) and isinstance(tx, VringViews):
         return rx, tx
     raise ValueError("the rx and tx rings are of different kinds")  # one spec.packed: never
+
+
+def sync_bases_to_used(dev: VirtnetDevice) -> None:
+    """A split ring whose SET_VRING_BASE is behind or ahead of its used index continues
+    from the used index, with a warning (``SplitQueueDevice.sync_last_avail_to_used``)."""
+    for name, q in (("rx", dev.rxq), ("tx", dev.txq)):
+        if isinstance(q, SplitQueueDevice):
+            stale = q.sync_last_avail_to_used()
+            if stale is not None:
+                log.warning("%s ring: SET_VRING_BASE %d but the used ring's idx is %d: "
+                            "continuing from %d (a restart after a crash: rx frames may be "
+                            "lost, tx frames sent again)", name, stale, q.last_avail_idx,
+                            q.last_avail_idx)  # fmt: skip
 
 
 @final
@@ -316,6 +330,7 @@ class PairLoop:
             raise ValueError("a ring start before any memory table")
         mem = self.memory.memory
         dev = build_device(mem, ring_pair(mem, spec), spec.features, spec.bases, spec.mtu)
+        sync_bases_to_used(dev)
         if self.faults is not None:
             self.faults.install(dev)
         dev.capture = self._capture()

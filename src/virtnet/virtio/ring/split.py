@@ -595,6 +595,23 @@ class SplitQueueDevice:
         """Give back the last ``n`` popped chains (vhost_discard_vq_desc)."""
         self.last_avail_idx = (self.last_avail_idx - n) & 0xFFFF
 
+    def sync_last_avail_to_used(self) -> int | None:
+        """Continue from the used ring where SET_VRING_BASE disagrees with it; the base it
+        replaced, or None if they agreed.
+
+        This device uses chains in the order it pops them, and a stop gives back what it
+        popped and did not use (``unpop``), so a base from a clean stop equals the used
+        index. A different one is stale: a front-end that lost its back-end (QEMU after a
+        crash restores last_avail_idx from used->idx, and a dying back-end's worker can
+        still have published used entries after that read). Starting from the stale base
+        would pop chains the driver already has back and return them twice ("id N is not
+        a head"); the used ring is the truth (DPDK's vhost_user_set_vring_addr check)."""
+        used = self._used[1]
+        if used == self.last_avail_idx:
+            return None
+        stale, self.last_avail_idx = self.last_avail_idx, used
+        return stale
+
     # -- returning chains ------------------------------------------------------
 
     def push_used(self, head: int, length: int) -> None:
