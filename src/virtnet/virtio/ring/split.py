@@ -605,8 +605,9 @@ class SplitQueueDevice:
         crash restores last_avail_idx from used->idx, and a dying back-end's worker can
         still have published used entries after that read). Starting from the stale base
         would pop chains the driver already has back and return them twice ("id N is not
-        a head"); the used ring is the truth (DPDK's vhost_user_set_vring_addr check)."""
-        used = self._used[1]
+        a head"); the used ring is the truth (DPDK's translate_ring_addresses check).
+        Called before the first pop, while ``used_idx`` is still what the ring says."""
+        used = self.used_idx
         if used == self.last_avail_idx:
             return None
         stale, self.last_avail_idx = self.last_avail_idx, used
