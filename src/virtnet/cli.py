@@ -180,8 +180,9 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                         "its extension")  # fmt: skip
     p.add_argument("--queues", type=_queue_pairs, default=1, metavar="N",
                    help="queue pairs (VIRTIO_NET_F_MQ), each served by its own process "
-                        "with its own back-end: one queue of a multi-queue tap, or its "
-                        "own sink/gen/loopback (default 1)")  # fmt: skip
+                        "(device: unless --in-process) with its own back-end: one "
+                        "queue of a multi-queue tap, or its own sink/gen/loopback "
+                        "(default 1)")  # fmt: skip
     if name == "device":
         p.add_argument("--client", action="store_true",
                        help="connect to a front-end listening on --socket-path (QEMU "
@@ -189,6 +190,13 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                             "retry with backoff while it is not there, and reconnect, "
                             "negotiating afresh, whenever its session ends (default: "
                             "listen)")  # fmt: skip
+        p.add_argument("--in-process", action="store_true",
+                       help="run every queue pair's data path in this one process instead "
+                            "of a worker process each: one core for all pairs; one process "
+                            "to profile (py-spy, callgrind) or debug. It gives up the "
+                            "workers' containment: a SIGBUS from a front-end that shrinks "
+                            "an unsealable memfd ends the device (default: a worker per "
+                            "pair)")  # fmt: skip
         p.add_argument("--config-space", action="store_true",
                        help="offer VHOST_USER_PROTOCOL_F_CONFIG (GET_CONFIG: MAC, link "
                             "status, MTU) to front-ends that read it, as `virtnet driver` "
@@ -425,16 +433,17 @@ def cmd_vhost_user(args) -> int:
     rc = 0
     if args.command == "device":
         from virtnet.vhost_user.backend import DeviceServer
+        from virtnet.vhost_user.device_loop import PairLoops
 
         try:
             if args.faults is not None:
                 args.faults.reseed(args.seed)
-            server = DeviceServer(args.socket_path, backends, printer=rate_printer(args.quiet),
-                                  busy_poll_us=args.busy_poll,
-                                  coalesce=args.coalesce, faults=args.faults,
-                                  features_off=args.features_off,
-                                  pcap_path=args.pcap, client=args.client,
-                                  config_space=args.config_space)  # fmt: skip
+            loops = PairLoops(backends, coalesce=args.coalesce, busy_poll_us=args.busy_poll,
+                              faults=args.faults, pcap_path=args.pcap)  # fmt: skip
+            server = DeviceServer(args.socket_path, loops, printer=rate_printer(args.quiet),
+                                  features_off=args.features_off, client=args.client,
+                                  config_space=args.config_space,
+                                  in_process=args.in_process)  # fmt: skip
         except OSError as e:
             verb = "connect to" if args.client else "listen on"
             print(f"virtnet device: cannot {verb} {args.socket_path}: {e}", file=sys.stderr)

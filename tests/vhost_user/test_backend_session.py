@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.vhost_user.local_session import local_session
 from virtnet.net.features import SUPPORTED, VirtioNetF, sanitize
 from virtnet.net.guest import RX, TX, GuestLayout, build_driver
 from virtnet.ports.backends import skb_from_gen
@@ -81,7 +82,7 @@ def guest() -> Iterator[GuestMemfd]:
 
 @pytest.fixture
 def session() -> Iterator[BackendSession]:
-    s = BackendSession()
+    s = local_session()
     yield s
     s.close()
 
@@ -271,7 +272,7 @@ def test_features_missing_their_requirements_are_dropped_not_refused(session, ca
 def test_mq_without_ctrl_vq_is_kept_the_control_queue_being_the_front_ends(caplog):
     # DPDK virtio_user strips CTRL_VQ from SET_FEATURES (its shadow cvq serves it): the
     # device must still run on MQ, not drop it as an orphan of 5.1.3.1.
-    s = BackendSession(offered=offered_features(2), queues=2)
+    s = local_session(2, offered=offered_features(2))
     try:
         caplog.clear()
         wanted = WITH_PF | bit(VirtioNetF.MQ)

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from tests.vhost_user.local_session import local_session
 from tests.vhost_user.test_backend_session import (
     LAYOUT,
     WITH_PF,
@@ -28,7 +29,7 @@ from tests.vhost_user.test_backend_session import (
 from virtnet.net.guest import RX, TX, build_driver
 from virtnet.ports.backends import skb_from_gen
 from virtnet.ports.synthetic import FrameGen
-from virtnet.vhost_user.backend import BACKEND_FEATURES, PROTOCOL_FEATURES, BackendSession
+from virtnet.vhost_user.backend import BACKEND_FEATURES, PROTOCOL_FEATURES
 from virtnet.vhost_user.device_loop import DEBUG_NO_DIRTY_LOG
 from virtnet.vhost_user.frontend import GuestMemfd
 from virtnet.vhost_user.messages import (
@@ -107,7 +108,7 @@ def guest():
 
 @pytest.fixture
 def session():
-    s = BackendSession()
+    s = local_session()
     yield s
     s.close()
 

@@ -19,11 +19,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.vhost_user.conftest import DeviceProcess, RawFrontend, run_driver, start_device
+from tests.vhost_user.local_session import local_session
 from tests.vhost_user.test_hostile_frontend import MEM_SIZE, UVA, Case, RunningRings
 from virtnet.net.guest import RX, TX, GuestLayout
 from virtnet.net.header import MRG_HDR_LEN
 from virtnet.ports.synthetic import FrameGen
-from virtnet.vhost_user.backend import BackendSession
 from virtnet.vhost_user.mapping import MAX_MEM_SLOTS
 from virtnet.vhost_user.messages import (
     U64,
@@ -306,7 +306,7 @@ def _msg(request: R, payload, fds=()) -> Message:
 
 
 def test_slots_past_the_limit_are_refused():
-    s = BackendSession()
+    s = local_session()
     fd = os.memfd_create("slots")
     os.ftruncate(fd, PAGE)
     try:

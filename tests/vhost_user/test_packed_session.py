@@ -10,9 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.vhost_user.local_session import local_session
 from tests.vhost_user.test_backend_session import msg, status
 from virtnet.net.guest import GuestLayout, build_driver
-from virtnet.vhost_user.backend import BACKEND_FEATURES, NUM_QUEUES, BackendSession
+from virtnet.vhost_user.backend import BACKEND_FEATURES, NUM_QUEUES
 from virtnet.vhost_user.frontend import GuestMemfd
 from virtnet.vhost_user.messages import (
     U64,
@@ -36,7 +37,7 @@ class PackedSetup:
         self.qsize = qsize
         self.layout = GuestLayout(qsize, 64 + qsize * 4, packed=True)
         self.g = GuestMemfd(self.layout.size)
-        self.s = BackendSession(offered=offered)
+        self.s = local_session(offered=offered)
 
     def close(self) -> None:
         self.s.close()

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.vhost_user.conftest import run_driver
+from tests.vhost_user.local_session import local_session
 from tests.vhost_user.test_backend_session import (
     LAYOUT,
     WITH_PF,
@@ -48,7 +49,7 @@ def guest() -> Iterator[GuestMemfd]:
 
 @pytest.fixture
 def session() -> Iterator[BackendSession]:
-    s = BackendSession()
+    s = local_session()
     yield s
     s.close()
 
@@ -73,7 +74,7 @@ def test_status_is_offered_config_is_not_by_default(session, caplog):
 
 
 def test_config_offered_on_request_and_read():
-    s = BackendSession(protocol_offered=PROTOCOL_FEATURES | CONFIG_PROTOCOL)
+    s = local_session(protocol_offered=PROTOCOL_FEATURES | CONFIG_PROTOCOL)
     try:
         assert s.handle(msg(R.GET_PROTOCOL_FEATURES)).payload.value & CONFIG_PROTOCOL
         wanted = U64(bit(ProtocolFeature.REPLY_ACK) | CONFIG_PROTOCOL)

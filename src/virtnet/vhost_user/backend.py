@@ -24,8 +24,6 @@ from enum import IntEnum
 from typing import Protocol, TypeVar, cast
 
 from virtnet.net.announce import mac_of_rarp, rarp_frame
-from virtnet.net.device import VirtnetDevice
-from virtnet.net.faults import FaultPlan
 from virtnet.net.features import (
     OFFERED,
     NetConfig,
@@ -34,13 +32,11 @@ from virtnet.net.features import (
     names,
     sanitize,
 )
-from virtnet.net.guest import build_device
 from virtnet.net.mq import sum_stats
-from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.channel import Channel, PeerClosed
-from virtnet.vhost_user.device_loop import IDLE_POLL, PairLoop, signal_call
 from virtnet.vhost_user.errors import VhostUserProtocolError
-from virtnet.vhost_user.logmap import MappedLog, check_log
+from virtnet.vhost_user.local import LocalSet
+from virtnet.vhost_user.logmap import check_log
 from virtnet.vhost_user.mapping import MAX_MEM_SLOTS, MappedMemory, MappingError, seal_shrink
 from virtnet.vhost_user.messages import (
     U64,
@@ -64,12 +60,14 @@ from virtnet.vhost_user.messages import (
 from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
-from virtnet.vhost_user.rings import RingError, RingSpec, log_addrs, pair_views, ring_views
+from virtnet.vhost_user.polling import IDLE_POLL, look_at_epoll
+from virtnet.vhost_user.rings import RingError, RingSpec, pair_views, ring_views
 from virtnet.vhost_user.runclock import RunClock
 from virtnet.vhost_user.worker import (
+    PairHandle,
+    PairServer,
     WorkerDied,
     WorkerError,
-    WorkerHandle,
     WorkerSet,
     pair_totals,
 )
@@ -129,8 +127,6 @@ RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 2.0
 CONNECT_TIMEOUT = 5.0  # one connect(): a listener whose backlog is full holds it
 SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
-# ethtool -C defaults for `virtnet device` (--coalesce overrides): no moderation.
-DEFAULT_COALESCE = {"rx-usecs": 0, "rx-frames": 0, "tx-usecs": 0, "tx-frames": 0}
 
 
 def status_names(status: int) -> str:
@@ -184,23 +180,20 @@ class Vring:
 
 @dataclass
 class BackendSession:
-    """One front-end connection: negotiation, memory, vrings → a VirtnetDevice."""
+    """One front-end connection: negotiation, memory, vrings; the queue pairs it
+    describes run where ``runner`` runs them (it never touches a packet itself)."""
 
+    runner: PairRunner  # where the pairs run: DevicePairs over workers or in process
     config: NetConfig = field(default_factory=NetConfig)
     offered: int = BACKEND_FEATURES  # less what `virtnet device --features-off` names
     features: int = 0
     protocol_features: int = 0
     memory: MappedMemory | None = None
     queues: int = 1  # queue pairs: vrings 2p (receiveq p + 1) and 2p + 1 (transmitq p + 1)
-    runner: PairRunner | None = None  # where the pairs run; None: in-process (tests)
     vrings: list[Vring] = field(default_factory=list)
-    devices: dict[int, VirtnetDevice] = field(default_factory=dict)  # in-process only
     running: set[int] = field(default_factory=set)  # the queue pairs started
     owner: bool = False
-    faults: FaultPlan | None = None  # --faults: the device lies on purpose
-    log: MappedLog | None = None  # SET_LOG_BASE's, in-process only (workers map their own)
     log_set: bool = False  # a log was given (SET_LOG_BASE): logging can start
-    rarps: list[bytes] = field(default_factory=list)  # SEND_RARP frames, in-process only
     protocol_offered: int = PROTOCOL_FEATURES  # | CONFIG_PROTOCOL with --config-space
     status: int = 0  # the device status the front-end set (PROTOCOL_F_STATUS)
     features_refused: str = ""  # why the last SET_FEATURES was refused: FEATURES_OK stays off
@@ -294,7 +287,10 @@ class BackendSession:
                 vr.enabled = True
         log.info("features %#x: %s%s", wanted, " ".join(names(wanted)),
                  " (dirty logging on)" if self.logging else "")  # fmt: skip
-        self._apply_log()
+        if wanted:
+            # Before the reply: QEMU acks VHOST_F_LOG_ALL with NEED_REPLY and copies guest
+            # memory once the ack is in, so every pair must be logging by then.
+            self.runner.features(wanted)
         self._update_device()
 
     @property
@@ -406,14 +402,7 @@ class BackendSession:
             desc = msg.payload_as(LogDesc)
             why = seal_shrink(fds[0])
             check_log(fds[0], desc.mmap_size, desc.mmap_offset)
-            if self.runner is not None:
-                self.runner.set_log(desc.mmap_size, desc.mmap_offset, fds)
-            else:
-                new = MappedLog(fds[0], desc.mmap_size, desc.mmap_offset)
-                old, self.log = self.log, new
-                self._apply_log()
-                if old is not None:
-                    old.close()
+            self.runner.set_log(desc.mmap_size, desc.mmap_offset, fds)
         finally:
             close_fds(fds)
         self.log_set = True
@@ -432,31 +421,9 @@ class BackendSession:
         if not self.protocol_features & bit(ProtocolFeature.RARP):
             raise RequestRefused("SEND_RARP without PROTOCOL_F_RARP negotiated")
         mac = mac_of_rarp(msg.payload_as(U64).value)
-        frame = rarp_frame(mac)
-        sent = self.runner.send_rarp(frame) if self.runner is not None else True
-        if self.runner is None:
-            self.rarps.append(frame)
+        sent = self.runner.send_rarp(rarp_frame(mac))
         log.info("SEND_RARP: RARP for %s %s", mac.hex(":"),
                  "sent out of the port" if sent else "refused by the port (full)")  # fmt: skip
-
-    def _apply_log(self) -> None:
-        """In-process: attach the log to every running device while logging is on."""
-        for pair, dev in self.devices.items():
-            if dev.dirty is not None:
-                dev.dirty.flush()
-            rx, tx = self.vrings[2 * pair].addr, self.vrings[2 * pair + 1].addr
-            if not (self.logging and self.log is not None and self.memory is not None
-                    and rx is not None and tx is not None):  # fmt: skip
-                dev.set_dirty_log(None, (0, 0), (0, 0))
-                continue
-            mem = self.memory.memory
-            dev.set_dirty_log(self.log.dirty_log(), log_addrs(mem, rx), log_addrs(mem, tx))
-
-    def sync_log(self) -> None:
-        """In-process: flush what the devices cached (the worker does it every pass)."""
-        for dev in self.devices.values():
-            if dev.dirty is not None:
-                dev.dirty.flush()
 
     def _set_backend_req_fd(self, msg: Message) -> None:
         close_fds(msg.fds)  # no back-end → front-end requests are ever sent
@@ -473,10 +440,10 @@ class BackendSession:
             for region, fd in zip(table.regions, msg.fds, strict=True):
                 memory.add(fd, region.guest_phys_addr, region.memory_size,
                            region.userspace_addr, region.mmap_offset)  # fmt: skip
-            if self.runner is not None:  # each worker maps it too: it is they who touch it
-                self.runner.set_memory([(r.guest_phys_addr, r.memory_size, r.userspace_addr,
-                                         r.mmap_offset) for r in table.regions],
-                                       list(msg.fds))  # fmt: skip
+            # each pair maps it too: it is their loops that touch it
+            self.runner.set_memory([(r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                     r.mmap_offset) for r in table.regions],
+                                   list(msg.fds))  # fmt: skip
         except Exception:
             memory.close()
             self.memory = None
@@ -514,12 +481,11 @@ class BackendSession:
         unsealed = len(memory.unsealed)
         try:
             memory.add(msg.fds[0], *region)
-            if self.runner is not None:
-                try:
-                    self.runner.add_region(region, msg.fds[0])
-                except Exception:
-                    memory.remove(*region[:3])
-                    raise
+            try:
+                self.runner.add_region(region, msg.fds[0])
+            except Exception:
+                memory.remove(*region[:3])
+                raise
         finally:
             close_fds(msg.fds)  # the mappings keep the memory
         self.memory = memory
@@ -546,8 +512,7 @@ class BackendSession:
                                  f"(mapped: {mapped or 'none'})")  # fmt: skip
         if self.memory.refs(gpa) == 1:  # this removal unmaps it
             self._check_unused(gpa, size, uva)
-        if self.runner is not None:
-            self.runner.rem_region((gpa, size, uva))
+        self.runner.rem_region((gpa, size, uva))
         self.memory.remove(gpa, size, uva)
         refs = self.memory.refs(gpa)
         if refs:
@@ -612,11 +577,8 @@ class BackendSession:
         pair = addr.index // 2
         if pair in self.running:
             # QEMU re-sends a running ring's addresses to set (or clear) VHOST_VRING_F_LOG
-            # and log_guest_addr when logging starts (ends): the worker logs by them.
-            if self.runner is not None:
-                self.runner.vring_addr(pair, addr.index % 2, addr)
-            else:
-                self._apply_log()
+            # and log_guest_addr when logging starts (ends): the pair logs by them.
+            self.runner.vring_addr(pair, addr.index % 2, addr)
 
     def _get_vring_base(self, msg: Message) -> Message:
         st = msg.payload_as(VringState)
@@ -642,7 +604,7 @@ class BackendSession:
         fd = -1 if u64.nofd or not msg.fds else msg.fds[0]
         setattr(vr, attr, fd)
         pair = u64.vring_index // 2
-        if attr != "err" and pair in self.running and self.runner is not None:
+        if attr != "err" and pair in self.running:
             self.runner.update_fds(pair, self._pair_fds(pair))  # QEMU re-sends calls live
         return u64.vring_index
 
@@ -677,11 +639,6 @@ class BackendSession:
 
     # -- the device -----------------------------------------------------------
 
-    @property
-    def device(self) -> VirtnetDevice | None:
-        """Queue pair 0's device, in-process (no runner): what a one-pair test inspects."""
-        return self.devices.get(0)
-
     def ready(self, pair: int = 0) -> bool:
         return self.memory is not None and all(
             vr.started and vr.enabled and vr.num and vr.addr is not None
@@ -699,29 +656,16 @@ class BackendSession:
         # ready(pair): the memory table and both rings' addresses are in
         assert memory is not None and rx.addr is not None and tx.addr is not None
         described = ((rx.num, rx.addr), (tx.num, tx.addr))
-        try:
-            rings = pair_views(memory.memory, self.packed, pair, described)
+        try:  # a front-end's lie about its rings is refused here, by name
+            pair_views(memory.memory, self.packed, pair, described)
         except RingError as e:
             raise RequestRefused(str(e)) from None
         bases = (rx.base, tx.base)
-        if self.runner is not None:
-            kick_rx, call_rx, kick_tx, call_tx = self._pair_fds(pair)
-            fd_mask = (kick_rx >= 0, call_rx >= 0, kick_tx >= 0, call_tx >= 0)
-            spec = RingSpec(pair, self.features, self.config.mtu, described, bases, fd_mask)
-            self.runner.start(pair, spec, [fd for fd in self._pair_fds(pair) if fd >= 0])
-        else:
-            dev = build_device(memory.memory, rings, self.features, bases, self.config.mtu)
-            if self.faults is not None:
-                self.faults.install(dev)
-            self.devices[pair] = dev
+        kick_rx, call_rx, kick_tx, call_tx = self._pair_fds(pair)
+        fd_mask = (kick_rx >= 0, call_rx >= 0, kick_tx >= 0, call_tx >= 0)
+        spec = RingSpec(pair, self.features, self.config.mtu, described, bases, fd_mask)
+        self.runner.start(pair, spec, [fd for fd in self._pair_fds(pair) if fd >= 0])
         self.running.add(pair)
-        self._apply_log()
-        # One interrupt per ring at every start: a device that died (or was stopped) after
-        # publishing used entries but before their interrupt leaves the driver's used_event
-        # behind the used index, so with EVENT_IDX no later entry would ever interrupt it
-        # and the guest's rx stalls for good. Spurious interrupts are harmless (2.7.7.2).
-        signal_call(rx.call)
-        signal_call(tx.call)
         log.info("device running: queue pair %d, queue sizes %d/%d, bases %s",
                  pair, rx.num, tx.num, bases)  # fmt: skip
 
@@ -740,15 +684,7 @@ class BackendSession:
         if pair not in self.running:
             return
         self.running.discard(pair)
-        if self.runner is not None:
-            bases = self.runner.stop(pair)
-        else:
-            dev = self.devices.pop(pair)
-            if dev.dirty is not None:
-                dev.dirty.flush()
-                dev.set_dirty_log(None, (0, 0), (0, 0))
-            dev.reset()
-            bases = dev.last_avail_idx
+        bases = self.runner.stop(pair)
         if bases is not None:
             self.vrings[2 * pair].base, self.vrings[2 * pair + 1].base = bases
         log.info("queue pair %d stopped: bases %s", pair, bases)
@@ -772,18 +708,14 @@ class BackendSession:
 
     def close(self) -> None:
         self.reset()
-        if self.log is not None:
-            self.log.close()
-            self.log = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None
-            if self.runner is not None:
-                self.runner.unmap()
+            self.runner.unmap()
 
 
 class PairRunner(Protocol):
-    """Where a session's queue pairs run when not in-process: DeviceServer's workers."""
+    """What a session asks of the queue pairs it describes (``DevicePairs``)."""
 
     def set_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None: ...
     def unmap(self) -> None: ...
@@ -795,115 +727,33 @@ class PairRunner(Protocol):
     def set_log(self, size: int, offset: int, fds: list[int]) -> None: ...
     def vring_addr(self, pair: int, q: int, addr: VringAddr) -> None: ...
     def send_rarp(self, frame: bytes) -> bool: ...
+    def features(self, features: int) -> None: ...
 
 
-class DeviceServer:
-    """Listen on ``socket_path`` and run the device for one front-end at a time;
-    with ``client``, connect to the front-end listening there instead, and again
-    (with backoff) whenever it is not there or its session ends.
+class PairLoopFactory(Protocol):
+    """What makes queue pair N's loop (``device_loop.PairLoops``), one per pair, and
+    closes this process's share of what they use (the back-ends)."""
 
-    This process keeps the vhost-user session; each queue pair's data path runs
-    in a worker process of its own (vhost_user/worker.py), with its own traffic
-    back-end (``backends[pair]``).
-    """
+    def __len__(self) -> int: ...
+    def __call__(self, pair: int) -> PairServer: ...
+    def close(self) -> None: ...
 
-    def __init__(
-        self,
-        socket_path: str,
-        backends: DeviceBackend | list[DeviceBackend],
-        *,
-        printer=None,
-        busy_poll_us: int = 0,
-        coalesce: dict[str, int] | None = None,
-        faults: FaultPlan | None = None,
-        features_off: int = 0,
-        pcap_path: str | None = None,
-        client: bool = False,
-        config_space: bool = False,
-    ) -> None:
-        self.backends = backends if isinstance(backends, list) else [backends]
-        self.queues = len(self.backends)
-        if not 1 <= self.queues <= MAX_QUEUE_PAIRS:
-            raise ValueError(f"--queues {self.queues}: 1..{MAX_QUEUE_PAIRS} queue pairs")
-        self.faults = faults
-        self.offered = offered_features(self.queues) & ~features_off
-        # What each worker's PairLoop runs with (faults: self.faults).
-        self._coalesce = DEFAULT_COALESCE | (coalesce or {})
-        self._busy_poll = busy_poll_us / 1e6
-        self.pcap_path = pcap_path
-        self.socket_path = socket_path
-        self.printer = printer
-        self.protocol_offered = PROTOCOL_FEATURES | (CONFIG_PROTOCOL if config_space else 0)
-        self.client = client
-        self.listener: socket.socket | None = None
-        if client and len(os.fsencode(socket_path)) > SUN_PATH_MAX:
-            # connect() would refuse it at every try: say so once, now
-            raise OSError(f"longer than a unix socket path may be ({SUN_PATH_MAX} bytes)")
-        if not client:
-            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._retry_in = RECONNECT_FIRST  # client mode: the next wait, doubling to the cap
-        self._retry_at = 0.0  # client mode: when to try the front-end next
-        self._waiting_for = ""  # client mode: why the front-end is out of reach, logged once
-        self.channel: Channel | None = None
-        self.session: BackendSession | None = None
-        self.sessions = 0
-        self._ep = select.epoll()
-        self.workers = WorkerSet(self._ep, log, self._worker_died, self._worker_event)
-        for pair in range(self.queues):
-            self._spawn(pair)
-        # The socket appears once every worker runs and this process holds only its
-        # own fds: whoever waits for it finds the server as it will serve.
-        if self.listener is not None:  # client mode: the socket is the front-end's
-            try:
-                if os.path.exists(socket_path):
-                    os.unlink(socket_path)
-                self.listener.bind(socket_path)
-                self.listener.listen(1)
-            except OSError:
-                self.workers.finish(Exit())
-                self._ep.close()
-                self.listener.close()
-                raise
-            self._ep.register(self.listener.fileno(), select.EPOLLIN)
-        self.run_seconds = self.cpu_seconds = 0.0
 
-    # -- workers ----------------------------------------------------------------
+class DevicePairs:
+    """The session's ``PairRunner``: each request to the loop of the pair it names,
+    or to every pair, wherever ``workers`` runs them (processes or this one). A pair
+    that refuses makes the session's request refused, naming the pair."""
 
-    def _spawn(self, pair: int) -> WorkerHandle:
-        capture = self.pcap_path
-        if capture is not None and pair:
-            root, dot, ext = capture.rpartition(".")
-            capture = f"{root}.q{pair}.{ext}" if dot else f"{capture}.q{pair}"
-        return self.workers.start(
-            pair,
-            lambda: PairLoop(pair, self.backends[pair], coalesce=self._coalesce,
-                             busy_poll=self._busy_poll, faults=self.faults,
-                             capture_path=capture),  # fmt: skip
-            self._close_in_worker,
-        )
-
-    @property
-    def worker_deaths(self) -> int:
-        return self.workers.deaths
-
-    def _close_in_worker(self) -> None:
-        """In a fresh worker: what belongs to the control process alone."""
-        self._ep.close()
-        if self.listener is not None:
-            self.listener.close()
-        if self.channel is not None:
-            self.channel.close()
-        self.workers.close_all()
-
-    # PairRunner: what the session asks of the workers.
+    def __init__(self, workers: WorkerSet) -> None:
+        self.workers = workers
 
     def set_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
         for w in self.workers:
             self._call(w, Memory(tuple(regions)), fds=fds)
 
     def add_region(self, region: tuple[int, int, int, int], fd: int) -> None:
-        """Every worker maps it, or none keeps it."""
-        done: list[WorkerHandle] = []
+        """Every pair maps it, or none keeps it."""
+        done: list[PairHandle] = []
         try:
             for w in self.workers:
                 self._call(w, AddRegion(region), fds=[fd])
@@ -933,7 +783,7 @@ class DeviceServer:
         return self._call(self.workers[pair], Stop())
 
     def set_log(self, size: int, offset: int, fds: list[int]) -> None:
-        for w in self.workers:  # every pair logs: each worker maps the log itself
+        for w in self.workers:  # every pair logs: each maps the log itself
             self._call(w, Log(size, offset), fds=fds)
 
     def vring_addr(self, pair: int, q: int, addr: VringAddr) -> None:
@@ -942,12 +792,105 @@ class DeviceServer:
     def send_rarp(self, frame: bytes) -> bool:
         return self._call(self.workers[0], Rarp(frame))  # queue pair 0's port
 
+    def features(self, features: int) -> None:
+        for w in self.workers:
+            self._call(w, Features(features))
+
+    def connect(self) -> None:
+        """A new front-end: interrupts held for the old one's rings mean nothing now."""
+        for w in self.workers:
+            self._call(w, Connect())
+
     @staticmethod
-    def _call(w: WorkerHandle, request: Request[T], fds: list[int] | tuple[int, ...] = ()) -> T:
+    def _call(w: PairHandle, request: Request[T], fds: list[int] | tuple[int, ...] = ()) -> T:
         try:
             return w.call(request, fds=fds)
         except WorkerError as e:
             raise RequestRefused(f"queue pair {w.pair}: {e}") from None
+
+
+class DeviceServer:
+    """Listen on ``socket_path`` and run the device for one front-end at a time;
+    with ``client``, connect to the front-end listening there instead, and again
+    (with backoff) whenever it is not there or its session ends.
+
+    This process keeps the vhost-user session; each queue pair's data path runs
+    in a worker process of its own (vhost_user/worker.py), or with ``in_process``
+    here (vhost_user/local.py), as ``loops`` makes it (``device_loop.PairLoops``:
+    each pair with its own traffic back-end).
+    """
+
+    def __init__(
+        self,
+        socket_path: str,
+        loops: PairLoopFactory,
+        *,
+        printer=None,
+        features_off: int = 0,
+        client: bool = False,
+        config_space: bool = False,
+        in_process: bool = False,
+    ) -> None:
+        self.loops = loops
+        self.queues = len(loops)
+        if not 1 <= self.queues <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"--queues {self.queues}: 1..{MAX_QUEUE_PAIRS} queue pairs")
+        self.offered = offered_features(self.queues) & ~features_off
+        self.socket_path = socket_path
+        self.printer = printer
+        self.protocol_offered = PROTOCOL_FEATURES | (CONFIG_PROTOCOL if config_space else 0)
+        self.client = client
+        self.listener: socket.socket | None = None
+        if client and len(os.fsencode(socket_path)) > SUN_PATH_MAX:
+            # connect() would refuse it at every try: say so once, now
+            raise OSError(f"longer than a unix socket path may be ({SUN_PATH_MAX} bytes)")
+        if not client:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._retry_in = RECONNECT_FIRST  # client mode: the next wait, doubling to the cap
+        self._retry_at = 0.0  # client mode: when to try the front-end next
+        self._waiting_for = ""  # client mode: why the front-end is out of reach, logged once
+        self.channel: Channel | None = None
+        self.session: BackendSession | None = None
+        self.sessions = 0
+        self._ep = select.epoll()
+        supervisor = LocalSet if in_process else WorkerSet
+        self.workers = supervisor(self._ep, log, self._worker_died, self._worker_event)
+        self.pairs = DevicePairs(self.workers)
+        for pair in range(self.queues):
+            self._spawn(pair)
+        # The socket appears once every worker runs and this process holds only its
+        # own fds: whoever waits for it finds the server as it will serve.
+        if self.listener is not None:  # client mode: the socket is the front-end's
+            try:
+                if os.path.exists(socket_path):
+                    os.unlink(socket_path)
+                self.listener.bind(socket_path)
+                self.listener.listen(1)
+            except OSError:
+                self.workers.finish(Exit())
+                self._ep.close()
+                self.listener.close()
+                raise
+            self._ep.register(self.listener.fileno(), select.EPOLLIN)
+        self.run_seconds = self.cpu_seconds = 0.0
+
+    # -- workers ----------------------------------------------------------------
+
+    def _spawn(self, pair: int) -> PairHandle:
+        return self.workers.start(pair, lambda: self.loops(pair), self._close_in_worker)
+
+    @property
+    def worker_deaths(self) -> int:
+        return self.workers.deaths
+
+    def _close_in_worker(self) -> None:
+        """In a fresh worker: what belongs to the control process alone."""
+        self._ep.close()
+        if self.listener is not None:
+            self.listener.close()
+        if self.channel is not None:
+            self.channel.close()
+        self.workers.close_all()
 
     def _worker_died(self, e: WorkerDied) -> None:
         """WorkerSet named and reaped it: fail the session (its rings' state died with
@@ -1007,15 +950,13 @@ class DeviceServer:
 
     def _attach(self, sock: socket.socket) -> None:
         self.channel = Channel(sock, replies=False)
-        self.session = BackendSession(faults=self.faults, offered=self.offered,
-                                      queues=self.queues, runner=self,
+        self.session = BackendSession(self.pairs, offered=self.offered, queues=self.queues,
                                       protocol_offered=self.protocol_offered)  # fmt: skip
         self.sessions += 1
         self._ep.register(sock.fileno(), select.EPOLLIN)
         log.info("front-end connected (session %d)", self.sessions)
         try:
-            for w in self.workers:
-                self._call(w, Connect())
+            self.pairs.connect()
         except WorkerDied as e:
             self.workers.died(e)
 
@@ -1095,15 +1036,6 @@ class DeviceServer:
             close_fds(msg.fds)
             self.workers.died(e)
             return False
-        if msg.request is Req.SET_FEATURES and session.features:
-            # Before the reply: QEMU acks VHOST_F_LOG_ALL with NEED_REPLY and copies guest
-            # memory once the ack is in, so every worker must be logging by then.
-            try:
-                for w in self.workers:
-                    self._call(w, Features(session.features))
-            except WorkerDied as e:
-                self.workers.died(e)
-                return False
         return answer is None or self._reply(answer)
 
     def _protocol_error(self, e: VhostUserProtocolError) -> None:
@@ -1138,29 +1070,36 @@ class DeviceServer:
 
     def _loop(self, clock: RunClock) -> None:
         listener = self.listener.fileno() if self.listener is not None else -1
+        busy = False
+        passes = 0
         while clock.running():
             if self.client and self.channel is None and time.monotonic() >= self._retry_at:
                 self._connect_frontend()
-            for fd, _ev in self._ep.poll(self._poll_timeout()):
-                if fd == listener:
-                    self._accept()
-                elif self.channel is not None and fd == self.channel.fileno():
-                    self._on_socket()
-                elif self.workers.owns(fd):
-                    self.workers.on_ready(fd)
+            passes += 1
+            if look_at_epoll(busy, passes):  # in-process pairs busy: as a worker's loop
+                for fd, _ev in self._ep.poll(0.0 if busy else self._poll_timeout()):
+                    if fd == listener:
+                        self._accept()
+                    elif self.channel is not None and fd == self.channel.fileno():
+                        self._on_socket()
+                    elif self.workers.owns(fd):
+                        self.workers.on_ready(fd)
+            busy = self.workers.run_passes()  # the pairs that run in this process
             # Every worker must answer: one that hangs is killed, named, its session
             # failed; the answers keep each worker's last counters fresh.
             self.workers.watchdog()
 
     def _poll_timeout(self) -> float:
+        most = IDLE_POLL
         if self.client and self.channel is None:
-            return max(0.0, min(IDLE_POLL, self._retry_at - time.monotonic()))
-        return IDLE_POLL
+            most = max(0.0, min(IDLE_POLL, self._retry_at - time.monotonic()))
+        return self.workers.poll_timeout(most)
 
     def stats(self, final: list[Stats] | None = None) -> dict:
         """Every queue pair's counters, summed and per queue (``rx_queue_0_packets``...)."""
         per_pair = self.workers.stats() if final is None else final
-        out = pair_totals(per_pair, "device_stats", lost=self.workers.lost)
+        out = pair_totals(per_pair, "device_stats", lost=self.workers.lost,
+                          workers=not self.workers.in_process)  # fmt: skip
         dirty_log = sum_stats([cast(dict, p.get("dirty_log", {}))
                                for p in per_pair + self.workers.lost])  # fmt: skip
         return {"device_stats": out["device_stats"], "backend": out["backend"],
@@ -1178,5 +1117,4 @@ class DeviceServer:
                 os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
-        for backend in self.backends:
-            backend.close()
+        self.loops.close()

@@ -10,6 +10,11 @@ pass, and the call eventfds written when the driver asked for an interrupt
 The requests (``workermsg``, served by its ``Dispatcher``: ``do_*`` here) hand
 the loop its memory table, rings and eventfds; the control process keeps the
 vhost-user session and never touches guest memory itself.
+
+The same loop runs in the control process too (``virtnet device --in-process``,
+``local.LocalSet``): there its requests are dispatched by direct call, its fds
+are watched by the control process's epoll (``attach``) and the control loop
+runs its passes (``on_fd``, ``run_pass``) between its own polls.
 """
 
 from __future__ import annotations
@@ -33,7 +38,13 @@ from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.logmap import MappedLog
 from virtnet.vhost_user.mapping import MappedMemory, MappingError
 from virtnet.vhost_user.messages import VHOST_F_LOG_ALL, VringAddr, close_fds
-from virtnet.vhost_user.polling import busy_poll, drain_eventfd, look_at_epoll
+from virtnet.vhost_user.polling import (
+    IDLE_POLL,
+    busy_poll,
+    drain_eventfd,
+    look_at_epoll,
+    signal_call,
+)
 from virtnet.vhost_user.rings import RingSpec, log_addrs, ring_views
 from virtnet.vhost_user.workermsg import (
     AddRegion,
@@ -66,18 +77,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("virtnet.device")
 
 BUDGET = 64  # packets per ring per loop pass (vhost-net's VHOST_NET_WEIGHT spirit)
-IDLE_POLL = 0.2  # seconds epoll waits with nothing due
+# ethtool -C defaults for `virtnet device` (--coalesce overrides): no moderation.
+DEFAULT_COALESCE = {"rx-usecs": 0, "rx-frames": 0, "tx-usecs": 0, "tx-frames": 0}
 # A planted bug for the tests that show the dirty-log check can fail: "1" logs nothing,
 # "rx-data" no rx frame data, "used" no ring writes (used entries, index, descriptors).
 DEBUG_NO_DIRTY_LOG = "VIRTNET_DEBUG_NO_DIRTY_LOG"
-
-
-def signal_call(fd: int) -> None:
-    if fd >= 0:
-        try:
-            os.eventfd_write(fd, 1)
-        except OSError as e:
-            log.warning("call eventfd %d: %s", fd, e)
 
 
 def ring_pair(
@@ -140,6 +144,7 @@ class PairLoop:
         self._ep = select.epoll()
         self._rpc: Dispatcher | None = None  # serve() makes it
         self._watched: set[int] = set()
+        self._backend_ready = False  # the back-end's fd was readable: it has frames
         # Dirty logging: the log SET_LOG_BASE mapped, whether VHOST_F_LOG_ALL is on, the
         # rings' addresses for it (SET_VRING_ADDR may change their log flag at run time).
         self.log: MappedLog | None = None
@@ -151,7 +156,9 @@ class PairLoop:
 
     # -- requests ---------------------------------------------------------------------
 
-    def _dispatcher(self, sock: socket.socket, events: socket.socket) -> Dispatcher:
+    def dispatcher(self, sock: socket.socket | None = None,
+                   events: socket.socket | None = None) -> Dispatcher:  # fmt: skip
+        """Its requests' handlers; no sockets: called in-process (``local.LocalSet``)."""
         rpc = Dispatcher(sock, events, (MappingError, MemoryAccessError, ValueError, OSError))
         rpc.on(Connect, self.do_connect)
         rpc.on(Features, self.do_features)
@@ -211,7 +218,8 @@ class PairLoop:
         self._ring_addrs[req.q] = req.addr
         self._apply_log()
 
-    def _flush_log(self) -> None:
+    def flush_log(self) -> None:
+        """Write what the device cached of the dirty log out (every pass does)."""
         dirty = self.dirty
         if dirty is not None:
             dirty.flush()
@@ -219,7 +227,7 @@ class PairLoop:
     def _apply_log(self) -> None:
         """Attach the log to the device while logging is on and a log is mapped; detach
         it otherwise. Whatever the device cached for the old state is flushed first."""
-        self._flush_log()
+        self.flush_log()
         old, dev, mapped = self.dirty, self.dev, self.log
         want = self.logging and mapped is not None and dev is not None
         dirty = mapped.dirty_log() if want and mapped is not None else None
@@ -340,6 +348,12 @@ class PairLoop:
         self._apply_log()
         self.backend.on_queue_enabled(True)
         self._rewatch()
+        # One interrupt per ring at every start: a device that died (or was stopped) after
+        # publishing used entries but before their interrupt leaves the driver's used_event
+        # behind the used index, so with EVENT_IDX no later entry would ever interrupt it
+        # and the guest's rx stalls for good. Spurious interrupts are harmless (2.7.7.2).
+        signal_call(self.call[RX_Q])
+        signal_call(self.call[TX_Q])
 
     def do_fds(self, req: Fds, fds: list[int]) -> None:
         """New kick/call eventfds for a running pair (QEMU re-sends calls at run time)."""
@@ -354,7 +368,7 @@ class PairLoop:
         dev = self.dev
         bases = None
         if dev is not None:
-            self._flush_log()  # before GET_VRING_BASE's reply: QEMU's last sync follows it
+            self.flush_log()  # before GET_VRING_BASE's reply: QEMU's last sync follows it
             dev.set_dirty_log(None, (0, 0), (0, 0))
             if self.dirty is not None:
                 self._count_log(self.dirty)
@@ -426,47 +440,72 @@ class PairLoop:
     # -- the data path ----------------------------------------------------------------
 
     def serve(self, sock: socket.socket, events: socket.socket) -> None:
-        self._rpc = self._dispatcher(sock, events)
+        """A worker's whole life: requests on ``sock``, passes until Exit."""
+        self._rpc = self.dispatcher(sock, events)
         self._ep.register(sock.fileno(), select.EPOLLIN)
         try:
             self._loop(sock.fileno())
         finally:
-            if self.dev is not None:
-                self._stop()
-            if self.pcap is not None:
-                self.pcap.close()
-            self.backend.close()
+            self.close()
+
+    def attach(self, ep: select.epoll) -> None:
+        """In-process: watch this pair's fds in the control process's ``ep``."""
+        self._unwatch_all()
+        self._ep.close()
+        self._ep = ep
+        self._rewatch()
+
+    def close(self) -> None:
+        """Stop the device, close the capture and the back-end (the loop is over)."""
+        if self.dev is not None:
+            self._stop()
+        if self.pcap is not None:
+            self.pcap.close()
+            self.pcap = None
+        self.backend.close()
+
+    def watches(self, fd: int) -> bool:
+        return fd in self._watched
+
+    def on_fd(self, fd: int) -> None:
+        """One of this pair's watched fds is readable: a kick, or the back-end's fd."""
+        kicks = self.kick
+        if fd == kicks[RX_Q] or fd == kicks[TX_Q]:
+            drain_eventfd(fd)
+            # New rx buffers: a frame held for room may go in now.
+            self._backend_ready |= fd == kicks[RX_Q]
+        elif fd in self._watched:
+            self._backend_ready = True
 
     def _loop(self, sock_fd: int) -> None:
         busy = False
-        backend_ready = False
         passes = 0
-        kicks = self.kick
         ep = self._ep
         while self.running:
             passes += 1
             if look_at_epoll(busy, passes):
-                for fd, _ev in ep.poll(self._poll_timeout(busy)):
+                for fd, _ev in ep.poll(self.poll_timeout(busy)):
                     if fd == sock_fd:
                         self._on_request()
-                        kicks = self.kick
-                    elif fd in kicks:
-                        drain_eventfd(fd)
-                        # New rx buffers: a frame held for room may go in now.
-                        backend_ready |= fd == kicks[RX_Q]
-                    elif fd in self._watched:
-                        backend_ready = True
-            dev = self.dev
-            busy = False
-            if dev is not None:
-                busy |= self._run_tx(dev)
-                busy |= self._run_rx(dev, backend_ready)
-                backend_ready = busy and backend_ready
-                if not busy:
-                    busy = self._idle(dev)
-                self._expire_interrupts(dev, idle=not busy)
-                if self.dirty is not None:
-                    self.dirty.flush()  # the pass's pages, one OR per bitmap word
+                    else:
+                        self.on_fd(fd)
+            busy = self.run_pass()
+
+    def run_pass(self) -> bool:
+        """Both rings' work for one pass; True if there may be more right away."""
+        dev = self.dev
+        if dev is None:
+            return False
+        backend_ready = self._backend_ready
+        busy = self._run_tx(dev)
+        busy |= self._run_rx(dev, backend_ready)
+        self._backend_ready = busy and backend_ready
+        if not busy:
+            busy = self._idle(dev)
+        self._expire_interrupts(dev, idle=not busy)
+        if self.dirty is not None:
+            self.dirty.flush()  # the pass's pages, one OR per bitmap word
+        return busy
 
     def _run_tx(self, dev: VirtnetDevice) -> bool:
         """Consume tx chains; True if there may be more right away."""
@@ -509,7 +548,7 @@ class PairLoop:
             if coal.expire(now, idle):
                 self._signal(dev, q)
 
-    def _poll_timeout(self, busy: bool) -> float:
+    def poll_timeout(self, busy: bool) -> float:
         """epoll's timeout: 0 when busy, else until the next held interrupt is due."""
         if busy:
             return 0.0
@@ -544,3 +583,46 @@ class PairLoop:
             return bool(txq.avail_pending() or dev.rx_starved and rxq.avail_pending())
 
         return busy_poll(self._ep, self.busy_poll, ready)
+
+
+@final
+class PairLoops:
+    """What makes each queue pair's ``PairLoop``: the pairs' traffic back-ends (one
+    each, kept for the server's life) and the options every pair runs with. The
+    control process hands it to its runner, which calls it in the worker (or, in
+    process, here) as the pair starts; ``close`` closes this process's back-ends."""
+
+    def __init__(
+        self,
+        backends: list[DeviceBackend],
+        *,
+        coalesce: dict[str, int] | None = None,
+        busy_poll_us: int = 0,
+        faults: FaultPlan | None = None,
+        pcap_path: str | None = None,
+    ) -> None:
+        self.backends = backends
+        self.coalesce = DEFAULT_COALESCE | (coalesce or {})
+        self.busy_poll = busy_poll_us / 1e6
+        self.faults = faults
+        self.pcap_path = pcap_path
+
+    def __len__(self) -> int:
+        return len(self.backends)
+
+    def __call__(self, pair: int) -> PairLoop:
+        return PairLoop(pair, self.backends[pair], coalesce=self.coalesce,
+                        busy_poll=self.busy_poll, faults=self.faults,
+                        capture_path=self._capture_path(pair))  # fmt: skip
+
+    def _capture_path(self, pair: int) -> str | None:
+        """--pcap F: pair 0 writes F, pair N ``F.qN`` (before its extension)."""
+        capture = self.pcap_path
+        if capture is not None and pair:
+            root, dot, ext = capture.rpartition(".")
+            capture = f"{root}.q{pair}.{ext}" if dot else f"{capture}.q{pair}"
+        return capture
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close()

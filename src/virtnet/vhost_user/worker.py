@@ -38,13 +38,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar, cast
 
 from virtnet.net.mq import per_queue_stats, sum_stats
-from virtnet.vhost_user.device_loop import (  # noqa: F401 - their old home: re-exported
-    BUDGET,
-    IDLE_POLL,
-    PairLoop,
-    drain_eventfd,
-    signal_call,
-)
 from virtnet.vhost_user.messages import close_fds
 from virtnet.vhost_user.workermsg import (  # noqa: F401 - MAX_*: re-exported
     MAX_FDS,
@@ -86,6 +79,39 @@ class PairServer(Protocol):
     carries calls and their replies, ``events`` the worker's own news."""
 
     def serve(self, sock: socket.socket, events: socket.socket) -> None: ...
+
+
+class PairHandle(Protocol):
+    """A queue pair as its supervisor sees it: in a worker (``WorkerHandle``) or in
+    this process (``local.LocalHandle``)."""
+
+    pair: int
+    last_stats: Stats
+    status: int | None  # None while it runs
+    events_closed: bool
+
+    @property
+    def closed(self) -> bool: ...
+    def call(self, request: Request[T], fds: list[int] | tuple[int, ...] = (),
+             timeout: float = ...) -> T: ...  # fmt: skip
+    def watch_fds(self) -> tuple[int, ...]: ...
+    def read_events(self) -> list[str]: ...
+    def kill(self) -> None: ...
+    def reap(self, block: bool = False) -> bool: ...
+    def describe(self) -> str: ...
+    def close(self) -> None: ...
+
+
+def check_reply(request: Request[T], seq: int, reply: object) -> T:
+    """The value of ``reply`` to call ``seq``; WorkerError if it is the refusal, or
+    the answer to another call, or of another type than the request's."""
+    if not isinstance(reply, Reply) or reply.seq != seq:
+        raise WorkerError(f"{request.name!r} (call {seq}) answered by {reply!r}")
+    if reply.error is not None:
+        raise WorkerError(reply.error)
+    if not isinstance(reply.value, request.answers):
+        raise WorkerError(f"{request.name!r}: a {type(reply.value).__name__} answer")
+    return cast(T, reply.value)
 
 
 def describe_exit(status: int) -> str:
@@ -148,19 +174,18 @@ class WorkerHandle:
                     log.warning("queue pair %d: a late reply to call %d dropped",
                                 self.pair, reply.seq)  # fmt: skip
                     continue
-                return self._check(request, seq, reply)
+                return check_reply(request, seq, reply)
             if self.pidfd in ready:
                 self.reap(block=True)
                 raise WorkerDied(self.pair, self.describe())
 
-    def _check(self, request: Request[T], seq: int, reply: object) -> T:
-        if not isinstance(reply, Reply) or reply.seq != seq:
-            raise WorkerError(f"{request.name!r} (call {seq}) answered by {reply!r}")
-        if reply.error is not None:
-            raise WorkerError(reply.error)
-        if not isinstance(reply.value, request.answers):
-            raise WorkerError(f"{request.name!r}: a {type(reply.value).__name__} answer")
-        return cast(T, reply.value)
+    @property
+    def closed(self) -> bool:
+        return self.pidfd < 0
+
+    def watch_fds(self) -> tuple[int, ...]:
+        """What the supervisor's epoll watches: its exit, its events."""
+        return (self.pidfd, self.events.fileno())
 
     def read_events(self) -> list[str]:
         """What the worker said on its own (its pair broke: why); ``events_closed``
@@ -271,6 +296,8 @@ class WorkerSet:
       counted survives it: a replaced worker's go to ``lost``.
     """
 
+    in_process = False  # local.LocalSet: the pairs run in this process
+
     def __init__(self, ep: select.epoll, log: logging.Logger,
                  on_death: Callable[[WorkerDied], None],
                  on_event: Callable[[int, str], None]) -> None:  # fmt: skip
@@ -278,26 +305,38 @@ class WorkerSet:
         self.log = log
         self.on_death = on_death
         self.on_event = on_event
-        self.workers: list[WorkerHandle] = []  # by pair
+        self.workers: list[PairHandle] = []  # by pair
         self.lost: list[Stats] = []  # the last counters of workers replaced
         self.deaths = 0
-        self._fds: dict[int, WorkerHandle] = {}  # pidfd, event socket → its worker
+        self._fds: dict[int, PairHandle] = {}  # pidfd, event socket → its worker
         self.next_check = time.monotonic() + WATCHDOG_EVERY
 
-    def __iter__(self) -> Iterator[WorkerHandle]:
+    def __iter__(self) -> Iterator[PairHandle]:
         return iter(list(self.workers))
 
     def __len__(self) -> int:
         return len(self.workers)
 
-    def __getitem__(self, pair: int) -> WorkerHandle:
+    def __getitem__(self, pair: int) -> PairHandle:
         return self.workers[pair]
 
+    def _spawn(self, pair: int, make_loop: Callable[[], PairServer],
+               close_in_child: Callable[[], None]) -> PairHandle:  # fmt: skip
+        return spawn_worker(pair, make_loop, close_in_child)
+
+    def run_passes(self) -> bool:
+        """The pairs' ring work in this process: none here, the workers do their own."""
+        return False
+
+    def poll_timeout(self, most: float) -> float:
+        """How long the supervisor's epoll may wait: ``most``, as far as workers go."""
+        return most
+
     def start(self, pair: int, make_loop: Callable[[], PairServer],
-              close_in_child: Callable[[], None]) -> WorkerHandle:  # fmt: skip
+              close_in_child: Callable[[], None]) -> PairHandle:  # fmt: skip
         """Fork pair ``pair``'s worker; one that died in its place is replaced."""
-        w = spawn_worker(pair, make_loop, close_in_child)
-        for fd in (w.pidfd, w.events.fileno()):
+        w = self._spawn(pair, make_loop, close_in_child)
+        for fd in w.watch_fds():
             self.ep.register(fd, select.EPOLLIN)
             self._fds[fd] = w
         if pair < len(self.workers):
@@ -321,7 +360,7 @@ class WorkerSet:
         w = self._fds.get(fd)
         if w is None:
             return
-        if fd == w.pidfd:
+        if fd == w.watch_fds()[0]:  # its pidfd: it exited
             if w.reap():
                 self.died(WorkerDied(w.pair, w.describe()))
             return
@@ -333,7 +372,7 @@ class WorkerSet:
     def died(self, e: WorkerDied) -> None:
         """A worker is dead or as good as dead: kill it if need be, reap it, name it."""
         w = self.workers[e.pair]
-        if w.pidfd < 0:
+        if w.closed:
             return  # told already
         w.kill()
         self.deaths += 1
@@ -341,8 +380,8 @@ class WorkerSet:
         self._forget(w)
         self.on_death(e)
 
-    def _forget(self, w: WorkerHandle) -> None:
-        for fd in (w.pidfd, w.events.fileno()):
+    def _forget(self, w: PairHandle) -> None:
+        for fd in w.watch_fds():
             self._unwatch(fd)
         w.close()
 
@@ -359,11 +398,11 @@ class WorkerSet:
         if time.monotonic() < self.next_check:
             return
         for w in self:
-            if w.pidfd >= 0:
+            if not w.closed:
                 self.ask(w, StatsRequest(), WATCHDOG_TIMEOUT, on_death=self.died)
         self.next_check = time.monotonic() + WATCHDOG_EVERY
 
-    def ask(self, w: WorkerHandle, request: Request[Any], timeout: float = RPC_TIMEOUT,
+    def ask(self, w: PairHandle, request: Request[Any], timeout: float = RPC_TIMEOUT,
             on_death: Callable[[WorkerDied], None] | None = None) -> bool:  # fmt: skip
         """``request`` to ``w``, its counters kept if it answers with some; False if it
         is dead (``on_death`` told; by default only the log)."""

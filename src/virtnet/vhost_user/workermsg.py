@@ -241,29 +241,29 @@ class Dispatcher:
     then sees die.
     """
 
-    def __init__(self, sock: socket.socket, events: socket.socket,
+    def __init__(self, sock: socket.socket | None, events: socket.socket | None,
                  refusals: tuple[type[Exception], ...] = ()) -> None:  # fmt: skip
-        self.sock = sock
+        self.sock = sock  # None: in-process, called through answer() (local.LocalSet)
         self.events = events
         self.refusals = refusals
+        self.pending: list[str] = []  # in-process: the events not yet taken
         self._handlers: dict[type[Request[Any]], Handler] = {}
 
     def on(self, kind: type[R], handler: Callable[[R, list[int]], object]) -> None:
         self._handlers[kind] = handler
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
     def serve_one(self) -> bool:
         """Answer one call; False once the control process is gone."""
+        assert self.sock is not None  # a worker's: it has its socket
         try:
             call, fds = recv_msg(self.sock)
         except (EOFError, OSError):
             return False
-        send_msg(self.sock, self._answer(call, fds))
+        send_msg(self.sock, self.answer(call, fds))
         return True
 
-    def _answer(self, call: object, fds: list[int]) -> Reply:
+    def answer(self, call: object, fds: list[int]) -> Reply:
+        """The reply to one call, whose ``fds`` the handler then owns."""
         if not isinstance(call, Call) or not isinstance(call.request, Request):
             close_fds(fds)
             return Reply(-1, error=f"a malformed call {call!r}")
@@ -283,6 +283,9 @@ class Dispatcher:
 
     def event(self, why: str) -> None:
         """Tell the control process, unasked (the pair broke)."""
+        if self.events is None:
+            self.pending.append(why)
+            return
         try:
             send_msg(self.events, Event(why))
         except OSError:
