@@ -73,6 +73,7 @@ DATA_PLANE: tuple[str, ...] = (
     "virtnet.net.coalesce",
     "virtnet.net.mq",
     "virtnet.net.ctrl",
+    "virtnet.net.layout",
     "virtnet.net.guest",
     "virtnet.ports.synthetic",
     "virtnet.ports.tapio",

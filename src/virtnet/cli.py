@@ -214,6 +214,14 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                        help="seed of the --faults draws: the same seed and traffic "
                             "repeat a run (default 0)")  # fmt: skip
     if name == "driver":
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--in-process", action="store_true", default=None,
+                           help="run every queue pair's driver in this one process "
+                                "(default with one pair)")  # fmt: skip
+        where.add_argument("--workers", dest="in_process", action="store_false",
+                           help="run each queue pair's driver in a worker process of its "
+                                "own, one pair too (default with more than one: a core "
+                                "each)")  # fmt: skip
         p.add_argument("--server", action="store_true",
                        help="listen on --socket-path and wait for the back-end to connect "
                             "(`virtnet device --client`, DPDK net_vhost0,...,client=1) "
@@ -429,7 +437,6 @@ def cmd_vhost_user(args) -> int:
     except (BackendError, OSError) as e:
         print(f"virtnet {args.command}: {e}", file=sys.stderr)
         return 2
-    pcap = None
     rc = 0
     if args.command == "device":
         from virtnet.vhost_user.backend import DeviceServer
@@ -450,7 +457,7 @@ def cmd_vhost_user(args) -> int:
             return 2
         result = server.serve(args.seconds)
     else:
-        from virtnet.net.xdp import XdpHook, XdpLoadError, load_program
+        from virtnet.net.xdp import XdpLoadError, load_program
         from virtnet.vhost_user.errors import VhostUserProtocolError
         from virtnet.vhost_user.frontend import DriverClient, FrontendError
 
@@ -466,30 +473,21 @@ def cmd_vhost_user(args) -> int:
 
         try:
             from virtnet.net.features import OFFERED
+            from virtnet.vhost_user.driver_loop import PairDrivers
 
-            client = DriverClient(args.socket_path, backends, strategy=args.strategy,
-                                  queue_size=args.queue_size,
+            drivers = PairDrivers(backends, strategy=args.strategy, busy_poll_us=args.busy_poll,
+                                  xdp=xdp_prog, xdp_name=args.xdp or "",
+                                  pcap_path=args.pcap)  # fmt: skip
+            client = DriverClient(args.socket_path, drivers, queue_size=args.queue_size,
                                   wanted=OFFERED & ~args.features_off,
-                                  busy_poll_us=args.busy_poll, combined=args.combined,
-                                  mem_regions=args.mem_regions,
-                                  printer=rate_printer(args.quiet),
-                                  server=args.server)  # fmt: skip
+                                  combined=args.combined, mem_regions=args.mem_regions,
+                                  printer=rate_printer(args.quiet), server=args.server,
+                                  in_process=args.in_process)  # fmt: skip
         except (FrontendError, OSError, ValueError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)
             return 2
         try:
             client.setup()
-            if xdp_prog is not None:
-                for pair in client.pairs:
-                    pair.drv.rx.attach_xdp(XdpHook(xdp_prog, pair.drv.stats, name=args.xdp,
-                                                   redirect=pair.backend.xdp_redirect))  # fmt: skip
-            if args.pcap:
-                from virtnet.ports.pcap import PcapWriter
-
-                drv = client.drv
-                assert drv is not None  # setup() built queue pair 0
-                pcap = PcapWriter(args.pcap, drv.hdr_len)
-                drv.capture = pcap.write_views
             client.run(args.seconds)
         except (FrontendError, VhostUserProtocolError, OSError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)
@@ -502,8 +500,6 @@ def cmd_vhost_user(args) -> int:
         elif client.peer_gone:
             print("virtnet driver: the back-end went away", file=sys.stderr)
             rc = 1
-    if pcap is not None:
-        pcap.close()
     if args.json:
         from virtnet._build import build_name
 

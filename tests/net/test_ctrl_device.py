@@ -1,6 +1,6 @@
 """The control queue acting on virtnet's own device, in one process: the driver's
 ControlQueue and the device's ControlDevice over a real control virtqueue in the
-same guest memory as the data rings (net/guest.py build_control), wired by
+same guest memory as the data rings (net/ctrl.py build_control), wired by
 ``serve_control``: the receive filter on the device's rx, the guest offloads
 re-applied to the device and its back-end (a tap: TUNSETOFFLOAD)."""
 
@@ -13,10 +13,11 @@ from virtnet.net.ctrl import (
     OFFLOAD_BITS,
     VIRTIO_NET_CTRL_RX,
     VIRTIO_NET_CTRL_RX_NOBCAST,
+    build_control,
     serve_control,
 )
 from virtnet.net.features import VirtioNetF
-from virtnet.net.guest import ControlArea, GuestLayout, build_control, build_device, build_driver
+from virtnet.net.guest import ControlArea, GuestLayout, build_device, build_driver
 from virtnet.net.header import MRG_HDR
 from virtnet.ports.backends import TapDevice
 from virtnet.ports.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN

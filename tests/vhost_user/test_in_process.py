@@ -1,4 +1,5 @@
-"""``virtnet device --in-process``: every queue pair's loop in the control process.
+"""``--in-process``: every queue pair's loop in the control process (``virtnet device
+--in-process``, ``virtnet driver --in-process`` / ``--workers``).
 
 The same loops, requests and supervisor as with worker processes (``LocalSet`` for
 ``WorkerSet``), so the same exact counts must hold, for one pair and for two; the
@@ -152,3 +153,30 @@ def test_finish_collects_the_last_counters_of_each_pair(local_set):
     assert workers.stats() == [{"passes": 2}, {"passes": 2}]
     assert workers.finish(Exit()) == [{"passes": 2}, {"passes": 2}]
     assert all(lp.closed for lp in loops) and not deaths and len(workers) == 0
+
+
+# -- the driver: the same runner both ways round -----------------------------------------
+
+
+def test_driver_two_pairs_in_process_carry_exact_counts_per_queue(tmp_path, device_factory):
+    dev = device_factory("loopback", extra=("--queues", str(PAIRS)))
+    run = run_driver(tmp_path, dev, "gen:200", seconds=2.0,
+                     extra=("--queues", str(PAIRS), "--in-process"))  # fmt: skip
+    dev_stats = dev.stop()["device_stats"]
+    drv = run.stats
+    for pair in range(PAIRS):
+        sent = per_queue(drv, pair, "tx")
+        assert sent > 0 and per_queue(dev_stats, pair, "tx") == sent
+        got = per_queue(drv, pair, "rx")
+        assert got > 0 and per_queue(dev_stats, pair, "rx") == got
+    assert drv["pages_outstanding"] == 0
+    assert run.result["worker_cpu_seconds"] == []  # no worker: one process for both pairs
+
+
+def test_driver_one_pair_in_a_worker_with_workers(tmp_path, device_factory):
+    dev = device_factory("sink")
+    run = run_driver(tmp_path, dev, "gen:1500", extra=("--workers",))
+    doc = dev.stop()
+    ds, rs = check_clean(doc, run, "deferred")
+    assert rs["tx_packets"] > 0 and doc["backend"]["sink_packets"] == rs["tx_packets"]
+    assert len(run.result["worker_cpu_seconds"]) == 1  # pair 0 ran in a worker of its own

@@ -6,8 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 DATA_PLANE_LOOPS = ("virtnet.net.device", "virtnet.net.driver", "virtnet.net.rx",
                     "virtnet.net.guest", "virtnet.vhost_user.device_loop",
                     "virtnet.vhost_user.driver_loop")  # fmt: skip
@@ -26,7 +24,5 @@ def test_the_device_session_loads_no_data_plane_module():
     assert loaded_by("virtnet.vhost_user.backend") == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: the driver's session still builds its "
-                   "drivers and runs pair 0's loop itself")  # fmt: skip
 def test_the_driver_session_loads_no_data_plane_module():
     assert loaded_by("virtnet.vhost_user.frontend") == []

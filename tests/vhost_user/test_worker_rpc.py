@@ -23,8 +23,7 @@ from virtnet.net.guest import RX, GuestLayout, build_device, build_driver
 from virtnet.ports.backends import SinkDevice, SinkDriver
 from virtnet.ports.synthetic import FrameGen
 from virtnet.vhost_user.device_loop import DEFAULT_COALESCE, PairLoop
-from virtnet.vhost_user.driver_loop import PairDriver
-from virtnet.vhost_user.frontend import PairWorker
+from virtnet.vhost_user.driver_loop import PairDriver, PairWorker
 from virtnet.vhost_user.worker import WorkerError, WorkerHandle, WorkerSet, spawn_worker
 from virtnet.vhost_user.workermsg import (
     Call,

@@ -28,7 +28,8 @@ from virtnet.net.constants import NAPI_POLL_WEIGHT
 from virtnet.net.device import VirtnetDevice
 from virtnet.net.driver import VirtnetDriver
 from virtnet.net.features import SUPPORTED
-from virtnet.net.guest import GuestLayout, build_device, build_driver
+from virtnet.net.guest import build_device, build_driver
+from virtnet.net.layout import GuestLayout
 from virtnet.net.skb import SkBuff
 from virtnet.net.xdp import BUILTIN as XDP_BUILTIN
 from virtnet.net.xdp import XdpHook

@@ -104,6 +104,7 @@ def rtt_summary(rtts_ns: list[int], sent: int) -> dict:
 
 def round_trip(strategy: str, queue_size: int = 256, seconds: float = RTT_SECONDS) -> dict:
     """Ping-pong for ``seconds`` against a ``virtnet device --backend loopback`` process."""
+    from virtnet.vhost_user.driver_loop import PairDrivers
     from virtnet.vhost_user.frontend import DriverClient
 
     with tempfile.TemporaryDirectory(prefix="vn-rtt-") as tmp:
@@ -121,7 +122,8 @@ def round_trip(strategy: str, queue_size: int = 256, seconds: float = RTT_SECOND
                         raise RoundTripError(f"virtnet device did not start: {f.read()[-500:]}")
                 time.sleep(0.02)
             probe = EchoProbe()
-            client = DriverClient(sock, probe, strategy=strategy, queue_size=queue_size)
+            client = DriverClient(sock, PairDrivers([probe], strategy=strategy),
+                                  queue_size=queue_size)  # fmt: skip
             try:
                 client.setup()
                 client.run(seconds)

@@ -15,10 +15,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Final, Protocol, final
+from typing import TYPE_CHECKING, Final, Protocol, final
 
-from virtnet.net.device import VirtnetDevice, gather
 from virtnet.net.features import VirtioNetF
+from virtnet.net.header import gather
+from virtnet.net.layout import CTRL_BUF_SIZE, FRESH_PACKED_BASE, ControlArea
 from virtnet.net.stats import CtrlStats, ctrl_stats
 from virtnet.virtio.errors import (
     AvailIndexError,
@@ -27,9 +28,16 @@ from virtnet.virtio.errors import (
     UsedRingError,
     VirtioError,
 )
-from virtnet.virtio.features import bit
+from virtnet.virtio.features import VirtioF, bit, has
+from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.chain import Chain
+from virtnet.virtio.ring.layout import PackedAddrs, PackedViews, VringViews
+from virtnet.virtio.ring.packed import PackedQueueDevice, PackedQueueDriver
 from virtnet.virtio.ring.queue import RingDevice, RingDriver
+from virtnet.virtio.ring.split import SplitQueueDevice, SplitQueueDriver
+
+if TYPE_CHECKING:
+    from virtnet.net.device import VirtnetDevice  # serve_control's devices, in process
 
 # -- the wire (include/uapi/linux/virtio_net.h) --------------------------------------------
 
@@ -745,3 +753,26 @@ def serve_control(
 
     ctrl.on_rx_mode = rx_mode
     ctrl.on_guest_offloads = offloads
+
+
+def build_control(memory: GuestMemory, area: ControlArea, features: int, index: int,
+                  max_pairs: int) -> tuple[ControlQueue, ControlDevice]:  # fmt: skip
+    """Both ends of a control queue in one process: the driver's ControlQueue and the
+    ControlDevice answering it, as DPDK's virtio_user shadows the control queue in
+    the front-end (no vhost-user back-end serves one)."""
+    event_idx = has(features, VirtioF.RING_EVENT_IDX)
+    ring = area.ring
+    vq: RingDriver
+    cvq: RingDevice
+    if isinstance(ring, PackedAddrs):
+        pviews = PackedViews.from_memory(memory, ring)
+        vq = PackedQueueDriver(pviews, event_idx=event_idx, index=index)
+        cvq = PackedQueueDevice(pviews, memory, event_idx=event_idx,
+                                last_avail_idx=FRESH_PACKED_BASE, index=index)  # fmt: skip
+    else:
+        views = VringViews.from_memory(memory, ring)
+        vq = SplitQueueDriver(views, event_idx=event_idx, index=index)
+        cvq = SplitQueueDevice(views, memory, event_idx=event_idx, last_avail_idx=0,
+                               index=index)  # fmt: skip
+    ctrl = ControlQueue(vq, memory.view(area.buf, CTRL_BUF_SIZE), area.buf)
+    return ctrl, ControlDevice(cvq, features, max_pairs)

@@ -21,6 +21,7 @@ from virtnet.net.header import (
     NUM_BUFFERS_OFFSET,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     complete_csum,
+    gather,
 )
 from virtnet.net.stats import DeviceStats, device_stats
 from virtnet.virtio.dirtylog import DirtyLog
@@ -69,21 +70,6 @@ def scatter(srcs: Sequence[Piece], dsts: Sequence[memoryview]) -> int:
                 di += 1
                 doff = 0
     return total
-
-
-def gather(views: Sequence[Piece], offset: int, length: int) -> bytes:
-    """``length`` bytes from ``offset`` of the concatenation of ``views`` (any layout)."""
-    out = bytearray()
-    for view in views:
-        n = len(view)
-        if offset >= n:
-            offset -= n
-            continue
-        out += view[offset : offset + length - len(out)]
-        offset = 0
-        if len(out) == length:
-            break
-    return bytes(out)
 
 
 def _copy_into(srcs: Sequence[Piece], dst: memoryview) -> int:

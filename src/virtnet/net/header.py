@@ -12,6 +12,7 @@ With VERSION_1 or MRG_RXBUF the header is always the 12-byte one.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -153,3 +154,19 @@ def hdr_error(hdr: bytes, frame_len: int) -> tuple[str, str] | None:
         if gso_size == 0:
             return ("bad_gso", f"bad gso: type {gso_type}, size 0")
     return None
+
+
+def gather(views: Sequence[bytes | memoryview], offset: int, length: int) -> bytes:
+    """``length`` bytes from ``offset`` of the concatenation of ``views`` (any layout):
+    a header, a filter's peek or a control command read out of a frame's pieces."""
+    out = bytearray()
+    for view in views:
+        n = len(view)
+        if offset >= n:
+            offset -= n
+            continue
+        out += view[offset : offset + length - len(out)]
+        offset = 0
+        if len(out) == length:
+            break
+    return bytes(out)

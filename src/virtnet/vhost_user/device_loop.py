@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, final
 from virtnet.net.coalesce import IrqCoalescer
 from virtnet.net.device import VirtnetDevice
 from virtnet.net.faults import FaultPlan
-from virtnet.net.guest import RX as RX_Q
-from virtnet.net.guest import TX as TX_Q
 from virtnet.net.guest import build_device
+from virtnet.net.layout import RX as RX_Q
+from virtnet.net.layout import TX as TX_Q
 from virtnet.net.mq import sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.logmap import MappedLog

@@ -21,6 +21,7 @@ import stat
 import time
 from dataclasses import replace
 from functools import partial
+from typing import Protocol
 
 from virtnet.net.constants import PAGE_SIZE, SKB_FRAG_PAGE_ORDER
 from virtnet.net.ctrl import (
@@ -29,8 +30,8 @@ from virtnet.net.ctrl import (
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
     ControlDevice,
     ControlQueue,
+    build_control,
 )
-from virtnet.net.driver import VirtnetDriver
 from virtnet.net.features import (
     OFFERED,
     SUPPORTED,
@@ -41,23 +42,10 @@ from virtnet.net.features import (
     names,
     negotiate,
 )
-from virtnet.net.guest import (
-    FRESH_PACKED_BASE,
-    RX,
-    ControlArea,
-    GuestLayout,
-    build_control,
-    build_driver,
-)
-from virtnet.ports.backends import DriverBackend, LoopbackDriver
+from virtnet.net.layout import FRESH_PACKED_BASE, ControlArea, GuestLayout
 from virtnet.vhost_user.channel import Channel, PeerClosed
-from virtnet.vhost_user.driver_loop import (  # noqa: F401 - their old home: re-exported
-    IDLE_TIMEOUT,
-    NAPI_BUDGET,
-    TX_BUDGET,
-    PairDriver,
-)
 from virtnet.vhost_user.errors import VhostUserProtocolError
+from virtnet.vhost_user.local import LocalSet
 from virtnet.vhost_user.messages import (
     U64,
     VHOST_MEMORY_BASELINE_NREGIONS,
@@ -77,9 +65,10 @@ from virtnet.vhost_user.messages import (
 from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
+from virtnet.vhost_user.polling import IDLE_POLL, look_at_epoll
 from virtnet.vhost_user.runclock import RunClock
-from virtnet.vhost_user.worker import RPC_TIMEOUT, WorkerDied, WorkerSet, pair_totals
-from virtnet.vhost_user.workermsg import Dispatcher, Drain, Finish, Stats, StatsRequest, Stop
+from virtnet.vhost_user.worker import RPC_TIMEOUT, PairServer, WorkerDied, WorkerSet, pair_totals
+from virtnet.vhost_user.workermsg import Drain, Finish, Stats, Stop
 from virtnet.virtio.features import DeviceStatus, VirtioF, bit
 from virtnet.virtio.memory import GuestMemory, MemoryRegion
 from virtnet.virtio.ring.layout import PackedAddrs, VringAddrs
@@ -94,7 +83,7 @@ WANTED_PROTOCOL = (
     | bit(ProtocolFeature.STATUS)  # SET_STATUS / GET_STATUS, as DPDK's virtio_user
 )
 MAP_FIXED = 0x10  # <sys/mman.h>; the mmap module does not export it
-TX_DRAIN_TIMEOUT = 2.0  # close(): how long the back-end gets to use what was sent
+TX_DRAIN_TIMEOUT = 2.0  # close(): how long each pair's back-end gets to use what was sent
 
 
 class FrontendError(Exception):
@@ -169,47 +158,23 @@ def _mmap_fixed(addr: int, length: int, fd: int) -> None:
         raise OSError(err, f"mmap of a guest memory region at {addr:#x}: {os.strerror(err)}")
 
 
-class PairWorker:
-    """A queue pair's driver in its own process: runs until told to stop, then
-    drains tx, and after the control process stopped the rings, finishes."""
+class PairDriverFactory(Protocol):
+    """What runs on the queue pairs (``driver_loop.PairDrivers``): the session hands it
+    the guest memory, each pair's layout, the features and the eventfds, and runs what
+    ``loop(pair)`` makes wherever its runner puts it."""
 
-    def __init__(self, pair: PairDriver) -> None:
-        self.pair = pair
-        self.finished = False
-        self._rpc: Dispatcher | None = None
+    strategy: str
 
-    def serve(self, sock: socket.socket, events: socket.socket) -> None:
-        rpc = self._rpc = Dispatcher(sock, events)
-        rpc.on(Stop, self._stop)
-        rpc.on(Drain, self._drain)
-        rpc.on(Finish, self._finish)
-        rpc.on(StatsRequest, self._stats)
-        self.pair.run(lambda: True, {sock.fileno(): self._on_request})
-        if self.pair.broken:
-            rpc.event(self.pair.broken)
-        # Stopped (or broken): the rest is the control process's sequence.
-        while not self.finished and rpc.serve_one():
-            pass
-
-    def _on_request(self) -> None:
-        assert self._rpc is not None  # serve() made it before it runs the loop
-        if not self._rpc.serve_one():
-            self.pair.stop = True  # the control process is gone
-
-    def _stop(self, req: Stop, fds: list[int]) -> None:
-        self.pair.stop = True
-
-    def _drain(self, req: Drain, fds: list[int]) -> None:
-        self.pair.stop = False
-        self.pair.drain_tx(TX_DRAIN_TIMEOUT, {})
-
-    def _finish(self, req: Finish, fds: list[int]) -> Stats:
-        self.pair.finish()
-        self.finished = True
-        return self.pair.stats()
-
-    def _stats(self, req: StatsRequest, fds: list[int]) -> Stats:
-        return self.pair.stats()
+    def __len__(self) -> int: ...
+    def on_features(self, features: int) -> None: ...
+    def build(self, memory: GuestMemory, layouts: list[GuestLayout], features: int,
+              kick: list[int], call: list[int],
+              memory_breaks: frozenset[int]) -> str: ...  # fmt: skip
+    def fill(self, pair: int) -> None: ...
+    def loop(self, pair: int) -> PairServer: ...
+    def finish(self, pair: int) -> Stats: ...
+    def stats(self, pair: int) -> Stats: ...
+    def close(self) -> None: ...
 
 
 class DriverClient:
@@ -218,34 +183,33 @@ class DriverClient:
     def __init__(
         self,
         socket_path: str,
-        backends: DriverBackend | list[DriverBackend],
+        drivers: PairDriverFactory,
         *,
-        strategy: str = "deferred",
         queue_size: int = 256,
         wanted: int = OFFERED,
         connect_timeout: float = 10.0,
         printer=None,
-        busy_poll_us: int = 0,
         combined: int | None = None,
         mem_regions: int = 1,
         server: bool = False,
+        in_process: bool | None = None,
     ) -> None:
         if mem_regions < 1:
             raise FrontendError(f"--mem-regions {mem_regions}: at least 1")
         self.mem_regions = mem_regions
-        self.busy_poll = busy_poll_us / 1e6
         self.server = server
         self.socket_path = socket_path
-        self.backends = backends if isinstance(backends, list) else [backends]
-        self.backend = self.backends[0]
-        self.queues = len(self.backends)
+        self.drivers = drivers
+        self.queues = len(drivers)
+        # Where the pairs run: one pair in this process, more in a worker each (cores).
+        self.in_process = self.queues == 1 if in_process is None else in_process
         self.combined = self.queues if combined is None else combined
         if not 1 <= self.combined <= self.queues:
             raise FrontendError(f"--combined {combined}: 1..{self.queues} (--queues) pairs")
         self.active = self.queues  # pairs enabled (VQ_PAIRS_SET)
         self.ctrl: ControlQueue | None = None  # the control queue, shadowed here: see setup()
         self.ctrl_dev: ControlDevice | None = None
-        self.strategy = strategy
+        self.strategy = drivers.strategy  # what runs, once setup() knows the features
         self.queue_size = queue_size
         self.wanted = wanted
         if self.queues > 1:
@@ -269,19 +233,14 @@ class DriverClient:
         self.protocol_features = 0
         self.status = 0  # the device status, as sent (PROTOCOL_F_STATUS)
         self.config: NetConfig | None = None  # GET_CONFIG's answer (PROTOCOL_F_CONFIG)
-        self.pairs: list[PairDriver] = []
-        self.workers: WorkerSet | None = None  # with more than one pair: see run()
+        self.built = False  # setup() made each pair's driver
+        self.workers: WorkerSet | None = None  # from run() to close()
         self.peer_gone = False
         self.broken = ""  # a queue the device broke (BAD_RING), or a worker died: why
         self.run_seconds = 0.0
         self.cpu_seconds = 0.0
         self._final: list[dict] = []
         self._clock: RunClock | None = None  # from run() to close()
-
-    @property
-    def drv(self) -> VirtnetDriver | None:
-        """Queue pair 0's driver (the only one without --queues)."""
-        return self.pairs[0].drv if self.pairs else None
 
     def pair_layout(self, pair: int) -> GuestLayout:
         return replace(self.layout, base=pair * self.layout.size)
@@ -382,32 +341,25 @@ class DriverClient:
         self._send(Req.SET_FEATURES, U64(self.features))
         self._features_ok()
         self._get_config()
-        for backend in self.backends:
-            backend.on_features(self.features)
+        self.drivers.on_features(self.features)
         self._set_mem_table()
-        for p, backend in enumerate(self.backends):
-            drv = build_driver(
-                self.guest.memory, self.pair_layout(p), self.features, self.strategy,
-                netif_receive_skb=backend.netif_receive_skb,
-            )  # fmt: skip
-            drv.memory_breaks = frozenset(r.guest_phys_addr for r, _fd in self.guest.regions[1:])
-            if isinstance(backend, LoopbackDriver):
-                backend.drv = drv
-            self.pairs.append(PairDriver(p, drv, backend, self.kick[2 * p : 2 * p + 2],
-                                         self.call[2 * p : 2 * p + 2], self.busy_poll))  # fmt: skip
-        strategy = self.pairs[0].drv.strategy
+        breaks = frozenset(r.guest_phys_addr for r, _fd in self.guest.regions[1:])
+        layouts = [self.pair_layout(p) for p in range(self.queues)]
+        strategy = self.drivers.build(self.guest.memory, layouts, self.features, self.kick,
+                                      self.call, breaks)  # fmt: skip
+        self.built = True
         if strategy != self.strategy:  # virtnet_probe's choice, from the features
             mrg = "on" if self.features & bit(VirtioNetF.MRG_RXBUF) else "off"
             log.warning("rx strategy %s is not possible with MRG_RXBUF %s: using %s",
                         self.strategy, mrg, strategy)  # fmt: skip
+            self.strategy = strategy
         for p in range(self.queues):
             self._set_vrings(p, packed)
         if self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             for q in range(2 * self.queues):
                 self._send(Req.SET_VRING_ENABLE, VringState(q, 1), ack=True)
-        for pair in self.pairs:
-            if pair.drv.try_fill_recv():
-                pair._kick(RX)
+        for p in range(self.queues):
+            self.drivers.fill(p)
         if self.features & bit(VirtioNetF.CTRL_VQ):
             self._setup_control()
         self._add_status(DeviceStatus.DRIVER_OK)
@@ -562,41 +514,41 @@ class DriverClient:
         started, cpu0 = time.monotonic(), time.process_time()
         clock = self._clock = RunClock(seconds, self.printer, self.stats).install()
         try:
-            if self.queues == 1:
-                pair = self.pairs[0]
-                pair.run(clock.running, {self.channel.fileno(): self._on_socket})
-                self.broken = pair.broken
-            else:
-                self._run_workers(clock)
+            self._run_pairs(clock)
         finally:
             self.run_seconds = time.monotonic() - started
             self.cpu_seconds = time.process_time() - cpu0
         return self.stats()
 
-    def _run_workers(self, clock: RunClock) -> None:
-        """One worker process per pair; here, the session and the workers' health."""
+    def _run_pairs(self, clock: RunClock) -> None:
+        """The pairs in use, in this process or a worker each (``in_process``); here, the
+        session and the pairs' health, and with in-process pairs their ring passes."""
         ep = select.epoll()
-        workers = self.workers = WorkerSet(ep, log, self._worker_died, self._worker_event)
-        for pair in self.pairs[: self.active]:
-            workers.start(pair.pair, partial(PairWorker, pair), self._close_in_worker)
-        try:
-            ep.register(self.channel.fileno(), select.EPOLLIN)
-            while clock.running() and not self.peer_gone and not self.broken:
-                for fd, _ in ep.poll(IDLE_TIMEOUT):
-                    if fd == self.channel.fileno():
+        supervisor = LocalSet if self.in_process else WorkerSet
+        workers = self.workers = supervisor(ep, log, self._worker_died, self._worker_event)
+        for p in range(self.active):
+            workers.start(p, partial(self.drivers.loop, p), self._close_in_worker)
+        channel = self.channel.fileno()
+        ep.register(channel, select.EPOLLIN)
+        busy = True
+        passes = 0
+        while clock.running() and not self.peer_gone and not self.broken:
+            passes += 1
+            if look_at_epoll(busy, passes):  # in-process pairs busy: as a worker's loop
+                for fd, _ in ep.poll(0.0 if busy else workers.poll_timeout(IDLE_POLL)):
+                    if fd == channel:
                         self._on_socket()
                     else:
                         workers.on_ready(fd)
-                if not self.broken:
-                    workers.watchdog()  # a hung worker would stall its pair silently
-        finally:
-            ep.close()
+            busy = workers.run_passes()  # the pairs that run in this process
+            if not self.broken:
+                workers.watchdog()  # a hung worker would stall its pair silently
 
     def _worker_died(self, e: WorkerDied) -> None:
         self.broken = self.broken or str(e)
 
     def _worker_event(self, pair: int, why: str) -> None:
-        """PairWorker.serve's event: the pair broke (BAD_RING), and why."""
+        """PairWorker's event: the pair broke (BAD_RING), and why."""
         self.broken = self.broken or f"queue pair {pair}: {why}"
 
     def _close_in_worker(self) -> None:
@@ -611,8 +563,6 @@ class DriverClient:
         except (PeerClosed, OSError, VhostUserProtocolError) as e:
             log.error("back-end connection lost: %s", e)
             self.peer_gone = True
-            if self.pairs:
-                self.pairs[0].stop = True
             return
         for msg in msgs:
             log.warning("unexpected message from the back-end: %s", msg.request)
@@ -620,15 +570,15 @@ class DriverClient:
     def _pair_stats(self) -> list[Stats]:
         if self._final:
             return self._final
-        out = [p.stats() for p in self.pairs]  # pairs not in use: here, as set up
+        out = [self.drivers.stats(p) for p in range(self.queues)]  # not in use: as set up
         if self.workers is not None:
             out[: len(self.workers)] = self.workers.stats()
         return out
 
     def stats(self) -> dict:
-        workers = self.queues > 1  # one pair runs in this process
-        out = pair_totals(self._pair_stats() if self.pairs else [], "driver_stats",
-                          per_queue=workers, workers=workers)  # fmt: skip
+        out = pair_totals(self._pair_stats() if self.built else [], "driver_stats",
+                          per_queue=self.queues > 1,
+                          workers=not self.in_process)  # fmt: skip
         cfg = self.config
         return {"driver_stats": out["driver_stats"], "backend": out["backend"],
                 # What GET_CONFIG said (with PROTOCOL_F_CONFIG), else null.
@@ -636,7 +586,7 @@ class DriverClient:
                     "mac": cfg.mac.hex(":"), "link_up": bool(cfg.status & VIRTIO_NET_S_LINK_UP),
                     "mtu": cfg.mtu, "max_virtqueue_pairs": cfg.max_virtqueue_pairs},
                 "features": self.features, "queues": self.queues,
-                "strategy": self.drv.strategy if self.drv else self.strategy,
+                "strategy": self.strategy,
                 "seconds": round(self.run_seconds, 4),
                 "cpu_seconds": round(self.cpu_seconds + out["cpu_seconds"], 4),
                 "worker_cpu_seconds": out["worker_cpu_seconds"]}  # fmt: skip
@@ -646,42 +596,36 @@ class DriverClient:
     def close(self) -> dict:
         """Stop the rings (GET_VRING_BASE), reclaim every buffer, free every page."""
         stats = {}
-        if self.pairs:
-            if self.workers is not None:
-                self._close_workers(self.workers)
-            else:
-                self._close_in_process()
+        if self.built:
+            self._close_pairs()
             stats = self.stats()
         self.channel.close()
         for fd in self.kick + self.call:
             os.close(fd)
-        self.pairs = []
+        self.built = False
+        self.drivers.close()
         self.guest.close()
         if self._clock is not None:
             self._clock.restore()
             self._clock = None
         return stats
 
-    def _close_in_process(self) -> None:
-        pair = self.pairs[0]
+    def _close_pairs(self) -> None:
+        """Stop the loops, drain tx, stop the rings (GET_VRING_BASE), then each pair
+        takes what the device finished and frees every page: wherever they ran."""
+        workers, self.workers = self.workers, None
+        ran = len(workers) if workers is not None else 0
+        if workers is not None:
+            workers.each(Stop())
         if not self.peer_gone:
-            pair.stop = False
-            pair.drain_tx(TX_DRAIN_TIMEOUT, {self.channel.fileno(): self._on_socket})
+            if workers is not None:
+                workers.each(Drain(), TX_DRAIN_TIMEOUT + RPC_TIMEOUT)
             self._stop_rings()
-        pair.finish()
-
-    def _close_workers(self, workers: WorkerSet) -> None:
-        """Stop the loops, drain tx, stop the rings (GET_VRING_BASE), then each worker
-        takes what the device finished and frees every page."""
-        workers.each(Stop())
-        if not self.peer_gone:
-            workers.each(Drain(), TX_DRAIN_TIMEOUT + RPC_TIMEOUT)
-            self._stop_rings()
-        ran = len(workers)
-        for pair in self.pairs[ran:]:  # never ran: their buffers are here
-            pair.finish()
-        self._final = workers.finish(Finish()) + [p.stats() for p in self.pairs[ran:]]
-        self.workers = None
+        final = workers.finish(Finish()) if workers is not None else []
+        # Pairs that never ran (past --combined, or no run()): their buffers are here.
+        self._final = final + [self.drivers.finish(p) for p in range(ran, self.queues)]
+        if workers is not None:
+            workers.ep.close()
 
     def _stop_rings(self) -> None:
         for q in range(2 * self.queues):

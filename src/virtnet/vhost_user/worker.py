@@ -20,7 +20,7 @@ This module is the control process's side, the same for both ends: starting
 a worker (``spawn_worker``), asking it (``WorkerHandle.call``), watching the
 set (``WorkerSet``: deaths, events, the watchdog, the last counters of each)
 and adding up their counters (``pair_totals``). What a device's worker runs
-is ``device_loop.PairLoop``; a driver's, ``frontend.PairWorker`` around
+is ``device_loop.PairLoop``; a driver's, ``driver_loop.PairWorker`` around
 ``driver_loop.PairDriver``.
 """
 

@@ -170,7 +170,7 @@ class Exit(Request[Stats]):
     answers = (dict,)
 
 
-# A driver's worker (frontend.PairWorker).
+# A driver's worker (driver_loop.PairWorker).
 
 
 @dataclass(frozen=True)
