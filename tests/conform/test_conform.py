@@ -36,7 +36,7 @@ import pytest
 
 from tests.vhost_user.conftest import DeviceProcess
 from virtnet.conform.cases import CASES, RING_KINDS, cells, expand
-from virtnet.vhost_user.messages import HEADER, FrontendRequest, VringState
+from virtnet.vhost_user.messages import HEADER, FrontendRequest, SingleMemoryRegion, VringState
 
 CONFORM = [sys.executable, "-m", "virtnet", "conform"]
 RUN_TIMEOUT = 300  # the whole run; every case has its own --timeout inside
@@ -547,4 +547,38 @@ def test_the_lifecycle_cases_pass_and_a_stale_index_fails_them(loopback, proxy_f
                       else "failed" for ring in ("split", "packed") for on in ("on", "off")}, out
     assert "the back-end used 0 of 1 tx buffers" in \
         cases["guest-reboot/packed/event-idx-on"]["detail"], out  # fmt: skip
+    assert loopback.alive()
+
+
+def misplace_hotplugged_regions():
+    """Every ADD_MEM_REG after the first arrives 1 MiB higher in guest-physical space: the
+    back-end maps a hot-plugged region where the guest's descriptors do not point."""
+    added = [0]
+
+    def rewrite(data: bytes) -> bytes:
+        out = bytearray(data)
+        for body in each_request(out, FrontendRequest.ADD_MEM_REG, SingleMemoryRegion.SIZE):
+            added[0] += 1
+            if added[0] > 1:
+                at = body + 8  # past the u64 padding: the region's guest_phys_addr
+                gpa = int.from_bytes(out[at : at + 8], "little")
+                out[at : at + 8] = (gpa + (1 << 20)).to_bytes(8, "little")
+        return bytes(out)
+
+    return rewrite
+
+
+def test_mem_slots_pass_and_a_misplaced_region_fails_them(loopback, proxy_factory, tmp_path):
+    rc, doc, out = run_json(tmp_path, loopback.socket_path, "mem-slots", "mem-slots-refusals")
+    status = {c["name"]: c["status"] for c in doc["cases"]}
+    assert status == {"mem-slots": "passed", "mem-slots-refusals": "survived"}, out
+    details = {c["name"]: c["detail"] for c in doc["cases"]}
+    assert "echoed through region gpa 0x4000000 after the third was removed" in \
+        details["mem-slots"]  # fmt: skip
+    assert details["mem-slots-refusals"].count("refused (REPLY_ACK") == 3, out
+    proxy = proxy_factory(rewrite=misplace_hotplugged_regions())
+    rc, doc, out = run_json(tmp_path, proxy.path, "mem-slots")
+    (case,) = doc["cases"]
+    assert rc == 1 and case["status"] == "failed", out
+    assert "frames came back on rx" in case["detail"] or "tx buffers" in case["detail"], out
     assert loopback.alive()

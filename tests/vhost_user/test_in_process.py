@@ -18,6 +18,9 @@ import pytest
 from tests.vhost_user.conftest import run_driver
 from tests.vhost_user.test_multiqueue import PAIRS, per_queue, worker_pids
 from tests.vhost_user.test_two_process import check_clean, drive
+from virtnet.ports.backends import DeviceBackend
+from virtnet.vhost_user.backend import DeviceServer
+from virtnet.vhost_user.device_loop import PairLoops
 from virtnet.vhost_user.local import LocalSet
 from virtnet.vhost_user.worker import WorkerDied
 from virtnet.vhost_user.workermsg import Connect, Dispatcher, Exit, StatsRequest
@@ -180,3 +183,29 @@ def test_driver_one_pair_in_a_worker_with_workers(tmp_path, device_factory):
     ds, rs = check_clean(doc, run, "deferred")
     assert rs["tx_packets"] > 0 and doc["backend"]["sink_packets"] == rs["tx_packets"]
     assert len(run.result["worker_cpu_seconds"]) == 1  # pair 0 ran in a worker of its own
+
+
+class CountingPort(DeviceBackend):
+    """A port that counts its closes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+
+
+def test_a_dead_in_process_loop_is_replaced_and_its_port_kept_open(tmp_path):
+    port = CountingPort()
+    server = DeviceServer(str(tmp_path / "vu.sock"), PairLoops([port]), in_process=True)
+    try:
+        first = server.workers[0]
+        server.workers.died(WorkerDied(0, "raised RuntimeError: planted"))
+        fresh = server.workers[0]
+        assert fresh is not first and fresh.status is None and server.worker_deaths == 1
+        assert fresh.loop.backend is port and port.closes == 0  # the next loop's port
+    finally:
+        server.workers.finish(Exit())
+        server.close()
+    assert port.closes >= 1

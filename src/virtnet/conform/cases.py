@@ -1119,6 +1119,7 @@ def by_name(name: str) -> Case:
 # The cases of the other modules register themselves here, after this module's own.
 from virtnet.conform import (  # noqa: E402, F401
     cases_lifecycle,
+    cases_memslots,
     cases_migration,
     cases_net,
     cases_packed,

@@ -447,6 +447,7 @@ class PairLoop:
             self._loop(sock.fileno())
         finally:
             self.close()
+            self.backend.close()  # the worker's copy; in process PairLoops owns it
 
     def attach(self, ep: select.epoll) -> None:
         """In-process: watch this pair's fds in the control process's ``ep``."""
@@ -456,13 +457,13 @@ class PairLoop:
         self._rewatch()
 
     def close(self) -> None:
-        """Stop the device, close the capture and the back-end (the loop is over)."""
+        """Stop the device and close the capture: the loop is over. Its back-end lives
+        on (a fresh loop for the pair takes it over; PairLoops closes it at the end)."""
         if self.dev is not None:
             self._stop()
         if self.pcap is not None:
             self.pcap.close()
             self.pcap = None
-        self.backend.close()
 
     def watches(self, fd: int) -> bool:
         return fd in self._watched
