@@ -179,10 +179,10 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                         "with --queues N, queue pair P > 0 writes FILE with .qP before "
                         "its extension")  # fmt: skip
     p.add_argument("--queues", type=_queue_pairs, default=1, metavar="N",
-                   help="queue pairs (VIRTIO_NET_F_MQ), each served by its own process "
-                        "(device: unless --in-process) with its own back-end: one "
-                        "queue of a multi-queue tap, or its own sink/gen/loopback "
-                        "(default 1)")  # fmt: skip
+                   help="queue pairs (VIRTIO_NET_F_MQ), each served by a worker process "
+                        "of its own (unless --in-process; a driver runs a single pair "
+                        "in its own process) with its own back-end: one queue of a "
+                        "multi-queue tap, or its own sink/gen/loopback (default 1)")  # fmt: skip
     if name == "device":
         p.add_argument("--client", action="store_true",
                        help="connect to a front-end listening on --socket-path (QEMU "
