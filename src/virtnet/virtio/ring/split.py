@@ -37,6 +37,7 @@ from virtnet.virtio.ring.layout import (
     VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
     VringViews,
+    read_ring,
     virtio_mb,
     vring_need_event,
 )
@@ -294,12 +295,13 @@ class SplitQueueDriver(VringShadow):
         if not n:
             return []
         last = self.last_used_idx
-        elems, mask, num = self._used_q, self._mask, self.num
+        num = self.num
+        elems = read_ring(self._used_q, num, last & self._mask, n)  # id | len << 32 each
         tokens, in_len, ndescs, nxt = self._token, self._in_len, self._ndescs, self._next
         free_head = self.free_head
         out: list[tuple[object, int]] = []
         for k in range(n):
-            elem = elems[(last + k) & mask]  # one load: id | len << 32
+            elem = elems[k]
             head = elem & _U32
             length = elem >> 32
             if head >= num or tokens[head] is None or length > in_len[head]:
@@ -396,6 +398,7 @@ class SplitQueueDevice:
         self._mask = ring.num - 1
         self._desc = ring.desc
         self._avail = ring.avail
+        self._avail_ring = ring.avail_ring
         self._used = ring.used
         self._used_elems = ring.used_elems
         self._used_q = ring.used_q
@@ -477,11 +480,12 @@ class SplitQueueDevice:
             self.avail_pending()  # raises AvailIndexError, nothing consumed
         if n > budget:
             n = budget
-        avail, mask, num = self._avail, self._mask, self.num
+        num = self.num
+        heads = read_ring(self._avail_ring, num, last & self._mask, n)
         chains = []
         try:
             for k in range(n):
-                head = avail[2 + ((last + k) & mask)]
+                head = heads[k]
                 if head >= num:
                     raise DescriptorError(f"vq {self.index}: avail ring names head {head} >= {num}")
                 chains.append(self._walk(head))
