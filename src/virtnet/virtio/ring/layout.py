@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 import threading
 from dataclasses import dataclass
+from struct import pack_into
 from typing import Final, final
 
 from virtnet.virtio.memory import GuestMemory
@@ -198,6 +199,21 @@ def read_ring(ring: memoryview, num: int, start: int, n: int) -> list[int]:
     if end <= num:
         return ring[start:end].tolist()
     return ring[start:num].tolist() + ring[: end - num].tolist()
+
+
+def write_ring16(ring: memoryview, num: int, start: int, values: list[int]) -> None:
+    """Store ``values`` (each below 2^16) at entries ``start`` .. of a ring view of ``num``
+    le16 entries (the avail ring), wrapping at its end (``len(values)`` <= ``num``): one or
+    two ``struct.pack_into`` calls for a whole burst, instead of one generic store with two
+    boxed ints an entry. (A memoryview's slice store takes only its own format, and both
+    ``array("H", list)`` and ``bytes(list)`` convert an item dearer than that store.)"""
+    end = start + len(values)
+    if end <= num:
+        pack_into(f"<{len(values)}H", ring, 2 * start, *values)
+    else:
+        cut = num - start
+        pack_into(f"<{cut}H", ring, 2 * start, *values[:cut])
+        pack_into(f"<{end - num}H", ring, 0, *values[cut:])
 
 
 _barrier_lock = threading.Lock()

@@ -175,7 +175,7 @@ class PackedQueueDriver(VringShadow):
         self.num_added += 1
         return bid
 
-    def add_inbufs(self, bufs: Sequence[tuple[int, int, object]]) -> int:
+    def add_inbufs(self, bufs: list[tuple[int, int, object]]) -> int:
         """Many one-descriptor writable buffers, (addr, length, token) each; how many fit."""
         n = min(len(bufs), self.num_free)
         if not n:

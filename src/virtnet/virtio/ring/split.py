@@ -40,6 +40,7 @@ from virtnet.virtio.ring.layout import (
     read_ring,
     virtio_mb,
     vring_need_event,
+    write_ring16,
 )
 from virtnet.virtio.ring.shadow import VringShadow
 
@@ -73,6 +74,7 @@ class SplitQueueDriver(VringShadow):
         self._mask = num - 1
         self._desc = ring.desc
         self._avail = ring.avail
+        self._avail_ring = ring.avail_ring
         self._used = ring.used
         self._used_elems = ring.used_elems
         self._used_q = ring.used_q
@@ -113,7 +115,7 @@ class SplitQueueDriver(VringShadow):
         self._publish(head)
         return head
 
-    def add_inbufs(self, bufs: Sequence[tuple[int, int, object]]) -> int:
+    def add_inbufs(self, bufs: list[tuple[int, int, object]]) -> int:
         """Many one-descriptor writable buffers, (addr, length, token) each, published
         with one avail-index store; returns how many fit (a refill burst)."""
         n = min(len(bufs), self.num_free)
@@ -122,9 +124,9 @@ class SplitQueueDriver(VringShadow):
         desc, nxt, tokens, in_len, ndescs, words = (
             self._desc, self._next, self._token, self._in_len, self._ndescs, self._words
         )
-        avail, mask = self._avail, self._mask
         head = self.free_head
         shadow = self.avail_idx_shadow
+        heads: list[int] = []  # the avail ring's new entries, stored at once below
         for k in range(n):
             addr, length, token = bufs[k]
             if token is None:
@@ -138,14 +140,15 @@ class SplitQueueDriver(VringShadow):
             tokens[head] = token
             in_len[head] = length
             ndescs[head] = 1
-            avail[2 + ((shadow + k) & mask)] = head
+            heads.append(head)
             head = nxt[head]
         self.free_head = head
         self.num_free -= n
         self.num_added += n
         # 2.7.13: every ring entry first, then idx once (x86 keeps stores in order).
+        write_ring16(self._avail_ring, self.num, shadow & self._mask, heads)
         self.avail_idx_shadow = (shadow + n) & 0xFFFF
-        avail[1] = self.avail_idx_shadow
+        self._avail[1] = self.avail_idx_shadow
         if n < len(bufs) and bufs[n][2] is None:
             raise ValueError("token must not be None")
         return n
