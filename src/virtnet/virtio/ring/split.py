@@ -510,12 +510,12 @@ class SplitQueueDevice:
             base, rsize, rbuf = mem.first_gpa, mem.first_size, mem.first_buf
             off = addr - base
             if 0 <= off and off + length <= rsize:
-                seg = rbuf[off : off + length]
-            else:
-                try:
-                    seg = self.memory.view(addr, length)
-                except Exception as e:
-                    raise DescriptorError(f"descriptor {head}: {e}", head) from None
+                # Inside the lowest region: its view is made only if asked for.
+                return Chain.direct(head, addr, length, bool(word & _WRITE), rbuf, off)
+            try:
+                seg = self.memory.view(addr, length)
+            except Exception as e:
+                raise DescriptorError(f"descriptor {head}: {e}", head) from None
             if word & _WRITE:
                 return Chain(head, NO_SEGMENTS, [seg], None, length, 0, addr)
             return Chain(head, [seg], NO_SEGMENTS, None, 0, length, addr)
