@@ -286,3 +286,39 @@ def test_driver_reads_used_entries_written_byte_by_byte():
     assert drv.get_buf() is None  # not published until idx moves
     struct.pack_into("<H", q.buffer, used + 2, 1)
     assert drv.get_buf() == ("tok", 42)
+
+
+def test_bursts_read_avail_and_used_entries_across_the_ring_end():
+    # pop_burst and get_bufs read a burst's entries at once: slots 3, 0, 1, 2 here.
+    q = MockSplitQueue(4)
+    drv, dev = q.driver(), q.device()
+    for k in range(3):
+        drv.add_inbuf(q.data(k), 8, k)
+    dev.push_used_burst([(c.head, 0) for c in dev.pop_burst(4)])
+    dev.flush_used()
+    assert drv.get_bufs(4) == [(0, 0), (1, 0), (2, 0)]
+    heads = [drv.add_inbuf(q.data(k), 8 + k, f"t{k}") for k in range(4)]
+    assert [raw_avail(q, 4 + 2 * ((3 + k) % 4)) for k in range(4)] == heads
+    chains = dev.pop_burst(4)
+    assert [c.head for c in chains] == heads
+    assert [c.in_len for c in chains] == [8, 9, 10, 11]
+    dev.push_used_burst([(c.head, k) for k, c in enumerate(chains)])
+    dev.flush_used()
+    assert [raw_used32(q, 4 + 8 * ((3 + k) % 4)) for k in range(4)] == heads
+    assert drv.get_bufs(4) == [(f"t{k}", k) for k in range(4)]
+
+
+def test_add_inbufs_stores_a_burst_across_the_ring_end_then_the_index():
+    q = MockSplitQueue(4)
+    drv, dev = q.driver(), q.device()
+    assert drv.add_inbufs([(q.data(k), 8, k) for k in range(3)]) == 3
+    dev.push_used_burst([(c.head, 0) for c in dev.pop_burst(4)])
+    dev.flush_used()
+    assert len(drv.get_bufs(4)) == 3
+    assert drv.add_inbufs([(q.data(k), 8 + k, f"t{k}") for k in range(4)]) == 4
+    assert raw_avail(q, 2) == 7
+    heads = [raw_avail(q, 4 + 2 * ((3 + k) % 4)) for k in range(4)]
+    assert sorted(heads) == [0, 1, 2, 3]
+    chains = dev.pop_burst(4)
+    assert [c.head for c in chains] == heads
+    assert [c.in_len for c in chains] == [8, 9, 10, 11]

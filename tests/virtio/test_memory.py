@@ -232,3 +232,32 @@ def test_every_view_lies_inside_exactly_one_region(addr, length):
         assert not inside
     else:
         assert inside and len(view) == length
+
+
+def test_a_chain_popped_from_a_removed_region_keeps_its_mmap_until_it_goes():
+    # A one-descriptor chain in the lowest region keeps that region's view, not one
+    # of its own (Chain.direct): it must still pin the mmap, as a view would, once
+    # the region is removed and its buffer released (vhost_user/mapping.py).
+    from virtnet.virtio.ring.layout import VRING_DESC_F_WRITE, VringAddrs, VringViews
+    from virtnet.virtio.ring.split import SplitQueueDevice
+
+    with mmap.mmap(-1, 4 * PAGE) as m:
+        region = MemoryRegion(0, memoryview(m))
+        mem = GuestMemory([region])
+        addrs = VringAddrs.contiguous(0, 8)
+        ring = VringViews.from_memory(mem, addrs)
+        ring.desc[0] = 2 * PAGE
+        ring.desc[1] = 64 | VRING_DESC_F_WRITE << 32
+        ring.avail[2], ring.avail[1] = 0, 1
+        chain = SplitQueueDevice(ring, mem).pop()
+        assert chain is not None and chain.region is not None and chain.in_len == 64
+        ring.release()
+        mem.remove_region(0)
+        region.buffer.release()
+        with pytest.raises(BufferError):
+            m.close()  # pinned by the chain
+        chain.writable[0][:3] = b"abc"
+        assert m[2 * PAGE : 2 * PAGE + 3] == b"abc"
+        assert chain.segments == [(2 * PAGE, 64, True)]
+        del chain
+        m.close()  # the last view went with the chain

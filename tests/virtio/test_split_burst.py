@@ -8,7 +8,7 @@ import pytest
 
 from tests.virtio.mock import MockSplitQueue
 from virtnet.virtio.errors import AvailIndexError, DescriptorError, UsedIndexError, UsedRingError
-from virtnet.virtio.ring.layout import VRING_DESC_F_WRITE
+from virtnet.virtio.ring.layout import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 
 
 def posted(q: MockSplitQueue, n: int):
@@ -114,3 +114,29 @@ def test_push_used_burst_is_published_by_one_flush():
     dev.flush_used()
     assert q.used_entries(0) == [(0, 7), (1, 7), (2, 7)]
     assert drv.get_bufs(8) == [("t0", 7), ("t1", 7), ("t2", 7)]
+
+
+def _mixed_ring() -> MockSplitQueue:
+    """Heads 3, 1, 6, 0, 5, 2 (one run of the table, in another order): direct ones
+    both ways, a two-descriptor chain at 6 -> 7 and an indirect one at 5."""
+    q = MockSplitQueue(8)
+    for head in (0, 1, 2, 3):
+        q.desc(head, q.data(head), 16 + head, VRING_DESC_F_WRITE if head % 2 else 0)
+    q.desc(6, q.data(6), 10, VRING_DESC_F_NEXT, next=7)
+    q.desc(7, q.data(7), 20, VRING_DESC_F_WRITE)
+    q.desc(5, q.data(5), q.table(q.data(5), [(q.data(4), 8, 0, 0)]), VRING_DESC_F_INDIRECT)
+    for head in (3, 1, 6, 0, 5, 2):
+        q.make_available(head)
+    return q
+
+
+def test_pop_burst_over_one_run_of_the_table_gives_what_pop_gives():
+    # Six heads spanning eight descriptors: pop_burst reads them with one slice.
+    one, burst = _mixed_ring().device(), _mixed_ring().device()
+    singles = [one.pop() for _ in range(6)]
+    chains = burst.pop_burst(64)
+    assert [(c.head, c.segments, c.out_len, c.in_len) for c in chains] == [
+        (c.head, c.segments, c.out_len, c.in_len) for c in singles if c is not None
+    ]
+    assert [c.head for c in chains] == [3, 1, 6, 0, 5, 2]
+    assert burst.last_avail_idx == one.last_avail_idx == 6

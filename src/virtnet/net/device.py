@@ -379,12 +379,17 @@ class VirtnetDevice:
         cache = self._rx_cache
         if self.mergeable and cache and self.capture is None:
             chain = cache.front()
-            if chain.in_len >= need and len(chain.writable) == 1:
+            region = chain.region
+            if chain.in_len >= need and (region is not None or len(chain.writable) == 1):
                 # The frame fits the next buffer (every frame up to a page): one
-                # buffer, num_buffers 1, written in place.
+                # buffer, num_buffers 1, written in place; a buffer of one direct
+                # descriptor straight into its memory region, with no view made.
                 cache.popleft()
                 self._rx_cached -= chain.in_len
-                dst = chain.writable[0]
+                if region is not None:
+                    dst, at = region, chain.offset
+                else:
+                    dst, at = chain.writable[0], 0
                 if hdr is not self._hdr_seen:
                     self._hdr_seen = hdr
                     self._hdr_one = hdr[:NUM_BUFFERS_OFFSET] + ONE_BUFFER
@@ -393,12 +398,12 @@ class VirtnetDevice:
                     # Header and a short first piece (a stack's headers) in one
                     # store: a bytes concatenation is cheaper than a slice store.
                     piece = self._hdr_one + first
-                    off = len(piece)
-                    dst[:off] = piece
+                    off = at + len(piece)
+                    dst[at:off] = piece
                     rest = 1
                 else:
-                    off = self.hdr_len
-                    dst[:off] = self._hdr_one
+                    off = at + self.hdr_len
+                    dst[at:off] = self._hdr_one
                     rest = 0
                 for k in range(rest, len(frame)):
                     v = frame[k]

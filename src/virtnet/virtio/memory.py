@@ -89,7 +89,10 @@ class GuestMemory:
         self._starts = [r.gpa for r in self._regions]
         if self._regions:
             r = self._regions[0]
-            self.first_gpa, self.first_size, self.first_buf = r.gpa, r.size, r.buffer
+            # A view of its own, not the region's: a chain popped from it keeps the
+            # mmap mapped, as a view into it would, after the region is removed and
+            # its buffer released (mapping.py closes the mmap when the last one goes).
+            self.first_gpa, self.first_size, self.first_buf = r.gpa, r.size, r.buffer[:]
         else:
             self.first_gpa, self.first_size, self.first_buf = 0, -1, _NO_BUFFER
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 import threading
 from dataclasses import dataclass
+from struct import pack_into
 from typing import Final, final
 
 from virtnet.virtio.memory import GuestMemory
@@ -189,6 +190,32 @@ def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF)
 
 
+def read_ring(ring: memoryview, num: int, start: int, n: int) -> list[int]:
+    """Entries ``start`` .. ``start + n - 1`` of a ring view of ``num`` entries, wrapping
+    at its end (``n`` <= ``num``): one or two slice reads for a whole burst. Compiled, the
+    list is indexed natively, while each element of a memoryview is a generic call with
+    a boxed index (about 250 instructions an entry)."""
+    end = start + n
+    if end <= num:
+        return ring[start:end].tolist()
+    return ring[start:num].tolist() + ring[: end - num].tolist()
+
+
+def write_ring16(ring: memoryview, num: int, start: int, values: list[int]) -> None:
+    """Store ``values`` (each below 2^16) at entries ``start`` .. of a ring view of ``num``
+    le16 entries (the avail ring), wrapping at its end (``len(values)`` <= ``num``): one or
+    two ``struct.pack_into`` calls for a whole burst, instead of one generic store with two
+    boxed ints an entry. (A memoryview's slice store takes only its own format, and both
+    ``array("H", list)`` and ``bytes(list)`` convert an item dearer than that store.)"""
+    end = start + len(values)
+    if end <= num:
+        pack_into(f"<{len(values)}H", ring, 2 * start, *values)
+    else:
+        cut = num - start
+        pack_into(f"<{cut}H", ring, 2 * start, *values[:cut])
+        pack_into(f"<{end - num}H", ring, 0, *values[cut:])
+
+
 _barrier_lock = threading.Lock()
 
 
@@ -210,7 +237,9 @@ def virtio_mb() -> None:
 class VringViews:
     """Typed views of one ring's three parts, shared by driver and device code."""
 
-    __slots__ = ("num", "desc", "avail", "used", "used_elems", "used_q", "avail_event_view")
+    __slots__ = (
+        "num", "desc", "avail", "avail_ring", "used", "used_elems", "used_q", "avail_event_view"
+    )
 
     def __init__(self, num: int, desc: memoryview, avail: memoryview, used: memoryview) -> None:
         check_queue_size(num)
@@ -223,6 +252,8 @@ class VringViews:
         self.desc = desc[: desc_table_size(num)].cast("Q")
         # avail[0] = flags, avail[1] = idx, avail[2+i] = ring[i], avail[2+num] = used_event
         self.avail = avail[: avail_ring_size(num)].cast("H")
+        # avail_ring[i] = ring[i] alone, for reading a burst's heads with read_ring
+        self.avail_ring = avail[4 : 4 + 2 * num].cast("H")
         # used[0] = flags, used[1] = idx
         self.used = used[:4].cast("H")
         # used_elems[2*i] = id, used_elems[2*i+1] = len
@@ -243,6 +274,6 @@ class VringViews:
         )
 
     def release(self) -> None:
-        for v in (self.desc, self.avail, self.used, self.used_elems, self.used_q,
-                  self.avail_event_view):
+        for v in (self.desc, self.avail, self.avail_ring, self.used, self.used_elems,
+                  self.used_q, self.avail_event_view):
             v.release()

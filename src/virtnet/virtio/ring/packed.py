@@ -175,7 +175,7 @@ class PackedQueueDriver(VringShadow):
         self.num_added += 1
         return bid
 
-    def add_inbufs(self, bufs: Sequence[tuple[int, int, object]]) -> int:
+    def add_inbufs(self, bufs: list[tuple[int, int, object]]) -> int:
         """Many one-descriptor writable buffers, (addr, length, token) each; how many fit."""
         n = min(len(bufs), self.num_free)
         if not n:
@@ -634,7 +634,6 @@ class PackedQueueDevice:
                 base, rsize, rbuf = mem.first_gpa, mem.first_size, mem.first_buf
                 off = addr - base
                 if 0 <= off and off + length <= rsize:
-                    seg = rbuf[off : off + length]
                     pos += 1
                     if pos == num:
                         pos = 0
@@ -646,9 +645,8 @@ class PackedQueueDevice:
                     popped.append((bid, 1))
                     if len(popped) > 2 * num:
                         del popped[:-num]
-                    if word & _WRITE:
-                        return Chain(bid, NO_SEGMENTS, [seg], None, length, 0, addr)
-                    return Chain(bid, [seg], NO_SEGMENTS, None, 0, length, addr)
+                    # Its view is made only if asked for (Chain.direct).
+                    return Chain.direct(bid, addr, length, bool(word & _WRITE), rbuf, off)
         try:
             chain, pos, wrap, slots = self._walk()
         except _Consumed as e:
@@ -679,7 +677,6 @@ class PackedQueueDevice:
             off = addr - base
             if not (0 <= off and off + length <= rsize):
                 break
-            seg = rbuf[off : off + length]
             pos += 1
             if pos == num:
                 pos = 0
@@ -687,10 +684,7 @@ class PackedQueueDevice:
                 bits32 ^= _AU32
             inflight[bid] = 1
             popped.append((bid, 1))
-            if idf & _WRITE32:
-                chains.append(Chain(bid, NO_SEGMENTS, [seg], None, length, 0, addr))
-            else:
-                chains.append(Chain(bid, [seg], NO_SEGMENTS, None, 0, length, addr))
+            chains.append(Chain.direct(bid, addr, length, bool(idf & _WRITE32), rbuf, off))
         self.last_avail, self._avail_bits = pos, bits32 << 32
         if len(popped) > 2 * num:
             del popped[:-num]
@@ -733,17 +727,17 @@ class PackedQueueDevice:
             mem = self.memory
             base, rsize, rbuf = mem.first_gpa, mem.first_size, mem.first_buf
             off = addr - base
+            write = bool(word & _WRITE)
             if 0 <= off and off + length <= rsize:
-                seg = rbuf[off : off + length]
-            else:
-                try:
-                    seg = self.memory.view(addr, length)
-                except Exception as e:
-                    raise _Consumed(
-                        f"vq {self.index}: chain at descriptor {start}: descriptor {start}: {e}",
-                        bid,
-                    ).at((i, wrap, bid, 1)) from None
-            if word & _WRITE:
+                return Chain.direct(bid, addr, length, write, rbuf, off), i, wrap, 1
+            try:
+                seg = self.memory.view(addr, length)
+            except Exception as e:
+                raise _Consumed(
+                    f"vq {self.index}: chain at descriptor {start}: descriptor {start}: {e}",
+                    bid,
+                ).at((i, wrap, bid, 1)) from None
+            if write:
                 return Chain(bid, NO_SEGMENTS, [seg], None, length, 0, addr), i, wrap, 1
             return Chain(bid, [seg], NO_SEGMENTS, None, 0, length, addr), i, wrap, 1
         return self._walk_chain()
