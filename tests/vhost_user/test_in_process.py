@@ -16,7 +16,7 @@ from functools import partial
 import pytest
 
 from tests.vhost_user.conftest import run_driver
-from tests.vhost_user.test_multiqueue import PAIRS, per_queue, worker_pids
+from tests.vhost_user.test_multiqueue import PAIRS, check_exact_per_queue, worker_pids
 from tests.vhost_user.test_two_process import check_clean, drive
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.backend import DeviceServer
@@ -45,15 +45,7 @@ def test_two_pairs_in_one_process_carry_exact_counts_per_queue(tmp_path, device_
     dev = device_factory("loopback", extra=("--queues", str(PAIRS), *IN_PROCESS))
     run = run_driver(tmp_path, dev, "gen:200", seconds=2.0, extra=("--queues", str(PAIRS)))
     assert worker_pids(dev.proc.pid) == []
-    dev_stats = dev.stop()["device_stats"]
-    drv = run.stats
-    for pair in range(PAIRS):
-        sent = per_queue(drv, pair, "tx")
-        assert sent > 0 and per_queue(dev_stats, pair, "tx") == sent
-        got = per_queue(drv, pair, "rx")
-        assert got > 0 and per_queue(dev_stats, pair, "rx") == got
-    assert drv["pages_outstanding"] == 0
-    assert run.backend["sink_corrupt"] == 0 and run.backend["sink_reordered"] == 0
+    check_exact_per_queue(run, dev.stop()["device_stats"])
 
 
 def test_sessions_one_after_another_in_process(tmp_path, device_factory):
@@ -165,14 +157,7 @@ def test_driver_two_pairs_in_process_carry_exact_counts_per_queue(tmp_path, devi
     dev = device_factory("loopback", extra=("--queues", str(PAIRS)))
     run = run_driver(tmp_path, dev, "gen:200", seconds=2.0,
                      extra=("--queues", str(PAIRS), "--in-process"))  # fmt: skip
-    dev_stats = dev.stop()["device_stats"]
-    drv = run.stats
-    for pair in range(PAIRS):
-        sent = per_queue(drv, pair, "tx")
-        assert sent > 0 and per_queue(dev_stats, pair, "tx") == sent
-        got = per_queue(drv, pair, "rx")
-        assert got > 0 and per_queue(dev_stats, pair, "rx") == got
-    assert drv["pages_outstanding"] == 0
+    check_exact_per_queue(run, dev.stop()["device_stats"])
     assert run.result["worker_cpu_seconds"] == []  # no worker: one process for both pairs
 
 
