@@ -13,13 +13,7 @@ from __future__ import annotations
 
 from virtnet.conform.cases import MRG, Context, case, echo, frames
 from virtnet.conform.guest import DATA, DATA_SIZE, RX_RING, SLOT, TX_RING, Guest, Region, Rings
-from virtnet.conform.session import (
-    BASE_FEATURES,
-    CaseFailure,
-    CaseNotOffered,
-    Session,
-    ack_text,
-)
+from virtnet.conform.session import BASE_FEATURES, CaseFailure, CaseNotOffered, Session, ack_text
 from virtnet.vhost_user.messages import (
     U64,
     FrontendRequest,
