@@ -1,4 +1,5 @@
-"""PagePool: order-0 and compound pages share one pool without overlap or loss."""
+"""PagePool: order-0 and compound pages share one pool without overlap or loss; the
+skb's linear head built on them."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virtnet.net.constants import PAGE_SIZE
-from virtnet.net.skb import PageFrag, PagePool, PoolError
+from virtnet.net.constants import GOOD_COPY_LEN, PAGE_SIZE
+from virtnet.net.skb import PageFrag, PagePool, PoolError, SkbAllocator
 from virtnet.net.stats import driver_stats
 from virtnet.virtio.memory import GuestMemory
 
@@ -115,3 +116,35 @@ def test_an_exhausted_pool_makes_refill_fail_without_losing_pages():
     assert not frag.refill(70000)  # only two 32 KiB runs exist
     frag.release()
     assert pool.outstanding == 0
+
+
+def test_an_skb_head_put_whole_as_bytes_reads_back_through_every_accessor():
+    pool = make_pool()
+    skbs = SkbAllocator(pool, pool.stats)
+    skb = skbs.alloc()
+    assert skb is not None
+    frame = bytes(range(60))
+    skb.put(frame)  # kept as it is: no copy into the head
+    assert (skb.head_len, skb.len, skb.tailroom) == (60, 60, GOOD_COPY_LEN - 60)
+    assert skb.to_bytes() == bytes(skb.linear()) == b"".join(skb.data_views()) == frame
+    # A second put copies the first one's bytes into the head, then appends.
+    skb.put(memoryview(b"xyz"))
+    skb.put(b"!")
+    assert skb.to_bytes() == bytes(skb.linear()) == frame + b"xyz!"
+    page = pool.alloc_page()
+    assert page is not None
+    page.view[:4] = b"frag"
+    skb.add_frag(page, 0, 4)
+    assert skb.to_bytes() == frame + b"xyz!frag"
+    # The same bound as a copied head: the head never grows.
+    with pytest.raises(ValueError, match="past the head"):
+        skb.put(bytes(GOOD_COPY_LEN))
+    skb.free()
+    # Cached and handed out again: nothing of the last packet's head is left.
+    again = skbs.alloc()
+    assert again is skb and again.to_bytes() == b"" and again.data_views() == []
+    again.put(bytearray(b"ab"))  # not bytes: copied into the head, as before
+    again.put(b"cd")
+    assert again.to_bytes() == b"abcd"
+    with pytest.raises(ValueError, match="past the head"):
+        skbs.alloc().put(bytes(GOOD_COPY_LEN + 1))  # a fresh skb: the bytes too long
