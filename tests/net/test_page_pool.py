@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtnet.net.constants import GOOD_COPY_LEN, PAGE_SIZE
-from virtnet.net.skb import PageFrag, PagePool, PoolError, SkbAllocator
+from virtnet.net.skb import SKB_CACHE_SIZE, PageFrag, PagePool, PoolError, SkbAllocator
 from virtnet.net.stats import driver_stats
 from virtnet.virtio.memory import GuestMemory
 
@@ -148,3 +148,19 @@ def test_an_skb_head_put_whole_as_bytes_reads_back_through_every_accessor():
     assert again.to_bytes() == b"abcd"
     with pytest.raises(ValueError, match="past the head"):
         skbs.alloc().put(bytes(GOOD_COPY_LEN + 1))  # a fresh skb: the bytes too long
+
+
+def test_the_skb_cache_keeps_at_most_its_size_and_hands_each_skb_out_once():
+    pool = make_pool()
+    skbs = SkbAllocator(pool, pool.stats)
+    out = [skbs.alloc() for _ in range(SKB_CACHE_SIZE + 2)]
+    assert all(skb is not None for skb in out) and len({id(skb) for skb in out}) == len(out)
+    for skb in out:
+        assert skb is not None
+        skb.free()
+    skbs.free(out[0])  # freed twice: counted, not cached a second time
+    again = [skbs.alloc() for _ in range(SKB_CACHE_SIZE + 1)]
+    reused = [skb for skb in again if any(skb is old for old in out)]
+    assert len(reused) == SKB_CACHE_SIZE == len({id(skb) for skb in reused})
+    assert again[-1] is not None and not any(again[-1] is old for old in out)  # a new one
+    assert skbs.live == SKB_CACHE_SIZE + 1 - 1  # the double free counted too
