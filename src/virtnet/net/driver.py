@@ -255,9 +255,15 @@ class VirtnetDriver:
             skb.free()
             return True
         gpa, view = slots.pop()
-        view[: self.hdr_len] = skb.vnet_hdr
-        if head_len:
-            view[self.hdr_len : self.hdr_len + head_len] = skb.linear()
+        linear = skb.linear() if head_len else b""
+        if isinstance(linear, bytes):
+            # Header and head in one store (both checked to fit the slot above): a
+            # bytes concatenation is cheaper than a second slice store, compiled.
+            piece = skb.vnet_hdr + linear
+            view[: len(piece)] = piece
+        else:
+            view[: self.hdr_len] = skb.vnet_hdr
+            view[self.hdr_len : self.hdr_len + head_len] = linear
         token: TxToken = (gpa, view, skb)
         try:
             if skb.frags:
