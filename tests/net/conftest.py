@@ -145,9 +145,9 @@ class Pair:
         """Poll until a poll returns under budget (NAPI's loop); packets received."""
         total = 0
         while True:
-            received, _ = self.drv.poll(budget)
+            received, kick = self.drv.poll(budget)
             total += received
-            if received < budget:
+            if received < budget and not kick:
                 return total
 
     def teardown(self) -> None:

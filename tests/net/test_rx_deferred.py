@@ -522,27 +522,38 @@ def test_a_packet_arriving_while_callbacks_are_re_armed_is_taken_in_the_same_pol
     p = pair_factory(strategy, features)
     drv = p.drv
     rvq = drv.rvq
-    # The window is the refill between the last empty get_bufs and enable_cb: more
-    # than half the ring is used, so that poll refills, and the device publishes
-    # from the refill's first allocation (the pool's and skb allocator's fault hooks
-    # are the seams: a compiled ring has no method to patch).
+    # The window is the refill between the last empty get_bufs and enable_cb: a
+    # poll that finds the ring empty with more than half of it used (the last
+    # poll's refill found no memory) refills there, and the device publishes from
+    # the refill's first allocation (the pool's and skb allocator's fault hooks are
+    # the seams: a compiled ring has no method to patch).
     early = [frame(300 + k, k) for k in range(drv.max // 2 + 1)]
     late = frame(200, 99)
     assert drv.max - len(early) >= 1  # a buffer left for the late frame
     fired = []
 
+    def out_of_memory(n: int) -> bool:
+        return len(p.frames) == len(early)  # every frame sent delivered: refill fails
+
     def in_refill(n: int) -> bool:
-        if len(p.frames) == len(early) and not fired:  # every early frame delivered
+        if not fired:
             fired.append(True)
             assert p.send(late)  # the device races the driver's re-arm
         return False  # the allocation itself succeeds
 
-    drv.pool.fail = in_refill
-    drv.skbs.fail = in_refill
+    drv.pool.fail = drv.skbs.fail = out_of_memory
     for data in early:
         assert p.send(data)
+    p.napi()
+    while drv.num >= drv.max // 2:  # ewma: a frag page's last buffers still went in
+        assert len(early) < drv.max
+        early.append(frame(100 + len(early), len(early)))
+        assert p.send(early[-1])
+        p.napi()
+    assert not rvq.cb_disabled  # the refill is owed, and the ring is empty
+    drv.pool.fail = drv.skbs.fail = in_refill
     received, _ = drv.poll(64)
-    assert fired and received == len(early) + 1
+    assert fired and received == 1
     assert p.frames == [*early, late]
     assert not rvq.cb_disabled
 

@@ -145,8 +145,11 @@ class EmbeddedRun:
         return seconds >= self.case.seconds
 
     def napi(self) -> None:
-        while self.drv.poll(NAPI_POLL_WEIGHT)[0] == NAPI_POLL_WEIGHT:
-            pass
+        """Poll until a poll returns under budget with no kick owed (NAPI's loop)."""
+        while True:
+            received, kick = self.drv.poll(NAPI_POLL_WEIGHT)
+            if received < NAPI_POLL_WEIGHT and not kick:
+                return
 
     def host_to_guest(self) -> None:
         dev, gen = self.dev, self.gen

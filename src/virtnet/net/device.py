@@ -35,6 +35,10 @@ ONE_BUFFER: Final = NUM_BUFFERS.pack(1)
 # Chains taken off the rx ring per pop: enough for a 64 KiB frame in 4 KiB
 # buffers, or a NAPI budget of small frames, for one avail-index read.
 RX_POP_BURST: Final = 64
+# Used rx heads published (and, if the driver asks, signalled) at a time within a
+# pass: vhost-net's VHOST_NET_BATCH. A pass of large frames (17 buffers a 64 KiB
+# frame) would otherwise fill the whole ring before the driver hears of the first.
+RX_USED_BATCH: Final = 64
 
 # A frame's pieces as a source hands them over (bytes, or views into its buffers).
 Piece = bytes | memoryview
@@ -169,6 +173,7 @@ class VirtnetDevice:
         self.stats: DeviceStats = stats if stats is not None else device_stats()
         self._rx_cache = ChainFifo()
         self._rx_cached = 0  # bytes of writable space in the cache
+        self._rx_bufs_flushed = 0  # stats.rx_bufs at the last flush_rx
         # The last header given to receive_packet and that header with num_buffers 1:
         # a source sends one header for frame after frame, so it is made once, not
         # per frame, and the in-place path writes the header with one store.
@@ -520,8 +525,14 @@ class VirtnetDevice:
             skip = 0
         scatter([NUM_BUFFERS.pack(num)], flat)
 
+    def rx_batch_full(self) -> bool:
+        """Whether RX_USED_BATCH buffers were used since the last ``flush_rx``: a
+        back-end's fill loop stops there, so its pass publishes the batch."""
+        return self.stats.rx_bufs - self._rx_bufs_flushed >= RX_USED_BATCH
+
     def flush_rx(self) -> bool:
         """Publish used rx entries; True if the driver wants an interrupt."""
+        self._rx_bufs_flushed = self.stats.rx_bufs
         rxq = self.rxq
         if not rxq.has_unflushed():
             return False

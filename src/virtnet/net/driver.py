@@ -186,7 +186,8 @@ class VirtnetDriver:
         """virtnet_poll: receive up to ``budget`` packets, refill, re-arm.
 
         Returns (packets received, kick needed); when it used the whole
-        budget, callbacks stay off and the caller polls again. Callbacks are left enabled
+        budget, or refilled half the ring on the way and must kick now,
+        callbacks stay off and the caller polls again. Callbacks are left enabled
         only when the ring was drained and nothing arrived while re-arming —
         the race the seed's ``again:`` label closes. Used buffers are taken in
         bursts of at most what the budget still allows, so a burst is always
@@ -218,6 +219,12 @@ class VirtnetDriver:
                         for token, length in burst:
                             rx.receive_buf(token, length)
                             received += 1
+                    if rq.needs_refill() and self.try_fill_recv():
+                        # Half the ring came back within this poll (large frames:
+                        # 17 buffers each, 15 fill a 256-entry ring): the device is
+                        # waiting for buffers now, not when the budget is used.
+                        # Return for the kick, callbacks still off: poll again.
+                        return received, True
                 if rq.needs_refill():
                     kick |= self.try_fill_recv()
                 if received < budget and not rvq.enable_cb():

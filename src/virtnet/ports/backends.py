@@ -158,7 +158,8 @@ class DeviceBackend(Backend):
         return False
 
     def fill_rx(self, dev: VirtnetDevice, budget: int) -> int:
-        """Deliver up to ``budget`` host→guest frames; returns how many."""
+        """Deliver up to ``budget`` host→guest frames, stopping early once
+        ``dev.rx_batch_full()`` (the caller publishes and comes back); how many."""
         return 0
 
     def on_connect(self) -> None:
@@ -198,7 +199,7 @@ class GenDevice(DeviceBackend):
     def fill_rx(self, dev: VirtnetDevice, budget: int) -> int:
         gen = self.gen
         n = 0
-        while n < budget and dev.has_room(gen.size):
+        while n < budget and not dev.rx_batch_full() and dev.has_room(gen.size):
             dev.receive_packet(gen.peek(), gen.hdr)
             gen.advance()
             n += 1
@@ -239,7 +240,7 @@ class LoopbackDevice(DeviceBackend):
     def fill_rx(self, dev: VirtnetDevice, budget: int) -> int:
         q = self.queue
         n = 0
-        while q and n < budget:
+        while q and n < budget and not dev.rx_batch_full():
             frame = q[0]
             if not dev.has_room(len(frame) - MRG_HDR_LEN):
                 break
@@ -302,7 +303,7 @@ class TapDevice(DeviceBackend):
     def fill_rx(self, dev: VirtnetDevice, budget: int) -> int:
         readv = self.tap.readv_into
         n = 0
-        while n < budget:
+        while n < budget and not dev.rx_batch_full():
             try:
                 got = dev.receive_from(readv)
             except BlockingIOError:

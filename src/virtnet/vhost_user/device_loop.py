@@ -521,10 +521,18 @@ class PairLoop:
         if not (backend_ready or self.backend.has_rx()):
             return False
         dev.rxq.disable_notify()
-        n = self.backend.fill_rx(dev, BUDGET)
-        self._log_ring_error(dev)
-        if dev.flush_rx():
-            self._interrupt(dev, RX_Q, n)
+        n = 0
+        while True:
+            k = self.backend.fill_rx(dev, BUDGET - n)
+            n += k
+            # Stopped at RX_USED_BATCH buffers: publish them, so the driver drains
+            # (and refills) that batch while this pass fills the next.
+            batch = n < BUDGET and dev.rx_batch_full()
+            self._log_ring_error(dev)
+            if dev.flush_rx():
+                self._interrupt(dev, RX_Q, k)
+            if not batch:
+                break
         if n == BUDGET:
             return True
         return self.backend.has_rx() and not dev.rx_starved
