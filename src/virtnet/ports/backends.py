@@ -29,7 +29,7 @@ from virtnet._mypyc import mypyc_attr
 from virtnet.net.constants import GOOD_COPY_LEN, MAX_GSO_FRAME, PAGE_SIZE
 from virtnet.net.device import VirtnetDevice
 from virtnet.net.driver import VirtnetDriver
-from virtnet.net.header import MRG_HDR_LEN
+from virtnet.net.header import MRG_HDR_LEN, strip_hdr
 from virtnet.net.skb import PageFrag, SkBuff
 from virtnet.ports.synthetic import FrameGen, FrameSink
 
@@ -96,19 +96,6 @@ def parse_backend(spec: str) -> tuple[str, str]:
     if kind == "tapfd" and all(fd.isdigit() for fd in arg.split(",")):
         return kind, arg
     raise BackendError(f"--backend {spec!r}: expected one of {', '.join(BACKENDS)}")
-
-
-def strip_hdr(views: Sequence[memoryview], hdr_len: int) -> list[memoryview]:
-    """The frame without its virtio-net header, which may span segments."""
-    out: list[memoryview] = []
-    skip = hdr_len
-    for v in views:
-        if skip >= len(v):
-            skip -= len(v)
-            continue
-        out.append(v[skip:] if skip else v)
-        skip = 0
-    return out
 
 
 # -- device side (host) -------------------------------------------------------
