@@ -48,6 +48,22 @@ def test_any_writes_set_exactly_their_pages_bits(ws, flushes):
     assert all(log.is_set(p) for p in inside)
 
 
+@given(st.data(), st.sampled_from([8, 16, VHOST_LOG_PAGE]), st.integers(1, 256))
+def test_a_ring_span_logs_exactly_its_slots_wrapping_at_the_end(data, elem_size, num):
+    # A split ring's used entries (8 bytes) or a packed ring's descriptors (16), n of
+    # them from slot start: every slot's bytes, the ring's end wrapping to its start.
+    # Page-sized entries: each slot its own bit, so a slot too many or too few shows.
+    start = data.draw(st.integers(0, num - 1))
+    n = data.draw(st.integers(0, 2 * num))
+    gpa = data.draw(st.integers(0, SPACE // 2))
+    buf = bytearray(LOG_BYTES)
+    log = DirtyLog(memoryview(buf))
+    log.log_ring(gpa, start, n, num, elem_size)
+    log.flush()
+    slots = {(start + k) % num for k in range(min(n, num))}
+    assert bits(buf) == pages_of([(gpa + slot * elem_size, elem_size) for slot in slots])
+
+
 @given(writes)
 def test_the_word_setter_gets_one_or_per_word_and_the_same_bits(ws):
     buf = bytearray(LOG_BYTES)

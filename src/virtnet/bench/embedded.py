@@ -29,11 +29,12 @@ from virtnet.net.device import VirtnetDevice
 from virtnet.net.driver import VirtnetDriver
 from virtnet.net.features import SUPPORTED
 from virtnet.net.guest import build_device, build_driver
+from virtnet.net.header import strip_hdr
 from virtnet.net.layout import GuestLayout
 from virtnet.net.skb import SkBuff
 from virtnet.net.xdp import BUILTIN as XDP_BUILTIN
 from virtnet.net.xdp import XdpHook
-from virtnet.ports.backends import GenDriver, strip_hdr
+from virtnet.ports.backends import GenDriver
 from virtnet.ports.synthetic import ACK_FRAME, FrameGen, FrameSink
 from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.memory import GuestMemory

@@ -55,6 +55,17 @@ def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) ->
     return round((after[0] - before[0]) / (after[1] - before[1]), 3)
 
 
+def _progress(console: Console | None, rate_width: int) -> Progress:
+    """One bar a task: its label, the bar, its rate (a field ``rate_width`` wide), time left."""
+    columns = (
+        TextColumn("{task.description:<40}"),
+        BarColumn(),
+        TextColumn(f"{{task.fields[rate]:>{rate_width}}}"),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, console=console or Console(stderr=True), transient=False)
+
+
 def run_groups(
     groups: list[list[Case]],
     console: Console | None = None,
@@ -64,15 +75,8 @@ def run_groups(
     from virtnet.bench.embedded import run_interleaved
 
     run: Callable[..., list[dict]] = group_runner or run_interleaved
-    console = console or Console(stderr=True)
     results = []
-    columns = (
-        TextColumn("{task.description:<40}"),
-        BarColumn(),
-        TextColumn("{task.fields[rate]:>24}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with _progress(console, rate_width=24) as progress:
         for group in groups:
             c = group[0]
             label = f"{c.direction} {c.payload}B: " + " vs ".join(
@@ -91,15 +95,8 @@ def run_cases(
     console: Console | None = None,
 ) -> list[dict]:
     cases = list(cases)
-    console = console or Console(stderr=True)
     results = []
-    columns = (
-        TextColumn("{task.description:<40}"),
-        BarColumn(),
-        TextColumn("{task.fields[rate]:>14}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with _progress(console, rate_width=14) as progress:
         overall = progress.add_task("all cases", total=len(cases), rate="")
         for case in cases:
             task = progress.add_task(case.label(), total=1.0, rate="")

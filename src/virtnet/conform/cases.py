@@ -580,6 +580,17 @@ def survived(kind: str, what: str) -> str:
             "silent": "said nothing"}[kind]  # fmt: skip
 
 
+def send_acked(s: Session, request: R, payload, fds=()) -> tuple[str, str]:
+    """``request`` with NEED_REPLY where REPLY_ACK was negotiated: how it went ("reply",
+    "closed", "silent"; "sent" without REPLY_ACK) and what the back-end said."""
+    ack = s.has_protocol(ProtocolFeature.REPLY_ACK)
+    s.send(request, payload, fds, need_reply=ack)
+    if not ack:
+        return "sent", "sent"
+    kind, msg = s.outcome(request)
+    return kind, ack_text(msg) if msg is not None else survived(kind, "")
+
+
 def refused(s: Session, request: R, what: str) -> str:
     """After a request with NEED_REPLY the spec calls invalid: a failure ack, or hang-up."""
     kind, msg = s.outcome(request)
@@ -813,14 +824,7 @@ def mem_region_overflow(ctx: Context) -> str:
         fd = os.memfd_create("conform-overflow", os.MFD_CLOEXEC)
         s.fds.append(fd)
         os.ftruncate(fd, file_size)
-        ack = s.has_protocol(ProtocolFeature.REPLY_ACK)
-        s.send(R.SET_MEM_TABLE, MemoryTable((desc,)), [fd], need_reply=ack)
-        if ack:
-            kind, msg = s.outcome(R.SET_MEM_TABLE)
-            out.append(f"{label}: " + (ack_text(msg) if msg is not None
-                                       else survived(kind, "")))  # fmt: skip
-        else:
-            out.append(f"{label}: sent")
+        out.append(f"{label}: {send_acked(s, R.SET_MEM_TABLE, MemoryTable((desc,)), [fd])[1]}")
         s.close()
     return "; ".join(out)
 
@@ -989,17 +993,12 @@ def ring_in_unmapped_memory(ctx: Context) -> str:
     g = ctx.guest()
     g.set_mem_table(s)
     bad = 0x10_0000_0000
-    ack = s.has_protocol(ProtocolFeature.REPLY_ACK)
     s.send(R.SET_VRING_NUM, VringState(TX, QUEUE_SIZE))
     s.send(R.SET_VRING_BASE, VringState(TX, 0))
-    s.send(R.SET_VRING_ADDR, VringAddr(TX, 0, bad, bad + 0x2000, bad + 0x1000, 0),
-           need_reply=ack)  # fmt: skip
-    said = "sent"
-    if ack:
-        kind, msg = s.outcome(R.SET_VRING_ADDR)
-        said = ack_text(msg) if msg is not None else survived(kind, "")
-        if kind == "closed":
-            return said
+    kind, said = send_acked(s, R.SET_VRING_ADDR,
+                            VringAddr(TX, 0, bad, bad + 0x2000, bad + 0x1000, 0))  # fmt: skip
+    if kind == "closed":
+        return said
     kick = s.eventfd()
     try:
         s.send(R.SET_VRING_KICK, U64(TX), [kick])

@@ -19,10 +19,9 @@ from virtnet.conform.cases import (
     MRG,
     QUIET,
     Context,
-    ack_text,
     case,
     echo_seqs,
-    survived,
+    send_acked,
 )
 from virtnet.conform.guest import (
     DATA,
@@ -39,7 +38,7 @@ from virtnet.conform.session import CaseFailure, Session
 from virtnet.net.features import VirtioNetF
 from virtnet.net.guest import TX
 from virtnet.net.header import MRG_HDR_LEN
-from virtnet.vhost_user.messages import FrontendRequest, ProtocolFeature, VringState
+from virtnet.vhost_user.messages import FrontendRequest, VringState
 from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.ring.layout import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
 from virtnet.virtio.ring.packed import encode_base
@@ -192,12 +191,7 @@ def packed_wrap_lie(ctx: Context) -> str:
     s2 = ctx.session()
     s2.negotiate(BASE_FEATURES | PACKED, require=BASE_FEATURES | PACKED)
     s2.send(R.SET_VRING_NUM, VringState(TX, QUEUE_SIZE))
-    ack = s2.has_protocol(ProtocolFeature.REPLY_ACK)
-    s2.send(R.SET_VRING_BASE, VringState(TX, encode_base(100, 1)), need_reply=ack)
-    said = "sent"
-    if ack:
-        kind, msg = s2.outcome(R.SET_VRING_BASE)
-        said = ack_text(msg) if msg is not None else survived(kind, "")
+    said = send_acked(s2, R.SET_VRING_BASE, VringState(TX, encode_base(100, 1)))[1]
     return f"{first}; base index 100 of 64: {said}"
 
 

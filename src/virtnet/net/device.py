@@ -22,6 +22,7 @@ from virtnet.net.header import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     complete_csum,
     gather,
+    strip_hdr,
 )
 from virtnet.net.stats import DeviceStats, device_stats
 from virtnet.virtio.dirtylog import DirtyLog
@@ -515,15 +516,7 @@ class VirtnetDevice:
         if len(first[0]) >= NUM_BUFFERS_OFFSET + 2:
             NUM_BUFFERS.pack_into(first[0], NUM_BUFFERS_OFFSET, num)
             return
-        flat: list[memoryview] = []
-        skip = NUM_BUFFERS_OFFSET
-        for v in first:
-            if skip >= len(v):
-                skip -= len(v)
-                continue
-            flat.append(v[skip:])
-            skip = 0
-        scatter([NUM_BUFFERS.pack(num)], flat)
+        scatter([NUM_BUFFERS.pack(num)], strip_hdr(first, NUM_BUFFERS_OFFSET))
 
     def rx_batch_full(self) -> bool:
         """Whether RX_USED_BATCH buffers were used since the last ``flush_rx``: a

@@ -170,3 +170,17 @@ def gather(views: Sequence[bytes | memoryview], offset: int, length: int) -> byt
         if len(out) == length:
             break
     return bytes(out)
+
+
+def strip_hdr(views: Sequence[memoryview], hdr_len: int) -> list[memoryview]:
+    """The views past the first ``hdr_len`` bytes of their concatenation: the frame
+    without its virtio-net header, which may span segments (any layout)."""
+    out: list[memoryview] = []
+    skip = hdr_len
+    for v in views:
+        if skip >= len(v):
+            skip -= len(v)
+            continue
+        out.append(v[skip:] if skip else v)
+        skip = 0
+    return out

@@ -23,13 +23,13 @@ from __future__ import annotations
 import errno
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar, Protocol, TypeAlias, final
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeAlias, TypeVar, final
 
 from virtnet._mypyc import mypyc_attr
 from virtnet.net.constants import GOOD_COPY_LEN, MAX_GSO_FRAME, PAGE_SIZE
 from virtnet.net.device import VirtnetDevice
 from virtnet.net.driver import VirtnetDriver
-from virtnet.net.header import MRG_HDR_LEN
+from virtnet.net.header import MRG_HDR_LEN, strip_hdr
 from virtnet.net.skb import PageFrag, SkBuff
 from virtnet.ports.synthetic import FrameGen, FrameSink
 
@@ -98,19 +98,6 @@ def parse_backend(spec: str) -> tuple[str, str]:
     raise BackendError(f"--backend {spec!r}: expected one of {', '.join(BACKENDS)}")
 
 
-def strip_hdr(views: Sequence[memoryview], hdr_len: int) -> list[memoryview]:
-    """The frame without its virtio-net header, which may span segments."""
-    out: list[memoryview] = []
-    skip = hdr_len
-    for v in views:
-        if skip >= len(v):
-            skip -= len(v)
-            continue
-        out.append(v[skip:] if skip else v)
-        skip = 0
-    return out
-
-
 # -- device side (host) -------------------------------------------------------
 
 
@@ -147,6 +134,10 @@ class Backend:
 
     def close(self) -> None:
         pass
+
+
+# One side's backend class (DeviceBackend or DriverBackend), for what both sides share.
+B = TypeVar("B", bound=Backend)
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -557,30 +548,35 @@ def device_backends(
     A tap gives each pair one queue (fd) of a multi-queue tap; the others each get an
     instance of their own (a generator per pair, a sink per pair, an echo per pair).
     """
-    kind, arg = parse_backend(spec)
-    _check_queues(spec, queues)
-    if kind in ("tap", "tapfd"):
-        return [TapDevice(tap) for tap in (tap_factory or open_taps)(kind, arg, queues)]
-    if kind == "sink":
-        return [SinkDevice() for _ in range(queues)]
-    if kind == "gen":
-        return [GenDevice(int(arg)) for _ in range(queues)]
-    return [LoopbackDevice() for _ in range(queues)]
+    return _backends(spec, queues, tap_factory, TapDevice, SinkDevice, GenDevice, LoopbackDevice)
 
 
 def driver_backends(
     spec: str, queues: int, tap_factory: TapFactory | None = None
 ) -> list[DriverBackend]:
     """:func:`device_backends` for the driver's side."""
+    return _backends(spec, queues, tap_factory, TapDriver, SinkDriver, GenDriver, LoopbackDriver)
+
+
+def _backends(
+    spec: str,
+    queues: int,
+    tap_factory: TapFactory | None,
+    tap: Callable[[TapQueue], B],
+    sink: Callable[[], B],
+    gen: Callable[[int], B],
+    loopback: Callable[[], B],
+) -> list[B]:
+    """One side's backends for ``spec``, made with that side's four classes."""
     kind, arg = parse_backend(spec)
     _check_queues(spec, queues)
     if kind in ("tap", "tapfd"):
-        return [TapDriver(tap) for tap in (tap_factory or open_taps)(kind, arg, queues)]
+        return [tap(q) for q in (tap_factory or open_taps)(kind, arg, queues)]
     if kind == "sink":
-        return [SinkDriver() for _ in range(queues)]
+        return [sink() for _ in range(queues)]
     if kind == "gen":
-        return [GenDriver(int(arg)) for _ in range(queues)]
-    return [LoopbackDriver() for _ in range(queues)]
+        return [gen(int(arg)) for _ in range(queues)]
+    return [loopback() for _ in range(queues)]
 
 
 def open_taps(kind: str, arg: str, queues: int) -> list[Tap]:

@@ -141,6 +141,12 @@ def add_address(netns: str, ifname: str, cidr: str) -> None:
         )  # fmt: skip
 
 
+def _address_up(netns: str, ifname: str, cidr: str, mtu: int | None) -> None:
+    """A link of ours in ``netns``: addressed, its MTU set, up."""
+    add_address(netns, ifname, cidr)
+    set_link(netns, ifname, mtu=mtu, up=True)
+
+
 def add_neighbour(netns: str, ifname: str, ip: str, mac: str) -> None:
     """A permanent neighbour entry, so a send needs no ARP/ND round trip first."""
     with iproute(netns) as ipr:
@@ -349,8 +355,7 @@ class Topology:
         self._check_own(netns)
         name = ifname or unique_ifname("p")
         create_tap(netns, name, multi_queue=multi_queue)  # goes with the namespace
-        add_address(netns, name, cidr)
-        set_link(netns, name, mtu=mtu, up=True)
+        _address_up(netns, name, cidr, mtu)
         return name
 
     def attach_tap_queues(
@@ -372,8 +377,7 @@ class Topology:
     def _place(self, netns: str, ifname: str, cidr: str, mtu: int | None) -> None:
         # The tap is only in the root namespace while down and without an address.
         move_link(ifname, netns)
-        add_address(netns, ifname, cidr)
-        set_link(netns, ifname, mtu=mtu, up=True)
+        _address_up(netns, ifname, cidr, mtu)
 
     def add_veth(
         self, netns_a: str, cidr_a: str, netns_b: str, cidr_b: str, *, mtu: int | None = None
@@ -385,8 +389,7 @@ class Topology:
         create_veth(name_a, netns_a, name_b, netns_b)
         self.veths.append((name_a, netns_a, name_b, netns_b))
         for ns, name, cidr in ((netns_a, name_a, cidr_a), (netns_b, name_b, cidr_b)):
-            add_address(ns, name, cidr)
-            set_link(ns, name, mtu=mtu, up=True)
+            _address_up(ns, name, cidr, mtu)
         return name_a, name_b
 
     def popen(self, netns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:

@@ -107,22 +107,14 @@ def offloads_for_guest_features(features: int) -> int:
     TSO/UFO without GUEST_CSUM is meaningless (a GSO frame is always partially checksummed)
     and the kernel ignores it, so it is dropped here too.
     """
-
-    def has(bit: int) -> bool:
-        return bool(features >> bit & 1)
-
-    if not has(VIRTIO_NET_F_GUEST_CSUM):
-        return 0
-    flags = TUN_F_CSUM
-    if has(VIRTIO_NET_F_GUEST_TSO4):
-        flags |= TUN_F_TSO4
-    if has(VIRTIO_NET_F_GUEST_TSO6):
-        flags |= TUN_F_TSO6
-    if has(VIRTIO_NET_F_GUEST_ECN) and flags & (TUN_F_TSO4 | TUN_F_TSO6):
-        flags |= TUN_F_TSO_ECN
-    if has(VIRTIO_NET_F_GUEST_UFO):
-        flags |= TUN_F_UFO
-    return flags
+    return _offloads(
+        features,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_GUEST_ECN,
+        VIRTIO_NET_F_GUEST_UFO,
+    )
 
 
 def offloads_for_host_features(features: int) -> int:
@@ -131,20 +123,32 @@ def offloads_for_host_features(features: int) -> int:
     The driver side of virtnet reads its guest stack's frames from a tap and
     transmits them: the device accepts what its HOST_* bits say.
     """
+    return _offloads(
+        features,
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_HOST_ECN,
+        VIRTIO_NET_F_HOST_UFO,
+    )
+
+
+def _offloads(features: int, csum: int, tso4: int, tso6: int, ecn: int, ufo: int) -> int:
+    """The TUN_F_* flags of one direction's feature bits (its CSUM, TSO4, TSO6, ECN, UFO)."""
 
     def has(bit: int) -> bool:
         return bool(features >> bit & 1)
 
-    if not has(VIRTIO_NET_F_CSUM):
+    if not has(csum):
         return 0
     flags = TUN_F_CSUM
-    if has(VIRTIO_NET_F_HOST_TSO4):
+    if has(tso4):
         flags |= TUN_F_TSO4
-    if has(VIRTIO_NET_F_HOST_TSO6):
+    if has(tso6):
         flags |= TUN_F_TSO6
-    if has(VIRTIO_NET_F_HOST_ECN) and flags & (TUN_F_TSO4 | TUN_F_TSO6):
+    if has(ecn) and flags & (TUN_F_TSO4 | TUN_F_TSO6):
         flags |= TUN_F_TSO_ECN
-    if has(VIRTIO_NET_F_HOST_UFO):
+    if has(ufo):
         flags |= TUN_F_UFO
     return flags
 

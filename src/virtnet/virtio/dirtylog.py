@@ -60,6 +60,18 @@ class DirtyLog:
         for page in range(first, last + 1):
             pages.add(page)
 
+    def log_ring(self, gpa: int, start: int, n: int, num: int, elem_size: int) -> None:
+        """Record a device write of ``n`` entries from slot ``start`` on, in a ring of
+        ``num`` ``elem_size``-byte entries at ``gpa``, wrapping at the ring's end (a
+        split ring's used entries, a packed ring's descriptors)."""
+        if n >= num:
+            self.log_write(gpa, num * elem_size)
+        elif start + n <= num:
+            self.log_write(gpa + start * elem_size, n * elem_size)
+        else:
+            self.log_write(gpa + start * elem_size, (num - start) * elem_size)
+            self.log_write(gpa, (start + n - num) * elem_size)
+
     def pending(self) -> int:
         """Pages cached and not flushed yet."""
         return len(self._pages)

@@ -549,14 +549,7 @@ class PackedQueueDevice:
         """Log ``slots`` descriptors from slot ``start`` on, wrapping at the ring's end."""
         log = self.dirty
         assert log is not None  # the caller tests it
-        num, gpa = self.num, self._log_desc_gpa
-        if slots >= num:
-            log.log_write(gpa, num * DESC_SIZE)
-        elif start + slots <= num:
-            log.log_write(gpa + start * DESC_SIZE, slots * DESC_SIZE)
-        else:
-            log.log_write(gpa + start * DESC_SIZE, (num - start) * DESC_SIZE)
-            log.log_write(gpa, (start + slots - num) * DESC_SIZE)
+        log.log_ring(self._log_desc_gpa, start, slots, self.num, DESC_SIZE)
 
     def _set_avail(self, pos: int, wrap: int) -> None:
         self.last_avail = pos

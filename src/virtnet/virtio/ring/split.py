@@ -429,17 +429,8 @@ class SplitQueueDevice:
         log = self.dirty
         assert log is not None  # the callers test it
         gpa = self._log_used_gpa
-        num = self.num
         n = (new - old) & 0xFFFF
-        start = old & self._mask
-        ring = gpa + USED_RING_OFFSET
-        if n >= num:
-            log.log_write(ring, num * USED_ELEM_SIZE)
-        elif start + n <= num:
-            log.log_write(ring + start * USED_ELEM_SIZE, n * USED_ELEM_SIZE)
-        else:
-            log.log_write(ring + start * USED_ELEM_SIZE, (num - start) * USED_ELEM_SIZE)
-            log.log_write(ring, (start + n - num) * USED_ELEM_SIZE)
+        log.log_ring(gpa + USED_RING_OFFSET, old & self._mask, n, self.num, USED_ELEM_SIZE)
         log.log_write(gpa, USED_RING_OFFSET)
 
     # -- taking chains ---------------------------------------------------------
