@@ -32,10 +32,11 @@ from tests.net.conftest import (
 )
 from tests.virtio.mock import MockSplitQueue
 from virtnet.net.constants import ETH_HLEN, MAX_PACKET_LEN, MAX_SKB_FRAGS, PAGE_SIZE
-from virtnet.net.device import VirtnetDevice, scatter
+from virtnet.net.device import VirtnetDevice, scatter, scatter_direct
 from virtnet.net.guest import build_device
 from virtnet.net.header import MRG_HDR_LEN, NUM_BUFFERS_OFFSET, VirtioNetHdr
 from virtnet.virtio.errors import VirtioError
+from virtnet.virtio.ring.chain import Chain
 from virtnet.virtio.ring.layout import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VringViews
 
 LARGEST = 65536 + ETH_HLEN
@@ -486,6 +487,33 @@ def test_scatter_stops_when_the_destinations_are_full():
     assert scatter([b"abcdef"], [memoryview(a)]) == 4
     assert bytes(a) == b"abcd"
     assert scatter([b"x"], []) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pieces=st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=5),
+    sizes=st.lists(st.integers(1, 30), min_size=1, max_size=8),
+    gaps=st.lists(st.integers(0, 5), min_size=8, max_size=8),
+)
+def test_scatter_direct_writes_what_scatter_writes(pieces, sizes, gaps):
+    # Chains of one direct descriptor each, anywhere in one region (gaps between
+    # them): the bytes that land in the region are the ones scatter puts in views.
+    total = sum(len(p) for p in pieces)
+    while sum(sizes) < total:
+        sizes = [*sizes, 30]
+    region = bytearray(sum(sizes) + sum(gaps) + 5 * len(sizes))
+    view = memoryview(region)
+    chains, at = [], 0
+    for k, size in enumerate(sizes):
+        at += gaps[k % len(gaps)]
+        chains.append(Chain.direct(k, 0x1000 + at, size, True, view, at))
+        at += size
+    srcs = [p if k % 2 else memoryview(p) for k, p in enumerate(pieces)]
+    scatter_direct(srcs, chains)
+    expect = bytearray(len(region))
+    assert scatter(srcs, [memoryview(expect)[c.offset : c.offset + c.in_len] for c in chains]) \
+        == total
+    assert region == expect
 
 
 def test_num_buffers_sits_at_its_offset():

@@ -77,6 +77,42 @@ def scatter(srcs: Sequence[Piece], dsts: Sequence[memoryview]) -> int:
     return total
 
 
+def _all_direct(chains: list[Chain]) -> bool:
+    for chain in chains:
+        if chain.region is None:
+            return False
+    return True
+
+
+def scatter_direct(srcs: list[Piece], chains: list[Chain]) -> None:
+    """``scatter`` into chains that are each one direct descriptor (``Chain.direct``),
+    stored through their region's view at their offset: the chains' own views are
+    never made (compiled, about 1 100 instructions a buffer). ``chains`` hold at least
+    the sources' total (``_take``)."""
+    ci = 0
+    chain = chains[0]
+    dst = chain.region
+    assert dst is not None  # _all_direct
+    doff = chain.offset
+    dend = doff + chain.in_len
+    for piece in srcs:
+        src = piece if isinstance(piece, memoryview) else memoryview(piece)
+        soff = 0
+        slen = len(src)
+        while soff < slen:
+            if doff == dend:
+                ci += 1
+                chain = chains[ci]
+                dst = chain.region
+                assert dst is not None
+                doff = chain.offset
+                dend = doff + chain.in_len
+            n = min(slen - soff, dend - doff)
+            dst[doff : doff + n] = src[soff : soff + n]
+            soff += n
+            doff += n
+
+
 def _copy_into(srcs: Sequence[Piece], dst: memoryview) -> int:
     """The one-destination case (every frame that fits a page): plain appends."""
     off = 0
@@ -431,8 +467,11 @@ class VirtnetDevice:
             return False
         chains = self._take(need)
         hdr = hdr[:NUM_BUFFERS_OFFSET] + NUM_BUFFERS.pack(len(chains))
-        dsts = [v for chain in chains for v in chain.writable]
-        scatter([hdr[: self.hdr_len], *frame], dsts)
+        srcs = [hdr[: self.hdr_len], *frame]
+        if self.capture is None and _all_direct(chains):
+            scatter_direct(srcs, chains)  # a large frame into page buffers: no view each
+        else:
+            scatter(srcs, [v for chain in chains for v in chain.writable])
         self._complete_rx(chains, need)
         return True
 
