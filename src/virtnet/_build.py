@@ -50,6 +50,7 @@ DATA_PLANE: tuple[str, ...] = (
     "virtnet.virtio.ring.layout",
     "virtnet.virtio.ring.chain",
     "virtnet.virtio.ring.shadow",
+    "virtnet.virtio.ring.inflight",
     "virtnet.virtio.ring.split",
     "virtnet.virtio.ring.packed",
     "virtnet.virtio.ring.queue",

@@ -27,6 +27,7 @@ from virtnet.virtio.errors import (
 )
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.chain import NO_SEGMENTS, Chain, IndirectArea, Segment
+from virtnet.virtio.ring.inflight import InflightSplit
 from virtnet.virtio.ring.layout import (
     DESC_SIZE,
     MAX_CHAIN_BYTES,
@@ -417,6 +418,13 @@ class SplitQueueDevice:
         # attribute test per flush; the used ring's guest-physical address for the log.
         self.dirty: DirtyLog | None = None
         self._log_used_gpa = 0
+        # In-flight tracking (PROTOCOL_F_INFLIGHT_SHMFD): None while off, one attribute
+        # test per pop, push and flush. After a restart, the chains the region says were
+        # in flight are taken again before any new one (``_resub``, oldest first).
+        self.inflight: InflightSplit | None = None
+        self._resub: list[int] = []
+        self._resub_popped: list[int] = []  # resubmitted and popped: unpop gives them back
+        self._resub_base = 0  # last_avail_idx when the resubmission began
 
     def set_dirty_log(self, log: DirtyLog | None, desc_gpa: int, used_gpa: int) -> None:
         """Log this ring's writes into ``log`` (None: stop). The device writes only the
@@ -433,6 +441,27 @@ class SplitQueueDevice:
         log.log_ring(gpa + USED_RING_OFFSET, old & self._mask, n, self.num, USED_ELEM_SIZE)
         log.log_write(gpa, USED_RING_OFFSET)
 
+    def set_inflight(self, region: InflightSplit | None) -> list[int]:
+        """Track the chains in flight in ``region`` (None: stop); the heads a restarted
+        back-end takes again first, oldest first (vhost-user.rst "When reconnecting").
+
+        A fresh region starts empty at the used index. One that was in use is recovered:
+        its chains still in flight are resubmitted, and the available ring is read on
+        from the used index plus their number (libvhost-user's vu_check_queue_inflights):
+        every chain the old process took was either used or is in flight. Called before
+        the first pop, while ``used_idx`` is still what the ring says."""
+        self.inflight = region
+        self._resub, self._resub_popped = [], []
+        if region is None:
+            return []
+        if region.fresh:
+            region.init(self.used_idx)
+            return []
+        resub = region.recover(self.used_idx)
+        self.last_avail_idx = self._resub_base = (self.used_idx + len(resub)) & 0xFFFF
+        self._resub = list(resub)
+        return resub
+
     # -- taking chains ---------------------------------------------------------
 
     def avail_pending(self) -> int:
@@ -443,7 +472,29 @@ class SplitQueueDevice:
                 f"vq {self.index}: avail idx {self._avail[1]} is {n} ahead of "
                 f"last_avail_idx {self.last_avail_idx}, more than the queue size {self.num}"
             )
+        if self._resub:
+            n += len(self._resub)
         return n
+
+    def _pop_resubmitted(self) -> Chain:
+        """The oldest chain still owed from before a restart (DescriptorError: consumed)."""
+        head = self._resub.pop(0)
+        self._resub_popped.append(head)
+        inflight = self.inflight
+        assert inflight is not None  # only set_inflight fills _resub
+        inflight.take(head)
+        return self._walk(head)
+
+    def _pop_resubmitted_burst(self, budget: int) -> list[Chain]:
+        chains: list[Chain] = []
+        while self._resub and len(chains) < budget:
+            try:
+                self._walk(self._resub[0])
+            except DescriptorError:
+                if chains:
+                    break  # as pop_burst: the bad one is the next call's, unconsumed
+            chains.append(self._pop_resubmitted())
+        return chains
 
     def pop(self) -> Chain | None:
         """The next available chain, or None; DescriptorError for a bad one.
@@ -452,6 +503,8 @@ class SplitQueueDevice:
         buffer does not wedge the queue; the error carries its head for
         ``push_used(head, 0)``.
         """
+        if self._resub:
+            return self._pop_resubmitted()
         last = self.last_avail_idx
         if last == self._avail[1]:
             return None
@@ -460,6 +513,8 @@ class SplitQueueDevice:
         self.last_avail_idx = (last + 1) & 0xFFFF
         if head >= self.num:
             raise DescriptorError(f"vq {self.index}: avail ring names head {head} >= {self.num}")
+        if self.inflight is not None:
+            self.inflight.take(head)
         return self._walk(head)
 
     def pop_burst(self, budget: int) -> list[Chain]:
@@ -469,6 +524,8 @@ class SplitQueueDevice:
         as ``pop`` would (consumed, head carried); a bad chain after good ones
         ends the burst before it, unconsumed, so the next call raises for it.
         """
+        if self._resub:
+            return self._pop_resubmitted_burst(budget)
         last = self.last_avail_idx
         n = (self._avail[1] - last) & 0xFFFF
         if not n:
@@ -511,8 +568,13 @@ class SplitQueueDevice:
         except DescriptorError:
             if not chains:
                 self.last_avail_idx = (last + 1) & 0xFFFF
+                if self.inflight is not None:
+                    self.inflight.take(heads[0])  # consumed: its used entry (len 0) follows
                 raise
         self.last_avail_idx = (last + len(chains)) & 0xFFFF
+        if self.inflight is not None:
+            for chain in chains:
+                self.inflight.take(chain.head)
         return chains
 
     def _walk(self, head: int) -> Chain:
@@ -618,7 +680,20 @@ class SplitQueueDevice:
         return (self.last_avail_idx - unpopped) & 0xFFFF
 
     def unpop(self, n: int = 1) -> None:
-        """Give back the last ``n`` popped chains (vhost_discard_vq_desc)."""
+        """Give back the last ``n`` popped chains (vhost_discard_vq_desc).
+
+        With in-flight tracking they stay marked in flight: they are the device's until
+        popped again, and a restart before that resubmits them (the count it reads the
+        available ring on from includes them). Resubmitted chains, popped before any
+        new one, go back to the front of the resubmission."""
+        if self._resub_popped:
+            fresh = min(n, (self.last_avail_idx - self._resub_base) & 0xFFFF)
+            self.last_avail_idx = (self.last_avail_idx - fresh) & 0xFFFF
+            back = n - fresh
+            if back:
+                self._resub[:0] = self._resub_popped[-back:]
+                del self._resub_popped[-back:]
+            return
         self.last_avail_idx = (self.last_avail_idx - n) & 0xFFFF
 
     def sync_last_avail_to_used(self) -> int | None:
@@ -647,6 +722,8 @@ class SplitQueueDevice:
         # by the typed view: a length past 2^32 is an OverflowError, not a wrap).
         self._used_q[self.used_idx & self._mask] = head | length << 32
         self.used_idx = (self.used_idx + 1) & 0xFFFF
+        if self.inflight is not None:
+            self.inflight.used(head)
         if self.used_idx == self.signalled_used:
             # A whole 16-bit turn since needs_notify: [old, new) would be empty
             # (vhost_add_used_n: "used index might wrap around").
@@ -659,6 +736,9 @@ class SplitQueueDevice:
         for head, length in used:
             elems[idx & mask] = head | length << 32
             idx += 1
+        if self.inflight is not None:
+            for head, _length in used:
+                self.inflight.used(head)
         n = len(used)
         # used_idx passed signalled_used somewhere in the burst: see push_used.
         if n >= 0x10000 or 0 < (self.signalled_used - self.used_idx) & 0xFFFF <= n:
@@ -674,6 +754,16 @@ class SplitQueueDevice:
         if self.dirty is not None:
             self._log_used(self._used[1], self.used_idx)
         self._used[1] = self.used_idx
+        if self.inflight is not None:
+            self._inflight_published()
+
+    def _inflight_published(self) -> None:
+        inflight = self.inflight
+        assert inflight is not None  # the caller tests it
+        inflight.published(self.used_idx)
+        if (self._resub_popped and not self._resub
+                and (self.last_avail_idx - self._resub_base) & 0xFFFF > self.num):  # fmt: skip
+            self._resub_popped = []  # past any unpop's reach
 
     def needs_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was flushed (vhost_notify)."""
@@ -706,4 +796,4 @@ class SplitQueueDevice:
             at = USED_RING_OFFSET + self.num * USED_ELEM_SIZE if self.event_idx else 0
             self.dirty.log_write(self._log_used_gpa + at, 2)
         virtio_mb()
-        return self._avail[1] != self.last_avail_idx
+        return self._avail[1] != self.last_avail_idx or bool(self._resub)
