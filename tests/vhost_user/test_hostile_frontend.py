@@ -36,6 +36,7 @@ from virtnet.vhost_user.messages import (
     VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_REPLY_MASK,
     VHOST_USER_VERSION,
+    InflightDesc,
     MemoryRegionDesc,
     MemoryTable,
     Message,
@@ -331,6 +332,42 @@ def test_features_without_their_requirements_are_dropped_and_logged(case):
     assert case.ack(R.SET_FEATURES) == 0
     case.log("features lack requirements, ignored: GUEST_TSO4 needs GUEST_CSUM")
     case.still_in_step()
+
+
+# -- the in-flight region (PROTOCOL_F_INFLIGHT_SHMFD) ------------------------------------
+
+INFLIGHT = bit(ProtocolFeature.INFLIGHT_SHMFD)
+
+
+def test_inflight_fd_without_the_protocol_feature(case):
+    case.negotiate()
+    case.fe.send(R.SET_INFLIGHT_FD, InflightDesc(4096, 0, 2, QSIZE), (case.memfd(4096),),
+                 need_reply=True)
+    case.refused(R.SET_INFLIGHT_FD, "without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD negotiated")
+    case.still_in_step()
+
+
+def test_inflight_fd_smaller_than_it_claims(case):
+    """A region of 4 KiB that says it holds 2 queues of 256 (2 * 4160 bytes)."""
+    case.negotiate(protocol=INFLIGHT)
+    case.fe.send(R.SET_INFLIGHT_FD, InflightDesc(2 * 4160, 0, 2, QSIZE), (case.memfd(4096),),
+                 need_reply=True)
+    case.refused(R.SET_INFLIGHT_FD, "is larger than its file (0x1000 bytes)")
+    case.still_in_step()
+
+
+def test_inflight_size_smaller_than_its_queues_need(case):
+    case.negotiate(protocol=INFLIGHT)
+    case.fe.send(R.SET_INFLIGHT_FD, InflightDesc(4096, 0, 2, QSIZE), (case.memfd(1 << 16),),
+                 need_reply=True)
+    case.refused(R.SET_INFLIGHT_FD, "smaller than 2 queues of 256 need")
+    case.still_in_step()
+
+
+def test_inflight_fd_for_no_queues(case):
+    case.negotiate(protocol=INFLIGHT)
+    case.fe.send(R.GET_INFLIGHT_FD, InflightDesc(0, 0, 0, QSIZE))
+    case.hung_up("in-flight region for 0 queues")  # its reply carries data: no status fits
 
 
 @pytest.mark.parametrize("num", [0, 3, 255, 65536, 1 << 31])

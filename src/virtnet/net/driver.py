@@ -317,6 +317,7 @@ class VirtnetDriver:
                 slots.append((gpa, view))
                 skb.free()
             n += len(done)
+            self.stats.tx_completed += len(done)
 
     # -- teardown -----------------------------------------------------------
 

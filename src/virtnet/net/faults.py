@@ -53,6 +53,8 @@ FAULT_KINDS: dict[str, str] = {
     "bad_gso": "gso_type TCPV4 with gso_size 0",
     "irq_drop": "an interrupt the driver asked for is not sent",
     "irq_late": "an interrupt held 50 ms (sent at the next flush)",
+    "hold": "a tx chain sent but kept, never used, until its ring stops (tx): chains in "
+    "flight, completed out of order, for a restart to find",
 }
 
 # -- the fault plan (``--faults SPEC --seed N``) --------------------------------------------
@@ -67,6 +69,7 @@ RX_Q, TX_Q = 0, 1
 DEFAULT_QUEUES = {kind: (RX_Q,) for kind in FAULT_KINDS} | {
     "irq_drop": (RX_Q, TX_Q),
     "irq_late": (RX_Q, TX_Q),
+    "hold": (TX_Q,),
 }
 ANY_QUEUE = frozenset(("bad_id", "dup_id", "idx_jump", "irq_drop", "irq_late"))
 # One lie per used entry (a driver stops at the first it sees); tried in this order.
@@ -148,6 +151,14 @@ class FaultPlan:
         dev.rxq = FaultyQueue(_ring_of(dev.rxq), self, dev, RX_Q)
         dev.txq = FaultyQueue(_ring_of(dev.txq), self, dev, TX_Q)
 
+    @staticmethod
+    def release(dev: VirtnetDevice) -> None:
+        """The rings stop: every chain ``hold`` kept is used now (length 0), so a clean
+        stop leaves none of the driver's buffers behind."""
+        for q in (dev.rxq, dev.txq):
+            if isinstance(q, FaultyQueue):
+                q.release_held()
+
 
 def rule_option(rule: FaultRule, opt: str) -> None:
     name, _, value = opt.partition("=")
@@ -162,7 +173,9 @@ def rule_option(rule: FaultRule, opt: str) -> None:
                 raise ValueError("must be >= 0")
         elif name == "q":
             queues = {"rx": (RX_Q,), "tx": (TX_Q,), "both": (RX_Q, TX_Q)}[value]
-            if queues != (RX_Q,) and rule.kind not in ANY_QUEUE:
+            if rule.kind == "hold" and queues != (TX_Q,):
+                raise ValueError("hold keeps sent chains: tx only")
+            if queues != (RX_Q,) and rule.kind not in ANY_QUEUE | {"hold"}:
                 raise ValueError(f"{rule.kind} lies about received data: rx only")
             rule.queues = queues
         else:
@@ -220,6 +233,7 @@ class FaultyQueue:
         self._chains: dict[int, Chain] = {}  # popped, not yet used: head -> Chain
         self._followers = 0  # buffers still to come of the packet being pushed
         self._late_due: float | None = None
+        self._held: list[int] = []  # hold: heads kept from the used ring
 
     @property
     def ring(self) -> RingDevice:
@@ -295,8 +309,22 @@ class FaultyQueue:
         for head, length in used:
             self._push(head, length)
 
+    def release_held(self) -> None:
+        if self._held:
+            log.info("vq %d: %d held chains used at the ring's stop", self._index,
+                     len(self._held))  # fmt: skip
+            for head in self._held:
+                self._q.push_used(head, 0)
+            self._held.clear()
+            self._q.flush_used()
+
     def _push(self, head: int, length: int) -> None:
         plan, q, i = self._plan, self._q, self._index
+        if i == TX_Q and plan.fire("hold", i):
+            self._chains.pop(head, None)
+            self._held.append(head)
+            self._count("hold", f"tx chain {head} sent and kept ({len(self._held)} held)")
+            return
         chain = self._chains.pop(head, None)
         packet: int | None = None  # buffers of the packet this one starts, if it does
         if i == RX_Q and chain is not None:

@@ -23,6 +23,7 @@ DRIVER_STATS = (
     "tx_packets",
     "tx_bytes",
     "tx_dropped",
+    "tx_completed",  # tx chains the device used, each counted once (free_old_xmit_skbs)
     "tx_kicks",
     "skb_allocs",
     "skb_frees",
@@ -117,6 +118,7 @@ class FaultStats(Stats):
         self.fault_bad_gso = 0
         self.fault_irq_drop = 0
         self.fault_irq_late = 0
+        self.fault_hold = 0
 
 
 @final
@@ -134,6 +136,7 @@ class DriverStats(FaultStats):
         self.tx_packets = 0
         self.tx_bytes = 0
         self.tx_dropped = 0
+        self.tx_completed = 0
         self.tx_kicks = 0
         self.skb_allocs = 0
         self.skb_frees = 0

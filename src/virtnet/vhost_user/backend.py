@@ -35,6 +35,7 @@ from virtnet.net.features import (
 from virtnet.net.mq import sum_stats
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.errors import VhostUserProtocolError
+from virtnet.vhost_user.inflightmap import MappedInflight, make_inflight_fd
 from virtnet.vhost_user.local import LocalSet
 from virtnet.vhost_user.logmap import check_log
 from virtnet.vhost_user.mapping import MAX_MEM_SLOTS, MappedMemory, MappingError, seal_shrink
@@ -43,6 +44,7 @@ from virtnet.vhost_user.messages import (
     VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
+    InflightDesc,
     LogDesc,
     MemoryTable,
     Message,
@@ -77,6 +79,7 @@ from virtnet.vhost_user.workermsg import (
     Exit,
     Fds,
     Features,
+    Inflight,
     Log,
     Memory,
     Rarp,
@@ -114,6 +117,7 @@ PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.RESET_DEVICE)
     | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
     | bit(ProtocolFeature.STATUS)
+    | bit(ProtocolFeature.INFLIGHT_SHMFD)
 )
 # Offered on request only (`virtnet device --config-space`): QEMU's vhost_user_backend_init
 # warns "vhost-user backend supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not" for
@@ -198,6 +202,7 @@ class BackendSession:
     status: int = 0  # the device status the front-end set (PROTOCOL_F_STATUS)
     features_refused: str = ""  # why the last SET_FEATURES was refused: FEATURES_OK stays off
     mem_tables: int = 0  # SET_MEM_TABLEs / ADD_MEM_REGs taken: with none, cut short
+    inflight: MappedInflight | None = None  # SET_INFLIGHT_FD's region, to clear at a reset
 
     def __post_init__(self) -> None:
         self.vrings = [Vring() for _ in range(2 * self.queues)]
@@ -310,6 +315,8 @@ class BackendSession:
                 hint = " (CONFIG: virtnet device --config-space offers it)"
             raise RequestRefused(f"protocol features {extra:#x} not offered{hint}")
         self.protocol_features = value
+        log.info("protocol features: %#x (%s)", value,
+                 " ".join(str(f.name) for f in ProtocolFeature if value >> f & 1))  # fmt: skip
 
     # -- device status (PROTOCOL_F_STATUS) ------------------------------------
 
@@ -357,6 +364,7 @@ class BackendSession:
             vr.started = False
             vr.close_fds()
         self.status = 0
+        self._clear_inflight()
         log.info("device status 0: device reset, rings stopped")
 
     def _get_queue_num(self, msg: Message) -> Message:
@@ -427,6 +435,68 @@ class BackendSession:
 
     def _set_backend_req_fd(self, msg: Message) -> None:
         close_fds(msg.fds)  # no back-end → front-end requests are ever sent
+
+    # -- in-flight tracking (PROTOCOL_F_INFLIGHT_SHMFD) -----------------------
+
+    def _need_inflight(self, msg: Message) -> None:
+        if not self.protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD):
+            close_fds(msg.fds)
+            raise RequestRefused(f"{spec_name(msg.request)} without "
+                                 "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD negotiated")  # fmt: skip
+        if self.packed:
+            close_fds(msg.fds)
+            raise RequestRefused(f"{spec_name(msg.request)}: packed rings are not tracked "
+                                 "here (only QueueRegionSplit is implemented)")
+
+    def _get_inflight_fd(self, msg: Message) -> Message:
+        """A zeroed region for the front-end to keep; this session uses it at once, as
+        libvhost-user and DPDK do (QEMU sends it back with SET_INFLIGHT_FD anyway)."""
+        self._need_inflight(msg)
+        req = msg.payload_as(InflightDesc)
+        if req.num_queues != len(self.vrings):
+            log.warning("GET_INFLIGHT_FD for %d queues; this device has %d vrings",
+                        req.num_queues, len(self.vrings))  # fmt: skip
+        try:
+            fd, size = make_inflight_fd(req.num_queues, req.queue_size)
+        except (OSError, ValueError) as e:
+            raise RequestRefused(f"GET_INFLIGHT_FD: {e}") from None
+        try:
+            self._map_inflight(InflightDesc(size, 0, req.num_queues, req.queue_size), fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        log.info("in-flight region made: %d queues of %d descriptors, %d bytes",
+                 req.num_queues, req.queue_size, size)  # fmt: skip
+        return reply(msg, InflightDesc(size, 0, req.num_queues, req.queue_size), [fd])
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        self._need_inflight(msg)
+        desc = msg.payload_as(InflightDesc)
+        try:
+            self._map_inflight(desc, msg.fds[0])
+        finally:
+            close_fds(msg.fds)
+        log.info("in-flight region: %d queues of %d descriptors, %d bytes at offset %#x",
+                 desc.num_queues, desc.queue_size, desc.mmap_size, desc.mmap_offset)  # fmt: skip
+
+    def _map_inflight(self, desc: InflightDesc, fd: int) -> None:
+        """Check the region here, then hand it to every pair; rings started after this
+        track their chains in it (running ones keep the region they started with)."""
+        mapped = MappedInflight(fd, desc.mmap_size, desc.mmap_offset, desc.num_queues,
+                                desc.queue_size)  # fmt: skip
+        if mapped.unsealed is not None:
+            log.warning("in-flight region: %s: a front-end that shrinks it kills a worker",
+                        mapped.unsealed)  # fmt: skip
+        self.runner.set_inflight(desc, fd)
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = mapped
+
+    def _clear_inflight(self) -> None:
+        """A device reset: the chains it took are owed to nobody now (VIRTIO 1.2, 2.4),
+        and a restart must not resubmit them into the rings the driver sets up afresh."""
+        if self.inflight is not None:
+            self.inflight.clear()
 
     # -- memory ---------------------------------------------------------------
 
@@ -699,6 +769,10 @@ class BackendSession:
             self._stop_pair(pair)
 
     def reset(self) -> None:
+        self._forget_rings()
+        self._clear_inflight()
+
+    def _forget_rings(self) -> None:
         self._stop_device()
         for vr in self.vrings:
             vr.close_fds()
@@ -707,10 +781,17 @@ class BackendSession:
         self.status = 0
 
     def close(self) -> None:
-        self.reset()
+        """The connection ended: the in-flight region stays as it is, the front-end's to
+        give the next back-end (a crash leaves it so too)."""
+        self._forget_rings()
+        mapped = self.memory is not None or self.inflight is not None
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        if mapped:
             self.runner.unmap()
 
 
@@ -725,6 +806,7 @@ class PairRunner(Protocol):
     def update_fds(self, pair: int, fds: tuple[int, int, int, int]) -> None: ...
     def stop(self, pair: int) -> tuple[int, int] | None: ...
     def set_log(self, size: int, offset: int, fds: list[int]) -> None: ...
+    def set_inflight(self, desc: InflightDesc, fd: int) -> None: ...
     def vring_addr(self, pair: int, q: int, addr: VringAddr) -> None: ...
     def send_rarp(self, frame: bytes) -> bool: ...
     def features(self, features: int) -> None: ...
@@ -785,6 +867,11 @@ class DevicePairs:
     def set_log(self, size: int, offset: int, fds: list[int]) -> None:
         for w in self.workers:  # every pair logs: each maps the log itself
             self._call(w, Log(size, offset), fds=fds)
+
+    def set_inflight(self, desc: InflightDesc, fd: int) -> None:
+        for w in self.workers:  # every pair tracks its rings: each maps the region itself
+            self._call(w, Inflight(desc.mmap_size, desc.mmap_offset, desc.num_queues,
+                                   desc.queue_size), fds=[fd])  # fmt: skip
 
     def vring_addr(self, pair: int, q: int, addr: VringAddr) -> None:
         self._call(self.workers[pair], VringAddrUpdate(q, addr))
@@ -1100,10 +1187,12 @@ class DeviceServer:
         per_pair = self.workers.stats() if final is None else final
         out = pair_totals(per_pair, "device_stats", lost=self.workers.lost,
                           workers=not self.workers.in_process)  # fmt: skip
-        dirty_log = sum_stats([cast(dict, p.get("dirty_log", {}))
-                               for p in per_pair + self.workers.lost])  # fmt: skip
+        dirty_log, inflight = (sum_stats([cast(dict, p.get(name, {}))
+                                          for p in per_pair + self.workers.lost])
+                               for name in ("dirty_log", "inflight"))  # fmt: skip
         return {"device_stats": out["device_stats"], "backend": out["backend"],
-                "dirty_log": dirty_log, "queues": self.queues, "sessions": self.sessions,
+                "dirty_log": dirty_log, "inflight": inflight,
+                "queues": self.queues, "sessions": self.sessions,
                 "worker_deaths": self.worker_deaths,
                 "seconds": round(self.run_seconds, 4),
                 "cpu_seconds": round(self.cpu_seconds + out["cpu_seconds"], 4),

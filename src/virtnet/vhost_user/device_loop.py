@@ -35,6 +35,7 @@ from virtnet.net.layout import RX as RX_Q
 from virtnet.net.layout import TX as TX_Q
 from virtnet.net.mq import sum_stats
 from virtnet.ports.backends import DeviceBackend
+from virtnet.vhost_user.inflightmap import MappedInflight
 from virtnet.vhost_user.logmap import MappedLog
 from virtnet.vhost_user.mapping import MappedMemory, MappingError
 from virtnet.vhost_user.messages import VHOST_F_LOG_ALL, VringAddr, close_fds
@@ -53,6 +54,7 @@ from virtnet.vhost_user.workermsg import (
     Exit,
     Fds,
     Features,
+    Inflight,
     Log,
     Memory,
     Rarp,
@@ -153,6 +155,9 @@ class PairLoop:
         self._ring_addrs: list[VringAddr | None] = [None, None]
         self.log_totals = {"log_pages": 0, "log_flushes": 0, "log_beyond": 0}
         self._no_log = os.environ.get(DEBUG_NO_DIRTY_LOG, "")
+        # In-flight tracking: the region SET_INFLIGHT_FD mapped (split rings use it).
+        self.inflight: MappedInflight | None = None
+        self.resubmitted = [0, 0]  # [rx, tx] chains taken again after a restart
 
     # -- requests ---------------------------------------------------------------------
 
@@ -172,6 +177,7 @@ class PairLoop:
         rpc.on(AddRegion, self.do_add_region)
         rpc.on(RemRegion, self.do_rem_region)
         rpc.on(Log, self.do_log)
+        rpc.on(Inflight, self.do_inflight)
         rpc.on(VringAddrUpdate, self.do_vring_addr)
         rpc.on(Rarp, self.do_rarp)
         return rpc
@@ -211,6 +217,42 @@ class PairLoop:
         self._apply_log()
         if old is not None:
             old.close()
+
+    def do_inflight(self, req: Inflight, fds: list[int]) -> None:
+        """SET_INFLIGHT_FD: map the region the next ring start tracks its chains in
+        (a running pair keeps the one it started with)."""
+        try:
+            new = MappedInflight(fds[0], req.size, req.offset, req.num_queues,
+                                 req.queue_size) if fds else None  # fmt: skip
+        finally:
+            close_fds(fds)
+        old, self.inflight = self.inflight, new
+        if old is not None and self.dev is None:
+            old.close()
+
+    def _track_inflight(self, dev: VirtnetDevice, spec: RingSpec) -> bool:
+        """Attach the in-flight region to split rings; False if there is none to use."""
+        mapped = self.inflight
+        if mapped is None:
+            return False
+        if spec.packed:
+            log.warning("queue pair %d: packed rings are not tracked in flight (only the "
+                        "split QueueRegionSplit is implemented)", spec.pair)  # fmt: skip
+            return False
+        for q, (ring, name) in enumerate(((dev.rxq, "rx"), (dev.txq, "tx"))):
+            assert isinstance(ring, SplitQueueDevice)  # not packed: build_device made split
+            region = mapped.queue(spec.index(q), ring.num)
+            fresh = region.fresh
+            resub = ring.set_inflight(region)
+            self.resubmitted[q] += len(resub)
+            if not fresh:
+                base = spec.bases[q]
+                log.info("%s ring: in-flight region recovered: %d chain%s resubmitted %s, "
+                         "avail read on from %d (used idx %d%s)", name, len(resub),
+                         "" if len(resub) == 1 else "s", resub[:16], ring.last_avail_idx,
+                         ring.used_idx, "" if base == ring.last_avail_idx
+                         else f"; SET_VRING_BASE said {base}")  # fmt: skip
+        return True
 
     def do_vring_addr(self, req: VringAddrUpdate, fds: list[int]) -> None:
         """SET_VRING_ADDR of a running ring: QEMU re-sends it to set VHOST_VRING_F_LOG
@@ -317,6 +359,13 @@ class PairLoop:
 
     def do_unmap(self, req: Unmap, fds: list[int]) -> None:
         self._unmap()
+        self._drop_inflight()
+
+    def _drop_inflight(self) -> None:
+        """The session is over: its in-flight region with it (a new SET_MEM_TABLE keeps it)."""
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
 
     def _unmap(self) -> None:
         self._stop()
@@ -338,7 +387,8 @@ class PairLoop:
             raise ValueError("a ring start before any memory table")
         mem = self.memory.memory
         dev = build_device(mem, ring_pair(mem, spec), spec.features, spec.bases, spec.mtu)
-        sync_bases_to_used(dev)
+        if not self._track_inflight(dev, spec):
+            sync_bases_to_used(dev)
         if self.faults is not None:
             self.faults.install(dev)
         dev.capture = self._capture()
@@ -368,6 +418,8 @@ class PairLoop:
         dev = self.dev
         bases = None
         if dev is not None:
+            if self.faults is not None:
+                self.faults.release(dev)  # before the log's flush: it logs their used entries
             self.flush_log()  # before GET_VRING_BASE's reply: QEMU's last sync follows it
             dev.set_dirty_log(None, (0, 0), (0, 0))
             if self.dirty is not None:
@@ -393,10 +445,13 @@ class PairLoop:
         return {"device_stats": sum_stats([self.totals, *dev]),
                 "backend": self.backend.stats(),
                 "dirty_log": self.log_stats(),
+                "inflight": {"rx_resubmitted": self.resubmitted[0],
+                             "tx_resubmitted": self.resubmitted[1]},
                 "cpu_seconds": time.process_time()}  # fmt: skip
 
     def do_exit(self, req: Exit, fds: list[int]) -> Stats:
         self._unmap()
+        self._drop_inflight()
         self.running = False
         return self.stats()
 

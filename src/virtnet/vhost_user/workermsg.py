@@ -145,6 +145,19 @@ class Log(Request[None]):
 
 
 @dataclass(frozen=True)
+class Inflight(Request[None]):
+    """SET_INFLIGHT_FD: map the in-flight region (``size`` bytes at ``offset`` of the fd
+    sent, ``num_queues`` regions for queues of ``queue_size``); no fd: unmap it."""
+
+    name = "inflight"
+    takes_fds = True
+    size: int
+    offset: int
+    num_queues: int
+    queue_size: int
+
+
+@dataclass(frozen=True)
 class VringAddrUpdate(Request[None]):
     """SET_VRING_ADDR of a running ring ``q`` (0 rx, 1 tx): its log flag and address."""
 

@@ -1,0 +1,99 @@
+"""In-flight tracking across a device that dies (vhost-user.rst "Inflight I/O tracking").
+
+``virtnet driver --reconnect`` sends to ``virtnet device --faults hold``, which sends
+three tx chains out of its port but keeps them from the used ring while it goes on
+using the chains after them: out-of-order completion, as a real device with a slow
+back-end does. The device is killed with SIGKILL with those three in flight, and a
+new one (no faults) takes its socket; the driver reconnects by itself.
+
+With the in-flight region (PROTOCOL_F_INFLIGHT_SHMFD, negotiated by default) the new
+device resubmits exactly the three, and every chain the driver posted is completed
+exactly once: ``tx_completed == tx_packets``, no used-ring error. Without it
+(``--no-inflight``) the new device can only continue from the used index: the three
+are never completed and chains the driver already had back are used again. Both
+are run, so the test shows what the region changes, and that it can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.vhost_user.conftest import DRIVER_SLACK, DeviceProcess, driver_argv, start_device
+
+HELD = 3
+HOLD = ("--faults", f"hold:rate=1:count={HELD}:after=40")
+SECONDS = 8.0
+SPLIT = ("--features-off", "RING_PACKED")  # the region is QueueRegionSplit's
+
+
+def run(tmp_path: Path, inflight: bool) -> tuple[subprocess.CompletedProcess, dict, str, dict]:
+    """Driver against a device killed with HELD chains in flight and a second one;
+    (driver exit, driver JSON, first device's stderr, second device's JSON)."""
+    first = start_device(tmp_path, "sink", "dev", extra=HOLD)
+    json_path = tmp_path / "drv.json"
+    argv = driver_argv(first.socket_path, "gen:1000", json_path, seconds=SECONDS,
+                       extra=("--reconnect", *SPLIT, "-v",
+                              *(() if inflight else ("--no-inflight",))))  # fmt: skip
+    err_path = tmp_path / "drv.stderr"
+    second: DeviceProcess | None = None
+    with open(err_path, "w") as err:
+        drv = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=err)  # fmt: skip
+        try:
+            first.wait_for_log(f"({HELD} held)", timeout=20.0)
+            first_log = first.stderr()
+            first.proc.send_signal(signal.SIGKILL)
+            first.proc.wait(timeout=10)
+            second = start_device(tmp_path, "sink", "dev")
+            drv.wait(timeout=SECONDS + DRIVER_SLACK)
+        finally:
+            if drv.poll() is None:
+                drv.kill()
+                drv.wait()
+    driver_err = err_path.read_text()
+    assert second is not None
+    result = second.stop()
+    assert json_path.exists(), driver_err
+    done = subprocess.CompletedProcess(argv, drv.returncode, "", driver_err)
+    return done, json.loads(json_path.read_text()), first_log, result
+
+
+def test_every_tx_chain_is_completed_exactly_once_across_a_device_kill(tmp_path):
+    done, drv, first_log, second = run(tmp_path, inflight=True)
+    assert done.returncode == 0, done.stderr
+    assert "in-flight region made" in first_log, first_log
+    stats = drv["driver_stats"]
+    assert drv["reconnects"] == 1, done.stderr
+    assert second["inflight"]["tx_resubmitted"] == HELD, second
+    assert stats["tx_packets"] > 40 + HELD  # traffic went on past the held chains
+    assert stats["tx_completed"] == stats["tx_packets"], stats  # none lost, none twice
+    assert stats["tx_dropped"] == 0 and stats["pages_outstanding"] == 0, stats
+    assert second["device_stats"]["tx_packets"] > HELD  # the new device carried traffic
+
+
+def test_without_the_region_the_held_chains_are_lost_or_others_come_back_twice(tmp_path):
+    """The control: the same kill, the used index alone to go on from."""
+    done, drv, first_log, second = run(tmp_path, inflight=False)
+    assert "in-flight region made" not in first_log
+    assert second["inflight"]["tx_resubmitted"] == 0
+    stats = drv["driver_stats"]
+    wrong = stats["tx_completed"] != stats["tx_packets"] or stats["tx_dropped"] > 0
+    assert wrong or done.returncode != 0, (stats, done.stderr)
+
+
+def test_a_clean_stop_releases_the_held_chains(tmp_path):
+    """``hold`` without a kill: the ring's stop uses the kept chains, nothing is lost."""
+    dev = start_device(tmp_path, "sink", "dev", extra=HOLD)
+    json_path = tmp_path / "drv.json"
+    argv = driver_argv(dev.socket_path, "gen:1000", json_path, seconds=2.0, extra=SPLIT)
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=2.0 + DRIVER_SLACK)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(json_path.read_text())["driver_stats"]
+    result = dev.stop()
+    assert result["device_stats"]["fault_hold"] == HELD
+    assert "3 held chains used at the ring's stop" in dev.stderr()
+    assert stats["tx_completed"] == stats["tx_packets"], stats
