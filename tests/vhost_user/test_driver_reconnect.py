@@ -291,3 +291,41 @@ def test_reconnect_with_no_restart_is_harmless(tmp_path, procs):
     check_reclaimed(doc)
     ds = dev.stop()["device_stats"]
     assert ds["rx_packets"] == doc["driver_stats"]["rx_packets"] > 0
+
+
+def test_server_driver_against_a_backend_that_hangs_up_in_a_loop(tmp_path, procs):
+    """--server: a back-end connects and hangs up every 50 ms; the driver takes one at a
+    time, each after a doubled wait (bounded failures), holds no fd of them, and a stop
+    while still away ends the run cleanly, every buffer reclaimed."""
+    sock = str(tmp_path / "fe.sock")
+    procs.append(drv := Driver(tmp_path, sock, "gen:1000", extra=("--server", *SPLIT)))
+    deadline = time.monotonic() + START_TIMEOUT
+    while not os.path.exists(sock):
+        assert drv.proc.poll() is None and time.monotonic() < deadline, drv.stderr()
+        time.sleep(0.02)
+    procs.append(first := start_client_device(tmp_path, sock, "sink"))
+    drv.wait_running()
+    kill_device(first)
+    drv.wait_for("listening on")  # again, for the next back-end
+    away_fds = min(fd_count(drv.pid) for _ in range(20))
+    window_end = time.monotonic() + 5.0
+    while time.monotonic() < window_end:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(0.2)  # a full backlog: the driver is between tries
+        try:
+            s.connect(sock)
+        except OSError:
+            pass
+        s.close()
+        time.sleep(0.05)
+    failed = drv.stderr().count("reconnect failed")
+    assert 2 <= failed <= 8, (failed, drv.stderr())
+    deadline = time.monotonic() + WAIT
+    while (n := fd_count(drv.pid)) > away_fds and time.monotonic() < deadline:
+        time.sleep(0.02)  # the last one taken may be in its failed session still
+    assert n == away_fds, (n, away_fds)
+    doc = drv.stop()
+    assert "the run ended with the back-end away" in drv.stderr()
+    assert doc["reconnects"] == 0
+    check_reclaimed(doc)
+    assert not os.path.exists(sock)
