@@ -144,6 +144,13 @@ The driver connects to a listening back-end at --socket-path, e.g. `virtnet devi
 DPDK testpmd with --vdev net_vhost0,iface=PATH (see docs/dpdk.md). With --server it
 listens there and waits for the back-end to connect: `virtnet device --client` or
 testpmd --vdev net_vhost0,iface=PATH,client=1.
+With --reconnect the driver outlives its back-end, as QEMU with -chardev socket,
+reconnect=N (or server=on): when the connection ends, the rings keep their buffers
+and the driver connects again (backoff 0.1 s doubling to 2 s; with --server it
+listens again) and sets the new back-end up where the old one stopped: the same
+features (one it no longer offers ends the run), memory and eventfds, each ring from
+the used index the old device published. Split rings only (--features-off
+RING_PACKED against a back-end offering packed ones).
 """
 
 
@@ -226,6 +233,13 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                        help="listen on --socket-path and wait for the back-end to connect "
                             "(`virtnet device --client`, DPDK net_vhost0,...,client=1) "
                             "instead of connecting to it")  # fmt: skip
+        p.add_argument("--reconnect", action="store_true",
+                       help="survive a back-end restart: when its connection ends, keep "
+                            "running, connect again (with --server: listen again) with "
+                            "backoff, and resume the rings where the old device stopped "
+                            "(split rings only: refused once RING_PACKED is negotiated, "
+                            "since a packed ring's used position is not one index in "
+                            "guest memory; add --features-off RING_PACKED)")  # fmt: skip
         p.add_argument("--strategy", default="deferred", choices=tuple(STRATEGIES),
                        help="rx strategy (without MRG_RXBUF: big or small, as Linux)")  # fmt: skip
         p.add_argument("--queue-size", type=int, default=256,
@@ -482,7 +496,8 @@ def cmd_vhost_user(args) -> int:
                                   wanted=OFFERED & ~args.features_off,
                                   combined=args.combined, mem_regions=args.mem_regions,
                                   printer=rate_printer(args.quiet), server=args.server,
-                                  in_process=args.in_process)  # fmt: skip
+                                  in_process=args.in_process,
+                                  reconnect=args.reconnect)  # fmt: skip
         except (FrontendError, OSError, ValueError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)
             return 2
@@ -493,6 +508,9 @@ def cmd_vhost_user(args) -> int:
             print(f"virtnet driver: {e}", file=sys.stderr)
             client.close()
             return 1
+        if client.away:  # --reconnect: counted, the buffers reclaimed all the same
+            print("virtnet driver: the run ended with the back-end away (reconnecting)",
+                  file=sys.stderr)  # fmt: skip
         result = client.close()
         if client.broken:
             print(f"virtnet driver: {client.broken}: the session ended", file=sys.stderr)

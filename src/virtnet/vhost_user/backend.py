@@ -33,6 +33,7 @@ from virtnet.net.features import (
     sanitize,
 )
 from virtnet.net.mq import sum_stats
+from virtnet.vhost_user.backoff import RECONNECT_MAX, Backoff
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.errors import VhostUserProtocolError
 from virtnet.vhost_user.inflightmap import MappedInflight, make_inflight_fd
@@ -125,10 +126,6 @@ PROTOCOL_FEATURES = (
 # GET_PROTOCOL_FEATURES comes before anything that would tell QEMU from another front-end.
 CONFIG_PROTOCOL = bit(ProtocolFeature.CONFIG)
 STATUS_BITS = 0xFF  # VIRTIO 1.2, 2.1: the device status field is one byte
-# Client mode (`virtnet device --client`): the waits between tries to reach a front-end
-# that is not listening, doubling from the first to the cap (never a busy loop).
-RECONNECT_FIRST = 0.1
-RECONNECT_MAX = 2.0
 CONNECT_TIMEOUT = 5.0  # one connect(): a listener whose backlog is full holds it
 SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
 
@@ -933,8 +930,7 @@ class DeviceServer:
             raise OSError(f"longer than a unix socket path may be ({SUN_PATH_MAX} bytes)")
         if not client:
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._retry_in = RECONNECT_FIRST  # client mode: the next wait, doubling to the cap
-        self._retry_at = 0.0  # client mode: when to try the front-end next
+        self._retry = Backoff()  # client mode: when to try the front-end next
         self._waiting_for = ""  # client mode: why the front-end is out of reach, logged once
         self.channel: Channel | None = None
         self.session: BackendSession | None = None
@@ -1025,15 +1021,11 @@ class DeviceServer:
                 log.warning("no front-end listening on %s (%s): retrying every %g s at most",
                             self.socket_path, why, RECONNECT_MAX)  # fmt: skip
                 self._waiting_for = why
-            self._retry_later()
+            self._retry.later()
             return
         sock.settimeout(None)
         self._waiting_for = ""
         self._attach(sock)
-
-    def _retry_later(self) -> None:
-        self._retry_at = time.monotonic() + self._retry_in
-        self._retry_in = min(2 * self._retry_in, RECONNECT_MAX)
 
     def _attach(self, sock: socket.socket) -> None:
         self.channel = Channel(sock, replies=False)
@@ -1057,9 +1049,9 @@ class DeviceServer:
                         "ADD_MEM_REG): %s", why)  # fmt: skip
         else:
             log.info("front-end gone: %s", why)
-            self._retry_in = RECONNECT_FIRST
+            self._retry.reset()
         if self.client:
-            self._retry_later()
+            self._retry.later()
         self.channel = self.session = None
         if channel is not None:
             self._ep.unregister(channel.fileno())
@@ -1160,7 +1152,7 @@ class DeviceServer:
         busy = False
         passes = 0
         while clock.running():
-            if self.client and self.channel is None and time.monotonic() >= self._retry_at:
+            if self.client and self.channel is None and self._retry.due():
                 self._connect_frontend()
             passes += 1
             if look_at_epoll(busy, passes):  # in-process pairs busy: as a worker's loop
@@ -1179,7 +1171,7 @@ class DeviceServer:
     def _poll_timeout(self) -> float:
         most = IDLE_POLL
         if self.client and self.channel is None:
-            most = max(0.0, min(IDLE_POLL, self._retry_at - time.monotonic()))
+            most = self._retry.wait(IDLE_POLL)
         return self.workers.poll_timeout(most)
 
     def stats(self, final: list[Stats] | None = None) -> dict:

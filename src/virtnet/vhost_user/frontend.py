@@ -17,7 +17,6 @@ import mmap
 import os
 import select
 import socket
-import stat
 import time
 from dataclasses import replace
 from functools import partial
@@ -66,6 +65,7 @@ from virtnet.vhost_user.messages import (
     FrontendRequest as Req,
 )
 from virtnet.vhost_user.polling import IDLE_POLL, look_at_epoll
+from virtnet.vhost_user.reconnect import Reconnector, bind_listener, unlink_socket
 from virtnet.vhost_user.runclock import RunClock
 from virtnet.vhost_user.worker import RPC_TIMEOUT, PairServer, WorkerDied, WorkerSet, pair_totals
 from virtnet.vhost_user.workermsg import Drain, Finish, Stats, Stop
@@ -193,11 +193,19 @@ class DriverClient:
         mem_regions: int = 1,
         server: bool = False,
         in_process: bool | None = None,
+        reconnect: bool = False,
     ) -> None:
         if mem_regions < 1:
             raise FrontendError(f"--mem-regions {mem_regions}: at least 1")
         self.mem_regions = mem_regions
         self.server = server
+        # --reconnect: a back-end that goes away during run() is waited for and set up
+        # again (_resume); the run goes on meanwhile. Split rings only (_choose_features).
+        self.reconnect = reconnect
+        self.reconnects = 0
+        self.reconnect_gap_max = 0.0  # seconds, the longest outage that ended
+        self._redial: Reconnector | None = None  # from the loss to the reconnect
+        self._lost_at = 0.0
         self.socket_path = socket_path
         self.drivers = drivers
         self.queues = len(drivers)
@@ -242,6 +250,11 @@ class DriverClient:
         self._final: list[dict] = []
         self._clock: RunClock | None = None  # from run() to close()
 
+    @property
+    def away(self) -> bool:
+        """--reconnect: the back-end went away and no new one is set up yet."""
+        return self._redial is not None
+
     def pair_layout(self, pair: int) -> GuestLayout:
         return replace(self.layout, base=pair * self.layout.size)
 
@@ -263,23 +276,14 @@ class DriverClient:
     def _wait_for_backend(self) -> socket.socket:
         """--server: listen on socket_path until one back-end connects (virtnet device
         --client, DPDK net_vhost,client=1), then stop listening: one session."""
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener = bind_listener(self.socket_path)
         try:
-            if os.path.exists(self.socket_path) and stat.S_ISSOCK(
-                os.stat(self.socket_path).st_mode
-            ):
-                os.unlink(self.socket_path)  # an earlier run's, left by a kill
-            listener.bind(self.socket_path)
-            listener.listen(1)
             log.info("listening on %s for a back-end", self.socket_path)
             sock, _ = listener.accept()
             return sock
         finally:
             listener.close()
-            try:
-                os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
+            unlink_socket(self.socket_path)
 
     # -- setup --------------------------------------------------------------------
 
@@ -301,17 +305,16 @@ class DriverClient:
         return self.channel.request(Message(request, VHOST_USER_VERSION, payload))
 
     def setup(self) -> None:
-        """The sequence QEMU and DPDK's virtio_user send, in their order."""
-        try:
-            self._send(Req.SET_OWNER)
-            offered = self._get(Req.GET_FEATURES).payload_as(U64).value
-        except (PeerClosed, OSError) as e:
-            # A vhost-user back-end serves one front-end at a time and turns others
-            # away by closing at once: say so rather than "Broken pipe".
-            raise FrontendError(
-                f"the back-end at {self.socket_path} closed the connection before "
-                f"answering ({e}): is another front-end connected to it?"
-            ) from None
+        """The first connection's session: features chosen, the drivers built, filled."""
+        self._start_session(reconnect=False)
+
+    def _start_session(self, reconnect: bool) -> None:
+        """The sequence QEMU and DPDK's virtio_user send, in their order. On a reconnect
+        (``--reconnect``, the back-end restarted) the same one, with what the first chose:
+        the features, the memfds, the rings where the old device left them; nothing in
+        guest memory is rebuilt or refilled."""
+        self.protocol_features = 0  # a new back-end: nothing agreed yet
+        offered = self._hello(reconnect)
         pairs = 1
         if offered & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             pf = self._get(Req.GET_PROTOCOL_FEATURES).payload_as(U64).value
@@ -322,6 +325,54 @@ class DriverClient:
                 if pairs < 1:
                     raise FrontendError(f"back-end supports {pairs} queue pairs")
         self._check_queues(offered, pairs)
+        if reconnect:
+            self._check_still_offered(offered)
+        else:
+            self._choose_features(offered)
+        packed = bool(self.features & bit(VirtioF.RING_PACKED))
+        self.status = 0  # a new back-end starts from reset
+        self._send(Req.SET_FEATURES, U64(self.features))
+        self._features_ok()
+        self._get_config()
+        if not reconnect:
+            self.drivers.on_features(self.features)
+        self._set_mem_table()
+        self._set_inflight(reconnect)
+        if not reconnect:
+            self._build_drivers()
+        for p in range(self.queues):
+            self._set_vrings(p, packed, reconnect)
+        if self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            self._enable_pairs(self.active)
+        if not reconnect:
+            for p in range(self.queues):
+                self.drivers.fill(p)
+            if self.features & bit(VirtioNetF.CTRL_VQ):
+                self._setup_control()
+        self._add_status(DeviceStatus.DRIVER_OK)
+        if reconnect:
+            # Buffers posted while the device was away: the new one looks at every avail
+            # ring now rather than at the driver's next kick (which EVENT_IDX may hold).
+            for fd in self.kick:
+                os.eventfd_write(fd, 1)
+
+    def _hello(self, reconnect: bool) -> int:
+        """SET_OWNER and GET_FEATURES: the back-end's offer."""
+        try:
+            self._send(Req.SET_OWNER)
+            return self._get(Req.GET_FEATURES).payload_as(U64).value
+        except (PeerClosed, OSError) as e:
+            if reconnect:
+                raise  # a back-end gone again: the reconnect loop's to retry
+            # A vhost-user back-end serves one front-end at a time and turns others
+            # away by closing at once: say so rather than "Broken pipe".
+            raise FrontendError(
+                f"the back-end at {self.socket_path} closed the connection before "
+                f"answering ({e}): is another front-end connected to it?"
+            ) from None
+
+    def _choose_features(self, offered: int) -> None:
+        """The first session: what to ack, and the ring layout and memory regions it says."""
         for problem in missing_requirements(offered & SUPPORTED):
             log.warning("device offers %s; not acking it", problem)
         self.features = negotiate(offered, self.wanted) | (
@@ -334,15 +385,33 @@ class DriverClient:
                 f"queue size {self.queue_size} is not a power of 2: it needs packed rings, "
                 "and RING_PACKED was not negotiated"
             )
+        if packed and self.reconnect:
+            raise FrontendError(
+                "--reconnect needs split rings and RING_PACKED was negotiated: a restarted "
+                "back-end resumes at the used index the old one published, and a packed "
+                "ring keeps the device's used position in each descriptor's flags, not as "
+                "one index in guest memory (add --features-off RING_PACKED)"
+            )
         self.layout = self.layout.for_features(self.features)
         if self.mem_regions > 1:  # nothing views it yet: the split needs the final layout
             self.guest.close()
             self.guest = GuestMemfd(self.guest.size, cuts=self._region_cuts())
-        self._send(Req.SET_FEATURES, U64(self.features))
-        self._features_ok()
-        self._get_config()
-        self.drivers.on_features(self.features)
-        self._set_mem_table()
+
+    def _check_still_offered(self, offered: int) -> None:
+        """A reconnect: the drivers run with the features of the first session, so the
+        new back-end must offer each of them again (a guest cannot renegotiate live)."""
+        missing = self.features & ~offered
+        if missing:
+            raise FrontendError(
+                f"the back-end at {self.socket_path} no longer offers "
+                f"{' '.join(names(missing))}, negotiated before it restarted: cannot "
+                "resume this session"
+            )
+
+    def _set_inflight(self, reconnect: bool) -> None:
+        """The seam for VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: nothing yet."""
+
+    def _build_drivers(self) -> None:
         breaks = frozenset(r.guest_phys_addr for r, _fd in self.guest.regions[1:])
         layouts = [self.pair_layout(p) for p in range(self.queues)]
         strategy = self.drivers.build(self.guest.memory, layouts, self.features, self.kick,
@@ -353,16 +422,6 @@ class DriverClient:
             log.warning("rx strategy %s is not possible with MRG_RXBUF %s: using %s",
                         self.strategy, mrg, strategy)  # fmt: skip
             self.strategy = strategy
-        for p in range(self.queues):
-            self._set_vrings(p, packed)
-        if self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
-            for q in range(2 * self.queues):
-                self._send(Req.SET_VRING_ENABLE, VringState(q, 1), ack=True)
-        for p in range(self.queues):
-            self.drivers.fill(p)
-        if self.features & bit(VirtioNetF.CTRL_VQ):
-            self._setup_control()
-        self._add_status(DeviceStatus.DRIVER_OK)
 
     def _add_status(self, status: int) -> None:
         """SET_STATUS where the back-end took PROTOCOL_F_STATUS (DPDK virtio_user's
@@ -429,10 +488,14 @@ class DriverClient:
         dev.flush()
 
     def _vq_pairs_set(self, pairs: int) -> None:
-        for q in range(2 * self.queues):
-            self._send(Req.SET_VRING_ENABLE, VringState(q, int(q // 2 < pairs)), ack=True)
+        self._enable_pairs(pairs)
         self.active = pairs
         log.info("queue pairs in use: %d of %d", pairs, self.queues)
+
+    def _enable_pairs(self, pairs: int) -> None:
+        """SET_VRING_ENABLE: the first ``pairs`` pairs' rings on, the others off."""
+        for q in range(2 * self.queues):
+            self._send(Req.SET_VRING_ENABLE, VringState(q, int(q // 2 < pairs)), ack=True)
 
     def _check_queues(self, offered: int, pairs: int) -> None:
         if self.queues == 1:
@@ -447,7 +510,7 @@ class DriverClient:
             raise FrontendError(f"--queues {self.queues}: the back-end has {pairs} queue "
                                 f"pair{'s' if pairs > 1 else ''} (GET_QUEUE_NUM)")  # fmt: skip
 
-    def _set_vrings(self, pair: int, packed: bool) -> None:
+    def _set_vrings(self, pair: int, packed: bool, reconnect: bool) -> None:
         uva = self.guest.uva
         rings: tuple[VringAddrs | PackedAddrs, ...] = self.pair_layout(pair).rings
         for q, addrs in enumerate(rings):
@@ -455,11 +518,20 @@ class DriverClient:
             self._send(Req.SET_VRING_NUM, VringState(index, self.queue_size))
             # Packed: index 0, wrap counter 1, for avail (bits 0-15) and used (16-31), as QEMU.
             base = FRESH_PACKED_BASE | FRESH_PACKED_BASE << 16 if packed else 0
+            if reconnect and isinstance(addrs, VringAddrs):
+                base = self._published_used(addrs)
             self._send(Req.SET_VRING_BASE, VringState(index, base))
             self._send(Req.SET_VRING_ADDR, VringAddr(
                 index, 0, uva + addrs.desc, uva + addrs.used, uva + addrs.avail, 0))  # fmt: skip
             self._send(Req.SET_VRING_KICK, U64(index), [self.kick[index]])
             self._send(Req.SET_VRING_CALL, U64(index), [self.call[index]])
+
+    def _published_used(self, addrs: VringAddrs) -> int:
+        """The used index the device last published (2.7.8: le16 ``idx`` after ``flags``):
+        where a new device resumes, as QEMU's virtio_queue_restore_last_avail_idx. It
+        re-takes every chain the old one took and never used; those it used but had
+        not published yet it writes again."""
+        return int.from_bytes(self.guest.memory.read(addrs.used + 2, 2), "little")
 
     def _region_cuts(self) -> tuple[int, ...]:
         """Where --mem-regions N splits the guest memory: N - 1 addresses spread evenly,
@@ -528,16 +600,22 @@ class DriverClient:
         workers = self.workers = supervisor(ep, log, self._worker_died, self._worker_event)
         for p in range(self.active):
             workers.start(p, partial(self.drivers.loop, p), self._close_in_worker)
-        channel = self.channel.fileno()
-        ep.register(channel, select.EPOLLIN)
+        ep.register(self.channel.fileno(), select.EPOLLIN)
         busy = True
         passes = 0
         while clock.running() and not self.peer_gone and not self.broken:
+            redial = self._redial
+            if redial is not None and redial.due():
+                self._resume(redial.try_now())
             passes += 1
             if look_at_epoll(busy, passes):  # in-process pairs busy: as a worker's loop
-                for fd, _ in ep.poll(0.0 if busy else workers.poll_timeout(IDLE_POLL)):
-                    if fd == channel:
+                redial = self._redial
+                most = IDLE_POLL if redial is None else redial.wait(IDLE_POLL)
+                for fd, _ in ep.poll(0.0 if busy else workers.poll_timeout(most)):
+                    if self._redial is None and fd == self.channel.fileno():
                         self._on_socket()
+                    elif self._redial is not None and self._redial.owns(fd):
+                        self._resume(self._redial.accept())
                     else:
                         workers.on_ready(fd)
             busy = workers.run_passes()  # the pairs that run in this process
@@ -554,6 +632,8 @@ class DriverClient:
     def _close_in_worker(self) -> None:
         """In a fresh worker: the session is the control process's alone."""
         self.channel.close()
+        if self._redial is not None and self._redial.listener is not None:
+            self._redial.listener.close()
         if self.workers is not None:
             self.workers.close_all()
 
@@ -561,11 +641,61 @@ class DriverClient:
         try:
             msgs = self.channel.receive()
         except (PeerClosed, OSError, VhostUserProtocolError) as e:
+            if self.reconnect:
+                self._lose_backend(str(e))
+                return
             log.error("back-end connection lost: %s", e)
             self.peer_gone = True
             return
         for msg in msgs:
             log.warning("unexpected message from the back-end: %s", msg.request)
+
+    def _lose_backend(self, why: str) -> None:
+        """--reconnect: the pairs run on (no used buffers while the device is away);
+        this process waits for a back-end, to set it up where the old one stopped."""
+        log.warning("back-end connection lost: %s; reconnecting", why)
+        assert self.workers is not None  # lost during run()
+        self.workers.ep.unregister(self.channel.fileno())
+        self.channel.close()
+        self._lost_at = time.monotonic()
+        redial = self._redial = Reconnector(self.socket_path, self.workers.ep,
+                                            server=self.server)  # fmt: skip
+        try:
+            redial.lost()
+        except OSError as e:
+            raise FrontendError(f"--reconnect: cannot listen on {self.socket_path} "
+                                f"again: {e}") from None  # fmt: skip
+
+    def _resume(self, sock: socket.socket | None) -> None:
+        """A new connection (or None: no back-end yet): the session again, on it.
+
+        A back-end that goes away during it is one more failed try (the waits keep
+        doubling); one that cannot take this guest (a feature it no longer offers)
+        ends the run with that FrontendError."""
+        redial = self._redial
+        if sock is None or redial is None:
+            return
+        self.channel = Channel(sock, replies=True)
+        try:
+            self._start_session(reconnect=True)
+        except (OSError, VhostUserProtocolError) as e:  # PeerClosed among them
+            self.channel.close()
+            wait = redial.failed()
+            log.warning("reconnect failed: %s; next try in %.2f s", e, wait)
+            return
+        except FrontendError:
+            self.channel.close()
+            self.peer_gone = True  # close(): no session to stop the rings on
+            raise
+        redial.succeeded()
+        self._redial = None
+        assert self.workers is not None  # _redial is set during run() only
+        self.workers.ep.register(self.channel.fileno(), select.EPOLLIN)
+        gap = time.monotonic() - self._lost_at
+        self.reconnects += 1
+        self.reconnect_gap_max = max(self.reconnect_gap_max, gap)
+        log.info("reconnected to the back-end after %.2f s (reconnect %d)", gap,
+                 self.reconnects)  # fmt: skip
 
     def _pair_stats(self) -> list[Stats]:
         if self._final:
@@ -587,6 +717,8 @@ class DriverClient:
                     "mtu": cfg.mtu, "max_virtqueue_pairs": cfg.max_virtqueue_pairs},
                 "features": self.features, "queues": self.queues,
                 "strategy": self.strategy,
+                "reconnects": self.reconnects,
+                "reconnect_gap_max_seconds": round(self.reconnect_gap_max, 4),
                 "seconds": round(self.run_seconds, 4),
                 "cpu_seconds": round(self.cpu_seconds + out["cpu_seconds"], 4),
                 "worker_cpu_seconds": out["worker_cpu_seconds"]}  # fmt: skip
@@ -599,6 +731,9 @@ class DriverClient:
         if self.built:
             self._close_pairs()
             stats = self.stats()
+        if self._redial is not None:  # the run ended with the back-end away
+            self._redial.close()
+            self._redial = None
         self.channel.close()
         for fd in self.kick + self.call:
             os.close(fd)
@@ -617,7 +752,7 @@ class DriverClient:
         ran = len(workers) if workers is not None else 0
         if workers is not None:
             workers.each(Stop())
-        if not self.peer_gone:
+        if not self.peer_gone and not self.away:  # a back-end there to stop the rings
             if workers is not None:
                 workers.each(Drain(), TX_DRAIN_TIMEOUT + RPC_TIMEOUT)
             self._stop_rings()
