@@ -240,6 +240,13 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                             "(split rings only: refused once RING_PACKED is negotiated, "
                             "since a packed ring's used position is not one index in "
                             "guest memory; add --features-off RING_PACKED)")  # fmt: skip
+        p.add_argument("--no-inflight", dest="inflight", action="store_false",
+                       help="do not negotiate VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD even where "
+                            "the back-end offers it. By default the driver keeps the back-"
+                            "end's in-flight region (GET_INFLIGHT_FD once, SET_INFLIGHT_FD at "
+                            "every start), so that a back-end restarted under --reconnect "
+                            "resubmits the chains its predecessor took and never used "
+                            "(split rings)")  # fmt: skip
         p.add_argument("--strategy", default="deferred", choices=tuple(STRATEGIES),
                        help="rx strategy (without MRG_RXBUF: big or small, as Linux)")  # fmt: skip
         p.add_argument("--queue-size", type=int, default=256,
@@ -497,7 +504,8 @@ def cmd_vhost_user(args) -> int:
                                   combined=args.combined, mem_regions=args.mem_regions,
                                   printer=rate_printer(args.quiet), server=args.server,
                                   in_process=args.in_process,
-                                  reconnect=args.reconnect)  # fmt: skip
+                                  reconnect=args.reconnect,
+                                  inflight=args.inflight)  # fmt: skip
         except (FrontendError, OSError, ValueError) as e:
             print(f"virtnet driver: {e}", file=sys.stderr)
             return 2

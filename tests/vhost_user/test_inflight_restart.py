@@ -17,6 +17,7 @@ are run, so the test shows what the region changes, and that it can fail.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -29,9 +30,10 @@ SECONDS = 8.0
 SPLIT = ("--features-off", "RING_PACKED")  # the region is QueueRegionSplit's
 
 
-def run(tmp_path: Path, inflight: bool) -> tuple[subprocess.CompletedProcess, dict, str, dict]:
+def run(tmp_path: Path, inflight: bool
+        ) -> tuple[subprocess.CompletedProcess, dict, str, str, dict]:  # fmt: skip
     """Driver against a device killed with HELD chains in flight and a second one;
-    (driver exit, driver JSON, first device's stderr, second device's JSON)."""
+    (driver exit, driver JSON, first and second device's stderr, second device's JSON)."""
     first = start_device(tmp_path, "sink", "dev", extra=HOLD)
     json_path = tmp_path / "drv.json"
     argv = driver_argv(first.socket_path, "gen:1000", json_path, seconds=SECONDS,
@@ -58,16 +60,24 @@ def run(tmp_path: Path, inflight: bool) -> tuple[subprocess.CompletedProcess, di
     result = second.stop()
     assert json_path.exists(), driver_err
     done = subprocess.CompletedProcess(argv, drv.returncode, "", driver_err)
-    return done, json.loads(json_path.read_text()), first_log, result
+    return done, json.loads(json_path.read_text()), first_log, second.stderr(), result
 
 
 def test_every_tx_chain_is_completed_exactly_once_across_a_device_kill(tmp_path):
-    done, drv, first_log, second = run(tmp_path, inflight=True)
+    done, drv, first_log, second_log, second = run(tmp_path, inflight=True)
     assert done.returncode == 0, done.stderr
     assert "in-flight region made" in first_log, first_log
     stats = drv["driver_stats"]
     assert drv["reconnects"] == 1, done.stderr
-    assert second["inflight"]["tx_resubmitted"] == HELD, second
+    # The held chains, and any burst the first device had taken and not yet used when
+    # it died, are resubmitted: the held ones first, in the order they were taken.
+    held = re.findall(r"tx chain (\d+) sent and kept", first_log)
+    assert len(held) == HELD, first_log
+    assert second["inflight"]["tx_resubmitted"] >= HELD, second
+    resubmitted = re.search(r"tx ring: in-flight region recovered: \d+ chains? resubmitted "
+                            r"\[([\d, ]*)", second_log)  # fmt: skip
+    assert resubmitted, second_log
+    assert resubmitted[1].split(", ")[:HELD] == held, (held, second_log)
     assert stats["tx_packets"] > 40 + HELD  # traffic went on past the held chains
     assert stats["tx_completed"] == stats["tx_packets"], stats  # none lost, none twice
     assert stats["tx_dropped"] == 0 and stats["pages_outstanding"] == 0, stats
@@ -76,7 +86,7 @@ def test_every_tx_chain_is_completed_exactly_once_across_a_device_kill(tmp_path)
 
 def test_without_the_region_the_held_chains_are_lost_or_others_come_back_twice(tmp_path):
     """The control: the same kill, the used index alone to go on from."""
-    done, drv, first_log, second = run(tmp_path, inflight=False)
+    done, drv, first_log, _second_log, second = run(tmp_path, inflight=False)
     assert "in-flight region made" not in first_log
     assert second["inflight"]["tx_resubmitted"] == 0
     stats = drv["driver_stats"]

@@ -52,6 +52,7 @@ from virtnet.vhost_user.messages import (
     VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_VERSION,
     ConfigSpace,
+    InflightDesc,
     MemoryRegionDesc,
     MemoryTable,
     Message,
@@ -194,6 +195,7 @@ class DriverClient:
         server: bool = False,
         in_process: bool | None = None,
         reconnect: bool = False,
+        inflight: bool = True,
     ) -> None:
         if mem_regions < 1:
             raise FrontendError(f"--mem-regions {mem_regions}: at least 1")
@@ -202,6 +204,11 @@ class DriverClient:
         # --reconnect: a back-end that goes away during run() is waited for and set up
         # again (_resume); the run goes on meanwhile. Split rings only (_choose_features).
         self.reconnect = reconnect
+        # In-flight tracking where the back-end offers it (--no-inflight: never): the
+        # region GET_INFLIGHT_FD gave, kept for every start of the session.
+        self.wanted_protocol = WANTED_PROTOCOL | (
+            bit(ProtocolFeature.INFLIGHT_SHMFD) if inflight else 0)
+        self.inflight: tuple[InflightDesc, int] | None = None
         self.reconnects = 0
         self.reconnect_gap_max = 0.0  # seconds, the longest outage that ended
         self._redial: Reconnector | None = None  # from the loss to the reconnect
@@ -318,7 +325,7 @@ class DriverClient:
         pairs = 1
         if offered & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             pf = self._get(Req.GET_PROTOCOL_FEATURES).payload_as(U64).value
-            self.protocol_features = pf & WANTED_PROTOCOL
+            self.protocol_features = pf & self.wanted_protocol
             self._send(Req.SET_PROTOCOL_FEATURES, U64(self.protocol_features))
             if self.protocol_features & bit(ProtocolFeature.MQ):
                 pairs = self._get(Req.GET_QUEUE_NUM).payload_as(U64).value
@@ -409,7 +416,30 @@ class DriverClient:
             )
 
     def _set_inflight(self, reconnect: bool) -> None:
-        """The seam for VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: nothing yet."""
+        """PROTOCOL_F_INFLIGHT_SHMFD: the back-end's in-flight region, kept here so that a
+        restarted back-end finds what its predecessor had taken and not used. Asked for
+        once (GET_INFLIGHT_FD), given back at every start, the first included
+        (SET_INFLIGHT_FD), as QEMU's vhost-user-blk does (vhost_dev_get/set_inflight)."""
+        if not self.protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD):
+            return
+        if self.features & bit(VirtioF.RING_PACKED):
+            log.info("in-flight tracking: not for packed rings (split QueueRegionSplit only)")
+            return
+        if self.inflight is None:
+            answer = self._get(Req.GET_INFLIGHT_FD,
+                               InflightDesc(0, 0, 2 * self.queues, self.queue_size))  # fmt: skip
+            desc = answer.payload_as(InflightDesc)
+            if not answer.fds or desc.mmap_size == 0:
+                close_fds(answer.fds)
+                log.warning("the back-end offers INFLIGHT_SHMFD but GET_INFLIGHT_FD gave no "
+                            "region: running without in-flight tracking")  # fmt: skip
+                return
+            close_fds(answer.fds[1:])
+            self.inflight = (desc, answer.fds[0])
+            log.info("in-flight region: %d bytes for %d queues of %d", desc.mmap_size,
+                     desc.num_queues, desc.queue_size)  # fmt: skip
+        desc, fd = self.inflight
+        self._send(Req.SET_INFLIGHT_FD, desc, [fd], ack=True)
 
     def _build_drivers(self) -> None:
         breaks = frozenset(r.guest_phys_addr for r, _fd in self.guest.regions[1:])
@@ -718,6 +748,7 @@ class DriverClient:
                 "features": self.features, "queues": self.queues,
                 "strategy": self.strategy,
                 "reconnects": self.reconnects,
+                "inflight_tracking": self.inflight is not None,
                 "reconnect_gap_max_seconds": round(self.reconnect_gap_max, 4),
                 "seconds": round(self.run_seconds, 4),
                 "cpu_seconds": round(self.cpu_seconds + out["cpu_seconds"], 4),
@@ -740,6 +771,9 @@ class DriverClient:
         self.built = False
         self.drivers.close()
         self.guest.close()
+        if self.inflight is not None:
+            os.close(self.inflight[1])
+            self.inflight = None
         if self._clock is not None:
             self._clock.restore()
             self._clock = None
