@@ -7,11 +7,14 @@ back-end does. The device is killed with SIGKILL with those three in flight, and
 new one (no faults) takes its socket; the driver reconnects by itself.
 
 With the in-flight region (PROTOCOL_F_INFLIGHT_SHMFD, negotiated by default) the new
-device resubmits exactly the three, and every chain the driver posted is completed
-exactly once: ``tx_completed == tx_packets``, no used-ring error. Without it
-(``--no-inflight``) the new device can only continue from the used index: the three
-are never completed and chains the driver already had back are used again. Both
-are run, so the test shows what the region changes, and that it can fail.
+device resubmits the three first (then whatever burst the old one had taken and not
+used), and every chain the driver posted is completed exactly once: ``tx_completed ==
+tx_packets``, no used-ring error.
+
+What the used index alone gives a restarted device is shown where it is deterministic,
+on the ring (tests/virtio/test_inflight.py): here, without the region, the outcome
+depends on timing (docs/design.md "In-flight tracking": a driver that re-posts freed
+heads quickly can mask the double use until the end of the run).
 """
 
 from __future__ import annotations
@@ -82,16 +85,6 @@ def test_every_tx_chain_is_completed_exactly_once_across_a_device_kill(tmp_path)
     assert stats["tx_completed"] == stats["tx_packets"], stats  # none lost, none twice
     assert stats["tx_dropped"] == 0 and stats["pages_outstanding"] == 0, stats
     assert second["device_stats"]["tx_packets"] > HELD  # the new device carried traffic
-
-
-def test_without_the_region_the_held_chains_are_lost_or_others_come_back_twice(tmp_path):
-    """The control: the same kill, the used index alone to go on from."""
-    done, drv, first_log, _second_log, second = run(tmp_path, inflight=False)
-    assert "in-flight region made" not in first_log
-    assert second["inflight"]["tx_resubmitted"] == 0
-    stats = drv["driver_stats"]
-    wrong = stats["tx_completed"] != stats["tx_packets"] or stats["tx_dropped"] > 0
-    assert wrong or done.returncode != 0, (stats, done.stderr)
 
 
 def test_a_clean_stop_releases_the_held_chains(tmp_path):

@@ -72,19 +72,22 @@ def test_every_chain_comes_back_exactly_once_across_two_deaths(posted, script, s
     mem = region()
     for plan in (script, second):  # two devices die, each after its script
         dev, _ = tracked(q, mem)
-        held: list[int] = []
+        held: list[int] = []  # popped, not used
+        order: list[int] = []  # popped, newest last: what unpop may give back
         for step in plan:
             if step[0] == "pop":
                 chain = dev.pop()
                 if chain is not None:
                     held.append(chain.head)
+                    order.append(chain.head)
             elif step[0] == "use" and held:
                 dev.push_used(held.pop(step[1] % len(held)), 0)  # out of order
             elif step[0] == "flush":
                 dev.flush_used()
-            elif step[0] == "unpop" and held:
+            elif step[0] == "unpop" and order and order[-1] in held:
+                # vhost_discard_vq_desc's contract: the newest popped, still unused
                 dev.unpop(1)
-                held.pop()  # the newest popped, as vhost_discard_vq_desc
+                held.remove(order.pop())
         # dies here: pushed entries not flushed are lost with it
     dev, _ = tracked(q, mem)  # the last device completes everything
     while (chain := dev.pop()) is not None:
