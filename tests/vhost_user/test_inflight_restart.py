@@ -23,7 +23,10 @@ import json
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.vhost_user.conftest import DRIVER_SLACK, DeviceProcess, driver_argv, start_device
 
@@ -33,26 +36,30 @@ SECONDS = 8.0
 SPLIT = ("--features-off", "RING_PACKED")  # the region is QueueRegionSplit's
 
 
-def run(tmp_path: Path, inflight: bool
+def run(tmp_path: Path, queues: int
         ) -> tuple[subprocess.CompletedProcess, dict, str, str, dict]:  # fmt: skip
-    """Driver against a device killed with HELD chains in flight and a second one;
-    (driver exit, driver JSON, first and second device's stderr, second device's JSON)."""
-    first = start_device(tmp_path, "sink", "dev", extra=HOLD)
+    """Driver against a device killed with HELD chains in flight on each queue pair, then
+    a second one; (driver exit, driver JSON, first and second device's stderr, second
+    device's JSON)."""
+    mq = ("--queues", str(queues))
+    first = start_device(tmp_path, "sink", "dev", extra=(*HOLD, *mq))
     json_path = tmp_path / "drv.json"
     argv = driver_argv(first.socket_path, "gen:1000", json_path, seconds=SECONDS,
-                       extra=("--reconnect", *SPLIT, "-v",
-                              *(() if inflight else ("--no-inflight",))))  # fmt: skip
+                       extra=("--reconnect", *SPLIT, *mq, "-v"))  # fmt: skip
     err_path = tmp_path / "drv.stderr"
     second: DeviceProcess | None = None
     with open(err_path, "w") as err:
         drv = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=err)  # fmt: skip
         try:
-            first.wait_for_log(f"({HELD} held)", timeout=20.0)
+            deadline = time.monotonic() + 20.0
+            while first.stderr().count(f"({HELD} held)") < queues:  # every pair's worker
+                assert time.monotonic() < deadline and first.alive(), first.stderr()
+                time.sleep(0.02)
             first_log = first.stderr()
             first.proc.send_signal(signal.SIGKILL)
             first.proc.wait(timeout=10)
-            second = start_device(tmp_path, "sink", "dev")
+            second = start_device(tmp_path, "sink", "dev", extra=mq)
             drv.wait(timeout=SECONDS + DRIVER_SLACK)
         finally:
             if drv.poll() is None:
@@ -66,25 +73,28 @@ def run(tmp_path: Path, inflight: bool
     return done, json.loads(json_path.read_text()), first_log, second.stderr(), result
 
 
-def test_every_tx_chain_is_completed_exactly_once_across_a_device_kill(tmp_path):
-    done, drv, first_log, second_log, second = run(tmp_path, inflight=True)
+@pytest.mark.parametrize("queues", [1, 2])
+def test_every_tx_chain_is_completed_exactly_once_across_a_device_kill(tmp_path, queues):
+    done, drv, first_log, second_log, second = run(tmp_path, queues)
     assert done.returncode == 0, done.stderr
     assert "in-flight region made" in first_log, first_log
     stats = drv["driver_stats"]
     assert drv["reconnects"] == 1, done.stderr
-    # The held chains, and any burst the first device had taken and not yet used when
+    # Each pair's held chains, and any burst its worker had taken and not yet used when
     # it died, are resubmitted: the held ones first, in the order they were taken.
-    held = re.findall(r"tx chain (\d+) sent and kept", first_log)
-    assert len(held) == HELD, first_log
-    assert second["inflight"]["tx_resubmitted"] >= HELD, second
-    resubmitted = re.search(r"tx ring: in-flight region recovered: \d+ chains? resubmitted "
-                            r"\[([\d, ]*)", second_log)  # fmt: skip
-    assert resubmitted, second_log
-    assert resubmitted[1].split(", ")[:HELD] == held, (held, second_log)
-    assert stats["tx_packets"] > 40 + HELD  # traffic went on past the held chains
+    assert second["inflight"]["tx_resubmitted"] >= queues * HELD, second
+    for pair in range(queues):
+        held = re.findall(rf"queue pair {pair}: fault hold injected: vq 1: tx chain (\d+) "
+                          r"sent and kept", first_log)  # fmt: skip
+        assert len(held) == HELD, first_log
+        resubmitted = re.search(rf"queue pair {pair}: tx ring: in-flight region recovered: "
+                                r"\d+ chains? resubmitted \[([\d, ]*)", second_log)  # fmt: skip
+        assert resubmitted, second_log
+        assert resubmitted[1].split(", ")[:HELD] == held, (held, second_log)
+    assert stats["tx_packets"] > queues * (40 + HELD)  # traffic went on past the held chains
     assert stats["tx_completed"] == stats["tx_packets"], stats  # none lost, none twice
     assert stats["tx_dropped"] == 0 and stats["pages_outstanding"] == 0, stats
-    assert second["device_stats"]["tx_packets"] > HELD  # the new device carried traffic
+    assert second["device_stats"]["tx_packets"] > queues * HELD  # the new device carried it
 
 
 def test_a_clean_stop_releases_the_held_chains(tmp_path):

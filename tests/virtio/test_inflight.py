@@ -202,3 +202,23 @@ def test_clear_makes_a_region_fresh():
     dev.inflight.clear()
     _, resub = tracked(q, mem)
     assert resub == []
+
+
+def test_a_chain_given_back_is_not_in_flight_and_a_clean_stop_leaves_nothing():
+    """vhost_discard_vq_desc: the chains a stop gives back (rx buffers cached ahead of
+    frames) are the available ring's again; GET_VRING_BASE leaves them out and so does
+    the region."""
+    q = MockSplitQueue(NUM)
+    drv = q.driver()
+    for i in range(5):
+        drv.add_inbuf(q.data(i), 64, f"t{i}")
+    mem = region()
+    dev, _ = tracked(q, mem)
+    chains = [dev.pop() for _ in range(5)]
+    dev.push_used(chains[0].head, 10)
+    dev.flush_used()
+    dev.unpop(4)
+    assert not any(dev.inflight.is_inflight(c.head) for c in chains)
+    assert dev.vring_base() == 1
+    dev2, resub = tracked(q, mem)
+    assert resub == [] and dev2.last_avail_idx == 1

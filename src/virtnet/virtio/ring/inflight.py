@@ -90,6 +90,11 @@ class InflightSplit:
             self.counter += 1
             self._b[REGION_HEADER + DESC_STATE * head] = 1
 
+    def untake(self, head: int) -> None:
+        """Chain ``head`` was given back unused (vhost_discard_vq_desc): not in flight."""
+        if head < self.num:
+            self._b[REGION_HEADER + DESC_STATE * head] = 0
+
     def used(self, head: int) -> None:
         """Chain ``head`` was written to the used ring: it joins the batch list."""
         if head < self.num:

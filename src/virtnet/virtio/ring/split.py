@@ -682,19 +682,23 @@ class SplitQueueDevice:
     def unpop(self, n: int = 1) -> None:
         """Give back the last ``n`` popped chains (vhost_discard_vq_desc).
 
-        With in-flight tracking they stay marked in flight: they are the device's until
-        popped again, and a restart before that resubmits them (the count it reads the
-        available ring on from includes them). Resubmitted chains, popped before any
-        new one, go back to the front of the resubmission."""
+        With in-flight tracking they are no longer in flight: the newest popped, they
+        are the available ring's again from ``last_avail_idx`` on (GET_VRING_BASE's base
+        leaves them out, and so does a restart's count). Resubmitted chains, popped
+        before any new one, have no place in the available ring: they go back to the
+        front of the resubmission, still in flight."""
+        fresh = n
         if self._resub_popped:
             fresh = min(n, (self.last_avail_idx - self._resub_base) & 0xFFFF)
-            self.last_avail_idx = (self.last_avail_idx - fresh) & 0xFFFF
             back = n - fresh
             if back:
                 self._resub[:0] = self._resub_popped[-back:]
                 del self._resub_popped[-back:]
-            return
-        self.last_avail_idx = (self.last_avail_idx - n) & 0xFFFF
+        inflight = self.inflight
+        if inflight is not None:
+            for k in range(1, fresh + 1):
+                inflight.untake(self._avail[2 + ((self.last_avail_idx - k) & self._mask)])
+        self.last_avail_idx = (self.last_avail_idx - fresh) & 0xFFFF
 
     def sync_last_avail_to_used(self) -> int | None:
         """Continue from the used ring where SET_VRING_BASE disagrees with it; the base it
