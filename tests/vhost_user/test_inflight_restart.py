@@ -56,9 +56,10 @@ def run(tmp_path: Path, queues: int
             while first.stderr().count(f"({HELD} held)") < queues:  # every pair's worker
                 assert time.monotonic() < deadline and first.alive(), first.stderr()
                 time.sleep(0.02)
-            first_log = first.stderr()
             first.proc.send_signal(signal.SIGKILL)
             first.proc.wait(timeout=10)
+            first_log = first.stderr()  # the second device's stderr takes its file
+            (tmp_path / "first.stderr").write_text(first_log)
             second = start_device(tmp_path, "sink", "dev", extra=mq)
             drv.wait(timeout=SECONDS + DRIVER_SLACK)
         finally:

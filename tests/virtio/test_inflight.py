@@ -30,6 +30,17 @@ def tracked(q: MockSplitQueue, mem: memoryview) -> tuple[SplitQueueDevice, list[
     return dev, resub
 
 
+def popped(n: int):
+    """A ring with ``n`` tx chains posted and all of them popped by a tracked device."""
+    q = MockSplitQueue(NUM)
+    drv = q.driver()
+    for i in range(n):
+        drv.add_outbuf(q.data(i), 64, f"t{i}")
+    mem = region()
+    dev, _ = tracked(q, mem)
+    return q, drv, mem, dev, [dev.pop() for _ in range(n)]
+
+
 def test_the_layout_is_the_specs():
     mem = region()
     assert split_region_size(NUM) == 320  # 16 + 16 * 16, rounded up to 64
@@ -114,13 +125,7 @@ def test_without_tracking_an_out_of_order_completion_is_lost_and_another_returne
     chain = dev.pop()
     assert chain is not None and chain.head == chains[3].head  # t3 again, t0 never
     # ... and with tracking, t0 alone is resubmitted:
-    q2 = MockSplitQueue(NUM)
-    drv2 = q2.driver()
-    for i in range(4):
-        drv2.add_outbuf(q2.data(i), 64, f"t{i}")
-    mem = region()
-    dev2, _ = tracked(q2, mem)
-    chains = [dev2.pop() for _ in range(4)]
+    q2, _drv2, mem, dev2, chains = popped(4)
     for c in chains[1:]:
         dev2.push_used(c.head, 0)
     dev2.flush_used()
@@ -130,13 +135,7 @@ def test_without_tracking_an_out_of_order_completion_is_lost_and_another_returne
 
 
 def test_a_death_after_the_used_index_but_before_the_flags_clears_the_last_batch():
-    q = MockSplitQueue(NUM)
-    drv = q.driver()
-    for i in range(3):
-        drv.add_outbuf(q.data(i), 64, f"t{i}")
-    mem = region()
-    dev, _ = tracked(q, mem)
-    chains = [dev.pop() for _ in range(3)]
+    q, drv, mem, dev, chains = popped(3)
     for c in chains[:2]:
         dev.push_used(c.head, 0)
     q.set_used_idx(dev.used_idx)  # the used index reached the ring; then it died
@@ -146,13 +145,7 @@ def test_a_death_after_the_used_index_but_before_the_flags_clears_the_last_batch
 
 
 def test_resubmission_keeps_the_order_the_chains_were_taken_in():
-    q = MockSplitQueue(NUM)
-    drv = q.driver()
-    for i in range(6):
-        drv.add_outbuf(q.data(i), 64, f"t{i}")
-    mem = region()
-    dev, _ = tracked(q, mem)
-    chains = [dev.pop() for _ in range(6)]
+    q, _drv, mem, dev, chains = popped(6)
     for c in (chains[1], chains[4]):
         dev.push_used(c.head, 0)
     dev.flush_used()

@@ -132,6 +132,16 @@ def reconnect(ctx: Context) -> str:
     return "the second front-end's rings echoed 3 frames, from base 0"
 
 
+def nothing_twice(rings: Rings, mrg: bool, why: str) -> None:
+    """After a restarted ring echoed 2 frames: no more tx used, no frame echoed again."""
+    again = rings.tx_used_within(QUIET)
+    if again:
+        raise CaseFailure(f"{again} more tx buffers used after the 2 sent: {why}")
+    extra = echo_seqs(rings, mrg)
+    if extra:
+        raise CaseFailure(f"frames {extra} came back again, sent twice: {why}")
+
+
 STALE_BY = 2  # how far behind its used index a stale-vring-base ring is set up again
 
 
@@ -160,13 +170,8 @@ def stale_vring_base(ctx: Context) -> str:
     # A device that took the stale bases pops the tx chains of frames 1 and 2 again and
     # rx buffers the driver has back (its get_buf raises "not a buffer in flight").
     echo(rings, frames(3, [64, 800]), mergeable=mrg)
-    again = rings.tx_used_within(QUIET)
-    if again:
-        raise CaseFailure(f"{again} more tx buffers used after the 2 sent: the device went "
-                          f"on from the stale base {stale[TX]}, not the used index {used[TX]}")
-    extra = echo_seqs(rings, mrg)
-    if extra:
-        raise CaseFailure(f"frames {extra} came back again: sent twice from the stale base")
+    nothing_twice(rings, mrg, f"the device went on from the stale base {stale[TX]}, not the "
+                  f"used index {used[TX]}")  # fmt: skip
     tx = rings.consumed(rings.vring_base(s, TX))
     if tx != used[TX] + 2:
         raise CaseFailure(f"GET_VRING_BASE tx: {tx}, expected {used[TX] + 2} (the used index "
@@ -257,13 +262,7 @@ def inflight_region(ctx: Context) -> str:
         rings.setup(s, bases=bases)
         rings.post_rx(4)
         echo(rings, frames(10, [64, 800]), mergeable=mrg)
-        again = rings.tx_used_within(QUIET)
-        if again:
-            raise CaseFailure(f"{again} more tx buffers used after the 2 sent: chains taken "
-                              "again from the region after a clean stop")  # fmt: skip
-        extra = echo_seqs(rings, mrg)
-        if extra:
-            raise CaseFailure(f"frames {extra} came back again after the restart")
+        nothing_twice(rings, mrg, "chains taken again from the region after a clean stop")
     finally:
         close_fds([fd])
     layout = ("the spec's split layout: " + ", ".join(

@@ -33,7 +33,7 @@ from virtnet.net.features import (
     sanitize,
 )
 from virtnet.net.mq import sum_stats
-from virtnet.vhost_user.backoff import RECONNECT_MAX, Backoff
+from virtnet.vhost_user.backoff import Backoff, dial
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.errors import VhostUserProtocolError
 from virtnet.vhost_user.inflightmap import MappedInflight, make_inflight_fd
@@ -1010,21 +1010,10 @@ class DeviceServer:
         """Client mode: one try to reach the front-end listening on socket_path (QEMU
         -chardev socket,server=on; DPDK net_virtio_user,server=1; virtnet driver
         --server); when it is not there, the next try after a doubled wait."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(CONNECT_TIMEOUT)
-        try:
-            sock.connect(self.socket_path)
-        except OSError as e:
-            sock.close()
-            why = e.strerror or str(e)
-            if why != self._waiting_for:  # once per outage, not once per try
-                log.warning("no front-end listening on %s (%s): retrying every %g s at most",
-                            self.socket_path, why, RECONNECT_MAX)  # fmt: skip
-                self._waiting_for = why
-            self._retry.later()
+        sock, self._waiting_for = dial(self.socket_path, CONNECT_TIMEOUT, self._retry,
+                                       "front-end", self._waiting_for, log)  # fmt: skip
+        if sock is None:
             return
-        sock.settimeout(None)
-        self._waiting_for = ""
         self._attach(sock)
 
     def _attach(self, sock: socket.socket) -> None:

@@ -8,6 +8,8 @@ epoll wait by ``wait()``, so a run's clock and SIGTERM still end them.
 
 from __future__ import annotations
 
+import logging
+import socket
 import time
 from typing import final
 
@@ -40,3 +42,24 @@ class Backoff:
     def wait(self, most: float) -> float:
         """How long an epoll may sleep (at most ``most``) before the next try is due."""
         return max(0.0, min(most, self.at - time.monotonic()))
+
+
+def dial(path: str, timeout: float, backoff: Backoff, peer: str, last_why: str,
+         log: logging.Logger) -> tuple[socket.socket | None, str]:  # fmt: skip
+    """One connect() to the ``peer`` ("front-end", "back-end") listening on ``path``:
+    (the socket, "") or (None, why), with the failure logged once per outage (when
+    ``why`` differs from ``last_why``) and the next try put after a doubled wait."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)  # a listener whose backlog is full holds connect()
+    try:
+        sock.connect(path)
+    except OSError as e:
+        sock.close()
+        why = e.strerror or str(e)
+        if why != last_why:
+            log.warning("no %s listening on %s (%s): retrying every %g s at most",
+                        peer, path, why, backoff.cap)  # fmt: skip
+        backoff.later()
+        return None, why
+    sock.settimeout(None)
+    return sock, ""

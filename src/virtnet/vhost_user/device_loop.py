@@ -413,12 +413,14 @@ class PairLoop:
     def do_stop(self, req: Stop, fds: list[int]) -> tuple[int, int] | None:
         return self._stop()
 
-    def _stop(self) -> tuple[int, int] | None:
-        """Stop the device; where each ring stopped (GET_VRING_BASE), or None if idle."""
+    def _stop(self, release: bool = True) -> tuple[int, int] | None:
+        """Stop the device; where each ring stopped (GET_VRING_BASE), or None if idle.
+        ``release``: use the chains ``--faults hold`` kept (a stop the session asked
+        for); not when the control process is gone, which is a crash like its own."""
         dev = self.dev
         bases = None
         if dev is not None:
-            if self.faults is not None:
+            if self.faults is not None and release:
                 self.faults.release(dev)  # before the log's flush: it logs their used entries
             self.flush_log()  # before GET_VRING_BASE's reply: QEMU's last sync follows it
             dev.set_dirty_log(None, (0, 0), (0, 0))
@@ -515,7 +517,7 @@ class PairLoop:
         """Stop the device and close the capture: the loop is over. Its back-end lives
         on (a fresh loop for the pair takes it over; PairLoops closes it at the end)."""
         if self.dev is not None:
-            self._stop()
+            self._stop(release=False)  # no session asked: the control process is gone
         if self.pcap is not None:
             self.pcap.close()
             self.pcap = None

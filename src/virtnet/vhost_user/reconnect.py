@@ -17,7 +17,7 @@ import socket
 import stat
 from typing import final
 
-from virtnet.vhost_user.backoff import RECONNECT_MAX, Backoff
+from virtnet.vhost_user.backoff import Backoff, dial
 from virtnet.vhost_user.polling import IDLE_POLL
 
 log = logging.getLogger("virtnet.driver")
@@ -95,20 +95,7 @@ class Reconnector:
                 self.ep.register(self.listener.fileno(), select.EPOLLIN)
                 self._watched = True
             return None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(IDLE_POLL)  # a listener with a full backlog holds connect()
-        try:
-            sock.connect(self.path)
-        except OSError as e:
-            sock.close()
-            why = e.strerror or str(e)
-            if why != self._why:  # once per outage, not once per try
-                log.warning("no back-end listening on %s (%s): retrying every %g s at most",
-                            self.path, why, RECONNECT_MAX)  # fmt: skip
-                self._why = why
-            self.backoff.later()
-            return None
-        sock.settimeout(None)
+        sock, self._why = dial(self.path, IDLE_POLL, self.backoff, "back-end", self._why, log)
         return sock
 
     def owns(self, fd: int) -> bool:
