@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.virtio.mock import MockSplitQueue
+from virtnet.virtio.errors import DescriptorError
 from virtnet.virtio.ring.inflight import (
     INFLIGHT_VERSION,
     InflightError,
@@ -30,12 +31,14 @@ def tracked(q: MockSplitQueue, mem: memoryview) -> tuple[SplitQueueDevice, list[
     return dev, resub
 
 
-def popped(n: int):
-    """A ring with ``n`` tx chains posted and all of them popped by a tracked device."""
+def popped(n: int, posted: int | None = None, *, rx: bool = False):
+    """A ring with ``posted`` (default ``n``) chains posted, tx or rx, and the first ``n``
+    of them popped by a tracked device."""
     q = MockSplitQueue(NUM)
     drv = q.driver()
-    for i in range(n):
-        drv.add_outbuf(q.data(i), 64, f"t{i}")
+    add = drv.add_inbuf if rx else drv.add_outbuf
+    for i in range(n if posted is None else posted):
+        add(q.data(i), 64, f"t{i}")
     mem = region()
     dev, _ = tracked(q, mem)
     return q, drv, mem, dev, [dev.pop() for _ in range(n)]
@@ -154,13 +157,7 @@ def test_resubmission_keeps_the_order_the_chains_were_taken_in():
 
 
 def test_a_resubmitted_chain_given_back_is_taken_again_first():
-    q = MockSplitQueue(NUM)
-    drv = q.driver()
-    for i in range(4):
-        drv.add_outbuf(q.data(i), 64, f"t{i}")
-    mem = region()
-    dev, _ = tracked(q, mem)
-    first = [dev.pop() for _ in range(2)]
+    q, _drv, mem, dev, first = popped(2, posted=4)
     dev, resub = tracked(q, mem)
     assert resub == [c.head for c in first]
     burst = dev.pop_burst(8)  # the two resubmitted ones: a burst does not mix them
@@ -201,13 +198,7 @@ def test_a_chain_given_back_is_not_in_flight_and_a_clean_stop_leaves_nothing():
     """vhost_discard_vq_desc: the chains a stop gives back (rx buffers cached ahead of
     frames) are the available ring's again; GET_VRING_BASE leaves them out and so does
     the region."""
-    q = MockSplitQueue(NUM)
-    drv = q.driver()
-    for i in range(5):
-        drv.add_inbuf(q.data(i), 64, f"t{i}")
-    mem = region()
-    dev, _ = tracked(q, mem)
-    chains = [dev.pop() for _ in range(5)]
+    q, _drv, mem, dev, chains = popped(5, rx=True)
     dev.push_used(chains[0].head, 10)
     dev.flush_used()
     dev.unpop(4)
@@ -215,3 +206,15 @@ def test_a_chain_given_back_is_not_in_flight_and_a_clean_stop_leaves_nothing():
     assert dev.vring_base() == 1
     dev2, resub = tracked(q, mem)
     assert resub == [] and dev2.last_avail_idx == 1
+
+
+def test_a_bad_resubmitted_chain_after_good_ones_ends_the_burst_unconsumed():
+    q, _drv, mem, _dev, first = popped(3)
+    q.desc(first[1].head, 1 << 40, 64)  # the driver scribbled on it meanwhile
+    dev, resub = tracked(q, mem)
+    assert resub == [c.head for c in first]
+    assert [c.head for c in dev.pop_burst(8)] == [first[0].head]
+    with pytest.raises(DescriptorError) as e:
+        dev.pop_burst(8)
+    assert e.value.head == first[1].head  # consumed now: its used entry (len 0) follows
+    assert [c.head for c in dev.pop_burst(8)] == [first[2].head]

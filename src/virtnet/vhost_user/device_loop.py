@@ -227,8 +227,8 @@ class PairLoop:
         finally:
             close_fds(fds)
         old, self.inflight = self.inflight, new
-        if old is not None and self.dev is None:
-            old.close()
+        if old is not None:
+            old.close()  # a running ring's views keep its mapping until the ring stops
 
     def _track_inflight(self, dev: VirtnetDevice, spec: RingSpec) -> bool:
         """Attach the in-flight region to split rings; False if there is none to use."""

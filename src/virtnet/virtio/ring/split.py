@@ -489,11 +489,13 @@ class SplitQueueDevice:
         chains: list[Chain] = []
         while self._resub and len(chains) < budget:
             try:
-                self._walk(self._resub[0])
+                chains.append(self._pop_resubmitted())
             except DescriptorError:
-                if chains:
-                    break  # as pop_burst: the bad one is the next call's, unconsumed
-            chains.append(self._pop_resubmitted())
+                if not chains:
+                    raise
+                # as pop_burst: the bad one is the next call's, unconsumed
+                self._resub.insert(0, self._resub_popped.pop())
+                break
         return chains
 
     def pop(self) -> Chain | None:
