@@ -148,9 +148,10 @@ With --reconnect the driver outlives its back-end, as QEMU with -chardev socket,
 reconnect=N (or server=on): when the connection ends, the rings keep their buffers
 and the driver connects again (backoff 0.1 s doubling to 2 s; with --server it
 listens again) and sets the new back-end up where the old one stopped: the same
-features (one it no longer offers ends the run), memory and eventfds, each ring from
-the used index the old device published. Split rings only (--features-off
-RING_PACKED against a back-end offering packed ones).
+features (one it no longer offers ends the run), memory and eventfds, each split ring
+from the used index the old device published. Packed rings need a back-end that tracks
+in-flight chains (PROTOCOL_F_INFLIGHT_SHMFD, as `virtnet device` does): the new device
+resumes where the region says; without it, --reconnect refuses them.
 """
 
 
@@ -237,16 +238,16 @@ def _add_vhost_user(sub, name: str, role: str) -> None:
                        help="survive a back-end restart: when its connection ends, keep "
                             "running, connect again (with --server: listen again) with "
                             "backoff, and resume the rings where the old device stopped "
-                            "(split rings only: refused once RING_PACKED is negotiated, "
-                            "since a packed ring's used position is not one index in "
-                            "guest memory; add --features-off RING_PACKED)")  # fmt: skip
+                            "(packed rings only with a back-end that takes INFLIGHT_SHMFD: "
+                            "a packed ring's used position is not one index in guest "
+                            "memory, the in-flight region has it)")  # fmt: skip
         p.add_argument("--no-inflight", dest="inflight", action="store_false",
                        help="do not negotiate VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD even where "
                             "the back-end offers it. By default the driver keeps the back-"
                             "end's in-flight region (GET_INFLIGHT_FD once, SET_INFLIGHT_FD at "
                             "every start), so that a back-end restarted under --reconnect "
                             "resubmits the chains its predecessor took and never used "
-                            "(split rings)")  # fmt: skip
+                            "(split and packed rings)")  # fmt: skip
         p.add_argument("--strategy", default="deferred", choices=tuple(STRATEGIES),
                        help="rx strategy (without MRG_RXBUF: big or small, as Linux)")  # fmt: skip
         p.add_argument("--queue-size", type=int, default=256,

@@ -274,12 +274,13 @@ def test_new_backend_without_a_negotiated_feature_ends_the_run(tmp_path, procs):
     assert RECONNECTED not in err
 
 
-def test_reconnect_refuses_packed_rings(tmp_path, procs):
+def test_reconnect_refuses_packed_rings_without_inflight_tracking(tmp_path, procs):
     dev = start_device(tmp_path, "sink", "dev1")
     procs.append(dev)
-    procs.append(drv := Driver(tmp_path, dev.socket_path, "sink", seconds=1))
+    procs.append(drv := Driver(tmp_path, dev.socket_path, "sink", seconds=1,
+                               extra=("--no-inflight",)))  # fmt: skip
     drv.finish(rc=1)
-    assert "--reconnect needs split rings" in drv.stderr()
+    assert "--reconnect with packed rings needs in-flight tracking" in drv.stderr()
 
 
 def test_reconnect_with_no_restart_is_harmless(tmp_path, procs):

@@ -360,7 +360,16 @@ def test_inflight_size_smaller_than_its_queues_need(case):
     case.negotiate(protocol=INFLIGHT)
     case.fe.send(R.SET_INFLIGHT_FD, InflightDesc(4096, 0, 2, QSIZE), (case.memfd(1 << 16),),
                  need_reply=True)
-    case.refused(R.SET_INFLIGHT_FD, "smaller than 2 queues of 256 need")
+    case.refused(R.SET_INFLIGHT_FD, "smaller than 2 split queues of 256 need (0x2080)")
+    case.still_in_step()
+
+
+def test_a_split_sized_inflight_region_for_packed_rings(case):
+    """Packed rings negotiated: QueueRegionPacked's 32 bytes a descriptor, not 16."""
+    case.negotiate(FEATURES | bit(VirtioF.RING_PACKED), protocol=INFLIGHT)
+    case.fe.send(R.SET_INFLIGHT_FD, InflightDesc(2 * 4160, 0, 2, QSIZE),
+                 (case.memfd(1 << 16),), need_reply=True)  # fmt: skip
+    case.refused(R.SET_INFLIGHT_FD, "smaller than 2 packed queues of 256 need (0x4080)")
     case.still_in_step()
 
 

@@ -33,10 +33,11 @@ from tests.vhost_user.conftest import DRIVER_SLACK, DeviceProcess, driver_argv, 
 HELD = 3
 HOLD = ("--faults", f"hold:rate=1:count={HELD}:after=40")
 SECONDS = 8.0
-SPLIT = ("--features-off", "RING_PACKED")  # the region is QueueRegionSplit's
+SPLIT = ("--features-off", "RING_PACKED")
+RINGS = {"split": SPLIT, "packed": ()}  # virtnet negotiates packed rings where offered
 
 
-def run(tmp_path: Path, queues: int
+def run(tmp_path: Path, queues: int, ring: str = "split"
         ) -> tuple[subprocess.CompletedProcess, dict, str, str, dict]:  # fmt: skip
     """Driver against a device killed with HELD chains in flight on each queue pair, then
     a second one; (driver exit, driver JSON, first and second device's stderr, second
@@ -45,7 +46,7 @@ def run(tmp_path: Path, queues: int
     first = start_device(tmp_path, "sink", "dev", extra=(*HOLD, *mq))
     json_path = tmp_path / "drv.json"
     argv = driver_argv(first.socket_path, "gen:1000", json_path, seconds=SECONDS,
-                       extra=("--reconnect", *SPLIT, *mq, "-v"))  # fmt: skip
+                       extra=("--reconnect", *RINGS[ring], *mq, "-v"))  # fmt: skip
     err_path = tmp_path / "drv.stderr"
     second: DeviceProcess | None = None
     with open(err_path, "w") as err:
@@ -74,11 +75,13 @@ def run(tmp_path: Path, queues: int
     return done, json.loads(json_path.read_text()), first_log, second.stderr(), result
 
 
-@pytest.mark.parametrize("queues", [1, 2])
-def test_every_tx_chain_is_completed_exactly_once_across_a_device_kill(tmp_path, queues):
-    done, drv, first_log, second_log, second = run(tmp_path, queues)
+@pytest.mark.parametrize(("ring", "queues"), [("split", 1), ("split", 2), ("packed", 1),
+                                               ("packed", 2)])
+def test_every_tx_chain_is_completed_exactly_once_across_a_device_kill(tmp_path, ring, queues):
+    done, drv, first_log, second_log, second = run(tmp_path, queues, ring)
     assert done.returncode == 0, done.stderr
-    assert "in-flight region made" in first_log, first_log
+    assert f"in-flight region made: {2 * queues} {ring} queues" in first_log, first_log
+    assert bool(drv["features"] & 1 << 34) == (ring == "packed")  # VIRTIO_F_RING_PACKED
     stats = drv["driver_stats"]
     assert drv["reconnects"] == 1, done.stderr
     # Each pair's held chains, and any burst its worker had taken and not yet used when

@@ -35,7 +35,7 @@ from virtnet.vhost_user.messages import (
     ProtocolFeature,
     close_fds,
 )
-from virtnet.virtio.features import bit
+from virtnet.virtio.features import VirtioF, bit
 from virtnet.virtio.ring.split import SplitQueueDriver
 
 R = FrontendRequest
@@ -199,36 +199,48 @@ def vanishing_frontends(ctx: Context) -> str:
     return f"survived: {VANISHING} vanishing front-ends, then a session echoed"
 
 
-INFLIGHT_HEADER = struct.Struct("<QHHHH")  # QueueRegionSplit: features, version, desc_num, ...
+# The spec's suggested layouts (the back-end may choose its own): each queue's header,
+# then per descriptor an entry whose first byte is "inflight".
+SPLIT_HEADER = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
+# ..., free_head, old_free_head, used_idx, old_used_idx, the two wrap counters, padding[7]
+# and the 3 bytes that align desc[] (u64 fields) to 8: 32 bytes.
+PACKED_HEADER = struct.Struct("<QHHHHHHBB10x")
 
 
-def _split_regions(fd: int, desc: InflightDesc) -> list[tuple[int, int, int, int]] | None:
+def _regions(fd: int, desc: InflightDesc, packed: bool
+             ) -> list[tuple[int, int, int, int]] | None:  # fmt: skip
     """(version, desc_num, used_idx, descriptors in flight) of each queue's region, if the
-    region is laid out as vhost-user.rst suggests (its layout is the back-end's to
-    choose: None when it is not that one)."""
+    region is laid out as vhost-user.rst suggests for the ring kind (QueueRegionSplit or
+    QueueRegionPacked; the layout is the back-end's to choose: None when it is not
+    that one)."""
+    header, entry = (PACKED_HEADER, 32) if packed else (SPLIT_HEADER, 16)
     per = desc.mmap_size // desc.num_queues
-    if per < INFLIGHT_HEADER.size + 16 * desc.queue_size:
+    if per < header.size + entry * desc.queue_size:
         return None
     with mmap.mmap(fd, desc.mmap_offset + desc.mmap_size, mmap.MAP_SHARED,
                    mmap.PROT_READ) as m:  # fmt: skip
         raw = m[desc.mmap_offset : desc.mmap_offset + desc.mmap_size]
     out = []
     for q in range(desc.num_queues):
-        _f, version, num, _last, used = INFLIGHT_HEADER.unpack_from(raw, q * per)
+        fields = header.unpack_from(raw, q * per)
+        version, num = fields[1], fields[2]
+        used = fields[6] if packed else fields[4]
         if num != desc.queue_size:
             return None
-        base = q * per + INFLIGHT_HEADER.size
-        out.append((version, num, used, sum(raw[base + 16 * i] for i in range(num))))
+        base = q * per + header.size
+        out.append((version, num, used, sum(raw[base + entry * i] for i in range(num))))
     return out
 
 
 @case("inflight-region", "conformance",
       "PROTOCOL_F_INFLIGHT_SHMFD where offered: GET_INFLIGHT_FD for 2 queues gives a region "
       "of a size that fits them, SET_INFLIGHT_FD takes it back, frames echo; after "
-      "GET_VRING_BASE nothing is left in flight in it (split layout), and rings restarted "
-      "on the same region take nothing twice. (A restart of the back-end itself, the "
-      "region's purpose, needs the back-end's own tooling: tests/vhost_user for virtnet's.)",
-      "vhost-user.rst Inflight I/O tracking, GET_INFLIGHT_FD, SET_INFLIGHT_FD")  # fmt: skip
+      "GET_VRING_BASE nothing is left in flight in it (where it has the spec's layout for "
+      "the ring kind), and rings restarted on the same region take nothing twice. (A "
+      "restart of the back-end itself, the region's purpose, needs the back-end's own "
+      "tooling: tests/vhost_user for virtnet's.)",
+      "vhost-user.rst Inflight I/O tracking, GET_INFLIGHT_FD, SET_INFLIGHT_FD",
+      matrix=True)  # fmt: skip
 def inflight_region(ctx: Context) -> str:
     s = ctx.session()
     wanted = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.INFLIGHT_SHMFD)
@@ -252,7 +264,8 @@ def inflight_region(ctx: Context) -> str:
         rings = fresh_rings(s, g)
         echo(rings, frames(0, [64, 1514, 300]), mergeable=mrg)
         stop(s, rings, 3)
-        regions = _split_regions(fd, desc)
+        packed = s.has(VirtioF.RING_PACKED)
+        regions = _regions(fd, desc, packed)
         if regions is not None:
             left = [n for _v, _num, _used, n in regions]
             if any(left) or any(v == 0 for v, *_ in regions):
@@ -265,7 +278,7 @@ def inflight_region(ctx: Context) -> str:
         nothing_twice(rings, mrg, "chains taken again from the region after a clean stop")
     finally:
         close_fds([fd])
-    layout = ("the spec's split layout: " + ", ".join(
+    layout = (f"the spec's {'packed' if packed else 'split'} layout: " + ", ".join(
         f"q{q} version {v} used_idx {u} in flight {n}" for q, (v, _num, u, n) in
         enumerate(regions)) if regions is not None else "a layout of its own")  # fmt: skip
     return (f"region of {desc.mmap_size} bytes for {desc.num_queues} queues of "

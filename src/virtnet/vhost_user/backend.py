@@ -440,10 +440,6 @@ class BackendSession:
             close_fds(msg.fds)
             raise RequestRefused(f"{spec_name(msg.request)} without "
                                  "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD negotiated")  # fmt: skip
-        if self.packed:
-            close_fds(msg.fds)
-            raise RequestRefused(f"{spec_name(msg.request)}: packed rings are not tracked "
-                                 "here (only QueueRegionSplit is implemented)")
 
     def _get_inflight_fd(self, msg: Message) -> Message:
         """A zeroed region for the front-end to keep; this session uses it at once, as
@@ -454,7 +450,7 @@ class BackendSession:
             log.warning("GET_INFLIGHT_FD for %d queues; this device has %d vrings",
                         req.num_queues, len(self.vrings))  # fmt: skip
         try:
-            fd, size = make_inflight_fd(req.num_queues, req.queue_size)
+            fd, size = make_inflight_fd(req.num_queues, req.queue_size, self.packed)
         except (OSError, ValueError) as e:
             raise RequestRefused(f"GET_INFLIGHT_FD: {e}") from None
         try:
@@ -462,8 +458,9 @@ class BackendSession:
         except BaseException:
             os.close(fd)
             raise
-        log.info("in-flight region made: %d queues of %d descriptors, %d bytes",
-                 req.num_queues, req.queue_size, size)  # fmt: skip
+        log.info("in-flight region made: %d %s queues of %d descriptors, %d bytes",
+                 req.num_queues, "packed" if self.packed else "split", req.queue_size,
+                 size)  # fmt: skip
         return reply(msg, InflightDesc(size, 0, req.num_queues, req.queue_size), [fd])
 
     def _set_inflight_fd(self, msg: Message) -> None:
@@ -480,11 +477,11 @@ class BackendSession:
         """Check the region here, then hand it to every pair; rings started after this
         track their chains in it (running ones keep the region they started with)."""
         mapped = MappedInflight(fd, desc.mmap_size, desc.mmap_offset, desc.num_queues,
-                                desc.queue_size)  # fmt: skip
+                                desc.queue_size, self.packed)  # fmt: skip
         if mapped.unsealed is not None:
             log.warning("in-flight region: %s: a front-end that shrinks it kills a worker",
                         mapped.unsealed)  # fmt: skip
-        self.runner.set_inflight(desc, fd)
+        self.runner.set_inflight(desc, fd, self.packed)
         if self.inflight is not None:
             self.inflight.close()
         self.inflight = mapped
@@ -803,7 +800,7 @@ class PairRunner(Protocol):
     def update_fds(self, pair: int, fds: tuple[int, int, int, int]) -> None: ...
     def stop(self, pair: int) -> tuple[int, int] | None: ...
     def set_log(self, size: int, offset: int, fds: list[int]) -> None: ...
-    def set_inflight(self, desc: InflightDesc, fd: int) -> None: ...
+    def set_inflight(self, desc: InflightDesc, fd: int, packed: bool) -> None: ...
     def vring_addr(self, pair: int, q: int, addr: VringAddr) -> None: ...
     def send_rarp(self, frame: bytes) -> bool: ...
     def features(self, features: int) -> None: ...
@@ -865,10 +862,10 @@ class DevicePairs:
         for w in self.workers:  # every pair logs: each maps the log itself
             self._call(w, Log(size, offset), fds=fds)
 
-    def set_inflight(self, desc: InflightDesc, fd: int) -> None:
+    def set_inflight(self, desc: InflightDesc, fd: int, packed: bool) -> None:
         for w in self.workers:  # every pair tracks its rings: each maps the region itself
             self._call(w, Inflight(desc.mmap_size, desc.mmap_offset, desc.num_queues,
-                                   desc.queue_size), fds=[fd])  # fmt: skip
+                                   desc.queue_size, packed), fds=[fd])  # fmt: skip
 
     def vring_addr(self, pair: int, q: int, addr: VringAddr) -> None:
         self._call(self.workers[pair], VringAddrUpdate(q, addr))
@@ -1090,6 +1087,8 @@ class DeviceServer:
         except OSError as e:
             self._disconnect(f"cannot reply to {spec_name(answer.request)}: {e}")
             return False
+        finally:
+            close_fds(answer.fds)  # sent, the front-end's copy is its own (GET_INFLIGHT_FD)
         return True
 
     def _serve(self, msg: Message) -> bool:

@@ -70,7 +70,9 @@ from virtnet.virtio.dirtylog import DirtyLog
 from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import bit
 from virtnet.virtio.memory import GuestMemory
+from virtnet.virtio.ring.inflight import InflightPacked, InflightSplit
 from virtnet.virtio.ring.layout import PackedViews, VringViews
+from virtnet.virtio.ring.packed import PackedQueueDevice
 from virtnet.virtio.ring.split import SplitQueueDevice
 
 if TYPE_CHECKING:
@@ -223,7 +225,7 @@ class PairLoop:
         (a running pair keeps the one it started with)."""
         try:
             new = MappedInflight(fds[0], req.size, req.offset, req.num_queues,
-                                 req.queue_size) if fds else None  # fmt: skip
+                                 req.queue_size, req.packed) if fds else None  # fmt: skip
         finally:
             close_fds(fds)
         old, self.inflight = self.inflight, new
@@ -231,26 +233,35 @@ class PairLoop:
             old.close()  # a running ring's views keep its mapping until the ring stops
 
     def _track_inflight(self, dev: VirtnetDevice, spec: RingSpec) -> bool:
-        """Attach the in-flight region to split rings; False if there is none to use."""
+        """Attach the in-flight region to the rings; False if there is none to use."""
         mapped = self.inflight
         if mapped is None:
             return False
-        if spec.packed:
-            log.warning("queue pair %d: packed rings are not tracked in flight (only the "
-                        "split QueueRegionSplit is implemented)", spec.pair)  # fmt: skip
+        if mapped.packed != spec.packed:
+            log.warning("queue pair %d: the in-flight region has the %s layout and the rings "
+                        "are %s (features changed after GET_INFLIGHT_FD): not tracked",
+                        spec.pair, "packed" if mapped.packed else "split",
+                        "packed" if spec.packed else "split")  # fmt: skip
             return False
         for q, (ring, name) in enumerate(((dev.rxq, "rx"), (dev.txq, "tx"))):
-            assert isinstance(ring, SplitQueueDevice)  # not packed: build_device made split
             region = mapped.queue(spec.index(q), ring.num)
             fresh = region.fresh
-            resub = ring.set_inflight(region)
+            if isinstance(ring, SplitQueueDevice) and isinstance(region, InflightSplit):
+                resub = ring.set_inflight(region)
+                at = f"avail read on from {ring.last_avail_idx} (used idx {ring.used_idx}"
+            elif isinstance(ring, PackedQueueDevice) and isinstance(region, InflightPacked):
+                resub = ring.set_inflight(region)
+                at = (f"avail read on from {ring.last_avail} wrap {ring.avail_wrap} (used "
+                      f"{ring.used_pos} wrap {ring.used_wrap}")  # fmt: skip
+            else:
+                raise AssertionError("mapped.packed == spec.packed: one layout for both")
             self.resubmitted[q] += len(resub)
             if not fresh:
                 base = spec.bases[q]
                 log.info("%s ring: in-flight region recovered: %d chain%s resubmitted %s, "
-                         "avail read on from %d (used idx %d%s)", name, len(resub),
-                         "" if len(resub) == 1 else "s", resub[:16], ring.last_avail_idx,
-                         ring.used_idx, "" if base == ring.last_avail_idx
+                         "%s%s)", name, len(resub), "" if len(resub) == 1 else "s",
+                         resub[:16], at, "" if base == ring.last_avail_idx
+                         else f"; SET_VRING_BASE said {base:#x}" if spec.packed
                          else f"; SET_VRING_BASE said {base}")  # fmt: skip
         return True
 

@@ -392,17 +392,22 @@ class DriverClient:
                 f"queue size {self.queue_size} is not a power of 2: it needs packed rings, "
                 "and RING_PACKED was not negotiated"
             )
-        if packed and self.reconnect:
+        if packed and self.reconnect and not self._tracks_inflight():
             raise FrontendError(
-                "--reconnect needs split rings and RING_PACKED was negotiated: a restarted "
-                "back-end resumes at the used index the old one published, and a packed "
-                "ring keeps the device's used position in each descriptor's flags, not as "
-                "one index in guest memory (add --features-off RING_PACKED)"
+                "--reconnect with packed rings needs in-flight tracking, and this back-end "
+                "does not take VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (or --no-inflight was "
+                "given): a packed ring keeps the device's used position in each "
+                "descriptor's flags, not as one index in guest memory, so only the "
+                "region tells a restarted back-end where to resume (add --features-off "
+                "RING_PACKED for split rings, which resume at the used index)"
             )
         self.layout = self.layout.for_features(self.features)
         if self.mem_regions > 1:  # nothing views it yet: the split needs the final layout
             self.guest.close()
             self.guest = GuestMemfd(self.guest.size, cuts=self._region_cuts())
+
+    def _tracks_inflight(self) -> bool:
+        return bool(self.protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD))
 
     def _check_still_offered(self, offered: int) -> None:
         """A reconnect: the drivers run with the features of the first session, so the
@@ -414,16 +419,19 @@ class DriverClient:
                 f"{' '.join(names(missing))}, negotiated before it restarted: cannot "
                 "resume this session"
             )
+        if self.features & bit(VirtioF.RING_PACKED) and not self._tracks_inflight():
+            raise FrontendError(
+                f"the back-end at {self.socket_path} no longer takes "
+                "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: packed rings cannot resume "
+                "without it (where each ring's device left off is only in the region)"
+            )
 
     def _set_inflight(self, reconnect: bool) -> None:
         """PROTOCOL_F_INFLIGHT_SHMFD: the back-end's in-flight region, kept here so that a
         restarted back-end finds what its predecessor had taken and not used. Asked for
         once (GET_INFLIGHT_FD), given back at every start, the first included
         (SET_INFLIGHT_FD), as QEMU's vhost-user-blk does (vhost_dev_get/set_inflight)."""
-        if not self.protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD):
-            return
-        if self.features & bit(VirtioF.RING_PACKED):
-            log.info("in-flight tracking: not for packed rings (split QueueRegionSplit only)")
+        if not self._tracks_inflight():
             return
         if self.inflight is None:
             answer = self._get(Req.GET_INFLIGHT_FD,
@@ -546,7 +554,10 @@ class DriverClient:
         for q, addrs in enumerate(rings):
             index = 2 * pair + q
             self._send(Req.SET_VRING_NUM, VringState(index, self.queue_size))
-            # Packed: index 0, wrap counter 1, for avail (bits 0-15) and used (16-31), as QEMU.
+            # Packed: index 0, wrap counter 1, for avail (bits 0-15) and used (16-31), as
+            # QEMU. A reconnect sends it too: the driver has no one index saying where the
+            # old device stopped, and the new one resumes where the in-flight region says
+            # (vhost-user.rst "When reconnecting"; _choose_features made sure it tracks).
             base = FRESH_PACKED_BASE | FRESH_PACKED_BASE << 16 if packed else 0
             if reconnect and isinstance(addrs, VringAddrs):
                 base = self._published_used(addrs)

@@ -147,7 +147,8 @@ class Log(Request[None]):
 @dataclass(frozen=True)
 class Inflight(Request[None]):
     """SET_INFLIGHT_FD: map the in-flight region (``size`` bytes at ``offset`` of the fd
-    sent, ``num_queues`` regions for queues of ``queue_size``); no fd: unmap it."""
+    sent, ``num_queues`` regions for queues of ``queue_size``, each the packed or the
+    split layout); no fd: unmap it."""
 
     name = "inflight"
     takes_fds = True
@@ -155,6 +156,7 @@ class Inflight(Request[None]):
     offset: int
     num_queues: int
     queue_size: int
+    packed: bool
 
 
 @dataclass(frozen=True)

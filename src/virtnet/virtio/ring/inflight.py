@@ -148,3 +148,290 @@ class InflightSplit:
         """A device reset (VIRTIO 1.2, 2.4): nothing it took is owed any more."""
         self._b[: split_region_size(self.num)] = bytes(split_region_size(self.num))
         self._batch = []
+
+
+# -- packed virtqueues ---------------------------------------------------------------
+
+PACKED_HEADER: Final = 32  # features .. old_used_wrap_counter, padding[7]: desc[] 8-aligned
+PACKED_DESC_STATE: Final = 32  # sizeof(DescStatePacked)
+# QueueRegionPacked's header, in units of the view each is read through.
+_P_VERSION: Final = 4
+_P_DESC_NUM: Final = 5
+_P_FREE_HEAD: Final = 6
+_P_OLD_FREE_HEAD: Final = 7
+_P_USED_IDX: Final = 8
+_P_OLD_USED_IDX: Final = 9
+_P_USED_WRAP: Final = 20
+_P_OLD_USED_WRAP: Final = 21
+# DescStatePacked entry e starts at byte 32 + 32 e: in H units at 16 + 16 e, in I units
+# at 8 + 8 e, in Q units at 4 + 4 e. Its fields' offsets from there:
+_E_NEXT: Final = 1  # H
+_E_LAST: Final = 2  # H
+_E_NUM: Final = 3  # H
+_E_ID: Final = 8  # H
+_E_FLAGS: Final = 9  # H
+_E_LEN: Final = 5  # I
+_E_COUNTER: Final = 1  # Q
+_E_ADDR: Final = 3  # Q
+# A descriptor's AVAIL and USED flags (VIRTIO 1.2, 2.8.1), as in its 16-bit flags.
+_F_AVAIL: Final = 1 << 7
+_F_USED: Final = 1 << 15
+
+
+def packed_region_size(num: int) -> int:
+    """Bytes of one packed queue's region for a queue of ``num`` descriptors."""
+    size = PACKED_HEADER + PACKED_DESC_STATE * num
+    return (size + INFLIGHT_ALIGN - 1) // INFLIGHT_ALIGN * INFLIGHT_ALIGN
+
+
+def region_size(num: int, packed: bool) -> int:
+    """One queue's region for either ring layout (DPDK's get_pervq_shm_size_*)."""
+    return packed_region_size(num) if packed else split_region_size(num)
+
+
+@final
+class InflightPacked:
+    """One packed virtqueue's ``QueueRegionPacked``, read and written in place.
+
+    A packed ring has no descriptor table that outlives the ring slots: a used
+    descriptor is written at the device's used position, which can be a slot of a chain
+    still in flight, and the driver then reuses it. So the region keeps a copy of every
+    descriptor taken (``DescStatePacked`` entries from a free list: a chain's entries
+    linked by ``next``, its head holding ``num``, ``last`` and the take ``counter``), and
+    the ``old_*`` fields are the last state known to be consistent: the updates since
+    are rolled back or committed at a restart, by whether the batch's first used
+    descriptor reached the ring."""
+
+    def __init__(self, region: memoryview, num: int, index: int = 0) -> None:
+        if len(region) < packed_region_size(num):
+            raise InflightError(f"vq {index}: in-flight region of {len(region)} bytes, a packed "
+                                f"queue of {num} needs {packed_region_size(num)}")  # fmt: skip
+        self.num = num
+        self.index = index
+        self._b = region.cast("B")
+        self._h = region.cast("H")
+        self._i = region.cast("I")
+        self._q = region.cast("Q")
+        self.counter = 1
+        self._entry = [-1] * num  # buffer id -> its chain's head entry; -1: not in flight
+        self._batch: list[int] = []  # head entries pushed since the last published batch
+        # This process's copy of the free list and of each head's last entry.
+        self._next = list(range(1, num + 1))
+        self._free_head = 0
+        self._last = [0] * num
+
+    @property
+    def fresh(self) -> bool:
+        return self._h[_P_VERSION] == 0
+
+    @property
+    def used_pos(self) -> tuple[int, int]:
+        """The device's used position and wrap counter, as the region has them."""
+        return self._h[_P_USED_IDX], self._b[_P_USED_WRAP]
+
+    def init(self, used_idx: int, used_wrap: int) -> None:
+        """A fresh region for a ring whose device writes its next used descriptor at
+        ``used_idx`` in the lap ``used_wrap``: every entry free, in order."""
+        n, h, b = self.num, self._h, self._b
+        b[: packed_region_size(n)] = bytes(packed_region_size(n))
+        for e in range(n):
+            h[16 + 16 * e + _E_NEXT] = e + 1  # the last one's next, n, ends the list
+        h[_P_DESC_NUM] = n
+        h[_P_USED_IDX] = h[_P_OLD_USED_IDX] = used_idx
+        b[_P_USED_WRAP] = b[_P_OLD_USED_WRAP] = used_wrap
+        h[_P_VERSION] = INFLIGHT_VERSION  # last: a crash before it leaves it fresh
+        self.counter = 1
+        self._entry = [-1] * n
+        self._batch = []
+        self._next = list(range(1, n + 1))
+        self._free_head = 0
+
+    def is_inflight(self, bid: int) -> bool:
+        return self._entry[bid] >= 0
+
+    # -- the data path: the spec's "When receiving / supplying buffers" ----------------
+
+    def take(self, desc: memoryview, start: int, slots: int, bid: int) -> None:
+        """The chain ``bid`` in the ring's ``slots`` descriptors from ``start`` on was
+        taken: copy each into an entry from the free list, the first its head.
+
+        The free list is followed in this process's copy of it (``_next``): the region
+        is written here, and read back only by ``recover``, so a front-end that
+        scribbles on it can confuse a restart (which checks it) but not this ring."""
+        h, q, i32, n, nxt = self._h, self._q, self._i, self.num, self._next
+        head = e = self._free_head
+        if e >= n:
+            raise InflightError(f"vq {self.index}: no free in-flight entry for buffer id "
+                                f"{bid}: more descriptors in flight than the ring has")
+        hh = 16 + 16 * head
+        h[hh + _E_NUM] = 0
+        q[4 + 4 * head + _E_COUNTER] = self.counter
+        self.counter += 1
+        self._b[32 + 32 * head] = 1
+        p = start
+        last = e
+        for k in range(slots):
+            if e >= n:
+                raise InflightError(f"vq {self.index}: no free in-flight entry for buffer "
+                                    f"id {bid}'s descriptor {k + 1} of {slots}")  # fmt: skip
+            word = desc[2 * p + 1]
+            eh = 16 + 16 * e
+            q[4 + 4 * e + _E_ADDR] = desc[2 * p]
+            i32[8 + 8 * e + _E_LEN] = word & 0xFFFFFFFF
+            h[eh + _E_ID] = (word >> 32) & 0xFFFF
+            h[eh + _E_FLAGS] = word >> 48
+            if k == slots - 1:
+                h[hh + _E_LAST] = e
+                last = e
+            h[hh + _E_NUM] = k + 1
+            e = nxt[e]
+            h[_P_FREE_HEAD] = e
+            p += 1
+            if p == n:
+                p = 0
+        h[_P_OLD_FREE_HEAD] = self._free_head = e
+        self._entry[bid] = head
+        self._last[head] = last
+
+    def _free(self, bid: int) -> int:
+        """Put chain ``bid``'s entries at the front of the free list; its head, or -1."""
+        if not 0 <= bid < self.num:
+            return -1
+        e = self._entry[bid]
+        if e < 0:
+            return -1  # not in flight: a lie --faults tells, or already freed
+        self._entry[bid] = -1
+        last = self._last[e]
+        self._next[last] = self._free_head
+        self._h[16 + 16 * last + _E_NEXT] = self._free_head
+        self._h[_P_FREE_HEAD] = self._free_head = e
+        return e
+
+    def untake(self, bid: int) -> None:
+        """Chain ``bid`` was given back unused: its entries are free, and that is final."""
+        e = self._free(bid)
+        if e >= 0:
+            self._b[32 + 32 * e] = 0
+            self._h[_P_OLD_FREE_HEAD] = self._free_head
+
+    def used(self, bid: int) -> None:
+        """Chain ``bid``'s used descriptor is about to be written: free its entries."""
+        e = self._free(bid)
+        if e >= 0:
+            self._batch.append(e)
+
+    def set_used(self, used_idx: int, used_wrap: int) -> None:
+        """Where the device's used position will be once this batch is in the ring."""
+        self._h[_P_USED_IDX] = used_idx
+        self._b[_P_USED_WRAP] = used_wrap
+
+    def published(self) -> None:
+        """The batch's first used descriptor is stored: the batch is the driver's."""
+        b, h = self._b, self._h
+        for e in self._batch:
+            b[32 + 32 * e] = 0
+        self._batch.clear()
+        h[_P_OLD_FREE_HEAD] = self._free_head
+        h[_P_OLD_USED_IDX] = h[_P_USED_IDX]
+        b[_P_OLD_USED_WRAP] = b[_P_USED_WRAP]
+
+    # -- a restart: the spec's "When reconnecting" --------------------------------------
+
+    def recover(self, desc: memoryview) -> list[int]:
+        """The head entries still in flight, oldest first, after a back-end that may have
+        died anywhere above; ``desc`` is the ring's descriptors (64-bit words) now.
+        ``used_pos`` is then where the device writes its next used descriptor."""
+        h, b, q, n = self._h, self._b, self._q, self.num
+        if h[_P_DESC_NUM] != n:
+            raise InflightError(f"vq {self.index}: the in-flight region is for a queue of "
+                                f"{h[_P_DESC_NUM]} descriptors, the ring has {n}")
+        if h[_P_USED_IDX] != h[_P_OLD_USED_IDX] or b[_P_USED_WRAP] != b[_P_OLD_USED_WRAP]:
+            at, wrap = h[_P_OLD_USED_IDX], b[_P_OLD_USED_WRAP]
+            if at >= n:
+                raise InflightError(f"vq {self.index}: in-flight old_used_idx {at} >= {n}")
+            flags = (desc[2 * at + 1] >> 48) & (_F_AVAIL | _F_USED)
+            if flags != (_F_AVAIL if wrap else _F_USED):
+                # No longer the driver's available descriptor: the batch reached the
+                # ring before the old back-end died, so commit it.
+                h[_P_OLD_FREE_HEAD] = h[_P_FREE_HEAD]
+                h[_P_OLD_USED_IDX] = h[_P_USED_IDX]
+                b[_P_OLD_USED_WRAP] = b[_P_USED_WRAP]
+        # Roll back whatever was in progress (a take, an unpublished batch).
+        h[_P_FREE_HEAD] = h[_P_OLD_FREE_HEAD]
+        h[_P_USED_IDX] = h[_P_OLD_USED_IDX]
+        b[_P_USED_WRAP] = b[_P_OLD_USED_WRAP]
+        if h[_P_USED_IDX] >= n or b[_P_USED_WRAP] > 1:
+            raise InflightError(f"vq {self.index}: in-flight used_idx {h[_P_USED_IDX]} / "
+                                f"wrap {b[_P_USED_WRAP]} is no position in a ring of {n}")
+        owner = bytearray(n)  # 1: free, 2: a chain's
+        e = h[_P_FREE_HEAD]
+        while e < n:
+            if owner[e]:
+                raise InflightError(f"vq {self.index}: in-flight free list loops at entry {e}")
+            owner[e] = 1
+            b[32 + 32 * e] = 0
+            e = h[16 + 16 * e + _E_NEXT]
+        heads = [e for e in range(n) if b[32 + 32 * e]]
+        self._entry = [-1] * n
+        for e in heads:
+            self._check_chain(e, owner)
+        heads.sort(key=lambda e: q[4 + 4 * e + _E_COUNTER])
+        self.counter = max((q[4 + 4 * e + _E_COUNTER] for e in heads), default=0) + 1
+        self._batch = []
+        self._next = [h[16 + 16 * e + _E_NEXT] for e in range(n)]
+        self._free_head = h[_P_FREE_HEAD]
+        self._last = [h[16 + 16 * e + _E_LAST] for e in range(n)]
+        for e in range(n):
+            if not owner[e]:  # in no list (a region written by others): free it
+                self._next[e] = self._free_head
+                h[16 + 16 * e + _E_NEXT] = self._free_head
+                self._free_head = e
+        h[_P_FREE_HEAD] = h[_P_OLD_FREE_HEAD] = self._free_head
+        return heads
+
+    def _check_chain(self, head: int, owner: bytearray) -> None:
+        """Head entry ``head``'s chain is ``num`` entries through ``next`` ending at
+        ``last``, none free or another chain's, its buffer id unique."""
+        h, n = self._h, self.num
+        count, last = h[16 + 16 * head + _E_NUM], h[16 + 16 * head + _E_LAST]
+        if not 1 <= count <= n:
+            raise InflightError(f"vq {self.index}: in-flight entry {head}: a chain of {count}")
+        e = head
+        for k in range(count):
+            if e >= n or owner[e]:
+                raise InflightError(f"vq {self.index}: in-flight entry {head}'s chain reaches "
+                                    f"entry {e}, {'free or another chain' if e < n else 'none'}")
+            owner[e] = 2
+            if k < count - 1:
+                e = h[16 + 16 * e + _E_NEXT]
+        if e != last:
+            raise InflightError(f"vq {self.index}: in-flight entry {head}: its {count} entries "
+                                f"end at {e}, its last says {last}")  # fmt: skip
+        bid = h[16 + 16 * last + _E_ID]  # 2.8.6: the buffer id is in the last descriptor
+        if bid >= n or self._entry[bid] >= 0:
+            raise InflightError(f"vq {self.index}: in-flight entry {head}: buffer id {bid} "
+                                f"{'>= ' + str(n) if bid >= n else 'is in flight twice'}")
+        self._entry[bid] = head
+
+    def chain(self, head: int) -> list[tuple[int, int]]:
+        """Head entry ``head``'s descriptors as (addr, len | id << 32 | flags << 48)."""
+        h, q, i32 = self._h, self._q, self._i
+        out: list[tuple[int, int]] = []
+        e = head
+        for _ in range(h[16 + 16 * head + _E_NUM]):
+            eh = 16 + 16 * e
+            word = i32[8 + 8 * e + _E_LEN] | h[eh + _E_ID] << 32 | h[eh + _E_FLAGS] << 48
+            out.append((q[4 + 4 * e + _E_ADDR], word))
+            e = h[eh + _E_NEXT]
+        return out
+
+    def buffer_id(self, head: int) -> int:
+        return self._h[16 + 16 * self._h[16 + 16 * head + _E_LAST] + _E_ID]
+
+    def clear(self) -> None:
+        """A device reset: nothing it took is owed any more (version 0: fresh)."""
+        self._b[: packed_region_size(self.num)] = bytes(packed_region_size(self.num))
+        self._entry = [-1] * self.num
+        self._batch = []
+        self._next = list(range(1, self.num + 1))
+        self._free_head = 0

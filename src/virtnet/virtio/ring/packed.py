@@ -42,6 +42,7 @@ from virtnet.virtio.errors import (
 )
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.chain import NO_SEGMENTS, Chain, IndirectArea, Segment
+from virtnet.virtio.ring.inflight import InflightPacked
 from virtnet.virtio.ring.layout import (
     DESC_SIZE,
     EVENT_SUPPRESS_SIZE,
@@ -536,6 +537,13 @@ class PackedQueueDevice:
         self.dirty: DirtyLog | None = None
         self._log_desc_gpa = 0
         self._log_device_gpa = 0
+        # In-flight tracking (vhost-user INFLIGHT_SHMFD): None while off. After a restart
+        # the chains the old process had in flight are taken again before any new one,
+        # rebuilt from the region's copies (``_resub``: (id, chain or its error), oldest
+        # first); popped, they are ``_popped`` entries of 0 slots.
+        self.inflight: InflightPacked | None = None
+        self._resub: list[tuple[int, Chain | DescriptorError]] = []
+        self._resub_popped: list[tuple[int, Chain | DescriptorError]] = []
 
     def set_dirty_log(self, log: DirtyLog | None, desc_gpa: int, used_gpa: int) -> None:
         """Log this ring's writes into ``log`` (None: stop): used descriptors written
@@ -571,6 +579,88 @@ class PackedQueueDevice:
                 wrap ^= 1
         return encode_base(pos, wrap)
 
+    def set_inflight(self, region: InflightPacked | None) -> list[int]:
+        """Track the chains in flight in ``region`` (None: stop); the buffer ids a
+        restarted back-end takes again first, oldest first (vhost-user.rst "When
+        reconnecting").
+
+        A fresh region starts empty at the used position. One that was in use is
+        recovered, and the ring's positions are the region's, whatever SET_VRING_BASE
+        said: used where the old process wrote its last published used descriptor, avail
+        as many slots on as its chains still in flight took (every slot it took is one
+        it used or one of those). Called before the first pop."""
+        self.inflight = region
+        self._resub, self._resub_popped = [], []
+        if region is None:
+            return []
+        if region.fresh:
+            region.init(self.used_pos, self.used_wrap)
+            return []
+        heads = region.recover(self._desc)
+        pos, wrap = region.used_pos
+        self.used_pos, self.used_wrap = pos, wrap
+        self.signalled_used_valid = False
+        slots = 0
+        for head in heads:
+            descs = region.chain(head)
+            bid = region.buffer_id(head)
+            self._resub.append((bid, self._rebuild(bid, descs)))
+            self._inflight[bid] = len(descs)
+            slots += len(descs)
+        pos += slots
+        if pos >= self.num:
+            pos -= self.num
+            wrap ^= 1
+        self._set_avail(pos, wrap)
+        return [bid for bid, _c in self._resub]
+
+    def _rebuild(self, bid: int, descs: list[tuple[int, int]]) -> Chain | DescriptorError:
+        """Chain ``bid`` from the region's copies of its descriptors, validated as ``pop``
+        validates a chain in the ring: walked in a scratch ring that holds only it."""
+        scratch = memoryview(bytearray(DESC_SIZE * self.num + 2 * EVENT_SUPPRESS_SIZE))
+        ring = PackedViews(self.num, scratch[: DESC_SIZE * self.num],
+                           scratch[-2 * EVENT_SUPPRESS_SIZE : -EVENT_SUPPRESS_SIZE],
+                           scratch[-EVENT_SUPPRESS_SIZE:])  # fmt: skip
+        for k, (addr, word) in enumerate(descs):
+            ring.desc[2 * k] = addr
+            ring.desc[2 * k + 1] = (word & ~_AU) | _avail_bits(1)  # available, first lap
+        walker = PackedQueueDevice(ring, self.memory, index=self.index)
+        try:
+            chain = walker.pop()
+        except DescriptorError as e:
+            return DescriptorError(f"resubmitted after a restart: {e}", bid)
+        finally:
+            ring.release()
+        if chain is None or chain.head != bid:
+            return DescriptorError(f"vq {self.index}: resubmitted after a restart: the "
+                                   "region's copy of its descriptors is no chain of that id",
+                                   bid)  # fmt: skip
+        return chain
+
+    def _pop_resubmitted(self) -> Chain:
+        """The oldest chain still owed from before a restart (DescriptorError: consumed)."""
+        item = self._resub.pop(0)
+        self._resub_popped.append(item)
+        if len(self._resub_popped) > self.num:
+            del self._resub_popped[0]  # past any unpop's reach (the _popped bound)
+        self._popped.append((item[0], 0))
+        got = item[1]
+        if isinstance(got, DescriptorError):
+            raise got
+        return got
+
+    def _pop_resubmitted_burst(self, budget: int) -> list[Chain]:
+        chains: list[Chain] = []
+        while self._resub and len(chains) < budget:
+            try:
+                chains.append(self._pop_resubmitted())
+            except DescriptorError:
+                if not chains:
+                    raise
+                self.unpop(1)  # as pop_burst: the bad one is the next call's, unconsumed
+                break
+        return chains
+
     # -- taking chains ---------------------------------------------------------
 
     def _head_state(self) -> bool:
@@ -591,6 +681,8 @@ class PackedQueueDevice:
 
     def avail_pending(self) -> int:
         """1 if a chain is available, else 0 (a count would be a walk of the ring)."""
+        if self._resub:
+            return len(self._resub)
         return 1 if self._desc[2 * self.last_avail + 1] & _AU == self._avail_bits else 0
 
     def _commit(self, pos: int, wrap: int, bid: int, slots: int) -> None:
@@ -610,6 +702,8 @@ class PackedQueueDevice:
         (``None`` when the id is out of range or already in flight). A ring
         that cannot be walked raises ``AvailIndexError`` and consumes nothing.
         """
+        if self._resub:
+            return self._pop_resubmitted()
         desc = self._desc
         pos = self.last_avail
         word = desc[2 * pos + 1]
@@ -627,6 +721,8 @@ class PackedQueueDevice:
                 base, rsize, rbuf = mem.first_gpa, mem.first_size, mem.first_buf
                 off = addr - base
                 if 0 <= off and off + length <= rsize:
+                    if self.inflight is not None:
+                        self.inflight.take(desc, pos, 1, bid)
                     pos += 1
                     if pos == num:
                         pos = 0
@@ -640,20 +736,28 @@ class PackedQueueDevice:
                         del popped[:-num]
                     # Its view is made only if asked for (Chain.direct).
                     return Chain.direct(bid, addr, length, bool(word & _WRITE), rbuf, off)
+        start = pos
         try:
             chain, pos, wrap, slots = self._walk()
         except _Consumed as e:
             self._commit(*e.resume)
+            _pos, _wrap, bid, slots = e.resume
+            if bid >= 0 and self.inflight is not None:
+                self.inflight.take(desc, start, slots, bid)  # its used (len 0) follows
             raise _plain(e) from None
         self._commit(pos, wrap, chain.head, slots)
+        if self.inflight is not None:
+            self.inflight.take(desc, start, slots, chain.head)
         return chain
 
     def pop_burst(self, budget: int) -> list[Chain]:
         """Up to ``budget`` chains, validated exactly as ``pop`` does: a bad first chain
         raises as ``pop`` would; a bad chain after good ones ends the burst unconsumed."""
+        if self._resub:
+            return self._pop_resubmitted_burst(budget)
         chains: list[Chain] = []
         desc, desc32, num = self._desc, self._desc32, self.num
-        inflight, popped = self._inflight, self._popped
+        inflight, popped, region = self._inflight, self._popped, self.inflight
         mem = self.memory
         base, rsize, rbuf = mem.first_gpa, mem.first_size, mem.first_buf
         pos, bits32 = self.last_avail, self._avail_bits >> 32
@@ -670,6 +774,8 @@ class PackedQueueDevice:
             off = addr - base
             if not (0 <= off and off + length <= rsize):
                 break
+            if region is not None:
+                region.take(desc, pos, 1, bid)
             pos += 1
             if pos == num:
                 pos = 0
@@ -876,8 +982,14 @@ class PackedQueueDevice:
         pos, wrap = self.last_avail, self.avail_wrap
         for _ in range(n):
             bid, slots = popped.pop()
+            if not slots:
+                # Resubmitted: in no ring slot; back to the front, still in flight.
+                self._resub.insert(0, self._resub_popped.pop())
+                continue
             if bid >= 0:
                 self._inflight[bid] = 0
+                if self.inflight is not None:
+                    self.inflight.untake(bid)
             pos -= slots
             if pos < 0:
                 pos += self.num
@@ -947,8 +1059,15 @@ class PackedQueueDevice:
                 wrap ^= 1
                 bits32 ^= _AU32
                 laps += 1
+        region = self.inflight
+        if region is not None:  # the spec's order: entries freed, used_idx, then the flags
+            for word, _slots in shadow:
+                region.used((word >> 32) & 0xFFFF)
+            region.set_used(pos, wrap)
         desc32[4 * start + 2] = first & _U32
         desc32[4 * start + 3] = first_idf  # stores stay in order on x86 (TSO): no barrier
+        if region is not None:
+            region.published()
         shadow.clear()
         self.used_pos, self.used_wrap = pos, wrap
         self._since_signal += pos - start + laps * num
