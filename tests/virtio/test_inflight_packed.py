@@ -303,3 +303,69 @@ def test_clear_makes_a_region_fresh():
     dev.inflight.clear()
     _, resub = tracked(q, mem)
     assert resub == []
+
+
+# -- without the region: a stale base from QEMU 7.2 ------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(rounds=st.lists(st.tuples(st.integers(0, NUM), st.integers(0, NUM), st.booleans()),
+                       min_size=1, max_size=12),
+       taken=st.integers(0, NUM))  # fmt: skip
+def test_a_device_given_the_rings_start_finds_its_used_position(rounds, taken):
+    """One-slot chains, in-order completion: the device dies (its last chains taken, not
+    used) after any number of laps, and the next one gets QEMU's stale base (0, wrap 1)."""
+    q = MockPackedQueue(NUM, data_slots=64)
+    drv = q.driver()
+    dev = q.device()
+    posted: list[str] = []
+    returned: list[str] = []
+    for post, use, reap in rounds:
+        for _ in range(min(post, drv.num_free)):
+            drv.add_outbuf(q.data(len(posted) % 64), 64, f"t{len(posted)}")
+            posted.append(f"t{len(posted)}")
+        for _ in range(use):
+            chain = dev.pop()
+            if chain is None:
+                break
+            dev.push_used(chain.head, 0)
+        dev.flush_used()
+        if reap:
+            returned += [t for t, _len in drv.get_bufs(NUM)]
+    for _ in range(taken):
+        dev.pop()  # taken and never used: the death
+    new = q.device()  # last_avail_idx: the ring's start, whatever the ring says
+    new.sync_last_avail_to_used()
+    assert (new.used_pos, new.used_wrap) == (dev.used_pos, dev.used_wrap)
+    while (chain := new.pop()) is not None:
+        new.push_used(chain.head, 0)
+    new.flush_used()
+    returned += [t for t, _len in drv.get_bufs(NUM)]
+    assert sorted(returned) == sorted(posted)
+
+
+def test_a_right_base_and_a_ring_of_longer_chains_are_left_alone():
+    q = MockPackedQueue(NUM, data_slots=64)
+    drv = q.driver()
+    dev = q.device()
+    for i in range(NUM // 2):
+        drv.add_outbuf(q.data(i), 64, f"t{i}")
+    for _ in range(NUM // 2):
+        dev.push_used(dev.pop().head, 0)
+    dev.flush_used()
+    drv.get_bufs(NUM)
+    right = q.device(last_avail_idx=dev.last_avail_idx)
+    assert right.sync_last_avail_to_used() is None  # not stale: kept
+    # Two-slot chains: the second slot of each keeps the driver's flags, the bits flip
+    # more than once, and a stale base stands (pop names the ring's state, as before).
+    q2 = MockPackedQueue(NUM, data_slots=64)
+    drv2 = q2.driver()
+    dev2 = q2.device()
+    for i in range(3):
+        drv2.add([(q2.data(2 * i), 64), (q2.data(2 * i + 1), 64)], [], f"c{i}")
+    for _ in range(3):
+        dev2.push_used(dev2.pop().head, 0)
+    dev2.flush_used()
+    stale = q2.device()
+    assert stale.sync_last_avail_to_used() is None
+    assert stale.last_avail_idx == 1 << 15

@@ -102,8 +102,9 @@ def ring_pair(
 
 
 def sync_bases_to_used(dev: VirtnetDevice) -> None:
-    """A split ring whose SET_VRING_BASE is behind or ahead of its used index continues
-    from the used index, with a warning (``SplitQueueDevice.sync_last_avail_to_used``)."""
+    """A ring whose SET_VRING_BASE is stale continues from where the ring says the device
+    was, with a warning: a split ring from its used index, a packed one from the used
+    position its descriptors show (``sync_last_avail_to_used`` of each)."""
     for name, q in (("rx", dev.rxq), ("tx", dev.txq)):
         if isinstance(q, SplitQueueDevice):
             stale = q.sync_last_avail_to_used()
@@ -112,6 +113,14 @@ def sync_bases_to_used(dev: VirtnetDevice) -> None:
                             "continuing from %d (a restart after a crash: rx frames may be "
                             "lost, tx frames sent again)", name, stale, q.last_avail_idx,
                             q.last_avail_idx)  # fmt: skip
+        elif isinstance(q, PackedQueueDevice):
+            stale = q.sync_last_avail_to_used()
+            if stale is not None:
+                log.warning("%s ring: SET_VRING_BASE %#x is stale (QEMU's after a back-end "
+                            "crash: the ring's start): its descriptors put the device's used "
+                            "position at %d, wrap %d; continuing from there (rx frames may "
+                            "be lost, tx frames sent again)", name, stale, q.used_pos,
+                            q.used_wrap)  # fmt: skip
 
 
 @final

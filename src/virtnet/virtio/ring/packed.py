@@ -579,6 +579,46 @@ class PackedQueueDevice:
                 wrap ^= 1
         return encode_base(pos, wrap)
 
+    def sync_last_avail_to_used(self) -> int | None:
+        """Continue from the used position the descriptors show where SET_VRING_BASE is
+        provably stale; the base it replaced, or None if it stands.
+
+        QEMU 7.2 restores a split ring's position from the used index after a back-end
+        died (GET_VRING_BASE failed), but a packed ring has no such index
+        (virtio_queue_packed_restore_last_avail_idx does nothing) and it sends the last
+        base it had: the ring's start. The descriptors say where the device was, for a
+        ring of one-slot chains (what Linux posts once INDIRECT_DESC is negotiated):
+        every slot before the device's used position has USED = its wrap counter (a used
+        descriptor of this lap, or one the driver made available again for the next),
+        every slot from it on the inverse (the last lap's used descriptor, or one made
+        available in this lap). The USED bits flip once, at that position.
+
+        Only a base that is stale for sure is replaced: one whose slot shows a descriptor
+        used in the lap it claims the device has not reached, or the fresh base
+        (0, wrap 1) on a ring where the device has marked something used. And only when
+        the bits flip once: a multi-slot chain's other slots keep the driver's flags and
+        make more flips, and then the base stands (and the ring stops with the error
+        ``pop`` names, as before). The device resumes at the used position and takes
+        again what the old one took and never used, as the split ring does."""
+        desc32, num = self._desc32, self.num
+        pos, wrap = self.last_avail, self.avail_wrap
+        used_bits = [(desc32[4 * i + 3] >> 31) & 1 for i in range(num)]  # USED: flags bit 15
+        stale = desc32[4 * pos + 3] & _AU32 == _used_bits(wrap) >> 32
+        fresh_claim = (pos, wrap) == (0, 1) and any(used_bits)
+        if not (stale or fresh_claim):
+            return None
+        flips = [i for i in range(1, num) if used_bits[i] != used_bits[i - 1]]
+        if len(flips) > 1:
+            return None
+        at, lap = (flips[0], used_bits[0]) if flips else (0, used_bits[0] ^ 1)
+        if (at, lap) == (pos, wrap):
+            return None
+        base = self.last_avail_idx
+        self._set_avail(at, lap)
+        self.used_pos, self.used_wrap = at, lap
+        self.signalled_used_valid = False
+        return base
+
     def set_inflight(self, region: InflightPacked | None) -> list[int]:
         """Track the chains in flight in ``region`` (None: stop); the buffer ids a
         restarted back-end takes again first, oldest first (vhost-user.rst "When
