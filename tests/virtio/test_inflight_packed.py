@@ -37,6 +37,19 @@ def tracked(q: MockPackedQueue, mem: memoryview) -> tuple[PackedQueueDevice, lis
     return dev, resub
 
 
+def posted(n: int, *, rx: bool = False):
+    """A ring with ``n`` one-descriptor chains posted (tx, or rx buffers) and a tracked
+    device on it: (queue, driver, region, device)."""
+    q = MockPackedQueue(NUM)
+    drv = q.driver()
+    add = drv.add_inbuf if rx else drv.add_outbuf
+    for i in range(n):
+        add(q.data(i), 64, f"{'r' if rx else 't'}{i}")
+    mem = region()
+    dev, _ = tracked(q, mem)
+    return q, drv, mem, dev
+
+
 def test_the_layout_is_the_specs():
     assert packed_region_size(NUM) == 576  # 32 + 32 * 16, rounded up to 64
     assert packed_region_size(3) == 128 and region_size(3, packed=False) == 64
@@ -211,12 +224,7 @@ def test_the_region_keeps_a_chain_the_driver_overwrote_in_the_ring():
 
 
 def test_a_resubmitted_chain_given_back_is_taken_again_first():
-    q = MockPackedQueue(NUM)
-    drv = q.driver()
-    for i in range(4):
-        drv.add_outbuf(q.data(i), 64, f"t{i}")
-    mem = region()
-    dev, _ = tracked(q, mem)
+    q, drv, mem, dev = posted(4)
     first = [dev.pop(), dev.pop()]
     dev, resub = tracked(q, mem)
     assert resub == [c.head for c in first]
@@ -232,12 +240,7 @@ def test_a_resubmitted_chain_given_back_is_taken_again_first():
 
 
 def test_a_clean_stop_leaves_nothing_in_flight():
-    q = MockPackedQueue(NUM)
-    drv = q.driver()
-    for i in range(5):
-        drv.add_inbuf(q.data(i), 64, f"r{i}")
-    mem = region()
-    dev, _ = tracked(q, mem)
+    q, drv, mem, dev = posted(5, rx=True)
     chains = dev.pop_burst(5)
     dev.push_used(chains[0].head, 10)
     dev.flush_used()
@@ -248,12 +251,7 @@ def test_a_clean_stop_leaves_nothing_in_flight():
 
 
 def test_a_bad_resubmitted_chain_is_consumed_with_its_id():
-    q = MockPackedQueue(NUM)
-    drv = q.driver()
-    for i in range(3):
-        drv.add_outbuf(q.data(i), 64, f"t{i}")
-    mem = region()
-    dev, _ = tracked(q, mem)
+    q, drv, mem, dev = posted(3)
     first = [dev.pop() for _ in range(3)]
     e = 1  # entry 1 holds the second chain's copy: point it outside guest memory
     mem[32 + 32 * e + 24 : 32 + 32 * e + 32] = (1 << 40).to_bytes(8, "little")
@@ -267,12 +265,7 @@ def test_a_bad_resubmitted_chain_is_consumed_with_its_id():
 
 
 def test_a_region_that_does_not_fit_is_refused_by_name():
-    q = MockPackedQueue(NUM)
-    drv = q.driver()
-    for i in range(3):
-        drv.add_outbuf(q.data(i), 64, f"t{i}")
-    mem = region()
-    dev, _ = tracked(q, mem)
+    q, drv, mem, dev = posted(3)
     dev.pop(), dev.pop()
     with pytest.raises(InflightError, match="needs"):
         InflightPacked(memoryview(bytearray(64)), NUM)
@@ -369,3 +362,13 @@ def test_a_right_base_and_a_ring_of_longer_chains_are_left_alone():
     stale = q2.device()
     assert stale.sync_last_avail_to_used() is None
     assert stale.last_avail_idx == 1 << 15
+
+
+def test_chains_owed_after_a_restart_are_work_without_a_kick():
+    q, drv, mem, dev = posted(2)
+    dev.pop(), dev.pop()  # all the ring had
+    dev, resub = tracked(q, mem)
+    assert len(resub) == 2 and dev.avail_pending() == 2
+    assert dev.enable_notify()  # nothing new in the ring, but two chains owed
+    dev.pop_burst(8)
+    assert not dev.enable_notify()

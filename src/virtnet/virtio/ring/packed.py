@@ -1150,4 +1150,4 @@ class PackedQueueDevice:
         if self.dirty is not None:
             self.dirty.log_write(self._log_device_gpa, EVENT_SUPPRESS_SIZE)
         virtio_mb()
-        return self._desc[2 * self.last_avail + 1] & _AU == self._avail_bits
+        return self._desc[2 * self.last_avail + 1] & _AU == self._avail_bits or bool(self._resub)
