@@ -404,7 +404,13 @@ def _add_conform(sub) -> None:
                        description=CONFORM_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("socket", metavar="SOCKET", nargs="?",
-                   help="unix socket the back-end listens on")  # fmt: skip
+                   help="unix socket the back-end listens on (with --server: conform's)")
+    p.add_argument("--server", action="store_true",
+                   help="listen on SOCKET and take every session from a back-end that "
+                        "connects, as QEMU with server=on: DPDK net_vhost0,iface=SOCKET,"
+                        "client=1 or `virtnet device --client`, which connect again each "
+                        "time a session ends (a case that finds nobody connecting within 5 "
+                        "s counts the back-end as gone)")  # fmt: skip
     p.add_argument("--case", action="append", metavar="NAME",
                    help="run only this case (repeatable); --list shows the names")  # fmt: skip
     p.add_argument("--list", action="store_true", help="list the cases, one line each")

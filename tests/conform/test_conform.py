@@ -601,3 +601,40 @@ def test_mem_slots_pass_and_a_misplaced_region_fails_them(loopback, proxy_factor
     assert rc == 1 and case["status"] == "failed", out
     assert "frames came back on rx" in case["detail"] or "tx buffers" in case["detail"], out
     assert loopback.alive()
+
+
+def test_server_mode_against_a_device_that_connects(tmp_path):
+    """``--server``: conform listens, `virtnet device --client` connects for each session
+    (again after every one ends), and the lifecycle cases run as against a listener."""
+    from tests.vhost_user.test_client_mode import start_client_device
+
+    sock = str(tmp_path / "conform.sock")
+    out = tmp_path / "conform.json"
+    names = ("handshake", "reconnect", "guest-reboot", "inflight-region")
+    argv = [*CONFORM, sock, "--server", "--json", str(out), "--ring", "packed"]
+    for name in names:
+        argv += ["--case", name]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)  # fmt: skip
+    dev = start_client_device(tmp_path, sock, "loopback")
+    try:
+        text, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        dev.proc.kill()
+        dev.proc.wait(timeout=10)
+    assert proc.returncode == 0, text
+    statuses = {c["name"]: c["status"] for c in json.loads(out.read_text())["cases"]}
+    assert set(statuses.values()) == {"passed"}, text
+    assert len(statuses) == 7, statuses  # handshake, then 3 matrix cases in 2 cells each
+    assert "listening on" in text and not os.path.exists(sock)  # the socket is removed after
+
+
+def test_server_mode_with_nobody_connecting_counts_the_backend_as_gone(tmp_path):
+    sock = str(tmp_path / "conform.sock")
+    rc, out, err = conform(sock, "--server", "--case", "handshake", "--case", "reconnect")
+    assert rc == 1, out + err
+    assert "no back-end connected to" in out + err and "within 5s" in out + err
+    assert "not run" in out + err  # the rest, after the back-end is counted gone

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,42 @@ def test_conform_runs_to_the_end_against_testpmd_net_vhost(testpmd, sock_dir: Pa
         for n in got:
             if results[n]["case"] == "mq-pairs":
                 assert results[n]["detail"].startswith("pair 1: the back-end used 0 of 3 tx")
+
+
+# The lifecycle cases with the roles on the socket reversed: conform listens (--server) and
+# testpmd's net_vhost connects to it (client=1), connecting again after every session ends,
+# as it would to a QEMU with server=on. DPDK's reconnect thread waits a second between tries,
+# hence the longer case timeout (vanishing-frontends alone opens eleven sessions).
+LIFECYCLE = ["guest-reboot", "reset-device", "reconnect", "vanishing-frontends",
+             "stale-vring-base", "inflight-region"]  # fmt: skip
+
+
+def test_lifecycle_cases_against_testpmd_connecting_as_a_client(testpmd, sock_dir: Path,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    sock = sock_dir / "conform.sock"
+    out = tmp_path / "conform.json"
+    argv = [sys.executable, "-m", "virtnet", "conform", str(sock), "--server", "--json",
+            str(out), "--timeout", "40"]  # fmt: skip
+    for name in LIFECYCLE:
+        argv += ["--case", name]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+            time.sleep(0.05)
+        pmd = testpmd(VhostPort(sock, client=True), forward_mode="io")
+        text, _ = proc.communicate(timeout=RUN_TIMEOUT)
+        pmd.stop(check=False)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, 1), text
+    results = json.loads(out.read_text())["cases"]
+    assert {r["case"] for r in results} == set(LIFECYCLE), text
+    assert all(r["status"] != "not run" for r in results), text  # testpmd came back each time
+    print("\nvirtnet conform --server against testpmd net_vhost client=1:")
+    for r in results:
+        print(f"  {r['status']:>7}  {r['name']}: {r['detail']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from virtnet.bench.report import wide_console
@@ -13,6 +14,7 @@ def conform(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from virtnet.conform.cases import CASES, cells, expand
     from virtnet.conform.report import list_table, table, write_json, write_junit
     from virtnet.conform.runner import FAILED, run_cases
+    from virtnet.conform.session import listen
 
     console = wide_console()
     if args.list:
@@ -37,7 +39,20 @@ def conform(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     def progress(r) -> None:
         print(f"{r.status:>8}  {r.name}: {r.detail}", file=sys.stderr, flush=True)
 
-    results = run_cases(cases, args.socket, timeout=args.timeout, progress=progress)
+    listener = None
+    if args.server:
+        try:
+            listener = listen(args.socket)
+        except OSError as e:
+            parser.error(f"--server: cannot listen on {args.socket}: {e.strerror}")
+        print(f"listening on {args.socket}: each case's sessions are the back-end's next "
+              "connections", file=sys.stderr, flush=True)  # fmt: skip
+    try:
+        results = run_cases(cases, args.socket, timeout=args.timeout, progress=progress)
+    finally:
+        if listener is not None:
+            listener.close()
+            os.unlink(args.socket)
     console.print(table(results, f"virtnet conform {args.socket}"))
     if args.json:
         write_json(results, args.json, args.socket)

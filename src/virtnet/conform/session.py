@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import os
+import select
 import socket
 import time
 
@@ -198,7 +199,42 @@ def feature_names(bits: int) -> str:
     return " ".join(known.get(b, f"bit{b}") for b in range(64) if bits >> b & 1)
 
 
+# ``virtnet conform --server``: the socket conform listens on, set before the cases run
+# (their processes are forked, so each inherits it); every session is then the next
+# connection a back-end makes (DPDK net_vhost0,...,client=1 and `virtnet device --client`
+# connect again each time a session ends).
+_listener: socket.socket | None = None
+
+
+def listen(path: str) -> socket.socket:
+    """Listen on ``path`` for the back-end under test (``--server``); the socket."""
+    global _listener
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if os.path.exists(path):
+            os.unlink(path)
+        sock.bind(path)
+        sock.listen(4)
+    except OSError:
+        sock.close()
+        raise
+    _listener = sock
+    return sock
+
+
+def _accept(path: str, timeout: float) -> socket.socket:
+    assert _listener is not None  # the caller tests it
+    ready, _, _ = select.select([_listener], [], [], timeout)
+    if not ready:
+        raise BackendGone(f"no back-end connected to {path} within {timeout:g}s")
+    sock, _addr = _listener.accept()
+    sock.setblocking(True)
+    return sock
+
+
 def _connect(path: str, timeout: float) -> socket.socket:
+    if _listener is not None:
+        return _accept(path, timeout)
     deadline = time.monotonic() + timeout
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
