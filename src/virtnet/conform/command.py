@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -52,7 +53,8 @@ def conform(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     finally:
         if listener is not None:
             listener.close()
-            os.unlink(args.socket)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.socket)
     console.print(table(results, f"virtnet conform {args.socket}"))
     if args.json:
         write_json(results, args.json, args.socket)
