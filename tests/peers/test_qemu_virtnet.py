@@ -747,23 +747,11 @@ class QemuTapGuest(QemuGuest):
         return netns_argv(self.netns, cmd)
 
 
-@needs_iperf3
-def test_throughput_virtnet_next_to_qemu_tap(lab: Callable[..., Lab], tmp_path: Path) -> None:
-    """Measured, not asserted: iperf3 TCP both ways, virtnet device vs QEMU's tap."""
-    figures: dict[str, dict[str, float | None]] = {}
-
-    net = lab()
-    dev = net.device()
-    net.iperf3_server()
-    with net.guest(THROUGHPUT_SCRIPT, name="virtnet", binaries=["iperf3"]) as vm:
-        run = vm.wait_exit(BOOT_TIMEOUT)
-    dev.stop()
-    assert run.rc == 0 and run.results.get("up_rc") == "0", describe(run, dev.log())
-    figures["virtnet"] = {"guest_to_host": mbps(run, "up"), "host_to_guest": mbps(run, "down")}
-
-    base = lab(tap=False)  # a second namespace: QEMU creates its own tap there
+def _qemu_tap_run(lab: Callable[..., Lab], workdir: Path) -> GuestRun:
+    """The throughput script on a guest with QEMU's own tap backend (the baseline)."""
+    base = lab(tap=False)  # a namespace of its own: QEMU creates its own tap there
     ifname = f"vnq{secrets.token_hex(3)}"
-    vm = QemuTapGuest(base.sock, GUEST_LIB + THROUGHPUT_SCRIPT, workdir=tmp_path / "qemu-tap",
+    vm = QemuTapGuest(base.sock, GUEST_LIB + THROUGHPUT_SCRIPT, workdir=workdir,
                       netns=base.ns, ifname=ifname, ip=f"{GUEST_IP}/24", peer=HOST_IP,
                       binaries=["iperf3"])  # fmt: skip
     with vm:
@@ -780,7 +768,36 @@ def test_throughput_virtnet_next_to_qemu_tap(lab: Callable[..., Lab], tmp_path: 
         add_address(base.ns, ifname, f"{HOST_IP}/24")
         set_link(base.ns, ifname, up=True)
         base.iperf3_server()  # -B needs the address
+        return vm.wait_exit(BOOT_TIMEOUT)
+
+
+@needs_iperf3
+def test_throughput_virtnet_next_to_qemu_tap(lab: Callable[..., Lab], tmp_path: Path) -> None:
+    """Measured, not asserted: iperf3 TCP both ways, virtnet device vs QEMU's tap."""
+    figures: dict[str, dict[str, float | None]] = {}
+
+    net = lab()
+    dev = net.device()
+    net.iperf3_server()
+    with net.guest(THROUGHPUT_SCRIPT, name="virtnet", binaries=["iperf3"]) as vm:
         run = vm.wait_exit(BOOT_TIMEOUT)
+    dev.stop()
+    assert run.rc == 0 and run.results.get("up_rc") == "0", describe(run, dev.log())
+    figures["virtnet"] = {"guest_to_host": mbps(run, "up"), "host_to_guest": mbps(run, "down")}
+
+    # The baseline is QEMU's own tap, no virtnet in it: a run of it that stalls (TCG on a
+    # shared 2-core box: seen once, iperf3 at 0 after 2 s) is measured again, once.
+    for attempt in range(2):
+        try:
+            run = _qemu_tap_run(lab, tmp_path / f"qemu-tap{attempt}")
+        except GuestError as e:
+            if attempt:
+                raise
+            print(f"\nQEMU's tap baseline, attempt 1: {e}")
+            continue
+        if run.rc == 0 and run.results.get("up_rc") == "0" or attempt:
+            break
+        print(f"\nQEMU's tap baseline, attempt 1 failed:\n{describe(run)}")
     assert run.rc == 0 and run.results.get("up_rc") == "0", describe(run)
     figures["qemu_tap"] = {"guest_to_host": mbps(run, "up"), "host_to_guest": mbps(run, "down")}
 

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -227,7 +228,10 @@ def test_backend_that_hangs_up_at_once_gets_backoff_and_no_fd_leaks(tmp_path, pr
     drv.wait_running()
     kill_device(first)
     drv.wait_for("no back-end listening")  # away, trying: no connection held
-    away_fds = min(fd_count(drv.pid) for _ in range(20))
+    # The count the driver keeps while away: the most common of 20 looks (one look can
+    # catch an fd in the middle of being closed or opened).
+    away_fds = statistics.mode(fd_count(drv.pid) for _ in range(20))
+    away_targets = fd_targets(drv.pid)
     os.unlink(sock)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock)
@@ -252,7 +256,7 @@ def test_backend_that_hangs_up_at_once_gets_backoff_and_no_fd_leaks(tmp_path, pr
     deadline = time.monotonic() + WAIT
     while (n := fd_count(drv.pid)) != away_fds and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert n == away_fds, (n, away_fds)
+    assert n <= away_fds, (n, away_fds, "new:", fd_targets(drv.pid) - away_targets)
     procs.append(start_device(tmp_path, "sink", "dev1"))
     drv.wait_for(RECONNECTED)
     doc = drv.stop()
@@ -294,6 +298,17 @@ def test_reconnect_with_no_restart_is_harmless(tmp_path, procs):
     assert ds["rx_packets"] == doc["driver_stats"]["rx_packets"] > 0
 
 
+def fd_targets(pid: int) -> set[str]:
+    """What each of ``pid``'s fds is (socket:[inode], anon_inode:[eventfd], ...)."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.add(f"{fd}->{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return out
+
+
 def test_server_driver_against_a_backend_that_hangs_up_in_a_loop(tmp_path, procs):
     """--server: a back-end connects and hangs up every 50 ms; the driver takes one at a
     time, each after a doubled wait (bounded failures), holds no fd of them, and a stop
@@ -308,7 +323,10 @@ def test_server_driver_against_a_backend_that_hangs_up_in_a_loop(tmp_path, procs
     drv.wait_running()
     kill_device(first)
     drv.wait_for("listening on")  # again, for the next back-end
-    away_fds = min(fd_count(drv.pid) for _ in range(20))
+    # The count the driver keeps while away: the most common of 20 looks (one look can
+    # catch an fd in the middle of being closed or opened).
+    away_fds = statistics.mode(fd_count(drv.pid) for _ in range(20))
+    away_targets = fd_targets(drv.pid)
     window_end = time.monotonic() + 5.0
     while time.monotonic() < window_end:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -324,7 +342,7 @@ def test_server_driver_against_a_backend_that_hangs_up_in_a_loop(tmp_path, procs
     deadline = time.monotonic() + WAIT
     while (n := fd_count(drv.pid)) > away_fds and time.monotonic() < deadline:
         time.sleep(0.02)  # the last one taken may be in its failed session still
-    assert n == away_fds, (n, away_fds)
+    assert n <= away_fds, (n, away_fds, "new:", fd_targets(drv.pid) - away_targets)
     doc = drv.stop()
     assert "the run ended with the back-end away" in drv.stderr()
     assert doc["reconnects"] == 0
