@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 
 from virtnet.bench.report import wide_console
@@ -16,6 +14,7 @@ def conform(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from virtnet.conform.report import list_table, table, write_json, write_junit
     from virtnet.conform.runner import FAILED, run_cases
     from virtnet.conform.session import listen
+    from virtnet.vhost_user.reconnect import unlink_socket
 
     console = wide_console()
     if args.list:
@@ -53,8 +52,7 @@ def conform(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     finally:
         if listener is not None:
             listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(args.socket)
+            unlink_socket(args.socket)
     console.print(table(results, f"virtnet conform {args.socket}"))
     if args.json:
         write_json(results, args.json, args.socket)

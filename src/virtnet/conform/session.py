@@ -27,6 +27,7 @@ from virtnet.vhost_user.messages import (
     close_fds,
     spec_name,
 )
+from virtnet.vhost_user.reconnect import bind_listener
 from virtnet.virtio.features import VirtioF, bit
 
 R = FrontendRequest
@@ -209,17 +210,8 @@ _listener: socket.socket | None = None
 def listen(path: str) -> socket.socket:
     """Listen on ``path`` for the back-end under test (``--server``); the socket."""
     global _listener
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        if os.path.exists(path):
-            os.unlink(path)
-        sock.bind(path)
-        sock.listen(4)
-    except OSError:
-        sock.close()
-        raise
-    _listener = sock
-    return sock
+    _listener = bind_listener(path)  # driver --server's: replaces only a stale socket
+    return _listener
 
 
 def _accept(path: str, timeout: float) -> socket.socket:
