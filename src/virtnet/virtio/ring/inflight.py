@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Final, final
 
+from virtnet.virtio.ring.layout import VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED
+
 INFLIGHT_VERSION: Final = 1  # the spec's "version": 0 is a region never initialized
 INFLIGHT_ALIGN: Final = 64  # each queue's region starts on a cache line (DPDK, libvhost-user)
 REGION_HEADER: Final = 16  # features, version, desc_num, last_batch_head, used_idx
@@ -173,9 +175,6 @@ _E_FLAGS: Final = 9  # H
 _E_LEN: Final = 5  # I
 _E_COUNTER: Final = 1  # Q
 _E_ADDR: Final = 3  # Q
-# A descriptor's AVAIL and USED flags (VIRTIO 1.2, 2.8.1), as in its 16-bit flags.
-_F_AVAIL: Final = 1 << 7
-_F_USED: Final = 1 << 15
 
 
 def packed_region_size(num: int) -> int:
@@ -349,8 +348,9 @@ class InflightPacked:
             at, wrap = h[_P_OLD_USED_IDX], b[_P_OLD_USED_WRAP]
             if at >= n:
                 raise InflightError(f"vq {self.index}: in-flight old_used_idx {at} >= {n}")
-            flags = (desc[2 * at + 1] >> 48) & (_F_AVAIL | _F_USED)
-            if flags != (_F_AVAIL if wrap else _F_USED):
+            avail, used = VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED
+            flags = (desc[2 * at + 1] >> 48) & (avail | used)
+            if flags != (avail if wrap else used):
                 # No longer the driver's available descriptor: the batch reached the
                 # ring before the old back-end died, so commit it.
                 h[_P_OLD_FREE_HEAD] = h[_P_FREE_HEAD]
