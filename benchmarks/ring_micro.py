@@ -22,6 +22,7 @@ from rich.table import Table
 
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.layout import VringAddrs, VringViews
+from virtnet.virtio.ring.queue import vring_create_virtqueue
 from virtnet.virtio.ring.split import IndirectArea, SplitQueueDevice, SplitQueueDriver
 
 GPA = 0x10_0000
@@ -44,9 +45,10 @@ def build(num: int, indirect: bool) -> Rig:
     buf = bytearray(data - GPA + 4 * SEG_LEN)
     memory = GuestMemory.from_buffer(buf, gpa=GPA)
     area = IndirectArea(ind_gpa, memory.view(ind_gpa, ind_size), num, INDIRECT_MAX)
-    driver = SplitQueueDriver(
+    driver = vring_create_virtqueue(
         VringViews.from_memory(memory, addrs), indirect=area if indirect else None
     )
+    assert isinstance(driver, SplitQueueDriver)
     device = SplitQueueDevice(VringViews.from_memory(memory, addrs), memory)
     return Rig(driver, device, data)
 

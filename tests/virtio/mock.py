@@ -30,6 +30,7 @@ from virtnet.virtio.ring.layout import (
     VringViews,
 )
 from virtnet.virtio.ring.packed import PackedQueueDevice, PackedQueueDriver
+from virtnet.virtio.ring.queue import vring_create_virtqueue
 from virtnet.virtio.ring.split import IndirectArea, SplitQueueDevice, SplitQueueDriver
 
 # 2.7.5: struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }
@@ -116,7 +117,8 @@ class MockSplitQueue:
                 self.num,
                 self.indirect_max,
             )
-        drv = SplitQueueDriver(self.views(), **kwargs)
+        drv = vring_create_virtqueue(self.views(), **kwargs)
+        assert isinstance(drv, SplitQueueDriver)
         if self.start_idx:
             # SplitQueueDriver.__init__ zeroes avail idx/used_event: a fresh
             # driver starting at 0. Put it where the mock's rings are.
@@ -356,7 +358,8 @@ class MockPackedQueue:
         kwargs.setdefault("event_idx", self.event_idx)
         if self.indirect_max and "indirect" not in kwargs:
             kwargs["indirect"] = self.indirect_area()
-        drv = PackedQueueDriver(self.views(), **kwargs)
+        drv = vring_create_virtqueue(self.views(), **kwargs)
+        assert isinstance(drv, PackedQueueDriver)
         pos, wrap = self.start
         if (pos, wrap) != (0, 1):
             # A fresh driver starts at slot 0, wrap 1: move it where the mock's ring is.

@@ -39,9 +39,9 @@ from virtnet.virtio.ring.layout import (
     VringAddrs,
     VringViews,
 )
-from virtnet.virtio.ring.packed import PackedQueueDriver, encode_base
-from virtnet.virtio.ring.queue import RingDriver
-from virtnet.virtio.ring.split import IndirectArea, SplitQueueDriver
+from virtnet.virtio.ring.packed import encode_base
+from virtnet.virtio.ring.queue import RingDriver, vring_create_virtqueue
+from virtnet.virtio.ring.split import IndirectArea
 
 R = FrontendRequest
 QUEUE_SIZE = 64
@@ -180,16 +180,13 @@ class Rings:
                 size = IndirectArea.size(num, 8)
                 view = guest.memory.view(indirect_gpa, size)
                 indirect = IndirectArea(indirect_gpa, view, num, 8)
-            vq: RingDriver
+            views: PackedViews | VringViews
             if isinstance(addrs, PackedAddrs):
-                vq = PackedQueueDriver(PackedViews.from_memory(guest.memory, addrs),
-                                       event_idx=event_idx, indirect=indirect,
-                                       index=self.index[q])  # fmt: skip
+                views = PackedViews.from_memory(guest.memory, addrs)
             else:
-                vq = SplitQueueDriver(VringViews.from_memory(guest.memory, addrs),
-                                      event_idx=event_idx, indirect=indirect,
-                                      index=self.index[q])  # fmt: skip
-            self.vqs.append(vq)
+                views = VringViews.from_memory(guest.memory, addrs)
+            self.vqs.append(vring_create_virtqueue(views, event_idx=event_idx,
+                                                   indirect=indirect, index=self.index[q]))
         self.free = [data_gpa + i * SLOT for i in range(data_size // SLOT)]
         self.kick: list[int] = []
         self.call: list[int] = []

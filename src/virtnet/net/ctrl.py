@@ -32,9 +32,9 @@ from virtnet.virtio.features import VirtioF, bit, has
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.chain import Chain
 from virtnet.virtio.ring.layout import PackedAddrs, PackedViews, VringViews
-from virtnet.virtio.ring.packed import PackedQueueDevice, PackedQueueDriver
-from virtnet.virtio.ring.queue import RingDevice, RingDriver
-from virtnet.virtio.ring.split import SplitQueueDevice, SplitQueueDriver
+from virtnet.virtio.ring.packed import PackedQueueDevice
+from virtnet.virtio.ring.queue import RingDevice, RingDriver, vring_create_virtqueue
+from virtnet.virtio.ring.split import SplitQueueDevice
 
 if TYPE_CHECKING:
     from virtnet.net.device import VirtnetDevice  # serve_control's devices, in process
@@ -766,12 +766,12 @@ def build_control(memory: GuestMemory, area: ControlArea, features: int, index: 
     cvq: RingDevice
     if isinstance(ring, PackedAddrs):
         pviews = PackedViews.from_memory(memory, ring)
-        vq = PackedQueueDriver(pviews, event_idx=event_idx, index=index)
+        vq = vring_create_virtqueue(pviews, event_idx=event_idx, index=index)
         cvq = PackedQueueDevice(pviews, memory, event_idx=event_idx,
                                 last_avail_idx=FRESH_PACKED_BASE, index=index)  # fmt: skip
     else:
         views = VringViews.from_memory(memory, ring)
-        vq = SplitQueueDriver(views, event_idx=event_idx, index=index)
+        vq = vring_create_virtqueue(views, event_idx=event_idx, index=index)
         cvq = SplitQueueDevice(views, memory, event_idx=event_idx, last_avail_idx=0,
                                index=index)  # fmt: skip
     ctrl = ControlQueue(vq, memory.view(area.buf, CTRL_BUF_SIZE), area.buf)

@@ -32,9 +32,9 @@ from virtnet.net.stats import device_stats, driver_stats
 from virtnet.virtio.features import VirtioF, has
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.layout import PackedAddrs, PackedViews, VringViews
-from virtnet.virtio.ring.packed import PackedQueueDevice, PackedQueueDriver
-from virtnet.virtio.ring.queue import RingDevice, RingDriver
-from virtnet.virtio.ring.split import SplitQueueDevice, SplitQueueDriver
+from virtnet.virtio.ring.packed import PackedQueueDevice
+from virtnet.virtio.ring.queue import RingDevice, RingDriver, vring_create_virtqueue
+from virtnet.virtio.ring.split import SplitQueueDevice
 
 
 def rx_strategy_for(features: int, wanted: str) -> str:
@@ -68,12 +68,12 @@ def build_driver(
     rx_addrs, tx_addrs = layout.rings
     for q, addrs in enumerate((rx_addrs, tx_addrs)):
         area = layout.indirect_area(memory, q) if indirect else None
+        ring: PackedViews | VringViews
         if isinstance(addrs, PackedAddrs):
             ring = PackedViews.from_memory(memory, addrs)
-            queues.append(PackedQueueDriver(ring, event_idx=event_idx, indirect=area, index=q))
         else:
-            split = VringViews.from_memory(memory, addrs)
-            queues.append(SplitQueueDriver(split, event_idx=event_idx, indirect=area, index=q))
+            ring = VringViews.from_memory(memory, addrs)
+        queues.append(vring_create_virtqueue(ring, event_idx=event_idx, indirect=area, index=q))
     stats = driver_stats()
     pool = PagePool(memory, layout.pool_base, layout.npages, stats, limit=page_limit)
     return VirtnetDriver(

@@ -21,8 +21,11 @@ recovered by ``recover``.
 
 from __future__ import annotations
 
-from typing import Final, final
+from collections.abc import Sized
+from typing import Final, Protocol, final
 
+from virtnet.virtio.errors import DescriptorError
+from virtnet.virtio.ring.chain import Chain
 from virtnet.virtio.ring.layout import VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED
 
 INFLIGHT_VERSION: Final = 1  # the spec's "version": 0 is a region never initialized
@@ -46,26 +49,58 @@ class InflightError(ValueError):
     """An in-flight region that does not fit its ring; the text names the field."""
 
 
-@final
-class InflightSplit:
-    """One split virtqueue's ``QueueRegionSplit``, read and written in place."""
+class Resubmitting(Protocol):
+    """A device ring owing chains from before a restart (``set_inflight`` filled it)."""
 
-    def __init__(self, region: memoryview, num: int, index: int = 0) -> None:
-        if len(region) < split_region_size(num):
-            raise InflightError(f"vq {index}: in-flight region of {len(region)} bytes, a queue "
-                                f"of {num} needs {split_region_size(num)}")  # fmt: skip
+    def pop_resubmitted(self) -> Chain: ...
+    def unpop(self, n: int = 1) -> None: ...
+
+
+def pop_resubmitted_burst(vq: Resubmitting, owed: Sized, budget: int) -> list[Chain]:
+    """Up to ``budget`` owed chains, as ``pop_burst`` takes new ones: a bad first chain
+    raises (consumed, its id carried), a bad one after good ones ends the burst and is
+    given back, so the next call raises for it. ``owed`` is the ring's list of chains
+    still owed, which ``pop_resubmitted`` shortens and ``unpop`` lengthens in place."""
+    chains: list[Chain] = []
+    while owed and len(chains) < budget:
+        try:
+            chains.append(vq.pop_resubmitted())
+        except DescriptorError:
+            if not chains:
+                raise
+            vq.unpop(1)
+            break
+    return chains
+
+
+class _Region:
+    """What both layouts' regions have: the views, the header's version, the spec's
+    global take counter and the batch pushed since the last published one."""
+
+    def __init__(self, region: memoryview, num: int, index: int, size: int, what: str) -> None:
+        if len(region) < size:
+            raise InflightError(f"vq {index}: in-flight region of {len(region)} bytes, "
+                                f"{what} of {num} needs {size}")  # fmt: skip
         self.num = num
         self.index = index
         self._b = region.cast("B")
         self._h = region.cast("H")
         self._q = region.cast("Q")
-        self.counter = 1  # the spec's global counter: the order chains were taken in
-        self._batch: list[int] = []  # heads pushed since the last published used index
+        self.counter = 1  # the order chains were taken in
+        self._batch: list[int] = []  # heads (split) or head entries (packed), unpublished
 
     @property
     def fresh(self) -> bool:
         """Never initialized (version 0): nothing was ever in flight in it."""
         return self._h[_H_VERSION] == 0
+
+
+@final
+class InflightSplit(_Region):
+    """One split virtqueue's ``QueueRegionSplit``, read and written in place."""
+
+    def __init__(self, region: memoryview, num: int, index: int = 0) -> None:
+        super().__init__(region, num, index, split_region_size(num), "a queue")
 
     @property
     def used_idx(self) -> int:
@@ -157,7 +192,6 @@ class InflightSplit:
 PACKED_HEADER: Final = 32  # features .. old_used_wrap_counter, padding[7]: desc[] 8-aligned
 PACKED_DESC_STATE: Final = 32  # sizeof(DescStatePacked)
 # QueueRegionPacked's header, in units of the view each is read through.
-_P_VERSION: Final = 4
 _P_DESC_NUM: Final = 5
 _P_FREE_HEAD: Final = 6
 _P_OLD_FREE_HEAD: Final = 7
@@ -189,7 +223,7 @@ def region_size(num: int, packed: bool) -> int:
 
 
 @final
-class InflightPacked:
+class InflightPacked(_Region):
     """One packed virtqueue's ``QueueRegionPacked``, read and written in place.
 
     A packed ring has no descriptor table that outlives the ring slots: a used
@@ -202,26 +236,13 @@ class InflightPacked:
     descriptor reached the ring."""
 
     def __init__(self, region: memoryview, num: int, index: int = 0) -> None:
-        if len(region) < packed_region_size(num):
-            raise InflightError(f"vq {index}: in-flight region of {len(region)} bytes, a packed "
-                                f"queue of {num} needs {packed_region_size(num)}")  # fmt: skip
-        self.num = num
-        self.index = index
-        self._b = region.cast("B")
-        self._h = region.cast("H")
+        super().__init__(region, num, index, packed_region_size(num), "a packed queue")
         self._i = region.cast("I")
-        self._q = region.cast("Q")
-        self.counter = 1
         self._entry = [-1] * num  # buffer id -> its chain's head entry; -1: not in flight
-        self._batch: list[int] = []  # head entries pushed since the last published batch
         # This process's copy of the free list and of each head's last entry.
         self._next = list(range(1, num + 1))
         self._free_head = 0
         self._last = [0] * num
-
-    @property
-    def fresh(self) -> bool:
-        return self._h[_P_VERSION] == 0
 
     @property
     def used_pos(self) -> tuple[int, int]:
@@ -238,7 +259,7 @@ class InflightPacked:
         h[_P_DESC_NUM] = n
         h[_P_USED_IDX] = h[_P_OLD_USED_IDX] = used_idx
         b[_P_USED_WRAP] = b[_P_OLD_USED_WRAP] = used_wrap
-        h[_P_VERSION] = INFLIGHT_VERSION  # last: a crash before it leaves it fresh
+        h[_H_VERSION] = INFLIGHT_VERSION  # last: a crash before it leaves it fresh
         self.counter = 1
         self._entry = [-1] * n
         self._batch = []

@@ -42,7 +42,7 @@ from virtnet.virtio.errors import (
 )
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.chain import NO_SEGMENTS, Chain, IndirectArea, Segment
-from virtnet.virtio.ring.inflight import InflightPacked
+from virtnet.virtio.ring.inflight import InflightPacked, pop_resubmitted_burst
 from virtnet.virtio.ring.layout import (
     DESC_SIZE,
     EVENT_SUPPRESS_SIZE,
@@ -107,18 +107,17 @@ def decode_base(base: int, num: int) -> tuple[int, int]:
 
 @final
 class PackedQueueDriver(VringShadow):
-    """The driver's half of a packed virtqueue (Linux: struct vring_virtqueue, packed)."""
+    """The driver's half of a packed virtqueue (Linux: struct vring_virtqueue, packed).
+
+    A buffer is named by an id from the shadow free list, not by a slot: slots are
+    written in ring order from ``next_avail`` and read back in ring order from
+    ``last_used``, each position with its wrap counter (2.8.1), whatever order ids
+    come back in. Made by ``vring_create_virtqueue``."""
 
     def __init__(
-        self,
-        ring: PackedViews,
-        *,
-        event_idx: bool = False,
-        indirect: IndirectArea | None = None,
-        index: int = 0,
+        self, ring: PackedViews, event_idx: bool, indirect: IndirectArea | None, index: int
     ) -> None:
-        num = ring.num
-        super().__init__(num, event_idx=event_idx, indirect=indirect, index=index)
+        super().__init__(ring.num, _WRITE, event_idx=event_idx, indirect=indirect, index=index)
         self.ring = ring
         self._desc = ring.desc
         self._desc32 = ring.desc32
@@ -133,7 +132,7 @@ class PackedQueueDriver(VringShadow):
         self._event_flags = VRING_PACKED_EVENT_FLAG_ENABLE
         # broken (BAD_RING): a used descriptor naming no buffer in flight says nothing
         # of how many slots to skip.
-        self._desc.cast("B")[:] = bytes(DESC_SIZE * num)  # flags 0: nothing available
+        self._desc.cast("B")[:] = bytes(DESC_SIZE * ring.num)  # flags 0: nothing available
         self._driver[0] = 0
         self._driver[1] = VRING_PACKED_EVENT_FLAG_ENABLE
 
@@ -147,20 +146,10 @@ class PackedQueueDriver(VringShadow):
             self._avail_bits ^= _AU
         return i
 
-    def add_inbuf(self, addr: int, length: int, token: object) -> int:
-        """One device-writable descriptor (virtqueue_add_inbuf with one sg); the buffer id."""
-        return self._add_one(addr, (length & _U32) | _WRITE, length, token)
-
-    def add_outbuf(self, addr: int, length: int, token: object) -> int:
-        """One device-readable descriptor (virtqueue_add_outbuf with one sg); the buffer id."""
-        return self._add_one(addr, length & _U32, 0, token)
-
     def _add_one(self, addr: int, word: int, in_len: int, token: object) -> int:
         if not self.num_free or token is None:
             self._refuse_one(token)
-        bid = self.free_head
-        self.free_head = self._next[bid]
-        self.num_free -= 1
+        bid = self._get_free()
         i = self.next_avail
         self._desc[2 * i] = addr
         self._desc[2 * i + 1] = word | (bid << 32) | self._avail_bits
@@ -217,16 +206,9 @@ class PackedQueueDriver(VringShadow):
             raise ValueError(f"token must not be None (buffer {n} of the burst; {n} added)")
         return n
 
-    def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: object) -> int:
-        """A chain of readable ``out`` then writable ``in_`` segments (virtqueue_add_packed)."""
-        total = len(out) + len(in_)
-        if total == 0 or token is None:
-            self._refuse_chain(total)
-        ind = self.indirect
-        if ind is not None and 1 < total <= ind.max_descs and self.num_free:
-            return self._add_indirect(ind, out, in_, token)
-        if self.num_free < total:
-            self._refuse_room(total)
+    def _add_direct(
+        self, out: Sequence[Segment], in_: Sequence[Segment], total: int, token: object
+    ) -> int:
         desc, num = self._desc, self.num
         bid = self.free_head
         self.free_head = self._next[bid]
@@ -262,33 +244,27 @@ class PackedQueueDriver(VringShadow):
         self._ndescs[bid] = total
         return bid
 
-    def _add_indirect(
-        self, ind: IndirectArea, out: Sequence[Segment], in_: Sequence[Segment], token: object
+    def _fill_table(
+        self, table: memoryview, base: int, out: Sequence[Segment], in_: Sequence[Segment]
     ) -> int:
-        bid = self.free_head
-        self.free_head = self._next[bid]
-        self.num_free -= 1
-        table = ind.table
-        base = bid * ind.max_descs * 2
-        j = 0
         in_len = 0
+        j = base
         # 2.8.19: only WRITE is a valid flag inside an indirect table; no ids, no NEXT.
         for segs, wflag in ((out, 0), (in_, _WRITE)):
             for addr, length in segs:
-                table[base + 2 * j] = addr
-                table[base + 2 * j + 1] = (length & _U32) | wflag
+                table[j] = addr
+                table[j + 1] = (length & _U32) | wflag
                 if wflag:
                     in_len += length
-                j += 1
+                j += 2
+        return in_len
+
+    def _add_table(self, head: int, addr: int, size: int) -> None:
         i = self.next_avail
-        self._desc[2 * i] = ind.gpa + bid * ind.stride
-        self._desc[2 * i + 1] = (j * DESC_SIZE) | (bid << 32) | _INDIRECT | self._avail_bits
+        self._desc[2 * i] = addr
+        self._desc[2 * i + 1] = size | (head << 32) | _INDIRECT | self._avail_bits
         self.next_avail = self._advance(i)
         self.num_added += 1
-        self._token[bid] = token
-        self._in_len[bid] = in_len
-        self._ndescs[bid] = 1
-        return bid
 
     # -- notifying the device ------------------------------------------------
 
@@ -370,14 +346,7 @@ class PackedQueueDriver(VringShadow):
         self.last_used = pos
         if self._event_flags == VRING_PACKED_EVENT_FLAG_DESC:
             self._driver[0] = pos | (self.used_wrap << VRING_PACKED_EVENT_F_WRAP_CTR)
-        token = self._detach_buf(bid)
-        if length > self._in_len[bid]:
-            raise UsedRingError(
-                f"vq {self.index}: used len {length} > buffer {bid}'s writable {self._in_len[bid]}",
-                bid,
-                token,
-            )
-        return token, length
+        return self._detach_checked(bid, length), length
 
     def get_bufs(self, budget: int) -> list[tuple[object, int]]:
         """Up to ``budget`` used buffers as (token, length): ``get_buf``'s checks; a bad
@@ -677,7 +646,7 @@ class PackedQueueDevice:
                                    bid)  # fmt: skip
         return chain
 
-    def _pop_resubmitted(self) -> Chain:
+    def pop_resubmitted(self) -> Chain:
         """The oldest chain still owed from before a restart (DescriptorError: consumed)."""
         item = self._resub.pop(0)
         self._resub_popped.append(item)
@@ -688,18 +657,6 @@ class PackedQueueDevice:
         if isinstance(got, DescriptorError):
             raise got
         return got
-
-    def _pop_resubmitted_burst(self, budget: int) -> list[Chain]:
-        chains: list[Chain] = []
-        while self._resub and len(chains) < budget:
-            try:
-                chains.append(self._pop_resubmitted())
-            except DescriptorError:
-                if not chains:
-                    raise
-                self.unpop(1)  # as pop_burst: the bad one is the next call's, unconsumed
-                break
-        return chains
 
     # -- taking chains ---------------------------------------------------------
 
@@ -743,7 +700,7 @@ class PackedQueueDevice:
         that cannot be walked raises ``AvailIndexError`` and consumes nothing.
         """
         if self._resub:
-            return self._pop_resubmitted()
+            return self.pop_resubmitted()
         desc = self._desc
         pos = self.last_avail
         word = desc[2 * pos + 1]
@@ -794,7 +751,7 @@ class PackedQueueDevice:
         """Up to ``budget`` chains, validated exactly as ``pop`` does: a bad first chain
         raises as ``pop`` would; a bad chain after good ones ends the burst unconsumed."""
         if self._resub:
-            return self._pop_resubmitted_burst(budget)
+            return pop_resubmitted_burst(self, self._resub, budget)
         chains: list[Chain] = []
         desc, desc32, num = self._desc, self._desc32, self.num
         inflight, popped, region = self._inflight, self._popped, self.inflight

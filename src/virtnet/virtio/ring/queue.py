@@ -17,12 +17,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from virtnet.virtio.ring.chain import Chain, Segment
+from virtnet.virtio.ring.chain import Chain, IndirectArea, Segment
+from virtnet.virtio.ring.layout import PackedViews, VringViews
 from virtnet.virtio.ring.packed import PackedQueueDevice, PackedQueueDriver
 from virtnet.virtio.ring.split import SplitQueueDevice, SplitQueueDriver
 
 RingDriver = SplitQueueDriver | PackedQueueDriver
 RingDevice = SplitQueueDevice | PackedQueueDevice
+
+
+def vring_create_virtqueue(
+    ring: VringViews | PackedViews,
+    *,
+    event_idx: bool = False,
+    indirect: IndirectArea | None = None,
+    index: int = 0,
+) -> RingDriver:
+    """The driver's half of the virtqueue at ``ring``, of the ring's own layout (Linux's
+    vring_create_virtqueue picks packed or split the same way, by the feature)."""
+    if isinstance(ring, PackedViews):
+        return PackedQueueDriver(ring, event_idx, indirect, index)
+    return SplitQueueDriver(ring, event_idx, indirect, index)
 
 
 class QueueDriver(Protocol):

@@ -27,7 +27,7 @@ from virtnet.virtio.errors import (
 )
 from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.chain import NO_SEGMENTS, Chain, IndirectArea, Segment
-from virtnet.virtio.ring.inflight import InflightSplit
+from virtnet.virtio.ring.inflight import InflightSplit, pop_resubmitted_burst
 from virtnet.virtio.ring.layout import (
     DESC_SIZE,
     MAX_CHAIN_BYTES,
@@ -62,18 +62,18 @@ _SPAN_MIN_BURST: Final = 4
 
 @final
 class SplitQueueDriver(VringShadow):
-    """The driver's half of a split virtqueue (Linux: struct vring_virtqueue)."""
+    """The driver's half of a split virtqueue (Linux: struct vring_virtqueue).
+
+    A buffer is named by its head descriptor, from the shadow free list; the heads go
+    out through the avail ring and come back, with their lengths, through the used
+    ring, in whatever order the device completes them. Made by
+    ``vring_create_virtqueue``."""
 
     def __init__(
-        self,
-        ring: VringViews,
-        *,
-        event_idx: bool = False,
-        indirect: IndirectArea | None = None,
-        index: int = 0,
+        self, ring: VringViews, event_idx: bool, indirect: IndirectArea | None, index: int
     ) -> None:
-        num = ring.num
-        super().__init__(num, event_idx=event_idx, indirect=indirect, index=index)
+        super().__init__(ring.num, _WRITE, event_idx=event_idx, indirect=indirect, index=index)
+        num = self.num
         self.ring = ring
         self._mask = num - 1
         self._desc = ring.desc
@@ -95,20 +95,10 @@ class SplitQueueDriver(VringShadow):
 
     # -- adding buffers -------------------------------------------------------
 
-    def add_inbuf(self, addr: int, length: int, token: object) -> int:
-        """One device-writable descriptor (virtqueue_add_inbuf with one sg)."""
-        return self._add_one(addr, (length & _U32) | _WRITE, length, token)
-
-    def add_outbuf(self, addr: int, length: int, token: object) -> int:
-        """One device-readable descriptor (virtqueue_add_outbuf with one sg)."""
-        return self._add_one(addr, length & _U32, 0, token)
-
     def _add_one(self, addr: int, word: int, in_len: int, token: object) -> int:
         if not self.num_free or token is None:
             self._refuse_one(token)
-        head = self.free_head
-        self.free_head = self._next[head]
-        self.num_free -= 1
+        head = self._get_free()
         self._desc[2 * head] = addr
         if self._words[head] != word:  # tx slots of one frame size: the same word
             self._desc[2 * head + 1] = word
@@ -157,16 +147,9 @@ class SplitQueueDriver(VringShadow):
             raise ValueError("token must not be None")
         return n
 
-    def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: object) -> int:
-        """A chain of readable ``out`` then writable ``in_`` segments (virtqueue_add)."""
-        total = len(out) + len(in_)
-        if total == 0 or token is None:
-            self._refuse_chain(total)
-        ind = self.indirect
-        if ind is not None and total > 1 and total <= ind.max_descs and self.num_free:
-            return self._add_indirect(ind, out, in_, token)
-        if self.num_free < total:
-            self._refuse_room(total)
+    def _add_direct(
+        self, out: Sequence[Segment], in_: Sequence[Segment], total: int, token: object
+    ) -> int:
         desc, nxt, words = self._desc, self._next, self._words
         head = i = self.free_head
         in_len = 0
@@ -189,14 +172,9 @@ class SplitQueueDriver(VringShadow):
         self._publish(head)
         return head
 
-    def _add_indirect(
-        self, ind: IndirectArea, out: Sequence[Segment], in_: Sequence[Segment], token: object
+    def _fill_table(
+        self, table: memoryview, base: int, out: Sequence[Segment], in_: Sequence[Segment]
     ) -> int:
-        head = self.free_head
-        self.free_head = self._next[head]
-        self.num_free -= 1
-        table = ind.table
-        base = head * ind.max_descs * 2
         total = len(out) + len(in_)
         in_len = 0
         j = 0
@@ -208,13 +186,12 @@ class SplitQueueDriver(VringShadow):
                 if wflag:
                     in_len += length
                 j += 1
-        self._desc[2 * head] = ind.gpa + head * ind.stride
-        self._desc[2 * head + 1] = self._words[head] = (total * DESC_SIZE) | _INDIRECT
-        self._token[head] = token
-        self._in_len[head] = in_len
-        self._ndescs[head] = 1
+        return in_len
+
+    def _add_table(self, head: int, addr: int, size: int) -> None:
+        self._desc[2 * head] = addr
+        self._desc[2 * head + 1] = self._words[head] = size | _INDIRECT
         self._publish(head)
-        return head
 
     def _publish(self, head: int) -> None:
         # 2.7.13: ring entry first, then idx; x86 keeps the two stores in order.
@@ -282,14 +259,7 @@ class SplitQueueDriver(VringShadow):
             raise UsedRingError(
                 f"vq {self.index}: used id {head} is not a buffer in flight", head
             )
-        token = self._detach_buf(head)
-        if length > self._in_len[head]:
-            raise UsedRingError(
-                f"vq {self.index}: used len {length} > buffer's writable {self._in_len[head]}",
-                head,
-                token,
-            )
-        return token, length
+        return self._detach_checked(head, length), length
 
     def get_bufs(self, budget: int) -> list[tuple[object, int]]:
         """Up to ``budget`` used buffers as (token, length), one pass over the ring.
@@ -407,7 +377,6 @@ class SplitQueueDevice:
         self._avail = ring.avail
         self._avail_ring = ring.avail_ring
         self._used = ring.used
-        self._used_elems = ring.used_elems
         self._used_q = ring.used_q
         self.last_avail_idx = last_avail_idx & 0xFFFF
         # vhost_vq_init_access: continue from what the ring already says.
@@ -476,7 +445,7 @@ class SplitQueueDevice:
             n += len(self._resub)
         return n
 
-    def _pop_resubmitted(self) -> Chain:
+    def pop_resubmitted(self) -> Chain:
         """The oldest chain still owed from before a restart (DescriptorError: consumed)."""
         head = self._resub.pop(0)
         self._resub_popped.append(head)
@@ -484,19 +453,6 @@ class SplitQueueDevice:
         assert inflight is not None  # only set_inflight fills _resub
         inflight.take(head)
         return self._walk(head)
-
-    def _pop_resubmitted_burst(self, budget: int) -> list[Chain]:
-        chains: list[Chain] = []
-        while self._resub and len(chains) < budget:
-            try:
-                chains.append(self._pop_resubmitted())
-            except DescriptorError:
-                if not chains:
-                    raise
-                # as pop_burst: the bad one is the next call's, unconsumed
-                self._resub.insert(0, self._resub_popped.pop())
-                break
-        return chains
 
     def pop(self) -> Chain | None:
         """The next available chain, or None; DescriptorError for a bad one.
@@ -506,7 +462,7 @@ class SplitQueueDevice:
         ``push_used(head, 0)``.
         """
         if self._resub:
-            return self._pop_resubmitted()
+            return self.pop_resubmitted()
         last = self.last_avail_idx
         if last == self._avail[1]:
             return None
@@ -527,7 +483,7 @@ class SplitQueueDevice:
         ends the burst before it, unconsumed, so the next call raises for it.
         """
         if self._resub:
-            return self._pop_resubmitted_burst(budget)
+            return pop_resubmitted_burst(self, self._resub, budget)
         last = self.last_avail_idx
         n = (self._avail[1] - last) & 0xFFFF
         if not n:
