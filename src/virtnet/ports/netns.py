@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -331,12 +331,18 @@ class Topology:
             ifname or unique_ifname("q"), queues, vnet_hdr_size, offloads))  # fmt: skip
 
     def _add_taps(self, netns: str, cidr: str, mtu: int | None, opener) -> list[Tap]:
-        """Open the tap's fds in the root namespace (kept for cleanup), then place it."""
+        """Open the tap's fds in the root namespace, then place it in ``netns``."""
+        taps = self._open_taps(netns, opener)
+        self._place(netns, taps[0].name, cidr, mtu)
+        return taps
+
+    def _open_taps(self, netns: str, opener: Callable[[], list[Tap]]) -> list[Tap]:
+        """The fds ``opener`` opens for a tap of ``netns``, kept for cleanup even if a
+        Ctrl-C arrives between the open and the bookkeeping."""
         self._check_own(netns)
         with _deferred_sigint():
             taps = opener()
             self.taps.extend(taps)
-        self._place(netns, taps[0].name, cidr, mtu)
         return taps
 
     def add_persistent_tap(
@@ -368,11 +374,9 @@ class Topology:
         offloads: int = TUN_F_DEFAULT,
     ) -> list[Tap]:
         """``queues`` more fds on the multi-queue tap ``ifname`` in ``netns``; closed on exit."""
-        self._check_own(netns)
-        with _deferred_sigint():
-            taps = open_tap_queues_in(netns, ifname, queues, vnet_hdr_size, offloads)
-            self.taps.extend(taps)
-        return taps
+        return self._open_taps(
+            netns, lambda: open_tap_queues_in(netns, ifname, queues, vnet_hdr_size, offloads)
+        )
 
     def _place(self, netns: str, ifname: str, cidr: str, mtu: int | None) -> None:
         # The tap is only in the root namespace while down and without an address.

@@ -31,7 +31,6 @@ import fcntl
 import os
 import socket
 import struct
-from types import TracebackType
 
 from virtnet.ports.tapio import TapIO
 
@@ -234,12 +233,7 @@ class Tap(TapIO):
     def __enter__(self) -> Tap:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
