@@ -39,7 +39,13 @@ from virtnet.vhost_user.errors import VhostUserProtocolError
 from virtnet.vhost_user.inflightmap import MappedInflight, make_inflight_fd
 from virtnet.vhost_user.local import LocalSet
 from virtnet.vhost_user.logmap import check_log
-from virtnet.vhost_user.mapping import MAX_MEM_SLOTS, MappedMemory, MappingError, seal_shrink
+from virtnet.vhost_user.mapping import (
+    MAX_MEM_SLOTS,
+    MappedMemory,
+    MappingError,
+    close_maps,
+    seal_shrink,
+)
 from virtnet.vhost_user.messages import (
     U64,
     VHOST_F_LOG_ALL,
@@ -779,12 +785,8 @@ class BackendSession:
         give the next back-end (a crash leaves it so too)."""
         self._forget_rings()
         mapped = self.memory is not None or self.inflight is not None
-        if self.inflight is not None:
-            self.inflight.close()
-            self.inflight = None
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
+        close_maps(self.inflight, self.memory)
+        self.inflight = self.memory = None
         if mapped:
             self.runner.unmap()
 
