@@ -471,8 +471,7 @@ class BackendSession:
             log.warning("in-flight region: %s: a front-end that shrinks it kills a worker",
                         mapped.unsealed)  # fmt: skip
         self.runner.set_inflight(desc, fd, self.packed)
-        if self.inflight is not None:
-            self.inflight.close()
+        close_maps(self.inflight)
         self.inflight = mapped
 
     def _clear_inflight(self) -> None:
@@ -486,8 +485,7 @@ class BackendSession:
     def _set_mem_table(self, msg: Message) -> None:
         table = msg.payload_as(MemoryTable)
         self._stop_device()
-        if self.memory is not None:
-            self.memory.close()
+        close_maps(self.memory)
         memory = MappedMemory()
         try:
             for region, fd in zip(table.regions, msg.fds, strict=True):

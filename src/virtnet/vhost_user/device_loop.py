@@ -230,8 +230,7 @@ class PairLoop:
                         new.unsealed)  # fmt: skip
         old, self.log = self.log, new
         self._apply_log()
-        if old is not None:
-            old.close()
+        close_maps(old)
 
     def do_inflight(self, req: Inflight, fds: list[int]) -> None:
         """SET_INFLIGHT_FD: map the region the next ring start tracks its chains in
@@ -242,8 +241,7 @@ class PairLoop:
         finally:
             close_fds(fds)
         old, self.inflight = self.inflight, new
-        if old is not None:
-            old.close()  # a running ring's views keep its mapping until the ring stops
+        close_maps(old)  # a running ring's views keep its mapping until the ring stops
 
     def _track_inflight(self, dev: VirtnetDevice, spec: RingSpec) -> bool:
         """Attach the in-flight region to the rings; False if there is none to use."""
