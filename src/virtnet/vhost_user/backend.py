@@ -33,13 +33,20 @@ from virtnet.net.features import (
     sanitize,
 )
 from virtnet.net.mq import sum_stats
+from virtnet.vhost_user import workermsg
 from virtnet.vhost_user.backoff import Backoff, dial
 from virtnet.vhost_user.channel import Channel, PeerClosed
 from virtnet.vhost_user.errors import VhostUserProtocolError
 from virtnet.vhost_user.inflightmap import MappedInflight, make_inflight_fd
 from virtnet.vhost_user.local import LocalSet
 from virtnet.vhost_user.logmap import check_log
-from virtnet.vhost_user.mapping import MAX_MEM_SLOTS, MappedMemory, MappingError, seal_shrink
+from virtnet.vhost_user.mapping import (
+    MAX_MEM_SLOTS,
+    MappedMemory,
+    MappingError,
+    close_maps,
+    seal_shrink,
+)
 from virtnet.vhost_user.messages import (
     U64,
     VHOST_F_LOG_ALL,
@@ -73,24 +80,6 @@ from virtnet.vhost_user.worker import (
     WorkerError,
     WorkerSet,
     pair_totals,
-)
-from virtnet.vhost_user.workermsg import (
-    AddRegion,
-    Connect,
-    Exit,
-    Fds,
-    Features,
-    Inflight,
-    Log,
-    Memory,
-    Rarp,
-    RemRegion,
-    Request,
-    Start,
-    Stats,
-    Stop,
-    Unmap,
-    VringAddrUpdate,
 )
 from virtnet.virtio.errors import MemoryAccessError
 from virtnet.virtio.features import DeviceStatus, VirtioF, bit
@@ -482,8 +471,7 @@ class BackendSession:
             log.warning("in-flight region: %s: a front-end that shrinks it kills a worker",
                         mapped.unsealed)  # fmt: skip
         self.runner.set_inflight(desc, fd, self.packed)
-        if self.inflight is not None:
-            self.inflight.close()
+        close_maps(self.inflight)
         self.inflight = mapped
 
     def _clear_inflight(self) -> None:
@@ -497,8 +485,7 @@ class BackendSession:
     def _set_mem_table(self, msg: Message) -> None:
         table = msg.payload_as(MemoryTable)
         self._stop_device()
-        if self.memory is not None:
-            self.memory.close()
+        close_maps(self.memory)
         memory = MappedMemory()
         try:
             for region, fd in zip(table.regions, msg.fds, strict=True):
@@ -779,12 +766,8 @@ class BackendSession:
         give the next back-end (a crash leaves it so too)."""
         self._forget_rings()
         mapped = self.memory is not None or self.inflight is not None
-        if self.inflight is not None:
-            self.inflight.close()
-            self.inflight = None
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
+        close_maps(self.inflight, self.memory)
+        self.inflight = self.memory = None
         if mapped:
             self.runner.unmap()
 
@@ -824,66 +807,70 @@ class DevicePairs:
         self.workers = workers
 
     def set_memory(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
-        for w in self.workers:
-            self._call(w, Memory(tuple(regions)), fds=fds)
+        self._call_every(workermsg.Memory(tuple(regions)), fds)
 
     def add_region(self, region: tuple[int, int, int, int], fd: int) -> None:
         """Every pair maps it, or none keeps it."""
         done: list[PairHandle] = []
         try:
             for w in self.workers:
-                self._call(w, AddRegion(region), fds=[fd])
+                self._call(w, workermsg.AddRegion(region), fds=[fd])
                 done.append(w)
         except RequestRefused:
             for w in done:
-                self._call(w, RemRegion(region[:3]))
+                self._call(w, workermsg.RemRegion(region[:3]))
             raise
 
     def rem_region(self, region: tuple[int, int, int]) -> None:
-        for w in self.workers:
-            self._call(w, RemRegion(region))
+        self._call_every(workermsg.RemRegion(region))
 
     def unmap(self) -> None:
         for w in self.workers:
             if w.status is None:
-                self._call(w, Unmap())
+                self._call(w, workermsg.Unmap())
 
     def start(self, pair: int, spec: RingSpec, fds: list[int]) -> None:
-        self._call(self.workers[pair], Start(spec), fds=fds)
+        self._call(self.workers[pair], workermsg.Start(spec), fds=fds)
 
     def update_fds(self, pair: int, fds: tuple[int, int, int, int]) -> None:
         mask = (fds[0] >= 0, fds[1] >= 0, fds[2] >= 0, fds[3] >= 0)
-        self._call(self.workers[pair], Fds(mask), fds=[fd for fd in fds if fd >= 0])
+        self._call(self.workers[pair], workermsg.Fds(mask), fds=[fd for fd in fds if fd >= 0])
 
     def stop(self, pair: int) -> tuple[int, int] | None:
-        return self._call(self.workers[pair], Stop())
+        return self._call(self.workers[pair], workermsg.Stop())
 
     def set_log(self, size: int, offset: int, fds: list[int]) -> None:
-        for w in self.workers:  # every pair logs: each maps the log itself
-            self._call(w, Log(size, offset), fds=fds)
+        self._call_every(workermsg.Log(size, offset), fds)  # each pair maps the log itself
 
     def set_inflight(self, desc: InflightDesc, fd: int, packed: bool) -> None:
-        for w in self.workers:  # every pair tracks its rings: each maps the region itself
-            self._call(w, Inflight(desc.mmap_size, desc.mmap_offset, desc.num_queues,
-                                   desc.queue_size, packed), fds=[fd])  # fmt: skip
+        # every pair tracks its rings: each maps the region itself
+        self._call_every(workermsg.Inflight(desc.mmap_size, desc.mmap_offset, desc.num_queues,
+                                            desc.queue_size, packed), [fd])  # fmt: skip
 
     def vring_addr(self, pair: int, q: int, addr: VringAddr) -> None:
-        self._call(self.workers[pair], VringAddrUpdate(q, addr))
+        self._call(self.workers[pair], workermsg.VringAddrUpdate(q, addr))
 
     def send_rarp(self, frame: bytes) -> bool:
-        return self._call(self.workers[0], Rarp(frame))  # queue pair 0's port
+        return self._call(self.workers[0], workermsg.Rarp(frame))  # queue pair 0's port
 
     def features(self, features: int) -> None:
-        for w in self.workers:
-            self._call(w, Features(features))
+        self._call_every(workermsg.Features(features))
 
     def connect(self) -> None:
         """A new front-end: interrupts held for the old one's rings mean nothing now."""
+        self._call_every(workermsg.Connect())
+
+    def _call_every(
+        self, request: workermsg.Request[None], fds: list[int] | tuple[int, ...] = ()
+    ) -> None:
+        """``request`` to each pair in turn (each gets its own copies of ``fds``)."""
         for w in self.workers:
-            self._call(w, Connect())
+            self._call(w, request, fds=fds)
 
     @staticmethod
-    def _call(w: PairHandle, request: Request[T], fds: list[int] | tuple[int, ...] = ()) -> T:
+    def _call(
+        w: PairHandle, request: workermsg.Request[T], fds: list[int] | tuple[int, ...] = ()
+    ) -> T:
         try:
             return w.call(request, fds=fds)
         except WorkerError as e:
@@ -947,7 +934,7 @@ class DeviceServer:
                 self.listener.bind(socket_path)
                 self.listener.listen(1)
             except OSError:
-                self.workers.finish(Exit())
+                self.workers.finish(workermsg.Exit())
                 self._ep.close()
                 self.listener.close()
                 raise
@@ -1120,7 +1107,7 @@ class DeviceServer:
     def serve(self, seconds: float = 0) -> dict:
         """Run until ``seconds`` pass (0: until SIGTERM/SIGINT)."""
         started, cpu0 = time.monotonic(), time.process_time()
-        final: list[Stats] = []
+        final: list[workermsg.Stats] = []
         # The clock's stop signals stay caught through the teardown: a second SIGTERM
         # or ^C while the workers are stopped must not cut it short.
         with RunClock(seconds, self.printer, self.stats) as clock:
@@ -1131,7 +1118,7 @@ class DeviceServer:
                 self.cpu_seconds = time.process_time() - cpu0
                 if self.channel is not None:
                     self._disconnect("stopping")
-                final = self.workers.finish(Exit())
+                final = self.workers.finish(workermsg.Exit())
                 self.close()
         return self.stats(final)
 
@@ -1162,7 +1149,7 @@ class DeviceServer:
             most = self._retry.wait(IDLE_POLL)
         return self.workers.poll_timeout(most)
 
-    def stats(self, final: list[Stats] | None = None) -> dict:
+    def stats(self, final: list[workermsg.Stats] | None = None) -> dict:
         """Every queue pair's counters, summed and per queue (``rx_queue_0_packets``...)."""
         per_pair = self.workers.stats() if final is None else final
         out = pair_totals(per_pair, "device_stats", lost=self.workers.lost,

@@ -37,7 +37,7 @@ from virtnet.net.mq import sum_stats
 from virtnet.ports.backends import DeviceBackend
 from virtnet.vhost_user.inflightmap import MappedInflight
 from virtnet.vhost_user.logmap import MappedLog
-from virtnet.vhost_user.mapping import MappedMemory, MappingError
+from virtnet.vhost_user.mapping import MappedMemory, MappingError, close_maps
 from virtnet.vhost_user.messages import VHOST_F_LOG_ALL, VringAddr, close_fds
 from virtnet.vhost_user.polling import (
     IDLE_POLL,
@@ -230,8 +230,7 @@ class PairLoop:
                         new.unsealed)  # fmt: skip
         old, self.log = self.log, new
         self._apply_log()
-        if old is not None:
-            old.close()
+        close_maps(old)
 
     def do_inflight(self, req: Inflight, fds: list[int]) -> None:
         """SET_INFLIGHT_FD: map the region the next ring start tracks its chains in
@@ -242,8 +241,7 @@ class PairLoop:
         finally:
             close_fds(fds)
         old, self.inflight = self.inflight, new
-        if old is not None:
-            old.close()  # a running ring's views keep its mapping until the ring stops
+        close_maps(old)  # a running ring's views keep its mapping until the ring stops
 
     def _track_inflight(self, dev: VirtnetDevice, spec: RingSpec) -> bool:
         """Attach the in-flight region to the rings; False if there is none to use."""
@@ -387,18 +385,13 @@ class PairLoop:
 
     def _drop_inflight(self) -> None:
         """The session is over: its in-flight region with it (a new SET_MEM_TABLE keeps it)."""
-        if self.inflight is not None:
-            self.inflight.close()
-            self.inflight = None
+        close_maps(self.inflight)
+        self.inflight = None
 
     def _unmap(self) -> None:
         self._stop()
-        if self.log is not None:
-            self.log.close()
-            self.log = None
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
+        close_maps(self.log, self.memory)
+        self.log = self.memory = None
 
     def do_start(self, req: Start, fds: list[int]) -> None:
         """Run the pair's device: ``fds`` are the kick/call eventfds ``spec.fd_mask`` names."""

@@ -10,6 +10,7 @@ import fcntl
 import mmap
 import os
 import stat
+from typing import Protocol
 
 from virtnet.virtio.memory import U64_MAX, GuestMemory, MemoryRegion
 
@@ -18,6 +19,18 @@ from virtnet.virtio.memory import U64_MAX, GuestMemory, MemoryRegion
 # VHOST_USER_MAX_RAM_SLOTS 512: a guest never has more regions than KVM gives it.
 # Each is one mmap here and in every worker, far below vm.max_map_count (65530).
 MAX_MEM_SLOTS = 509
+
+
+class _Mapped(Protocol):
+    def close(self) -> None: ...
+
+
+def close_maps(*maps: _Mapped | None) -> None:
+    """Unmap each of ``maps`` that is there (a session's memory, dirty log, in-flight
+    region); the caller then forgets them."""
+    for mapped in maps:
+        if mapped is not None:
+            mapped.close()
 
 
 class MappingError(OSError):

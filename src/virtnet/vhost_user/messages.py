@@ -254,6 +254,21 @@ def _expect_size(description: str, buf: bytes, size: int) -> None:
         raise _payload_error(description, f"payload size {len(buf)}, expected {size}")
 
 
+def _unpack_head(description: str, head: struct.Struct, named: str, buf: bytes) -> tuple[Any, ...]:
+    """The fixed head of a payload that says its own size; ``named``: its fields, for the error."""
+    if len(buf) < head.size:
+        raise _payload_error(
+            description, f"payload size {len(buf)}, shorter than {named} ({head.size})"
+        )
+    return head.unpack_from(buf)
+
+
+def _expect_total(description: str, buf: bytes, size: int, because: str) -> None:
+    """A payload of ``size`` bytes, as its head's count (``because``, for the error) says."""
+    if len(buf) != size:
+        raise _payload_error(description, f"{because} needs payload size {size}, got {len(buf)}")
+
+
 class _Fixed:
     """A payload that is one fixed-size struct; subclasses set STRUCT and DESCRIPTION."""
 
@@ -280,21 +295,35 @@ class _Fixed:
         return cls(*cls.STRUCT.unpack(buf))
 
 
+class _VringWord:
+    """Mixin of the payloads with a u64 that names a vring: the index in bits 0-7, the
+    NOFD flag in bit 8 (SET_VRING_KICK/CALL/ERR's u64, BACKEND_VRING_HOST_NOTIFIER_MSG's
+    area)."""
+
+    __slots__ = ()
+
+    def _vring_word(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def vring_index(self) -> int:
+        return self._vring_word() & VHOST_USER_VRING_IDX_MASK
+
+    @property
+    def nofd(self) -> bool:
+        return bool(self._vring_word() & VHOST_USER_VRING_NOFD_MASK)
+
+
 @dataclass(frozen=True, slots=True)
-class U64(_Fixed):
+class U64(_Fixed, _VringWord):
     """Spec "A single 64-bit integer": features, a vring index + NOFD bit, a status."""
 
     STRUCT = struct.Struct("<Q")
     DESCRIPTION = "u64"
     value: int = 0
 
-    @property
-    def vring_index(self) -> int:
-        return self.value & VHOST_USER_VRING_IDX_MASK
-
-    @property
-    def nofd(self) -> bool:
-        return bool(self.value & VHOST_USER_VRING_NOFD_MASK)
+    def _vring_word(self) -> int:
+        return self.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,21 +405,14 @@ class MemoryTable:
 
     @classmethod
     def unpack(cls, buf: bytes) -> MemoryTable:
-        if len(buf) < _NREGIONS.size:
-            raise _payload_error(
-                cls.DESCRIPTION, f"payload size {len(buf)}, shorter than nregions + padding (8)"
-            )
-        nregions, _padding = _NREGIONS.unpack_from(buf)
+        nregions, _padding = _unpack_head(cls.DESCRIPTION, _NREGIONS, "nregions + padding", buf)
         if nregions > VHOST_MEMORY_BASELINE_NREGIONS:
             raise _payload_error(
                 cls.DESCRIPTION,
                 f"nregions {nregions} exceeds the maximum of {VHOST_MEMORY_BASELINE_NREGIONS}",
             )
         need = _NREGIONS.size + nregions * _REGION_SIZE
-        if len(buf) != need:
-            raise _payload_error(
-                cls.DESCRIPTION, f"nregions {nregions} needs payload size {need}, got {len(buf)}"
-            )
+        _expect_total(cls.DESCRIPTION, buf, need, f"nregions {nregions}")
         return cls(tuple(_regions(buf, nregions)))
 
 
@@ -481,26 +503,20 @@ class ConfigSpace:
 
     @classmethod
     def unpack(cls, buf: bytes) -> ConfigSpace:
-        if len(buf) < _CONFIG_HDR.size:
-            raise _payload_error(
-                cls.DESCRIPTION, f"payload size {len(buf)}, shorter than offset + size + flags (12)"
-            )
-        offset, size, flags = _CONFIG_HDR.unpack_from(buf)
+        offset, size, flags = _unpack_head(
+            cls.DESCRIPTION, _CONFIG_HDR, "offset + size + flags", buf
+        )
         if size > VHOST_USER_MAX_CONFIG_SIZE:
             raise _payload_error(
                 cls.DESCRIPTION,
                 f"size {size} exceeds VHOST_USER_MAX_CONFIG_SIZE ({VHOST_USER_MAX_CONFIG_SIZE})",
             )
-        if len(buf) != _CONFIG_HDR.size + size:
-            raise _payload_error(
-                cls.DESCRIPTION,
-                f"size field {size} needs payload size {_CONFIG_HDR.size + size}, got {len(buf)}",
-            )
+        _expect_total(cls.DESCRIPTION, buf, _CONFIG_HDR.size + size, f"size field {size}")
         return cls(offset, flags, bytes(buf[_CONFIG_HDR.size :]))
 
 
 @dataclass(frozen=True, slots=True)
-class VringArea(_Fixed):
+class VringArea(_Fixed, _VringWord):
     """Spec "Vring area description" (VhostUserVringArea), BACKEND_VRING_HOST_NOTIFIER_MSG."""
 
     STRUCT = struct.Struct("<QQQ")
@@ -509,13 +525,8 @@ class VringArea(_Fixed):
     size: int = 0
     offset: int = 0
 
-    @property
-    def vring_index(self) -> int:
-        return self.u64 & VHOST_USER_VRING_IDX_MASK
-
-    @property
-    def nofd(self) -> bool:
-        return bool(self.u64 & VHOST_USER_VRING_NOFD_MASK)
+    def _vring_word(self) -> int:
+        return self.u64
 
 
 @dataclass(frozen=True, slots=True)
@@ -840,7 +851,7 @@ def _fd_bounds(rule: FdRule, payload: Payload, receiving: bool) -> tuple[int, in
         assert isinstance(payload, MemoryTable)  # the table's only PER_REGION payload
         return payload.nregions, payload.nregions
     if rule is FdRule.UNLESS_NOFD:
-        assert isinstance(payload, U64 | VringArea)  # the table's UNLESS_NOFD payloads
+        assert isinstance(payload, _VringWord)  # the table's UNLESS_NOFD payloads
         return (0, 0) if payload.nofd else (1, 1)
     if rule is FdRule.OPTIONAL or (rule is FdRule.DROPPED and receiving):
         return 0, 1
