@@ -33,7 +33,7 @@ from virtnet.virtio.memory import GuestMemory
 from virtnet.virtio.ring.chain import Chain
 from virtnet.virtio.ring.layout import PackedAddrs, PackedViews, VringViews
 from virtnet.virtio.ring.packed import PackedQueueDevice
-from virtnet.virtio.ring.queue import RingDevice, RingDriver, vring_create_virtqueue
+from virtnet.virtio.ring.queue import RingDevice, RingDriver, publish_used, vring_create_virtqueue
 from virtnet.virtio.ring.split import SplitQueueDevice
 
 if TYPE_CHECKING:
@@ -321,11 +321,7 @@ class ControlDevice:
 
     def flush(self) -> bool:
         """Publish the answers; True if the driver wants an interrupt."""
-        cvq = self.cvq
-        if cvq is None or not cvq.has_unflushed():
-            return False
-        cvq.flush_used()
-        if cvq.needs_notify():
+        if self.cvq is not None and publish_used(self.cvq):
             self.stats.ctrl_notifies += 1
             return True
         return False

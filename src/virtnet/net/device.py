@@ -28,7 +28,7 @@ from virtnet.net.stats import DeviceStats, device_stats
 from virtnet.virtio.dirtylog import DirtyLog
 from virtnet.virtio.errors import AvailIndexError, DescriptorError
 from virtnet.virtio.ring.chain import Chain
-from virtnet.virtio.ring.queue import RingDevice
+from virtnet.virtio.ring.queue import RingDevice, publish_used
 
 ZERO_HDR: Final = bytes(MRG_HDR_LEN)
 FILTER_PEEK: Final = 18  # what a receive filter reads: the MACs, a VLAN tag's TCI
@@ -565,11 +565,7 @@ class VirtnetDevice:
     def flush_rx(self) -> bool:
         """Publish used rx entries; True if the driver wants an interrupt."""
         self._rx_bufs_flushed = self.stats.rx_bufs
-        rxq = self.rxq
-        if not rxq.has_unflushed():
-            return False
-        rxq.flush_used()
-        if rxq.needs_notify():
+        if publish_used(self.rxq):
             self.stats.rx_notifies += 1
             return True
         return False
@@ -622,11 +618,8 @@ class VirtnetDevice:
         return n
 
     def flush_tx(self) -> bool:
-        txq = self.txq
-        if not txq.has_unflushed():
-            return False
-        txq.flush_used()
-        if txq.needs_notify():
+        """Publish used tx entries; True if the driver wants an interrupt."""
+        if publish_used(self.txq):
             self.stats.tx_notifies += 1
             return True
         return False

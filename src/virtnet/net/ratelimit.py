@@ -66,15 +66,12 @@ class DeviceFaults:
         self,
         stats: Stats,
         logger: logging.Logger = log,
-        *,
-        interval: float = RATELIMIT_INTERVAL,
-        burst: int = RATELIMIT_BURST,
-        clock: Callable[[], float] = time.monotonic,
+        limit: Callable[[], RateLimit] = RateLimit,
     ) -> None:
-        """``interval`` / ``burst`` / ``clock``: each kind's RateLimit."""
+        """``limit`` makes each kind's RateLimit (a test's: another interval or clock)."""
         self.stats = stats
         self.log = logger
-        self._limits = {kind: RateLimit(interval, burst, clock) for kind in FAULT_KINDS}
+        self._limits = {kind: limit() for kind in FAULT_KINDS}
         self.broken = ""  # why a queue was marked broken (BAD_RING), "" while none is
 
     def report(self, kind: str, text: str) -> None:

@@ -14,13 +14,27 @@ from virtnet.net.constants import GOOD_COPY_LEN, MAX_PACKET_LEN, MAX_SKB_FRAGS, 
 from virtnet.net.rx.base import Segment
 from virtnet.net.rx.deferred import PageRx
 from virtnet.net.rx.queue import RxQueue
-from virtnet.net.skb import PageList
+from virtnet.net.skb import PageList, SkBuff
 
 __all__ = ["BIG_PAGES", "BigRx", "SmallRx"]
 
 
+class _OneBufferRx(PageRx):
+    """What receive_small and receive_big check before they build the skb."""
+
+    def _skb_for(self, length: int) -> SkBuff | None:
+        """The skb for a ``length``-byte buffer (header included), or None: a short
+        packet (counted and named) or no skb (rx_dropped); the caller frees the pages."""
+        if self._short(length):
+            return None
+        skb = self.skbs.alloc(GOOD_COPY_LEN)
+        if skb is None:
+            self.stats.rx_dropped += 1
+        return skb
+
+
 @final
-class SmallRx(PageRx):
+class SmallRx(_OneBufferRx):
     """No MRG_RXBUF, no GSO: one buffer per packet, header + MAX_PACKET_LEN bytes.
 
     Same page lists as the seed; the descriptor is shorter than the page so
@@ -36,12 +50,8 @@ class SmallRx(PageRx):
 
     def receive_buf(self, buf: object, length: int) -> None:
         plist = cast(PageList, buf)
-        if self._short(length):
-            self._to_freed(plist)
-            return
-        skb = self.skbs.alloc(GOOD_COPY_LEN)
+        skb = self._skb_for(length)
         if skb is None:
-            self.stats.rx_dropped += 1
             self._to_freed(plist)
             return
         page = plist.page
@@ -69,7 +79,7 @@ BIG_PAGES: Final = MAX_SKB_FRAGS
 
 
 @final
-class BigRx(PageRx):
+class BigRx(_OneBufferRx):
     """No MRG_RXBUF but GUEST_TSO/UFO: each buffer is a chain of pages big enough
     for a 64 KiB frame (add_recvbuf_big); the skb is allocated on receive and
     the pages the frame did not reach go straight back to the page lists.
@@ -108,12 +118,8 @@ class BigRx(PageRx):
 
     def receive_buf(self, buf: object, length: int) -> None:
         plists = cast(list[PageList], buf)
-        if self._short(length):
-            self._release(plists)
-            return
-        skb = self.skbs.alloc(GOOD_COPY_LEN)
+        skb = self._skb_for(length)
         if skb is None:
-            self.stats.rx_dropped += 1
             self._release(plists)
             return
         first = plists[0].page

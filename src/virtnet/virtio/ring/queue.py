@@ -98,6 +98,24 @@ class QueueDevice(Protocol):
     def enable_notify(self) -> bool: ...
 
 
+class UsedPublisher(Protocol):
+    """The part of ``QueueDevice`` that publishes (a ring, or ``--faults``' layer on one)."""
+
+    def has_unflushed(self) -> bool: ...
+    def flush_used(self) -> None: ...
+    def needs_notify(self) -> bool: ...
+
+
+def publish_used(vq: UsedPublisher) -> bool:
+    """Make the used entries pushed since the last call visible; whether the driver
+    wants an interrupt for them (vhost_add_used_and_signal_n's test). False, and no
+    store, when nothing was pushed."""
+    if not vq.has_unflushed():
+        return False
+    vq.flush_used()
+    return vq.needs_notify()
+
+
 if TYPE_CHECKING:  # mypy checks that both layouts implement the whole interface
 
     def _split_driver(q: SplitQueueDriver) -> QueueDriver:
