@@ -182,7 +182,6 @@ class Lab:
     workdir: Path
     mtu: int | None = None
     ns: str = ""
-    tap_fd: int = -1
     queues: int = 1  # > 1: a multi-queue tap, one fd per queue pair in tap_fds
     tap_fds: list[int] = field(default_factory=list)
     sock: Path = field(default_factory=lambda: Path(f"/tmp/vn-qv-{secrets.token_hex(4)}.sock"))
@@ -190,17 +189,14 @@ class Lab:
 
     def setup(self, tap: bool) -> Lab:
         self.ns = self.topo.add_netns("qemu")
-        if tap and self.queues > 1:
+        if tap:
             taps = self.topo.add_tap_queues(self.ns, f"{HOST_IP}/24", self.queues, mtu=self.mtu)
             self.tap_fds = [t.fileno() for t in taps]
-        elif tap:
-            self.tap_fd = self.topo.add_tap(self.ns, f"{HOST_IP}/24", mtu=self.mtu).fileno()
-            self.tap_fds = [self.tap_fd]
         return self
 
     def device(self, name: str = "device", extra: tuple[str, ...] = (),
                client: bool = False) -> DeviceProcess:  # fmt: skip
-        dev = DeviceProcess(self.sock, self.tap_fds or self.tap_fd, self.workdir, name, extra,
+        dev = DeviceProcess(self.sock, self.tap_fds or -1, self.workdir, name, extra,
                             client)  # fmt: skip
         self.devices.append(dev)
         return dev.start()

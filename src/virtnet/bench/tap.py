@@ -161,12 +161,8 @@ def virtnet_path(
         sockdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="virtnet-vu-"))
         files = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="virtnet-tap-"))
         guest, host = topo.add_netns("guest"), topo.add_netns("host")
-        if queues == 1:
-            taps_g = [topo.add_tap(guest, GUEST_CIDR, mtu=MTU)]
-            taps_h = [topo.add_tap(host, HOST_CIDR, mtu=MTU)]
-        else:
-            taps_g = topo.add_tap_queues(guest, GUEST_CIDR, queues, mtu=MTU)
-            taps_h = topo.add_tap_queues(host, HOST_CIDR, queues, mtu=MTU)
+        taps_g = topo.add_tap_queues(guest, GUEST_CIDR, queues, mtu=MTU)
+        taps_h = topo.add_tap_queues(host, HOST_CIDR, queues, mtu=MTU)
         fds_g, fds_h = [t.fileno() for t in taps_g], [t.fileno() for t in taps_h]
         sock = os.path.join(sockdir, "vhost-user.sock")
         out = {name: os.path.join(files, name) for name in (

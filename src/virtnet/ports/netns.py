@@ -19,7 +19,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
@@ -274,6 +274,15 @@ def stop_process(proc: subprocess.Popen, timeout: float = PROCESS_STOP_TIMEOUT) 
 # --- Topology -----------------------------------------------------------------------------
 
 
+class TapOptions(TypedDict, total=False):
+    """The keywords :meth:`Topology.add_tap` passes on to :meth:`Topology.add_tap_queues`."""
+
+    ifname: str | None
+    vnet_hdr_size: int
+    offloads: int
+    mtu: int | None
+
+
 class Topology:
     """Namespaces, taps, veths and processes for one test or bench; all gone on exit.
 
@@ -298,22 +307,12 @@ class Topology:
         set_link(name, "lo", up=True)
         return name
 
-    def add_tap(
-        self,
-        netns: str,
-        cidr: str,
-        *,
-        ifname: str | None = None,
-        vnet_hdr_size: int = VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
-        offloads: int = TUN_F_DEFAULT,
-        mtu: int | None = None,
-    ) -> Tap:
+    def add_tap(self, netns: str, cidr: str, **opts: Unpack[TapOptions]) -> Tap:
         """Open a tap in the root namespace, move it into ``netns``, address it, set up.
 
         The tap is only in the root namespace while down and without an address.
         """
-        opener = lambda: [open_tap(ifname or unique_ifname("t"), vnet_hdr_size, offloads)]  # noqa: E731
-        return self._add_taps(netns, cidr, mtu, opener)[0]
+        return self.add_tap_queues(netns, cidr, 1, **opts)[0]
 
     def add_tap_queues(
         self,
@@ -326,9 +325,14 @@ class Topology:
         offloads: int = TUN_F_DEFAULT,
         mtu: int | None = None,
     ) -> list[Tap]:
-        """:meth:`add_tap` for an IFF_MULTI_QUEUE tap: one Tap (fd) per queue."""
-        return self._add_taps(netns, cidr, mtu, lambda: open_tap_queues(
-            ifname or unique_ifname("q"), queues, vnet_hdr_size, offloads))  # fmt: skip
+        """:meth:`add_tap` with ``queues`` fds: one Tap per queue of an IFF_MULTI_QUEUE tap,
+        or for one queue a plain tap (as QEMU's ``-netdev tap,queues=1``)."""
+        if queues == 1:
+            opener = lambda: [open_tap(ifname or unique_ifname("t"), vnet_hdr_size, offloads)]  # noqa: E731
+        else:
+            opener = lambda: open_tap_queues(  # noqa: E731
+                ifname or unique_ifname("q"), queues, vnet_hdr_size, offloads)  # fmt: skip
+        return self._add_taps(netns, cidr, mtu, opener)
 
     def _add_taps(self, netns: str, cidr: str, mtu: int | None, opener) -> list[Tap]:
         """Open the tap's fds in the root namespace, then place it in ``netns``."""
@@ -364,19 +368,10 @@ class Topology:
         _address_up(netns, name, cidr, mtu)
         return name
 
-    def attach_tap_queues(
-        self,
-        netns: str,
-        ifname: str,
-        queues: int,
-        *,
-        vnet_hdr_size: int = VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
-        offloads: int = TUN_F_DEFAULT,
-    ) -> list[Tap]:
-        """``queues`` more fds on the multi-queue tap ``ifname`` in ``netns``; closed on exit."""
-        return self._open_taps(
-            netns, lambda: open_tap_queues_in(netns, ifname, queues, vnet_hdr_size, offloads)
-        )
+    def attach_tap_queues(self, netns: str, ifname: str, queues: int) -> list[Tap]:
+        """``queues`` more fds (the default vnet header and offloads) on the multi-queue tap
+        ``ifname`` in ``netns``; closed on exit."""
+        return self._open_taps(netns, lambda: open_tap_queues_in(netns, ifname, queues))
 
     def _place(self, netns: str, ifname: str, cidr: str, mtu: int | None) -> None:
         # The tap is only in the root namespace while down and without an address.
