@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from tests.vhost_user.conftest import DeviceProcess
-from virtnet.conform.cases import CASES, RING_KINDS, cells, expand
+from virtnet.conform.cases import CASES, RING_KINDS, cells, docstring_paragraphs, expand
 from virtnet.vhost_user.device_loop import DEBUG_TRUST_VRING_BASE
 from virtnet.vhost_user.messages import HEADER, FrontendRequest, SingleMemoryRegion, VringState
 
@@ -155,6 +155,27 @@ def test_list_names_every_case_and_help_explains(tmp_path):
         assert name in stdout
     rc, stdout, _ = conform("--help")
     assert rc == 0 and "--junit-xml" in stdout and "loopback" in stdout
+
+
+def test_every_case_says_what_it_sends_and_where_the_spec_says_so():
+    # The summary and the rule come from the docstring's first two paragraphs: a case
+    # written without the second one would list "-" as its rule.
+    for c in CASES:
+        assert c.summary and "\n" not in c.summary, c.name
+        assert c.rule not in ("", "-") and "\n" not in c.rule, c.name
+
+
+def test_a_docstring_gives_the_summary_and_the_rule_on_one_line_each():
+    def probe(ctx):
+        """Send one thing,
+        get one answer
+
+        VIRTIO 1.2 9.9
+        """
+
+    assert docstring_paragraphs(probe) == ("Send one thing, get one answer", "VIRTIO 1.2 9.9")
+    probe.__doc__ = None  # as python -OO leaves it
+    assert docstring_paragraphs(probe) == ("probe (docstrings stripped)", "-")
 
 
 @pytest.mark.parametrize("argv", [[], ["/tmp/x.sock", "--case", "no-such-case"],

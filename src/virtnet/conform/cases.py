@@ -20,6 +20,7 @@ request it says is invalid) or when the back-end dies or hangs.
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import time
@@ -127,13 +128,32 @@ class Case:
 CASES: list[Case] = []
 
 
-def case(name: str, group: str, summary: str, rule: str, *, matrix: bool = False,
+def case(name: str, group: str, summary: str = "", rule: str = "", *, matrix: bool = False,
          survive: bool = False):  # fmt: skip
+    """Register the decorated function as case ``name`` of ``group``.
+
+    The function's docstring says what the case is: its first paragraph the summary (what
+    is sent and what must happen), its second the rule (where the spec says so), as
+    ``virtnet conform --list`` prints them. A summary that names a module constant is
+    passed as an argument instead, because a docstring cannot be an f-string.
+    """
+
     def register(fn: Callable[[Context], str]) -> Callable[[Context], str]:
-        CASES.append(Case(name, group, summary, rule, fn, matrix=matrix, survive=survive))
+        doc_summary, doc_rule = docstring_paragraphs(fn)
+        CASES.append(Case(name, group, summary or doc_summary, rule or doc_rule, fn,
+                          matrix=matrix, survive=survive))  # fmt: skip
         return fn
 
     return register
+
+
+def docstring_paragraphs(fn: Callable[..., object]) -> tuple[str, str]:
+    """The first two paragraphs of ``fn``'s docstring, each on one line; placeholders
+    under ``python -OO``, which strips docstrings."""
+    if fn.__doc__ is None:
+        return f"{fn.__name__} (docstrings stripped)", "-"
+    paragraphs = [" ".join(p.split()) for p in inspect.cleandoc(fn.__doc__).split("\n\n")]
+    return paragraphs[0], paragraphs[1] if len(paragraphs) > 1 else "-"
 
 
 def cells(rings: tuple[str, ...] | list[str] = RING_KINDS,
@@ -291,11 +311,13 @@ def receive_seqs(rings: Rings, wanted: list[bytes], mergeable: bool) -> int:
 # -- conformance ----------------------------------------------------------------------
 
 
-@case("handshake", "conformance",
-      "QEMU's opening: SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, "
-      "SET_FEATURES; VERSION_1 offered; GET_FEATURES stable",
-      "vhost-user.rst Communication, Protocol features; VIRTIO 1.2 6.1 (VERSION_1)")  # fmt: skip
+@case("handshake", "conformance")
 def handshake(ctx: Context) -> str:
+    """QEMU's opening: SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
+    SET_FEATURES; VERSION_1 offered; GET_FEATURES stable
+
+    vhost-user.rst Communication, Protocol features; VIRTIO 1.2 6.1 (VERSION_1)
+    """
     s = ctx.session()
     s.negotiate()
     if s.get_u64(R.GET_FEATURES) != s.offered:
@@ -312,11 +334,13 @@ def handshake(ctx: Context) -> str:
     return f"offers {feature_names(s.offered & ((1 << 64) - 1))}{pairs}"
 
 
-@case("reply-ack", "conformance",
-      "REPLY_ACK: NEED_REPLY gets exactly one u64 0, no NEED_REPLY gets nothing, "
-      "NEED_REPLY on GET_FEATURES gets the features only",
-      "vhost-user.rst REPLY_ACK")  # fmt: skip
+@case("reply-ack", "conformance")
 def reply_ack(ctx: Context) -> str:
+    """REPLY_ACK: NEED_REPLY gets exactly one u64 0, no NEED_REPLY gets nothing, NEED_REPLY on
+    GET_FEATURES gets the features only
+
+    vhost-user.rst REPLY_ACK
+    """
     s = ctx.session()
     s.negotiate()
     if not s.has_protocol(ProtocolFeature.REPLY_ACK):
@@ -335,11 +359,13 @@ def reply_ack(ctx: Context) -> str:
     return "acks with 0, silent without NEED_REPLY, one reply to GET_FEATURES"
 
 
-@case("mem-regions", "conformance",
-      "SET_MEM_TABLE with 3 memfds (adjacent and behind a hole, non-zero mmap_offset), "
-      "rx ring in region 2, tx ring and buffers in region 3: frames echo intact",
-      "vhost-user.rst Memory regions description, SET_MEM_TABLE", matrix=True)  # fmt: skip
+@case("mem-regions", "conformance", matrix=True)
 def mem_regions(ctx: Context) -> str:
+    """SET_MEM_TABLE with 3 memfds (adjacent and behind a hole, non-zero mmap_offset), rx ring in
+    region 2, tx ring and buffers in region 3: frames echo intact
+
+    vhost-user.rst Memory regions description, SET_MEM_TABLE
+    """
     s = ctx.session()
     ctx.negotiate(s, BASE_FEATURES | MRG)
     g = ctx.guest(Guest([Region(0x0, 1 << 20), Region(0x10_0000, 1 << 20, offset=0x1_0000),
@@ -353,21 +379,25 @@ def mem_regions(ctx: Context) -> str:
     return "4 frames echoed through rings and buffers in regions 2 and 3"
 
 
-@case("data-mergeable", "conformance",
-      "MRG_RXBUF: 1 KiB rx buffers, frames of 60..1514 bytes echo intact, num_buffers = "
-      "buffers used, header flags/gso_type 0",
-      "VIRTIO 1.2 5.1.6.3.1, 5.1.6.4 (num_buffers)", matrix=True)  # fmt: skip
+@case("data-mergeable", "conformance", matrix=True)
 def data_mergeable(ctx: Context) -> str:
+    """MRG_RXBUF: 1 KiB rx buffers, frames of 60..1514 bytes echo intact, num_buffers = buffers
+    used, header flags/gso_type 0
+
+    VIRTIO 1.2 5.1.6.3.1, 5.1.6.4 (num_buffers)
+    """
     s, rings = ctx.running(BASE_FEATURES | MRG, require=BASE_FEATURES | MRG, rx_size=1024)
     sizes = [60, 64, 500, 1012, 1013, 1514, 1514, 128]
     used = echo(rings, frames(0, sizes), mergeable=True)
     return f"{len(sizes)} frames, buffers per frame {used}"
 
 
-@case("data-nonmergeable", "conformance",
-      "no MRG_RXBUF: 2 KiB rx buffers, frames echo intact, num_buffers 1, header 12 bytes",
-      "VIRTIO 1.2 5.1.6.4: num_buffers MUST be 1 without MRG_RXBUF", matrix=True)  # fmt: skip
+@case("data-nonmergeable", "conformance", matrix=True)
 def data_nonmergeable(ctx: Context) -> str:
+    """no MRG_RXBUF: 2 KiB rx buffers, frames echo intact, num_buffers 1, header 12 bytes
+
+    VIRTIO 1.2 5.1.6.4: num_buffers MUST be 1 without MRG_RXBUF
+    """
     s, rings = ctx.running(BASE_FEATURES)
     if s.has(VirtioNetF.MRG_RXBUF):
         raise CaseFailure("MRG_RXBUF not acked but taken")
@@ -376,12 +406,13 @@ def data_nonmergeable(ctx: Context) -> str:
     return f"{len(sizes)} frames, one buffer each"
 
 
-@case("tx-chains", "conformance",
-      "tx frames as 3-descriptor chains (header alone first) and, if offered, through an "
-      "indirect table: echo intact",
-      "VIRTIO 1.2 2.7.4, 2.7.5.3 (indirect), 5.1.6.2 (no layout assumption)",
-      matrix=True)  # fmt: skip
+@case("tx-chains", "conformance", matrix=True)
 def tx_chains(ctx: Context) -> str:
+    """tx frames as 3-descriptor chains (header alone first) and, if offered, through an indirect
+    table: echo intact
+
+    VIRTIO 1.2 2.7.4, 2.7.5.3 (indirect), 5.1.6.2 (no layout assumption)
+    """
     s, rings = ctx.running(BASE_FEATURES | MRG | INDIRECT)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
     echo(rings, frames(0, [1514, 60, 700]), mergeable=mrg, pieces=3)
@@ -391,14 +422,15 @@ def tx_chains(ctx: Context) -> str:
     return "3-descriptor chains and indirect tables echo"
 
 
-@case("ring-wrap", "conformance",
-      "6 batches of frames, 1- and 3-descriptor chains (300 tx descriptors, 180 rx buffers): "
-      "both rings go round several times, packed chains cross the ring's end; every frame "
-      "echoes intact (with EVENT_IDX: every kick the device asks for, no more, and rx "
-      "notified each batch)",
-      "VIRTIO 1.2 2.7.13 (split ring indices wrap), 2.8.1 (packed wrap counters flip at the "
-      "end), 2.7.10 / 2.8.10 (event suppression)", matrix=True)  # fmt: skip
+@case("ring-wrap", "conformance", matrix=True)
 def ring_wrap(ctx: Context) -> str:
+    """6 batches of frames, 1- and 3-descriptor chains (300 tx descriptors, 180 rx buffers): both
+    rings go round several times, packed chains cross the ring's end; every frame echoes intact
+    (with EVENT_IDX: every kick the device asks for, no more, and rx notified each batch)
+
+    VIRTIO 1.2 2.7.13 (split ring indices wrap), 2.8.1 (packed wrap counters flip at the end),
+    2.7.10 / 2.8.10 (event suppression)
+    """
     s, rings = ctx.running(BASE_FEATURES | MRG)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
     descs = frames_sent = 0
@@ -413,11 +445,13 @@ def ring_wrap(ctx: Context) -> str:
             f"{descs // QUEUE_SIZE} times, rx {frames_sent // QUEUE_SIZE}")
 
 
-@case("get-vring-base", "conformance",
-      "GET_VRING_BASE stops the ring and returns the next avail index: tx base = frames "
-      "used, a frame kicked afterwards is not used until the ring is set up again",
-      "vhost-user.rst GET_VRING_BASE, Ring states (stopped)", matrix=True)  # fmt: skip
+@case("get-vring-base", "conformance", matrix=True)
 def get_vring_base(ctx: Context) -> str:
+    """GET_VRING_BASE stops the ring and returns the next avail index: tx base = frames used, a
+    frame kicked afterwards is not used until the ring is set up again
+
+    vhost-user.rst GET_VRING_BASE, Ring states (stopped)
+    """
     s, rings = ctx.running(BASE_FEATURES | MRG)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
     echo(rings, frames(0, [100, 200, 300]), mergeable=mrg)
@@ -437,11 +471,13 @@ def get_vring_base(ctx: Context) -> str:
     return f"bases tx {tx_base} rx {rx_base}; the stopped ring took nothing"
 
 
-@case("ring-restart", "conformance",
-      "set up, echo, GET_VRING_BASE both, set up again from those bases (QEMU's stop/start), "
-      "echo again",
-      "vhost-user.rst Starting and stopping rings, SET_VRING_BASE", matrix=True)  # fmt: skip
+@case("ring-restart", "conformance", matrix=True)
 def ring_restart(ctx: Context) -> str:
+    """set up, echo, GET_VRING_BASE both, set up again from those bases (QEMU's stop/start), echo
+    again
+
+    vhost-user.rst Starting and stopping rings, SET_VRING_BASE
+    """
     s, rings = ctx.running(BASE_FEATURES | MRG)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
     echo(rings, frames(0, [100, 1514]), mergeable=mrg)
@@ -457,11 +493,13 @@ def ring_restart(ctx: Context) -> str:
             "echo before and after the restart")
 
 
-@case("vring-enable", "conformance",
-      "with PROTOCOL_FEATURES rings start disabled: no rx before SET_VRING_ENABLE 1, echo "
-      "after; SET_VRING_ENABLE 0 on rx stops rx, 1 resumes it",
-      "vhost-user.rst Ring states, SET_VRING_ENABLE", matrix=True)  # fmt: skip
+@case("vring-enable", "conformance", matrix=True)
 def vring_enable(ctx: Context) -> str:
+    """with PROTOCOL_FEATURES rings start disabled: no rx before SET_VRING_ENABLE 1, echo after;
+    SET_VRING_ENABLE 0 on rx stops rx, 1 resumes it
+
+    vhost-user.rst Ring states, SET_VRING_ENABLE
+    """
     s = ctx.session()
     ctx.negotiate(s, BASE_FEATURES | MRG)
     if not s.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
@@ -530,14 +568,16 @@ def echo_on(pairs: list[Rings], p: int, sent: list[bytes], mergeable: bool) -> N
         raise CaseFailure(f"pair {p}: frames sent there echoed{stray}")
 
 
-@case("mq-pairs", "conformance",
-      "PROTOCOL_F_MQ with GET_QUEUE_NUM >= 2: pairs 0 and 1 (vrings 0..3, each its own rings "
-      "and buffers) echo each frame on the pair it was sent on; SET_VRING_ENABLE 0 on vrings "
-      "2 and 3: pair 0 still echoes, pair 1 uses no rx buffer; 1 again: pair 1 echoes again "
-      "(frames it held may come first)",
-      "vhost-user.rst Multiple queue support, Ring states, SET_VRING_ENABLE; VIRTIO 1.2 "
-      "5.1.6.5.5 (receive steering in multiqueue mode)", matrix=True)  # fmt: skip
+@case("mq-pairs", "conformance", matrix=True)
 def mq_pairs(ctx: Context) -> str:
+    """PROTOCOL_F_MQ with GET_QUEUE_NUM >= 2: pairs 0 and 1 (vrings 0..3, each its own rings and
+    buffers) echo each frame on the pair it was sent on; SET_VRING_ENABLE 0 on vrings 2 and 3: pair
+    0 still echoes, pair 1 uses no rx buffer; 1 again: pair 1 echoes again (frames it held may come
+    first)
+
+    vhost-user.rst Multiple queue support, Ring states, SET_VRING_ENABLE; VIRTIO 1.2 5.1.6.5.5
+    (receive steering in multiqueue mode)
+    """
     s, g, n = mq_guest(ctx, BASE_FEATURES | MRG)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
     pairs = [Rings.for_pair(g, p, features=s.features) for p in range(2)]
@@ -609,30 +649,36 @@ def need_reply_ack(s: Session, protocol: int = bit(ProtocolFeature.REPLY_ACK)) -
         raise CaseSkipped("REPLY_ACK not offered: the refusal cannot be seen")
 
 
-@case("truncated-header", "robustness",
-      "7 of the 12 header bytes, then the front-end shuts its side",
-      "vhost-user.rst Message Specification", survive=True)  # fmt: skip
+@case("truncated-header", "robustness", survive=True)
 def truncated_header(ctx: Context) -> str:
+    """7 of the 12 header bytes, then the front-end shuts its side
+
+    vhost-user.rst Message Specification
+    """
     s = ctx.session()
     s.send_raw(b"\x01\x00\x00\x00\x01\x00\x00")
     s.sock.shutdown(socket.SHUT_WR)
     return survived(s.outcome(R.GET_FEATURES)[0], "something")
 
 
-@case("truncated-payload", "robustness",
-      "SET_FEATURES whose header says 8 payload bytes, 3 sent, then shutdown",
-      "vhost-user.rst Message Specification", survive=True)  # fmt: skip
+@case("truncated-payload", "robustness", survive=True)
 def truncated_payload(ctx: Context) -> str:
+    """SET_FEATURES whose header says 8 payload bytes, 3 sent, then shutdown
+
+    vhost-user.rst Message Specification
+    """
     s = ctx.session()
     s.send_raw(HEADER.pack(R.SET_FEATURES, VHOST_USER_VERSION, 8) + b"\0\0\0")
     s.sock.shutdown(socket.SHUT_WR)
     return survived(s.outcome(R.SET_FEATURES)[0], "something")
 
 
-@case("bad-version", "robustness",
-      "GET_FEATURES with version bits 0 and 2 (flags 0x0, 0x2)",
-      "vhost-user.rst Header: version", survive=True)  # fmt: skip
+@case("bad-version", "robustness", survive=True)
 def bad_version(ctx: Context) -> str:
+    """GET_FEATURES with version bits 0 and 2 (flags 0x0, 0x2)
+
+    vhost-user.rst Header: version
+    """
     out = []
     for flags in (0x0, 0x2):
         s = ctx.session()
@@ -642,11 +688,12 @@ def bad_version(ctx: Context) -> str:
     return "; ".join(out)
 
 
-@case("oversized-payload", "robustness",
-      "a header claiming a 1 GiB payload, and a SET_FEATURES with 64 KiB of payload",
-      "vhost-user.rst Message Specification (payload is a union, at most a page)",
-      survive=True)  # fmt: skip
+@case("oversized-payload", "robustness", survive=True)
 def oversized_payload(ctx: Context) -> str:
+    """a header claiming a 1 GiB payload, and a SET_FEATURES with 64 KiB of payload
+
+    vhost-user.rst Message Specification (payload is a union, at most a page)
+    """
     s = ctx.session()
     s.send_raw(HEADER.pack(R.SET_MEM_TABLE, NEED_REPLY, 1 << 30))
     first = survived(s.outcome(R.SET_MEM_TABLE)[0], "it")
@@ -658,10 +705,12 @@ def oversized_payload(ctx: Context) -> str:
     return f"1 GiB: {first}; 64 KiB: {survived(s.outcome(R.SET_FEATURES)[0], 'it')}"
 
 
-@case("too-many-fds", "robustness",
-      "SET_VRING_CALL carrying 12 fds (a message may carry 8)",
-      "vhost-user.rst Communication", survive=True)  # fmt: skip
+@case("too-many-fds", "robustness", survive=True)
 def too_many_fds(ctx: Context) -> str:
+    """SET_VRING_CALL carrying 12 fds (a message may carry 8)
+
+    vhost-user.rst Communication
+    """
     s = ctx.session()
     s.negotiate()
     fds = [s.eventfd() for _ in range(12)]
@@ -669,10 +718,12 @@ def too_many_fds(ctx: Context) -> str:
     return survived(s.outcome(R.SET_VRING_CALL)[0], "it")
 
 
-@case("wrong-fd-count", "robustness",
-      "SET_VRING_CALL (NEED_REPLY) with 3 fds instead of 1",
-      "vhost-user.rst SET_VRING_CALL", survive=True)  # fmt: skip
+@case("wrong-fd-count", "robustness", survive=True)
 def wrong_fd_count(ctx: Context) -> str:
+    """SET_VRING_CALL (NEED_REPLY) with 3 fds instead of 1
+
+    vhost-user.rst SET_VRING_CALL
+    """
     s = ctx.session()
     need_reply_ack(s)
     fds = [s.eventfd() for _ in range(3)]
@@ -680,10 +731,12 @@ def wrong_fd_count(ctx: Context) -> str:
     return survived(s.outcome(R.SET_VRING_CALL)[0], "it")
 
 
-@case("missing-fd", "robustness",
-      "SET_MEM_TABLE (NEED_REPLY) naming one region but carrying no fd: must be refused",
-      "vhost-user.rst SET_MEM_TABLE (one fd per region)")  # fmt: skip
+@case("missing-fd", "robustness")
 def missing_fd(ctx: Context) -> str:
+    """SET_MEM_TABLE (NEED_REPLY) naming one region but carrying no fd: must be refused
+
+    vhost-user.rst SET_MEM_TABLE (one fd per region)
+    """
     s = ctx.session()
     need_reply_ack(s)
     table = MemoryTable((MemoryRegionDesc(0, 1 << 20, 0x7F00_0000_0000, 0),))
@@ -691,20 +744,24 @@ def missing_fd(ctx: Context) -> str:
     return refused(s, R.SET_MEM_TABLE, "a region without its fd")
 
 
-@case("wrong-payload-size", "robustness",
-      "SET_VRING_NUM (NEED_REPLY) with a 12-byte payload (a vring state is 8): must be refused",
-      "vhost-user.rst A vring state description")  # fmt: skip
+@case("wrong-payload-size", "robustness")
 def wrong_payload_size(ctx: Context) -> str:
+    """SET_VRING_NUM (NEED_REPLY) with a 12-byte payload (a vring state is 8): must be refused
+
+    vhost-user.rst A vring state description
+    """
     s = ctx.session()
     need_reply_ack(s)
     s.send_raw(HEADER.pack(R.SET_VRING_NUM, NEED_REPLY, 12) + VringState(0, 64).pack() + bytes(4))
     return refused(s, R.SET_VRING_NUM, "a 12-byte vring state")
 
 
-@case("unknown-request", "robustness",
-      "request number 99 with NEED_REPLY: must not be acked as success",
-      "vhost-user.rst REPLY_ACK (non-zero on failure)")  # fmt: skip
+@case("unknown-request", "robustness")
 def unknown_request(ctx: Context) -> str:
+    """request number 99 with NEED_REPLY: must not be acked as success
+
+    vhost-user.rst REPLY_ACK (non-zero on failure)
+    """
     s = ctx.session()
     need_reply_ack(s)
     s.send_raw(HEADER.pack(99, NEED_REPLY, 8) + bytes(8))
@@ -732,12 +789,14 @@ def _raw_outcome(s: Session) -> str:
         f" (REPLY_ACK {U64.unpack(body).value})" if size == 8 else "")
 
 
-@case("vring-index-out-of-range", "robustness",
-      "SET_VRING_NUM / SET_VRING_ENABLE / SET_VRING_CALL for the first vring past the "
-      "back-end's queue pairs (2 x GET_QUEUE_NUM, PROTOCOL_F_MQ negotiated when offered; "
-      "NEED_REPLY): must be refused",
-      "vhost-user.rst Multiple queue support (vring index < 2 x queue pairs)")  # fmt: skip
+@case("vring-index-out-of-range", "robustness")
 def vring_index_out_of_range(ctx: Context) -> str:
+    """SET_VRING_NUM / SET_VRING_ENABLE / SET_VRING_CALL for the first vring past the back-end's
+    queue pairs (2 x GET_QUEUE_NUM, PROTOCOL_F_MQ negotiated when offered; NEED_REPLY): must be
+    refused
+
+    vhost-user.rst Multiple queue support (vring index < 2 x queue pairs)
+    """
     out = []
     bad = None
     for request in (R.SET_VRING_NUM, R.SET_VRING_ENABLE, R.SET_VRING_CALL):
@@ -761,13 +820,15 @@ def vring_index_out_of_range(ctx: Context) -> str:
     return "; ".join(out)
 
 
-@case("mq-enable-unset-ring", "robustness",
-      "pair 0 running, SET_VRING_ENABLE 1 (NEED_REPLY) on vring 3, which never got a size, "
-      "address or kick: acked or refused, but the back-end stays up and pair 0 keeps "
-      "echoing (needs a loopback, as the conformance cases)",
-      "vhost-user.rst Multiple queue support, SET_VRING_ENABLE (vring 3 < 2 x "
-      "GET_QUEUE_NUM: a valid index)")  # fmt: skip
+@case("mq-enable-unset-ring", "robustness")
 def mq_enable_unset_ring(ctx: Context) -> str:
+    """pair 0 running, SET_VRING_ENABLE 1 (NEED_REPLY) on vring 3, which never got a size, address
+    or kick: acked or refused, but the back-end stays up and pair 0 keeps echoing (needs a loopback,
+    as the conformance cases)
+
+    vhost-user.rst Multiple queue support, SET_VRING_ENABLE (vring 3 < 2 x GET_QUEUE_NUM: a valid
+    index)
+    """
     s, g, _ = mq_guest(ctx, BASE_FEATURES | MRG)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
     rings = Rings.for_pair(g, 0, features=s.features)
@@ -794,10 +855,12 @@ def mq_enable_unset_ring(ctx: Context) -> str:
     return f"SET_VRING_ENABLE 1 on unset vring {unset}: {said}; pair 0 still echoes"
 
 
-@case("queue-size-not-power-of-2", "robustness",
-      "SET_VRING_NUM 0, 100 and 65536 on a split ring (NEED_REPLY): must be refused",
-      "VIRTIO 1.2 2.7: split queue size is a power of 2, at most 32768")  # fmt: skip
+@case("queue-size-not-power-of-2", "robustness")
 def queue_size(ctx: Context) -> str:
+    """SET_VRING_NUM 0, 100 and 65536 on a split ring (NEED_REPLY): must be refused
+
+    VIRTIO 1.2 2.7: split queue size is a power of 2, at most 32768
+    """
     out = []
     for num in (0, 100, 65536):
         s = ctx.session()
@@ -808,10 +871,12 @@ def queue_size(ctx: Context) -> str:
     return "; ".join(out)
 
 
-@case("mem-region-overflow", "robustness",
-      "SET_MEM_TABLE regions whose gpa + size or uva + size pass 2^64, and one larger than "
-      "its file", "vhost-user.rst Memory regions description", survive=True)  # fmt: skip
+@case("mem-region-overflow", "robustness", survive=True)
 def mem_region_overflow(ctx: Context) -> str:
+    """SET_MEM_TABLE regions whose gpa + size or uva + size pass 2^64, and one larger than its file
+
+    vhost-user.rst Memory regions description
+    """
     out = []
     for label, desc, file_size in (
         ("gpa wraps", MemoryRegionDesc((1 << 64) - 0x1000, 1 << 20, 0x7F00_0000_0000, 0), 1 << 20),
@@ -858,10 +923,12 @@ def used_entries(raw: RawRing, used: int) -> str:
 DATA_GPA = DATA + 0x1000
 
 
-@case("desc-loop", "robustness",
-      "a tx chain whose NEXT fields loop (0 -> 1 -> 0), then a good frame",
-      "VIRTIO 1.2 2.7.5.3.1 (device MUST handle loops); rust-vmm ttl", survive=True)  # fmt: skip
+@case("desc-loop", "robustness", survive=True)
 def desc_loop(ctx: Context) -> str:
+    """a tx chain whose NEXT fields loop (0 -> 1 -> 0), then a good frame
+
+    VIRTIO 1.2 2.7.5.3.1 (device MUST handle loops); rust-vmm ttl
+    """
     def write(raw: RawRing, g: Guest) -> list[int]:
         raw.desc(0, DATA_GPA, 64, VRING_DESC_F_NEXT, 1)
         raw.desc(1, DATA_GPA, 64, VRING_DESC_F_NEXT, 0)
@@ -870,11 +937,13 @@ def desc_loop(ctx: Context) -> str:
     return hostile_tx(ctx, write)
 
 
-@case("desc-out-of-range", "robustness",
-      "tx descriptors at 1 TiB (no region), at the end of memory (crossing it), and naming "
-      "next index 200 >= queue size", "VIRTIO 1.2 2.7.5 (addresses are guest memory)",
-      survive=True)  # fmt: skip
+@case("desc-out-of-range", "robustness", survive=True)
 def desc_out_of_range(ctx: Context) -> str:
+    """tx descriptors at 1 TiB (no region), at the end of memory (crossing it), and naming next
+    index 200 >= queue size
+
+    VIRTIO 1.2 2.7.5 (addresses are guest memory)
+    """
     def write(raw: RawRing, g: Guest) -> list[int]:
         end = g.regions[-1].gpa + g.regions[-1].size
         raw.desc(0, 1 << 40, 1512)
@@ -885,10 +954,12 @@ def desc_out_of_range(ctx: Context) -> str:
     return hostile_tx(ctx, write)
 
 
-@case("desc-overflow", "robustness",
-      "tx descriptors whose addr + len pass 2^64, and a 0xFFFFFFFF length; chains summing "
-      "past 2^32", "VIRTIO 1.2 2.7.5.2 (chain at most 2^32 bytes)", survive=True)  # fmt: skip
+@case("desc-overflow", "robustness", survive=True)
 def desc_overflow(ctx: Context) -> str:
+    """tx descriptors whose addr + len pass 2^64, and a 0xFFFFFFFF length; chains summing past 2^32
+
+    VIRTIO 1.2 2.7.5.2 (chain at most 2^32 bytes)
+    """
     def write(raw: RawRing, g: Guest) -> list[int]:
         raw.desc(0, (1 << 64) - 16, 64)
         raw.desc(1, DATA_GPA, 0xFFFF_FFFF)
@@ -900,22 +971,26 @@ def desc_overflow(ctx: Context) -> str:
     return hostile_tx(ctx, write)
 
 
-@case("head-out-of-range", "robustness",
-      "the avail ring names head 65535 (queue size 64), then a good frame",
-      "VIRTIO 1.2 2.7.6 (avail ring entries are descriptor heads)", survive=True)  # fmt: skip
+@case("head-out-of-range", "robustness", survive=True)
 def head_out_of_range(ctx: Context) -> str:
+    """the avail ring names head 65535 (queue size 64), then a good frame
+
+    VIRTIO 1.2 2.7.6 (avail ring entries are descriptor heads)
+    """
     def write(raw: RawRing, g: Guest) -> list[int]:
         good_chain(raw, 1, DATA_GPA + SLOT, 1)
         return [0xFFFF, 1]
     return hostile_tx(ctx, write)
 
 
-@case("avail-index-jump", "robustness",
-      "the avail index moves 30000 entries ahead (queue 64): a ring cannot hold more than 64 "
-      "available chains, so using more than 64 is taking chains that were never made available",
-      "VIRTIO 1.2 2.7.6 (idx - last_avail <= queue size); Linux vhost 'Guest moved avail "
-      "index', QEMU virtqueue_num_heads: the device treats it as broken")  # fmt: skip
+@case("avail-index-jump", "robustness")
 def avail_index_jump(ctx: Context) -> str:
+    """the avail index moves 30000 entries ahead (queue 64): a ring cannot hold more than 64
+    available chains, so using more than 64 is taking chains that were never made available
+
+    VIRTIO 1.2 2.7.6 (idx - last_avail <= queue size); Linux vhost 'Guest moved avail index', QEMU
+    virtqueue_num_heads: the device treats it as broken
+    """
     def write(raw: RawRing, g: Guest) -> list[int]:
         good_chain(raw, 0, DATA_GPA, 0)
         raw.avail_idx = 30000 - 1
@@ -927,10 +1002,12 @@ def avail_index_jump(ctx: Context) -> str:
     return detail
 
 
-@case("indirect-nested", "robustness",
-      "an indirect table whose entry is itself INDIRECT",
-      "VIRTIO 1.2 2.7.5.3.1 (MUST NOT nest)", survive=True)  # fmt: skip
+@case("indirect-nested", "robustness", survive=True)
 def indirect_nested(ctx: Context) -> str:
+    """an indirect table whose entry is itself INDIRECT
+
+    VIRTIO 1.2 2.7.5.3.1 (MUST NOT nest)
+    """
     def write(raw: RawRing, g: Guest) -> list[int]:
         table = DATA + 0x8000
         n = raw.table(table, [(table, 32, VRING_DESC_F_INDIRECT, 0), (DATA_GPA, 64, 0, 0)])
@@ -940,10 +1017,13 @@ def indirect_nested(ctx: Context) -> str:
     return hostile_tx(ctx, write)
 
 
-@case("indirect-bad-length", "robustness",
-      "indirect descriptors with length 0, 24 (not a multiple of 16), 2^31, and "
-      "INDIRECT|NEXT together", "VIRTIO 1.2 2.7.5.3.1", survive=True)  # fmt: skip
+@case("indirect-bad-length", "robustness", survive=True)
 def indirect_bad_length(ctx: Context) -> str:
+    """indirect descriptors with length 0, 24 (not a multiple of 16), 2^31, and INDIRECT|NEXT
+    together
+
+    VIRTIO 1.2 2.7.5.3.1
+    """
     def write(raw: RawRing, g: Guest) -> list[int]:
         table = DATA + 0x8000
         raw.table(table, [(DATA_GPA, 64, 0, 0), (DATA_GPA, 64, 0, 0)])
@@ -957,10 +1037,12 @@ def indirect_bad_length(ctx: Context) -> str:
     return hostile_tx(ctx, write)
 
 
-@case("indirect-misaligned", "robustness",
-      "an indirect table at an address not 16-byte aligned, and one outside guest memory",
-      "VIRTIO 1.2 2.7.5.3 (table in guest memory)", survive=True)  # fmt: skip
+@case("indirect-misaligned", "robustness", survive=True)
 def indirect_misaligned(ctx: Context) -> str:
+    """an indirect table at an address not 16-byte aligned, and one outside guest memory
+
+    VIRTIO 1.2 2.7.5.3 (table in guest memory)
+    """
     def write(raw: RawRing, g: Guest) -> list[int]:
         table = DATA + 0x8000 + 8
         n = raw.table(table, [(DATA_GPA, 64, 0, 0)])
@@ -971,10 +1053,12 @@ def indirect_misaligned(ctx: Context) -> str:
     return hostile_tx(ctx, write)
 
 
-@case("readable-after-writable", "robustness",
-      "a tx chain with a device-writable descriptor before a readable one",
-      "VIRTIO 1.2 2.7.4.2 (readable before writable)", survive=True)  # fmt: skip
+@case("readable-after-writable", "robustness", survive=True)
 def readable_after_writable(ctx: Context) -> str:
+    """a tx chain with a device-writable descriptor before a readable one
+
+    VIRTIO 1.2 2.7.4.2 (readable before writable)
+    """
     def write(raw: RawRing, g: Guest) -> list[int]:
         raw.desc(0, DATA_GPA, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1)
         raw.desc(1, DATA_GPA + 64, 64)
@@ -983,11 +1067,12 @@ def readable_after_writable(ctx: Context) -> str:
     return hostile_tx(ctx, write)
 
 
-@case("ring-in-unmapped-memory", "robustness",
-      "SET_VRING_ADDR naming addresses in no region (NEED_REPLY), then KICK/CALL/ENABLE "
-      "and a kick", "vhost-user.rst SET_VRING_ADDR (front-end virtual addresses)",
-      survive=True)  # fmt: skip
+@case("ring-in-unmapped-memory", "robustness", survive=True)
 def ring_in_unmapped_memory(ctx: Context) -> str:
+    """SET_VRING_ADDR naming addresses in no region (NEED_REPLY), then KICK/CALL/ENABLE and a kick
+
+    vhost-user.rst SET_VRING_ADDR (front-end virtual addresses)
+    """
     s = ctx.session()
     s.negotiate()
     g = ctx.guest()
@@ -1033,29 +1118,33 @@ def shrink_then_kick(ctx: Context, sealing: bool) -> str:
     return f"{shrunk}; used {used} of 1 chains" + (f" {raw.used(0)}" if used else "")
 
 
-@case("memfd-shrunk", "robustness",
-      "the front-end truncates its memfd (made with MFD_ALLOW_SEALING, like QEMU's "
-      "memory-backend-memfd) to one page after SET_MEM_TABLE, then kicks a tx buffer past "
-      "the new end; a back-end that seals the memfd is immune",
-      "vhost-user.rst Memory access (the back-end maps what the front-end shares)",
-      survive=True)  # fmt: skip
+@case("memfd-shrunk", "robustness", survive=True)
 def memfd_shrunk(ctx: Context) -> str:
+    """the front-end truncates its memfd (made with MFD_ALLOW_SEALING, like QEMU's
+    memory-backend-memfd) to one page after SET_MEM_TABLE, then kicks a tx buffer past the new end;
+    a back-end that seals the memfd is immune
+
+    vhost-user.rst Memory access (the back-end maps what the front-end shares)
+    """
     return shrink_then_kick(ctx, sealing=True)
 
 
-@case("memfd-shrunk-unsealable", "robustness",
-      "the same with a memfd that allows no seals (a hostile front-end's): only a back-end "
-      "that contains the SIGBUS (or never touches the page) survives",
-      "vhost-user.rst Memory access", survive=True)  # fmt: skip
+@case("memfd-shrunk-unsealable", "robustness", survive=True)
 def memfd_shrunk_unsealable(ctx: Context) -> str:
+    """the same with a memfd that allows no seals (a hostile front-end's): only a back-end that
+    contains the SIGBUS (or never touches the page) survives
+
+    vhost-user.rst Memory access
+    """
     return shrink_then_kick(ctx, sealing=False)
 
 
-@case("frontend-stops-reading", "robustness",
-      "the front-end sends GET_FEATURES for 2 s without reading a reply, then leaves",
-      "vhost-user.rst Communication (a back-end must not hang on one front-end)",
-      survive=True)  # fmt: skip
+@case("frontend-stops-reading", "robustness", survive=True)
 def frontend_stops_reading(ctx: Context) -> str:
+    """the front-end sends GET_FEATURES for 2 s without reading a reply, then leaves
+
+    vhost-user.rst Communication (a back-end must not hang on one front-end)
+    """
     s = ctx.session()
     s.send(R.SET_OWNER)
     s.sock.setblocking(False)
@@ -1073,12 +1162,13 @@ def frontend_stops_reading(ctx: Context) -> str:
     return f"{sent} requests sent unread replies, then left"
 
 
-@case("rx-never-drained", "robustness",
-      "a guest that stops taking rx: 2 rx buffers posted, 48 frames sent to be echoed; "
-      "the control channel must still answer (GET_VRING_BASE) and the session end cleanly",
-      "vhost-user.rst GET_VRING_BASE; VIRTIO 1.2 5.1.6.3 (rx buffers belong to the driver)",
-      matrix=True, survive=True)
+@case("rx-never-drained", "robustness", matrix=True, survive=True)
 def rx_never_drained(ctx: Context) -> str:
+    """a guest that stops taking rx: 2 rx buffers posted, 48 frames sent to be echoed; the control
+    channel must still answer (GET_VRING_BASE) and the session end cleanly
+
+    vhost-user.rst GET_VRING_BASE; VIRTIO 1.2 5.1.6.3 (rx buffers belong to the driver)
+    """
     s, rings = ctx.running(BASE_FEATURES | MRG, rx_count=2)
     rx_posted = rings.vqs[RX].num - rings.vqs[RX].num_free
     rings.send(frames(0, [64] * 40))
@@ -1091,10 +1181,12 @@ def rx_never_drained(ctx: Context) -> str:
             f"GET_VRING_BASE answered {bases}")
 
 
-@case("disconnect-mid-setup", "robustness",
-      "memory mapped, one ring half set up (no kick), then the front-end disconnects",
-      "vhost-user.rst (a disconnected front-end's state is dropped)", survive=True)  # fmt: skip
+@case("disconnect-mid-setup", "robustness", survive=True)
 def disconnect_mid_setup(ctx: Context) -> str:
+    """memory mapped, one ring half set up (no kick), then the front-end disconnects
+
+    vhost-user.rst (a disconnected front-end's state is dropped)
+    """
     s = ctx.session()
     s.negotiate()
     g = ctx.guest()

@@ -88,12 +88,13 @@ def guest_reboot(ctx: Context) -> str:
     return f"{REBOOTS} boots, {total} frames echoed; every boot started from base 0"
 
 
-@case("reset-device", "conformance",
-      "RESET_DEVICE (or RESET_OWNER without PROTOCOL_F_RESET_DEVICE) mid-stream, then "
-      "negotiate, map memory and start fresh rings: echo, and GET_VRING_BASE counts only "
-      "the new rings' frames",
-      "vhost-user.rst RESET_DEVICE, RESET_OWNER, GET_VRING_BASE", matrix=True)  # fmt: skip
+@case("reset-device", "conformance", matrix=True)
 def reset_device(ctx: Context) -> str:
+    """RESET_DEVICE (or RESET_OWNER without PROTOCOL_F_RESET_DEVICE) mid-stream, then negotiate, map
+    memory and start fresh rings: echo, and GET_VRING_BASE counts only the new rings' frames
+
+    vhost-user.rst RESET_DEVICE, RESET_OWNER, GET_VRING_BASE
+    """
     s = ctx.session()
     wanted = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.RESET_DEVICE)
     ctx.negotiate(s, BASE_FEATURES | MRG, protocol=wanted)
@@ -112,12 +113,13 @@ def reset_device(ctx: Context) -> str:
     return f"{how.name} after 3 frames; the new rings echoed 2 and count 2"
 
 
-@case("reconnect", "conformance",
-      "a front-end that goes away mid-stream (its socket closed, rings running) and a new "
-      "one that connects, negotiates and starts fresh rings in new memory: echo",
-      "vhost-user.rst Communication (reconnect); QEMU reconnect=, OVS dpdkvhostuserclient",
-      matrix=True)  # fmt: skip
+@case("reconnect", "conformance", matrix=True)
 def reconnect(ctx: Context) -> str:
+    """a front-end that goes away mid-stream (its socket closed, rings running) and a new one that
+    connects, negotiates and starts fresh rings in new memory: echo
+
+    vhost-user.rst Communication (reconnect); QEMU reconnect=, OVS dpdkvhostuserclient
+    """
     s, rings = ctx.running(BASE_FEATURES | MRG)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
     echo(rings, frames(0, [64, 1514]), mergeable=mrg)
@@ -240,16 +242,16 @@ def _regions(fd: int, desc: InflightDesc, packed: bool
     return out
 
 
-@case("inflight-region", "conformance",
-      "PROTOCOL_F_INFLIGHT_SHMFD where offered: GET_INFLIGHT_FD for 2 queues gives a region "
-      "of a size that fits them, SET_INFLIGHT_FD takes it back, frames echo; after "
-      "GET_VRING_BASE nothing is left in flight in it (where it has the spec's layout for "
-      "the ring kind), and rings restarted on the same region take nothing twice. (A "
-      "restart of the back-end itself, the region's purpose, needs the back-end's own "
-      "tooling: tests/vhost_user for virtnet's.)",
-      "vhost-user.rst Inflight I/O tracking, GET_INFLIGHT_FD, SET_INFLIGHT_FD",
-      matrix=True)  # fmt: skip
+@case("inflight-region", "conformance", matrix=True)
 def inflight_region(ctx: Context) -> str:
+    """PROTOCOL_F_INFLIGHT_SHMFD where offered: GET_INFLIGHT_FD for 2 queues gives a region of a
+    size that fits them, SET_INFLIGHT_FD takes it back, frames echo; after GET_VRING_BASE nothing is
+    left in flight in it (where it has the spec's layout for the ring kind), and rings restarted on
+    the same region take nothing twice. (A restart of the back-end itself, the region's purpose,
+    needs the back-end's own tooling: tests/vhost_user for virtnet's.)
+
+    vhost-user.rst Inflight I/O tracking, GET_INFLIGHT_FD, SET_INFLIGHT_FD
+    """
     s = ctx.session()
     wanted = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.INFLIGHT_SHMFD)
     ctx.negotiate(s, BASE_FEATURES | MRG, protocol=wanted)

@@ -79,13 +79,15 @@ def through(rings: Rings, region: Region, first: int, mergeable: bool) -> str:
     return f"{PER_ROUND} frames echoed through region gpa {region.gpa:#x}"
 
 
-@case("mem-slots", "conformance",
-      "PROTOCOL_F_CONFIGURE_MEM_SLOTS: the first region by ADD_MEM_REG, rings started, "
-      "frames echoed; a second region added while the rings run, frames whose tx and rx "
-      "buffers are all in it echoed; a third added and removed (REM_MEM_REG) while running: "
-      "traffic goes on through the second",
-      "vhost-user.rst Memory slots, ADD_MEM_REG, REM_MEM_REG")  # fmt: skip
+@case("mem-slots", "conformance")
 def mem_slots(ctx: Context) -> str:
+    """PROTOCOL_F_CONFIGURE_MEM_SLOTS: the first region by ADD_MEM_REG, rings started, frames
+    echoed; a second region added while the rings run, frames whose tx and rx buffers are all in it
+    echoed; a third added and removed (REM_MEM_REG) while running: traffic goes on through the
+    second
+
+    vhost-user.rst Memory slots, ADD_MEM_REG, REM_MEM_REG
+    """
     s, g, slots = slots_session(ctx)
     first, second, third = g.regions
     status = add_region(s, first)
@@ -108,13 +110,14 @@ def mem_slots(ctx: Context) -> str:
     return f"GET_MAX_MEM_SLOTS {slots}; " + "; ".join(done)
 
 
-@case("mem-slots-refusals", "robustness",
-      "ADD_MEM_REG of a region overlapping a mapped one and REM_MEM_REG of a region never "
-      "added: each refused in its reply (or the connection closed), the rings still echo; "
-      "then REM_MEM_REG of the region the running rings lie in (the front-end's error): "
-      "what the back-end does is recorded",
-      "vhost-user.rst Memory slots", survive=True)  # fmt: skip
+@case("mem-slots-refusals", "robustness", survive=True)
 def mem_slots_refusals(ctx: Context) -> str:
+    """ADD_MEM_REG of a region overlapping a mapped one and REM_MEM_REG of a region never added:
+    each refused in its reply (or the connection closed), the rings still echo; then REM_MEM_REG of
+    the region the running rings lie in (the front-end's error): what the back-end does is recorded
+
+    vhost-user.rst Memory slots
+    """
     s, g, _slots = slots_session(ctx)
     first, second, _third = g.regions
     if add_region(s, first):

@@ -203,12 +203,14 @@ def stop_and_restart(s: Session, rings: Rings) -> None:
     rings.post_rx(QUEUE_SIZE)
 
 
-@case("dirty-log", "conformance",
-      "LOG_SHMFD log + VHOST_F_LOG_ALL + VHOST_VRING_F_LOG turned on mid-stream, frames both "
-      "ways, rings stopped: every changed page the back-end writes is logged, each used area "
-      "at its log_guest_addr; logging off, traffic, on again: the same",
-      "vhost-user.rst Migration, Dirty page logging", matrix=True)  # fmt: skip
+@case("dirty-log", "conformance", matrix=True)
 def dirty_log(ctx: Context) -> str:
+    """LOG_SHMFD log + VHOST_F_LOG_ALL + VHOST_VRING_F_LOG turned on mid-stream, frames both ways,
+    rings stopped: every changed page the back-end writes is logged, each used area at its
+    log_guest_addr; logging off, traffic, on again: the same
+
+    vhost-user.rst Migration, Dirty page logging
+    """
     s, g, rings, log = logged_session(ctx)
     mrg = bool(s.features & MRG)
     traffic(rings, 0, mrg)  # before logging: nothing to check
@@ -229,11 +231,13 @@ def dirty_log(ctx: Context) -> str:
     return "; ".join(results)
 
 
-@case("dirty-log-refusals", "robustness",
-      "SET_LOG_BASE with a memfd smaller than mmap_size, an mmap_offset past the file, and "
-      "without PROTOCOL_F_LOG_SHMFD: each refused in its reply, the connection goes on",
-      "vhost-user.rst SET_LOG_BASE")  # fmt: skip
+@case("dirty-log-refusals", "robustness")
 def dirty_log_refusals(ctx: Context) -> str:
+    """SET_LOG_BASE with a memfd smaller than mmap_size, an mmap_offset past the file, and without
+    PROTOCOL_F_LOG_SHMFD: each refused in its reply, the connection goes on
+
+    vhost-user.rst SET_LOG_BASE
+    """
     s = ctx.session()
     ctx.negotiate(s, BASE_FEATURES, protocol=LOG_PROTOCOL)
     if not s.has_protocol(ProtocolFeature.LOG_SHMFD):
@@ -263,11 +267,13 @@ def dirty_log_refusals(ctx: Context) -> str:
     return "; ".join(seen)
 
 
-@case("send-rarp", "conformance",
-      "PROTOCOL_F_RARP: SEND_RARP with a MAC makes the back-end send a RARP frame (0x8035) "
-      "naming that MAC out of its port (a loopback echoes it onto rx)",
-      "vhost-user.rst SEND_RARP")  # fmt: skip
+@case("send-rarp", "conformance")
 def send_rarp(ctx: Context) -> str:
+    """PROTOCOL_F_RARP: SEND_RARP with a MAC makes the back-end send a RARP frame (0x8035) naming
+    that MAC out of its port (a loopback echoes it onto rx)
+
+    vhost-user.rst SEND_RARP
+    """
     s = ctx.session()
     ctx.negotiate(s, BASE_FEATURES | MRG,
                   protocol=bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.RARP))  # fmt: skip

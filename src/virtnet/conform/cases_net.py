@@ -100,16 +100,17 @@ def csum_hdr(start: int, offset: int) -> bytes:
                         csum_offset=offset).pack()  # fmt: skip
 
 
-@case("csum-past-frame", "robustness",
-      "CSUM acked, GUEST_CSUM not: tx frames with NEEDS_CSUM and csum_start + csum_offset "
-      "past the frame (by 1 byte, offset = frame length, start past the end, both 65535, "
-      "offset 65520), one valid partial checksum and a plain frame: each bad frame is "
-      "dropped or comes back unchanged, nothing is written into a tx buffer, every rx "
-      "header has flags 0; the valid one is reported (completed or not)",
-      "VIRTIO 1.2 5.1.6.2 (csum_start, csum_offset), 5.1.6.4.1 (no GUEST_CSUM: flags 0), "
-      "2.7.5.1 / 2.8 (a device MUST NOT write a device-readable buffer); DPDK "
-      "CVE-2024-11614", matrix=True)  # fmt: skip
+@case("csum-past-frame", "robustness", matrix=True)
 def csum_past_frame(ctx: Context) -> str:
+    """CSUM acked, GUEST_CSUM not: tx frames with NEEDS_CSUM and csum_start + csum_offset past the
+    frame (by 1 byte, offset = frame length, start past the end, both 65535, offset 65520), one
+    valid partial checksum and a plain frame: each bad frame is dropped or comes back unchanged,
+    nothing is written into a tx buffer, every rx header has flags 0; the valid one is reported
+    (completed or not)
+
+    VIRTIO 1.2 5.1.6.2 (csum_start, csum_offset), 5.1.6.4.1 (no GUEST_CSUM: flags 0), 2.7.5.1 / 2.8
+    (a device MUST NOT write a device-readable buffer); DPDK CVE-2024-11614
+    """
     s, rings = ctx.running(BASE_FEATURES | MRG | CSUM, require=BASE_FEATURES | CSUM)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
     n = len(udp_frame(0))
@@ -217,15 +218,17 @@ def post_command(raw: RawRing, k: int, data: bytes, layout: str) -> tuple[int, i
     return gpa, ack
 
 
-@case("ctrl-bounds", "robustness",
-      "where CTRL_VQ is offered and the back-end serves the control queue (vring 2 x queue "
-      "pairs): a short command, class / command out of range, MQ pairs 0 and max + 1, a "
-      "MAC table whose entry count lies (each must get VIRTIO_NET_ERR or no ack), a command "
-      "without an ack buffer and one whose ack byte is read-only (nothing written); a "
-      "back-end that keeps the control queue to the front-end (QEMU's model) is skipped",
-      "VIRTIO 1.2 5.1.6.5 (ack VIRTIO_NET_ERR), 5.1.6.5.5 (1 <= pairs <= max), 5.1.6.5.2 "
-      "(MAC tables); 2.7.5.1 (device-readable buffers are not written)")  # fmt: skip
+@case("ctrl-bounds", "robustness")
 def ctrl_bounds(ctx: Context) -> str:
+    """where CTRL_VQ is offered and the back-end serves the control queue (vring 2 x queue pairs): a
+    short command, class / command out of range, MQ pairs 0 and max + 1, a MAC table whose entry
+    count lies (each must get VIRTIO_NET_ERR or no ack), a command without an ack buffer and one
+    whose ack byte is read-only (nothing written); a back-end that keeps the control queue to the
+    front-end (QEMU's model) is skipped
+
+    VIRTIO 1.2 5.1.6.5 (ack VIRTIO_NET_ERR), 5.1.6.5.5 (1 <= pairs <= max), 5.1.6.5.2 (MAC tables);
+    2.7.5.1 (device-readable buffers are not written)
+    """
     s = ctx.session()
     s.negotiate(CTRL_WANT, require=BASE_FEATURES | CTRL, protocol=MQ_PROTOCOL)
     pairs = queue_pairs(s) if s.has(VirtioNetF.MQ) else 1

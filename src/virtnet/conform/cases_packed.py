@@ -83,11 +83,12 @@ def frame_at(raw: RawPackedRing, k: int) -> tuple[int, int]:
     return gpa, len(data)
 
 
-@case("packed-id-out-of-range", "robustness",
-      "packed tx buffers whose id is 65535 and 64 (queue size 64), then a good frame",
-      "VIRTIO 1.2 2.8.6 (a buffer id names a buffer; the driver keeps ids < queue size)",
-      survive=True)  # fmt: skip
+@case("packed-id-out-of-range", "robustness", survive=True)
 def packed_id_out_of_range(ctx: Context) -> str:
+    """packed tx buffers whose id is 65535 and 64 (queue size 64), then a good frame
+
+    VIRTIO 1.2 2.8.6 (a buffer id names a buffer; the driver keeps ids < queue size)
+    """
     def write(raw: RawPackedRing) -> int:
         at = raw.chain(0, 0xFFFF, [(*frame_at(raw, 0), 0)])
         at = raw.chain(at, QUEUE_SIZE, [(*frame_at(raw, 1), 0)])
@@ -96,11 +97,12 @@ def packed_id_out_of_range(ctx: Context) -> str:
     return hostile_packed(ctx, write)
 
 
-@case("packed-id-in-flight", "robustness",
-      "two packed tx buffers available at once with the same id 5, then a good frame "
-      "(id 6)", "VIRTIO 1.2 2.8.6 (an id is in flight until the device uses it)",
-      survive=True)  # fmt: skip
+@case("packed-id-in-flight", "robustness", survive=True)
 def packed_id_in_flight(ctx: Context) -> str:
+    """two packed tx buffers available at once with the same id 5, then a good frame (id 6)
+
+    VIRTIO 1.2 2.8.6 (an id is in flight until the device uses it)
+    """
     def write(raw: RawPackedRing) -> int:
         at = raw.chain(0, 5, [(*frame_at(raw, 0), 0)])
         at = raw.chain(at, 5, [(*frame_at(raw, 1), 0)])
@@ -135,14 +137,15 @@ def not_taken(raw: RawPackedRing, rings: Rings, slot: int, what: str, bits: int,
                           "over a descriptor that was never available")  # fmt: skip
 
 
-@case("packed-not-available", "robustness",
-      "slot 0 of the packed tx ring holds a good frame whose flags say AVAIL 0 USED 0, then "
-      "AVAIL 0 USED 1 (each kicked): neither is available in lap 1, so neither may be "
-      "taken; then the true flags: it must be taken and echo. Then slot 1 with AVAIL 1 "
-      "USED 1 (looks used): not taken (the back-end may stop the ring over it)",
-      "VIRTIO 1.2 2.8.1, 2.8.4: available iff AVAIL == the driver's wrap counter and "
-      "USED != it")  # fmt: skip
+@case("packed-not-available", "robustness")
 def packed_not_available(ctx: Context) -> str:
+    """slot 0 of the packed tx ring holds a good frame whose flags say AVAIL 0 USED 0, then AVAIL 0
+    USED 1 (each kicked): neither is available in lap 1, so neither may be taken; then the true
+    flags: it must be taken and echo. Then slot 1 with AVAIL 1 USED 1 (looks used): not taken (the
+    back-end may stop the ring over it)
+
+    VIRTIO 1.2 2.8.1, 2.8.4: available iff AVAIL == the driver's wrap counter and USED != it
+    """
     s, rings, raw = packed_pair(ctx)
     mrg = s.has(VirtioNetF.MRG_RXBUF)
     for what, bits in NOT_AVAILABLE:
@@ -164,14 +167,16 @@ def packed_not_available(ctx: Context) -> str:
             f"not taken; slot 1 made available after it: {after}")
 
 
-@case("packed-wrap-lie", "robustness",
-      "the tx ring starts at slot 62 (SET_VRING_BASE 62, wrap 1); a 3-descriptor chain "
-      "62, 63, 0 whose slot-0 part keeps lap 1's flags (lap 2's are AVAIL 0 USED 1), then "
-      "a good frame at slot 1 with lap 2's flags; and, on a fresh session, SET_VRING_BASE "
-      "index 100 on a 64-entry ring (NEED_REPLY)",
-      "VIRTIO 1.2 2.8.1 (the wrap counter flips at the ring's end); vhost-user.rst "
-      "SET_VRING_BASE (packed: bits 0-14 index, bit 15 wrap)", survive=True)  # fmt: skip
+@case("packed-wrap-lie", "robustness", survive=True)
 def packed_wrap_lie(ctx: Context) -> str:
+    """the tx ring starts at slot 62 (SET_VRING_BASE 62, wrap 1); a 3-descriptor chain 62, 63, 0
+    whose slot-0 part keeps lap 1's flags (lap 2's are AVAIL 0 USED 1), then a good frame at slot 1
+    with lap 2's flags; and, on a fresh session, SET_VRING_BASE index 100 on a 64-entry ring
+    (NEED_REPLY)
+
+    VIRTIO 1.2 2.8.1 (the wrap counter flips at the ring's end); vhost-user.rst SET_VRING_BASE
+    (packed: bits 0-14 index, bit 15 wrap)
+    """
     start = QUEUE_SIZE - 2
     s, rings, raw = packed_pair(ctx, bases=(encode_base(0, 1), encode_base(start, 1)))
     gpa, length = frame_at(raw, 0)
@@ -195,13 +200,14 @@ def packed_wrap_lie(ctx: Context) -> str:
     return f"{first}; base index 100 of 64: {said}"
 
 
-@case("packed-indirect-abuse", "robustness",
-      "packed tx: an indirect table with a nested INDIRECT entry, indirect lengths 0 and 24, "
-      "a table outside guest memory, INDIRECT|NEXT on a ring descriptor, a table whose "
-      "entries set NEXT, then a good frame",
-      "VIRTIO 1.2 2.8.19 (indirect: no nesting, length a multiple of 16, no NEXT with "
-      "INDIRECT)", survive=True)  # fmt: skip
+@case("packed-indirect-abuse", "robustness", survive=True)
 def packed_indirect_abuse(ctx: Context) -> str:
+    """packed tx: an indirect table with a nested INDIRECT entry, indirect lengths 0 and 24, a table
+    outside guest memory, INDIRECT|NEXT on a ring descriptor, a table whose entries set NEXT, then a
+    good frame
+
+    VIRTIO 1.2 2.8.19 (indirect: no nesting, length a multiple of 16, no NEXT with INDIRECT)
+    """
     ind = VRING_DESC_F_INDIRECT
 
     def write(raw: RawPackedRing) -> int:
